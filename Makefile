@@ -1,0 +1,53 @@
+# das-ingest: `make demo` shows it working, `make test` tests it. Everything else is setup.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NODE_DIR := tools/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+
+.PHONY: help setup demo test test-fast lint bench soak clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: $(STAMP) $(NODE_STAMP)  ## create .venv with das-ingest and the dev tools; install kinesalite
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "das-ingest needs Python 3.11+ (found $$($(PYTHON) --version))"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade 'pip>=24'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is needed for kinesalite (apt-get install nodejs npm)"; exit 1; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	touch $@
+
+demo: setup  ## start a local stack, emulate Aurora traffic, ingest it, show the warehouse
+	$(BIN)/python -m ingest.demo
+
+test: setup lint  ## lint, then the whole test suite against the local stack
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: setup  ## the test suite without lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: setup  ## ruff and strict mypy
+	$(BIN)/ruff check ingest tests bench
+	$(BIN)/ruff format --check ingest tests bench
+	$(BIN)/mypy
+
+bench: setup  ## benchmarks on the local stack (see README "Performance")
+	$(BIN)/python -m bench
+
+soak: setup  ## long fault-injection run; MINUTES=N (default 10)
+	$(BIN)/python -m bench.soak --minutes $${MINUTES:-10}
+
+clean:  ## remove the virtualenv and node modules
+	rm -rf $(VENV) $(NODE_DIR)/node_modules

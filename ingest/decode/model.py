@@ -1,0 +1,141 @@
+"""Typed DAS events: what the decode layer produces and the warehouse stores.
+
+Field names are the DAS names in snake_case (``class`` becomes ``class_`` in Python, ``class`` in
+SQL). ``FIELDS`` is the one table that maps the wire name, the column and the value kind; the
+normalizer, the COPY encoder, the CLI's JSON output and the migrations all follow it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+# JSON values as the parser hands them to us.
+JsonValue = Any
+
+
+class Kind(Enum):
+    """How a wire value becomes a column value."""
+
+    TEXT = "text"  # str; numbers are kept as their JSON text
+    INT = "int"  # 64-bit integer; numeric strings are accepted
+    TIME = "time"  # "2019-05-24 00:39:49.940668+00" -> aware datetime
+    LIST = "list"  # JSON array (paramList), stored as jsonb
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    wire: str
+    column: str
+    kind: Kind
+
+
+#: Every field of both DAS field tables (Aurora PostgreSQL and Aurora MySQL), in column order.
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("class", "class", Kind.TEXT),
+    FieldSpec("clientApplication", "client_application", Kind.TEXT),
+    FieldSpec("command", "command", Kind.TEXT),
+    FieldSpec("commandText", "command_text", Kind.TEXT),
+    FieldSpec("databaseName", "database_name", Kind.TEXT),
+    FieldSpec("dbProtocol", "db_protocol", Kind.TEXT),
+    FieldSpec("dbUserName", "db_user_name", Kind.TEXT),
+    FieldSpec("endTime", "end_time", Kind.TIME),
+    FieldSpec("errorMessage", "error_message", Kind.TEXT),
+    # exitCode is documented as int but arrives as null, 0, "0", "" or an SQLSTATE ("42P01").
+    FieldSpec("exitCode", "exit_code", Kind.TEXT),
+    FieldSpec("logTime", "log_time", Kind.TIME),
+    FieldSpec("netProtocol", "net_protocol", Kind.TEXT),
+    FieldSpec("objectName", "object_name", Kind.TEXT),
+    FieldSpec("objectType", "object_type", Kind.TEXT),
+    FieldSpec("paramList", "param_list", Kind.LIST),
+    FieldSpec("pid", "pid", Kind.INT),
+    FieldSpec("remoteHost", "remote_host", Kind.TEXT),
+    FieldSpec("remotePort", "remote_port", Kind.TEXT),
+    FieldSpec("rowCount", "row_count", Kind.INT),
+    FieldSpec("serverHost", "server_host", Kind.TEXT),
+    FieldSpec("serverType", "server_type", Kind.TEXT),
+    FieldSpec("serverVersion", "server_version", Kind.TEXT),
+    FieldSpec("serviceName", "service_name", Kind.TEXT),
+    # sessionId is "5ce73c6f.7e64" on PostgreSQL and "725121" on MySQL: text.
+    FieldSpec("sessionId", "session_id", Kind.TEXT),
+    FieldSpec("startTime", "start_time", Kind.TIME),
+    FieldSpec("statementId", "statement_id", Kind.INT),
+    FieldSpec("substatementId", "substatement_id", Kind.INT),
+    FieldSpec("transactionId", "transaction_id", Kind.TEXT),
+)
+
+FIELDS_BY_WIRE: dict[str, FieldSpec] = {f.wire: f for f in FIELDS}
+
+#: Wire fields that are consumed structurally and never stored in ``extra``.
+STRUCTURAL_FIELDS = frozenset({"type"})
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityEvent:
+    """One DAS event of type ``record``.
+
+    ``extra`` holds every field the engine sent that has no column, and the original value of
+    any known field whose value could not be stored in its column (that column is then NULL).
+    ``anomalies`` lists what was done to make the event storable, e.g. ``"pid:type"`` (value
+    moved to extra) or ``"commandText:nul"`` (NUL bytes escaped); empty for a clean event.
+    """
+
+    event_index: int
+    class_: str | None = None
+    client_application: str | None = None
+    command: str | None = None
+    command_text: str | None = None
+    database_name: str | None = None
+    db_protocol: str | None = None
+    db_user_name: str | None = None
+    end_time: datetime | None = None
+    error_message: str | None = None
+    exit_code: str | None = None
+    log_time: datetime | None = None
+    net_protocol: str | None = None
+    object_name: str | None = None
+    object_type: str | None = None
+    param_list: list[JsonValue] | None = None
+    pid: int | None = None
+    remote_host: str | None = None
+    remote_port: str | None = None
+    row_count: int | None = None
+    server_host: str | None = None
+    server_type: str | None = None
+    server_version: str | None = None
+    service_name: str | None = None
+    session_id: str | None = None
+    start_time: datetime | None = None
+    statement_id: int | None = None
+    substatement_id: int | None = None
+    transaction_id: str | None = None
+    extra: dict[str, JsonValue] = field(default_factory=dict)
+    anomalies: tuple[str, ...] = ()
+
+    def column(self, name: str) -> Any:
+        """The value of SQL column ``name`` (``class`` maps to ``class_``)."""
+        return getattr(self, "class_" if name == "class" else name)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A DAS event of type ``heartbeat``: liveness of one instance, not database activity."""
+
+    event_index: int
+    log_time: datetime | None
+    fields: dict[str, JsonValue]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRecord:
+    """Everything one Kinesis record carried, decrypted and normalized."""
+
+    record_version: str
+    cluster_id: str | None
+    instance_id: str | None
+    events: list[ActivityEvent]
+    heartbeats: list[Heartbeat]
+    #: Fields of the inner document other than the known ones, kept for the warehouse.
+    record_extra: dict[str, JsonValue] = field(default_factory=dict)

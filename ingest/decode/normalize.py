@@ -1,0 +1,288 @@
+"""Decompressed DAS JSON -> typed events.
+
+The inner document is ``{"type": "DatabaseActivityMonitoringRecord", "clusterId": ...,
+"instanceId": ..., "databaseActivityEventList": [...]}``. Each list entry is a ``record`` (an
+:class:`ActivityEvent`) or a ``heartbeat``.
+
+Nothing is dropped and nothing is fatal at the field level: a field the table does not know goes
+to ``extra``; a known field whose value has the wrong type keeps its original value in ``extra``
+(its column is NULL) and is listed in ``anomalies``; text that PostgreSQL cannot store (NUL, lone
+surrogates from invalid UTF-8) is escaped reversibly and listed in ``anomalies``. Only a document
+that is not a DAS event list at all is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from ingest.decode.model import (
+    FIELDS_BY_WIRE,
+    STRUCTURAL_FIELDS,
+    ActivityEvent,
+    DecodedRecord,
+    Heartbeat,
+    JsonValue,
+    Kind,
+)
+from ingest.errors import NormalizeError, ParseError
+
+INNER_TYPE = "DatabaseActivityMonitoringRecord"
+_INNER_KNOWN = frozenset({"type", "clusterId", "instanceId", "databaseActivityEventList"})
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def parse_payload(data: bytes) -> Any:
+    """JSON-decode the decompressed payload, tolerating invalid UTF-8 and lone surrogates."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if "surrogate" not in str(exc) and "UTF-8" not in str(exc):
+            raise ParseError(f"payload is not JSON ({_position(exc)})") from None
+    # Rare path: bytes that are not UTF-8, or \ud800-style escapes. The stdlib parser keeps
+    # them as lone surrogates, which sanitize() later escapes and flags.
+    try:
+        return json.loads(data.decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError as exc:
+        raise ParseError(f"payload is not JSON ({_position(exc)})") from None
+    except RecursionError:
+        raise ParseError("payload JSON is nested too deeply") from None
+
+
+def _position(exc: json.JSONDecodeError) -> str:
+    return f"line {exc.lineno} column {exc.colno}"
+
+
+def normalize(doc: Any, record_version: str) -> DecodedRecord:
+    """Turn the parsed inner document into a :class:`DecodedRecord`."""
+    if not isinstance(doc, dict):
+        raise NormalizeError(f"payload is a JSON {type(doc).__name__}, not an object")
+    kind = doc.get("type")
+    if kind != INNER_TYPE:
+        shown = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
+        raise NormalizeError(f"payload type is {shown}, not {INNER_TYPE}")
+    events_in = doc.get("databaseActivityEventList")
+    if not isinstance(events_in, list):
+        raise NormalizeError("databaseActivityEventList is missing or not an array")
+    anomalies: list[str] = []
+    cluster_id = _id_field(doc, "clusterId", anomalies)
+    instance_id = _id_field(doc, "instanceId", anomalies)
+    record_extra = sanitize_json(
+        {k: v for k, v in doc.items() if k not in _INNER_KNOWN}, "record", anomalies
+    )
+    if anomalies:
+        record_extra["_anomalies"] = anomalies
+
+    events: list[ActivityEvent] = []
+    heartbeats: list[Heartbeat] = []
+    for index, item in enumerate(events_in):
+        if not isinstance(item, dict):
+            raise NormalizeError(f"event {index} is a JSON {type(item).__name__}, not an object")
+        event_type = item.get("type")
+        if event_type == "heartbeat":
+            heartbeats.append(_heartbeat(index, item))
+        elif event_type == "record":
+            events.append(normalize_event(index, item))
+        else:
+            shown = repr(event_type[:40]) if isinstance(event_type, str) else "missing"
+            raise NormalizeError(f"event {index} has type {shown}, expected record or heartbeat")
+    return DecodedRecord(
+        record_version=record_version,
+        cluster_id=cluster_id,
+        instance_id=instance_id,
+        events=events,
+        heartbeats=heartbeats,
+        record_extra=record_extra,
+    )
+
+
+def _id_field(doc: dict[str, Any], name: str, anomalies: list[str]) -> str | None:
+    value = doc.get(name)
+    if value is None or isinstance(value, str):
+        text, flag = sanitize_text(value) if value is not None else (None, None)
+        if flag:
+            anomalies.append(f"{name}:{flag}")
+        return text
+    raise NormalizeError(f"{name} is a JSON {type(value).__name__}, not a string")
+
+
+def normalize_event(index: int, item: dict[str, Any]) -> ActivityEvent:
+    values: dict[str, Any] = {}
+    extra: dict[str, JsonValue] = {}
+    anomalies: list[str] = []
+    for wire, raw in item.items():
+        spec = FIELDS_BY_WIRE.get(wire)
+        if spec is None:
+            if wire not in STRUCTURAL_FIELDS:
+                extra[wire] = raw
+            continue
+        if raw is None:
+            continue
+        converted, problem = _convert(spec.kind, raw)
+        if problem is None:
+            values[spec.column] = converted
+        elif problem in ("nul", "utf8"):
+            values[spec.column] = converted
+            anomalies.append(f"{wire}:{problem}")
+        else:
+            extra[wire] = raw
+            anomalies.append(f"{wire}:{problem}")
+    if extra:
+        extra = sanitize_json(extra, "extra", anomalies)
+    if "param_list" in values:
+        values["param_list"] = sanitize_json(values["param_list"], "paramList", anomalies)
+    if "class" in values:
+        values["class_"] = values.pop("class")
+    return ActivityEvent(event_index=index, extra=extra, anomalies=tuple(anomalies), **values)
+
+
+def _convert(kind: Kind, raw: Any) -> tuple[Any, str | None]:
+    """Returns (value, problem). problem: None, 'nul'/'utf8' (escaped), or 'type' (rejected)."""
+    if kind is Kind.TEXT:
+        if isinstance(raw, str):
+            return sanitize_text(raw)
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            return None, "type"
+        return orjson.dumps(raw).decode(), None
+    if kind is Kind.INT:
+        if isinstance(raw, bool):
+            return None, "type"
+        if isinstance(raw, int):
+            value = raw
+        elif isinstance(raw, str) and _is_int_text(raw):
+            value = int(raw)
+        elif isinstance(raw, float) and raw.is_integer():
+            value = int(raw)
+        else:
+            return None, "type"
+        if not _INT64[0] <= value <= _INT64[1]:
+            return None, "range"
+        return value, None
+    if kind is Kind.TIME:
+        if not isinstance(raw, str):
+            return None, "type"
+        stamp = parse_time(raw)
+        return (stamp, None) if stamp is not None else (None, "time")
+    # Kind.LIST
+    if isinstance(raw, list):
+        return raw, None
+    return None, "type"
+
+
+def _is_int_text(text: str) -> bool:
+    body = text[1:] if text[:1] in ("-", "+") else text
+    return 0 < len(body) <= 19 and body.isascii() and body.isdigit()
+
+
+def parse_time(text: str) -> datetime | None:
+    """DAS times: '2019-05-24 00:39:49.940668+00' (UTC). A time without offset is UTC."""
+    if len(text) > 64:
+        return None
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return stamp
+
+
+def _heartbeat(index: int, item: dict[str, Any]) -> Heartbeat:
+    raw_time = item.get("logTime")
+    log_time = parse_time(raw_time) if isinstance(raw_time, str) else None
+    fields = sanitize_json({k: v for k, v in item.items() if k != "type"}, "heartbeat", [])
+    return Heartbeat(event_index=index, log_time=log_time, fields=fields)
+
+
+# --- text PostgreSQL cannot store --------------------------------------------------------------
+#
+# PostgreSQL text and jsonb reject NUL, and UTF-8 cannot encode lone surrogates (which is how
+# invalid input bytes and "\ud800" escapes reach us). Such strings are escaped reversibly:
+# "\" -> "\\", NUL -> "\x00", surrogate U+DC80..U+DCFF (an undecodable byte) -> "\xNN", any
+# other lone surrogate -> "\uNNNN". Only flagged values are escaped, so clean text is untouched.
+
+
+def sanitize_text(text: str) -> tuple[str, str | None]:
+    if text.isascii():
+        if "\x00" not in text:
+            return text, None
+        return _escape(text), "nul"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _escape(text), "utf8"
+    if "\x00" in text:
+        return _escape(text), "nul"
+    return text, None
+
+
+def _escape(text: str) -> str:
+    out: list[str] = []
+    for ch in text:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif code == 0:
+            out.append("\\x00")
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape_text(text: str) -> str:
+    """Inverse of the escaping applied to flagged values (for re-processing and tests)."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            if nxt == "\\":
+                out.append("\\")
+                i += 2
+                continue
+            if nxt == "x":
+                byte = int(text[i + 2 : i + 4], 16)
+                out.append("\x00" if byte == 0 else chr(0xDC00 + byte))
+                i += 4
+                continue
+            if nxt == "u":
+                out.append(chr(int(text[i + 2 : i + 6], 16)))
+                i += 6
+                continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+#: JSON nesting we store; Aurora's events are flat, so anything deep is hostile input.
+MAX_DEPTH = 64
+
+
+def sanitize_json(value: Any, where: str, anomalies: list[str], depth: int = 0) -> Any:
+    """Escape unstorable strings (keys and values) anywhere inside a JSON value."""
+    if depth > MAX_DEPTH:
+        raise NormalizeError(f"{where.split('.', 1)[0]} is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        text, flag = sanitize_text(value)
+        if flag:
+            anomalies.append(f"{where}:{flag}")
+        return text
+    if isinstance(value, list):
+        return [sanitize_json(v, where, anomalies, depth + 1) for v in value]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            clean_key, flag = sanitize_text(key)
+            if flag:
+                anomalies.append(f"{where}:{flag}")
+            out[clean_key] = sanitize_json(item, f"{where}.{clean_key}", anomalies, depth + 1)
+        return out
+    return value
