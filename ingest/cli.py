@@ -1,0 +1,67 @@
+"""The ``das-ingest`` command line.
+
+Each command lives in its own module that exposes ``add_parser(subparsers)``; the parser sets
+``func`` to a callable taking the parsed ``argparse.Namespace`` and returning an exit code.
+Command modules import their heavy dependencies inside ``func`` so ``--help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from ingest import __version__
+
+#: Modules that contribute commands, in the order ``--help`` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "ingest.commands.decrypt",
+    "ingest.emulate.cli",
+    "ingest.devstack_cli",
+)
+
+DESCRIPTION = """\
+Decrypt Amazon Aurora Database Activity Streams and store every event exactly once in a
+PostgreSQL audit warehouse.
+
+AWS settings come from the standard sources (AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL_KINESIS,
+AWS_ENDPOINT_URL_KMS, instance roles, ...); the warehouse DSN from --dsn, DAS_DSN, or libpq's
+PG* variables.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="das-ingest",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"das-ingest {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""das-ingest emulate: an Aurora-faithful DAS producer."""
