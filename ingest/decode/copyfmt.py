@@ -34,9 +34,8 @@ NULL = "\\N"
 def escape(text: str) -> str:
     """Escape a value for COPY text format."""
     if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
-        return (
-            text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-        )
+        text = text.replace("\\", "\\\\").replace("\t", "\\t")
+        return text.replace("\n", "\\n").replace("\r", "\\r")
     return text
 
 
@@ -115,7 +114,9 @@ def encode_events(
         if not record.events:
             continue
         prefix = record_prefix(record, shard_id, sequence_number)
-        lines.extend(event_line(e, record, shard_id, sequence_number, prefix) for e in record.events)
+        lines.extend(
+            event_line(event, record, shard_id, sequence_number, prefix) for event in record.events
+        )
     if not lines:
         return b"", 0
     lines.append("")

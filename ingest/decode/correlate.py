@@ -70,8 +70,13 @@ class StatementFolder:
             if not is_statement_event(event):
                 continue
             assert event.statement_id is not None
-            key = (record.cluster_id, record.instance_id, event.pid, event.session_id,
-                   event.statement_id)
+            key = (
+                record.cluster_id,
+                record.instance_id,
+                event.pid,
+                event.session_id,
+                event.statement_id,
+            )
             part = self.parts.get(key)
             if part is None:
                 part = self.parts[key] = StatementPart()
@@ -125,10 +130,23 @@ def part_line(key: StatementKey, part: StatementPart) -> str:
     else:
         e, shard_id, sequence_number = part.main
         cols += [
-            "t", ts(e.log_time), ts(e.start_time), ts(e.end_time), t(e.db_user_name),
-            t(e.database_name), t(e.remote_host), t(e.command), t(e.command_text),
-            t(e.object_type), t(e.object_name), n(e.row_count), t(e.exit_code),
-            t(e.error_message), t(e.transaction_id), t(shard_id), sequence_number,
+            "t",
+            ts(e.log_time),
+            ts(e.start_time),
+            ts(e.end_time),
+            t(e.db_user_name),
+            t(e.database_name),
+            t(e.remote_host),
+            t(e.command),
+            t(e.command_text),
+            t(e.object_type),
+            t(e.object_name),
+            n(e.row_count),
+            t(e.exit_code),
+            t(e.error_message),
+            t(e.transaction_id),
+            t(shard_id),
+            sequence_number,
             str(e.event_index),
         ]
     cols.append(copyfmt.jsonb(part.aux))

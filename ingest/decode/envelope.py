@@ -1,7 +1,7 @@
 """The outer DAS document, exactly as it sits in the Kinesis record.
 
-    {"type": "DatabaseActivityMonitoringRecords", "version": "1.1",
-     "databaseActivityEvents": "<base64 Encryption SDK message>", "key": "<base64 KMS blob>"}
+{"type": "DatabaseActivityMonitoringRecords", "version": "1.1",
+ "databaseActivityEvents": "<base64 Encryption SDK message>", "key": "<base64 KMS blob>"}
 """
 
 from __future__ import annotations
@@ -43,10 +43,14 @@ def read_envelope(raw: bytes) -> Envelope:
     except orjson.JSONDecodeError:
         raise EnvelopeJsonError(f"record is not JSON ({len(raw)} bytes)", hint=_NOT_DAS) from None
     if not isinstance(doc, dict):
-        raise EnvelopeJsonError(f"record is a JSON {type(doc).__name__}, not an object", hint=_NOT_DAS)
+        raise EnvelopeJsonError(
+            f"record is a JSON {type(doc).__name__}, not an object", hint=_NOT_DAS
+        )
     kind = doc.get("type")
     if kind != OUTER_TYPE:
-        raise EnvelopeJsonError(f"record type is {_describe(kind)}, not {OUTER_TYPE}", hint=_NOT_DAS)
+        raise EnvelopeJsonError(
+            f"record type is {_describe(kind)}, not {OUTER_TYPE}", hint=_NOT_DAS
+        )
     version = doc.get("version")
     if not isinstance(version, str):
         raise EnvelopeJsonError(f"record version is {_describe(version)}, not a string")
@@ -59,7 +63,9 @@ def read_envelope(raw: bytes) -> Envelope:
     if not isinstance(payload, str):
         raise EnvelopeJsonError(
             f"databaseActivityEvents is {_describe(payload)}, not a base64 string",
-            hint="this looks like an already decrypted document" if isinstance(payload, dict) else None,
+            hint="this looks like an already decrypted document"
+            if isinstance(payload, dict)
+            else None,
         )
     if not isinstance(key, str):
         raise EnvelopeJsonError(f"key is {_describe(key)}, not a base64 string")

@@ -17,6 +17,7 @@ from aws_encryption_sdk.exceptions import AWSEncryptionSDKClientError
 from aws_encryption_sdk.identifiers import EncryptionKeyType, WrappingAlgorithm
 from aws_encryption_sdk.internal.crypto import WrappingKey
 from aws_encryption_sdk.key_providers.raw import RawMasterKeyProvider
+from cryptography.exceptions import InvalidTag
 
 from ingest.errors import DecryptError
 
@@ -26,8 +27,8 @@ KEY_ID = b"DataKey"
 MAX_ENCRYPTED_DATA_KEYS = 4
 
 _HINT_KEY = (
-    "the data key does not open this message: the record's key and payload do not belong "
-    "together, or it was not written by Aurora's raw AES keyring (BC/DataKey)"
+    "wrong data key, or an altered message: the record's key and payload do not belong "
+    "together, or the message was not written by Aurora's raw AES keyring (BC/DataKey)"
 )
 
 
@@ -86,6 +87,8 @@ class EsdkDecryptor:
             )
         except AWSEncryptionSDKClientError as exc:
             raise DecryptError(_describe_sdk_error(exc), hint=_hint_for(exc)) from None
+        except InvalidTag:
+            raise DecryptError("authentication failed (AES-GCM tag)", hint=_HINT_KEY) from None
         except Exception as exc:  # noqa: BLE001 - the SDK raises many types on hostile input
             raise DecryptError(f"malformed Encryption SDK message ({type(exc).__name__})") from None
         return bytes(plaintext)

@@ -35,5 +35,7 @@ def gunzip(data: bytes, max_size: int = DEFAULT_MAX_DECOMPRESSED) -> bytes:
         raise DecompressError(f"decompressed payload exceeds the {max_size} byte cap (gzip bomb?)")
     # Concatenated gzip members are legal gzip; Aurora writes one, so trailing data is an error.
     if inflater.unused_data:
-        raise DecompressError(f"{len(inflater.unused_data)} bytes of trailing data after gzip stream")
+        raise DecompressError(
+            f"{len(inflater.unused_data)} bytes of trailing data after the gzip stream"
+        )
     return out

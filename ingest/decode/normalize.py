@@ -152,9 +152,9 @@ def _convert(kind: Kind, raw: Any) -> tuple[Any, str | None]:
             return None, "type"
         if isinstance(raw, int):
             value = raw
-        elif isinstance(raw, str) and _is_int_text(raw):
-            value = int(raw)
-        elif isinstance(raw, float) and raw.is_integer():
+        elif (isinstance(raw, str) and _is_int_text(raw)) or (
+            isinstance(raw, float) and raw.is_integer()
+        ):
             value = int(raw)
         else:
             return None, "type"

@@ -1,0 +1,50 @@
+"""aiobotocore clients configured from the standard AWS sources.
+
+Region, credentials and endpoints come from wherever botocore finds them: AWS_REGION /
+AWS_DEFAULT_REGION, AWS_PROFILE, instance and task roles, and the service-specific endpoint
+variables AWS_ENDPOINT_URL_KINESIS, AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL_RDS (or
+AWS_ENDPOINT_URL for all). We add only timeouts and a connection pool size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiobotocore.session import get_session
+from botocore.config import Config
+from botocore.exceptions import NoRegionError
+
+from ingest.errors import ConfigError
+
+# botocore retries a few times itself (throttling, 5xx, connection errors); our own loops retry
+# transient errors indefinitely with backoff on top of that.
+_CONFIG: dict[str, Any] = {
+    "connect_timeout": 5,
+    "read_timeout": 30,
+    "retries": {"mode": "standard", "max_attempts": 3},
+}
+
+
+@asynccontextmanager
+async def aws_client(service: str, *, max_pool_connections: int = 32) -> AsyncIterator[Any]:
+    """An aiobotocore client for ``service`` ("kinesis", "kms", "rds")."""
+    session = get_session()
+    config = Config(max_pool_connections=max_pool_connections, **_CONFIG)
+    try:
+        async with session.create_client(service, config=config) as client:
+            yield client
+    except NoRegionError:
+        raise ConfigError(
+            "no AWS region configured: set AWS_REGION (or AWS_DEFAULT_REGION, or a profile)"
+        ) from None
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The AWS error code of a botocore ClientError, else None."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return code if isinstance(code, str) else None
+    return None

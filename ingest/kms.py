@@ -1,0 +1,201 @@
+"""KMS Decrypt of DAS data keys, cached.
+
+Aurora reuses one encrypted data key across many records. We cache the plaintext by a digest of
+the encrypted blob and the encryption context (bounded LRU with a TTL), and concurrent misses for
+one blob share a single KMS call. Permanent refusals (wrong context, wrong key, a blob that is not
+a KMS ciphertext) are remembered briefly too, so a poison batch cannot hammer KMS.
+
+Plaintext keys live only in this cache and in the process pool's arguments; they are never
+logged, and ``repr`` of the cache shows counts only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ingest.aws import error_code
+from ingest.errors import KmsError, KmsUnavailableError
+
+CONTEXT_KEY = "aws:rds:dbc-id"
+STREAM_PREFIX = "aws-rds-das-"
+
+# Error codes KMS uses for a request that may succeed if simply repeated.
+TRANSIENT_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "KMSInternalException",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "DependencyTimeoutException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+
+HINTS: dict[str, str] = {
+    "InvalidCiphertextException": (
+        "KMS cannot decrypt this data key with encryption context "
+        "{'aws:rds:dbc-id': <resource id>}: check the cluster resource id (--resource-id; it "
+        "is the stream name without 'aws-rds-das-') and that the record is from this cluster"
+    ),
+    "IncorrectKeyException": "the data key was encrypted under a different KMS key",
+    "AccessDeniedException": (
+        "not allowed to call kms:Decrypt on the stream's KMS key: check the IAM and key policy, "
+        "including any kms:EncryptionContext condition on the resource id"
+    ),
+    "NotFoundException": "the KMS key that encrypted the data key does not exist",
+    "DisabledException": "the KMS key that encrypted the data key is disabled",
+    "KMSInvalidStateException": "the KMS key is not usable (pending deletion or import?)",
+}
+
+
+def resource_id_from_stream(stream_name: str) -> str:
+    """``aws-rds-das-cluster-ABC`` -> ``cluster-ABC`` (the encryption context value)."""
+    if stream_name.startswith(STREAM_PREFIX) and len(stream_name) > len(STREAM_PREFIX):
+        return stream_name[len(STREAM_PREFIX) :]
+    return stream_name
+
+
+def encryption_context(resource_id: str) -> dict[str, str]:
+    return {CONTEXT_KEY: resource_id}
+
+
+def classify(exc: BaseException) -> KmsError:
+    """Map a botocore / network exception from KMS Decrypt to our error classes."""
+    code = error_code(exc)
+    if code is None:
+        # No AWS error code: the request never got an answer (connection refused or reset,
+        # timeout, DNS). That is transient by definition.
+        return KmsUnavailableError(f"KMS unreachable ({type(exc).__name__})")
+    if code in TRANSIENT_CODES or _is_server_error(exc):
+        return KmsUnavailableError(f"KMS {code}")
+    return KmsError(f"KMS Decrypt refused: {code}", hint=HINTS.get(code))
+
+
+def _is_server_error(exc: BaseException) -> bool:
+    response: Any = getattr(exc, "response", None)
+    status = (response or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return isinstance(status, int) and status >= 500
+
+
+@dataclass
+class CacheStats:
+    calls: int = 0
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0
+
+
+class DataKeyCache:
+    """Plaintext DAS data keys by digest of (encrypted blob, encryption context)."""
+
+    def __init__(
+        self,
+        kms_client: Any,
+        *,
+        max_entries: int = 4096,
+        ttl_seconds: float = 3600.0,
+        negative_ttl_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._kms = kms_client
+        self._max_entries = max_entries
+        self._ttl = ttl_seconds
+        self._negative_ttl = negative_ttl_seconds
+        self._clock = clock
+        self._keys: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
+        self._refused: OrderedDict[bytes, tuple[KmsError, float]] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
+        self.stats = CacheStats()
+
+    def __repr__(self) -> str:
+        return f"DataKeyCache(entries={len(self._keys)}, stats={self.stats})"
+
+    @staticmethod
+    def digest(blob: bytes, context: Mapping[str, str]) -> bytes:
+        h = hashlib.sha256()
+        h.update(len(blob).to_bytes(4, "big"))
+        h.update(blob)
+        for key in sorted(context):
+            for part in (key, context[key]):
+                encoded = part.encode()
+                h.update(len(encoded).to_bytes(4, "big"))
+                h.update(encoded)
+        return h.digest()
+
+    async def get(self, blob: bytes, context: Mapping[str, str]) -> bytes:
+        """The plaintext data key. Raises KmsError (permanent) or KmsUnavailableError."""
+        digest = self.digest(blob, context)
+        now = self._clock()
+        cached = self._keys.get(digest)
+        if cached is not None and cached[1] > now:
+            self._keys.move_to_end(digest)
+            self.stats.hits += 1
+            return cached[0]
+        refused = self._refused.get(digest)
+        if refused is not None and refused[1] > now:
+            self.stats.hits += 1
+            raise _copy(refused[0])
+        pending = self._inflight.get(digest)
+        if pending is not None:
+            self.stats.hits += 1
+            return await asyncio.shield(pending)
+        self.stats.misses += 1
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = future
+        try:
+            plaintext = await self._decrypt(blob, context, digest)
+        except asyncio.CancelledError:
+            # Waiters are not cancelled themselves: give them a retriable error instead.
+            future.set_exception(KmsUnavailableError("KMS request cancelled"))
+            future.exception()  # mark retrieved: there may be no waiters
+            raise
+        except KmsError as exc:
+            future.set_exception(_copy(exc))
+            future.exception()
+            raise
+        else:
+            future.set_result(plaintext)
+            return plaintext
+        finally:
+            del self._inflight[digest]
+
+    async def _decrypt(self, blob: bytes, context: Mapping[str, str], digest: bytes) -> bytes:
+        self.stats.calls += 1
+        try:
+            response = await self._kms.decrypt(CiphertextBlob=blob, EncryptionContext=dict(context))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified right here, nothing is swallowed
+            self.stats.errors += 1
+            error = classify(exc)
+            if not error.retriable:
+                self._remember(self._refused, digest, (error, self._clock() + self._negative_ttl))
+            raise error from None
+        plaintext = bytes(response["Plaintext"])
+        self._refused.pop(digest, None)
+        self._remember(self._keys, digest, (plaintext, self._clock() + self._ttl))
+        return plaintext
+
+    def _remember(self, table: OrderedDict[bytes, Any], digest: bytes, value: Any) -> None:
+        table[digest] = value
+        table.move_to_end(digest)
+        while len(table) > self._max_entries:
+            table.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _copy(error: KmsError) -> KmsError:
+    return type(error)(error.reason, hint=error.hint)
