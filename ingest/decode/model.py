@@ -118,6 +118,15 @@ class ActivityEvent:
         """The value of SQL column ``name`` (``class`` maps to ``class_``)."""
         return getattr(self, "class_" if name == "class" else name)
 
+    def as_dict(self) -> dict[str, Any]:
+        """Column name -> value, as the warehouse stores it (times stay datetimes)."""
+        out: dict[str, Any] = {"event_index": self.event_index}
+        for spec in FIELDS:
+            out[spec.column] = self.column(spec.column)
+        out["extra"] = self.extra
+        out["anomalies"] = list(self.anomalies)
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
