@@ -1,0 +1,1 @@
+"""The Kinesis consumer: per-shard readers, a process pool for decoding, PostgreSQL leases."""

@@ -1,0 +1,74 @@
+"""Least-privilege roles, created and granted by ``das-ingest migrate``.
+
+- the **ingest** role appends: it may INSERT events and dead letters but never UPDATE, DELETE or
+  TRUNCATE them; it maintains the derived and bookkeeping tables (statements, heartbeats,
+  leases, workers) and creates day partitions only through a SECURITY DEFINER function.
+- the **analyst** role reads everything in schema ``das`` and writes nothing.
+
+Both are NOLOGIN group roles: grant them to login users (``GRANT das_ingest TO ingester``).
+The migrating user owns the schema; keep it for migrations, retention and dead-letter re-drives.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import asyncpg
+
+from ingest.errors import ConfigError
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+#: Tables the ingest role may only append to.
+APPEND_ONLY = ("das.activity_events", "das.dead_letters")
+#: Derived or bookkeeping tables the ingest role maintains.
+MAINTAINED = ("das.statements", "das.heartbeats", "das.leases", "das.workers")
+#: Tables the ingest role reads.
+READ = ("das.schema_migrations", "das.privileged_users")
+FUNCTIONS = ("das.ensure_partition(date)", "das.ensure_partitions(date, date)")
+
+
+@dataclass(frozen=True)
+class RoleNames:
+    ingest: str = "das_ingest"
+    analyst: str = "das_analyst"
+
+    def __post_init__(self) -> None:
+        for name in (self.ingest, self.analyst):
+            if not _IDENT.match(name):
+                raise ConfigError(
+                    f"role name {name!r} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)"
+                )
+
+
+async def apply_grants(conn: asyncpg.Connection, roles: RoleNames) -> None:
+    """Idempotent: create the roles if missing and (re)state exactly their privileges."""
+    for role in (roles.ingest, roles.analyst):
+        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+        if not exists:
+            try:
+                await conn.execute(f"CREATE ROLE {role} NOLOGIN")
+            except asyncpg.InsufficientPrivilegeError:
+                raise ConfigError(
+                    f"cannot create role {role}: the migrating user needs CREATEROLE "
+                    "(or create the roles yourself, or pass --no-roles)"
+                ) from None
+    ingest, analyst = roles.ingest, roles.analyst
+    statements = [
+        f"GRANT USAGE ON SCHEMA das TO {ingest}, {analyst}",
+        # Start from nothing so a re-run also takes back anything granted by hand.
+        f"REVOKE ALL ON ALL TABLES IN SCHEMA das FROM {ingest}",
+        f"GRANT INSERT ON {', '.join(APPEND_ONLY)} TO {ingest}",
+        f"GRANT SELECT, INSERT, UPDATE ON {', '.join(MAINTAINED)} TO {ingest}",
+        f"GRANT DELETE ON das.workers TO {ingest}",
+        f"GRANT SELECT ON {', '.join(READ)} TO {ingest}",
+        f"REVOKE ALL ON FUNCTION {', '.join(FUNCTIONS)} FROM PUBLIC",
+        f"GRANT EXECUTE ON FUNCTION {', '.join(FUNCTIONS)} TO {ingest}",
+        f"REVOKE ALL ON ALL TABLES IN SCHEMA das FROM {analyst}",
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA das TO {analyst}",
+        # Partitions created later by ensure_partition (owned by the schema owner) stay readable.
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA das GRANT SELECT ON TABLES TO {analyst}",
+    ]
+    for statement in statements:
+        await conn.execute(statement)

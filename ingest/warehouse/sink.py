@@ -1,0 +1,269 @@
+"""The COPY sink: a batch's rows, its dead letters, its heartbeats and the shard's new checkpoint
+commit in ONE transaction, fenced by the lease.
+
+The checkpoint UPDATE runs first and is conditional on the lease (owner and counter) and on the
+checkpoint we started from (a compare-and-set, so checkpoints only move forward from where this
+worker read). It also takes the lease row's lock, so a worker stealing the lease waits for this
+commit, or this commit finds the lease gone and rolls back before copying anything. Zero rows
+updated means the lease was lost: nothing of the batch is written. That is what makes delivery
+exactly-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+import orjson
+
+from ingest.decode.batch import HeartbeatRow
+from ingest.decode.copyfmt import EVENT_COLUMNS
+from ingest.decode.correlate import PART_COLUMNS
+from ingest.errors import IngestError
+from ingest.warehouse.db import Conn, is_transient
+
+log = logging.getLogger(__name__)
+
+STAGING_TABLE = "das_statement_parts"
+
+_MAIN_COLUMNS = [
+    c
+    for c in PART_COLUMNS
+    if c
+    not in ("cluster_id", "instance_id", "pid", "session_id", "statement_id", "has_main", "aux")
+]
+# The first MAIN to arrive fills the statement's main columns; AUX events append whatever the
+# order. The batch folded its own events per key already, so keys in the staging table are
+# unique and ON CONFLICT sees each row at most once.
+MERGE_STATEMENTS = f"""
+INSERT INTO das.statements AS s ({", ".join(PART_COLUMNS)})
+SELECT {", ".join(PART_COLUMNS)} FROM pg_temp.{STAGING_TABLE}
+ON CONFLICT ON CONSTRAINT statements_key DO UPDATE SET
+    {
+    ", ".join(
+        f"{c} = CASE WHEN EXCLUDED.has_main AND NOT s.has_main THEN EXCLUDED.{c} ELSE s.{c} END"
+        for c in _MAIN_COLUMNS
+    )
+},
+    has_main = s.has_main OR EXCLUDED.has_main,
+    aux = s.aux || EXCLUDED.aux,
+    updated_at = now()
+"""
+
+CREATE_STAGING = f"""
+CREATE TEMP TABLE IF NOT EXISTS {STAGING_TABLE}
+    (LIKE das.statements INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
+"""
+
+ADVANCE_CHECKPOINT = """
+UPDATE das.leases SET checkpoint = $1, checkpoint_at = now()
+WHERE stream_name = $2 AND shard_id = $3 AND owner = $4 AND lease_counter = $5
+  AND checkpoint = $6
+"""
+
+INSERT_DEAD_LETTERS = """
+INSERT INTO das.dead_letters
+    (stream_name, shard_id, sequence_number, partition_key, arrival_time, stage, error, raw)
+SELECT $1, $2, seq::numeric, pk, at, stage, error, raw
+FROM unnest($3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[], $8::bytea[])
+    AS d(seq, pk, at, stage, error, raw)
+ON CONFLICT ON CONSTRAINT dead_letters_record DO NOTHING
+"""
+
+UPSERT_HEARTBEATS = """
+INSERT INTO das.heartbeats AS h
+    (cluster_id, instance_id, log_time, stream_name, shard_id, sequence_number, fields)
+SELECT c, i, t, $1, $2, seq::numeric, f::jsonb
+FROM unnest($3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[])
+    AS b(c, i, t, seq, f)
+ON CONFLICT (cluster_id, instance_id) DO UPDATE SET
+    log_time = EXCLUDED.log_time, seen_at = now(), stream_name = EXCLUDED.stream_name,
+    shard_id = EXCLUDED.shard_id, sequence_number = EXCLUDED.sequence_number,
+    fields = EXCLUDED.fields
+WHERE h.log_time IS NULL OR EXCLUDED.log_time IS NULL OR EXCLUDED.log_time >= h.log_time
+"""
+
+
+class LeaseLostError(IngestError):
+    """The lease changed hands (or the checkpoint moved) since we read it: write nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseToken:
+    """What a commit must still match: the lease as this worker holds it."""
+
+    stream_name: str
+    shard_id: str
+    owner: str
+    lease_counter: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    sequence_number: str
+    partition_key: str | None
+    arrival_time: datetime | None
+    stage: str
+    error: str
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CopyUnit:
+    """Rows to COPY: the events and MySQL statement parts of one or more records."""
+
+    events: bytes
+    statements: bytes
+    #: Dead letter to write instead if this unit cannot be stored (per-record mode only).
+    on_store_error: DeadLetter | None = None
+
+
+@dataclass
+class CommitResult:
+    events: int = 0
+    dead_letters: int = 0
+    store_failures: list[DeadLetter] = field(default_factory=list)
+
+
+async def init_connection(conn: Conn) -> None:
+    """Pool ``init``: the session-local staging table for statement parts."""
+    await conn.execute(CREATE_STAGING)
+
+
+class Sink:
+    def __init__(self, pool: asyncpg.Pool, *, partition_window: tuple[int, int] = (30, 2)) -> None:
+        self._pool = pool
+        self._known_days: set[date] = set()
+        self._window_back, self._window_ahead = partition_window
+        self._partition_lock = asyncio.Lock()
+
+    async def ensure_partitions(self, days: set[date] | Sequence[date]) -> None:
+        """Create the day partitions rows are about to need (outside the batch transaction, so
+        DDL locks are short). Days outside the window go to the default partition."""
+        today = datetime.now(UTC).date()
+        low, high = (
+            today - timedelta(days=self._window_back),
+            today + timedelta(days=self._window_ahead),
+        )
+        missing = sorted(d for d in days if d not in self._known_days and low <= d <= high)
+        if not missing:
+            return
+        async with self._partition_lock, self._pool.acquire() as conn:
+            for day in missing:
+                if day in self._known_days:
+                    continue
+                await conn.execute("SELECT das.ensure_partition($1)", day)
+                self._known_days.add(day)
+
+    async def commit(
+        self,
+        lease: LeaseToken,
+        *,
+        previous_checkpoint: str,
+        new_checkpoint: str,
+        units: Sequence[CopyUnit],
+        dead_letters: Sequence[DeadLetter] = (),
+        heartbeats: Sequence[HeartbeatRow] = (),
+        per_record: bool = False,
+    ) -> CommitResult:
+        """One transaction. Raises LeaseLostError (nothing written) or the database error."""
+        result = CommitResult()
+        async with self._pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                ADVANCE_CHECKPOINT,
+                new_checkpoint,
+                lease.stream_name,
+                lease.shard_id,
+                lease.owner,
+                lease.lease_counter,
+                previous_checkpoint,
+            )
+            if status != "UPDATE 1":
+                raise LeaseLostError(
+                    f"lease on {lease.shard_id} lost or checkpoint moved; batch not written"
+                )
+            failed: list[DeadLetter] = []
+            for unit in units:
+                if not per_record:
+                    await self._copy(conn, unit)
+                    continue
+                try:
+                    async with conn.transaction():  # a savepoint per record
+                        await self._copy(conn, unit)
+                except asyncpg.PostgresError as exc:
+                    if unit.on_store_error is None or is_transient(exc):
+                        raise
+                    letter = unit.on_store_error
+                    failed.append(
+                        DeadLetter(
+                            letter.sequence_number,
+                            letter.partition_key,
+                            letter.arrival_time,
+                            "store",
+                            f"store: {type(exc).__name__} (SQLSTATE {exc.sqlstate})",
+                            letter.raw,
+                        )
+                    )
+            letters = [*dead_letters, *failed]
+            if letters:
+                await self._dead_letters(conn, lease, letters)
+            if heartbeats:
+                await self._heartbeats(conn, lease, heartbeats)
+            result.dead_letters = len(letters)
+            result.store_failures = failed
+        return result
+
+    @staticmethod
+    async def _copy(conn: Conn, unit: CopyUnit) -> None:
+        if unit.events:
+            await conn.copy_to_table(
+                "activity_events",
+                schema_name="das",
+                source=unit.events,  # type: ignore[arg-type]  # bytes: buffer protocol
+                columns=list(EVENT_COLUMNS),
+                format="text",
+            )
+        if unit.statements:
+            await conn.copy_to_table(
+                STAGING_TABLE,
+                source=unit.statements,  # type: ignore[arg-type]  # bytes: buffer protocol
+                columns=list(PART_COLUMNS),
+                format="text",
+            )
+            await conn.execute(MERGE_STATEMENTS)
+            await conn.execute(f"TRUNCATE pg_temp.{STAGING_TABLE}")
+
+    @staticmethod
+    async def _dead_letters(conn: Conn, lease: LeaseToken, letters: Sequence[DeadLetter]) -> None:
+        await conn.execute(
+            INSERT_DEAD_LETTERS,
+            lease.stream_name,
+            lease.shard_id,
+            [d.sequence_number for d in letters],
+            [d.partition_key for d in letters],
+            [d.arrival_time for d in letters],
+            [d.stage for d in letters],
+            [d.error for d in letters],
+            [d.raw for d in letters],
+        )
+
+    @staticmethod
+    async def _heartbeats(conn: Conn, lease: LeaseToken, beats: Sequence[HeartbeatRow]) -> None:
+        latest: dict[tuple[str, str], HeartbeatRow] = {}
+        for beat in beats:  # in stream order: the last one per instance wins
+            latest[(beat.cluster_id or "", beat.instance_id or "")] = beat
+        rows = list(latest.items())
+        await conn.execute(
+            UPSERT_HEARTBEATS,
+            lease.stream_name,
+            lease.shard_id,
+            [k[0] for k, _ in rows],
+            [k[1] for k, _ in rows],
+            [b.log_time for _, b in rows],
+            [b.sequence_number for _, b in rows],
+            [orjson.dumps(b.fields).decode() for _, b in rows],
+        )
