@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
-
 from ingest.errors import ConfigError
+from ingest.warehouse.db import Conn
 from ingest.warehouse.roles import RoleNames, apply_grants
 
 #: pg_advisory_lock key for migrations: the first 8 bytes of sha256("das-ingest migrate").
@@ -79,7 +78,7 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-async def schema_version(conn: asyncpg.Connection) -> int:
+async def schema_version(conn: Conn) -> int:
     """The highest applied migration, 0 for an empty database."""
     exists = await conn.fetchval("SELECT to_regclass('das.schema_migrations') IS NOT NULL")
     if not exists:
@@ -87,7 +86,7 @@ async def schema_version(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM das.schema_migrations"))
 
 
-async def require_current_schema(conn: asyncpg.Connection) -> int:
+async def require_current_schema(conn: Conn) -> int:
     """For workers: refuse to run against a schema older or newer than this code."""
     latest = load_migrations()[-1].version
     current = await schema_version(conn)
@@ -105,7 +104,7 @@ async def require_current_schema(conn: asyncpg.Connection) -> int:
 
 
 async def migrate(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     roles: RoleNames | None = DEFAULT_ROLES,
     directory: Path | None = None,

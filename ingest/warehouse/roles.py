@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from ingest.errors import ConfigError
+from ingest.warehouse.db import Conn
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -42,7 +43,7 @@ class RoleNames:
                 )
 
 
-async def apply_grants(conn: asyncpg.Connection, roles: RoleNames) -> None:
+async def apply_grants(conn: Conn, roles: RoleNames) -> None:
     """Idempotent: create the roles if missing and (re)state exactly their privileges."""
     for role in (roles.ingest, roles.analyst):
         exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)

@@ -88,6 +88,10 @@ WHERE h.log_time IS NULL OR EXCLUDED.log_time IS NULL OR EXCLUDED.log_time >= h.
 """
 
 
+#: Days before and after today for which day partitions are created on demand.
+PARTITION_WINDOW = (30, 2)
+
+
 class LeaseLostError(IngestError):
     """The lease changed hands (or the checkpoint moved) since we read it: write nothing."""
 
@@ -135,29 +139,21 @@ async def init_connection(conn: Conn) -> None:
 
 
 class Sink:
-    def __init__(self, pool: asyncpg.Pool, *, partition_window: tuple[int, int] = (30, 2)) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, partition_window: tuple[int, int] = PARTITION_WINDOW
+    ) -> None:
         self._pool = pool
         self._known_days: set[date] = set()
-        self._window_back, self._window_ahead = partition_window
+        self._window = partition_window
         self._partition_lock = asyncio.Lock()
 
     async def ensure_partitions(self, days: set[date] | Sequence[date]) -> None:
         """Create the day partitions rows are about to need (outside the batch transaction, so
         DDL locks are short). Days outside the window go to the default partition."""
-        today = datetime.now(UTC).date()
-        low, high = (
-            today - timedelta(days=self._window_back),
-            today + timedelta(days=self._window_ahead),
-        )
-        missing = sorted(d for d in days if d not in self._known_days and low <= d <= high)
-        if not missing:
+        if all(d in self._known_days for d in days):
             return
         async with self._partition_lock, self._pool.acquire() as conn:
-            for day in missing:
-                if day in self._known_days:
-                    continue
-                await conn.execute("SELECT das.ensure_partition($1)", day)
-                self._known_days.add(day)
+            await ensure_day_partitions(conn, days, self._window, self._known_days)
 
     async def commit(
         self,
@@ -189,11 +185,11 @@ class Sink:
             failed: list[DeadLetter] = []
             for unit in units:
                 if not per_record:
-                    await self._copy(conn, unit)
+                    await copy_unit(conn, unit)
                     continue
                 try:
                     async with conn.transaction():  # a savepoint per record
-                        await self._copy(conn, unit)
+                        await copy_unit(conn, unit)
                 except asyncpg.PostgresError as exc:
                     if unit.on_store_error is None or is_transient(exc):
                         raise
@@ -210,60 +206,80 @@ class Sink:
                     )
             letters = [*dead_letters, *failed]
             if letters:
-                await self._dead_letters(conn, lease, letters)
+                await insert_dead_letters(conn, lease.stream_name, lease.shard_id, letters)
             if heartbeats:
-                await self._heartbeats(conn, lease, heartbeats)
+                await upsert_heartbeats(conn, lease.stream_name, lease.shard_id, heartbeats)
             result.dead_letters = len(letters)
             result.store_failures = failed
         return result
 
-    @staticmethod
-    async def _copy(conn: Conn, unit: CopyUnit) -> None:
-        if unit.events:
-            await conn.copy_to_table(
-                "activity_events",
-                schema_name="das",
-                source=unit.events,  # type: ignore[arg-type]  # bytes: buffer protocol
-                columns=list(EVENT_COLUMNS),
-                format="text",
-            )
-        if unit.statements:
-            await conn.copy_to_table(
-                STAGING_TABLE,
-                source=unit.statements,  # type: ignore[arg-type]  # bytes: buffer protocol
-                columns=list(PART_COLUMNS),
-                format="text",
-            )
-            await conn.execute(MERGE_STATEMENTS)
-            await conn.execute(f"TRUNCATE pg_temp.{STAGING_TABLE}")
 
-    @staticmethod
-    async def _dead_letters(conn: Conn, lease: LeaseToken, letters: Sequence[DeadLetter]) -> None:
-        await conn.execute(
-            INSERT_DEAD_LETTERS,
-            lease.stream_name,
-            lease.shard_id,
-            [d.sequence_number for d in letters],
-            [d.partition_key for d in letters],
-            [d.arrival_time for d in letters],
-            [d.stage for d in letters],
-            [d.error for d in letters],
-            [d.raw for d in letters],
-        )
+async def ensure_day_partitions(
+    conn: Conn,
+    days: set[date] | Sequence[date],
+    window: tuple[int, int] = PARTITION_WINDOW,
+    known: set[date] | None = None,
+) -> None:
+    known = known if known is not None else set()
+    today = datetime.now(UTC).date()
+    low, high = today - timedelta(days=window[0]), today + timedelta(days=window[1])
+    for day in sorted(d for d in days if d not in known and low <= d <= high):
+        await conn.execute("SELECT das.ensure_partition($1)", day)
+        known.add(day)
 
-    @staticmethod
-    async def _heartbeats(conn: Conn, lease: LeaseToken, beats: Sequence[HeartbeatRow]) -> None:
-        latest: dict[tuple[str, str], HeartbeatRow] = {}
-        for beat in beats:  # in stream order: the last one per instance wins
-            latest[(beat.cluster_id or "", beat.instance_id or "")] = beat
-        rows = list(latest.items())
-        await conn.execute(
-            UPSERT_HEARTBEATS,
-            lease.stream_name,
-            lease.shard_id,
-            [k[0] for k, _ in rows],
-            [k[1] for k, _ in rows],
-            [b.log_time for _, b in rows],
-            [b.sequence_number for _, b in rows],
-            [orjson.dumps(b.fields).decode() for _, b in rows],
+
+async def copy_unit(conn: Conn, unit: CopyUnit) -> None:
+    """COPY a unit's events, and merge its MySQL statement parts into das.statements."""
+    if unit.events:
+        await conn.copy_to_table(
+            "activity_events",
+            schema_name="das",
+            # A memoryview: asyncpg would take plain bytes for a file path.
+            source=memoryview(unit.events),  # type: ignore[arg-type]
+            columns=list(EVENT_COLUMNS),
+            format="text",
         )
+    if unit.statements:
+        await conn.copy_to_table(
+            STAGING_TABLE,
+            source=memoryview(unit.statements),  # type: ignore[arg-type]
+            columns=list(PART_COLUMNS),
+            format="text",
+        )
+        await conn.execute(MERGE_STATEMENTS)
+        await conn.execute(f"TRUNCATE pg_temp.{STAGING_TABLE}")
+
+
+async def insert_dead_letters(
+    conn: Conn, stream_name: str, shard_id: str, letters: Sequence[DeadLetter]
+) -> None:
+    await conn.execute(
+        INSERT_DEAD_LETTERS,
+        stream_name,
+        shard_id,
+        [d.sequence_number for d in letters],
+        [d.partition_key for d in letters],
+        [d.arrival_time for d in letters],
+        [d.stage for d in letters],
+        [d.error for d in letters],
+        [d.raw for d in letters],
+    )
+
+
+async def upsert_heartbeats(
+    conn: Conn, stream_name: str, shard_id: str, beats: Sequence[HeartbeatRow]
+) -> None:
+    latest: dict[tuple[str, str], HeartbeatRow] = {}
+    for beat in beats:  # in stream order: the last one per instance wins
+        latest[(beat.cluster_id or "", beat.instance_id or "")] = beat
+    rows = list(latest.items())
+    await conn.execute(
+        UPSERT_HEARTBEATS,
+        stream_name,
+        shard_id,
+        [k[0] for k, _ in rows],
+        [k[1] for k, _ in rows],
+        [b.log_time for _, b in rows],
+        [b.sequence_number for _, b in rows],
+        [orjson.dumps(b.fields).decode() for _, b in rows],
+    )

@@ -1,0 +1,179 @@
+"""``das-ingest run``: the ingester. Start the same command on as many hosts as you like; they
+share the stream through leases in the warehouse."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from datetime import UTC, datetime
+from typing import Any
+
+from ingest.commands.decrypt import add_decryptor_arguments
+from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
+
+EPILOG = """\
+Every option can also be set by the environment variable in brackets; AWS settings come from
+the standard sources (AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL_KINESIS, AWS_ENDPOINT_URL_KMS,
+AWS_ENDPOINT_URL_RDS, instance and task roles).
+
+exit codes: 0 after a graceful stop (SIGTERM, SIGINT, or --stop-when-idle), 2 for a
+configuration error (unknown stream, schema not migrated, refused login), 1 otherwise.
+
+example:
+  das-ingest migrate --dsn postgresql://admin@db/audit
+  das-ingest run --cluster my-aurora-cluster --dsn postgresql://ingester@db/audit \\
+      --metrics-port 9108
+"""
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="consume an activity stream into the warehouse (exactly once, as a fleet)",
+        description="Consume a Database Activity Stream into the audit warehouse.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--stream",
+        default=env_default("DAS_STREAM"),
+        help="Kinesis stream name, aws-rds-das-<resource id> [DAS_STREAM]",
+    )
+    source.add_argument(
+        "--cluster",
+        default=env_default("DAS_CLUSTER"),
+        help="Aurora DB cluster identifier: stream and resource id are discovered with "
+        "rds:DescribeDBClusters [DAS_CLUSTER]",
+    )
+    parser.add_argument(
+        "--resource-id",
+        default=env_default("DAS_RESOURCE_ID"),
+        help="cluster resource id for the KMS encryption context (default: from the stream "
+        "name) [DAS_RESOURCE_ID]",
+    )
+    add_dsn_argument(parser)
+    parser.add_argument(
+        "--worker-id",
+        default=env_default("DAS_WORKER_ID", f"{socket.gethostname()}:{os.getpid()}"),
+        help="this worker's name in the lease table (default: host:pid) [DAS_WORKER_ID]",
+    )
+    parser.add_argument(
+        "--initial-position",
+        default=env_default("DAS_INITIAL_POSITION", "trim_horizon"),
+        metavar="trim_horizon|latest|at_timestamp:ISO",
+        help="where shards without a checkpoint start (default: trim_horizon, the oldest "
+        "record kept) [DAS_INITIAL_POSITION]",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=env_default("DAS_PROCESSES", os.cpu_count() or 1, int),
+        help="decode processes; 0 decodes in the main process (default: CPU count) [DAS_PROCESSES]",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env_default("DAS_METRICS_PORT", None, int),
+        help="serve /metrics, /healthz and /readyz on this port [DAS_METRICS_PORT]",
+    )
+    parser.add_argument(
+        "--stop-when-idle",
+        type=float,
+        default=env_default("DAS_STOP_WHEN_IDLE", None, float),
+        metavar="SECONDS",
+        help="exit 0 once every shard this worker holds has been caught up and empty for this "
+        "long and every other shard is held by a live worker (backfills, tests)",
+    )
+    tuning = parser.add_argument_group("tuning")
+    tuning.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=env_default("DAS_LEASE_SECONDS", 10.0, float),
+        help="lease duration: a dead worker's shards move within this (default: 10)",
+    )
+    tuning.add_argument(
+        "--shard-sync-seconds",
+        type=float,
+        default=env_default("DAS_SHARD_SYNC_SECONDS", 30.0, float),
+        help="how often the shard list is refreshed (default: 30)",
+    )
+    tuning.add_argument(
+        "--max-records",
+        type=int,
+        default=env_default("DAS_MAX_RECORDS", 10_000, int),
+        help="GetRecords limit per call (default: 10000)",
+    )
+    tuning.add_argument(
+        "--queue-batches",
+        type=int,
+        default=env_default("DAS_QUEUE_BATCHES", None, int),
+        help="batches in or waiting for the decode pool (default: 2 per process, at least 2)",
+    )
+    tuning.add_argument(
+        "--queue-mb",
+        type=int,
+        default=env_default("DAS_QUEUE_MB", 64, int),
+        help="megabytes of records in or waiting for the decode pool (default: 64)",
+    )
+    tuning.add_argument(
+        "--db-pool-size",
+        type=int,
+        default=env_default("DAS_DB_POOL_SIZE", 16, int),
+        help="warehouse connections (default: 16)",
+    )
+    tuning.add_argument(
+        "--shutdown-deadline",
+        type=float,
+        default=env_default("DAS_SHUTDOWN_DEADLINE", 20.0, float),
+        help="seconds to drain in-flight batches on SIGTERM before cancelling (default: 20)",
+    )
+    add_decryptor_arguments(parser)
+    add_log_argument(parser)
+    parser.set_defaults(func=run)
+
+
+def initial_checkpoint(position: str, now: datetime | None = None) -> str:
+    """The lease checkpoint for ``--initial-position``.
+
+    LATEST is pinned to AT_TIMESTAMP:<now> when the lease is created, so a restart before the
+    first record arrives does not skip what was written while the worker was down.
+    """
+    text = position.strip()
+    lowered = text.lower()
+    if lowered == "trim_horizon":
+        return "TRIM_HORIZON"
+    if lowered == "latest":
+        stamp = now or datetime.now(UTC)
+        return f"AT_TIMESTAMP:{stamp.isoformat()}"
+    if lowered.startswith("at_timestamp:"):
+        value = text.split(":", 1)[1]
+        try:
+            stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"--initial-position: {value!r} is not an ISO 8601 time") from None
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)
+        return f"AT_TIMESTAMP:{stamp.isoformat()}"
+    raise ValueError(
+        f"--initial-position must be trim_horizon, latest or at_timestamp:<ISO 8601>, not {text!r}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ingest.logs import setup_logging
+    from ingest.runtime import run_async
+
+    setup_logging(args.log_level)
+    if not args.stream and not args.cluster:
+        raise SystemExit("das-ingest run: give --stream NAME or --cluster ID (or $DAS_STREAM)")
+    try:
+        args.initial_checkpoint = initial_checkpoint(args.initial_position)
+    except ValueError as exc:
+        raise SystemExit(f"das-ingest run: {exc}") from None
+    if args.processes < 0:
+        raise SystemExit("das-ingest run: --processes must be 0 or more")
+    from ingest.consumer.service import serve
+
+    return run_async(serve(args))

@@ -1,0 +1,172 @@
+"""Wiring for ``das-ingest run``: settings, AWS clients, the database pool, signals, health."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from ingest.aws import aws_client, error_code
+from ingest.consumer.shard import ShardSettings
+from ingest.consumer.worker import Worker, WorkerSettings
+from ingest.decode.batch import DecoderConfig
+from ingest.errors import ConfigError
+from ingest.health import HealthServer
+from ingest.kms import resource_id_from_stream
+from ingest.metrics import Metrics
+from ingest.warehouse.db import create_pool, redact, resolve_dsn
+from ingest.warehouse.migrate import require_current_schema
+from ingest.warehouse.sink import init_connection
+
+log = logging.getLogger("ingest")
+
+
+async def discover(cluster: str) -> tuple[str, str]:
+    """(stream name, resource id) of an Aurora cluster's activity stream."""
+    async with aws_client("rds") as rds:
+        try:
+            response = await rds.describe_db_clusters(DBClusterIdentifier=cluster)
+        except Exception as exc:  # noqa: BLE001 - turned into a clear configuration error
+            code = error_code(exc) or type(exc).__name__
+            raise ConfigError(f"cannot describe DB cluster {cluster!r}: {code}") from None
+    clusters = response.get("DBClusters") or []
+    if not clusters:
+        raise ConfigError(f"DB cluster {cluster!r} not found")
+    info = clusters[0]
+    stream = info.get("ActivityStreamKinesisStreamName")
+    resource_id = info.get("DbClusterResourceId")
+    if not stream or not resource_id:
+        status = info.get("ActivityStreamStatus", "stopped")
+        raise ConfigError(
+            f"DB cluster {cluster!r} has no database activity stream (status: {status}); "
+            "start one with `aws rds start-activity-stream`"
+        )
+    return str(stream), str(resource_id)
+
+
+def worker_settings(args: argparse.Namespace, stream: str, resource_id: str) -> WorkerSettings:
+    processes = args.processes
+    return WorkerSettings(
+        stream_name=stream,
+        resource_id=resource_id,
+        worker_id=args.worker_id,
+        initial_position=args.initial_checkpoint,
+        lease_seconds=args.lease_seconds,
+        shard_sync_seconds=args.shard_sync_seconds,
+        stop_when_idle=args.stop_when_idle,
+        shutdown_deadline=args.shutdown_deadline,
+        processes=processes,
+        queue_batches=args.queue_batches or max(2, 2 * processes),
+        queue_bytes=args.queue_mb * 1024 * 1024,
+        shard=ShardSettings(
+            max_records=args.max_records,
+            decoder=DecoderConfig(
+                decryptor=args.decryptor,
+                verify_signatures=not args.skip_signature_verification,
+                max_decompressed=args.max_decompressed_mb * 1024 * 1024,
+            ),
+        ),
+    )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    if args.cluster:
+        stream, discovered_id = await discover(args.cluster)
+    else:
+        stream, discovered_id = args.stream, resource_id_from_stream(args.stream)
+    resource_id = args.resource_id or discovered_id
+    settings = worker_settings(args, stream, resource_id)
+    # Fail fast on a bad decryptor choice, before touching anything.
+    from ingest.decode.batch import decryptor_for
+
+    decryptor_for(settings.shard.decoder)
+    dsn = resolve_dsn(args.dsn)
+    db = await create_pool(dsn, min_size=2, max_size=args.db_pool_size, init=init_connection)
+    health: HealthServer | None = None
+    started = time.monotonic()
+    try:
+        async with db.acquire() as conn:
+            await require_current_schema(conn)
+        metrics = Metrics()
+        pool_size = 8 + 2 * args.db_pool_size
+        async with (
+            aws_client("kinesis", max_pool_connections=pool_size) as kinesis,
+            aws_client("kms") as kms,
+        ):
+            await _check_stream(kinesis, stream)
+            worker = Worker(
+                settings, db=db, kinesis_client=kinesis, kms_client=kms, metrics=metrics
+            )
+            if args.metrics_port is not None:
+                health = HealthServer(
+                    metrics,
+                    alive=lambda: (
+                        time.monotonic() - worker.last_cycle < max(30.0, 3 * settings.lease_seconds)
+                    ),
+                    ready=lambda: worker.ready,
+                )
+                await health.start(args.metrics_port)
+                log.info("serving /metrics, /healthz, /readyz", extra={"port": health.port})
+            _install_signals(worker)
+            log.info(
+                "worker started",
+                extra={
+                    "stream": stream,
+                    "worker": settings.worker_id,
+                    "resource_id": resource_id,
+                    "processes": settings.processes,
+                },
+            )
+            log.debug("warehouse", extra={"target": redact(dsn)})
+            await worker.run()
+            log.info(
+                "worker stopped",
+                extra={
+                    "reason": worker.exit_reason or "done",
+                    "events": int(
+                        metrics.registry.get_sample_value("das_events_ingested_total") or 0
+                    ),
+                    "records": int(
+                        metrics.registry.get_sample_value("das_records_ingested_total") or 0
+                    ),
+                    "elapsed": round(time.monotonic() - started, 3),
+                },
+            )
+    finally:
+        if health is not None:
+            await health.stop()
+        await db.close()
+    return 0
+
+
+async def _check_stream(kinesis: Any, stream: str) -> None:
+    try:
+        await kinesis.describe_stream_summary(StreamName=stream)
+    except Exception as exc:  # noqa: BLE001 - classified right here
+        code = error_code(exc)
+        if code == "ResourceNotFoundException":
+            raise ConfigError(f"Kinesis stream {stream!r} not found") from None
+        if code is None:
+            raise ConfigError(f"cannot reach Kinesis: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"cannot describe Kinesis stream {stream!r}: {code}") from None
+
+
+def _install_signals(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    count = {"n": 0}
+
+    def on_signal(signame: str) -> None:
+        count["n"] += 1
+        if count["n"] == 1:
+            worker.request_stop(signame)
+        else:
+            log.warning("second signal: stopping now", extra={"reason": signame})
+            for task in asyncio.all_tasks(loop):
+                if task is not asyncio.current_task(loop):
+                    task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)

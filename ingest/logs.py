@@ -1,0 +1,70 @@
+"""Structured JSON logs on stderr.
+
+What we log are events about the pipeline (shards, leases, counts, error classes and stages);
+never SQL text, bind parameters or key material. Only the ``extra`` fields below are emitted, so
+an accidental ``extra={"sql": ...}`` cannot leak.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import orjson
+
+ALLOWED_EXTRA = frozenset(
+    {
+        "shard",
+        "shards",
+        "stream",
+        "worker",
+        "checkpoint",
+        "target",
+        "error",
+        "delay",
+        "reason",
+        "count",
+        "created",
+        "from",
+        "events",
+        "records",
+        "dead_letters",
+        "stage",
+        "port",
+        "processes",
+        "lag_ms",
+        "held",
+        "elapsed",
+        "resource_id",
+    }
+)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ALLOWED_EXTRA:
+            if key in record.__dict__:
+                entry[key] = record.__dict__[key]
+        if record.exc_info and record.exc_info[0] is not None:
+            # The exception class only: tracebacks can carry values from frames.
+            entry["exception"] = record.exc_info[0].__name__
+        return orjson.dumps(entry, default=str).decode()
+
+
+def setup_logging(level: str = "info", *, stream: object = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Library chatter (botocore credential lookups, aiohttp) stays out unless asked for.
+    for noisy in ("botocore", "aiobotocore", "aiohttp", "asyncio", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

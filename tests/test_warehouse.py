@@ -1,0 +1,538 @@
+"""The audit warehouse against a real PostgreSQL: migrations, COPY, correlation, roles, fencing,
+partitions, retention, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import shutil
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from ingest.decode.batch import BatchInput, decode_batch
+from ingest.errors import ConfigError
+from ingest.warehouse.leases import LeaseStore
+from ingest.warehouse.migrate import load_migrations, migrate, migrations_dir, schema_version
+from ingest.warehouse.retention import apply_retention, parse_keep
+from ingest.warehouse.sink import CopyUnit, DeadLetter, LeaseLostError, Sink
+from tests.sealing import seal
+from tests.seed_examples import SEED_EXAMPLES
+from tests.test_decode_seed import ATTRS, EXPECTED
+from tests.warehouse_helpers import (
+    ESDK,
+    KEY,
+    STREAM,
+    batch,
+    hold_lease,
+    inner,
+    migrated_pool,
+    store,
+)
+
+# -- migrations -----------------------------------------------------------------------------
+
+
+async def test_migrate_from_empty_then_again_is_a_no_op(pg_dsn: str) -> None:
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert await schema_version(conn) == 0
+        first = await migrate(conn)
+        latest = load_migrations()[-1].version
+        assert [m.version for m in first.applied] == list(range(1, latest + 1))
+        assert await schema_version(conn) == latest
+        second = await migrate(conn)
+        assert second.applied == []
+        rows = await conn.fetch("SELECT version FROM das.schema_migrations ORDER BY version")
+        assert [r["version"] for r in rows] == list(range(1, latest + 1))
+        for table in ("activity_events", "statements", "dead_letters", "heartbeats", "leases"):
+            assert await conn.fetchval("SELECT to_regclass($1)", f"das.{table}") is not None
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrates_apply_each_migration_once(pg_dsn: str) -> None:
+    conns = [await asyncpg.connect(pg_dsn) for _ in range(3)]
+    try:
+        reports = await asyncio.gather(*(migrate(c) for c in conns))
+        applied = sorted(m.version for r in reports for m in r.applied)
+        assert applied == [m.version for m in load_migrations()]
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_refuses_a_schema_newer_than_it_knows(pg_dsn: str) -> None:
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn)
+        await conn.execute(
+            "INSERT INTO das.schema_migrations (version, name, checksum) VALUES (999, 'x', 'y')"
+        )
+        with pytest.raises(ConfigError, match="newer than this das-ingest knows"):
+            await migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def test_refuses_an_applied_migration_that_changed(pg_dsn: str, tmp_path: Path) -> None:
+    changed = tmp_path / "migrations"
+    shutil.copytree(migrations_dir(), changed)
+    first = sorted(changed.glob("0001_*.sql"))[0]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, directory=changed)
+        first.write_text(first.read_text() + "\n-- edited\n")
+        with pytest.raises(ConfigError, match="changed after it was applied"):
+            await migrate(conn, directory=changed)
+    finally:
+        await conn.close()
+
+
+# -- COPY of the seed examples --------------------------------------------------------------
+
+
+async def test_every_seed_example_is_stored_with_every_value(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "shardId-000000000000", "w1")
+        names = sorted(SEED_EXAMPLES)
+        items = []
+        for i, name in enumerate(names):
+            version, doc = SEED_EXAMPLES[name]
+            items.append((i, str(1000 + i), seal(doc.encode(), KEY, version), KEY))
+        output = decode_batch(BatchInput("shardId-000000000000", items, ESDK))
+        assert output.failures == []
+        await store(pool, token, output, "TRIM_HORIZON", str(1000 + len(names) - 1))
+        rows = await pool.fetch(
+            "SELECT * FROM das.activity_events ORDER BY sequence_number"
+        )
+        assert len(rows) == len(names)
+        for row, name in zip(rows, names, strict=True):
+            cluster_id, instance_id, values = EXPECTED[name]
+            assert row["cluster_id"] == cluster_id
+            assert row["instance_id"] == instance_id
+            assert row["record_version"] == SEED_EXAMPLES[name][0]
+            assert row["shard_id"] == "shardId-000000000000"
+            assert row["event_index"] == 0
+            assert row["extra"] == "{}"
+            assert row["anomalies"] == []
+            for attr in ATTRS:
+                column = "class" if attr == "class_" else attr
+                got: Any = row[column]
+                if column == "param_list" and got is not None:
+                    got = orjson.loads(got)
+                assert got == values[attr], (name, column)
+        checkpoint = await pool.fetchval("SELECT checkpoint FROM das.leases")
+        assert checkpoint == str(1000 + len(names) - 1)
+    finally:
+        await pool.close()
+
+
+# -- MySQL MAIN/AUX correlation -------------------------------------------------------------
+
+
+def mysql_event(statement_id: int, kind: str, session: str = "725118") -> dict[str, Any]:
+    base = {
+        "type": "record",
+        "pid": 2830,
+        "sessionId": session,
+        "statementId": statement_id,
+        "dbUserName": "master",
+        "databaseName": "test",
+        "serverType": "MySQL",
+    }
+    if kind == "MAIN":
+        return base | {
+            "class": "MAIN",
+            "substatementId": 1,
+            "command": "QUERY",
+            "commandText": f"UPDATE t1, t2 SET a = 1 /* {statement_id} */",
+            "logTime": "2020-05-22 18:07:12.250221+00",
+            "rowCount": 3,
+            "exitCode": "0",
+            "errorMessage": "",
+        }
+    return base | {
+        "class": "AUX",
+        "substatementId": 2,
+        "command": "WRITE",
+        "commandText": kind,
+        "objectName": kind,
+        "objectType": "TABLE",
+        "logTime": "2020-05-22 18:07:12.247182+00",
+    }
+
+
+# How the three events of one statement reach the warehouse: one record; one record each in
+# one batch; one batch each; one batch each through separate sinks (two ingest runs).
+SPLITS = ("one_record", "records", "batches", "runs")
+
+
+async def test_main_and_aux_correlate_in_every_arrival_order(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "shardId-000000000001", "w1")
+        checkpoint = "TRIM_HORIZON"
+        seq = 1
+        cases = list(itertools.product(itertools.permutations(["MAIN", "t1", "t2"]), SPLITS))
+        for case_number, (order, split) in enumerate(cases):
+            statement_id = 70_000 + case_number
+            events = [mysql_event(statement_id, kind) for kind in order]
+            if split == "one_record":
+                groups = [[events]]
+            elif split == "records":
+                groups = [[[e] for e in events]]
+            else:
+                groups = [[[e]] for e in events]
+            for group in groups:
+                records = []
+                for evs in group:
+                    records.append((str(seq), inner(*evs)))
+                    seq += 1
+                output = batch(token.shard_id, records)
+                target = pool
+                if split == "runs":
+                    target = await migrated_pool(pg_dsn)  # a separate run of the ingester
+                try:
+                    await store(target, token, output, checkpoint, records[-1][0])
+                finally:
+                    if target is not pool:
+                        await target.close()
+                checkpoint = records[-1][0]
+        rows = await pool.fetch("SELECT * FROM das.statements ORDER BY statement_id")
+        assert len(rows) == len(cases)
+        for row, (case_number, _) in zip(rows, enumerate(cases), strict=True):
+            statement_id = 70_000 + case_number
+            assert row["statement_id"] == statement_id
+            assert row["has_main"] is True
+            assert row["command"] == "QUERY"
+            assert row["command_text"] == f"UPDATE t1, t2 SET a = 1 /* {statement_id} */"
+            assert row["row_count"] == 3
+            assert row["db_user_name"] == "master"
+            assert row["log_time"] == datetime(2020, 5, 22, 18, 7, 12, 250221, tzinfo=UTC)
+            aux = orjson.loads(row["aux"])
+            assert sorted(a["object_name"] for a in aux) == ["t1", "t2"]
+            assert {a["command"] for a in aux} == {"WRITE"}
+        events = await pool.fetchval("SELECT count(*) FROM das.activity_events")
+        assert events == 3 * len(cases)
+    finally:
+        await pool.close()
+
+
+async def test_statement_key_includes_session_and_instance(pg_dsn: str) -> None:
+    """statementId restarts with the instance and session ids repeat: no cross-talk."""
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w1")
+        records = [
+            ("1", inner(mysql_event(5, "MAIN", session="1"), instance="db-1")),
+            ("2", inner(mysql_event(5, "MAIN", session="2"), instance="db-1")),
+            ("3", inner(mysql_event(5, "t1", session="1"), instance="db-2")),
+        ]
+        await store(pool, token, batch("s", records), "TRIM_HORIZON", "3")
+        rows = await pool.fetch(
+            "SELECT instance_id, session_id, has_main, jsonb_array_length(aux) AS n "
+            "FROM das.statements ORDER BY instance_id, session_id"
+        )
+        assert [tuple(r) for r in rows] == [
+            ("db-1", "1", True, 0),
+            ("db-1", "2", True, 0),
+            ("db-2", "1", False, 1),
+        ]
+    finally:
+        await pool.close()
+
+
+# -- values PostgreSQL cannot store as is ---------------------------------------------------
+
+
+async def test_nul_bytes_and_a_one_megabyte_command_text(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w1")
+        huge = "select '" + "x" * (1024 * 1024) + "'"
+        records = [
+            (
+                "1",
+                inner({"type": "record", "commandText": "a\x00b\tc\nd\\e", "paramList": ["\x00"]}),
+            ),
+            (
+                "2",
+                inner({"type": "record", "commandText": huge, "logTime": "2020-01-01 00:00:00+00"}),
+            ),
+        ]
+        output = batch("s", records)
+        await store(pool, token, output, "TRIM_HORIZON", "2")
+        rows = await pool.fetch(
+            "SELECT command_text, param_list, anomalies FROM das.activity_events "
+            "ORDER BY sequence_number"
+        )
+        assert rows[0]["command_text"] == "a\\x00b\tc\nd\\\\e"
+        assert orjson.loads(rows[0]["param_list"]) == ["\\x00"]
+        assert sorted(rows[0]["anomalies"]) == ["commandText:nul", "paramList:nul"]
+        assert rows[1]["command_text"] == huge
+        assert rows[1]["anomalies"] == []
+    finally:
+        await pool.close()
+
+
+# -- roles ----------------------------------------------------------------------------------
+
+
+async def login_as(pg_dsn: str, admin: asyncpg.Connection, group: str) -> asyncpg.Connection:
+    user = f"u_{secrets.token_hex(4)}"
+    await admin.execute(f"CREATE ROLE {user} LOGIN IN ROLE {group}")
+    dsn = pg_dsn.replace("postgresql://postgres@", f"postgresql://{user}@")
+    assert dsn != pg_dsn
+    return await asyncpg.connect(dsn)
+
+
+async def test_ingest_role_appends_but_cannot_change_or_remove(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w1")
+        ingest = await login_as(pg_dsn, admin, "das_ingest")
+        user = await ingest.fetchval("SELECT current_user")
+        await ingest.close()
+        ingest_dsn = pg_dsn.replace("postgresql://postgres@", f"postgresql://{user}@")
+        ingest_pool = await migrated_pool_as(ingest_dsn)
+        try:
+            output = batch(
+                "s",
+                [
+                    (
+                        "1",
+                        inner(
+                            {
+                                "type": "record",
+                                "command": "SELECT",
+                                "logTime": datetime.now(UTC).isoformat(),
+                            }
+                        ),
+                    )
+                ],
+            )
+            await store(ingest_pool, token, output, "TRIM_HORIZON", "1")  # COPY works
+            async with ingest_pool.acquire() as conn:
+                for statement in (
+                    "UPDATE das.activity_events SET command = 'x'",
+                    "DELETE FROM das.activity_events",
+                    "TRUNCATE das.activity_events",
+                    "DELETE FROM das.dead_letters",
+                    "UPDATE das.dead_letters SET error = ''",
+                    "DROP TABLE das.activity_events_default",
+                    "CREATE TABLE das.sneaky (a int)",
+                ):
+                    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                        await conn.execute(statement)
+        finally:
+            await ingest_pool.close()
+        assert await admin.fetchval("SELECT count(*) FROM das.activity_events") == 1
+
+        analyst = await login_as(pg_dsn, admin, "das_analyst")
+        try:
+            assert await analyst.fetchval("SELECT count(*) FROM das.activity_events") == 1
+            assert await analyst.fetchval("SELECT count(*) FROM das.sessions") >= 0
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await analyst.execute("DELETE FROM das.activity_events")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await analyst.execute(
+                    "INSERT INTO das.leases (stream_name, shard_id) VALUES ('a', 'b')"
+                )
+        finally:
+            await analyst.close()
+    finally:
+        await admin.close()
+        await pool.close()
+
+
+async def migrated_pool_as(dsn: str) -> asyncpg.Pool:
+    from ingest.warehouse.sink import init_connection
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, init=init_connection)
+    assert pool is not None
+    return pool
+
+
+# -- fencing ---------------------------------------------------------------------------------
+
+
+async def test_a_stale_lease_holder_cannot_commit(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token_a, lease_a = await hold_lease(pool, "s", "worker-a")
+        leases = LeaseStore(pool, STREAM, lease_seconds=30)
+        stolen = await leases.take(lease_a, "worker-b")  # B steals: the counter moves
+        assert stolen is not None
+        assert stolen.lease_counter == lease_a.lease_counter + 1
+        output = batch("s", [("1", inner({"type": "record", "command": "SELECT"}))])
+        with pytest.raises(LeaseLostError):
+            await store(pool, token_a, output, "TRIM_HORIZON", "1")
+        assert await pool.fetchval("SELECT count(*) FROM das.activity_events") == 0
+        assert await pool.fetchval("SELECT checkpoint FROM das.leases") == "TRIM_HORIZON"
+        # A renewal by the old holder fails too.
+        assert await leases.renew("worker-a", {"s": token_a.lease_counter}) == set()
+    finally:
+        await pool.close()
+
+
+async def test_checkpoint_is_a_compare_and_set(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w")
+        first = batch("s", [("1", inner({"type": "record", "command": "A"}))])
+        await store(pool, token, first, "TRIM_HORIZON", "1")
+        again = batch("s", [("2", inner({"type": "record", "command": "B"}))])
+        with pytest.raises(LeaseLostError):  # we did not start from the stored checkpoint
+            await store(pool, token, again, "TRIM_HORIZON", "2")
+        await store(pool, token, again, "1", "2")
+        rows = await pool.fetch("SELECT command FROM das.activity_events ORDER BY command")
+        assert [r["command"] for r in rows] == ["A", "B"]
+    finally:
+        await pool.close()
+
+
+async def test_dead_letters_and_heartbeats_commit_with_the_batch(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w")
+        output = batch(
+            "s",
+            [
+                ("1", inner({"type": "heartbeat", "logTime": "2020-01-01 00:00:01+00"})),
+                ("2", inner({"type": "heartbeat", "logTime": "2020-01-01 00:00:03+00"})),
+                (
+                    "3",
+                    inner(
+                        {"type": "heartbeat", "logTime": "2020-01-01 00:00:02+00"}, instance="db-2"
+                    ),
+                ),
+            ],
+        )
+        letter = DeadLetter("4", "pk", None, "json", "json: record is not JSON", b"garbage")
+        await Sink(pool).commit(
+            token,
+            previous_checkpoint="TRIM_HORIZON",
+            new_checkpoint="4",
+            units=[CopyUnit(output.events, output.statements)],
+            dead_letters=[letter],
+            heartbeats=output.heartbeats,
+        )
+        assert await pool.fetchval("SELECT count(*) FROM das.activity_events") == 0
+        beats = await pool.fetch(
+            "SELECT instance_id, log_time, sequence_number::text AS seq FROM das.heartbeats "
+            "ORDER BY instance_id"
+        )
+        assert [(b["instance_id"], b["seq"]) for b in beats] == [("db-1", "2"), ("db-2", "3")]
+        assert beats[0]["log_time"] == datetime(2020, 1, 1, 0, 0, 3, tzinfo=UTC)
+        dead = await pool.fetchrow("SELECT * FROM das.dead_letters")
+        assert dead["stage"] == "json"
+        assert bytes(dead["raw"]) == b"garbage"
+        assert dead["sequence_number"] == 4
+        assert dead["stream_name"] == STREAM
+    finally:
+        await pool.close()
+
+
+# -- partitions and retention ----------------------------------------------------------------
+
+
+async def test_partitions_are_created_on_demand_and_rows_move_out_of_default(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w")
+        today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+        far = today + timedelta(days=10)  # outside the on-demand window: default partition
+        output = batch(
+            "s",
+            [
+                ("1", inner({"type": "record", "command": "A", "logTime": today.isoformat()})),
+                ("2", inner({"type": "record", "command": "B", "logTime": far.isoformat()})),
+                ("3", inner({"type": "record", "command": "C"})),  # no log_time at all
+            ],
+        )
+        await store(pool, token, output, "TRIM_HORIZON", "3")
+        where = await pool.fetch(
+            "SELECT command, tableoid::regclass::text AS part FROM das.activity_events "
+            "ORDER BY command"
+        )
+        assert [(r["command"], r["part"]) for r in where] == [
+            ("A", f"das.activity_events_p{today:%Y%m%d}"),
+            ("B", "das.activity_events_default"),
+            ("C", "das.activity_events_default"),
+        ]
+        created = await pool.fetchval("SELECT das.ensure_partition($1)", far.date())
+        assert created is True
+        part = await pool.fetchval(
+            "SELECT tableoid::regclass::text FROM das.activity_events WHERE command = 'B'"
+        )
+        assert part == f"das.activity_events_p{far:%Y%m%d}"
+        assert await pool.fetchval("SELECT das.ensure_partition($1)", far.date()) is False
+    finally:
+        await pool.close()
+
+
+def test_parse_keep() -> None:
+    assert parse_keep("90d") == timedelta(days=90)
+    assert parse_keep("2w") == timedelta(weeks=2)
+    assert parse_keep(" 36h ") == timedelta(hours=36)
+    for bad in ("90", "d", "-1d", "0d", "1y"):
+        with pytest.raises(ValueError):
+            parse_keep(bad)
+
+
+async def test_retention_drops_whole_old_partitions_and_logs_them(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w")
+        now = datetime.now(UTC)
+        old_day: date = (now - timedelta(days=100)).date()
+        await pool.execute("SELECT das.ensure_partition($1)", old_day)
+        old = datetime(old_day.year, old_day.month, old_day.day, 6, tzinfo=UTC)
+        recent = now - timedelta(hours=1)
+        output = batch(
+            "s",
+            [
+                ("1", inner({"type": "record", "command": "OLD", "logTime": old.isoformat()})),
+                ("2", inner({"type": "record", "command": "NEW", "logTime": recent.isoformat()})),
+                (
+                    "3",
+                    inner(
+                        {"type": "record", "command": "OLDER", "logTime": "2001-01-01 00:00:00+00"}
+                    ),
+                ),
+            ],
+        )
+        await store(pool, token, output, "TRIM_HORIZON", "3")
+        async with pool.acquire() as conn:
+            dry = await apply_retention(conn, timedelta(days=90), dry_run=True)
+            assert {a.partition for a in dry} == {
+                f"activity_events_p{old_day:%Y%m%d}",
+                "activity_events_default",
+            }
+            assert await conn.fetchval("SELECT count(*) FROM das.activity_events") == 3
+            actions = await apply_retention(conn, timedelta(days=90))
+        assert sorted((a.partition, a.rows) for a in actions) == sorted(
+            [(f"activity_events_p{old_day:%Y%m%d}", 1), ("activity_events_default", 1)]
+        )
+        rows = await pool.fetch("SELECT command FROM das.activity_events")
+        assert [r["command"] for r in rows] == ["NEW"]
+        logged = await pool.fetch(
+            "SELECT partition_name, rows_removed FROM das.retention_log ORDER BY id"
+        )
+        assert sorted((r["partition_name"], r["rows_removed"]) for r in logged) == sorted(
+            [(f"activity_events_p{old_day:%Y%m%d}", 1), ("activity_events_default", 1)]
+        )
+        gone = await pool.fetchval(
+            "SELECT to_regclass($1)", f"das.activity_events_p{old_day:%Y%m%d}"
+        )
+        assert gone is None
+    finally:
+        await pool.close()

@@ -1,0 +1,75 @@
+"""Helpers for warehouse tests: a migrated database, leases, and batches of sealed records."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, decode_batch
+from ingest.warehouse.leases import Lease, LeaseStore, ShardInfo
+from ingest.warehouse.migrate import migrate
+from ingest.warehouse.sink import CopyUnit, LeaseToken, Sink, init_connection
+from tests.sealing import seal
+
+KEY = os.urandom(32)
+ESDK = DecoderConfig(decryptor="esdk")
+STREAM = "aws-rds-das-cluster-TEST"
+
+
+async def migrated_pool(dsn: str) -> asyncpg.Pool:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, init=init_connection)
+    assert pool is not None
+    return pool
+
+
+def inner(*events: dict[str, Any], cluster: str = "cluster-TEST", instance: str = "db-1") -> bytes:
+    return orjson.dumps(
+        {
+            "type": "DatabaseActivityMonitoringRecord",
+            "clusterId": cluster,
+            "instanceId": instance,
+            "databaseActivityEventList": list(events),
+        }
+    )
+
+
+def batch(shard_id: str, records: Sequence[tuple[str, bytes]], version: str = "1.2") -> BatchOutput:
+    """Decode (sequence number, inner document) pairs as the process pool would."""
+    items = [(i, seq, seal(doc, KEY, version), KEY) for i, (seq, doc) in enumerate(records)]
+    return decode_batch(BatchInput(shard_id, items, ESDK))
+
+
+async def hold_lease(pool: asyncpg.Pool, shard_id: str, owner: str) -> tuple[LeaseToken, Lease]:
+    store = LeaseStore(pool, STREAM, lease_seconds=30)
+    await store.sync_shards([ShardInfo(shard_id, ())], "TRIM_HORIZON")
+    current = {lease.shard_id: lease for lease in await store.all_leases()}[shard_id]
+    taken = await store.take(current, owner)
+    assert taken is not None
+    return LeaseToken(STREAM, shard_id, owner, taken.lease_counter), taken
+
+
+async def store(
+    pool: asyncpg.Pool,
+    token: LeaseToken,
+    output: BatchOutput,
+    previous: str,
+    new: str,
+) -> None:
+    sink = Sink(pool)
+    await sink.ensure_partitions(output.days)
+    await sink.commit(
+        token,
+        previous_checkpoint=previous,
+        new_checkpoint=new,
+        units=[CopyUnit(output.events, output.statements)],
+        heartbeats=output.heartbeats,
+    )
