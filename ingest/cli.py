@@ -16,9 +16,13 @@ from ingest import __version__
 
 #: Modules that contribute commands, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
+    "ingest.commands.run",
+    "ingest.commands.status",
+    "ingest.commands.migrate",
     "ingest.commands.decrypt",
+    "ingest.commands.warehouse_admin",
     "ingest.emulate.cli",
-    "ingest.devstack_cli",
+    "ingest.commands.stack",
 )
 
 DESCRIPTION = """\

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from ingest.decode import copyfmt
@@ -113,11 +114,18 @@ def aux_entry(event: ActivityEvent, shard_id: str, sequence_number: str) -> dict
         "object_type": event.object_type,
         "object_name": event.object_name,
         "command_text": event.command_text,
-        "log_time": event.log_time.isoformat() if event.log_time else None,
+        "log_time": _utc_text(event.log_time),
         "shard_id": shard_id,
         "sequence_number": sequence_number,
         "event_index": event.event_index,
     }
+
+
+def _utc_text(stamp: datetime | None) -> str | None:
+    """One spelling for times inside aux (the rebuild in SQL writes the same)."""
+    if stamp is None:
+        return None
+    return stamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
 
 def part_line(key: StatementKey, part: StatementPart) -> str:

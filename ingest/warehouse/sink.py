@@ -36,17 +36,17 @@ _MAIN_COLUMNS = [
     if c
     not in ("cluster_id", "instance_id", "pid", "session_id", "statement_id", "has_main", "aux")
 ]
-# The first MAIN to arrive fills the statement's main columns; AUX events append whatever the
-# order. The batch folded its own events per key already, so keys in the staging table are
-# unique and ON CONFLICT sees each row at most once.
+# The earliest MAIN (by log_time) fills the statement's main columns; AUX events append,
+# whatever the order. The batch folded its own events per key already, so keys in the staging
+# table are unique and ON CONFLICT sees each row at most once. (SET expressions see the old row.)
+_TAKE_MAIN = "EXCLUDED.has_main AND (NOT s.has_main OR EXCLUDED.log_time < s.log_time)"
 MERGE_STATEMENTS = f"""
 INSERT INTO das.statements AS s ({", ".join(PART_COLUMNS)})
 SELECT {", ".join(PART_COLUMNS)} FROM pg_temp.{STAGING_TABLE}
 ON CONFLICT ON CONSTRAINT statements_key DO UPDATE SET
     {
     ", ".join(
-        f"{c} = CASE WHEN EXCLUDED.has_main AND NOT s.has_main THEN EXCLUDED.{c} ELSE s.{c} END"
-        for c in _MAIN_COLUMNS
+        f"{c} = CASE WHEN {_TAKE_MAIN} THEN EXCLUDED.{c} ELSE s.{c} END" for c in _MAIN_COLUMNS
     )
 },
     has_main = s.has_main OR EXCLUDED.has_main,

@@ -1,0 +1,183 @@
+"""Warehouse administration: ``retention``, ``dead-letters``, ``rebuild-statements``.
+
+These run as the schema owner (the role that ran ``migrate``), not as the ingest role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ingest.commands.decrypt import add_decryptor_arguments
+from ingest.commands.options import add_dsn_argument
+
+
+def add_parser(subparsers: Any) -> None:
+    retention = subparsers.add_parser(
+        "retention",
+        help="drop day partitions older than the retention period (logged)",
+        description="Drop whole day partitions of das.activity_events older than --keep, and "
+        "old rows of the default partition. Every drop is recorded in das.retention_log, so "
+        "`verify` can tell retention from tampering.",
+    )
+    retention.add_argument("--keep", required=True, help="retention period: 90d, 12w or 36h")
+    retention.add_argument("--dry-run", action="store_true", help="show what would be dropped")
+    add_dsn_argument(retention)
+    retention.set_defaults(func=_retention)
+
+    dead = subparsers.add_parser(
+        "dead-letters",
+        help="list or re-drive records that could not be processed",
+        description="Records that could not be decoded are kept whole in das.dead_letters "
+        "with the stage and reason. After fixing the cause (a key policy, a resource id, a "
+        "new das-ingest version), re-drive them: each is decoded again and, on success, its "
+        "events are stored and the dead letter removed in one transaction.",
+    )
+    actions = dead.add_subparsers(title="actions", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="list dead letters")
+    listing.add_argument("--stage", help="only this stage (json, kms, decrypt, ...)")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    add_dsn_argument(listing)
+    listing.set_defaults(func=_list_dead_letters)
+    retry = actions.add_parser("retry", help="decode dead letters again and store them")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", type=int, nargs="+", dest="ids", help="dead letter ids")
+    which.add_argument("--stage", help="every dead letter of this stage")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    retry.add_argument(
+        "--resource-id", help="encryption context resource id (default: from the stream name)"
+    )
+    add_decryptor_arguments(retry)
+    add_dsn_argument(retry)
+    retry.set_defaults(func=_retry_dead_letters)
+
+    rebuild = subparsers.add_parser(
+        "rebuild-statements",
+        help="recompute das.statements (MySQL MAIN/AUX) from the stored events",
+        description="das.statements is derived from das.activity_events; this recomputes it "
+        "in one transaction (for example after restoring events from a backup).",
+    )
+    add_dsn_argument(rebuild)
+    rebuild.set_defaults(func=_rebuild)
+
+
+def _retention(args: argparse.Namespace) -> int:
+    from ingest.warehouse.retention import parse_keep
+
+    try:
+        keep = parse_keep(args.keep)
+    except ValueError as exc:
+        raise SystemExit(f"das-ingest retention: {exc}") from None
+    return _run(_do_retention(args, keep))
+
+
+async def _do_retention(args: argparse.Namespace, keep: Any) -> int:
+    from ingest.warehouse.db import connect, resolve_dsn
+    from ingest.warehouse.retention import apply_retention
+
+    conn = await connect(resolve_dsn(args.dsn))
+    try:
+        actions = await apply_retention(conn, keep, dry_run=args.dry_run)
+    finally:
+        await conn.close()
+    verb = "would drop" if args.dry_run else "dropped"
+    for action in actions:
+        span = f"{action.range_start or '-inf'} .. {action.range_end}"
+        print(f"{verb} {action.partition} ({span}): {action.rows} rows")
+    if not actions:
+        print("nothing older than the retention period")
+    return 0
+
+
+def _list_dead_letters(args: argparse.Namespace) -> int:
+    return _run(_do_list(args))
+
+
+async def _do_list(args: argparse.Namespace) -> int:
+    import orjson
+
+    from ingest.warehouse.db import connect, resolve_dsn
+    from ingest.warehouse.deadletters import list_dead_letters
+
+    conn = await connect(resolve_dsn(args.dsn))
+    try:
+        rows = await list_dead_letters(conn, stage=args.stage, limit=args.limit)
+    finally:
+        await conn.close()
+    if args.json:
+        for row in rows:
+            sys.stdout.write(orjson.dumps(row.as_dict()).decode() + "\n")
+        return 0
+    if not rows:
+        print("no dead letters")
+        return 0
+    print(f"{'id':>6}  {'stage':<10} {'shard':<22} {'attempts':>8}  {'first seen':<19}  error")
+    for r in rows:
+        print(
+            f"{r.id:>6}  {r.stage:<10} {r.shard_id:<22} {r.attempts:>8}  "
+            f"{r.first_seen:%Y-%m-%d %H:%M:%S}  {r.error}"
+        )
+    return 0
+
+
+def _retry_dead_letters(args: argparse.Namespace) -> int:
+    return _run(_do_retry(args))
+
+
+async def _do_retry(args: argparse.Namespace) -> int:
+    from ingest.aws import aws_client
+    from ingest.decode.batch import DecoderConfig, decryptor_for
+    from ingest.kms import DataKeyCache
+    from ingest.warehouse.db import connect, resolve_dsn
+    from ingest.warehouse.deadletters import redrive
+
+    decoder = DecoderConfig(
+        decryptor=args.decryptor,
+        verify_signatures=not args.skip_signature_verification,
+        max_decompressed=args.max_decompressed_mb << 20,
+    )
+    decryptor_for(decoder)
+    conn = await connect(resolve_dsn(args.dsn))
+    try:
+        async with aws_client("kms") as kms:
+            report = await redrive(
+                conn,
+                args.ids,
+                DataKeyCache(kms),
+                decoder=decoder,
+                resource_id=args.resource_id,
+                stage=None if args.all else args.stage,
+            )
+    finally:
+        await conn.close()
+    for letter_id in report.stored:
+        print(f"dead letter {letter_id}: stored")
+    for letter_id, error in report.failed.items():
+        print(f"dead letter {letter_id}: failed again: {error}", file=sys.stderr)
+    print(f"{len(report.stored)} re-driven ({report.events} events), {len(report.failed)} failed")
+    return 1 if report.failed else 0
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    return _run(_do_rebuild(args))
+
+
+async def _do_rebuild(args: argparse.Namespace) -> int:
+    from ingest.warehouse.db import connect, resolve_dsn
+    from ingest.warehouse.statements import rebuild_statements
+
+    conn = await connect(resolve_dsn(args.dsn))
+    try:
+        rows = await rebuild_statements(conn)
+    finally:
+        await conn.close()
+    print(f"das.statements rebuilt: {rows} statements")
+    return 0
+
+
+def _run(coro: Any) -> int:
+    from ingest.runtime import run_async
+
+    return run_async(coro)

@@ -1,0 +1,1 @@
+"""The audit warehouse: schema migrations, the COPY sink, leases, retention, dead letters."""
