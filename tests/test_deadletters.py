@@ -1,0 +1,109 @@
+"""Dead letters are kept whole, listed, and re-driven through real KMS after a fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from ingest.aws import aws_client
+from ingest.decode.batch import DecoderConfig
+from ingest.kms import DataKeyCache, encryption_context
+from ingest.warehouse.deadletters import list_dead_letters, redrive
+from ingest.warehouse.sink import DeadLetter, Sink
+from tests.cli_helpers import das_ingest
+from tests.sealing import outer_record, seal_payload
+from tests.warehouse_helpers import hold_lease, inner, migrated_pool
+
+RESOURCE_ID = "cluster-TEST"  # the helpers' stream is aws-rds-das-cluster-TEST
+
+
+async def test_redrive_stores_the_fixed_and_keeps_the_broken(
+    pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    async with aws_client("kms") as kms:
+        key_id = (await kms.create_key())["KeyMetadata"]["KeyId"]
+        data_key = await kms.generate_data_key(
+            KeyId=key_id, KeySpec="AES_256", EncryptionContext=encryption_context(RESOURCE_ID)
+        )
+    good = outer_record(
+        seal_payload(
+            inner({"type": "record", "command": "SELECT", "commandText": "select 42"}),
+            data_key["Plaintext"],
+        ),
+        data_key["CiphertextBlob"],
+        "1.1",
+    )
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "shardId-000000000007", "w")
+        await Sink(pool).commit(
+            token,
+            previous_checkpoint="TRIM_HORIZON",
+            new_checkpoint="2",
+            units=[],
+            dead_letters=[
+                DeadLetter(
+                    "1", "pk", None, "kms", "kms: KMS Decrypt refused: AccessDeniedException", good
+                ),
+                DeadLetter("2", "pk", None, "json", "json: record is not JSON", b"not json"),
+            ],
+        )
+        async with pool.acquire() as conn:
+            listed = await list_dead_letters(conn)
+            assert [(d.sequence_number, d.stage, d.attempts) for d in listed] == [
+                ("1", "kms", 1),
+                ("2", "json", 1),
+            ]
+            assert await list_dead_letters(conn, stage="json") == listed[1:]
+            async with aws_client("kms") as kms:
+                report = await redrive(conn, None, DataKeyCache(kms), decoder=DecoderConfig("esdk"))
+        assert report.stored == [listed[0].id]
+        assert list(report.failed) == [listed[1].id]
+        assert report.events == 1
+        rows = await pool.fetch(
+            "SELECT command_text, shard_id, sequence_number FROM das.activity_events"
+        )
+        assert [(r["command_text"], r["shard_id"], r["sequence_number"]) for r in rows] == [
+            ("select 42", "shardId-000000000007", 1)
+        ]
+        left = await pool.fetch("SELECT sequence_number, stage, attempts FROM das.dead_letters")
+        assert [tuple(r) for r in left] == [(2, "json", 2)]
+    finally:
+        await pool.close()
+
+
+async def test_cli_lists_dead_letters_as_json(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w")
+        await Sink(pool).commit(
+            token,
+            previous_checkpoint="TRIM_HORIZON",
+            new_checkpoint="9",
+            units=[],
+            dead_letters=[
+                DeadLetter("9", None, None, "decrypt", "decrypt: bad tag", os.urandom(64))
+            ],
+        )
+    finally:
+        await pool.close()
+    env = {"DAS_DSN": pg_dsn}
+    out = await das_ingest("dead-letters", "list", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["sequence_number"], r["stage"], r["size"]) for r in rows] == [("9", "decrypt", 64)]
+    table = await das_ingest("dead-letters", "list", env=env)
+    assert "decrypt: bad tag" in table.stdout
+
+
+def test_retry_needs_an_explicit_selection() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ingest", "dead-letters", "retry"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "one of the arguments --id --stage --all is required" in result.stderr
