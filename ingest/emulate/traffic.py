@@ -1,0 +1,935 @@
+"""Seeded, realistic Database Activity Streams traffic (pure: no I/O, no clock, no crypto).
+
+The generator produces exactly the inner documents Aurora encrypts into each Kinesis record::
+
+    {"type": "DatabaseActivityMonitoringRecord", "clusterId": "cluster-...",
+     "instanceId": "db-...", "databaseActivityEventList": [{...}, ...]}
+
+with the field names, JSON types, key order and quirks of the seed document's examples and field
+tables, because the consumer must be tested against what Aurora *sends*, not against what the
+tables promise:
+
+Aurora PostgreSQL (record version 1.1, or 1.0 without ``errorMessage`` and ``startTime``)
+    ``sessionId`` is ``"<backend start epoch hex>.<pid hex>"`` ("5ce73c6f.7e64" is pid 32356),
+    ``pid`` an int, ``remotePort`` a string, ``statementId`` a per-session counter starting at 1
+    (the CONNECT), ``substatementId`` counts statements run inside a function, ``exitCode`` is
+    null or an SQLSTATE string (with ``errorMessage``), ``commandText`` is null for CONNECT,
+    DISCONNECT and AUTH FAILURE, ``paramList`` is ``[]`` or a list of strings, ``rowCount`` an
+    int or null.
+Aurora MySQL (record version 1.2)
+    ``pid`` is the server process (the same for every session of an instance), ``sessionId`` the
+    connection id as a string, ``statementId`` an instance-wide counter (0 for connection
+    events), ``exitCode`` and ``errorMessage`` are strings ("0"/"" when fine), ``paramList`` is
+    null, quotes and backslashes in ``commandText`` are backslash-escaped. Each statement emits
+    one MAIN event (substatementId 1) and 0..3 AUX events (substatementId 2, the same
+    statementId) whose ``logTime`` is *earlier* than MAIN's, as in the seed's examples (the prose
+    says the opposite; we follow the data). AUX events are emitted before MAIN, after it, around
+    it, or only after the instance's next statement, so they also land in the next record.
+
+One record carries the events of one instance, as Aurora's do. Idle instances send
+heartbeat-only records (``{"type": "heartbeat", "logTime": ...}``) every ``heartbeat_every``
+records of that instance.
+
+Counting events exactly once
+    Every instance has its own microsecond clock that advances at least 1 µs per event it
+    generates, so ``logTime`` alone is unique per instance and :class:`EventKey` (instance, pid,
+    session, statement, substatement, class, logTime) is unique across the whole traffic; it is
+    also what a warehouse row carries, so tests count "every event exactly once" by comparing key
+    sets (:meth:`Traffic.expected_keys`, :func:`event_key`, :func:`decoded_event_key`). SQL
+    statements (PostgreSQL events with text, MySQL MAIN queries) additionally carry a marker
+    comment ``/* das-emulator:<seed>:<n> */`` with a unique ``n``, which survives any pipeline
+    that keeps ``commandText``. Connection events and AUX events get no marker: real Aurora
+    gives them no SQL (or only an object name) to hide a comment in.
+
+Partition key
+    The instance id. A record holds one instance's events, a MySQL statement's MAIN and AUX
+    events can straddle two records of that instance, and heartbeats are per instance: keying by
+    instance keeps all of them on one shard in production order. A per-session key is impossible
+    (a record mixes sessions); a random key would scatter a statement's parts across shards.
+    The price: an instance's records go to one shard. So that a few instances still load a
+    fresh stream evenly, instance ``i`` of ``n`` gets an id whose Kinesis hash key (MD5) lies in
+    the ``i``-th of ``n`` equal slices of the hash range: a new stream whose shard count divides
+    ``n`` then gets the same number of instances on every shard. (Aurora's ids are random, so a
+    real stream can be lopsided; the ids here look just as random.)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import random
+import string
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, NamedTuple
+
+Engine = Literal["postgres", "mysql", "both"]
+ENGINES: tuple[Engine, ...] = ("postgres", "mysql", "both")
+PG_VERSIONS = ("1.0", "1.1")
+MYSQL_VERSION = "1.2"
+
+INNER_TYPE = "DatabaseActivityMonitoringRecord"
+MARKER_PREFIX = "das-emulator"
+
+#: The traffic starts at a fixed instant (plus a seeded offset) so a seed always means the same
+#: bytes; 2024-03-01 00:00:00 UTC.
+_BASE_EPOCH_US = 1_709_251_200 * 1_000_000
+_ID_ALPHABET = string.ascii_uppercase + "234567"  # Aurora resource ids are base32
+#: Aurora clusters have at most 16 instances; the even hash spread costs O(n²) tries.
+MAX_INSTANCES = 64
+
+
+class EventKey(NamedTuple):
+    """Identifies one record event; unique across everything one :class:`Traffic` generates."""
+
+    instance_id: str
+    pid: int
+    session_id: str
+    statement_id: int
+    substatement_id: int
+    class_: str
+    log_time: str
+
+
+@dataclass(frozen=True, slots=True)
+class InnerRecord:
+    """The plaintext of one Kinesis record, before gzip and encryption."""
+
+    version: str
+    doc: dict[str, Any]
+    partition_key: str
+    record_events: int
+    heartbeats: int
+
+    @property
+    def instance_id(self) -> str:
+        return str(self.doc["instanceId"])
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = self.doc["databaseActivityEventList"]
+        return events
+
+
+def marker(seed: int, n: int) -> str:
+    """The SQL comment that tags statement ``n`` of the traffic generated with ``seed``."""
+    return f"/* {MARKER_PREFIX}:{seed}:{n} */"
+
+
+def format_time(epoch_us: int) -> str:
+    """Microseconds since the epoch as DAS writes times: '2019-05-24 00:39:49.940668+00'."""
+    seconds, micros = divmod(epoch_us, 1_000_000)
+    return f"{_format_seconds(seconds)}.{micros:06d}+00"
+
+
+@functools.lru_cache(maxsize=64)
+def _format_seconds(seconds: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
+def format_datetime(stamp: datetime) -> str:
+    """An aware datetime (e.g. a decoded ``log_time``) in the DAS time format, for keys."""
+    return format_time(int(stamp.timestamp()) * 1_000_000 + stamp.microsecond)
+
+
+def event_key(instance_id: str, event: Mapping[str, Any]) -> EventKey:
+    """The :class:`EventKey` of a generated (wire-format) record event."""
+    return EventKey(
+        instance_id,
+        event["pid"],
+        event["sessionId"],
+        event["statementId"],
+        event["substatementId"],
+        event["class"],
+        event["logTime"],
+    )
+
+
+def decoded_event_key(instance_id: str | None, event: Any) -> EventKey:
+    """The :class:`EventKey` of a decoded ``ingest.decode.ActivityEvent``."""
+    return EventKey(
+        instance_id or "",
+        event.pid,
+        event.session_id,
+        event.statement_id,
+        event.substatement_id,
+        event.class_,
+        format_datetime(event.log_time),
+    )
+
+
+def record_keys(record: InnerRecord) -> Iterator[EventKey]:
+    instance_id = record.instance_id
+    for event in record.events:
+        if event["type"] == "record":
+            yield event_key(instance_id, event)
+
+
+class Traffic:
+    """Deterministic DAS traffic for one cluster: ``Traffic(seed)`` always yields the same.
+
+    ``instances`` is the number of DB instances; with ``engine="both"`` they alternate between
+    Aurora PostgreSQL and Aurora MySQL (a test convenience: a real cluster runs one engine).
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        engine: Engine = "both",
+        *,
+        cluster_id: str | None = None,
+        instances: int = 2,
+        pg_version: str = "1.1",
+        heartbeat_every: int = 20,
+    ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        if pg_version not in PG_VERSIONS:
+            raise ValueError(f"PostgreSQL record version must be 1.0 or 1.1, not {pg_version!r}")
+        if not (2 if engine == "both" else 1) <= instances <= MAX_INSTANCES:
+            raise ValueError(
+                f"instances must be 1..{MAX_INSTANCES} (2.. for both), not {instances}"
+            )
+        if heartbeat_every < 0:
+            raise ValueError("heartbeat_every must be >= 0 (0: no heartbeats)")
+        self.seed = seed
+        self.engine: Engine = engine
+        self.pg_version = pg_version
+        self.heartbeat_every = heartbeat_every
+        self.instance_count = instances
+        rng = random.Random(f"ids:{seed}")  # noqa: S311 - reproducible, not secret
+        self.cluster_id = cluster_id or "cluster-" + _resource_suffix(rng)
+        self.instance_ids = [_instance_id(rng, i, instances) for i in range(instances)]
+
+    def engine_of(self, index: int) -> Literal["postgres", "mysql"]:
+        if self.engine == "both":
+            return "postgres" if index % 2 == 0 else "mysql"
+        return self.engine
+
+    def records(self, events_per_record: int, count: int | None = None) -> Iterator[InnerRecord]:
+        """Records of ``events_per_record`` record events (plus heartbeat-only records).
+
+        Stops once ``count`` record events were produced (the last record may be smaller; a
+        statement cut there may lack some AUX events, as when a stream is stopped); runs
+        forever when ``count`` is None. Every call starts over from the seed.
+        """
+        if events_per_record < 1:
+            raise ValueError("events_per_record must be >= 1")
+        rng = random.Random(f"traffic:{self.seed}")  # noqa: S311 - reproducible
+        counter = _Counter()
+        start_us = _BASE_EPOCH_US + rng.randrange(86_400) * 1_000_000
+        instances: list[_Instance] = []
+        for index, instance_id in enumerate(self.instance_ids):
+            cls = _PostgresInstance if self.engine_of(index) == "postgres" else _MySqlInstance
+            instances.append(
+                cls(
+                    cluster_id=self.cluster_id,
+                    instance_id=instance_id,
+                    index=index,
+                    rng=random.Random(rng.getrandbits(64)),  # noqa: S311
+                    start_us=start_us + rng.randrange(1_000_000),
+                    seed=self.seed,
+                    counter=counter,
+                    pg_version=self.pg_version,
+                    # The first instance of each engine is its cluster's writer.
+                    writer=index < (2 if self.engine == "both" else 1),
+                )
+            )
+        emitted = 0
+        while count is None or emitted < count:
+            instance = rng.choice(instances)
+            want = events_per_record if count is None else min(events_per_record, count - emitted)
+            events = instance.take(want)
+            emitted += len(events)
+            yield instance.record(events)
+            instance.since_heartbeat += 1
+            if self.heartbeat_every and instance.since_heartbeat >= self.heartbeat_every:
+                instance.since_heartbeat = 0
+                yield instance.heartbeat_record()
+
+    def expected_keys(self, events_per_record: int, count: int) -> list[EventKey]:
+        """The keys of every record event :meth:`records` produces, in production order."""
+        return [key for r in self.records(events_per_record, count) for key in record_keys(r)]
+
+
+def _resource_suffix(rng: random.Random) -> str:
+    return "".join(rng.choice(_ID_ALPHABET) for _ in range(26))
+
+
+def _instance_id(rng: random.Random, index: int, of: int) -> str:
+    """A random-looking instance id whose Kinesis hash key is in slice ``index`` of ``of``."""
+    while True:
+        candidate = "db-" + _resource_suffix(rng)
+        if hash_key(candidate) * of >> 128 == index:
+            return candidate
+
+
+def hash_key(partition_key: str) -> int:
+    """The 128-bit hash key Kinesis maps a partition key to (MD5, big-endian)."""
+    digest = hashlib.md5(partition_key.encode(), usedforsecurity=False).digest()
+    return int.from_bytes(digest, "big")
+
+
+class _Counter:
+    """Statement marker numbers, shared by all instances of one traffic."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def next(self) -> int:
+        self.value += 1
+        return self.value
+
+
+# --- shared instance machinery -----------------------------------------------------------------
+
+
+class _Instance:
+    version: str
+
+    def __init__(
+        self,
+        *,
+        cluster_id: str,
+        instance_id: str,
+        index: int,
+        rng: random.Random,
+        start_us: int,
+        seed: int,
+        counter: _Counter,
+        pg_version: str,
+        writer: bool,
+    ) -> None:
+        self.cluster_id = cluster_id
+        self.writer = writer
+        self.instance_id = instance_id
+        self.index = index
+        self.rng = rng
+        self.now_us = start_us
+        self.seed = seed
+        self.counter = counter
+        self.pg_version = pg_version
+        self.since_heartbeat = 0
+        self.buffer: list[dict[str, Any]] = []
+        # Events held back to be emitted after the instance's next statement (late AUX).
+        self.deferred: list[dict[str, Any]] = []
+
+    def tick(self, low: int = 1, high: int = 400) -> int:
+        """Advance the clock by low..high µs (low >= 1 keeps every logTime unique)."""
+        self.now_us += self.rng.randint(low, high)
+        return self.now_us
+
+    def marked(self, sql: str) -> str:
+        return f"{marker(self.seed, self.counter.next())} {sql}"
+
+    def take(self, n: int) -> list[dict[str, Any]]:
+        while len(self.buffer) < n:
+            group, late = self.next_group()
+            self.buffer.extend(group)
+            if self.deferred:
+                self.buffer.extend(self.deferred)
+                self.deferred = []
+            self.deferred.extend(late)
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def next_group(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The next events in emission order, and events to emit after the next group."""
+        raise NotImplementedError
+
+    def record(self, events: list[dict[str, Any]]) -> InnerRecord:
+        doc = {
+            "type": INNER_TYPE,
+            "clusterId": self.cluster_id,
+            "instanceId": self.instance_id,
+            "databaseActivityEventList": events,
+        }
+        return InnerRecord(self.version, doc, self.instance_id, len(events), 0)
+
+    def heartbeat_record(self) -> InnerRecord:
+        # An idle spell: nothing to report for a few seconds, then a sign of life.
+        self.tick(1_000_000, 5_000_000)
+        heartbeat = {"type": "heartbeat", "logTime": format_time(self.now_us)}
+        doc = {
+            "type": INNER_TYPE,
+            "clusterId": self.cluster_id,
+            "instanceId": self.instance_id,
+            "databaseActivityEventList": [heartbeat],
+        }
+        return InnerRecord(self.version, doc, self.instance_id, 0, 1)
+
+    def client_ip(self) -> str:
+        return f"10.{self.rng.randint(0, 3)}.{self.rng.randint(0, 255)}.{self.rng.randint(2, 254)}"
+
+    def port(self) -> str:
+        return str(self.rng.randint(1024, 65535))
+
+
+@dataclass(slots=True)
+class _Session:
+    pid: int
+    session_id: str
+    user: str
+    database: str
+    remote_host: str
+    remote_port: str
+    client_application: str | None
+    next_statement: int = 1
+
+
+# Users: privileged ones (Aurora's own rdsadmin, the cluster's master user) and applications.
+_PRIVILEGED = ("rdsadmin", "master")
+_USERS = ("app_user", "report_user", "etl", "alice", "bob")
+_CLIENT_APPS: tuple[str | None, ...] = (
+    "psql",
+    "psql",
+    None,
+    "PostgreSQL JDBC Driver",
+    "pgAdmin 4 - DB:shop",
+)
+
+
+# --- Aurora PostgreSQL -------------------------------------------------------------------------
+
+
+class _PgStatement(NamedTuple):
+    """A statement template; ``rows``: "rows" returned, "zero" (DML reports 0) or None (null)."""
+
+    weight: int  # reads dominate real traffic; DDL, roles and failures are the rare part
+    class_: str
+    command: str
+    object_type: str | None
+    object_name: str | None
+    sql: str
+    params: tuple[str, ...] = ()
+    rows: str | None = None
+    failure: tuple[str, str] | None = None  # (SQLSTATE, message)
+
+
+_T = "TABLE"
+_PG_STATEMENTS: tuple[_PgStatement, ...] = (
+    _PgStatement(
+        8, "READ", "SELECT", _T, "public.my_table", "select * from my_table;", rows="rows"
+    ),
+    _PgStatement(
+        8, "READ", "SELECT", _T, "public.orders",
+        "SELECT id, total FROM public.orders WHERE customer_id = $1",
+        ("{customer}",), "rows",
+    ),
+    _PgStatement(
+        3, "READ", "SELECT", _T, "public.orders",
+        "SELECT o.id,\n\to.total,\n\to.note\nFROM public.orders o\n"
+        "WHERE o.note = 'it''s \"quoted\"'\n\tAND o.total > 10;",
+        rows="rows",
+    ),
+    _PgStatement(
+        3, "READ", "SELECT", _T, "public.customers",
+        "SELECT * FROM public.customers WHERE name IN ('Zoë Ångström', '東京', '🚀 rocket')",
+        rows="rows",
+    ),
+    _PgStatement(
+        3, "READ", "SELECT", _T, "public.files",
+        "SELECT * FROM public.files WHERE path LIKE E'C:\\\\temp\\\\%' OR name LIKE 'a\\_b%'",
+        rows="rows",
+    ),
+    _PgStatement(
+        6, "WRITE", "INSERT", _T, "public.orders",
+        "INSERT INTO public.orders (customer_id, total, note) VALUES ($1, $2, $3)",
+        ("{customer}", "{amount}", "gift\twrap \\ \"fragile\" 💝"), "zero",
+    ),
+    _PgStatement(
+        4, "WRITE", "UPDATE", _T, "public.orders",
+        "UPDATE public.orders SET total = total * 1.1 WHERE id = $1", ("{order}",), "zero",
+    ),
+    _PgStatement(
+        2, "WRITE", "DELETE", _T, "public.sessions",
+        "DELETE FROM public.sessions WHERE expires_at < now()", rows="zero",
+    ),
+    _PgStatement(
+        1, "DDL", "CREATE TABLE", None, None,
+        "create table my_table (id serial primary key, name varchar(32));",
+    ),
+    _PgStatement(
+        1, "DDL", "ALTER TABLE", _T, "public.orders",
+        "ALTER TABLE public.orders ADD COLUMN IF NOT EXISTS note text",
+    ),
+    _PgStatement(
+        1, "DDL", "CREATE INDEX", "INDEX", "public.orders_customer_idx",
+        "CREATE INDEX IF NOT EXISTS orders_customer_idx ON public.orders (customer_id)",
+    ),
+    _PgStatement(1, "ROLE", "ALTER ROLE", None, None, "ALTER ROLE report_user CONNECTION LIMIT 20"),
+    _PgStatement(
+        1, "ROLE", "GRANT", _T, "public.orders", "GRANT SELECT ON public.orders TO report_user"
+    ),
+    _PgStatement(2, "MISC", "SET", None, None, "SET search_path TO public"),
+    _PgStatement(2, "MISC", "BEGIN", None, None, "BEGIN"),
+    _PgStatement(2, "MISC", "COMMIT", None, None, "COMMIT"),
+    _PgStatement(
+        1, "READ", "SELECT", _T, "public.no_such_table", "SELECT * FROM public.no_such_table",
+        failure=("42P01", 'relation "public.no_such_table" does not exist'),
+    ),
+    _PgStatement(
+        1, "WRITE", "INSERT", _T, "public.orders",
+        "INSERT INTO public.orders (id, customer_id, total) VALUES (1, 1, 0)",
+        failure=("23505", 'duplicate key value violates unique constraint "orders_pkey"'),
+    ),
+    _PgStatement(
+        1, "READ", "SELECT", None, None, "SELECT 1 / 0", failure=("22012", "division by zero")
+    ),
+    _PgStatement(
+        1, "READ", "SELECT", _T, "public.orders",
+        "SELECT count(*) FROM public.orders o CROSS JOIN public.orders p",
+        failure=("57014", "canceling statement due to statement timeout"),
+    ),
+)  # fmt: skip
+_PG_WEIGHTS = tuple(statement.weight for statement in _PG_STATEMENTS)
+
+# A function call and the statements it runs (substatementId 2, 3, ...).
+_PG_FUNCTION_CALL = "SELECT public.refresh_totals($1)"
+_PG_FUNCTION_BODY: tuple[tuple[str, str, str, str], ...] = (
+    ("WRITE", "UPDATE", "public.totals", "UPDATE public.totals SET total = total + $1"),
+    ("WRITE", "INSERT", "public.audit_log", "INSERT INTO public.audit_log(note) VALUES ('ok')"),
+    ("READ", "SELECT", "public.totals", "SELECT sum(total) FROM public.totals"),
+)
+
+
+class _PostgresInstance(_Instance):
+    SERVER_VERSION = "2.3.1"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.version = self.pg_version
+        self.server_host = f"172.31.{self.rng.randint(0, 255)}.{self.rng.randint(2, 254)}"
+        self.sessions: list[_Session] = []
+        self.used_pids: set[int] = set()
+
+    def new_pid(self) -> int:
+        while True:
+            pid = self.rng.randint(1_000, 65_535)
+            if pid not in self.used_pids:
+                self.used_pids.add(pid)
+                return pid
+
+    def next_group(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        roll = self.rng.random()
+        if not self.sessions or (len(self.sessions) < 4 and roll < 0.08):
+            return self.connect(), []
+        if roll < 0.11:
+            return self.auth_failure(), []
+        session = self.rng.choice(self.sessions)
+        if roll < 0.16 and session.next_statement > 2:
+            self.sessions.remove(session)
+            return [self.event(session, "MISC", "DISCONNECT", None, None, None)], []
+        if roll < 0.22:
+            return self.function_call(session), []
+        spec = self.rng.choices(_PG_STATEMENTS, _PG_WEIGHTS)[0]
+        return [self.statement(session, spec)], []
+
+    def new_session(self, user: str) -> _Session:
+        pid = self.new_pid()
+        epoch = self.now_us // 1_000_000
+        privileged = user in _PRIVILEGED
+        return _Session(
+            pid=pid,
+            session_id=f"{epoch:x}.{pid:x}",
+            user=user,
+            database="postgres" if privileged else self.rng.choice(("shop", "analytics")),
+            remote_host="172.31.3.195" if user == "rdsadmin" else self.client_ip(),
+            remote_port=self.port(),
+            client_application=self.rng.choice(_CLIENT_APPS),
+        )
+
+    def connect(self) -> list[dict[str, Any]]:
+        user = self.rng.choice(_PRIVILEGED + _USERS + _USERS)
+        session = self.new_session(user)
+        self.sessions.append(session)
+        return [self.event(session, "MISC", "CONNECT", None, None, None)]
+
+    def auth_failure(self) -> list[dict[str, Any]]:
+        session = self.new_session(self.rng.choice(("mallory", "admin", "app_user")))
+        failure = ("28P01", f'password authentication failed for user "{session.user}"')
+        return [self.event(session, "MISC", "AUTH FAILURE", None, None, None, failure=failure)]
+
+    def statement(self, session: _Session, spec: _PgStatement) -> dict[str, Any]:
+        return self.event(
+            session,
+            spec.class_,
+            spec.command,
+            spec.object_type,
+            spec.object_name,
+            self.marked(spec.sql),
+            params=[self.fill(p) for p in spec.params],
+            row_count=self.row_count(spec.rows),
+            failure=spec.failure,
+        )
+
+    def function_call(self, session: _Session) -> list[dict[str, Any]]:
+        amount = str(self.rng.randint(1, 500))
+        statement_id = session.next_statement
+        outer = self.event(
+            session,
+            "FUNCTION",
+            "SELECT",
+            "FUNCTION",
+            "public.refresh_totals",
+            self.marked(_PG_FUNCTION_CALL),
+            params=[amount],
+            row_count=1,
+        )
+        events = [outer]
+        for sub, (class_, command, table, sql) in enumerate(
+            _PG_FUNCTION_BODY[: self.rng.randint(1, len(_PG_FUNCTION_BODY))], start=2
+        ):
+            events.append(
+                self.event(
+                    session,
+                    class_,
+                    command,
+                    "TABLE",
+                    table,
+                    self.marked(sql),
+                    params=[amount] if "$1" in sql else [],
+                    row_count=self.rng.randint(0, 3) if command == "SELECT" else 0,
+                    statement_id=statement_id,
+                    substatement_id=sub,
+                )
+            )
+        return events
+
+    def fill(self, param: str) -> str:
+        if param == "{customer}":
+            return str(self.rng.randint(1, 10_000))
+        if param == "{order}":
+            return str(self.rng.randint(1, 1_000_000))
+        if param == "{amount}":
+            return f"{self.rng.randint(1, 99_999) / 100:.2f}"
+        return param
+
+    def row_count(self, kind: str | None) -> int | None:
+        if kind == "rows":
+            return self.rng.choice((0, 1, 1, 2, 10, self.rng.randint(0, 5_000)))
+        return 0 if kind == "zero" else None
+
+    def event(
+        self,
+        session: _Session,
+        class_: str,
+        command: str,
+        object_type: str | None,
+        object_name: str | None,
+        command_text: str | None,
+        *,
+        params: list[str] | None = None,
+        row_count: int | None = None,
+        failure: tuple[str, str] | None = None,
+        statement_id: int | None = None,
+        substatement_id: int = 1,
+    ) -> dict[str, Any]:
+        if statement_id is None:
+            statement_id = session.next_statement
+            session.next_statement += 1
+        start = self.tick(5, 3_000)
+        log = self.tick(1, 90_000)
+        event: dict[str, Any] = {}
+        if self.version != "1.0":
+            event["startTime"] = format_time(start)
+        event.update(
+            {
+                "logTime": format_time(log),
+                "statementId": statement_id,
+                "substatementId": substatement_id,
+                "objectType": object_type,
+                "command": command,
+                "objectName": object_name,
+                "databaseName": session.database,
+                "dbUserName": session.user,
+                "remoteHost": session.remote_host,
+                "remotePort": session.remote_port,
+                "sessionId": session.session_id,
+                "rowCount": None if failure else row_count,
+                "commandText": command_text,
+                "paramList": params or [],
+                "pid": session.pid,
+                "clientApplication": session.client_application,
+                "exitCode": failure[0] if failure else None,
+                "class": class_,
+                "serverVersion": self.SERVER_VERSION,
+                "serverType": "PostgreSQL",
+                "serviceName": "Amazon Aurora PostgreSQL-Compatible edition",
+                "serverHost": self.server_host,
+                "netProtocol": "TCP",
+                "dbProtocol": "Postgres 3.0",
+                "type": "record",
+            }
+        )
+        if self.version != "1.0":
+            event["errorMessage"] = failure[1] if failure else None
+        return event
+
+
+# --- Aurora MySQL ------------------------------------------------------------------------------
+
+
+class _MySqlStatement(NamedTuple):
+    """A statement template: the MAIN event's text and objects, and its AUX events."""
+
+    weight: int
+    sql: str  # "{n}" is replaced by a small number
+    objects: str  # MAIN objectName: comma-separated tables, "" when none
+    aux: tuple[tuple[str, str], ...] = ()  # AUX (command, table), in logTime order
+    rows: bool = False  # a rowCount other than 0
+    write: bool = False  # gets a transaction id
+    failure: tuple[str, str] | None = None  # (MySQL error code, message)
+
+
+_MYSQL_STATEMENTS: tuple[_MySqlStatement, ...] = (
+    _MySqlStatement(8, "SELECT * FROM test1 WHERE id < {n}", "test1", (("READ", "test1"),), True),
+    _MySqlStatement(
+        4,
+        "SELECT o.id, c.name\nFROM orders o\n\tJOIN customers c ON c.id = o.customer_id\n"
+        "WHERE c.name = 'O''Brien' OR c.name = \"Zoë\"",
+        "orders,customers", (("READ", "orders"), ("READ", "customers")), True,
+    ),
+    _MySqlStatement(
+        3, "SELECT * FROM customers WHERE city = '東京' AND note LIKE '%🚀%'",
+        "customers", (("READ", "customers"),), True,
+    ),
+    _MySqlStatement(
+        5, "INSERT INTO orders (customer_id, total, note) VALUES ({n}, 12.50, 'C:\\\\temp\\\\x')",
+        "orders", (("WRITE", "orders"),), True, True,
+    ),
+    _MySqlStatement(
+        2,
+        "INSERT INTO orders_archive SELECT * FROM orders WHERE created < NOW() - INTERVAL 1 YEAR",
+        "orders_archive,orders", (("WRITE", "orders_archive"), ("READ", "orders")), True, True,
+    ),
+    _MySqlStatement(
+        2,
+        "UPDATE orders o JOIN customers c ON c.id = o.customer_id\n"
+        "SET o.total = o.total * 0.9 WHERE c.vip = 1 AND o.status = 'open'",
+        "orders,customers",
+        (("READ", "customers"), ("READ", "orders"), ("WRITE", "orders")), True, True,
+    ),
+    _MySqlStatement(
+        2, "DELETE FROM sessions WHERE expires_at < NOW()",
+        "sessions", (("WRITE", "sessions"),), True, True,
+    ),
+    _MySqlStatement(1, "CREATE TABLE test1 (id INT)", "test1", (("CREATE", "test1"),)),
+    _MySqlStatement(1, "DROP TABLE IF EXISTS tmp_import", "tmp_import", (("DROP", "tmp_import"),)),
+    _MySqlStatement(
+        1, "RENAME TABLE orders_new TO orders_v2",
+        "orders_new,orders_v2", (("RENAME", "orders_new"), ("CREATE", "orders_v2")),
+    ),
+    _MySqlStatement(2, "SET autocommit=1", ""),
+    _MySqlStatement(1, "SHOW VARIABLES LIKE 'aurora\\_%'", "", rows=True),
+    _MySqlStatement(
+        1, "SELECT * FROM nope", "nope", failure=("1146", "Table 'test.nope' doesn't exist")
+    ),
+    _MySqlStatement(
+        1, "SELEC * FROM test1", "",
+        failure=(
+            "1064",
+            "You have an error in your SQL syntax; check the manual that corresponds to your "
+            "MySQL server version for the right syntax to use near 'SELEC * FROM test1' at line 1",
+        ),
+    ),
+)  # fmt: skip
+_MYSQL_WEIGHTS = tuple(statement.weight for statement in _MYSQL_STATEMENTS)
+
+
+def mysql_escape(sql: str) -> str:
+    """Aurora MySQL precedes quotation marks (and the backslash itself) with a backslash."""
+    return sql.replace("\\", "\\\\").replace("'", "\\'").replace('"', '\\"')
+
+
+class _MySqlInstance(_Instance):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.version = MYSQL_VERSION
+        self.pid = self.rng.randint(1_000, 30_000)
+        # serverHost names the instance; the seed's example comes from the writer, "master".
+        self.server_host = "master" if self.writer else f"replica-{self.index}"
+        self.next_session = self.rng.randint(700_000, 800_000)
+        self.next_statement = self.rng.randint(60_000_000, 70_000_000)
+        self.next_transaction = self.rng.randint(1_000, 100_000)
+        self.sessions: list[_Session] = []
+
+    def next_group(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        roll = self.rng.random()
+        if not self.sessions or (len(self.sessions) < 4 and roll < 0.08):
+            return self.connect(), []
+        if roll < 0.11:
+            return self.failed_connect(), []
+        session = self.rng.choice(self.sessions)
+        if roll < 0.16:
+            self.sessions.remove(session)
+            return [self.connection_event(session, "DISCONNECT")], []
+        return self.statement(session, self.rng.choices(_MYSQL_STATEMENTS, _MYSQL_WEIGHTS)[0])
+
+    def new_session(self, user: str) -> _Session:
+        session_id = str(self.next_session)
+        self.next_session += self.rng.randint(1, 3)
+        return _Session(
+            pid=self.pid,
+            session_id=session_id,
+            user=user,
+            database="" if user == "rdsadmin" else self.rng.choice(("test", "shop")),
+            remote_host="localhost" if user == "rdsadmin" else self.client_ip(),
+            remote_port=self.port(),
+            client_application=None,
+        )
+
+    def connect(self) -> list[dict[str, Any]]:
+        session = self.new_session(self.rng.choice(_PRIVILEGED + _USERS + _USERS))
+        self.sessions.append(session)
+        return [self.connection_event(session, "CONNECT")]
+
+    def failed_connect(self) -> list[dict[str, Any]]:
+        session = self.new_session(self.rng.choice(("mallory", "root", "app_user")))
+        message = (
+            f"Access denied for user '{session.user}'@'{session.remote_host}' (using password: YES)"
+        )
+        return [self.connection_event(session, "FAILED_CONNECT", ("1045", message))]
+
+    def connection_event(
+        self, session: _Session, command: str, failure: tuple[str, str] | None = None
+    ) -> dict[str, Any]:
+        start = self.tick(5, 3_000)
+        log = self.tick(2, 20)
+        return self.event(
+            session,
+            "MAIN",
+            command,
+            "",
+            "TABLE",
+            "",
+            statement_id=0,
+            row_count=0,
+            exit_code=failure[0] if failure else "0",
+            error_message=failure[1] if failure else "",
+            start=start,
+            log=log,
+            end=log - 1,
+            transaction_id="0",
+        )
+
+    def statement(
+        self, session: _Session, spec: _MySqlStatement
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        sql = spec.sql.replace("{n}", str(self.rng.randint(1, 100)))
+        objects, failure = spec.objects, spec.failure
+        statement_id = self.next_statement
+        self.next_statement += 1
+        transaction_id = "0"
+        if spec.write and failure is None:
+            transaction_id = str(self.next_transaction)
+            self.next_transaction += 1
+        start = self.tick(5, 3_000)
+        object_type = "TABLE" if objects else None
+        aux: list[dict[str, Any]] = []
+        if failure is None:
+            for command, name in spec.aux:
+                at = self.tick(1, 200)
+                aux.append(
+                    self.event(
+                        session,
+                        "AUX",
+                        command,
+                        name,
+                        "TABLE",
+                        name,
+                        statement_id=statement_id,
+                        row_count=0,
+                        exit_code="",
+                        error_message="",
+                        start=start,
+                        log=at,
+                        end=at,
+                        transaction_id=transaction_id,
+                    )
+                )
+        rows = 0
+        if spec.rows and failure is None:
+            rows = self.rng.choice((0, 1, 2, 3, self.rng.randint(0, 500)))
+        # MAIN is logged after its AUX events (seed: AUX logTime earlier than MAIN's), and its
+        # endTime sits a microsecond either side of logTime, as in the seed's three examples.
+        log = self.tick(2, 5_000)
+        main = self.event(
+            session,
+            "MAIN",
+            "QUERY",
+            mysql_escape(self.marked(sql)),
+            object_type,
+            objects,
+            statement_id=statement_id,
+            row_count=rows,
+            exit_code=failure[0] if failure else "0",
+            error_message=failure[1] if failure else "",
+            start=start,
+            log=log,
+            end=log + self.rng.choice((-1, 0, 1)),
+            transaction_id=transaction_id,
+        )
+        if not aux:
+            return [main], []
+        placement = self.rng.random()
+        if placement < 0.35:
+            return [*aux, main], []
+        if placement < 0.7:
+            return [main, *aux], []
+        if placement < 0.85:
+            split = self.rng.randint(1, len(aux))
+            return [*aux[:split], main, *aux[split:]], []
+        return [main], aux
+
+    def event(
+        self,
+        session: _Session,
+        class_: str,
+        command: str,
+        command_text: str,
+        object_type: str | None,
+        object_name: str,
+        *,
+        statement_id: int,
+        row_count: int,
+        exit_code: str,
+        error_message: str,
+        start: int,
+        log: int,
+        end: int,
+        transaction_id: str,
+    ) -> dict[str, Any]:
+        return {
+            "logTime": format_time(log),
+            "type": "record",
+            "clientApplication": session.client_application,
+            "pid": session.pid,
+            "dbUserName": session.user,
+            "databaseName": session.database,
+            "remoteHost": session.remote_host,
+            "remotePort": session.remote_port,
+            "command": command,
+            "commandText": command_text,
+            "paramList": None,
+            "objectType": object_type,
+            "objectName": object_name,
+            "statementId": statement_id,
+            "substatementId": 1 if class_ == "MAIN" else 2,
+            "exitCode": exit_code,
+            "sessionId": session.session_id,
+            "rowCount": row_count,
+            "serverHost": self.server_host,
+            "serverType": "MySQL",
+            "serviceName": "Amazon Aurora MySQL",
+            "serverVersion": "MySQL 5.7.12",
+            "startTime": format_time(start),
+            "endTime": format_time(end),
+            "transactionId": transaction_id,
+            "dbProtocol": "MySQL",
+            "netProtocol": "TCP",
+            "errorMessage": error_message,
+            "class": class_,
+        }
