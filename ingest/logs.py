@@ -25,7 +25,6 @@ ALLOWED_EXTRA = frozenset(
         "delay",
         "reason",
         "count",
-        "created",
         "from",
         "events",
         "records",
@@ -66,5 +65,6 @@ def setup_logging(level: str = "info", *, stream: object = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Library chatter (botocore credential lookups, aiohttp) stays out unless asked for.
-    for noisy in ("botocore", "aiobotocore", "aiohttp", "asyncio", "urllib3"):
+    # aws_encryption_sdk logs encryption contexts at INFO: keep key-related chatter out.
+    for noisy in ("botocore", "aiobotocore", "aiohttp", "asyncio", "urllib3", "aws_encryption_sdk"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -12,7 +12,7 @@ CREATE TABLE das.activity_events (
     record_version      text        NOT NULL,
     -- provenance: where in the stream this event came from
     shard_id            text        NOT NULL,
-    sequence_number     numeric(48, 0) NOT NULL,
+    sequence_number     numeric NOT NULL,
     event_index         integer     NOT NULL,
     class               text,
     client_application  text,
@@ -153,7 +153,7 @@ CREATE TABLE das.statements (
     error_message        text,
     transaction_id       text,
     main_shard_id        text,
-    main_sequence_number numeric(48, 0),
+    main_sequence_number numeric,
     main_event_index     integer,
     aux                  jsonb       NOT NULL DEFAULT '[]',
     updated_at           timestamptz NOT NULL DEFAULT now(),
@@ -168,7 +168,7 @@ CREATE TABLE das.dead_letters (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     stream_name      text        NOT NULL,
     shard_id         text        NOT NULL,
-    sequence_number  numeric(48, 0) NOT NULL,
+    sequence_number  numeric NOT NULL,
     partition_key    text,
     arrival_time     timestamptz,
     stage            text        NOT NULL,
@@ -189,7 +189,7 @@ CREATE TABLE das.heartbeats (
     seen_at          timestamptz NOT NULL DEFAULT now(),
     stream_name      text        NOT NULL,
     shard_id         text        NOT NULL,
-    sequence_number  numeric(48, 0) NOT NULL,
+    sequence_number  numeric NOT NULL,
     fields           jsonb       NOT NULL DEFAULT '{}',
     PRIMARY KEY (cluster_id, instance_id)
 );

@@ -156,7 +156,7 @@ class Worker:
             initial = self.settings.initial_position
             created = await self.leases.sync_shards(shards, initial)
             if created:
-                log.info("new shards", extra={"created": created})
+                log.info("new shards", extra={"count": created})
             self._sync_due = now + self.settings.shard_sync_seconds
         eligible = await self.leases.eligible_leases()
         await self._balance(eligible, live)
