@@ -109,9 +109,7 @@ async def test_every_seed_example_is_stored_with_every_value(pg_dsn: str) -> Non
         output = decode_batch(BatchInput("shardId-000000000000", items, ESDK))
         assert output.failures == []
         await store(pool, token, output, "TRIM_HORIZON", str(1000 + len(names) - 1))
-        rows = await pool.fetch(
-            "SELECT * FROM das.activity_events ORDER BY sequence_number"
-        )
+        rows = await pool.fetch("SELECT * FROM das.activity_events ORDER BY sequence_number")
         assert len(rows) == len(names)
         for row, name in zip(rows, names, strict=True):
             cluster_id, instance_id, values = EXPECTED[name]
