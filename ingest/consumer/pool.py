@@ -8,8 +8,12 @@ died (OOM killer, segfault) is rebuilt and the batch retried: that is a transien
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
+import os
+import signal
+import sys
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -17,6 +21,17 @@ from ingest.consumer.budget import WorkBudget
 from ingest.decode.batch import BatchInput, BatchOutput, decode_batch
 
 log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """Pool processes must not outlive a SIGKILLed worker: ask Linux to kill them with it."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class DecodePool:
@@ -29,10 +44,13 @@ class DecodePool:
         if self.processes <= 0:
             return None
         if self._executor is None:
-            # forkserver: children never inherit the event loop, its threads or sockets.
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["ingest.decode.batch"])
-            self._executor = ProcessPoolExecutor(max_workers=self.processes, mp_context=context)
+            # spawn: children never inherit the event loop, its threads or sockets, and they are
+            # our direct children, so PR_SET_PDEATHSIG ties their life to ours (a forkserver
+            # would outlive a SIGKILLed worker, and keep its children alive with it).
+            context = multiprocessing.get_context("spawn")
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.processes, mp_context=context, initializer=_die_with_parent
+            )
         return self._executor
 
     def start(self) -> None:

@@ -160,7 +160,7 @@ class Worker:
             self._sync_due = now + self.settings.shard_sync_seconds
         eligible = await self.leases.eligible_leases()
         await self._balance(eligible, live)
-        self._update_idle(eligible)
+        self._update_idle(eligible, live)
         self._sync_kms_metrics()
 
     async def _renew(self) -> None:
@@ -270,8 +270,10 @@ class Worker:
 
     # -- idleness -------------------------------------------------------------------------
 
-    def _update_idle(self, eligible: list[tuple[Lease, bool]]) -> None:
-        everything_owned = all(not expired for _, expired in eligible)
+    def _update_idle(self, eligible: list[tuple[Lease, bool]], live: list[str]) -> None:
+        # Held by a live worker: an unexpired lease whose owner heartbeats in das.workers.
+        alive = set(live) | {self.settings.worker_id}
+        everything_owned = all(not expired and lease.owner in alive for lease, expired in eligible)
         held_idle = all(r.consumer.status.idle_since is not None for r in self.running.values())
         if everything_owned and held_idle:
             if self._idle_since is None:

@@ -1,0 +1,257 @@
+"""The ingester end to end on the local stack: workers started with the real command line share
+a stream, survive SIGKILL and resharding, resume from checkpoints, and store every event exactly
+once. Each event is counted by the emulator's unique key."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import boto3
+import pytest
+
+from tests.cli_helpers import das_ingest
+from tests.fleet import (
+    Fleet,
+    assert_exactly_once,
+    assert_order_per_instance,
+    committed_events,
+    expected,
+    migrated,
+    options,
+    produce,
+    stored,
+    wait_until,
+)
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    running = Fleet()
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+def new_stream() -> str:
+    return f"aws-rds-das-cluster-{secrets.token_hex(6).upper()}"
+
+
+async def test_one_worker_ingests_a_stream_exactly_once(fleet: Fleet, pg_dsn: str) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    opts = options(stream, count=1500, engine="both")
+    report = await produce(opts)
+    worker = await fleet.start("solo", stream, pg_dsn, "--processes", "1", "--stop-when-idle", "2")
+    assert await worker.wait(120) == 0
+    got = await stored(pg_dsn)
+    assert_exactly_once(got, expected(opts))
+    assert_order_per_instance(got, expected(opts))
+    summary = worker.stopped_summary()
+    assert summary["reason"] == "idle"
+    assert summary["events"] == report.events == 1500
+    assert summary["records"] == report.records
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM das.dead_letters") == 0
+        leases = await conn.fetch("SELECT owner, checkpoint FROM das.leases")
+        assert len(leases) == 4
+        assert all(r["owner"] is None for r in leases)  # released on the way out
+        assert all(r["checkpoint"].isdigit() for r in leases)
+        heartbeats = await conn.fetchval("SELECT count(*) FROM das.heartbeats")
+        assert heartbeats == opts.instances
+        # Every complete MySQL statement found its AUX events (the traffic is MySQL on odd
+        # instances); MAIN-only statements are those without objects.
+        orphans = await conn.fetchval("SELECT count(*) FROM das.statements WHERE NOT has_main")
+        assert orphans <= 3  # at most the statements cut off by --count at the end
+    finally:
+        await conn.close()
+    status = await das_ingest("status", "--dsn", pg_dsn, "--stream", stream, "--json")
+    assert status.returncode == 0, status.stderr
+    assert '"events": 1500' in status.stdout
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+async def test_workers_share_a_stream_while_it_is_written(
+    fleet: Fleet, pg_dsn: str, workers: int
+) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    first = options(stream, count=200, rate=0)
+    await produce(first)  # the stream exists before the workers start
+    workers_ = [
+        await fleet.start(f"w{i}", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "3")
+        for i in range(workers)
+    ]
+    more = options(stream, count=4000, seed=8, create_stream=False, rate=1000)
+    await produce(more)
+    codes = await asyncio.gather(*(w.wait(180) for w in workers_))
+    assert codes == [0] * workers
+    assert_exactly_once(await stored(pg_dsn), expected(first) + expected(more))
+    # Every worker got a share of the shards at some point.
+    for worker in workers_:
+        assert worker.logged("consuming shard"), f"{worker.name} never held a shard"
+
+
+async def test_a_killed_worker_loses_nothing_and_duplicates_nothing(
+    fleet: Fleet, pg_dsn: str
+) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    first = options(stream, count=200)
+    await produce(first)
+    victim = await fleet.start("victim", stream, pg_dsn, "--processes", "1")
+    survivor = await fleet.start("survivor", stream, pg_dsn, "--processes", "1")
+    producing = asyncio.ensure_future(
+        produce(options(stream, count=3000, seed=9, create_stream=False, rate=600))
+    )
+    # Kill the victim while it is busy: once it has committed some of the new traffic.
+    await wait_until(lambda: _has_committed(pg_dsn, 1200), deadline=90)
+    victim.kill()
+    await victim.wait(10)
+    await producing
+    # The survivor takes over the victim's shards within a lease period and finishes.
+    await wait_until(lambda: _has_committed(pg_dsn, 3200), deadline=120)
+    survivor.terminate()
+    assert await survivor.wait(30) == 0
+    more = options(stream, count=3000, seed=9, create_stream=False, rate=600)
+    assert_exactly_once(await stored(pg_dsn), expected(first) + expected(more))
+    taken = {entry["shard"] for entry in survivor.logged("consuming shard")}
+    assert len(taken) == 4  # it ended up with every shard, the victim's included
+
+
+async def _has_committed(dsn: str, count: int) -> bool:
+    return await committed_events(dsn) >= count
+
+
+async def test_restart_resumes_from_the_checkpoints(fleet: Fleet, pg_dsn: str) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    first = options(stream, count=600, shards=2, instances=2)
+    await produce(first)
+    run1 = await fleet.start("a", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "1.5")
+    assert await run1.wait(90) == 0
+    second = options(stream, count=400, seed=11, create_stream=False, shards=2, instances=2)
+    report = await produce(second)
+    run2 = await fleet.start("a", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "1.5")
+    assert await run2.wait(90) == 0
+    assert_exactly_once(await stored(pg_dsn), expected(first) + expected(second))
+    # The second run read only what was new.
+    assert run2.stopped_summary()["records"] == report.records
+
+
+async def test_sigterm_drains_commits_and_releases(fleet: Fleet, pg_dsn: str) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    first = options(stream, count=3000, shards=2, instances=2)
+    await produce(first)
+    worker = await fleet.start("t", stream, pg_dsn, "--processes", "1")
+    await wait_until(lambda: _has_committed(pg_dsn, 1), deadline=60)
+    worker.terminate()
+    assert await worker.wait(30) == 0
+    assert worker.stopped_summary()["reason"] == "SIGTERM"
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        owners = await conn.fetch("SELECT owner FROM das.leases")
+        assert [r["owner"] for r in owners] == [None, None]
+        assert await conn.fetchval("SELECT count(*) FROM das.workers") == 0
+    finally:
+        await conn.close()
+    again = await fleet.start("t2", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "1.5")
+    assert await again.wait(90) == 0
+    assert_exactly_once(await stored(pg_dsn), expected(first))
+
+
+async def test_stop_when_idle_waits_for_shards_held_by_a_dead_worker(
+    fleet: Fleet, pg_dsn: str
+) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    opts = options(stream, count=300, shards=2, instances=2)
+    await produce(opts)
+    # A worker that died a moment ago still holds shard 1 for 4 more seconds.
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO das.leases (stream_name, shard_id, owner, lease_counter, expires_at) "
+            "VALUES ($1, 'shardId-000000000001', 'ghost', 1, now() + interval '4 seconds')",
+            stream,
+        )
+    finally:
+        await conn.close()
+    started = time.monotonic()
+    worker = await fleet.start("heir", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "1")
+    assert await worker.wait(90) == 0
+    assert time.monotonic() - started >= 4  # it did not leave while the ghost's lease lived
+    assert_exactly_once(await stored(pg_dsn), expected(opts))
+    taken = {entry["shard"] for entry in worker.logged("consuming shard")}
+    assert taken == {"shardId-000000000000", "shardId-000000000001"}
+
+
+async def test_split_and_merge_while_producing_keeps_order_per_partition_key(
+    fleet: Fleet, pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    first = options(stream, count=500, shards=2, instances=4)
+    await produce(first)
+    readers = [
+        await fleet.start(f"r{i}", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "3")
+        for i in range(2)
+    ]
+    kinesis = boto3.client("kinesis", endpoint_url=aws_env["AWS_ENDPOINT_URL_KINESIS"])
+    second = options(
+        stream, count=1500, seed=21, create_stream=False, shards=2, instances=4, rate=700
+    )
+    producing = asyncio.ensure_future(produce(second))
+    await asyncio.sleep(0.7)
+    await asyncio.to_thread(
+        kinesis.split_shard,
+        StreamName=stream,
+        ShardToSplit="shardId-000000000000",
+        NewStartingHashKey=str(2**126),
+    )
+    await _wait_active(kinesis, stream)
+    await asyncio.sleep(0.7)
+    await asyncio.to_thread(
+        kinesis.merge_shards,
+        StreamName=stream,
+        ShardToMerge="shardId-000000000002",  # the children of the split are 2 and 3
+        AdjacentShardToMerge="shardId-000000000003",
+    )
+    await _wait_active(kinesis, stream)
+    await producing
+    third = options(stream, count=500, seed=22, create_stream=False, shards=2, instances=4)
+    await produce(third)
+    codes = await asyncio.gather(*(w.wait(180) for w in readers))
+    assert codes == [0, 0]
+    want = expected(first) + expected(second) + expected(third)
+    got = await stored(pg_dsn)
+    assert_exactly_once(got, want)
+    assert_order_per_instance(got, want)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        leases = {r["shard_id"]: r for r in await conn.fetch("SELECT * FROM das.leases")}
+    finally:
+        await conn.close()
+    assert set(leases) == {f"shardId-00000000000{i}" for i in range(5)}
+    for closed in ("shardId-000000000000", "shardId-000000000002", "shardId-000000000003"):
+        assert leases[closed]["checkpoint"] == "SHARD_END"
+    assert sorted(leases["shardId-000000000004"]["parent_shard_ids"]) == [
+        "shardId-000000000002",
+        "shardId-000000000003",
+    ]
+
+
+async def _wait_active(kinesis: object, stream: str) -> None:
+    async def active() -> bool:
+        summary = await asyncio.to_thread(kinesis.describe_stream_summary, StreamName=stream)  # type: ignore[attr-defined]
+        return bool(summary["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE")
+
+    await wait_until(active, deadline=30, interval=0.05)
