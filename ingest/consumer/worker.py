@@ -240,7 +240,9 @@ class Worker:
         if not counts:
             return
         victim, theirs = max(counts.items(), key=lambda item: (len(item[1]), item[0]))
-        if len(theirs) > target:
+        # As in the KCL: steal when the most loaded holds more than the target, or holds the
+        # target while we are short by more than one ((2, 2, 0) with target 2 is not balanced).
+        if len(theirs) >= (target if need > 1 else target + 1):
             got = await self.leases.take(random.choice(theirs), me)  # noqa: S311
             if got is not None:
                 log.info("stole lease", extra={"shard": got.shard_id, "from": victim})
