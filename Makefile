@@ -38,9 +38,11 @@ test: setup lint  ## lint, then the whole test suite against the local stack
 test-fast: setup  ## the test suite without lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+LINT_PATHS := ingest tests $(wildcard bench)
+
 lint: setup  ## ruff and strict mypy
-	$(BIN)/ruff check ingest tests bench
-	$(BIN)/ruff format --check ingest tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
 bench: setup  ## benchmarks on the local stack (see README "Performance")
