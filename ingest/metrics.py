@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -54,3 +56,8 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.ready = Gauge("das_ready", "1 when the worker is ready (see /readyz)", registry=r)
+
+    def forget_shard(self, shard_id: str) -> None:
+        """Drop per-shard series of a shard this worker no longer holds."""
+        with contextlib.suppress(KeyError):
+            self.lag_ms.remove(shard_id)

@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sys
 import time
 import tomllib
@@ -1045,16 +1046,69 @@ async def test_readiness_follows_the_warehouse(
             assert "Traceback" not in ingester.log()
 
 
-async def test_an_unreachable_warehouse_is_a_one_line_configuration_error(
-    stack: LocalStack, aws_env: dict[str, str]
+async def test_a_warehouse_unreachable_at_startup_is_waited_for_not_fatal(
+    stack: LocalStack, pg_dsn: str, aws_env: dict[str, str]
 ) -> None:
-    closed = free_port()
+    """Orchestrators restart pods whose process exits: exiting on an outage would only add a
+    crash-loop backoff to it. The worker waits, alive and not ready, and starts when it can."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    stream = f"aws-rds-das-cluster-{secrets.token_hex(4).upper()}"
+    await emulate(
+        EmulateOptions(stream=stream, create_stream=True, shards=1, count=10, events_per_record=5)
+    )
+    pg_port = urlsplit(pg_dsn).port
+    assert pg_port is not None
+    async with CuttableProxy(pg_port) as proxy:
+        proxy.cut()  # the warehouse is down before the worker starts
+        database = urlsplit(pg_dsn).path.lstrip("/")
+        dsn = _dsn(pg_dsn, user="postgres", database=database, port=proxy.port)
+        argv = [
+            "run",
+            "--stream",
+            stream,
+            "--dsn",
+            dsn,
+            "--metrics-port",
+            str(free_port()),
+            "--processes",
+            "0",
+            "--lease-seconds",
+            "3",
+            "--shutdown-deadline",
+            "5",
+        ]
+        async with (
+            Ingester.running(argv, os.environ) as ingester,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+        ):
+            await ingester.wait_status(http, "/healthz", 200)
+            assert await ingester.status(http, "/readyz") == 503
+            give_up = time.monotonic() + 20
+            while "warehouse unreachable at startup; retrying" not in ingester.log():
+                assert time.monotonic() < give_up, ingester.log()
+                await asyncio.sleep(0.2)
+            assert ingester.process.returncode is None  # still up, not crash-looping
+            proxy.heal()
+            await ingester.wait_status(http, "/readyz", 200, deadline=30)
+            await ingester.wait_metric(http, "das_events_ingested_total", 10)
+            assert await ingester.terminate(15) == 0, ingester.log()
+            assert "Traceback" not in ingester.log()
+
+
+async def test_a_refused_login_is_a_one_line_configuration_error(
+    stack: LocalStack, pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    dsn = _dsn(pg_dsn, user="nobody_at_all", database=urlsplit(pg_dsn).path.lstrip("/"))
     result = await das_ingest(
         "run",
         "--stream",
         "aws-rds-das-cluster-NOWHERE",
         "--dsn",
-        f"postgresql://ingester@{HOST}:{closed}/audit",
+        dsn,
         "--metrics-port",
         str(free_port()),
         "--processes",
@@ -1063,7 +1117,31 @@ async def test_an_unreachable_warehouse_is_a_one_line_configuration_error(
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # JSON log lines aside, the error is one plain line.
+    lines = [line for line in result.stderr.splitlines() if line.strip() and line[0] != "{"]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("das-ingest: configuration error: cannot reach the warehouse")
-    assert f":{closed}/audit" in lines[0]
+    assert lines[0].startswith("das-ingest: configuration error: the warehouse refused the login")
+
+
+async def test_a_busy_metrics_port_is_a_one_line_configuration_error(
+    stack: LocalStack, pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = await das_ingest(
+            "run",
+            "--stream",
+            "aws-rds-das-cluster-NOWHERE",
+            "--dsn",
+            pg_dsn,
+            "--metrics-port",
+            str(port),
+            "--processes",
+            "0",
+            deadline=60,
+        )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"cannot serve /metrics on port {port}" in result.stderr

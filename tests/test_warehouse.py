@@ -295,6 +295,11 @@ async def test_ingest_role_appends_but_cannot_change_or_remove(pg_dsn: str) -> N
     pool = await migrated_pool(pg_dsn)
     admin = await asyncpg.connect(pg_dsn)
     try:
+        # A hardened database: PUBLIC may not create temp tables; migrate grants what the
+        # ingest role needs (the sink's staging table) explicitly.
+        database = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+        await migrate(admin)
         token, _ = await hold_lease(pool, "s", "w1")
         ingest = await login_as(pg_dsn, admin, "das_ingest")
         user = await ingest.fetchval("SELECT current_user")

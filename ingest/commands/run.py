@@ -10,7 +10,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ingest.commands.decrypt import add_decryptor_arguments
-from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
+from ingest.commands.options import (
+    add_dsn_argument,
+    add_log_argument,
+    available_cpus,
+    env_default,
+)
 
 EPILOG = """\
 Every option can also be set by the environment variable in brackets; AWS settings come from
@@ -69,65 +74,70 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--processes",
         type=int,
-        default=env_default("DAS_PROCESSES", os.cpu_count() or 1, int),
-        help="decode processes; 0 decodes in the main process (default: CPU count) [DAS_PROCESSES]",
+        default=env_default("DAS_PROCESSES", available_cpus()),
+        help="decode processes; 0 decodes in the main process (default: the CPUs this "
+        "process may use, container limits included) [DAS_PROCESSES]",
     )
     parser.add_argument(
         "--metrics-port",
         type=int,
-        default=env_default("DAS_METRICS_PORT", None, int),
+        default=env_default("DAS_METRICS_PORT", None),
         help="serve /metrics, /healthz and /readyz on this port [DAS_METRICS_PORT]",
     )
     parser.add_argument(
         "--stop-when-idle",
         type=float,
-        default=env_default("DAS_STOP_WHEN_IDLE", None, float),
+        default=env_default("DAS_STOP_WHEN_IDLE", None),
         metavar="SECONDS",
         help="exit 0 once every shard this worker holds has been caught up and empty for this "
-        "long and every other shard is held by a live worker (backfills, tests)",
+        "long and every other shard is held by a live worker (backfills, tests) "
+        "[DAS_STOP_WHEN_IDLE]",
     )
     tuning = parser.add_argument_group("tuning")
     tuning.add_argument(
         "--lease-seconds",
         type=float,
-        default=env_default("DAS_LEASE_SECONDS", 10.0, float),
-        help="lease duration: a dead worker's shards move within this (default: 10)",
+        default=env_default("DAS_LEASE_SECONDS", 10.0),
+        help="lease duration: a dead worker's shards move within this (default: 10) "
+        "[DAS_LEASE_SECONDS]",
     )
     tuning.add_argument(
         "--shard-sync-seconds",
         type=float,
-        default=env_default("DAS_SHARD_SYNC_SECONDS", 30.0, float),
-        help="how often the shard list is refreshed (default: 30)",
+        default=env_default("DAS_SHARD_SYNC_SECONDS", 30.0),
+        help="how often the shard list is refreshed (default: 30) [DAS_SHARD_SYNC_SECONDS]",
     )
     tuning.add_argument(
         "--max-records",
         type=int,
-        default=env_default("DAS_MAX_RECORDS", 10_000, int),
-        help="GetRecords limit per call (default: 10000)",
+        default=env_default("DAS_MAX_RECORDS", 10_000),
+        help="GetRecords limit per call (default: 10000) [DAS_MAX_RECORDS]",
     )
     tuning.add_argument(
         "--queue-batches",
         type=int,
-        default=env_default("DAS_QUEUE_BATCHES", None, int),
-        help="batches in or waiting for the decode pool (default: 2 per process, at least 2)",
+        default=env_default("DAS_QUEUE_BATCHES", None),
+        help="batches in or waiting for the decode pool (default: 2 per process, at least 2) "
+        "[DAS_QUEUE_BATCHES]",
     )
     tuning.add_argument(
         "--queue-mb",
         type=int,
-        default=env_default("DAS_QUEUE_MB", 64, int),
-        help="megabytes of records in or waiting for the decode pool (default: 64)",
+        default=env_default("DAS_QUEUE_MB", 64),
+        help="megabytes of records in or waiting for the decode pool (default: 64) [DAS_QUEUE_MB]",
     )
     tuning.add_argument(
         "--db-pool-size",
         type=int,
-        default=env_default("DAS_DB_POOL_SIZE", 16, int),
-        help="warehouse connections (default: 16)",
+        default=env_default("DAS_DB_POOL_SIZE", 16),
+        help="warehouse connections, at least 2 (default: 16) [DAS_DB_POOL_SIZE]",
     )
     tuning.add_argument(
         "--shutdown-deadline",
         type=float,
-        default=env_default("DAS_SHUTDOWN_DEADLINE", 20.0, float),
-        help="seconds to drain in-flight batches on SIGTERM before cancelling (default: 20)",
+        default=env_default("DAS_SHUTDOWN_DEADLINE", 20.0),
+        help="seconds to drain in-flight batches on SIGTERM before cancelling (default: 20) "
+        "[DAS_SHUTDOWN_DEADLINE]",
     )
     add_decryptor_arguments(parser)
     add_log_argument(parser)
@@ -174,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"das-ingest run: {exc}") from None
     if args.processes < 0:
         raise SystemExit("das-ingest run: --processes must be 0 or more")
+    if args.db_pool_size < 2:
+        raise SystemExit("das-ingest run: --db-pool-size must be at least 2")
+    if args.lease_seconds <= 0 or args.shutdown_deadline < 0:
+        raise SystemExit("das-ingest run: --lease-seconds must be > 0, --shutdown-deadline >= 0")
     from ingest.consumer.service import serve
 
     return run_async(serve(args))

@@ -19,7 +19,7 @@ def add_parser(subparsers: Any) -> None:
         help="drop day partitions older than the retention period (logged)",
         description="Drop whole day partitions of das.activity_events older than --keep, and "
         "old rows of the default partition. Every drop is recorded in das.retention_log, so "
-        "`verify` can tell retention from tampering.",
+        "rows that left by retention can be told from rows that vanished.",
     )
     retention.add_argument("--keep", required=True, help="retention period: 90d, 12w or 36h")
     retention.add_argument("--dry-run", action="store_true", help="show what would be dropped")

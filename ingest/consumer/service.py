@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from ingest.aws import aws_client, error_code
 from ingest.consumer.shard import ShardSettings
@@ -15,13 +17,16 @@ from ingest.consumer.worker import Worker, WorkerSettings
 from ingest.decode.batch import DecoderConfig
 from ingest.errors import ConfigError
 from ingest.health import HealthServer
+from ingest.kinesis import KinesisUnavailableError, classify
 from ingest.kms import resource_id_from_stream
 from ingest.metrics import Metrics
-from ingest.warehouse.db import create_pool, redact, resolve_dsn
+from ingest.retry import Backoff
+from ingest.warehouse.db import WarehouseUnavailableError, create_pool, redact, resolve_dsn
 from ingest.warehouse.migrate import require_current_schema
 from ingest.warehouse.sink import init_connection
 
 log = logging.getLogger("ingest")
+T = TypeVar("T")
 
 
 async def discover(cluster: str) -> tuple[str, str]:
@@ -72,6 +77,30 @@ def worker_settings(args: argparse.Namespace, stream: str, resource_id: str) -> 
     )
 
 
+class _Startup:
+    """What the health endpoints and signal handlers see before and after the worker exists."""
+
+    def __init__(self, lease_seconds: float) -> None:
+        self.worker: Worker | None = None
+        self.stop = asyncio.Event()
+        self.turned = time.monotonic()
+        self._grace = max(30.0, 3 * lease_seconds)
+
+    def alive(self) -> bool:
+        # Alive while the loops turn: retrying an unreachable database is alive (and not
+        # ready); a wedged event loop is not. Restarting a worker cannot fix an outage.
+        last = self.worker.last_turn if self.worker is not None else self.turned
+        return time.monotonic() - last < self._grace
+
+    def ready(self) -> bool:
+        return self.worker is not None and self.worker.ready
+
+    def request_stop(self, reason: str) -> None:
+        self.stop.set()
+        if self.worker is not None:
+            self.worker.request_stop(reason)
+
+
 async def serve(args: argparse.Namespace) -> int:
     if args.cluster:
         stream, discovered_id = await discover(args.cluster)
@@ -84,84 +113,122 @@ async def serve(args: argparse.Namespace) -> int:
 
     decryptor_for(settings.shard.decoder)
     dsn = resolve_dsn(args.dsn)
-    db = await create_pool(dsn, min_size=2, max_size=args.db_pool_size, init=init_connection)
+    metrics = Metrics()
+    startup = _Startup(settings.lease_seconds)
+    _install_signals(startup)
     health: HealthServer | None = None
+    if args.metrics_port is not None:
+        health = HealthServer(metrics, alive=startup.alive, ready=startup.ready)
+        try:
+            await health.start(args.metrics_port)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve /metrics on port {args.metrics_port}: {exc.strerror or exc}"
+            ) from None
+        log.info("serving /metrics, /healthz, /readyz", extra={"port": health.port})
     started = time.monotonic()
     try:
-        async with db.acquire() as conn:
-            await require_current_schema(conn)
-        metrics = Metrics()
-        pool_size = 8 + 2 * args.db_pool_size
-        async with (
-            aws_client("kinesis", max_pool_connections=pool_size) as kinesis,
-            aws_client("kms") as kms,
-        ):
-            await _check_stream(kinesis, stream)
-            worker = Worker(
-                settings, db=db, kinesis_client=kinesis, kms_client=kms, metrics=metrics
-            )
-            if args.metrics_port is not None:
-                health = HealthServer(
-                    metrics,
-                    alive=lambda: (
-                        time.monotonic() - worker.last_cycle < max(30.0, 3 * settings.lease_seconds)
-                    ),
-                    ready=lambda: worker.ready,
+        db = await _until_reachable(
+            startup,
+            "warehouse",
+            lambda: create_pool(dsn, min_size=2, max_size=args.db_pool_size, init=init_connection),
+        )
+        if db is None:
+            return 0
+        try:
+            async with db.acquire() as conn:
+                await require_current_schema(conn)
+            pool_size = 8 + 2 * args.db_pool_size
+            async with (
+                aws_client("kinesis", max_pool_connections=pool_size) as kinesis,
+                aws_client("kms") as kms,
+            ):
+                if not await _until_reachable(
+                    startup, "kinesis", lambda: _check_stream(kinesis, stream)
+                ):
+                    return 0
+                worker = Worker(
+                    settings, db=db, kinesis_client=kinesis, kms_client=kms, metrics=metrics
                 )
-                await health.start(args.metrics_port)
-                log.info("serving /metrics, /healthz, /readyz", extra={"port": health.port})
-            _install_signals(worker)
-            log.info(
-                "worker started",
-                extra={
-                    "stream": stream,
-                    "worker": settings.worker_id,
-                    "resource_id": resource_id,
-                    "processes": settings.processes,
-                },
-            )
-            log.debug("warehouse", extra={"target": redact(dsn)})
-            await worker.run()
-            log.info(
-                "worker stopped",
-                extra={
-                    "reason": worker.exit_reason or "done",
-                    "events": int(
-                        metrics.registry.get_sample_value("das_events_ingested_total") or 0
-                    ),
-                    "records": int(
-                        metrics.registry.get_sample_value("das_records_ingested_total") or 0
-                    ),
-                    "elapsed": round(time.monotonic() - started, 3),
-                },
-            )
+                startup.worker = worker
+                if startup.stop.is_set():
+                    return 0
+                log.info(
+                    "worker started",
+                    extra={
+                        "stream": stream,
+                        "worker": settings.worker_id,
+                        "resource_id": resource_id,
+                        "processes": settings.processes,
+                    },
+                )
+                log.debug("warehouse", extra={"target": redact(dsn)})
+                await worker.run()
+                log.info(
+                    "worker stopped",
+                    extra={
+                        "reason": worker.exit_reason or "done",
+                        "events": _sample(metrics, "das_events_ingested_total"),
+                        "records": _sample(metrics, "das_records_ingested_total"),
+                        "elapsed": round(time.monotonic() - started, 3),
+                    },
+                )
+        finally:
+            await db.close()
     finally:
         if health is not None:
             await health.stop()
-        await db.close()
     return 0
 
 
-async def _check_stream(kinesis: Any, stream: str) -> None:
+def _sample(metrics: Metrics, name: str) -> int:
+    return int(metrics.registry.get_sample_value(name) or 0)
+
+
+async def _until_reachable(
+    startup: _Startup, what: str, attempt: Callable[[], Awaitable[T]]
+) -> T | None:
+    """Retry ``attempt`` while it fails transiently (unreachable, restarting); None if stopped
+    meanwhile. Configuration errors (refused login, unknown stream) propagate at once."""
+    backoff = Backoff(base=0.5, cap=15.0)
+    failures = 0
+    while not startup.stop.is_set():
+        startup.turned = time.monotonic()
+        try:
+            return await attempt()
+        except (WarehouseUnavailableError, KinesisUnavailableError) as exc:
+            delay = backoff.delay(failures)
+            failures += 1
+            log.warning(
+                f"{what} unreachable at startup; retrying",
+                extra={"error": str(exc)[:200], "delay": round(delay, 3)},
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(startup.stop.wait(), delay)
+    return None
+
+
+async def _check_stream(kinesis: Any, stream: str) -> bool:
     try:
         await kinesis.describe_stream_summary(StreamName=stream)
     except Exception as exc:  # noqa: BLE001 - classified right here
-        code = error_code(exc)
-        if code == "ResourceNotFoundException":
+        error = classify(exc)
+        if isinstance(error, KinesisUnavailableError):
+            raise error from None
+        if error_code(exc) == "ResourceNotFoundException":
             raise ConfigError(f"Kinesis stream {stream!r} not found") from None
-        if code is None:
-            raise ConfigError(f"cannot reach Kinesis: {type(exc).__name__}: {exc}") from None
-        raise ConfigError(f"cannot describe Kinesis stream {stream!r}: {code}") from None
+        raise ConfigError(f"cannot describe Kinesis stream {stream!r}: {error}") from None
+    return True
 
 
-def _install_signals(worker: Worker) -> None:
+def _install_signals(startup: _Startup) -> None:
     loop = asyncio.get_running_loop()
     count = {"n": 0}
 
     def on_signal(signame: str) -> None:
         count["n"] += 1
         if count["n"] == 1:
-            worker.request_stop(signame)
+            startup.request_stop(signame)
         else:
             log.warning("second signal: stopping now", extra={"reason": signame})
             for task in asyncio.all_tasks(loop):

@@ -116,6 +116,10 @@ class ShardConsumer:
         """Finish the batch in hand (commit it), then end. Idempotent."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     # -- main loop -----------------------------------------------------------------------
 
     async def run(self) -> State:

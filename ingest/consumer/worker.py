@@ -88,6 +88,8 @@ class Worker:
         self.running: dict[str, _Running] = {}
         self.ready = False
         self.last_cycle = 0.0
+        #: monotonic time of the coordinator loop's last turn, successful or not (liveness)
+        self.last_turn = time.monotonic()
         self._stop = asyncio.Event()
         self._sync_due = 0.0
         self._idle_since: float | None = None
@@ -114,6 +116,7 @@ class Worker:
         failures = 0
         try:
             while not self._stop.is_set():
+                self.last_turn = time.monotonic()
                 try:
                     await self._cycle()
                 except asyncio.CancelledError:
@@ -167,9 +170,12 @@ class Worker:
         held = {s: r.consumer.lease.lease_counter for s, r in self.running.items()}
         renewed = await self.leases.renew(self.settings.worker_id, held)
         for shard_id in set(held) - renewed:
+            consumer = self.running[shard_id].consumer
+            if consumer.stopping:
+                continue  # told already; it ends at its next step
             log.warning("lease lost at renewal", extra={"shard": shard_id})
             self.metrics.lease_changes.labels("lost").inc()
-            self.running[shard_id].consumer.stop()
+            consumer.stop()
 
     def _reap(self) -> bool:
         """Collect ended consumers; True when a shard ended (so children may now exist)."""
@@ -178,6 +184,7 @@ class Worker:
             if not run.task.done():
                 continue
             del self.running[shard_id]
+            self.metrics.forget_shard(shard_id)  # its lag is no longer ours to report
             lease = run.consumer.lease
             if run.task.cancelled():
                 continue

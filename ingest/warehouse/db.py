@@ -16,12 +16,18 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from ingest.errors import ConfigError
+from ingest.errors import ConfigError, IngestError
 
 #: A plain connection or one borrowed from a pool.
 Conn = asyncpg.Connection | PoolConnectionProxy
 
 SCHEMA = "das"
+
+
+class WarehouseUnavailableError(IngestError):
+    """The warehouse cannot be reached right now (down, restarting, network): retry."""
+
+    retriable = True
 
 
 def resolve_dsn(cli_value: str | None) -> str | None:
@@ -92,7 +98,11 @@ async def create_pool(
         )
     except asyncpg.InvalidAuthorizationSpecificationError as exc:
         raise ConfigError(f"the warehouse refused the login ({redact(dsn)}): {exc}") from None
-    except (TimeoutError, OSError) as exc:
-        raise ConfigError(f"cannot reach the warehouse at {redact(dsn)}: {exc}") from None
+    except Exception as exc:
+        if is_transient(exc):
+            raise WarehouseUnavailableError(
+                f"cannot reach the warehouse at {redact(dsn)}: {type(exc).__name__}: {exc}"
+            ) from None
+        raise
     assert pool is not None
     return pool

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +56,15 @@ class MigrationReport:
 
 
 def migrations_dir() -> Path:
-    """``$DAS_MIGRATIONS_DIR``, else the repository's ``migrations/``."""
+    """``$DAS_MIGRATIONS_DIR``, else the repository's ``migrations/`` (a checkout or an
+    editable install), else ``<prefix>/share/das-ingest/migrations`` (a wheel install)."""
     override = os.environ.get("DAS_MIGRATIONS_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "migrations"
+    checkout = Path(__file__).resolve().parents[2] / "migrations"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "das-ingest" / "migrations"
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:

@@ -43,6 +43,10 @@ class RoleNames:
                 )
 
 
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
 async def apply_grants(conn: Conn, roles: RoleNames) -> None:
     """Idempotent: create the roles if missing and (re)state exactly their privileges."""
     for role in (roles.ingest, roles.analyst):
@@ -56,8 +60,11 @@ async def apply_grants(conn: Conn, roles: RoleNames) -> None:
                     "(or create the roles yourself, or pass --no-roles)"
                 ) from None
     ingest, analyst = roles.ingest, roles.analyst
+    database = await conn.fetchval("SELECT current_database()")
     statements = [
         f"GRANT USAGE ON SCHEMA das TO {ingest}, {analyst}",
+        # The sink stages MySQL statement parts in a session temp table.
+        f"GRANT TEMPORARY ON DATABASE {_quote(database)} TO {ingest}",
         # Start from nothing so a re-run also takes back anything granted by hand.
         f"REVOKE ALL ON ALL TABLES IN SCHEMA das FROM {ingest}",
         f"GRANT INSERT ON {', '.join(APPEND_ONLY)} TO {ingest}",
