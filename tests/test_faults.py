@@ -1,0 +1,402 @@
+"""Fault injection between the ingester and Kinesis, KMS and PostgreSQL (see tests/faults.py).
+
+Worker processes talk to every server through a proxy the test controls; the emulator writes
+straight to Kinesis and KMS (a producer retrying a PutRecords whose answer was lost would
+duplicate records, and that would be the producer's fault, not the consumer's). Expected and
+asserted: transient faults are retried with backoff (das_transient_retries), readiness is false
+while a dependency is down, the process stays up and exits 0 on SIGTERM, and afterwards every
+event is stored exactly once. KMS *refusals* are different: they are dead-lettered with stage
+kms, the shard moves on, and a re-drive with the right resource id stores them exactly once.
+
+Outages here last 8 seconds: longer than a lease (3 s in tests), the botocore retries and the
+coordinator cycle, so each outage expires leases and exercises every retry loop, while keeping
+`make test` short. The 30-second outage runs in `make soak` (bench/soak.py), which also outlasts
+the /healthz window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from ingest.devstack import LocalStack
+from ingest.errors import KmsUnavailableError
+from ingest.kinesis import IteratorExpiredError, KinesisUnavailableError
+from ingest.kinesis import classify as classify_kinesis
+from ingest.kms import classify as classify_kms
+from tests.cli_helpers import das_ingest
+from tests.faults import (
+    EXPIRED_ITERATOR,
+    KMS_THROTTLING,
+    PROVISIONED_THROUGHPUT_EXCEEDED,
+    Chaos,
+    ErrorRule,
+    FaultProxy,
+    HttpFaults,
+    describe,
+    http_get,
+    metric_values,
+    metrics_port,
+    spawn_worker,
+)
+from tests.fleet import (
+    Fleet,
+    assert_exactly_once,
+    committed_events,
+    expected,
+    migrated,
+    options,
+    produce,
+    stored,
+    wait_until,
+)
+
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    running = Fleet()
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+def new_stream() -> str:
+    return f"aws-rds-das-cluster-{secrets.token_hex(6).upper()}"
+
+
+async def dead_letters(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch("SELECT stage, error FROM das.dead_letters ORDER BY id")
+    finally:
+        await conn.close()
+
+
+async def until_committed(dsn: str, count: int, deadline: float) -> None:
+    async def done() -> bool:
+        return await committed_events(dsn) >= count
+
+    await wait_until(done, deadline)
+
+
+# -- the proxy itself ---------------------------------------------------------------------------
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(1024):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def _round_trip(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        return await reader.readexactly(len(payload))
+    finally:
+        writer.close()
+
+
+async def test_proxy_delays_resets_and_refuses_on_the_same_port() -> None:
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    upstream = server.sockets[0].getsockname()[1]
+    try:
+        async with FaultProxy(("127.0.0.1", upstream), name="echo") as proxy:
+            port = proxy.port
+            assert await _round_trip(port, b"hello") == b"hello"
+
+            proxy.latency = 0.2
+            started = time.monotonic()
+            assert await _round_trip(port, b"slow") == b"slow"
+            assert time.monotonic() - started >= 0.4  # 0.2 s each way
+            proxy.latency = 0.0
+
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            assert proxy.reset_connections() == 1
+            writer.write(b"y")
+            with pytest.raises(ConnectionResetError):
+                await reader.readexactly(1)
+            writer.close()
+
+            async with proxy.outage():
+                assert proxy.refusing
+                with pytest.raises(ConnectionRefusedError):
+                    await asyncio.open_connection("127.0.0.1", port)
+                # Nobody else can take the port meanwhile.
+                with socket.socket() as intruder, pytest.raises(OSError):
+                    intruder.bind(("127.0.0.1", port))
+            assert proxy.port == port
+            assert await _round_trip(port, b"back") == b"back"
+            assert proxy.stats.resets == 1
+            assert proxy.stats.refused_periods == 1
+    finally:
+        server.close()
+
+
+def test_proxy_forwards_to_loopback_only() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        FaultProxy(("10.0.0.1", 443), name="elsewhere")
+
+
+async def test_http_mode_answers_errors_botocore_and_our_classifiers_understand(
+    stack: LocalStack, aws_env: dict[str, str]
+) -> None:
+    rules = [
+        ErrorRule("ListStreams", PROVISIONED_THROUGHPUT_EXCEEDED, probability=1.0, limit=1),
+        ErrorRule("ListStreams", EXPIRED_ITERATOR, probability=1.0, limit=1),
+        ErrorRule("ListKeys", KMS_THROTTLING, probability=1.0, limit=1),
+    ]
+    faults = HttpFaults(rules)
+    no_retries = Config(retries={"mode": "standard", "total_max_attempts": 1})
+    async with (
+        FaultProxy.for_url(stack.kinesis_endpoint, name="kinesis", http_faults=faults) as kin,
+        FaultProxy.for_url(stack.kms_endpoint, name="kms", http_faults=faults) as kms,
+    ):
+        kinesis_client = boto3.client("kinesis", endpoint_url=kin.url, config=no_retries)
+        kms_client = boto3.client("kms", endpoint_url=kms.url, config=no_retries)
+        with pytest.raises(ClientError) as throttled:
+            await asyncio.to_thread(kinesis_client.list_streams)
+        assert isinstance(classify_kinesis(throttled.value), KinesisUnavailableError)
+        with pytest.raises(ClientError) as expired:
+            await asyncio.to_thread(kinesis_client.list_streams)
+        assert isinstance(classify_kinesis(expired.value), IteratorExpiredError)
+        assert "StreamNames" in await asyncio.to_thread(kinesis_client.list_streams)  # forwarded
+        with pytest.raises(ClientError) as kms_throttled:
+            await asyncio.to_thread(kms_client.list_keys)
+        assert kms_throttled.value.response["Error"]["Code"] == "ThrottlingException"
+        assert isinstance(classify_kms(kms_throttled.value), KmsUnavailableError)
+        assert "Keys" in await asyncio.to_thread(kms_client.list_keys)
+        assert kin.stats.injected["ListStreams:ExpiredIteratorException"] == 1
+        assert kms.stats.requests["ListKeys"] == 2
+
+
+# -- the ingester through the proxies -----------------------------------------------------------
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_aws_error_responses_are_retried_and_never_dead_lettered(
+    fleet: Fleet, pg_dsn: str, stack: LocalStack
+) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    opts = options(stream, count=3000, shards=2, instances=2, rotate_every=20)
+    await produce(opts)
+    kinesis_rules = [
+        # The first calls are refused for sure, more than botocore's 4 attempts of both shards
+        # can absorb (so our retries are certain); later ones at random.
+        ErrorRule("GetRecords", PROVISIONED_THROUGHPUT_EXCEEDED, probability=1.0, burst=9, limit=9),
+        ErrorRule("GetRecords", EXPIRED_ITERATOR, probability=0.25),
+        ErrorRule("GetRecords", PROVISIONED_THROUGHPUT_EXCEEDED, probability=0.03, burst=5),
+        ErrorRule("GetShardIterator", PROVISIONED_THROUGHPUT_EXCEEDED, probability=0.1, burst=2),
+        ErrorRule("ListShards", PROVISIONED_THROUGHPUT_EXCEEDED, probability=0.1, burst=2),
+    ]
+    kms_rules = [
+        ErrorRule("Decrypt", KMS_THROTTLING, probability=1.0, burst=5, limit=5),
+        ErrorRule("Decrypt", KMS_THROTTLING, probability=0.2, burst=2),
+    ]
+    async with (
+        FaultProxy.for_url(
+            stack.kinesis_endpoint, name="kinesis", http_faults=HttpFaults(kinesis_rules), seed=1
+        ) as kin,
+        FaultProxy.for_url(
+            stack.kms_endpoint, name="kms", http_faults=HttpFaults(kms_rules), seed=2
+        ) as kms,
+    ):
+        worker = await spawn_worker(
+            fleet,
+            "throttled",
+            stream,
+            pg_dsn,
+            "--processes",
+            "1",
+            "--metrics-port",
+            "0",
+            env={"AWS_ENDPOINT_URL_KINESIS": kin.url, "AWS_ENDPOINT_URL_KMS": kms.url},
+        )
+        port = await metrics_port(worker)
+        await until_committed(pg_dsn, opts.count, deadline=150)
+        status, text = await http_get(port, "/metrics")
+        assert status == 200
+        worker.terminate()
+        assert await worker.wait(30) == 0
+        log.info("faults: %s", describe([kin, kms]))
+        injected = {**kin.stats.injected, **kms.stats.injected}
+    assert injected["GetRecords:ExpiredIteratorException"] > 0
+    assert injected["GetRecords:ProvisionedThroughputExceededException"] >= 9
+    assert injected["Decrypt:ThrottlingException"] >= 5
+    retries = metric_values(text, "das_transient_retries_total")
+    assert retries.get('{target="kinesis"}', 0) > 0
+    assert retries.get('{target="kms"}', 0) > 0
+    kms_retries = [e for e in worker.logged("transient fault; retrying") if e["target"] == "kms"]
+    assert kms_retries
+    assert all("delay" in e for e in kms_retries)
+    assert await dead_letters(pg_dsn) == []  # throttling is never a dead letter
+    assert_exactly_once(await stored(pg_dsn), expected(opts))
+
+
+async def _observe(port: int, path: str, want: int, deadline: float) -> float:
+    """Seconds until GET path answered ``want``; TimeoutError if it did not within deadline."""
+    started = time.monotonic()
+
+    async def answered() -> bool:
+        return (await http_get(port, path))[0] == want
+
+    await wait_until(answered, deadline, interval=0.1)
+    return time.monotonic() - started
+
+
+OUTAGE_SECONDS = 8.0
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_outages_resets_and_latency_on_every_dependency_lose_nothing(
+    fleet: Fleet, pg_dsn: str, stack: LocalStack
+) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    first = options(stream, count=500, rate=0)
+    await produce(first)
+    async with (
+        FaultProxy.for_url(stack.kinesis_endpoint, name="kinesis", seed=1) as kin,
+        FaultProxy.for_url(stack.kms_endpoint, name="kms", seed=2) as kms,
+        FaultProxy.for_url(pg_dsn, name="postgres", seed=3) as pg,
+    ):
+        proxies = [kin, kms, pg]
+        for proxy in proxies:
+            proxy.latency, proxy.jitter = 0.002, 0.003
+        worker = await spawn_worker(
+            fleet,
+            "enduring",
+            stream,
+            pg.dsn(pg_dsn),
+            "--processes",
+            "1",
+            "--metrics-port",
+            "0",
+            env={"AWS_ENDPOINT_URL_KINESIS": kin.url, "AWS_ENDPOINT_URL_KMS": kms.url},
+        )
+        port = await metrics_port(worker)
+        await until_committed(pg_dsn, first.count, deadline=60)
+        await _observe(port, "/readyz", 200, deadline=10)
+        second = options(stream, count=12_000, seed=8, create_stream=False, rate=350)
+        producing = asyncio.ensure_future(produce(second))
+        chaos = Chaos(proxies, every=(1.0, 2.5), seed=4)
+        chaos.start()
+        try:
+            await asyncio.sleep(2)  # let traffic flow through the chaos first
+            async with kin.outage():
+                assert await _observe(port, "/readyz", 503, deadline=OUTAGE_SECONDS) >= 0
+                await asyncio.sleep(max(0.0, OUTAGE_SECONDS - 3))
+                assert worker.process.returncode is None
+            await _observe(port, "/readyz", 200, deadline=30)
+
+            before = await committed_events(pg_dsn)
+            async with kms.outage():
+                await asyncio.sleep(OUTAGE_SECONDS)
+                assert worker.process.returncode is None
+            await until_committed(pg_dsn, before + 1, deadline=30)
+
+            async with pg.outage():
+                outage_began = time.monotonic()
+                await _observe(port, "/readyz", 503, deadline=OUTAGE_SECONDS)
+                while time.monotonic() - outage_began < OUTAGE_SECONDS:
+                    # Alive all along: an 8 s outage is well inside the /healthz window.
+                    assert (await http_get(port, "/healthz"))[0] == 200
+                    assert worker.process.returncode is None
+                    await asyncio.sleep(0.5)
+            await _observe(port, "/readyz", 200, deadline=30)
+            await producing
+        finally:
+            await chaos.stop()
+            if not producing.done():
+                producing.cancel()
+        await until_committed(pg_dsn, first.count + second.count, deadline=120)
+        status, text = await http_get(port, "/metrics")
+        assert status == 200
+        worker.terminate()
+        assert await worker.wait(30) == 0
+        log.info("faults: %s", describe(proxies))
+        assert all(p.stats.refused_periods == 1 for p in proxies)
+        assert sum(p.stats.resets for p in proxies) > 0
+    retries = metric_values(text, "das_transient_retries_total")
+    for target in ("kinesis", "kms", "postgres", "coordinator"):
+        assert retries.get(f'{{target="{target}"}}', 0) > 0, (target, retries)
+    assert worker.stopped_summary()["reason"] == "SIGTERM"
+    assert await dead_letters(pg_dsn) == []
+    assert_exactly_once(await stored(pg_dsn), expected(first) + expected(second))
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_kms_refusals_are_dead_lettered_then_redriven_exactly_once(
+    fleet: Fleet, pg_dsn: str
+) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    resource_id = stream.removeprefix("aws-rds-das-")
+    other = f"cluster-OTHER{secrets.token_hex(3).upper()}"
+    good = options(stream, count=600, shards=2, instances=2)
+    # Data keys bound to another cluster: a wrong encryption context for this stream.
+    foreign = options(
+        stream, count=300, seed=12, shards=2, instances=2, create_stream=False, resource_id=other
+    )
+    await produce(good)
+    foreign_report = await produce(foreign)
+    first = await fleet.start(
+        "right", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "1.5"
+    )
+    assert await first.wait(90) == 0
+    letters = await dead_letters(pg_dsn)
+    assert len(letters) == foreign_report.records
+    assert {r["stage"] for r in letters} == {"kms"}
+    assert all("InvalidCiphertextException" in r["error"] for r in letters)
+    assert_exactly_once(await stored(pg_dsn), expected(good))
+
+    # The whole worker on a wrong resource id: everything is refused, and the shards move on.
+    later = options(stream, count=400, seed=13, shards=2, instances=2, create_stream=False)
+    later_report = await produce(later)
+    wrong = await fleet.start(
+        "wrong",
+        stream,
+        pg_dsn,
+        "--processes",
+        "0",
+        "--stop-when-idle",
+        "1.5",
+        "--resource-id",
+        "cluster-WRONG",
+    )
+    assert await wrong.wait(90) == 0
+    assert wrong.stopped_summary()["records"] == later_report.records
+    letters = await dead_letters(pg_dsn)
+    assert len(letters) == foreign_report.records + later_report.records
+    assert {r["stage"] for r in letters} == {"kms"}
+    assert_exactly_once(await stored(pg_dsn), expected(good))
+
+    env = {"DAS_DSN": pg_dsn}
+    redriven = await das_ingest(
+        "dead-letters", "retry", "--all", "--resource-id", resource_id, env=env
+    )
+    assert redriven.returncode == 1  # the foreign records still fail
+    assert f"{later_report.records} re-driven" in redriven.stdout
+    again = await das_ingest("dead-letters", "retry", "--all", "--resource-id", other, env=env)
+    assert again.returncode == 0, again.stderr
+    assert f"{foreign_report.records} re-driven" in again.stdout
+    assert await dead_letters(pg_dsn) == []
+    assert_exactly_once(await stored(pg_dsn), expected(good) + expected(foreign) + expected(later))
