@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ingest.commands.migrate",
     "ingest.commands.decrypt",
     "ingest.commands.warehouse_admin",
+    "ingest.commands.integrity",
     "ingest.emulate.cli",
     "ingest.commands.stack",
 )

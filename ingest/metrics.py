@@ -55,6 +55,7 @@ class Metrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.anchors = Counter("das_chain_anchors", "Chain heads anchored with KMS", registry=r)
         self.ready = Gauge("das_ready", "1 when the worker is ready (see /readyz)", registry=r)
 
     def forget_shard(self, shard_id: str) -> None:

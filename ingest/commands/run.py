@@ -139,6 +139,26 @@ def add_parser(subparsers: Any) -> None:
         help="seconds to drain in-flight batches on SIGTERM before cancelling (default: 20) "
         "[DAS_SHUTDOWN_DEADLINE]",
     )
+    integrity = parser.add_argument_group("integrity (see docs/integrity.md)")
+    integrity.add_argument(
+        "--anchor-key-id",
+        default=env_default("DAS_ANCHOR_KEY_ID"),
+        help="KMS HMAC or signing key to anchor the chain heads of held shards with, "
+        "periodically and at shutdown; without it the chains are not anchored "
+        "[DAS_ANCHOR_KEY_ID]",
+    )
+    integrity.add_argument(
+        "--anchor-seconds",
+        type=float,
+        default=env_default("DAS_ANCHOR_SECONDS", 300.0),
+        help="how often to anchor (default: 300) [DAS_ANCHOR_SECONDS]",
+    )
+    integrity.add_argument(
+        "--no-integrity-chain",
+        action="store_true",
+        help="do not extend the hash chains (only to measure their cost: `verify` then "
+        "reports every event stored meanwhile as inserted)",
+    )
     add_decryptor_arguments(parser)
     add_log_argument(parser)
     parser.set_defaults(func=run)

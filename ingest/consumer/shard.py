@@ -278,6 +278,11 @@ class ShardConsumer:
                         dead_letters=letters,
                         heartbeats=heartbeats,
                         per_record=per_record,
+                        sequence_range=(
+                            (records[0].sequence_number, records[-1].sequence_number)
+                            if records
+                            else None
+                        ),
                     )
                 )
             except LeaseLostError:

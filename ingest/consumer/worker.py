@@ -32,6 +32,7 @@ import asyncpg
 from ingest.consumer.budget import WorkBudget
 from ingest.consumer.pool import DecodePool
 from ingest.consumer.shard import ShardConsumer, ShardSettings, State
+from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads
 from ingest.kinesis import KinesisReader, KinesisUnavailableError
 from ingest.kms import DataKeyCache, encryption_context
 from ingest.metrics import Metrics
@@ -58,6 +59,11 @@ class WorkerSettings:
     queue_batches: int = 8
     queue_bytes: int = 64 * 1024 * 1024
     max_leases: int | None = None
+    #: KMS key to anchor the chain heads of held shards with (None: no anchoring)
+    anchor_key_id: str | None = None
+    anchor_seconds: float = 300.0
+    #: extend the integrity chain with every batch (off only to measure its cost)
+    chain: bool = True
     shard: ShardSettings = field(default_factory=ShardSettings)
 
 
@@ -80,7 +86,12 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.leases = LeaseStore(db, settings.stream_name, lease_seconds=settings.lease_seconds)
-        self.sink = Sink(db)
+        self.sink = Sink(db, chain=settings.chain)
+        self._db = db
+        self.anchor_key = (
+            AnchorKey(kms_client, settings.anchor_key_id) if settings.anchor_key_id else None
+        )
+        self._anchored_at = time.monotonic()
         self.reader = KinesisReader(kinesis_client, settings.stream_name)
         self.keys = DataKeyCache(kms_client)
         self.budget = WorkBudget(max_batches=settings.queue_batches, max_bytes=settings.queue_bytes)
@@ -165,6 +176,25 @@ class Worker:
         await self._balance(eligible, live)
         self._update_idle(eligible, live)
         self._sync_kms_metrics()
+        if self.anchor_key is not None and now - self._anchored_at >= self.settings.anchor_seconds:
+            await self._anchor(self.held)
+            self._anchored_at = now
+
+    async def _anchor(self, shards: list[str]) -> None:
+        """Anchor the chain heads of ``shards`` (ours: nobody else extends them meanwhile)."""
+        if self.anchor_key is None or not shards:
+            return
+        try:
+            async with self._db.acquire() as conn:
+                made = await anchor_heads(conn, self.anchor_key, self.settings.stream_name, shards)
+        except AnchorError as exc:
+            # KMS unavailable: the links stay unanchored until the next try; nothing is lost.
+            self.metrics.retries.labels("anchor").inc()
+            log.warning("could not anchor chain heads", extra={"error": str(exc)[:200]})
+            return
+        if made:
+            self.metrics.anchors.inc(len(made))
+            log.info("anchored chain heads", extra={"count": len(made)})
 
     async def _renew(self) -> None:
         held = {s: r.consumer.lease.lease_counter for s, r in self.running.items()}
@@ -323,6 +353,9 @@ class Worker:
                     "shutdown deadline passed; cancelled consumers", extra={"count": len(pending)}
                 )
                 await asyncio.gather(*pending, return_exceptions=True)
+        # The heads of what we leave behind are anchored before anyone else extends them.
+        with contextlib.suppress(Exception):
+            await self._anchor(sorted(self.running))
         releases = []
         for run in self.running.values():
             lease = run.consumer.lease

@@ -22,6 +22,7 @@ from ingest.warehouse.sink import (
     CopyUnit,
     copy_unit,
     ensure_day_partitions,
+    extend_chain,
     init_connection,
     upsert_heartbeats,
 )
@@ -133,6 +134,9 @@ async def redrive(
                 await upsert_heartbeats(
                     conn, row["stream_name"], row["shard_id"], output.heartbeats
                 )
+            await extend_chain(
+                conn, row["stream_name"], row["shard_id"], row["seq"], row["seq"], "redrive"
+            )
             await conn.execute("DELETE FROM das.dead_letters WHERE id = $1", letter_id)
         report.stored.append(letter_id)
         report.events += output.event_count

@@ -70,7 +70,9 @@ async def day_partitions(conn: Conn) -> list[Partition]:
 async def apply_retention(
     conn: Conn, keep: timedelta, *, now: datetime | None = None, dry_run: bool = False
 ) -> list[RetentionAction]:
-    cutoff = (now or datetime.now(UTC)) - keep
+    # Retention removes whole UTC days, the unit the integrity chain accounts for.
+    moment = (now or datetime.now(UTC)) - keep
+    cutoff = datetime.combine(moment.astimezone(UTC).date(), time(), tzinfo=UTC)
     actions: list[RetentionAction] = []
     for part in await day_partitions(conn):
         if part.end > cutoff:

@@ -140,9 +140,14 @@ async def init_connection(conn: Conn) -> None:
 
 class Sink:
     def __init__(
-        self, pool: asyncpg.Pool, *, partition_window: tuple[int, int] = PARTITION_WINDOW
+        self,
+        pool: asyncpg.Pool,
+        *,
+        partition_window: tuple[int, int] = PARTITION_WINDOW,
+        chain: bool = True,
     ) -> None:
         self._pool = pool
+        self._chain = chain
         self._known_days: set[date] = set()
         self._window = partition_window
         self._partition_lock = asyncio.Lock()
@@ -165,8 +170,13 @@ class Sink:
         dead_letters: Sequence[DeadLetter] = (),
         heartbeats: Sequence[HeartbeatRow] = (),
         per_record: bool = False,
+        sequence_range: tuple[str, str] | None = None,
     ) -> CommitResult:
-        """One transaction. Raises LeaseLostError (nothing written) or the database error."""
+        """One transaction. Raises LeaseLostError (nothing written) or the database error.
+
+        ``sequence_range`` (first and last sequence number of the batch's records) extends the
+        shard's hash chain with a link over the events just stored, in the same transaction.
+        """
         result = CommitResult()
         async with self._pool.acquire() as conn, conn.transaction():
             status = await conn.execute(
@@ -209,6 +219,8 @@ class Sink:
                 await insert_dead_letters(conn, lease.stream_name, lease.shard_id, letters)
             if heartbeats:
                 await upsert_heartbeats(conn, lease.stream_name, lease.shard_id, heartbeats)
+            if sequence_range is not None and self._chain:
+                await extend_chain(conn, lease.stream_name, lease.shard_id, *sequence_range)
             result.dead_letters = len(letters)
             result.store_failures = failed
         return result
@@ -226,6 +238,22 @@ async def ensure_day_partitions(
     for day in sorted(d for d in days if d not in known and low <= d <= high):
         await conn.execute("SELECT das.ensure_partition($1)", day)
         known.add(day)
+
+
+async def extend_chain(
+    conn: Conn, stream: str, shard: str, first: str, last: str, kind: str = "batch"
+) -> int:
+    """Add the link over the events of [first, last] just stored (see docs/integrity.md)."""
+    return int(
+        await conn.fetchval(
+            "SELECT das.extend_chain($1, $2, $3::numeric, $4::numeric, $5)",
+            stream,
+            shard,
+            first,
+            last,
+            kind,
+        )
+    )
 
 
 async def copy_unit(conn: Conn, unit: CopyUnit) -> None:

@@ -1,0 +1,188 @@
+"""``das-ingest verify`` and ``das-ingest anchor``: tamper evidence for the warehouse."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from ingest.commands.options import add_dsn_argument, env_default
+
+VERIFY_EPILOG = """\
+verify recomputes every event's digest from the stored rows (trusting no function or digest
+stored in the database), walks each shard's hash chain, checks every anchor through KMS, and
+reports what was altered, deleted, inserted or reordered, with shard, link and sequence range.
+Whole UTC days recorded in das.retention_log are legitimately gone; anything else missing is a
+finding. Links after the last anchor (the unanchored tail) are listed: they are only as safe as
+the warehouse itself.
+
+exit codes: 0 clean, 1 findings, 2 configuration error.
+
+das.statements is derived from the chained events and not chained itself: after restoring or
+repairing events, rebuild it with `das-ingest rebuild-statements`.
+"""
+
+
+def add_parser(subparsers: Any) -> None:
+    verify = subparsers.add_parser(
+        "verify",
+        help="check the warehouse for altered, deleted, inserted or reordered events",
+        description="Verify the hash chains and their KMS anchors against the stored events.",
+        epilog=VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify.add_argument("--stream", default=env_default("DAS_STREAM"), help="only this stream")
+    verify.add_argument(
+        "--shard", action="append", dest="shards", metavar="SHARD", help="only this shard (repeat)"
+    )
+    verify.add_argument(
+        "--since",
+        metavar="ISO",
+        help="only recompute links created since this time (chain "
+        "continuity and anchors are always checked in full)",
+    )
+    verify.add_argument("--json", action="store_true", help="a JSON report on stdout")
+    verify.add_argument(
+        "--no-anchors",
+        action="store_true",
+        help="do not check anchors (no KMS access); the report says so",
+    )
+    add_dsn_argument(verify)
+    verify.set_defaults(func=_verify)
+
+    anchor = subparsers.add_parser(
+        "anchor",
+        help="anchor the chain heads with a KMS key now, or export the anchors",
+        description="Authenticate the head of every shard chain with a KMS HMAC key "
+        "(GenerateMac) or asymmetric key (Sign) the warehouse's administrators do not hold; "
+        "workers do this periodically with --anchor-key-id. --export writes all anchors as "
+        "JSON lines, for safekeeping outside the warehouse.",
+    )
+    anchor.add_argument(
+        "--key-id",
+        default=env_default("DAS_ANCHOR_KEY_ID"),
+        help="KMS key id, ARN or alias to anchor with [DAS_ANCHOR_KEY_ID]",
+    )
+    anchor.add_argument("--stream", default=env_default("DAS_STREAM"), help="only this stream")
+    anchor.add_argument(
+        "--export", metavar="FILE", help="write every anchor as JSON lines to FILE ('-': stdout)"
+    )
+    add_dsn_argument(anchor)
+    anchor.set_defaults(func=_anchor)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    since = None
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since.replace("Z", "+00:00"))
+        except ValueError:
+            raise SystemExit(f"das-ingest verify: --since {args.since!r} is not ISO 8601") from None
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+    from ingest.runtime import run_async
+
+    return run_async(_do_verify(args, since))
+
+
+async def _do_verify(args: argparse.Namespace, since: datetime | None) -> int:
+    import contextlib
+
+    import orjson
+
+    from ingest.aws import aws_client
+    from ingest.integrity.verify import verify
+    from ingest.warehouse.db import connect, resolve_dsn
+
+    conn = await connect(resolve_dsn(args.dsn))
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            kms = None if args.no_anchors else await stack.enter_async_context(aws_client("kms"))
+            report = await verify(
+                conn, kms=kms, stream=args.stream, shards=args.shards, since=since
+            )
+    finally:
+        await conn.close()
+    if args.json:
+        sys.stdout.write(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _print_report(report)
+    return 0 if report.clean else 1
+
+
+def _print_report(report: Any) -> None:
+    print(
+        f"checked {report.chains} chains, {report.links} links, {report.events} events, "
+        f"{report.anchors_checked} anchors"
+    )
+    if report.anchors_skipped:
+        print("anchors NOT checked (--no-anchors): a consistent rewrite would go unnoticed")
+    if report.retained_days:
+        days = report.retained_days
+        print(f"removed by retention (recorded): {len(days)} days, {days[0]} .. {days[-1]}")
+    for tail in report.unanchored:
+        print(
+            f"unanchored tail: {tail['stream']} {tail['shard']} links {tail['first_link']}.."
+            f"{tail['last_link']} (up to sequence {tail['last_sequence']})"
+        )
+    if report.clean:
+        print("no findings: nothing altered, deleted, inserted or reordered")
+        return
+    print(f"{len(report.findings)} FINDINGS:")
+    for f in report.findings:
+        where = f"{f.stream} {f.shard}"
+        if f.link_no is not None:
+            where += f" link {f.link_no}"
+        if f.first_sequence is not None:
+            where += f" sequence {f.first_sequence}..{f.last_sequence}"
+        print(f"  {f.kind.upper():<16} {where}: {f.detail}")
+
+
+def _anchor(args: argparse.Namespace) -> int:
+    if not args.key_id and not args.export:
+        raise SystemExit("das-ingest anchor: give --key-id (to anchor) and/or --export FILE")
+    from ingest.runtime import run_async
+
+    return run_async(_do_anchor(args))
+
+
+async def _do_anchor(args: argparse.Namespace) -> int:
+    import orjson
+
+    from ingest.aws import aws_client
+    from ingest.integrity.anchor import AnchorKey, anchor_heads, load_anchors
+    from ingest.warehouse.db import connect, resolve_dsn
+
+    conn = await connect(resolve_dsn(args.dsn))
+    try:
+        if args.key_id:
+            async with aws_client("kms") as kms:
+                key = AnchorKey(kms, args.key_id)
+                streams = (
+                    [args.stream]
+                    if args.stream
+                    else [
+                        r[0]
+                        for r in await conn.fetch(
+                            "SELECT DISTINCT stream_name FROM das.chain_links ORDER BY 1"
+                        )
+                    ]
+                )
+                made = 0
+                for stream in streams:
+                    made += len(await anchor_heads(conn, key, stream))
+            print(f"anchored {made} chain heads", file=sys.stderr)
+        if args.export:
+            lines = [
+                orjson.dumps(a.as_json()) + b"\n" for a in await load_anchors(conn, args.stream)
+            ]
+            if args.export == "-":
+                sys.stdout.buffer.write(b"".join(lines))
+            else:
+                with open(args.export, "wb") as out:  # noqa: ASYNC230 - a small, local file
+                    out.write(b"".join(lines))
+                print(f"exported {len(lines)} anchors to {args.export}", file=sys.stderr)
+    finally:
+        await conn.close()
+    return 0
