@@ -8,6 +8,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import boto3
@@ -66,6 +67,12 @@ async def test_one_worker_ingests_a_stream_exactly_once(fleet: Fleet, pg_dsn: st
         assert all(r["checkpoint"].isdigit() for r in leases)
         heartbeats = await conn.fetchval("SELECT count(*) FROM das.heartbeats")
         assert heartbeats == opts.instances
+        # Today's partition and the next two days' were created ahead.
+        today = datetime.now(UTC).date()
+        for day in (today, today + timedelta(days=1), today + timedelta(days=2)):
+            assert await conn.fetchval(
+                "SELECT to_regclass($1)", f"das.activity_events_p{day:%Y%m%d}"
+            )
         # Every complete MySQL statement found its AUX events (the traffic is MySQL on odd
         # instances); MAIN-only statements are those without objects.
         orphans = await conn.fetchval("SELECT count(*) FROM das.statements WHERE NOT has_main")

@@ -25,6 +25,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -103,6 +104,7 @@ class Worker:
         self.last_turn = time.monotonic()
         self._stop = asyncio.Event()
         self._sync_due = 0.0
+        self._partitions_due = 0.0
         self._idle_since: float | None = None
         self._kms_seen = (0, 0)
         self.exit_reason = ""
@@ -172,6 +174,11 @@ class Worker:
             if created:
                 log.info("new shards", extra={"count": created})
             self._sync_due = now + self.settings.shard_sync_seconds
+        if now >= self._partitions_due:
+            # Day partitions are created ahead, so commits rarely wait for DDL.
+            today = datetime.now(UTC).date()
+            await self.sink.ensure_partitions({today + timedelta(days=d) for d in range(3)})
+            self._partitions_due = now + 3600
         eligible = await self.leases.eligible_leases()
         await self._balance(eligible, live)
         self._update_idle(eligible, live)

@@ -8,6 +8,7 @@ non-committing messages needs the REQUIRE_ENCRYPT_ALLOW_DECRYPT commitment polic
 
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
 from typing import Any
 
@@ -81,16 +82,24 @@ class EsdkDecryptor:
     def decrypt(self, message: bytes, data_key: bytes) -> bytes:
         if len(data_key) != 32:
             raise DecryptError(f"data key is {len(data_key)} bytes, expected 32 (AES-256)")
+        source = io.BytesIO(message)
         try:
-            plaintext, _header = self._client.decrypt(
-                source=message, key_provider=self._provider(data_key)
-            )
+            with self._client.stream(
+                mode="d", source=source, key_provider=self._provider(data_key)
+            ) as decryptor:
+                plaintext = decryptor.read()
         except AWSEncryptionSDKClientError as exc:
             raise DecryptError(_describe_sdk_error(exc), hint=_hint_for(exc)) from None
         except InvalidTag:
             raise DecryptError("authentication failed (AES-GCM tag)", hint=_HINT_KEY) from None
         except Exception as exc:  # noqa: BLE001 - the SDK raises many types on hostile input
             raise DecryptError(f"malformed Encryption SDK message ({type(exc).__name__})") from None
+        # The SDK stops reading after the footer; the message format says unprocessed bytes
+        # must fail, and so does the lean decryptor.
+        if source.tell() != len(message):
+            raise DecryptError(
+                f"{len(message) - source.tell()} bytes of trailing data after the message"
+            )
         return bytes(plaintext)
 
 
