@@ -148,6 +148,13 @@ class Fleet:
         self.workers.append(worker)
         return worker
 
+    async def start_args(self, *args: str) -> WorkerProcess:
+        """A worker from a full ``das-ingest`` argument list (e.g. ``run --cluster ...``)."""
+        name = args[args.index("--worker-id") + 1] if "--worker-id" in args else "worker"
+        worker = await spawn(name, list(args))
+        self.workers.append(worker)
+        return worker
+
     async def close(self) -> None:
         for worker in self.workers:
             if worker.process.returncode is None:
@@ -175,6 +182,10 @@ async def start_worker(name: str, stream: str, dsn: str, *extra: str) -> WorkerP
         "10",
         *extra,
     ]
+    return await spawn(name, args)
+
+
+async def spawn(name: str, args: list[str]) -> WorkerProcess:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -1,0 +1,130 @@
+"""`das-ingest run --cluster ID`: stream and resource id discovered with DescribeDBClusters.
+
+moto's RDS server knows DB clusters but not activity streams. A small HTTP shim in front of it
+adds the four fields Aurora reports once an activity stream is started (as the seed document's
+`describe-db-clusters` example shows); everything else is moto's real answer.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+
+import aiohttp
+import boto3
+import pytest
+from aiohttp import web
+
+from ingest.devstack import HOST
+from tests.cli_helpers import das_ingest
+from tests.fleet import Fleet, assert_exactly_once, expected, migrated, options, produce, stored
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    running = Fleet()
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+def create_cluster(aws_env: dict[str, str]) -> tuple[str, str]:
+    rds = boto3.client("rds", endpoint_url=aws_env["AWS_ENDPOINT_URL_RDS"])
+    name = f"aurora-{secrets.token_hex(4)}"
+    cluster = rds.create_db_cluster(
+        DBClusterIdentifier=name,
+        Engine="aurora-postgresql",
+        MasterUsername="master",
+        MasterUserPassword="not-a-real-password-0",
+    )["DBCluster"]
+    return name, cluster["DbClusterResourceId"]
+
+
+@pytest.fixture
+async def activity_stream_rds(aws_env: dict[str, str]) -> AsyncIterator[str]:
+    """An RDS endpoint whose clusters report a started activity stream."""
+    upstream = aws_env["AWS_ENDPOINT_URL_RDS"]
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host",)}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(upstream + request.path_qs, data=body, headers=headers) as answer,
+        ):
+            text = await answer.text()
+            status = answer.status
+        if b"Action=DescribeDBClusters" in body and "<DbClusterResourceId>" in text:
+            start = text.index("<DbClusterResourceId>") + len("<DbClusterResourceId>")
+            resource_id = text[start : text.index("</DbClusterResourceId>")]
+            extra = (
+                f"<ActivityStreamKinesisStreamName>aws-rds-das-{resource_id}"
+                "</ActivityStreamKinesisStreamName><ActivityStreamStatus>started"
+                "</ActivityStreamStatus><ActivityStreamMode>async</ActivityStreamMode>"
+            )
+            text = text.replace("</DbClusterResourceId>", "</DbClusterResourceId>" + extra, 1)
+        return web.Response(text=text, status=status, content_type="text/xml")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://{HOST}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_run_discovers_stream_and_resource_id(
+    pg_dsn: str,
+    aws_env: dict[str, str],
+    activity_stream_rds: str,
+    fleet: Fleet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await migrated(pg_dsn)
+    name, resource_id = create_cluster(aws_env)
+    opts = options(f"aws-rds-das-{resource_id}", count=300, shards=2, instances=2)
+    assert opts.resource_id == resource_id  # the KMS encryption context the cluster uses
+    await produce(opts)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_RDS", activity_stream_rds)
+    worker = await fleet.start_args(
+        "run",
+        "--cluster",
+        name,
+        "--dsn",
+        pg_dsn,
+        "--worker-id",
+        "discoverer",
+        "--processes",
+        "0",
+        "--lease-seconds",
+        "3",
+        "--stop-when-idle",
+        "1.5",
+    )
+    assert await worker.wait(90) == 0
+    assert_exactly_once(await stored(pg_dsn), expected(opts))
+    started = worker.logged("worker started")
+    assert started[0]["stream"] == f"aws-rds-das-{resource_id}"
+    assert started[0]["resource_id"] == resource_id
+
+
+async def test_a_cluster_without_an_activity_stream_is_a_clear_error(
+    pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    name, _ = create_cluster(aws_env)
+    result = await das_ingest("run", "--cluster", name, "--dsn", pg_dsn, "--processes", "0")
+    assert result.returncode == 2
+    assert f"DB cluster '{name}' has no database activity stream" in result.stderr
+    assert "start-activity-stream" in result.stderr
+    missing = await das_ingest("run", "--cluster", "no-such-cluster", "--dsn", pg_dsn)
+    assert missing.returncode == 2
+    assert "cannot describe DB cluster 'no-such-cluster': DBClusterNotFoundFault" in missing.stderr
+    assert "Traceback" not in missing.stderr + result.stderr
