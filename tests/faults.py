@@ -30,7 +30,7 @@ import struct
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
@@ -587,3 +587,81 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+# -- crashes -------------------------------------------------------------------------------------
+
+
+Starter = Callable[[str], Awaitable[WorkerProcess]]
+
+
+@dataclass
+class Killer:
+    """SIGKILLs a random worker at random moments and starts it again (seeded: log the seed).
+
+    ``start(name)`` starts a worker process. A restarted worker keeps its name (a container
+    restarted in place) or gets a new one (a new pod), at random.
+    """
+
+    start: Starter
+    slots: int
+    seed: int
+    every: tuple[float, float] = (1.0, 3.5)
+    restart_after: tuple[float, float] = (0.0, 1.5)
+    kills: int = 0
+    restarts: int = 0
+    live: dict[int, WorkerProcess] = field(default_factory=dict)
+    _task: asyncio.Task[None] | None = None
+    _rng: random.Random = field(init=False)
+    _generation: int = 0
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    async def start_all(self) -> None:
+        for slot in range(self.slots):
+            self.live[slot] = await self.start(f"w{slot}")
+
+    def begin(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        """Stop killing; every slot has a running worker again afterwards."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for slot, worker in list(self.live.items()):
+            if worker.process.returncode is not None:
+                await self._restart(slot)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._rng.uniform(*self.every))
+            slot = self._rng.randrange(self.slots)
+            victim = self.live[slot]
+            victim.kill()
+            await victim.process.wait()
+            self.kills += 1
+            await asyncio.sleep(self._rng.uniform(*self.restart_after))
+            await self._restart(slot)
+
+    async def _restart(self, slot: int) -> None:
+        self._generation += 1
+        same_name = self._rng.random() < 0.5
+        name = f"w{slot}" if same_name else f"w{slot}-{self._generation}"
+        self.live[slot] = await self.start(name)
+        self.restarts += 1
+
+    async def terminate_all(self, deadline: float = 60) -> list[int]:
+        """SIGTERM every worker once it is up (a SIGTERM during startup, before the handlers
+        are installed, ends a process the default way: nothing to drain, but not exit 0)."""
+        workers = list(self.live.values())
+
+        async def started() -> bool:
+            return all(w.logged("worker started") for w in workers)
+
+        await wait_until(started, deadline)
+        for worker in workers:
+            worker.terminate()
+        return list(await asyncio.gather(*(w.wait(deadline) for w in workers)))
