@@ -6,6 +6,7 @@ pickling tuples back to the parent costs about as much as producing them.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -28,6 +29,9 @@ EVENT_COLUMNS: tuple[str, ...] = (
 )
 
 _FIELD_ATTRS = tuple(("class_" if f.column == "class" else f.column, f.kind) for f in FIELDS)
+_GET_FIELDS = operator.attrgetter(*(attr for attr, _ in _FIELD_ATTRS))
+_KINDS = tuple(kind for _, kind in _FIELD_ATTRS)
+_TEXT, _INT, _TIME = Kind.TEXT, Kind.INT, Kind.TIME
 NULL = "\\N"
 
 
@@ -73,23 +77,28 @@ def event_line(
     if prefix is None:
         prefix = record_prefix(record, shard_id, sequence_number)
     cols = [prefix, str(event.event_index)]
-    for attr, kind in _FIELD_ATTRS:
-        value = getattr(event, attr)
+    append = cols.append
+    # One C call fetches every field; the loop then only formats. Clean text (nothing COPY
+    # must escape) is the common case and is appended as is; escape() handles the rest.
+    for value, kind in zip(_GET_FIELDS(event), _KINDS, strict=True):
         if value is None:
-            cols.append(NULL)
-        elif kind is Kind.TEXT:
-            cols.append(escape(value))
-        elif kind is Kind.INT:
-            cols.append(str(value))
-        elif kind is Kind.TIME:
-            cols.append(value.isoformat())
+            append(NULL)
+        elif kind is _TEXT:
+            if "\\" in value or not value.isprintable():
+                value = escape(value)
+            append(value)
+        elif kind is _INT:
+            append(str(value))
+        elif kind is _TIME:
+            append(value.isoformat())
         else:
-            cols.append(jsonb(value))
+            append(jsonb(value))
     extra = event.extra
     if record.record_extra:
         extra = {**extra, "_record": record.record_extra}
-    cols.append(jsonb(extra))
-    cols.append(text_array(event.anomalies))
+    append("{}" if type(extra) is dict and not extra else jsonb(extra))
+    anomalies = event.anomalies
+    append(text_array(anomalies) if anomalies else "{}")
     return "\t".join(cols)
 
 

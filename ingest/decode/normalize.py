@@ -109,34 +109,63 @@ def _id_field(doc: dict[str, Any], name: str, anomalies: list[str]) -> str | Non
     raise NormalizeError(f"{name} is a JSON {type(value).__name__}, not a string")
 
 
+#: wire name -> (ActivityEvent attribute, kind). The hot loop below runs once per field of
+#: every event, so it looks up one tuple instead of a FieldSpec and its column name.
+_ATTRS: dict[str, tuple[str, Kind]] = {
+    wire: ("class_" if spec.column == "class" else spec.column, spec.kind)
+    for wire, spec in FIELDS_BY_WIRE.items()
+}
+_TEXT, _INT = Kind.TEXT, Kind.INT
+
+
 def normalize_event(index: int, item: dict[str, Any]) -> ActivityEvent:
     values: dict[str, Any] = {}
     extra: dict[str, JsonValue] = {}
     anomalies: list[str] = []
+    low, high = _INT64
     for wire, raw in item.items():
-        spec = FIELDS_BY_WIRE.get(wire)
+        spec = _ATTRS.get(wire)
         if spec is None:
             if wire not in STRUCTURAL_FIELDS:
                 extra[wire] = raw
             continue
         if raw is None:
             continue
-        converted, problem = _convert(spec.kind, raw)
+        attr, kind = spec
+        # Fast paths for what Aurora sends almost always: ASCII text without NUL, and
+        # in-range ints. Anything else takes _convert, the one definition of the rules.
+        raw_type = type(raw)
+        if kind is _TEXT:
+            if raw_type is str and raw.isascii() and "\x00" not in raw:
+                values[attr] = raw
+                continue
+        elif kind is _INT and raw_type is int and low <= raw <= high:
+            values[attr] = raw
+            continue
+        converted, problem = _convert(kind, raw)
         if problem is None:
-            values[spec.column] = converted
+            values[attr] = converted
         elif problem in ("nul", "utf8"):
-            values[spec.column] = converted
+            values[attr] = converted
             anomalies.append(f"{wire}:{problem}")
         else:
             extra[wire] = raw
             anomalies.append(f"{wire}:{problem}")
     if extra:
         extra = sanitize_json(extra, "extra", anomalies)
-    if "param_list" in values:
-        values["param_list"] = sanitize_json(values["param_list"], "paramList", anomalies)
-    if "class" in values:
-        values["class_"] = values.pop("class")
+    param_list = values.get("param_list")
+    if param_list is not None:
+        values["param_list"] = _sanitize_list(param_list, anomalies)
     return ActivityEvent(event_index=index, extra=extra, anomalies=tuple(anomalies), **values)
+
+
+def _sanitize_list(items: list[Any], anomalies: list[str]) -> list[Any]:
+    """``sanitize_json(items, "paramList", anomalies)``, without the recursion for the usual
+    list of clean ASCII strings (always a new list, as sanitize_json returns)."""
+    for item in items:
+        if type(item) is not str or not item.isascii() or "\x00" in item:
+            return sanitize_json(items, "paramList", anomalies)  # type: ignore[no-any-return]
+    return list(items)
 
 
 def _convert(kind: Kind, raw: Any) -> tuple[Any, str | None]:
