@@ -1,0 +1,126 @@
+"""Decode throughput, pure and in one process, and where the time of a message goes.
+
+Records are built by the emulator itself (``build_records``: the AWS Encryption SDK, a fresh
+signing key per message, exactly what the decode tests use). Stages are timed separately over
+the same messages, each the best of ``repeat`` passes (the machine is shared: the minimum is
+the least disturbed); whole-batch throughput is ``decode_batch`` (what the process pool runs),
+reported as median and range over the passes.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ingest.decode import copyfmt
+from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
+from ingest.decode.correlate import StatementFolder
+from ingest.decode.envelope import read_envelope
+from ingest.decode.esdk import EsdkDecryptor
+from ingest.decode.gunzip import gunzip
+from ingest.decode.lean import LeanDecryptor
+from ingest.decode.model import DecodedRecord
+from ingest.decode.normalize import normalize, parse_payload
+from ingest.emulate.producer import DataKey, EmulateOptions, build_records
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+#: Stage columns, in pipeline order (microseconds per message).
+STAGES = (
+    "envelope",
+    "lean verified",
+    "lean unverified",
+    "esdk",
+    "gunzip",
+    "parse",
+    "normalize",
+    "COPY",
+)
+#: decode_batch configurations (events/s).
+CONFIGS: dict[str, DecoderConfig] = {
+    "lean verified": DecoderConfig("lean", verify_signatures=True),
+    "lean unverified": DecoderConfig("lean", verify_signatures=False),
+    "esdk": DecoderConfig("esdk"),
+}
+
+
+@dataclass
+class DecodeResult:
+    events_per_record: int
+    records: int
+    events: int
+    #: stage -> microseconds per message (best pass)
+    stage_us: dict[str, float] = field(default_factory=dict)
+    #: config -> events/s of every pass
+    events_per_second: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _best(fn: Callable[[T], U], inputs: Sequence[T], repeat: int) -> tuple[float, list[U]]:
+    """Microseconds per input of the fastest of ``repeat`` passes, and the outputs."""
+    best = float("inf")
+    out: list[U] = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        out = [fn(x) for x in inputs]
+        best = min(best, time.perf_counter() - started)
+    return best / len(inputs) * 1e6, out
+
+
+def measure(events_per_record: int, records: int, repeat: int) -> DecodeResult:
+    key = os.urandom(32)
+    opts = EmulateOptions(
+        stream="aws-rds-das-cluster-BENCH",
+        events_per_record=events_per_record,
+        count=records * events_per_record,
+        rotate_every=1_000_000,
+        heartbeat_every=0,
+    )
+    built = build_records(opts, lambda _n: DataKey(key, b"blob"))
+    raw = [r.data for r in built]
+    result = DecodeResult(events_per_record, len(raw), sum(r.inner.record_events for r in built))
+    s = result.stage_us
+    s["envelope"], envelopes = _best(read_envelope, raw, repeat)
+    messages = [e.payload() for e in envelopes]
+    verified, unverified, esdk = (
+        LeanDecryptor(),
+        LeanDecryptor(verify_signatures=False),
+        EsdkDecryptor(),
+    )
+    s["lean verified"], plaintexts = _best(lambda m: verified.decrypt(m, key), messages, repeat)
+    s["lean unverified"], _ = _best(lambda m: unverified.decrypt(m, key), messages, repeat)
+    s["esdk"], _ = _best(lambda m: esdk.decrypt(m, key), messages, repeat)
+    s["gunzip"], inners = _best(gunzip, plaintexts, repeat)
+    s["parse"], docs = _best(parse_payload, inners, repeat)
+    pairs = list(zip(docs, (e.version for e in envelopes), strict=True))
+    s["normalize"], decoded = _best(lambda p: normalize(*p), pairs, repeat)
+    s["COPY"], _ = _best(_copy_encode, decoded, repeat)
+
+    items = [(i, str(i + 1), data, key) for i, data in enumerate(raw)]
+    for name, config in CONFIGS.items():
+        batch = BatchInput("shardId-000000000000", items, config)
+        decode_batch(batch)  # warm: decryptor construction, imports
+        rates = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            out = decode_batch(batch)
+            rates.append(out.event_count / (time.perf_counter() - started))
+            assert not out.failures, out.failures[:1]
+        result.events_per_second[name] = rates
+    return result
+
+
+def _copy_encode(record: DecodedRecord) -> Any:
+    """COPY encoding as decode_batch does it: the events, then the MySQL statement parts."""
+    triple = [(record, "shardId-000000000000", "1")]
+    folder = StatementFolder()
+    folder.extend(triple)
+    return copyfmt.encode_events(triple), folder.encode()
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0

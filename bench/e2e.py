@@ -1,0 +1,407 @@
+"""End to end on the local stack: `das-ingest run` from a filled stream to committed rows.
+
+Each measured run gets a fresh, migrated database and reads the stream from TRIM_HORIZON, so one
+filled stream serves every run (ours with and without signature verification, repeats, and the
+reference consumer, which only reads).
+
+Time of a worker run: from just before the ``das-ingest run`` subprocess is spawned (imports,
+pool start-up and lease taking included) to the last commit, i.e. ``max(ingested_at)`` of the
+events (the transaction start of the last batch; its COPY and commit take a few ms more). The
+worker is stopped with SIGTERM once every shard's checkpoint reached the last record put; that
+wait is not counted. ``steady`` is the rate between the first and
+the last commit, without start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+
+from bench import procs
+from bench.workload import Workload, put_batch
+from ingest.devstack import LocalStack, free_port
+from ingest.emulate.producer import Entry
+from ingest.warehouse.migrate import migrate
+
+#: Every worker run: what tests/fleet.py uses, so leases are taken within a second or two.
+WORKER_ARGS = ("--lease-seconds", "3", "--shard-sync-seconds", "2", "--shutdown-deadline", "10")
+RSS_INTERVAL = 0.1
+
+
+@dataclass
+class WorkerRun:
+    events: int
+    records: int
+    seconds: float
+    steady_events_per_second: float
+    peak_rss_bytes: int
+    kms_calls: int | None
+    exit_code: int
+    log_tail: list[str] = field(default_factory=list)
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def records_per_second(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+
+async def fresh_database(stack: LocalStack) -> str:
+    assert stack.postgres is not None
+    name = f"bench_{secrets.token_hex(5)}"
+    admin = await asyncpg.connect(stack.dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    dsn = stack.postgres.dsn_for(name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return dsn
+
+
+async def drop_database(stack: LocalStack, dsn: str) -> None:
+    name = dsn.rsplit("/", 1)[1].split("?", 1)[0]
+    admin = await asyncpg.connect(stack.dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+class _Worker:
+    """A `das-ingest run` subprocess with its stderr read, RSS sampled and /metrics scraped."""
+
+    def __init__(self, process: asyncio.subprocess.Process, metrics_port: int) -> None:
+        self.process = process
+        self.metrics_port = metrics_port
+        self.lines: list[str] = []
+        self.peak_rss = 0
+        self.kms_calls: int | None = None
+        self._tasks = [
+            asyncio.ensure_future(self._read()),
+            asyncio.ensure_future(self._sample()),
+            asyncio.ensure_future(self._scrape()),
+        ]
+
+    @classmethod
+    async def start(cls, stream: str, dsn: str, extra: Sequence[str], processes: int) -> _Worker:
+        port = free_port()
+        args = [
+            "run",
+            "--stream",
+            stream,
+            "--dsn",
+            dsn,
+            "--worker-id",
+            "bench",
+            "--processes",
+            str(processes),
+            "--metrics-port",
+            str(port),
+            *WORKER_ARGS,
+            *extra,
+        ]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ingest",
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return cls(process, port)
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.lines.append(line.decode(errors="replace").rstrip())
+            if os.environ.get("DAS_BENCH_ECHO"):
+                sys.stderr.write(line.decode(errors="replace"))
+
+    async def _sample(self) -> None:
+        while self.process.returncode is None:
+            self.peak_rss = max(self.peak_rss, procs.tree_rss_bytes(self.process.pid))
+            await asyncio.sleep(RSS_INTERVAL)
+
+    async def _scrape(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while self.process.returncode is None:
+                await self.scrape(session)
+                await asyncio.sleep(0.5)
+
+    async def scrape(self, session: aiohttp.ClientSession | None = None) -> None:
+        """Read das_kms_calls_total from the worker's /metrics (the coordinator refreshes it
+        once per cycle, lease_seconds / 3)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        own = session is None
+        session = session or aiohttp.ClientSession()
+        try:
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    found = _sample_value(await resp.text(), "das_kms_calls_total")
+                    if found is not None:
+                        self.kms_calls = found
+        finally:
+            if own:
+                await session.close()
+
+    def summary(self) -> dict[str, Any]:
+        for line in reversed(self.lines):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                entry = orjson.loads(line)
+                if isinstance(entry, dict) and entry.get("msg") == "worker stopped":
+                    return entry
+        return {}
+
+    async def wait(self, limit_seconds: float) -> int:
+        try:
+            code = await asyncio.wait_for(self.process.wait(), limit_seconds)
+        except TimeoutError:
+            self.kill()
+            await self.process.wait()
+            raise TimeoutError(
+                f"das-ingest run did not finish in {limit_seconds:.0f}s; last log lines:\n"
+                + "\n".join(self.lines[-10:])
+            ) from None
+        finally:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        return code
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGKILL)
+
+
+def _sample_value(text: str, name: str) -> int | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return int(float(line.split()[1]))
+    return None
+
+
+async def run_worker(
+    stack: LocalStack,
+    workload: Workload,
+    *,
+    worker_args: Sequence[str] = (),
+    processes: int = 2,
+    limit_seconds: float = 1800.0,
+) -> WorkerRun:
+    """`das-ingest run` over the filled stream into a fresh database, until every shard's
+    checkpoint reached the last record put; then SIGTERM.
+
+    ``worker_args`` are extra flags for the worker (``--skip-signature-verification``, or the
+    integrity chain's flags once it exists): this is the hook to measure any option with and
+    without.
+
+    Not ``--stop-when-idle``: it counts a shard as idle as soon as the prefetched next page
+    comes back empty, while the page in hand may still be decoding; on a big backlog the worker
+    then stops before it stored everything (see README "Performance").
+    """
+    last_put = _last_sequence_numbers(workload)
+    dsn = await fresh_database(stack)
+    try:
+        started = time.time()
+        worker = await _Worker.start(workload.stream, dsn, list(worker_args), processes)
+        try:
+            await _until_checkpointed(dsn, worker, last_put, limit_seconds)
+            # Let one coordinator cycle (1 s with --lease-seconds 3) publish the KMS counter.
+            await asyncio.sleep(1.5)
+            await worker.scrape()
+        finally:
+            worker.terminate()
+        code = await worker.wait(60)
+        conn = await asyncpg.connect(dsn)
+        try:
+            row = await conn.fetchrow(
+                """
+                SELECT count(*) AS n,
+                       extract(epoch FROM min(ingested_at)) AS first,
+                       extract(epoch FROM max(ingested_at)) AS last
+                FROM das.activity_events
+                """
+            )
+            first_batch = await conn.fetchval(
+                "SELECT count(*) FROM das.activity_events WHERE ingested_at = "
+                "(SELECT min(ingested_at) FROM das.activity_events)"
+            )
+        finally:
+            await conn.close()
+    finally:
+        await drop_database(stack, dsn)
+    assert row is not None
+    events = int(row["n"])
+    if code != 0 or events != workload.events:
+        raise RuntimeError(
+            f"das-ingest run exited {code} with {events} of {workload.events} events stored; "
+            "last log lines:\n" + "\n".join(worker.lines[-10:])
+        )
+    last, first = float(row["last"]), float(row["first"])
+    steady = (events - int(first_batch)) / (last - first) if last > first else 0.0
+    summary = worker.summary()
+    return WorkerRun(
+        events=events,
+        records=int(summary.get("records", workload.records)),
+        seconds=last - started,
+        steady_events_per_second=steady,
+        peak_rss_bytes=worker.peak_rss,
+        kms_calls=worker.kms_calls,
+        exit_code=code,
+        log_tail=worker.lines[-5:],
+    )
+
+
+def _last_sequence_numbers(workload: Workload) -> dict[str, int]:
+    last: dict[str, int] = {}
+    for shard_id, sequence_number in workload.put_times:
+        last[shard_id] = max(last.get(shard_id, 0), int(sequence_number))
+    return last
+
+
+async def _until_checkpointed(
+    dsn: str, worker: _Worker, last_put: dict[str, int], limit_seconds: float
+) -> None:
+    """Poll the lease table (cheap, unlike counting rows) until every shard is done."""
+    deadline = time.monotonic() + limit_seconds
+    conn = await asyncpg.connect(dsn)
+    try:
+        while True:
+            rows = await conn.fetch("SELECT shard_id, checkpoint FROM das.leases")
+            done = {
+                r["shard_id"]
+                for r in rows
+                if r["checkpoint"].isdigit()
+                and int(r["checkpoint"]) >= last_put.get(r["shard_id"], 0)
+            }
+            if set(last_put) <= done:
+                # Kinesalite shards that received nothing have no checkpoint to wait for.
+                return
+            if worker.process.returncode is not None:
+                raise RuntimeError("das-ingest run exited early:\n" + "\n".join(worker.lines[-10:]))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not every shard was checkpointed in {limit_seconds:.0f}s")
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+
+
+@dataclass
+class LatencyRun:
+    rate: float
+    records: int
+    events: int
+    p50: float
+    p99: float
+    max: float
+    peak_rss_bytes: int
+
+
+async def run_latency(
+    stack: LocalStack,
+    kinesis: Any,
+    workload: Workload,
+    *,
+    rate: float,
+    worker_args: Sequence[str] = (),
+    processes: int = 2,
+    limit_seconds: float = 600.0,
+) -> LatencyRun:
+    """Put ``workload`` at ``rate`` events/s while a worker runs; latency = put -> committed.
+
+    The put time is taken just before the record's PutRecords call is sent; the commit time is
+    the ``ingested_at`` of its rows (the start of the batch's transaction). Records are put in
+    ticks of 50 ms.
+    """
+    dsn = await fresh_database(stack)
+    worker = await _Worker.start(workload.stream, dsn, list(worker_args), processes)
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            deadline = time.monotonic() + 60
+            while await conn.fetchval("SELECT count(*) FROM das.leases WHERE owner = 'bench'") < 4:
+                if time.monotonic() > deadline or worker.process.returncode is not None:
+                    raise RuntimeError(
+                        "the worker did not take the leases:\n" + "\n".join(worker.lines[-10:])
+                    )
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)  # consumers get their iterators and start polling
+            await _paced_put(kinesis, workload, rate)
+            deadline = time.monotonic() + limit_seconds
+            while await conn.fetchval("SELECT count(*) FROM das.activity_events") < workload.events:
+                if time.monotonic() > deadline or worker.process.returncode is not None:
+                    raise RuntimeError("latency run did not store every event")
+                await asyncio.sleep(0.5)
+            rows = await conn.fetch(
+                """
+                SELECT shard_id, sequence_number::text AS seq,
+                       extract(epoch FROM min(ingested_at)) AS at
+                FROM das.activity_events GROUP BY 1, 2
+                """
+            )
+        finally:
+            await conn.close()
+        worker.terminate()
+        await worker.wait(60)
+    finally:
+        worker.kill()
+        await drop_database(stack, dsn)
+    latencies = sorted(float(r["at"]) - workload.put_times[(r["shard_id"], r["seq"])] for r in rows)
+    return LatencyRun(
+        rate=rate,
+        records=len(latencies),
+        events=workload.events,
+        p50=percentile(latencies, 50),
+        p99=percentile(latencies, 99),
+        max=latencies[-1] if latencies else 0.0,
+        peak_rss_bytes=worker.peak_rss,
+    )
+
+
+async def _paced_put(kinesis: Any, workload: Workload, rate: float) -> None:
+    tick = 0.05
+    started = time.monotonic()
+    sent_events = 0
+    pending: list[Entry] = list(workload.entries)
+    index = 0
+    while index < len(pending):
+        due_events = (time.monotonic() - started) * rate
+        batch: list[Entry] = []
+        while index < len(pending) and sent_events < due_events and len(batch) < 500:
+            batch.append(pending[index])
+            sent_events += pending[index].events
+            index += 1
+        if batch:
+            await put_batch(kinesis, workload, batch)
+        await asyncio.sleep(tick)
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(pct) - 1))]

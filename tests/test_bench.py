@@ -1,0 +1,161 @@
+"""The benchmark: its quick mode prints every row with sane numbers, and its fast encoder writes
+messages that both decryptors open to the same events (so the bench measures real work)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench.encoder import SIGNATURE_LENGTH, FastEncryptor
+from ingest.decode import decode_record
+from ingest.decode.esdk import EsdkDecryptor
+from ingest.decode.lean import LeanDecryptor
+from ingest.emulate.encoder import Encryptor, EsdkEncryptor, encode_payload
+from ingest.emulate.producer import EmulateOptions
+from ingest.errors import DecryptError
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = os.urandom(32)
+SIZES = ("1", "10", "100")
+
+
+def _tables(output: str) -> dict[str, list[list[str]]]:
+    """Markdown tables by the title above them: rows of cells, header and rule dropped."""
+    tables: dict[str, list[list[str]]] = {}
+    title = ""
+    for line in output.splitlines():
+        if line.startswith("### "):
+            title = line[4:]
+            tables[title] = []
+        elif line.startswith("|") and title:
+            tables[title].append([c.strip() for c in line.strip("|").split("|")])
+    return {t: rows[2:] for t, rows in tables.items()}
+
+
+def _number(cell: str) -> float:
+    """'1,234 (1,200-1,300)' -> 1234.0; '5.0x' -> 5.0."""
+    match = re.match(r"[\d,]+(\.\d+)?", cell)
+    assert match, f"not a number: {cell!r}"
+    return float(match.group(0).replace(",", ""))
+
+
+def _table(tables: dict[str, list[list[str]]], prefix: str) -> list[list[str]]:
+    found = [rows for title, rows in tables.items() if title.startswith(prefix)]
+    assert len(found) == 1, f"expected one table titled {prefix!r}, got {list(tables)}"
+    return found[0]
+
+
+@pytest.mark.slow
+def test_quick_bench_prints_every_row() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DAS_"))}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "Machine: " in out
+    tables = _tables(out)
+
+    stages = _table(tables, "Decode, one process")
+    assert [r[0] for r in stages] == list(SIZES)
+    for row in stages:
+        assert all(_number(c) > 0 for c in row[1:]), row
+
+    rates = _table(tables, "Decode throughput")
+    assert [r[0] for r in rates] == list(SIZES)
+    for row in rates:
+        assert len(row) == 4
+        assert all(_number(c) > 0 for c in row[1:]), row
+
+    e2e = _table(tables, "End to end")
+    consumers = ("das-ingest", "das-ingest --skip-signature-verification", "reference (seed)")
+    assert [(r[0], r[1]) for r in e2e] == [(s, c) for s in SIZES for c in consumers]
+    for size, consumer, records, events, per_s, records_per_s, *rest in e2e:
+        assert int(records) > 0
+        assert int(events.replace(",", "")) >= int(records) * int(size) // 2
+        assert _number(per_s) > 0
+        assert _number(records_per_s) > 0
+        kms_per_1000 = _number(rest[2])
+        if consumer == "reference (seed)":
+            assert kms_per_1000 == 1000.0  # one KMS call per record, by design
+        else:
+            assert 0 < kms_per_1000 < 1000.0
+            assert _number(rest[0]) > 0  # steady events/s
+            assert _number(rest[1]) > 0  # vs reference
+            assert 50 < _number(rest[3]) < 2000  # peak RSS, MB
+
+    latency = _table(tables, "Latency")
+    assert len(latency) == 1
+    p50, p99 = _number(latency[0][3]), _number(latency[0][4])
+    assert 0 < p50 <= p99
+
+    checks = out.split("### Checks", 1)[1]
+    assert checks.count("at most one Decrypt per distinct data key: ok") == 6
+    assert checks.count("limit 400 MB: ok") >= 1
+    assert "FAILED" not in checks
+    # The quick mode is meant to stay under a minute; allow a loaded machine some slack.
+    assert elapsed < 180
+
+
+def _sealed_records(encryptor: Encryptor, events_per_record: int) -> list[tuple[bytes, str]]:
+    options = EmulateOptions(
+        stream="aws-rds-das-cluster-BENCHTEST",
+        events_per_record=events_per_record,
+        count=events_per_record * 6,
+        engine="both",
+    )
+    return [
+        (
+            encode_payload(orjson.dumps(r.doc), r.version, KEY, b"blob", encryptor),
+            r.version,
+        )
+        for r in options.inner_records()
+    ]
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_fast_encoder_messages_open_with_both_decryptors(size: int) -> None:
+    plaintext = os.urandom(size)
+    message = FastEncryptor().encrypt(plaintext, KEY)
+    assert LeanDecryptor().decrypt(message, KEY) == plaintext
+    assert LeanDecryptor(verify_signatures=False).decrypt(message, KEY) == plaintext
+    assert EsdkDecryptor().decrypt(message, KEY) == plaintext
+    # The SDK's fixed-length footer: u16 length, then the 103-byte DER signature.
+    assert message[-SIGNATURE_LENGTH - 2 : -SIGNATURE_LENGTH] == SIGNATURE_LENGTH.to_bytes(2, "big")
+
+
+def test_fast_encoder_signatures_are_real() -> None:
+    message = bytearray(FastEncryptor().encrypt(b"x" * 100, KEY))
+    message[-5] ^= 0x01  # inside the signature: only the ECDSA verify can notice
+    with pytest.raises(DecryptError, match="signature"):
+        LeanDecryptor().decrypt(bytes(message), KEY)
+    with pytest.raises(DecryptError):
+        EsdkDecryptor().decrypt(bytes(message), KEY)
+    assert LeanDecryptor(verify_signatures=False).decrypt(bytes(message), KEY) == b"x" * 100
+
+
+@pytest.mark.parametrize("events_per_record", [1, 10, 100])
+def test_fast_encoder_records_decode_like_the_emulators(events_per_record: int) -> None:
+    fast = _sealed_records(FastEncryptor(), events_per_record)
+    slow = _sealed_records(EsdkEncryptor(), events_per_record)
+    assert len(fast) == len(slow)
+    for (fast_raw, _), (slow_raw, _) in zip(fast, slow, strict=True):
+        reference = decode_record(slow_raw, KEY, EsdkDecryptor())
+        assert decode_record(fast_raw, KEY, EsdkDecryptor()) == reference
+        assert decode_record(fast_raw, KEY, LeanDecryptor()) == reference
+        assert decode_record(fast_raw, KEY, LeanDecryptor(verify_signatures=False)) == reference
