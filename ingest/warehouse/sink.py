@@ -71,8 +71,10 @@ INSERT INTO das.dead_letters
 SELECT $1, $2, seq::numeric, pk, at, stage, error, raw
 FROM unnest($3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[], $8::bytea[])
     AS d(seq, pk, at, stage, error, raw)
-ON CONFLICT ON CONSTRAINT dead_letters_record DO NOTHING
+ON CONFLICT DO NOTHING
 """
+# No conflict target: naming one (ON CONSTRAINT dead_letters_record) needs SELECT on the table,
+# which the append-only ingest role does not have. The only other unique key is the identity id.
 
 UPSERT_HEARTBEATS = """
 INSERT INTO das.heartbeats AS h
