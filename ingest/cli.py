@@ -62,6 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    level: str | None = getattr(args, "log_level", None)
+    if level is not None:
+        # Every command logs through the JSON formatter and its allow-list of fields; without
+        # this, Python's last-resort handler would print library warnings verbatim.
+        from ingest.logs import setup_logging
+
+        setup_logging(level)
     try:
         return func(args)
     except KeyboardInterrupt:

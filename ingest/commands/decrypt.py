@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
+from ingest.commands.options import add_log_argument
+
 EPILOG = """\
 input: one Kinesis record per line, exactly as it sits in the stream (the outer JSON document
 {"type": "DatabaseActivityMonitoringRecords", ...}); a line holding that document base64-encoded
@@ -58,6 +60,7 @@ def add_parser(subparsers: Any) -> None:
         "--raw", action="store_true", help="print each record's decrypted JSON document as is"
     )
     add_decryptor_arguments(parser)
+    add_log_argument(parser)
     parser.set_defaults(func=run)
 
 

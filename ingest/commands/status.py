@@ -7,7 +7,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest.commands.options import add_dsn_argument, env_default
+from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
 
 
 def add_parser(subparsers: Any) -> None:
@@ -23,6 +23,7 @@ def add_parser(subparsers: Any) -> None:
     add_dsn_argument(parser)
     parser.add_argument("--json", action="store_true", help="one JSON document instead of tables")
     parser.add_argument("--no-lag", action="store_true", help="do not ask Kinesis for the lag")
+    add_log_argument(parser)
     parser.set_defaults(func=run)
 
 

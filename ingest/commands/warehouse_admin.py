@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from ingest.commands.decrypt import add_decryptor_arguments
-from ingest.commands.options import add_dsn_argument
+from ingest.commands.options import add_dsn_argument, add_log_argument
 
 
 def add_parser(subparsers: Any) -> None:
@@ -40,6 +40,7 @@ def add_parser(subparsers: Any) -> None:
     listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     add_dsn_argument(listing)
+    add_log_argument(listing)
     listing.set_defaults(func=_list_dead_letters)
     retry = actions.add_parser("retry", help="decode dead letters again and store them")
     which = retry.add_mutually_exclusive_group(required=True)
@@ -51,6 +52,7 @@ def add_parser(subparsers: Any) -> None:
     )
     add_decryptor_arguments(retry)
     add_dsn_argument(retry)
+    add_log_argument(retry)
     retry.set_defaults(func=_retry_dead_letters)
 
     rebuild = subparsers.add_parser(

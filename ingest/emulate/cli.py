@@ -10,6 +10,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ingest.commands.options import add_log_argument
+
 if TYPE_CHECKING:
     from ingest.emulate.producer import EmulateReport, Progress
 
@@ -103,6 +105,7 @@ def add_parser(subparsers: Any) -> None:
         default=True,
         help="progress on stderr: a bar on a terminal, else a line every few seconds",
     )
+    add_log_argument(parser)
     parser.set_defaults(func=run)
 
 
