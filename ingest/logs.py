@@ -36,6 +36,8 @@ ALLOWED_EXTRA = frozenset(
         "held",
         "elapsed",
         "resource_id",
+        "kms_calls",
+        "kms_hits",
     }
 )
 

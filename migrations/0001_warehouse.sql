@@ -86,8 +86,15 @@ BEGIN
     IF to_regclass(format('das.%I', part)) IS NOT NULL THEN
         RETURN false;
     END IF;
-    EXECUTE format(
-        'CREATE TABLE das.%I (LIKE das.activity_events INCLUDING DEFAULTS INCLUDING STORAGE)', part);
+    BEGIN
+        EXECUTE format(
+            'CREATE TABLE das.%I (LIKE das.activity_events INCLUDING DEFAULTS INCLUDING STORAGE)',
+            part);
+    EXCEPTION WHEN duplicate_table THEN
+        -- Another worker created it between our check and our lock (the catalog check can
+        -- miss a creation committed while we waited).
+        RETURN false;
+    END;
     -- The CHECK lets ATTACH skip scanning the new table.
     EXECUTE format('ALTER TABLE das.%I ADD CONSTRAINT %I CHECK '
                    '(log_time IS NOT NULL AND log_time >= %L AND log_time < %L)',

@@ -58,6 +58,9 @@ async def test_one_worker_ingests_a_stream_exactly_once(fleet: Fleet, pg_dsn: st
     assert summary["reason"] == "idle"
     assert summary["events"] == report.events == 1500
     assert summary["records"] == report.records
+    # KMS: one Decrypt per distinct data key, however many records share it.
+    assert summary["kms_calls"] == report.data_keys
+    assert summary["kms_hits"] == report.records - report.data_keys
     conn = await asyncpg.connect(pg_dsn)
     try:
         assert await conn.fetchval("SELECT count(*) FROM das.dead_letters") == 0
@@ -173,6 +176,77 @@ async def test_sigterm_drains_commits_and_releases(fleet: Fleet, pg_dsn: str) ->
     again = await fleet.start("t2", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "1.5")
     assert await again.wait(90) == 0
     assert_exactly_once(await stored(pg_dsn), expected(first))
+
+
+async def test_latest_is_pinned_so_a_restart_skips_nothing(fleet: Fleet, pg_dsn: str) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    before = options(stream, count=200, shards=2, instances=2)
+    await produce(before)
+    first = await fleet.start(
+        "l1", stream, pg_dsn, "--processes", "0", "--initial-position", "latest"
+    )
+    await wait_until(lambda: _leases(pg_dsn, 2), deadline=30)
+    # (kinesalite answers an AT_TIMESTAMP iterator request only once a record lies after the
+    # timestamp, so this worker waits there; SIGTERM stops it all the same.)
+    first.terminate()
+    assert await first.wait(30) == 0
+    assert await stored(pg_dsn) == []  # nothing from before it started
+    # Written while no worker runs: a LATEST taken again at restart would skip it.
+    after = options(stream, count=300, seed=31, create_stream=False, shards=2, instances=2)
+    await produce(after)
+    second = await fleet.start(
+        "l2",
+        stream,
+        pg_dsn,
+        "--processes",
+        "0",
+        "--stop-when-idle",
+        "1",
+        "--initial-position",
+        "latest",
+    )
+    assert await second.wait(60) == 0
+    assert_exactly_once(await stored(pg_dsn), expected(after))
+
+
+async def _leases(dsn: str, n: int) -> bool:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT checkpoint FROM das.leases")
+    finally:
+        await conn.close()
+    return len(rows) == n and all(r["checkpoint"].startswith("AT_TIMESTAMP:") for r in rows)
+
+
+async def test_at_timestamp_starts_where_asked(fleet: Fleet, pg_dsn: str) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    await produce(options(stream, count=200, shards=2, instances=2))
+    await asyncio.sleep(1.1)  # Kinesis arrival times have millisecond resolution
+    since = datetime.now(UTC)
+    await asyncio.sleep(0.1)
+    later = options(stream, count=300, seed=32, create_stream=False, shards=2, instances=2)
+    await produce(later)
+    worker = await fleet.start(
+        "ts",
+        stream,
+        pg_dsn,
+        "--processes",
+        "0",
+        "--stop-when-idle",
+        "1",
+        "--initial-position",
+        f"at_timestamp:{since.isoformat()}",
+    )
+    assert await worker.wait(60) == 0
+    assert_exactly_once(await stored(pg_dsn), expected(later))
+
+
+async def test_a_bad_initial_position_is_a_usage_error() -> None:
+    result = await das_ingest("run", "--stream", "s", "--initial-position", "yesterday")
+    assert result.returncode != 0
+    assert "--initial-position must be trim_horizon, latest or at_timestamp" in result.stderr
 
 
 async def test_stop_when_idle_waits_for_shards_held_by_a_dead_worker(

@@ -539,3 +539,25 @@ async def test_retention_drops_whole_old_partitions_and_logs_them(pg_dsn: str) -
         assert gone is None
     finally:
         await pool.close()
+
+
+async def test_concurrent_partition_creation_is_safe(pg_dsn: str) -> None:
+    """Every worker creates partitions ahead: racing creations of one day must all succeed."""
+    pool = await migrated_pool(pg_dsn)
+    try:
+        conns = [await asyncpg.connect(pg_dsn) for _ in range(6)]
+        try:
+            for offset in range(3):
+                day = date(2031, 1, 1) + timedelta(days=offset)
+                created = await asyncio.gather(
+                    *(c.fetchval("SELECT das.ensure_partition($1)", day) for c in conns)
+                )
+                assert created.count(True) == 1
+                assert await pool.fetchval(
+                    "SELECT to_regclass($1)", f"das.activity_events_p{day:%Y%m%d}"
+                )
+        finally:
+            for c in conns:
+                await c.close()
+    finally:
+        await pool.close()

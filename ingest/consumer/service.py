@@ -173,6 +173,8 @@ async def serve(args: argparse.Namespace) -> int:
                         "reason": worker.exit_reason or "done",
                         "events": _sample(metrics, "das_events_ingested_total"),
                         "records": _sample(metrics, "das_records_ingested_total"),
+                        "kms_calls": worker.keys.stats.calls,
+                        "kms_hits": worker.keys.stats.hits,
                         "elapsed": round(time.monotonic() - started, 3),
                     },
                 )

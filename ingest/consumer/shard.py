@@ -134,7 +134,7 @@ class ShardConsumer:
         return self.status.state
 
     async def _run(self) -> None:
-        iterator = await self._get_iterator()
+        iterator = await self._until_stopped(asyncio.ensure_future(self._get_iterator()))
         if iterator is None:
             self.status.state = State.SHARD_END
             return
@@ -165,6 +165,8 @@ class ShardConsumer:
             stopper.cancel()
         if task in done:
             return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         raise _Stopped
 
     # -- Kinesis ------------------------------------------------------------------------

@@ -9,7 +9,7 @@
     worker processes, several chunks in flight, results taken back in submission order)
         │ outer records, in production order
         ▼
-    PutRecords (≤ 500 records, ≤ 5 MiB, one call in flight, paced to ``rate`` events/s)
+    PutRecords (≤ 500 records, ≤ 700 KiB, one call in flight, paced to ``rate`` events/s)
 
 Ordering. Records of one partition key (one instance) must reach their shard in production
 order: a MySQL statement's MAIN and AUX events straddle records. With one PutRecords call in
@@ -58,7 +58,9 @@ from ingest.retry import Backoff
 
 #: PutRecords limits: records per call, bytes per call (data + partition keys), bytes per record.
 MAX_BATCH_RECORDS = 500
-MAX_BATCH_BYTES = 5 * 1024 * 1024
+# Kinesis takes 5 MiB per PutRecords, but aiohttp warns (and would block the event loop
+# copying) for request bodies over 1 MiB; base64 and JSON add a third, so stay well under.
+MAX_BATCH_BYTES = 700 * 1024
 MAX_RECORD_BYTES = 1024 * 1024
 #: Records per encoder job: big enough to amortize the trip to a worker, small enough that the
 #: pipeline stays smooth (about 50 ms of work).
