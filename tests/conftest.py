@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from ingest.devstack import LocalStack
+from tests.fleet import Fleet
 
 _STRAY_AWS_VARIABLES = (
     "AWS_PROFILE",
@@ -61,3 +62,13 @@ def aws_env(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    """Worker processes started by a test; whatever still runs at teardown is killed."""
+    running = Fleet()
+    try:
+        yield running
+    finally:
+        await running.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -29,15 +28,6 @@ from tests.fleet import (
 )
 
 pytestmark = pytest.mark.usefixtures("aws_env")
-
-
-@pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    running = Fleet()
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 def new_stream() -> str:

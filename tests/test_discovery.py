@@ -22,15 +22,6 @@ from tests.fleet import Fleet, assert_exactly_once, expected, migrated, options,
 pytestmark = pytest.mark.usefixtures("aws_env")
 
 
-@pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    running = Fleet()
-    try:
-        yield running
-    finally:
-        await running.close()
-
-
 def create_cluster(aws_env: dict[str, str]) -> tuple[str, str]:
     rds = boto3.client("rds", endpoint_url=aws_env["AWS_ENDPOINT_URL_RDS"])
     name = f"aurora-{secrets.token_hex(4)}"
