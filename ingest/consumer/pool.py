@@ -14,11 +14,13 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from ingest.consumer.budget import WorkBudget
 from ingest.decode.batch import BatchInput, BatchOutput, decode_batch
+from ingest.errors import IngestError
 
 log = logging.getLogger(__name__)
 
@@ -34,45 +36,88 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+class DecoderCrashedError(IngestError):
+    """A batch broke the decode pool repeatedly: decode its records one by one, apart."""
+
+
+#: Tries before a batch that keeps breaking the pool is decoded record by record.
+CRASH_TRIES = 3
+
+
 class DecodePool:
-    def __init__(self, processes: int, budget: WorkBudget) -> None:
+    def __init__(
+        self,
+        processes: int,
+        budget: WorkBudget,
+        *,
+        decode: Callable[[BatchInput], BatchOutput] = decode_batch,
+    ) -> None:
         self.processes = processes
         self.budget = budget
+        self._decode = decode
         self._executor: Executor | None = None
+        self._quarantine: Executor | None = None
+
+    @staticmethod
+    def _new_executor(processes: int) -> Executor:
+        # spawn: children never inherit the event loop, its threads or sockets, and they are
+        # our direct children, so PR_SET_PDEATHSIG ties their life to ours (a forkserver
+        # would outlive a SIGKILLed worker, and keep its children alive with it).
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(
+            max_workers=processes, mp_context=context, initializer=_die_with_parent
+        )
 
     def _ensure(self) -> Executor | None:
         if self.processes <= 0:
             return None
         if self._executor is None:
-            # spawn: children never inherit the event loop, its threads or sockets, and they are
-            # our direct children, so PR_SET_PDEATHSIG ties their life to ours (a forkserver
-            # would outlive a SIGKILLed worker, and keep its children alive with it).
-            context = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(
-                max_workers=self.processes, mp_context=context, initializer=_die_with_parent
-            )
+            self._executor = self._new_executor(self.processes)
         return self._executor
 
     def start(self) -> None:
         self._ensure()
 
     async def decode(self, batch: BatchInput, size: int) -> BatchOutput:
+        """Decode in the pool. A dead pool process (OOM killer, a crash) is a transient fault:
+        the pool is rebuilt and the batch tried again; a batch that keeps killing it raises
+        DecoderCrashedError so its records can be tried apart (see decode_alone)."""
         async with self.budget.hold(size):
-            while True:
+            for _ in range(CRASH_TRIES):
                 executor = self._ensure()
                 if executor is None:
-                    return decode_batch(batch)
+                    return self._decode(batch)
                 try:
                     return await asyncio.get_running_loop().run_in_executor(
-                        executor, decode_batch, batch
+                        executor, self._decode, batch
                     )
                 except BrokenProcessPool:
                     log.warning("decode pool broke (a worker process died); rebuilding it")
-                    self._executor = None
-                    executor.shutdown(wait=False, cancel_futures=True)
+                    if self._executor is executor:
+                        self._executor = None
+                        executor.shutdown(wait=False, cancel_futures=True)
                     await asyncio.sleep(0.5)
+            raise DecoderCrashedError(
+                f"a batch of {len(batch.records)} records broke the decode pool {CRASH_TRIES} times"
+            )
+
+    async def decode_alone(self, batch: BatchInput) -> BatchOutput | None:
+        """Decode a one-record batch in a quarantine process of its own; None if the record
+        kills it (nothing else ran there, so the record is to blame)."""
+        if self.processes <= 0:
+            return self._decode(batch)
+        if self._quarantine is None:
+            self._quarantine = self._new_executor(1)
+        quarantine = self._quarantine
+        try:
+            return await asyncio.get_running_loop().run_in_executor(quarantine, self._decode, batch)
+        except BrokenProcessPool:
+            self._quarantine = None
+            quarantine.shutdown(wait=False, cancel_futures=True)
+            return None
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        for executor in (self._executor, self._quarantine):
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+        self._executor = self._quarantine = None

@@ -26,8 +26,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
-from ingest.consumer.pool import DecodePool
-from ingest.decode.batch import BatchInput, DecoderConfig, Failure, HeartbeatRow, decode_batch
+from ingest.consumer.pool import DecodePool, DecoderCrashedError
+from ingest.decode.batch import (
+    BatchInput,
+    BatchOutput,
+    DecoderConfig,
+    Failure,
+    HeartbeatRow,
+    decode_batch,
+)
 from ingest.decode.envelope import read_envelope
 from ingest.errors import DecodeError, IngestError, KmsUnavailableError
 from ingest.kinesis import (
@@ -239,22 +246,51 @@ class ShardConsumer:
             ready.append((index, record.sequence_number, record.data, data_key))
         batch = BatchInput(self.shard_id, ready, self._settings.decoder)
         size = sum(len(r.data) for r in records)
-        output = await self._pool.decode(batch, size) if ready else None
         units: list[CopyUnit] = []
         heartbeats: list[HeartbeatRow] = []
-        if output is not None:
+        outputs: list[BatchOutput] = []
+        if ready:
+            try:
+                outputs = [await self._pool.decode(batch, size)]
+            except DecoderCrashedError:
+                outputs = await self._decode_apart(ready, records, letters)
+        for output in outputs:
             letters.extend(_letter(records[f.index], f.stage, f.error) for f in output.failures)
-            await self._transient(lambda: self._sink.ensure_partitions(output.days), "postgres")
+            await self._transient(partial(self._sink.ensure_partitions, output.days), "postgres")
             units.append(CopyUnit(output.events, output.statements))
-            heartbeats = output.heartbeats
+            heartbeats.extend(output.heartbeats)
         await self._commit(new_checkpoint, units, letters, heartbeats, ready, records)
-        if output is not None:
+        for output in outputs:
             self._metrics.events.inc(output.event_count)
             self._metrics.heartbeats.inc(len(output.heartbeats))
         self._metrics.records.inc(len(records))
         self._metrics.batches.labels(self.shard_id).inc()
         for letter in letters:
             self._metrics.dead_letters.labels(letter.stage).inc()
+
+    async def _decode_apart(
+        self,
+        ready: list[tuple[int, str, bytes, bytes]],
+        records: list[KinesisRecord],
+        letters: list[DeadLetter],
+    ) -> list[BatchOutput]:
+        """The batch keeps killing decode processes: decode each record alone, in quarantine,
+        and dead-letter the ones that kill it, so one poison record never blocks its shard."""
+        log.warning("decoding a batch record by record", extra={"shard": self.shard_id})
+        outputs = []
+        for item in ready:
+            out = await self._pool.decode_alone(
+                BatchInput(self.shard_id, [item], self._settings.decoder)
+            )
+            if out is None:
+                letters.append(
+                    _letter(
+                        records[item[0]], "crash", "crash: the decoder process died on this record"
+                    )
+                )
+            else:
+                outputs.append(out)
+        return outputs
 
     async def _commit(
         self,
