@@ -29,7 +29,7 @@ import socket
 import struct
 import sys
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
@@ -511,10 +511,25 @@ async def spawn_worker(
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **env},
     )
-    worker = WorkerProcess(name, process)
+    worker = TailedWorkerProcess(name, process)
     worker._reader = asyncio.ensure_future(worker._read())
     fleet.workers.append(worker)
     return worker
+
+
+class TailedWorkerProcess(WorkerProcess):
+    """A worker process that also keeps the last lines of stderr as text (tracebacks too)."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        super().__init__(name, process)
+        self.tail: deque[str] = deque(maxlen=40)
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.tail.append(line.decode("utf-8", "replace").rstrip())
+            with contextlib.suppress(orjson.JSONDecodeError):
+                self.lines.append(orjson.loads(line))
 
 
 async def metrics_port(worker: WorkerProcess, deadline: float = 60) -> int:
