@@ -15,7 +15,6 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -42,15 +41,6 @@ pytestmark = [
     # but the suite turns warnings into errors, and the emulator would give up.
     pytest.mark.filterwarnings("ignore:Sending a large body directly:ResourceWarning"),
 ]
-
-
-@pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    running = Fleet()
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 MIN_KILLS = 8

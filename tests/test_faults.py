@@ -21,7 +21,6 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import boto3
@@ -62,15 +61,6 @@ from tests.fleet import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    running = Fleet()
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 def new_stream() -> str:

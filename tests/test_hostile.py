@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -174,15 +174,6 @@ async def put_all(setup: Setup, records: list[bytes]) -> list[str]:
         ]
 
     return await asyncio.to_thread(put)
-
-
-@pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    running = Fleet()
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 async def ingest_all(fleet: Fleet, setup: Setup, dsn: str, *extra: str) -> WorkerProcess:

@@ -18,7 +18,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -47,15 +47,6 @@ from tests.fleet import (
 )
 
 pytestmark = pytest.mark.usefixtures("aws_env")
-
-
-@pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    running = Fleet()
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 def new_stream() -> str:
