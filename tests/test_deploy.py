@@ -444,9 +444,17 @@ def test_iam_policy_is_least_privilege() -> None:
             "kinesis:GetShardIterator",
             "kinesis:GetRecords",
             "kms:Decrypt",
+            "kms:DescribeKey",
+            "kms:GenerateMac",
+            "kms:Sign",
             "rds:DescribeDBClusters",
         ]
     )
+    # Anchoring is allowed on the anchor key only, never on the stream's key.
+    (anchor,) = _allows("kms:GenerateMac")
+    (decrypt,) = _allows("kms:Decrypt")
+    assert anchor["Resource"] != decrypt["Resource"]
+    assert "anchor" in anchor["Resource"]
     for statement in _statements():
         if statement["Effect"] == "Allow":
             assert "*" not in _listed(statement["Action"])
@@ -475,6 +483,8 @@ def test_iam_policy_covers_every_aws_call_of_the_ingester() -> None:
     for path in sorted((ROOT / "ingest").rglob("*.py")):
         if "emulate" in path.parts or path.name == "devstack.py":
             continue
+        if path.parts[-2:] == ("integrity", "verify.py"):  # the auditor's, not the ingester's
+            continue
         # Every AWS call is awaited (aiobotocore); the last name before "(" is the operation.
         for method in re.findall(r"\bawait\s+[\w.]*?(\w+)\(", path.read_text()):
             called |= operations.get(method, set())
@@ -482,6 +492,20 @@ def test_iam_policy_covers_every_aws_call_of_the_ingester() -> None:
     assert {"kinesis:GetRecords", "kms:Decrypt", "rds:DescribeDBClusters"} <= called
     for action in sorted(called):
         assert _allows(action), f"the ingester calls {action} but the policy does not allow it"
+
+
+def test_the_auditor_policy_can_check_anchors_but_not_make_them() -> None:
+    policy = json.loads((ROOT / "deploy" / "iam-policy-auditor.json").read_text())
+    allowed = {
+        a for s in policy["Statement"] if s["Effect"] == "Allow" for a in _listed(s["Action"])
+    }
+    denied = {a for s in policy["Statement"] if s["Effect"] == "Deny" for a in _listed(s["Action"])}
+    source = (ROOT / "ingest" / "integrity" / "verify.py").read_text()
+    assert "verify_mac(" in source
+    assert "kms.verify(" in source
+    assert {"kms:VerifyMac", "kms:Verify", "kms:DescribeKey"} <= allowed
+    assert {"kms:GenerateMac", "kms:Sign", "kms:Decrypt"} <= denied
+    assert not allowed & denied
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from ingest.aws import aws_client
 from ingest.devstack import LocalStack
-from ingest.integrity.verify import Report, verify
+from ingest.integrity.verify import Report, verify_warehouse
 from ingest.warehouse.retention import apply_retention
 from tests.cli_helpers import das_ingest
 from tests.fleet import Fleet, committed_events, migrated, options, produce, wait_until
@@ -150,7 +150,7 @@ async def _at_least(dsn: str, n: int) -> bool:
 
 async def verify_in(conn: asyncpg.Connection) -> Report:
     async with aws_client("kms") as kms:
-        return await verify(conn, kms=kms)
+        return await verify_warehouse(conn, kms=kms)
 
 
 def kinds(report: Report) -> list[str]:

@@ -92,14 +92,14 @@ async def _do_verify(args: argparse.Namespace, since: datetime | None) -> int:
     import orjson
 
     from ingest.aws import aws_client
-    from ingest.integrity.verify import verify
+    from ingest.integrity.verify import verify_warehouse
     from ingest.warehouse.db import connect, resolve_dsn
 
     conn = await connect(resolve_dsn(args.dsn))
     try:
         async with contextlib.AsyncExitStack() as stack:
             kms = None if args.no_anchors else await stack.enter_async_context(aws_client("kms"))
-            report = await verify(
+            report = await verify_warehouse(
                 conn, kms=kms, stream=args.stream, shards=args.shards, since=since
             )
     finally:

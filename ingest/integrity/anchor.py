@@ -119,33 +119,6 @@ class AnchorKey:
             ) from None
 
 
-async def verify_anchor(kms: Any, anchor: Anchor) -> bool:
-    """True if KMS confirms the MAC or signature; False if it refutes it."""
-    try:
-        if anchor.algorithm.startswith("HMAC_"):
-            response = await kms.verify_mac(
-                KeyId=anchor.key_id,
-                MacAlgorithm=anchor.algorithm,
-                Message=anchor.message(),
-                Mac=anchor.signature,
-            )
-            return bool(response.get("MacValid"))
-        response = await kms.verify(
-            KeyId=anchor.key_id,
-            SigningAlgorithm=anchor.algorithm,
-            Message=anchor.message(),
-            MessageType="RAW",
-            Signature=anchor.signature,
-        )
-        return bool(response.get("SignatureValid"))
-    except Exception as exc:  # noqa: BLE001 - classified here
-        if error_code(exc) in ("KMSInvalidMacException", "KMSInvalidSignatureException"):
-            return False
-        raise AnchorError(
-            f"KMS could not check an anchor: {error_code(exc) or type(exc).__name__}"
-        ) from None
-
-
 async def anchor_heads(
     conn: Conn, key: AnchorKey, stream: str, shards: list[str] | None = None
 ) -> list[Anchor]:

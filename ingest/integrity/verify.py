@@ -16,7 +16,8 @@ from typing import Any
 
 import orjson
 
-from ingest.integrity.anchor import Anchor, load_anchors, verify_anchor
+from ingest.aws import error_code
+from ingest.integrity.anchor import Anchor, AnchorError, load_anchors
 from ingest.integrity.canonical import EVENT_SELECT, ZERO_HASH, event_digest, link_hash
 from ingest.warehouse.db import Conn
 
@@ -105,7 +106,7 @@ class _Retention:
         )
 
 
-async def verify(
+async def verify_warehouse(
     conn: Conn,
     *,
     kms: Any | None,
@@ -358,6 +359,33 @@ async def _check_events(
                 day,
                 f"{found.n} events of {day} that the link does not list",
             )
+
+
+async def verify_anchor(kms: Any, anchor: Anchor) -> bool:
+    """True if KMS confirms the MAC or signature; False if it refutes it."""
+    try:
+        if anchor.algorithm.startswith("HMAC_"):
+            response = await kms.verify_mac(
+                KeyId=anchor.key_id,
+                MacAlgorithm=anchor.algorithm,
+                Message=anchor.message(),
+                Mac=anchor.signature,
+            )
+            return bool(response.get("MacValid"))
+        response = await kms.verify(
+            KeyId=anchor.key_id,
+            SigningAlgorithm=anchor.algorithm,
+            Message=anchor.message(),
+            MessageType="RAW",
+            Signature=anchor.signature,
+        )
+        return bool(response.get("SignatureValid"))
+    except Exception as exc:  # noqa: BLE001 - classified here
+        if error_code(exc) in ("KMSInvalidMacException", "KMSInvalidSignatureException"):
+            return False
+        raise AnchorError(
+            f"KMS could not check an anchor: {error_code(exc) or type(exc).__name__}"
+        ) from None
 
 
 def _add(
