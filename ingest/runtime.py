@@ -7,6 +7,8 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+import asyncpg
+
 from ingest.errors import ConfigError, IngestError
 
 
@@ -26,3 +28,11 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
     except IngestError as exc:
         print(f"das-ingest: {exc}", file=sys.stderr)
         return 1
+    except asyncpg.InsufficientPrivilegeError as exc:
+        # The least-privilege roles at work: say which privilege is missing, not a traceback.
+        print(
+            f"das-ingest: permission denied in the warehouse: {exc} (run this command as a role "
+            "that may; see docs/operations.md, 'The warehouse: owner, ingest and analyst')",
+            file=sys.stderr,
+        )
+        return 2

@@ -107,3 +107,16 @@ def test_retry_needs_an_explicit_selection() -> None:
     )
     assert result.returncode == 2
     assert "one of the arguments --id --stage --all is required" in result.stderr
+
+
+async def test_a_missing_privilege_is_a_one_line_error(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    try:
+        await pool.execute("CREATE ROLE only_ingest LOGIN IN ROLE das_ingest")
+    finally:
+        await pool.close()
+    dsn = pg_dsn.replace("postgresql://postgres@", "postgresql://only_ingest@")
+    result = await das_ingest("status", "--dsn", dsn, "--no-lag")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "permission denied in the warehouse" in result.stderr

@@ -136,6 +136,10 @@ class Worker:
                     raise
                 except Exception as exc:
                     if not (is_transient(exc) or isinstance(exc, KinesisUnavailableError)):
+                        log.exception(
+                            "coordinator failed; stopping",
+                            extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"},
+                        )
                         raise
                     # Database or Kinesis unreachable: not ready, keep trying, no crash loop.
                     self.ready = False
