@@ -27,9 +27,8 @@ import os
 import random
 import socket
 import struct
-import sys
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
@@ -484,52 +483,9 @@ def describe(proxies: list[FaultProxy]) -> str:
 async def spawn_worker(
     fleet: Fleet, name: str, stream: str, dsn: str, *extra: str, env: dict[str, str]
 ) -> WorkerProcess:
-    """Like ``Fleet.start`` but with environment overrides (the proxies' endpoints) for this
-    worker only: the test process's own clients keep talking to the servers directly."""
-    args = [
-        "run",
-        "--stream",
-        stream,
-        "--dsn",
-        dsn,
-        "--worker-id",
-        name,
-        "--lease-seconds",
-        "3",
-        "--shard-sync-seconds",
-        "2",
-        "--shutdown-deadline",
-        "10",
-        *extra,
-    ]
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ingest",
-        *args,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **env},
-    )
-    worker = TailedWorkerProcess(name, process)
-    worker._reader = asyncio.ensure_future(worker._read())
-    fleet.workers.append(worker)
-    return worker
-
-
-class TailedWorkerProcess(WorkerProcess):
-    """A worker process that also keeps the last lines of stderr as text (tracebacks too)."""
-
-    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
-        super().__init__(name, process)
-        self.tail: deque[str] = deque(maxlen=40)
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        while line := await self.process.stderr.readline():
-            self.tail.append(line.decode("utf-8", "replace").rstrip())
-            with contextlib.suppress(orjson.JSONDecodeError):
-                self.lines.append(orjson.loads(line))
+    """``Fleet.start`` with environment overrides (the proxies' endpoints) for this worker
+    only: the test process's own clients keep talking to the servers directly."""
+    return await fleet.start(name, stream, dsn, *extra, env=env)
 
 
 async def metrics_port(worker: WorkerProcess, deadline: float = 60) -> int:

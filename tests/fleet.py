@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import sys
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,12 +103,16 @@ def assert_order_per_instance(got: list[EventKey], want: list[EventKey]) -> None
 class WorkerProcess:
     name: str
     process: asyncio.subprocess.Process
+    #: the JSON log entries
     lines: list[dict[str, Any]] = field(default_factory=list)
+    #: the last lines of stderr as text (tracebacks included)
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     _reader: asyncio.Task[None] | None = None
 
     async def _read(self) -> None:
         assert self.process.stderr is not None
         while line := await self.process.stderr.readline():
+            self.tail.append(line.decode("utf-8", "replace").rstrip())
             with contextlib.suppress(orjson.JSONDecodeError):
                 self.lines.append(orjson.loads(line))
             if os.environ.get("DAS_TEST_ECHO"):
@@ -143,8 +148,11 @@ class Fleet:
     def __init__(self) -> None:
         self.workers: list[WorkerProcess] = []
 
-    async def start(self, name: str, stream: str, dsn: str, *extra: str) -> WorkerProcess:
-        worker = await start_worker(name, stream, dsn, *extra)
+    async def start(
+        self, name: str, stream: str, dsn: str, *extra: str, env: dict[str, str] | None = None
+    ) -> WorkerProcess:
+        """``env`` overrides variables for this worker only (e.g. a proxy's endpoint)."""
+        worker = await start_worker(name, stream, dsn, *extra, env=env)
         self.workers.append(worker)
         return worker
 
@@ -165,7 +173,13 @@ class Fleet:
                 await asyncio.gather(worker._reader, return_exceptions=True)
 
 
-async def start_worker(name: str, stream: str, dsn: str, *extra: str) -> WorkerProcess:
+def new_stream() -> str:
+    return f"aws-rds-das-cluster-{secrets.token_hex(6).upper()}"
+
+
+async def start_worker(
+    name: str, stream: str, dsn: str, *extra: str, env: dict[str, str] | None = None
+) -> WorkerProcess:
     args = [
         "run",
         "--stream",
@@ -182,10 +196,10 @@ async def start_worker(name: str, stream: str, dsn: str, *extra: str) -> WorkerP
         "10",
         *extra,
     ]
-    return await spawn(name, args)
+    return await spawn(name, args, env)
 
 
-async def spawn(name: str, args: list[str]) -> WorkerProcess:
+async def spawn(name: str, args: list[str], env: dict[str, str] | None = None) -> WorkerProcess:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -193,6 +207,7 @@ async def spawn(name: str, args: list[str]) -> WorkerProcess:
         *args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     worker = WorkerProcess(name, process)
     worker._reader = asyncio.ensure_future(worker._read())

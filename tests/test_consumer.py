@@ -5,7 +5,6 @@ once. Each event is counted by the emulator's unique key."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +20,7 @@ from tests.fleet import (
     committed_events,
     expected,
     migrated,
+    new_stream,
     options,
     produce,
     stored,
@@ -28,10 +28,6 @@ from tests.fleet import (
 )
 
 pytestmark = pytest.mark.usefixtures("aws_env")
-
-
-def new_stream() -> str:
-    return f"aws-rds-das-cluster-{secrets.token_hex(6).upper()}"
 
 
 async def test_one_worker_ingests_a_stream_exactly_once(fleet: Fleet, pg_dsn: str) -> None:

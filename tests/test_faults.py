@@ -54,6 +54,7 @@ from tests.fleet import (
     committed_events,
     expected,
     migrated,
+    new_stream,
     options,
     produce,
     stored,
@@ -61,10 +62,6 @@ from tests.fleet import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def new_stream() -> str:
-    return f"aws-rds-das-cluster-{secrets.token_hex(6).upper()}"
 
 
 async def dead_letters(dsn: str) -> list[asyncpg.Record]:

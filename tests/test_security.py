@@ -40,6 +40,7 @@ from tests.fleet import (
     committed_events,
     expected,
     migrated,
+    new_stream,
     options,
     produce,
     stored,
@@ -47,10 +48,6 @@ from tests.fleet import (
 )
 
 pytestmark = pytest.mark.usefixtures("aws_env")
-
-
-def new_stream() -> str:
-    return f"aws-rds-das-cluster-{secrets.token_hex(6).upper()}"
 
 
 async def login_role(dsn: str, group: str, password: str) -> str:
