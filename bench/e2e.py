@@ -46,6 +46,8 @@ class WorkerRun:
     events: int
     records: int
     seconds: float
+    #: from spawning the worker to its first commit (start-up: interpreter, pool, leases)
+    first_commit_seconds: float
     steady_events_per_second: float
     peak_rss_bytes: int
     kms_calls: int | None
@@ -267,6 +269,7 @@ async def run_worker(
         events=events,
         records=int(summary.get("records", workload.records)),
         seconds=last - started,
+        first_commit_seconds=first - started,
         steady_events_per_second=steady,
         peak_rss_bytes=worker.peak_rss,
         kms_calls=worker.kms_calls,

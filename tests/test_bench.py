@@ -26,8 +26,8 @@ KEY = os.urandom(32)
 SIZES = ("1", "10", "100")
 
 
-def _tables(output: str) -> dict[str, list[list[str]]]:
-    """Markdown tables by the title above them: rows of cells, header and rule dropped."""
+def _tables(output: str) -> dict[str, list[dict[str, str]]]:
+    """Markdown tables by the title above them: each row as {header: cell}."""
     tables: dict[str, list[list[str]]] = {}
     title = ""
     for line in output.splitlines():
@@ -36,7 +36,11 @@ def _tables(output: str) -> dict[str, list[list[str]]]:
             tables[title] = []
         elif line.startswith("|") and title:
             tables[title].append([c.strip() for c in line.strip("|").split("|")])
-    return {t: rows[2:] for t, rows in tables.items()}
+    return {
+        t: [dict(zip(rows[0], row, strict=True)) for row in rows[2:]]
+        for t, rows in tables.items()
+        if rows
+    }
 
 
 def _number(cell: str) -> float:
@@ -46,7 +50,7 @@ def _number(cell: str) -> float:
     return float(match.group(0).replace(",", ""))
 
 
-def _table(tables: dict[str, list[list[str]]], prefix: str) -> list[list[str]]:
+def _table(tables: dict[str, list[dict[str, str]]], prefix: str) -> list[dict[str, str]]:
     found = [rows for title, rows in tables.items() if title.startswith(prefix)]
     assert len(found) == 1, f"expected one table titled {prefix!r}, got {list(tables)}"
     return found[0]
@@ -72,40 +76,48 @@ def test_quick_bench_prints_every_row() -> None:
     tables = _tables(out)
 
     stages = _table(tables, "Decode, one process")
-    assert [r[0] for r in stages] == list(SIZES)
+    assert [r["events/record"] for r in stages] == list(SIZES)
     for row in stages:
-        assert all(_number(c) > 0 for c in row[1:]), row
+        assert len(row) == 9
+        assert all(_number(c) > 0 for c in row.values()), row
 
     rates = _table(tables, "Decode throughput")
-    assert [r[0] for r in rates] == list(SIZES)
+    assert [r["events/record"] for r in rates] == list(SIZES)
     for row in rates:
-        assert len(row) == 4
-        assert all(_number(c) > 0 for c in row[1:]), row
+        assert set(row) == {"events/record", "lean verified", "lean unverified", "esdk"}
+        assert all(_number(c) > 0 for c in row.values()), row
 
     e2e = _table(tables, "End to end")
-    consumers = ("das-ingest", "das-ingest --skip-signature-verification", "reference (seed)")
-    assert [(r[0], r[1]) for r in e2e] == [(s, c) for s in SIZES for c in consumers]
-    for size, consumer, records, events, per_s, records_per_s, *rest in e2e:
-        assert int(records) > 0
-        assert int(events.replace(",", "")) >= int(records) * int(size) // 2
-        assert _number(per_s) > 0
-        assert _number(records_per_s) > 0
-        kms_per_1000 = _number(rest[2])
-        if consumer == "reference (seed)":
+    ours = ["das-ingest", "das-ingest --skip-signature-verification"]
+    if any(r["consumer"] == "das-ingest --no-integrity-chain" for r in e2e):
+        ours.append("das-ingest --no-integrity-chain")
+    consumers = [*ours, "reference (seed)"]
+    assert [(r["events/record"], r["consumer"]) for r in e2e] == [
+        (s, c) for s in SIZES for c in consumers
+    ]
+    for row in e2e:
+        assert int(row["records"]) > 0
+        assert int(row["events"]) >= int(row["records"]) * int(row["events/record"]) // 2
+        assert _number(row["events/s"]) > 0
+        assert _number(row["records/s"]) > 0
+        assert _number(row["vs reference"]) > 0
+        kms_per_1000 = _number(row["KMS calls/1000 records"])
+        if row["consumer"] == "reference (seed)":
             assert kms_per_1000 == 1000.0  # one KMS call per record, by design
         else:
             assert 0 < kms_per_1000 < 1000.0
-            assert _number(rest[0]) > 0  # steady events/s
-            assert _number(rest[1]) > 0  # vs reference
-            assert 50 < _number(rest[3]) < 2000  # peak RSS, MB
+            assert _number(row["first commit s"]) > 0
+            assert _number(row["steady events/s"]) > 0
+            assert _number(row["steady vs reference"]) > 0
+            assert 50 < _number(row["peak RSS MB"]) < 2000
 
     latency = _table(tables, "Latency")
     assert len(latency) == 1
-    p50, p99 = _number(latency[0][3]), _number(latency[0][4])
+    p50, p99 = _number(latency[0]["p50 s"]), _number(latency[0]["p99 s"])
     assert 0 < p50 <= p99
 
     checks = out.split("### Checks", 1)[1]
-    assert checks.count("at most one Decrypt per distinct data key: ok") == 6
+    assert checks.count("at most one Decrypt per distinct data key: ok") == len(SIZES) * len(ours)
     assert checks.count("limit 400 MB: ok") >= 1
     assert "FAILED" not in checks
     # The quick mode is meant to stay under a minute; allow a loaded machine some slack.
