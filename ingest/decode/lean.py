@@ -53,9 +53,10 @@ Decisions, where the spec and the Python SDK leave room:
 - ``verify_signatures=False`` skips the ECDSA verify and with it loading the curve point (the
   public key's base64 and length are still checked). Header and every frame are still
   authenticated and the footer must still be there and end the message, so the signature bytes
-  are the only bytes that may change unnoticed. Without the verify, anyone who can decrypt the
-  record's data key with KMS could also forge a message: use it only where the KMS key policy is
-  the trust boundary.
+  are the only bytes that may change unnoticed. Verifying does not stop whoever can decrypt
+  the record's data key with KMS from forging: the message key is wrapped under that data key,
+  so they can make a new key pair and sign a message of their own (README, "Performance"). It
+  only stops someone who has one message's derived key, but not the data key, from re-signing.
 """
 
 from __future__ import annotations
