@@ -91,8 +91,11 @@ CREATE TABLE das.chain_links (
 
 -- The day digests of the events a new link covers: per UTC day, the count and
 -- sha256(concatenation of sha256(canonical_event) in (sequence_number, event_index) order).
+-- exclude_redriven: leave out events covered by a 'redrive' link (what a batch link covers
+-- once dead letters of its range were re-driven). When a link is written nothing in its range
+-- has been re-driven yet, so extend_chain passes false and skips that per-event lookup.
 CREATE FUNCTION das.link_days(
-    stream text, shard text, first_seq numeric, last_seq numeric, redrive boolean
+    stream text, shard text, first_seq numeric, last_seq numeric, exclude_redriven boolean
 ) RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce(jsonb_object_agg(day, jsonb_build_object('n', n, 'sha256', encode(digest, 'hex'))),
@@ -104,7 +107,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         FROM das.activity_events e
         WHERE e.shard_id = shard
           AND e.sequence_number BETWEEN first_seq AND last_seq
-          AND (redrive OR NOT EXISTS (
+          AND (NOT exclude_redriven OR NOT EXISTS (
                 SELECT 1 FROM das.chain_links r
                 WHERE r.stream_name = stream AND r.shard_id = shard AND r.kind = 'redrive'
                   AND e.sequence_number BETWEEN r.first_sequence AND r.last_sequence))
@@ -150,7 +153,7 @@ BEGIN
         next_no := prev.link_no + 1;
         prev_digest := prev.link_hash;
     END IF;
-    day_digests := das.link_days(stream, shard, first_seq, last_seq, link_kind = 'redrive');
+    day_digests := das.link_days(stream, shard, first_seq, last_seq, false);
     SELECT coalesce(sum((v->>'n')::bigint), 0) INTO total FROM jsonb_each(day_digests) AS d(k, v);
     INSERT INTO das.chain_links (stream_name, shard_id, link_no, kind, first_sequence,
                                  last_sequence, event_count, days, prev_hash, link_hash)

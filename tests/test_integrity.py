@@ -344,7 +344,7 @@ async def test_a_consistently_rewritten_chain_fails_at_the_anchor(warehouse: War
         BEGIN
             FOR l IN SELECT * FROM das.chain_links WHERE shard_id = '{shard}' ORDER BY link_no LOOP
                 d := das.link_days(l.stream_name, l.shard_id, l.first_sequence, l.last_sequence,
-                                   l.kind = 'redrive');
+                                   l.kind = 'batch');
                 SELECT coalesce(sum((v->>'n')::bigint), 0) INTO n FROM jsonb_each(d) AS x(k, v);
                 UPDATE das.chain_links SET days = d, event_count = n, prev_hash = prev,
                     link_hash = das.link_hash(prev, l.stream_name, l.shard_id, l.link_no, l.kind,

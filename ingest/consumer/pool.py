@@ -19,7 +19,13 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from ingest.consumer.budget import WorkBudget
-from ingest.decode.batch import BatchInput, BatchOutput, decode_batch
+from ingest.decode.batch import (
+    BatchInput,
+    BatchOutput,
+    DecoderConfig,
+    decode_batch,
+    decryptor_for,
+)
 from ingest.errors import IngestError
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,10 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _warm(config: DecoderConfig) -> None:
+    decryptor_for(config)
 
 
 class DecoderCrashedError(IngestError):
@@ -77,6 +87,16 @@ class DecodePool:
 
     def start(self) -> None:
         self._ensure()
+
+    async def warm(self, config: DecoderConfig) -> None:
+        """Start every pool process and load the decode stack in it now, while the first
+        GetRecords calls are in flight, instead of on the first batch."""
+        executor = self._ensure()
+        if executor is None:
+            return
+        loop = asyncio.get_running_loop()
+        calls = [loop.run_in_executor(executor, _warm, config) for _ in range(self.processes)]
+        await asyncio.gather(*calls, return_exceptions=True)
 
     async def decode(self, batch: BatchInput, size: int) -> BatchOutput:
         """Decode in the pool. A dead pool process (OOM killer, a crash) is a transient fault:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -69,7 +71,12 @@ class ShardSettings:
     max_records: int = 10_000
     #: Kinesis allows 5 GetRecords calls per second per shard.
     min_call_interval: float = 0.2
-    idle_sleep: float = 1.0
+    #: Pause after an empty page when caught up (latency versus GetRecords calls).
+    idle_sleep: float = 0.5
+    #: Pages are decoded and committed in chunks of at most this many bytes and records:
+    #: memory stays bounded, several decode processes share a big page, commits start early.
+    chunk_bytes: int = 1024 * 1024
+    chunk_records: int = 500
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
 
@@ -113,6 +120,7 @@ class ShardConsumer:
         self._settings = settings
         self._stop = asyncio.Event()
         self._last_call = 0.0
+        self._busy = False
         self._backoff = Backoff(base=0.1, cap=10.0)
 
     @property
@@ -126,6 +134,11 @@ class ShardConsumer:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def idle_since(self) -> float | None:
+        """Since when the shard is caught up and empty with nothing in hand; None if busy."""
+        return None if self._busy else self.status.idle_since
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -224,16 +237,41 @@ class ShardConsumer:
     # -- decode and commit ---------------------------------------------------------------
 
     async def _process(self, page: RecordsPage) -> None:
+        """Decode and commit a page in chunks of bounded size: up to one chunk per decode
+        process is decoded ahead while the previous one commits, and commits stay in sequence
+        order, each advancing the checkpoint to its last record."""
         records = [r for r in page.records if _after(r.sequence_number, self.status.checkpoint)]
-        new_checkpoint = (
-            SHARD_END
-            if page.next_iterator is None
-            else (records[-1].sequence_number if records else self.status.checkpoint)
-        )
-        if new_checkpoint == self.status.checkpoint:
+        final = page.next_iterator is None
+        if not records:
+            if final and self.status.checkpoint != SHARD_END:
+                await self._commit_chunk(_Chunk([], [], [], [], []), SHARD_END)
             return
-        letters: list[DeadLetter] = []
-        ready: list[tuple[int, str, bytes, bytes]] = []
+        self._busy = True
+        chunks = iter(_chunks(records, self._settings.chunk_bytes, self._settings.chunk_records))
+        ahead: deque[asyncio.Future[_Chunk]] = deque()
+        window = max(1, self._pool.processes)
+        try:
+            for chunk in itertools.islice(chunks, window):
+                ahead.append(asyncio.ensure_future(self._prepare(chunk)))
+            while ahead:
+                prepared = await ahead.popleft()
+                following = next(chunks, None)
+                if following is not None:
+                    ahead.append(asyncio.ensure_future(self._prepare(following)))
+                last = prepared.records[-1].sequence_number
+                await self._commit_chunk(prepared, SHARD_END if final and not ahead else last)
+        finally:
+            for task in ahead:
+                task.cancel()
+            await asyncio.gather(*ahead, return_exceptions=True)
+            self._busy = False
+            if self.status.idle_since is not None:
+                # An empty page may have arrived while we were busy: idle counts from now.
+                self.status.idle_since = time.monotonic()
+
+    async def _prepare(self, records: list[KinesisRecord]) -> _Chunk:
+        """Data keys (KMS, cached) and decoding (the pool) for one chunk."""
+        chunk = _Chunk(records, [], [], [], [])
         for index, record in enumerate(records):
             try:
                 blob = read_envelope(record.data).key_blob()
@@ -241,31 +279,37 @@ class ShardConsumer:
                     partial(self._keys.get, blob, self._context), "kms"
                 )
             except DecodeError as exc:
-                letters.append(_letter(record, exc.stage.value, str(exc)))
+                chunk.letters.append(_letter(record, exc.stage.value, str(exc)))
                 continue
-            ready.append((index, record.sequence_number, record.data, data_key))
-        batch = BatchInput(self.shard_id, ready, self._settings.decoder)
-        size = sum(len(r.data) for r in records)
-        units: list[CopyUnit] = []
-        heartbeats: list[HeartbeatRow] = []
-        outputs: list[BatchOutput] = []
-        if ready:
+            chunk.ready.append((index, record.sequence_number, record.data, data_key))
+        if chunk.ready:
+            batch = BatchInput(self.shard_id, chunk.ready, self._settings.decoder)
+            size = sum(len(r.data) for r in records)
             try:
-                outputs = [await self._pool.decode(batch, size)]
+                chunk.outputs = [await self._pool.decode(batch, size)]
             except DecoderCrashedError:
-                outputs = await self._decode_apart(ready, records, letters)
-        for output in outputs:
-            letters.extend(_letter(records[f.index], f.stage, f.error) for f in output.failures)
+                chunk.outputs = await self._decode_apart(chunk.ready, records, chunk.letters)
+        for output in chunk.outputs:
+            chunk.letters.extend(
+                _letter(records[f.index], f.stage, f.error) for f in output.failures
+            )
+            chunk.units.append(CopyUnit(output.events, output.statements))
+        return chunk
+
+    async def _commit_chunk(self, chunk: _Chunk, new_checkpoint: str) -> None:
+        heartbeats: list[HeartbeatRow] = []
+        for output in chunk.outputs:
             await self._transient(partial(self._sink.ensure_partitions, output.days), "postgres")
-            units.append(CopyUnit(output.events, output.statements))
             heartbeats.extend(output.heartbeats)
-        await self._commit(new_checkpoint, units, letters, heartbeats, ready, records)
-        for output in outputs:
+        await self._commit(
+            new_checkpoint, chunk.units, chunk.letters, heartbeats, chunk.ready, chunk.records
+        )
+        for output in chunk.outputs:
             self._metrics.events.inc(output.event_count)
             self._metrics.heartbeats.inc(len(output.heartbeats))
-        self._metrics.records.inc(len(records))
+        self._metrics.records.inc(len(chunk.records))
         self._metrics.batches.labels(self.shard_id).inc()
-        for letter in letters:
+        for letter in chunk.letters:
             self._metrics.dead_letters.labels(letter.stage).inc()
 
     async def _decode_apart(
@@ -410,6 +454,33 @@ class ShardConsumer:
             if self._stop.is_set() and target == "kinesis":
                 raise _Stopped from None
             await asyncio.sleep(delay)
+
+
+@dataclass
+class _Chunk:
+    """A run of consecutive records, decoded and ready to commit."""
+
+    records: list[KinesisRecord]
+    ready: list[tuple[int, str, bytes, bytes]]
+    letters: list[DeadLetter]
+    outputs: list[BatchOutput]
+    units: list[CopyUnit]
+
+
+def _chunks(
+    records: list[KinesisRecord], max_bytes: int, max_records: int
+) -> Iterator[list[KinesisRecord]]:
+    """Consecutive runs of at most ``max_records`` records and about ``max_bytes`` bytes."""
+    chunk: list[KinesisRecord] = []
+    size = 0
+    for record in records:
+        if chunk and (len(chunk) >= max_records or size + len(record.data) > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(record)
+        size += len(record.data)
+    if chunk:
+        yield chunk
 
 
 def _after(sequence_number: str, checkpoint: str) -> bool:

@@ -123,7 +123,7 @@ class Worker:
 
     async def run(self) -> None:
         """Run until stopped (signal or --stop-when-idle); always shuts down gracefully."""
-        self.pool.start()
+        warming = asyncio.ensure_future(self.pool.warm(self.settings.shard.decoder))
         interval = self.settings.lease_seconds / 3
         backoff = Backoff(base=0.2, cap=interval)
         failures = 0
@@ -162,6 +162,9 @@ class Worker:
                     break
                 await self._sleep(interval)
         finally:
+            if not warming.done():
+                warming.cancel()
+            await asyncio.gather(warming, return_exceptions=True)
             await self._shutdown()
 
     # -- one coordinator cycle ---------------------------------------------------------
@@ -324,7 +327,7 @@ class Worker:
         # Held by a live worker: an unexpired lease whose owner heartbeats in das.workers.
         alive = set(live) | {self.settings.worker_id}
         everything_owned = all(not expired and lease.owner in alive for lease, expired in eligible)
-        held_idle = all(r.consumer.status.idle_since is not None for r in self.running.values())
+        held_idle = all(r.consumer.idle_since is not None for r in self.running.values())
         if everything_owned and held_idle:
             if self._idle_since is None:
                 self._idle_since = time.monotonic()
@@ -339,7 +342,7 @@ class Worker:
         if now - self._idle_since < wait:
             return False
         return all(
-            (since := r.consumer.status.idle_since) is not None and now - since >= wait
+            (since := r.consumer.idle_since) is not None and now - since >= wait
             for r in self.running.values()
         )
 
