@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from ingest.decode import copyfmt
@@ -119,7 +120,7 @@ def _copy_encode(record: DecodedRecord) -> Any:
     triple = [(record, "shardId-000000000000", "1")]
     folder = StatementFolder()
     folder.extend(triple)
-    return copyfmt.encode_events(triple), folder.encode()
+    return copyfmt.encode_events(triple, datetime.now(UTC)), folder.encode()
 
 
 def median(values: Sequence[float]) -> float:

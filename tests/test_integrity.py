@@ -18,7 +18,15 @@ import pytest
 
 from ingest.aws import aws_client
 from ingest.devstack import LocalStack
-from ingest.integrity.verify import Report, verify_warehouse
+from ingest.integrity.canonical import (
+    EVENT_COLUMNS,
+    ZERO_HASH,
+    DayDigests,
+    event_day,
+    event_digest,
+    link_hash,
+)
+from ingest.integrity.verify import Report, stored_values, verify_warehouse
 from ingest.warehouse.retention import apply_retention
 from tests.cli_helpers import das_ingest
 from tests.fleet import Fleet, committed_events, migrated, options, produce, wait_until
@@ -334,32 +342,63 @@ async def test_truncated_newest_links_are_reported(warehouse: Warehouse) -> None
 async def test_a_consistently_rewritten_chain_fails_at_the_anchor(warehouse: Warehouse) -> None:
     conn = await asyncpg.connect(warehouse.dsn)
     row = await target(conn)
-    await conn.close()
     shard = row["shard_id"]
-    # Change an event, then rebuild every link of the shard with the warehouse's own functions:
-    # digests and chain are consistent again; only the anchor (KMS) can tell.
-    rebuild = f"""
-        DO $$
-        DECLARE l das.chain_links; prev bytea := '\\x{"00" * 32}'; d jsonb; n bigint;
-        BEGIN
-            FOR l IN SELECT * FROM das.chain_links WHERE shard_id = '{shard}' ORDER BY link_no LOOP
-                d := das.link_days(l.stream_name, l.shard_id, l.first_sequence, l.last_sequence,
-                                   l.kind = 'batch');
-                SELECT coalesce(sum((v->>'n')::bigint), 0) INTO n FROM jsonb_each(d) AS x(k, v);
-                UPDATE das.chain_links SET days = d, event_count = n, prev_hash = prev,
-                    link_hash = das.link_hash(prev, l.stream_name, l.shard_id, l.link_no, l.kind,
-                                              l.first_sequence, l.last_sequence, n, d)
-                WHERE stream_name = l.stream_name AND shard_id = l.shard_id
-                  AND link_no = l.link_no
-                RETURNING link_hash INTO prev;
-            END LOOP;
-        END $$"""
-    report, conn = await tampered(
-        warehouse,
-        f"UPDATE das.activity_events SET db_user_name = 'nobody' WHERE {where(row)}",
-        rebuild,
-    )
-    await conn.close()
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        # Change an event, then rebuild every link of the shard the way das-ingest writes
+        # them: digests and chain are consistent again; only the anchors (KMS) can tell.
+        await conn.execute(
+            f"UPDATE das.activity_events SET db_user_name = 'nobody' WHERE {where(row)}"
+        )
+        links = await conn.fetch(
+            "SELECT link_no, kind, first_sequence::text AS f, last_sequence::text AS l "
+            "FROM das.chain_links WHERE shard_id = $1 ORDER BY link_no",
+            shard,
+        )
+        redriven = {r["f"] for r in links if r["kind"] == "redrive"}
+        prev = ZERO_HASH
+        for link in links:
+            digests = DayDigests()
+            rows = await conn.fetch(
+                f"SELECT {', '.join(EVENT_COLUMNS)} FROM das.activity_events WHERE shard_id = $1 "
+                "AND sequence_number BETWEEN $2::numeric AND $3::numeric "
+                "ORDER BY sequence_number, event_index",
+                shard,
+                link["f"],
+                link["l"],
+            )
+            for r in rows:
+                if link["kind"] == "batch" and str(r["sequence_number"]) in redriven:
+                    continue
+                digests.add(event_day(r["log_time"]), event_digest(stored_values(r)))
+            days = digests.summary()
+            new_hash = link_hash(
+                prev,
+                warehouse.stream,
+                shard,
+                link["link_no"],
+                link["kind"],
+                link["f"],
+                link["l"],
+                digests.count,
+                days,
+            )
+            await conn.execute(
+                "UPDATE das.chain_links SET days = $1::jsonb, event_count = $2, prev_hash = $3, "
+                "link_hash = $4 WHERE shard_id = $5 AND link_no = $6",
+                json.dumps(days),
+                digests.count,
+                prev,
+                new_hash,
+                shard,
+                link["link_no"],
+            )
+            prev = new_hash
+        report = await verify_in(conn)
+    finally:
+        await transaction.rollback()
+        await conn.close()
     assert kinds(report) == ["anchor_mismatch"]
     assert {f.shard for f in report.findings} == {shard}
 
@@ -400,3 +439,57 @@ async def test_findings_make_the_cli_fail(warehouse: Warehouse) -> None:
         await conn.execute("DROP TABLE public.kept")
         await conn.close()
     assert (await das_ingest("verify", env={"DAS_DSN": warehouse.dsn})).returncode == 0
+
+
+async def test_awkward_values_verify_clean(pg_dsn: str, aws_env: dict[str, str]) -> None:
+    """The digests computed from the values about to be stored equal those recomputed from
+    what PostgreSQL gives back, for values whose text PostgreSQL normalizes (jsonb key order
+    and numbers, time zones, escaped text)."""
+    from ingest.decode.batch import BatchInput, decode_batch
+    from ingest.warehouse.sink import CopyUnit, Sink
+    from tests.sealing import seal
+    from tests.warehouse_helpers import ESDK, KEY, hold_lease, migrated_pool
+
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w")
+        events = [
+            {
+                "type": "record",
+                "logTime": "2024-03-01 10:00:00.5+05:30",
+                "pid": "12",
+                "extra1": {"zz": 1e20, "a": -0.0, "é": [1.5, 100.0, 1e-7, 12345678901234567890]},
+                "commandText": "a\x00b\\c\t\n",
+                "paramList": ["x", None, 2.50],
+            },
+            {
+                "type": "record",
+                "logTime": "0999-12-31 23:59:59.999999",
+                "startTime": "bogus",
+                "exitCode": 0,
+                "sessionId": 5,
+                "b": True,
+                "c": None,
+                "d": "\u2603\U0001f600",
+            },
+            {"type": "record"},
+        ]
+        items = [(i, str(100 + i), seal(inner(e), KEY), KEY) for i, e in enumerate(events)]
+        output = decode_batch(BatchInput("s", items, ESDK))
+        assert output.failures == []
+        sink = Sink(pool)
+        await sink.ensure_partitions(output.days)
+        await sink.commit(
+            token,
+            previous_checkpoint="TRIM_HORIZON",
+            new_checkpoint="102",
+            units=[CopyUnit(output.events, output.statements, chain=output.chain)],
+            sequence_range=("100", "102"),
+        )
+        async with pool.acquire() as conn:
+            report = await verify_warehouse(conn, kms=None)
+        assert report.clean, report.findings
+        assert report.events == 3
+        assert report.links == 1
+    finally:
+        await pool.close()

@@ -424,7 +424,7 @@ async def test_dead_letters_and_heartbeats_commit_with_the_batch(pg_dsn: str) ->
             token,
             previous_checkpoint="TRIM_HORIZON",
             new_checkpoint="4",
-            units=[CopyUnit(output.events, output.statements)],
+            units=[CopyUnit(output.events, output.statements, chain=output.chain)],
             dead_letters=[letter],
             heartbeats=output.heartbeats,
         )

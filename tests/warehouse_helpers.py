@@ -70,6 +70,6 @@ async def store(
         token,
         previous_checkpoint=previous,
         new_checkpoint=new,
-        units=[CopyUnit(output.events, output.statements)],
+        units=[CopyUnit(output.events, output.statements, chain=output.chain)],
         heartbeats=output.heartbeats,
     )

@@ -293,7 +293,7 @@ class ShardConsumer:
             chunk.letters.extend(
                 _letter(records[f.index], f.stage, f.error) for f in output.failures
             )
-            chunk.units.append(CopyUnit(output.events, output.statements))
+            chunk.units.append(CopyUnit(output.events, output.statements, chain=output.chain))
         return chunk
 
     async def _commit_chunk(self, chunk: _Chunk, new_checkpoint: str) -> None:
@@ -419,6 +419,7 @@ class ShardConsumer:
                     out.events,
                     out.statements,
                     on_store_error=_letter(records[item[0]], "store", "store"),
+                    chain=out.chain,
                 )
             )
         return units

@@ -9,7 +9,7 @@ One bytes object per batch is far cheaper to move between processes than row tup
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from ingest.decode import copyfmt
@@ -17,6 +17,7 @@ from ingest.decode.correlate import StatementFolder
 from ingest.decode.gunzip import DEFAULT_MAX_DECOMPRESSED
 from ingest.decode.pipeline import Decryptor, decode_record
 from ingest.errors import DecodeError
+from ingest.integrity.canonical import DayDigests, event_day, event_digest, stored_event_values
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,9 @@ class BatchOutput:
     failures: list[Failure] = field(default_factory=list)
     days: set[date] = field(default_factory=set)
     records_decoded: int = 0
+    #: The integrity chain's input: per UTC day, the concatenated digests of the events
+    #: (docs/integrity.md), computed here where the values are at hand.
+    chain: dict[str, bytes] = field(default_factory=dict)
     #: Undecodable NULL-time events go to the default partition; counted for metrics.
     undated_events: int = 0
 
@@ -93,6 +97,8 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
     out = BatchOutput()
     folder = StatementFolder()
     chunks: list[bytes] = []
+    digests = DayDigests()
+    ingested_at = datetime.now(UTC)
     for index, sequence_number, raw, data_key in batch.records:
         try:
             record = decode_record(raw, data_key, decryptor, max_decompressed=max_decompressed)
@@ -101,11 +107,17 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
             continue
         out.records_decoded += 1
         if record.events:
-            data, count = copyfmt.encode_events(((record, shard_id, sequence_number),))
+            data, count = copyfmt.encode_events(((record, shard_id, sequence_number),), ingested_at)
             chunks.append(data)
             out.event_count += count
             folder.add(record, shard_id, sequence_number)
             for event in record.events:
+                digests.add(
+                    event_day(event.log_time),
+                    event_digest(
+                        stored_event_values(event, record, shard_id, sequence_number, ingested_at)
+                    ),
+                )
                 if event.log_time is None:
                     out.undated_events += 1
                 else:
@@ -121,6 +133,7 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
                 )
             )
     out.events = b"".join(chunks)
+    out.chain = digests.packed()
     out.statements, out.statement_count = folder.encode()
     return out
 

@@ -15,7 +15,8 @@ import orjson
 
 from ingest.decode.model import FIELDS, ActivityEvent, DecodedRecord, Kind
 
-#: Columns of das.activity_events that COPY fills, in order. ingested_at takes its default.
+#: Columns of das.activity_events that COPY fills, in order. ingested_at is set by the
+#: decoder (the time it decoded the batch), so the integrity chain can cover it too.
 EVENT_COLUMNS: tuple[str, ...] = (
     "cluster_id",
     "instance_id",
@@ -26,6 +27,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
     *(f.column for f in FIELDS),
     "extra",
     "anomalies",
+    "ingested_at",
 )
 
 _FIELD_ATTRS = tuple(("class_" if f.column == "class" else f.column, f.kind) for f in FIELDS)
@@ -72,8 +74,10 @@ def event_line(
     shard_id: str,
     sequence_number: str,
     prefix: str | None = None,
+    ingested_at: str = NULL,
 ) -> str:
-    """One COPY line for ``event``. ``prefix`` caches the record-level leading columns."""
+    """One COPY line for ``event``. ``prefix`` caches the record-level leading columns;
+    ``ingested_at`` is the decode time's ISO text (NULL would violate the column's NOT NULL)."""
     if prefix is None:
         prefix = record_prefix(record, shard_id, sequence_number)
     cols = [prefix, str(event.event_index)]
@@ -99,6 +103,7 @@ def event_line(
     append("{}" if type(extra) is dict and not extra else jsonb(extra))
     anomalies = event.anomalies
     append(text_array(anomalies) if anomalies else "{}")
+    append(ingested_at)
     return "\t".join(cols)
 
 
@@ -116,15 +121,18 @@ def record_prefix(record: DecodedRecord, shard_id: str, sequence_number: str) ->
 
 def encode_events(
     records: Iterable[tuple[DecodedRecord, str, str]],
+    ingested_at: datetime,
 ) -> tuple[bytes, int]:
     """COPY payload for (record, shard_id, sequence_number) triples; returns (data, row count)."""
     lines: list[str] = []
+    stamp = ingested_at.isoformat()
     for record, shard_id, sequence_number in records:
         if not record.events:
             continue
         prefix = record_prefix(record, shard_id, sequence_number)
         lines.extend(
-            event_line(event, record, shard_id, sequence_number, prefix) for event in record.events
+            event_line(event, record, shard_id, sequence_number, prefix, stamp)
+            for event in record.events
         )
     if not lines:
         return b"", 0

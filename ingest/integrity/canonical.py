@@ -1,79 +1,98 @@
-"""The canonical encodings of docs/integrity.md, in Python (pure).
+"""The canonical encoding of stored events and chain links (pure), see docs/integrity.md.
 
-The warehouse computes links with SQL functions (migrations/0003_integrity.sql); the verifier
-recomputes everything here from plain column values, so it trusts neither those functions nor
-anything else an administrator could have changed in the database.
+The same functions run twice: in the decode pool, on the values about to be stored (so a
+batch's digests cost the warehouse nothing), and in ``verify``, on the values read back from
+the warehouse. Both sides encode *values*, never a database's text output, so the encoding is
+defined here and in the documentation alone.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
 
-#: Columns of das.activity_events in table order, as the verifier selects them: each as its
-#: canonical text (see EVENT_SELECT).
+import orjson
+
+#: Columns of das.activity_events in table order: the order of the fields of an event.
 EVENT_COLUMNS: tuple[str, ...] = (
-    "log_time",
-    "cluster_id",
-    "instance_id",
-    "record_version",
-    "shard_id",
-    "sequence_number",
-    "event_index",
-    "class",
-    "client_application",
-    "command",
-    "command_text",
-    "database_name",
-    "db_protocol",
-    "db_user_name",
-    "end_time",
-    "error_message",
-    "exit_code",
-    "net_protocol",
-    "object_name",
-    "object_type",
-    "param_list",
-    "pid",
-    "remote_host",
-    "remote_port",
-    "row_count",
-    "server_host",
-    "server_type",
-    "server_version",
-    "service_name",
-    "session_id",
-    "start_time",
-    "statement_id",
-    "substatement_id",
-    "transaction_id",
-    "extra",
-    "anomalies",
+    "log_time", "cluster_id", "instance_id", "record_version", "shard_id", "sequence_number",
+    "event_index", "class", "client_application", "command", "command_text", "database_name",
+    "db_protocol", "db_user_name", "end_time", "error_message", "exit_code", "net_protocol",
+    "object_name", "object_type", "param_list", "pid", "remote_host", "remote_port",
+    "row_count", "server_host", "server_type", "server_version", "service_name", "session_id",
+    "start_time", "statement_id", "substatement_id", "transaction_id", "extra", "anomalies",
     "ingested_at",
-)
-_TIMES = frozenset({"log_time", "end_time", "start_time", "ingested_at"})
-_NUMBERS = frozenset(
-    {"sequence_number", "event_index", "pid", "row_count", "statement_id", "substatement_id"}
-)
-_TIME_FORMAT = '\'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\''
-
-
-def _select_expr(column: str) -> str:
-    if column in _TIMES:
-        return f"to_char({column} AT TIME ZONE 'UTC', {_TIME_FORMAT})"
-    if column in _NUMBERS or column in ("extra", "param_list"):
-        return f"{column}::text"
-    if column == "anomalies":
-        return "to_jsonb(anomalies)::text"
-    return column
-
-
-#: The SELECT list giving each column's canonical text (PostgreSQL's built-in output functions
-#: for numbers and jsonb; the documented format for times).
-EVENT_SELECT = ", ".join(f"{_select_expr(c)} AS {c}" for c in EVENT_COLUMNS)
+)  # fmt: skip
+TIME_COLUMNS = frozenset({"log_time", "end_time", "start_time", "ingested_at"})
+JSON_COLUMNS = frozenset({"param_list", "extra", "anomalies"})
 
 ZERO_HASH = bytes(32)
+DIGEST_SIZE = 32
+
+
+def canonical_time(stamp: datetime) -> str:
+    """UTC, ``YYYY-MM-DDTHH:MM:SS.ffffffZ``: always four year digits and six fraction digits."""
+    t = stamp.astimezone(UTC)
+    return (
+        f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
+        f".{t.microsecond:06d}Z"
+    )
+
+
+def canonical_number(value: int | float | Decimal) -> str:
+    """Plain decimal notation, no exponent; integers without a fraction; no negative zero.
+
+    Integers and floats that are equal print alike only if their decimal texts are: 100 is
+    "100" but 100.0 is "100.0", as their JSON texts differ.
+    """
+    if isinstance(value, bool):
+        raise TypeError("booleans are not numbers here")
+    if isinstance(value, int):
+        return str(value)
+    number = Decimal(repr(value)) if isinstance(value, float) else value
+    if number.is_zero():
+        number = abs(number)
+    return format(number, "f")
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with object keys sorted by their UTF-8 bytes, no whitespace, strings escaped as
+    JSON requires and nothing more (\\" \\\\ \\b \\f \\n \\r \\t, \\u00XX for other control
+    characters, everything else as UTF-8), numbers by :func:`canonical_number`."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, int | float | Decimal):
+        return canonical_number(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(canonical_json(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda kv: kv[0].encode())
+        return "{" + ",".join(f"{canonical_json(k)}:{canonical_json(v)}" for k, v in items) + "}"
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def canonical_value(column: str, value: Any) -> str | None:
+    """The canonical text of one column's value (None for SQL NULL)."""
+    if value is None:
+        return None
+    if column in TIME_COLUMNS:
+        return canonical_time(value)
+    if column in JSON_COLUMNS:
+        return canonical_json(value)
+    if isinstance(value, Decimal):  # sequence_number
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    return str(value)
 
 
 def field(value: str | None) -> str:
@@ -82,21 +101,51 @@ def field(value: str | None) -> str:
     return f"+{len(value.encode())}:{value}"
 
 
-def canonical_event(values: Sequence[str | None]) -> str:
-    """The canonical encoding of one event from its columns' canonical texts, in table order."""
-    return "".join(field(v) for v in values)
+def event_digest(values: Sequence[Any]) -> bytes:
+    """SHA-256 of the canonical encoding of an event given its 37 column values in order."""
+    encoded = "".join(
+        field(canonical_value(column, value))
+        for column, value in zip(EVENT_COLUMNS, values, strict=True)
+    )
+    return hashlib.sha256(encoded.encode()).digest()
 
 
-def event_digest(values: Sequence[str | None]) -> bytes:
-    return hashlib.sha256(canonical_event(values).encode()).digest()
+def event_day(log_time: datetime | None) -> str:
+    """The UTC day of an event (the unit retention removes), or "none"."""
+    if log_time is None:
+        return "none"
+    day: date = log_time.astimezone(UTC).date()
+    return f"{day.year:04d}-{day.month:02d}-{day.day:02d}"
 
 
-def day_digest(event_digests: Iterable[bytes]) -> bytes:
-    """sha256 of the concatenated event digests, in (sequence_number, event_index) order."""
-    h = hashlib.sha256()
-    for digest in event_digests:
-        h.update(digest)
-    return h.digest()
+class DayDigests:
+    """Event digests grouped by UTC day, in the order they are added (sequence order)."""
+
+    def __init__(self) -> None:
+        self.by_day: dict[str, bytearray] = {}
+
+    def add(self, day: str, digest: bytes) -> None:
+        self.by_day.setdefault(day, bytearray()).extend(digest)
+
+    def extend(self, chains: Iterable[Mapping[str, bytes]]) -> None:
+        for chain in chains:
+            for day, digests in chain.items():
+                self.by_day.setdefault(day, bytearray()).extend(digests)
+
+    def packed(self) -> dict[str, bytes]:
+        """What crosses the process pool: day -> concatenated 32-byte digests."""
+        return {day: bytes(digests) for day, digests in self.by_day.items()}
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """The link's ``days``: count and SHA-256 of the concatenated digests, per day."""
+        return {
+            day: {"n": len(digests) // DIGEST_SIZE, "sha256": hashlib.sha256(digests).hexdigest()}
+            for day, digests in sorted(self.by_day.items())
+        }
+
+    @property
+    def count(self) -> int:
+        return sum(len(d) // DIGEST_SIZE for d in self.by_day.values())
 
 
 def link_hash(
@@ -108,39 +157,41 @@ def link_hash(
     first_sequence: str,
     last_sequence: str,
     event_count: int,
-    days_text: str,
+    days: Mapping[str, Mapping[str, Any]],
 ) -> bytes:
-    """sha256(prev_hash || link text); ``days_text`` is the stored jsonb's text output."""
+    """SHA-256(prev_hash || UTF-8 link text); ``days`` enters as canonical JSON."""
     text = "\n".join(
-        (
-            "das-chain-v1",
-            stream,
-            shard,
-            str(link_no),
-            kind,
-            first_sequence,
-            last_sequence,
-            str(event_count),
-            days_text,
-        )
-    )
+        ("das-chain-v1", stream, shard, str(link_no), kind, first_sequence, last_sequence,
+         str(event_count), canonical_json(days))
+    )  # fmt: skip
     return hashlib.sha256(prev + text.encode()).digest()
-
-
-def canonical_time(stamp: datetime) -> str:
-    return stamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def anchor_message(
     stream: str, shard: str, link_no: int, link_hash_value: bytes, anchored_at: datetime
 ) -> bytes:
     return "\n".join(
-        (
-            "das-anchor-v1",
-            stream,
-            shard,
-            str(link_no),
-            link_hash_value.hex(),
-            canonical_time(anchored_at),
-        )
-    ).encode()
+        ("das-anchor-v1", stream, shard, str(link_no), link_hash_value.hex(),
+         canonical_time(anchored_at))
+    ).encode()  # fmt: skip
+
+
+def stored_event_values(
+    event: Any, record: Any, shard_id: str, sequence_number: str, ingested_at: datetime
+) -> list[Any]:
+    """The 37 column values, in table order, that COPY stores for a decoded ``event`` of
+    ``record`` (an ``ingest.decode`` ActivityEvent and DecodedRecord)."""
+    extra = event.extra
+    if record.record_extra:
+        extra = {**extra, "_record": record.record_extra}
+    return [
+        event.log_time, record.cluster_id, record.instance_id, record.record_version, shard_id,
+        sequence_number, event.event_index, event.class_, event.client_application,
+        event.command, event.command_text, event.database_name, event.db_protocol,
+        event.db_user_name, event.end_time, event.error_message, event.exit_code,
+        event.net_protocol, event.object_name, event.object_type, event.param_list, event.pid,
+        event.remote_host, event.remote_port, event.row_count, event.server_host,
+        event.server_type, event.server_version, event.service_name, event.session_id,
+        event.start_time, event.statement_id, event.substatement_id, event.transaction_id,
+        extra, list(event.anomalies), ingested_at,
+    ]  # fmt: skip

@@ -18,7 +18,13 @@ import orjson
 
 from ingest.aws import error_code
 from ingest.integrity.anchor import Anchor, AnchorError, load_anchors
-from ingest.integrity.canonical import EVENT_SELECT, ZERO_HASH, event_digest, link_hash
+from ingest.integrity.canonical import (
+    EVENT_COLUMNS,
+    ZERO_HASH,
+    event_day,
+    event_digest,
+    link_hash,
+)
 from ingest.warehouse.db import Conn
 
 
@@ -75,7 +81,6 @@ class _Link:
     first_text: str
     last_text: str
     event_count: int
-    days_text: str
     days: dict[str, dict[str, Any]]
     prev_hash: bytes
     link_hash: bytes
@@ -171,7 +176,6 @@ async def _links(conn: Conn, stream: str, shard: str) -> list[_Link]:
             first_text=r["first_text"],
             last_text=r["last_text"],
             event_count=r["event_count"],
-            days_text=r["days_text"],
             days=orjson.loads(r["days_text"]),
             prev_hash=bytes(r["prev_hash"]),
             link_hash=bytes(r["link_hash"]),
@@ -203,7 +207,7 @@ def _check_links(report: Report, stream: str, shard: str, links: list[_Link]) ->
             link.first_text,
             link.last_text,
             link.event_count,
-            link.days_text,
+            link.days,
         )
         if recomputed != link.link_hash:
             finding("link_altered", "the link's fields do not hash to its stored link_hash")
@@ -250,8 +254,7 @@ async def _check_events(
     async with conn.transaction():
         cursor = conn.cursor(
             f"""
-            SELECT sequence_number::text AS seq_text, to_char(log_time AT TIME ZONE 'UTC',
-                   'YYYY-MM-DD') AS day, {EVENT_SELECT}
+            SELECT {", ".join(EVENT_COLUMNS)}
             FROM das.activity_events
             WHERE shard_id = $1 AND sequence_number >= $2::numeric
             ORDER BY sequence_number, event_index
@@ -262,7 +265,8 @@ async def _check_events(
         )
         async for row in cursor:
             report.events += 1
-            seq = int(row["seq_text"])
+            values = stored_values(row)
+            seq = int(row["sequence_number"])
             link = redrives.get(seq)
             if link is None:
                 i = bisect.bisect_right(starts, seq) - 1
@@ -270,9 +274,9 @@ async def _check_events(
             if link is None:
                 outside.append(seq)
                 continue
-            tally = tallies[(link.link_no, row["day"] or "none")]
+            tally = tallies[(link.link_no, event_day(row["log_time"]))]
             tally.n += 1
-            tally.digest.update(event_digest(tuple(row)[2:]))
+            tally.digest.update(event_digest(values))
             tally.first_seq = seq if tally.first_seq is None else tally.first_seq
             tally.last_seq = seq
     if outside:
@@ -386,6 +390,20 @@ async def verify_anchor(kms: Any, anchor: Anchor) -> bool:
         raise AnchorError(
             f"KMS could not check an anchor: {error_code(exc) or type(exc).__name__}"
         ) from None
+
+
+_JSON_POSITIONS = tuple(
+    i for i, column in enumerate(EVENT_COLUMNS) if column in ("param_list", "extra")
+)
+
+
+def stored_values(row: Any) -> list[Any]:
+    """An activity_events row as the values the canonical encoding takes (jsonb parsed)."""
+    values = list(row)
+    for i in _JSON_POSITIONS:
+        if values[i] is not None:
+            values[i] = orjson.loads(values[i])
+    return values
 
 
 def _add(

@@ -16,13 +16,14 @@ from typing import Any
 from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
 from ingest.decode.envelope import read_envelope
 from ingest.errors import DecodeError
+from ingest.integrity.canonical import DayDigests
+from ingest.integrity.chain import extend_chain
 from ingest.kms import DataKeyCache, encryption_context, resource_id_from_stream
 from ingest.warehouse.db import Conn
 from ingest.warehouse.sink import (
     CopyUnit,
     copy_unit,
     ensure_day_partitions,
-    extend_chain,
     init_connection,
     upsert_heartbeats,
 )
@@ -129,13 +130,21 @@ async def redrive(
             continue
         await ensure_day_partitions(conn, output.days)
         async with conn.transaction():
-            await copy_unit(conn, CopyUnit(output.events, output.statements))
+            await copy_unit(conn, CopyUnit(output.events, output.statements, chain=output.chain))
             if output.heartbeats:
                 await upsert_heartbeats(
                     conn, row["stream_name"], row["shard_id"], output.heartbeats
                 )
+            digests = DayDigests()
+            digests.extend([output.chain])
             await extend_chain(
-                conn, row["stream_name"], row["shard_id"], row["seq"], row["seq"], "redrive"
+                conn,
+                row["stream_name"],
+                row["shard_id"],
+                row["seq"],
+                row["seq"],
+                digests,
+                "redrive",
             )
             await conn.execute("DELETE FROM das.dead_letters WHERE id = $1", letter_id)
         report.stored.append(letter_id)

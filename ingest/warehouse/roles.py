@@ -26,15 +26,12 @@ APPEND_ONLY = ("das.activity_events", "das.dead_letters")
 #: Derived or bookkeeping tables the ingest role maintains.
 MAINTAINED = ("das.statements", "das.heartbeats", "das.leases", "das.workers")
 #: Tables the ingest role reads.
-READ = ("das.schema_migrations", "das.privileged_users", "das.chain_links")
+READ = ("das.schema_migrations", "das.privileged_users")
 #: Functions the ingest role calls: they run as the schema owner (SECURITY DEFINER).
 FUNCTIONS = (
     "das.ensure_partition(date)",
     "das.ensure_partitions(date, date)",
-    "das.extend_chain(text, text, numeric, numeric, text)",
 )
-#: SECURITY DEFINER helpers nobody but the owner calls directly.
-OWNER_ONLY_FUNCTIONS = ("das.link_days(text, text, numeric, numeric, boolean)",)
 
 
 @dataclass(frozen=True)
@@ -78,9 +75,9 @@ async def apply_grants(conn: Conn, roles: RoleNames) -> None:
         f"GRANT SELECT, INSERT, UPDATE ON {', '.join(MAINTAINED)} TO {ingest}",
         f"GRANT DELETE ON das.workers TO {ingest}",
         f"GRANT SELECT ON {', '.join(READ)} TO {ingest}",
-        # Anchors of the chain heads: appended by workers, never changed.
-        f"GRANT SELECT, INSERT ON das.chain_anchors TO {ingest}",
-        f"REVOKE ALL ON FUNCTION {', '.join(FUNCTIONS + OWNER_ONLY_FUNCTIONS)} FROM PUBLIC",
+        # The integrity chain and its anchors: appended by workers, never changed.
+        f"GRANT SELECT, INSERT ON das.chain_links, das.chain_anchors TO {ingest}",
+        f"REVOKE ALL ON FUNCTION {', '.join(FUNCTIONS)} FROM PUBLIC",
         f"GRANT EXECUTE ON FUNCTION {', '.join(FUNCTIONS)} TO {ingest}",
         f"REVOKE ALL ON ALL TABLES IN SCHEMA das FROM {analyst}",
         f"GRANT SELECT ON ALL TABLES IN SCHEMA das TO {analyst}",

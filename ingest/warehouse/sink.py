@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -24,6 +24,8 @@ from ingest.decode.batch import HeartbeatRow
 from ingest.decode.copyfmt import EVENT_COLUMNS
 from ingest.decode.correlate import PART_COLUMNS
 from ingest.errors import IngestError
+from ingest.integrity.canonical import DayDigests
+from ingest.integrity.chain import extend_chain
 from ingest.warehouse.db import Conn, is_transient
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,8 @@ class CopyUnit:
     statements: bytes
     #: Dead letter to write instead if this unit cannot be stored (per-record mode only).
     on_store_error: DeadLetter | None = None
+    #: The events' digests per UTC day, for the integrity chain (BatchOutput.chain).
+    chain: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -195,13 +199,16 @@ class Sink:
                     f"lease on {lease.shard_id} lost or checkpoint moved; batch not written"
                 )
             failed: list[DeadLetter] = []
+            stored: list[CopyUnit] = []
             for unit in units:
                 if not per_record:
                     await copy_unit(conn, unit)
+                    stored.append(unit)
                     continue
                 try:
                     async with conn.transaction():  # a savepoint per record
                         await copy_unit(conn, unit)
+                    stored.append(unit)
                 except asyncpg.PostgresError as exc:
                     if unit.on_store_error is None or is_transient(exc):
                         raise
@@ -222,7 +229,11 @@ class Sink:
             if heartbeats:
                 await upsert_heartbeats(conn, lease.stream_name, lease.shard_id, heartbeats)
             if sequence_range is not None and self._chain:
-                await extend_chain(conn, lease.stream_name, lease.shard_id, *sequence_range)
+                digests = DayDigests()
+                digests.extend(unit.chain for unit in stored)
+                await extend_chain(
+                    conn, lease.stream_name, lease.shard_id, *sequence_range, digests
+                )
             result.dead_letters = len(letters)
             result.store_failures = failed
         return result
@@ -240,22 +251,6 @@ async def ensure_day_partitions(
     for day in sorted(d for d in days if d not in known and low <= d <= high):
         await conn.execute("SELECT das.ensure_partition($1)", day)
         known.add(day)
-
-
-async def extend_chain(
-    conn: Conn, stream: str, shard: str, first: str, last: str, kind: str = "batch"
-) -> int:
-    """Add the link over the events of [first, last] just stored (see docs/integrity.md)."""
-    return int(
-        await conn.fetchval(
-            "SELECT das.extend_chain($1, $2, $3::numeric, $4::numeric, $5)",
-            stream,
-            shard,
-            first,
-            last,
-            kind,
-        )
-    )
 
 
 async def copy_unit(conn: Conn, unit: CopyUnit) -> None:
