@@ -310,7 +310,7 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
         )
         latency_table.notes.append(
             "put time: just before the PutRecords call; committed: ingested_at of the rows "
-            "(start of the batch's transaction)."
+            "(when the batch was decoded, just before its transaction)."
         )
 
         if args.backlog:

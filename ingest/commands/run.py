@@ -110,8 +110,9 @@ def add_parser(subparsers: Any) -> None:
     tuning.add_argument(
         "--max-records",
         type=int,
-        default=env_default("DAS_MAX_RECORDS", 10_000),
-        help="GetRecords limit per call (default: 10000) [DAS_MAX_RECORDS]",
+        default=env_default("DAS_MAX_RECORDS", 1000),
+        help="GetRecords limit per call; a shard holds up to two pages, each taking a few "
+        "times its size in memory (default: 1000) [DAS_MAX_RECORDS]",
     )
     tuning.add_argument(
         "--queue-batches",

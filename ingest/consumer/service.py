@@ -75,6 +75,7 @@ def worker_settings(args: argparse.Namespace, stream: str, resource_id: str) -> 
                 decryptor=args.decryptor,
                 verify_signatures=not args.skip_signature_verification,
                 max_decompressed=args.max_decompressed_mb * 1024 * 1024,
+                chain=not args.no_integrity_chain,
             ),
         ),
     )

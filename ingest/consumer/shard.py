@@ -68,7 +68,7 @@ class State(enum.Enum):
 
 @dataclass(frozen=True)
 class ShardSettings:
-    max_records: int = 10_000
+    max_records: int = 1000
     #: Kinesis allows 5 GetRecords calls per second per shard.
     min_call_interval: float = 0.2
     #: Pause after an empty page when caught up (latency versus GetRecords calls).

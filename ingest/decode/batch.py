@@ -17,7 +17,7 @@ from ingest.decode.correlate import StatementFolder
 from ingest.decode.gunzip import DEFAULT_MAX_DECOMPRESSED
 from ingest.decode.pipeline import Decryptor, decode_record
 from ingest.errors import DecodeError
-from ingest.integrity.canonical import DayDigests, event_day, event_digest, stored_event_values
+from ingest.integrity.canonical import DayDigests, RecordFields, event_day, stored_event_digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,8 @@ class DecoderConfig:
     decryptor: str = "lean"
     verify_signatures: bool = True
     max_decompressed: int = DEFAULT_MAX_DECOMPRESSED
+    #: compute the events' digests for the integrity chain (off with --no-integrity-chain)
+    chain: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
     chunks: list[bytes] = []
     digests = DayDigests()
     ingested_at = datetime.now(UTC)
+    chain = batch.config.chain
     for index, sequence_number, raw, data_key in batch.records:
         try:
             record = decode_record(raw, data_key, decryptor, max_decompressed=max_decompressed)
@@ -111,13 +114,10 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
             chunks.append(data)
             out.event_count += count
             folder.add(record, shard_id, sequence_number)
-            for event in record.events:
-                digests.add(
-                    event_day(event.log_time),
-                    event_digest(
-                        stored_event_values(event, record, shard_id, sequence_number, ingested_at)
-                    ),
-                )
+            if chain:
+                fields = RecordFields(record, shard_id, sequence_number, ingested_at)
+                for event in record.events:
+                    digests.add(event_day(event.log_time), stored_event_digest(event, fields))
                 if event.log_time is None:
                     out.undated_events += 1
                 else:

@@ -1,0 +1,129 @@
+"""The canonical encoding of docs/integrity.md: its fast paths equal its definition."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.decode.model import ActivityEvent, DecodedRecord
+from ingest.integrity.canonical import (
+    RecordFields,
+    _canonical_json,
+    canonical_json,
+    canonical_number,
+    canonical_time,
+    event_digest,
+    field,
+    stored_event_digest,
+    stored_event_values,
+)
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
+)  # fmt: skip
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(json_values)
+def test_the_fast_path_is_the_definition(value: Any) -> None:
+    assert canonical_json(value) == _canonical_json(value)
+
+
+@given(json_values)
+def test_canonical_json_is_valid_json_of_the_same_value(value: Any) -> None:
+    parsed = json.loads(canonical_json(value), parse_float=Decimal, parse_int=Decimal)
+    assert parsed == _as_decimals(value)
+
+
+def _as_decimals(value: Any) -> Any:
+    """Numbers as exact decimals: the canonical text is their plain decimal form."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    if isinstance(value, list):
+        return [_as_decimals(v) for v in value]
+    return {k: _as_decimals(v) for k, v in value.items()}
+
+
+def test_numbers_times_and_fields() -> None:
+    assert canonical_number(1e20) == "100000000000000000000"
+    assert canonical_number(1e-7) == "0.0000001"
+    assert canonical_number(100.0) == "100.0"
+    assert canonical_number(-0.0) == "0.0"
+    assert canonical_number(12) == "12"
+    assert canonical_number(Decimal("2.50")) == "2.50"
+    assert canonical_json({"b": 1, "a": [1.5, None, True], "é": "x\n"}) == (
+        '{"a":[1.5,null,true],"b":1,"é":"x\\n"}'
+    )
+    assert canonical_json({"ab": 1, "b": 2}) == '{"ab":1,"b":2}'  # bytes, not length, first
+    assert canonical_time(datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC)) == "0999-01-02T03:04:05.000000Z"
+    assert (
+        canonical_time(
+            datetime(2024, 3, 1, 10, 0, 0, 500000, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+        )
+        == "2024-03-01T04:30:00.500000Z"
+    )
+    assert field(None) == "-"
+    assert field("cluster-ABC") == "+11:cluster-ABC"
+    assert field("é") == "+2:é"
+
+
+texts = st.one_of(st.none(), st.text(max_size=12))
+ints = st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2**63 - 1))
+times = st.one_of(
+    st.none(),
+    st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                 timezones=st.sampled_from([UTC, timezone(timedelta(hours=-7))])),
+)  # fmt: skip
+
+
+@st.composite
+def events(draw: st.DrawFn) -> tuple[ActivityEvent, DecodedRecord]:
+    event = ActivityEvent(
+        event_index=draw(st.integers(min_value=0, max_value=500)),
+        class_=draw(texts), client_application=draw(texts), command=draw(texts),
+        command_text=draw(texts), database_name=draw(texts), db_protocol=draw(texts),
+        db_user_name=draw(texts), end_time=draw(times), error_message=draw(texts),
+        exit_code=draw(texts), log_time=draw(times), net_protocol=draw(texts),
+        object_name=draw(texts), object_type=draw(texts),
+        param_list=draw(st.one_of(st.none(), st.lists(json_values, max_size=3))),
+        pid=draw(ints), remote_host=draw(texts), remote_port=draw(texts), row_count=draw(ints),
+        server_host=draw(texts), server_type=draw(texts), server_version=draw(texts),
+        service_name=draw(texts), session_id=draw(texts), start_time=draw(times),
+        statement_id=draw(ints), substatement_id=draw(ints), transaction_id=draw(texts),
+        extra=draw(st.dictionaries(st.text(max_size=5), json_values, max_size=3)),
+        anomalies=tuple(draw(st.lists(st.text(max_size=8), max_size=2))),
+    )  # fmt: skip
+    record = DecodedRecord(
+        record_version=draw(st.sampled_from(["1.0", "1.1", "1.2"])),
+        cluster_id=draw(texts), instance_id=draw(texts), events=[event], heartbeats=[],
+        record_extra=draw(st.dictionaries(st.text(max_size=5), json_values, max_size=2)),
+    )  # fmt: skip
+    return event, record
+
+
+@settings(max_examples=300)
+@given(events(), st.integers(min_value=1, max_value=10**40))
+def test_the_writer_digest_is_the_verifier_digest(
+    pair: tuple[ActivityEvent, DecodedRecord], sequence: int
+) -> None:
+    event, record = pair
+    stamp = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
+    fields = RecordFields(record, "shardId-1", str(sequence), stamp)
+    values = stored_event_values(event, record, "shardId-1", str(sequence), stamp)
+    assert stored_event_digest(event, fields) == event_digest(values)
