@@ -75,8 +75,8 @@ class ShardSettings:
     idle_sleep: float = 0.5
     #: Pages are decoded and committed in chunks of at most this many bytes and records:
     #: memory stays bounded, several decode processes share a big page, commits start early.
-    chunk_bytes: int = 1024 * 1024
-    chunk_records: int = 500
+    chunk_bytes: int = 256 * 1024
+    chunk_records: int = 200
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
 
