@@ -336,8 +336,8 @@ async def run_latency(
     """Put ``workload`` at ``rate`` events/s while a worker runs; latency = put -> committed.
 
     The put time is taken just before the record's PutRecords call is sent; the commit time is
-    the ``ingested_at`` of its rows (when the decoder encoded the batch, just before its transaction). Records are put in
-    ticks of 50 ms.
+    the ``ingested_at`` of its rows (when the decoder encoded the batch, just before its
+    transaction). Records are put in ticks of 50 ms.
     """
     dsn = await fresh_database(stack)
     worker = await _Worker.start(workload.stream, dsn, list(worker_args), processes)
