@@ -2,12 +2,17 @@
 
 A shard reader acquires budget for a batch before handing it to the pool and releases it when
 the batch is decoded; when the pool falls behind, readers wait here instead of piling batches up
-in memory. A single batch larger than the byte bound is admitted alone, so nothing deadlocks.
+in memory. Admission is first come, first served: a batch waits until every batch that asked
+before it was admitted, so a big batch cannot be starved by a stream of small ones slipping
+into the room it waits for. A single batch larger than the byte bound is admitted alone (when
+nothing else is held), so nothing deadlocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,6 +26,13 @@ class WorkBudget:
         self.batches = 0
         self.bytes = 0
         self._changed = asyncio.Condition()
+        self._queue: deque[int] = deque()
+        self._tickets = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        """Batches waiting for admission."""
+        return len(self._queue)
 
     def _fits(self, size: int) -> bool:
         if self.batches == 0:
@@ -29,8 +41,16 @@ class WorkBudget:
 
     @asynccontextmanager
     async def hold(self, size: int) -> AsyncIterator[None]:
+        ticket = next(self._tickets)
         async with self._changed:
-            await self._changed.wait_for(lambda: self._fits(size))
+            self._queue.append(ticket)
+            try:
+                await self._changed.wait_for(lambda: self._queue[0] == ticket and self._fits(size))
+            finally:
+                # Admitted, or cancelled while waiting: either way no longer in line, and the
+                # next in line may fit now.
+                self._queue.remove(ticket)
+                self._changed.notify_all()
             self.batches += 1
             self.bytes += size
         try:
