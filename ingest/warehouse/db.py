@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -49,8 +50,10 @@ def redact(dsn: str | None) -> str:
 # SQLSTATE classes that mean "try again": connection exceptions (08), transaction rollback
 # such as serialization failure and deadlock (40), insufficient resources such as too many
 # connections (53), operator intervention such as admin or crash shutdown and "cannot connect
-# now" while the server restarts (57P0x), and system errors (58).
-_TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57P0", "58")
+# now" while the server restarts (57P0x), a statement cancelled by a timeout or by our own
+# cancel request after --db-command-timeout (57014), a lock not available under lock_timeout
+# (55P03), and system errors (58). None of them is the fault of the rows being written.
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57P0", "57014", "55P03", "58")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -80,20 +83,61 @@ async def connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
         raise ConfigError(f"cannot reach the warehouse at {redact(dsn)}: {exc}") from None
 
 
+#: TCP keepalive probing of our warehouse connections: a server that vanished without a FIN or
+#: RST (a failed-over primary, a dropped NAT entry) is noticed on an idle pooled connection
+#: within about idle + interval * count seconds instead of the kernel's two hours. (Only our
+#: side: the server's tcp_keepalives_* belong in its own configuration. As startup parameters
+#: poolers such as PgBouncer refuse them, and a SET would not survive the RESET ALL with which
+#: asyncpg returns connections to the pool.)
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+
+
+def enable_keepalive(conn: Any) -> bool:
+    """Turn on TCP keepalives on the client side of ``conn``; False if it has no TCP socket
+    (a Unix socket) or the platform lacks the options."""
+    transport = getattr(conn, "_transport", None)  # asyncpg exposes no public socket accessor
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 async def create_pool(
     dsn: str | None,
     *,
     min_size: int = 1,
     max_size: int = 10,
     init: Callable[[Any], Awaitable[None]] | None = None,
+    command_timeout: float | None = None,
     **kwargs: Any,
 ) -> asyncpg.Pool:
+    """A connection pool. ``command_timeout`` bounds every statement and also the connection
+    attempt, so a connection that stalls (accepts, then answers nothing) raises TimeoutError,
+    a transient fault, instead of hanging its caller; TCP keepalives are on."""
+
+    async def setup(conn: Any) -> None:
+        enable_keepalive(conn)
+        if init is not None:
+            await init(conn)
+
+    if command_timeout is not None:
+        kwargs.setdefault("timeout", command_timeout)  # asyncpg's connect timeout (default 60 s)
     try:
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
             max_size=max_size,
-            init=init,  # type: ignore[arg-type]  # the stubs' callback protocol is too narrow
+            init=setup,
+            command_timeout=command_timeout,
             **kwargs,
         )
     except asyncpg.InvalidAuthorizationSpecificationError as exc:
