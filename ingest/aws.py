@@ -28,10 +28,16 @@ _CONFIG: dict[str, Any] = {
 
 
 @asynccontextmanager
-async def aws_client(service: str, *, max_pool_connections: int = 32) -> AsyncIterator[Any]:
-    """An aiobotocore client for ``service`` ("kinesis", "kms", "rds")."""
+async def aws_client(
+    service: str, *, max_pool_connections: int = 32, retries: bool = True
+) -> AsyncIterator[Any]:
+    """An aiobotocore client for ``service`` ("kinesis", "kms", "rds"). ``retries=False``: one
+    attempt per call, for callers that pace and retry every attempt themselves."""
     session = get_session()
-    config = Config(max_pool_connections=max_pool_connections, **_CONFIG)
+    settings = dict(_CONFIG)
+    if not retries:
+        settings["retries"] = {"mode": "standard", "total_max_attempts": 1}
+    config = Config(max_pool_connections=max_pool_connections, **settings)
     try:
         async with session.create_client(service, config=config) as client:
             yield client

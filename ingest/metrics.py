@@ -41,7 +41,8 @@ class Metrics:
         self.kms_hits = Counter("das_kms_cache_hits", "Data keys served from the cache", registry=r)
         self.lease_changes = Counter(
             "das_lease_changes",
-            "Leases taken, stolen, lost, released or finished",
+            "Lease changes: taken, stolen, lost (to another worker), released (given back: "
+            "graceful stop, shard end, crash), crashed (consumer), finished (shard end)",
             ["change"],
             registry=r,
         )
@@ -57,6 +58,21 @@ class Metrics:
         )
         self.anchors = Counter("das_chain_anchors", "Chain heads anchored with KMS", registry=r)
         self.ready = Gauge("das_ready", "1 when the worker is ready (see /readyz)", registry=r)
+        self.dependency_healthy = Gauge(
+            "das_dependency_healthy",
+            "0 while a call to the dependency has been failing or hanging for a few seconds",
+            ["dependency"],
+            registry=r,
+        )
+
+    def lease_change_counts(self) -> dict[str, int]:
+        """Lease changes so far by kind (for the summary a worker logs when it stops)."""
+        return {
+            sample.labels["change"]: int(sample.value)
+            for family in self.lease_changes.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        }
 
     def forget_shard(self, shard_id: str) -> None:
         """Drop per-shard series of a shard this worker no longer holds."""

@@ -134,6 +134,23 @@ def add_parser(subparsers: Any) -> None:
         help="warehouse connections, at least 2 (default: 16) [DAS_DB_POOL_SIZE]",
     )
     tuning.add_argument(
+        "--db-command-timeout",
+        type=float,
+        default=env_default("DAS_DB_COMMAND_TIMEOUT", 20.0),
+        metavar="SECONDS",
+        help="a warehouse statement or connection attempt that takes longer fails and is "
+        "retried, so a stalled connection cannot hang the worker; 0 for none (default: 20) "
+        "[DAS_DB_COMMAND_TIMEOUT]",
+    )
+    tuning.add_argument(
+        "--unready-after",
+        type=float,
+        default=env_default("DAS_UNREADY_AFTER", 5.0),
+        metavar="SECONDS",
+        help="report not ready (/readyz, das_ready) while a call to Kinesis, KMS or the "
+        "warehouse has been failing or hanging this long (default: 5) [DAS_UNREADY_AFTER]",
+    )
+    tuning.add_argument(
         "--shutdown-deadline",
         type=float,
         default=env_default("DAS_SHUTDOWN_DEADLINE", 20.0),
@@ -209,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("das-ingest run: --db-pool-size must be at least 2")
     if args.lease_seconds <= 0 or args.shutdown_deadline < 0:
         raise SystemExit("das-ingest run: --lease-seconds must be > 0, --shutdown-deadline >= 0")
+    if args.db_command_timeout < 0 or args.unready_after <= 0:
+        raise SystemExit("das-ingest run: --db-command-timeout must be >= 0, --unready-after > 0")
     from ingest.consumer.service import serve
 
     return run_async(serve(args))

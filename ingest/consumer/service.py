@@ -65,6 +65,7 @@ def worker_settings(args: argparse.Namespace, stream: str, resource_id: str) -> 
         anchor_seconds=args.anchor_seconds,
         chain=not args.no_integrity_chain,
         stop_when_idle=args.stop_when_idle,
+        unready_after=args.unready_after,
         shutdown_deadline=args.shutdown_deadline,
         processes=processes,
         queue_batches=args.queue_batches or max(2, 2 * processes),
@@ -135,7 +136,13 @@ async def serve(args: argparse.Namespace) -> int:
         db = await _until_reachable(
             startup,
             "warehouse",
-            lambda: create_pool(dsn, min_size=2, max_size=args.db_pool_size, init=init_connection),
+            lambda: create_pool(
+                dsn,
+                min_size=2,
+                max_size=args.db_pool_size,
+                init=init_connection,
+                command_timeout=args.db_command_timeout or None,
+            ),
         )
         if db is None:
             return 0
@@ -144,7 +151,10 @@ async def serve(args: argparse.Namespace) -> int:
                 await require_current_schema(conn)
             pool_size = 8 + 2 * args.db_pool_size
             async with (
-                aws_client("kinesis", max_pool_connections=pool_size) as kinesis,
+                aws_client("kinesis") as kinesis,
+                # The shard consumers' client: botocore's own retries would bypass the pacing of
+                # GetRecords (5 calls per second per shard); the consumers retry every attempt.
+                aws_client("kinesis", max_pool_connections=pool_size, retries=False) as records,
                 aws_client("kms") as kms,
             ):
                 if not await _until_reachable(
@@ -152,7 +162,12 @@ async def serve(args: argparse.Namespace) -> int:
                 ):
                     return 0
                 worker = Worker(
-                    settings, db=db, kinesis_client=kinesis, kms_client=kms, metrics=metrics
+                    settings,
+                    db=db,
+                    kinesis_client=kinesis,
+                    records_client=records,
+                    kms_client=kms,
+                    metrics=metrics,
                 )
                 startup.worker = worker
                 if startup.stop.is_set():
@@ -176,15 +191,27 @@ async def serve(args: argparse.Namespace) -> int:
                         "records": _sample(metrics, "das_records_ingested_total"),
                         "kms_calls": worker.keys.stats.calls,
                         "kms_hits": worker.keys.stats.hits,
+                        "lease_changes": metrics.lease_change_counts(),
                         "elapsed": round(time.monotonic() - started, 3),
                     },
                 )
         finally:
-            await db.close()
+            await _close(db, args.db_command_timeout or 30.0)
     finally:
         if health is not None:
             await health.stop()
     return 0
+
+
+async def _close(db: Any, seconds: float) -> None:
+    """Close the pool gracefully, or abort its connections if the warehouse does not answer
+    (a stalled connection must not keep a stopping worker alive)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await db.close()
+    except (TimeoutError, OSError) as exc:
+        log.warning("warehouse connections aborted at exit", extra={"error": type(exc).__name__})
+        db.terminate()
 
 
 def _sample(metrics: Metrics, name: str) -> int:

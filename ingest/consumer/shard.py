@@ -5,14 +5,23 @@
          |                                         |   `--stop requested--> SHUTTING_DOWN
          `--------------- lease lost (commit refused or renewal failed) ---> LEASE_LOST
 
-PROCESSING keeps at most one GetRecords call in flight, at most 5 calls per second, and
-prefetches the next page while the current one is decoded and committed (aiokafka keeps one
-unconsumed result per partition the same way: backpressure without a scheduler). Commits run
-strictly in sequence order, each in one transaction with the new checkpoint (see Sink).
+PROCESSING keeps at most one GetRecords call in flight, at most 5 calls per second (retries
+included), and prefetches the next page while the current one is decoded and committed (aiokafka
+keeps one unconsumed result per partition the same way: backpressure without a scheduler).
+Commits run strictly in sequence order, each in one transaction with the new checkpoint (see
+Sink).
 
 Transient faults (throttling, network, database restarts, KMS throttling) are retried with
 backoff and never dead-lettered; records that cannot be decoded are dead-lettered with their
-stage and the shard moves on.
+stage and the shard moves on. Every call to a dependency is reported to the worker's
+DependencyHealth while it is outstanding, so a dependency that stays down (or hangs) makes the
+worker unready.
+
+Memory: a consumer holds at most two pages -- the one being decoded and committed and the one
+prefetched -- each at most --max-records records and at most 10 MB (the GetRecords limit).
+Pages are not counted in the decode pool's WorkBudget (its chunks are, while decoded): charging
+a page and then its chunks to one budget could deadlock, so the page bound is per shard and
+documented in docs/operations.md.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
+from ingest.consumer.dependencies import DependencyHealth
+from ingest.consumer.failures import describe
 from ingest.consumer.pool import DecodePool, DecoderCrashedError
 from ingest.decode.batch import (
     BatchInput,
@@ -69,7 +80,8 @@ class State(enum.Enum):
 @dataclass(frozen=True)
 class ShardSettings:
     max_records: int = 1000
-    #: Kinesis allows 5 GetRecords calls per second per shard.
+    #: Kinesis allows 5 GetRecords calls per second per shard: a call starts at least this long
+    #: after the previous one returned (see _paced_get_records).
     min_call_interval: float = 0.2
     #: Pause after an empty page when caught up (latency versus GetRecords calls).
     idle_sleep: float = 0.5
@@ -107,6 +119,7 @@ class ShardConsumer:
         leases: LeaseStore,
         metrics: Metrics,
         settings: ShardSettings,
+        health: DependencyHealth | None = None,
     ) -> None:
         self.lease = lease
         self.status = ShardStatus(checkpoint=checkpoint)
@@ -118,7 +131,9 @@ class ShardConsumer:
         self._leases = leases
         self._metrics = metrics
         self._settings = settings
+        self._health = health or DependencyHealth()
         self._stop = asyncio.Event()
+        self._lost = False
         self._last_call = 0.0
         self._busy = False
         self._backoff = Backoff(base=0.1, cap=10.0)
@@ -131,9 +146,18 @@ class ShardConsumer:
         """Finish the batch in hand (commit it), then end. Idempotent."""
         self._stop.set()
 
+    def lose(self) -> None:
+        """The lease was lost (renewal refused): stop, and end as LEASE_LOST. Idempotent."""
+        self._lost = True
+        self._stop.set()
+
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
 
     @property
     def idle_since(self) -> float | None:
@@ -143,14 +167,16 @@ class ShardConsumer:
     # -- main loop -----------------------------------------------------------------------
 
     async def run(self) -> State:
+        """Consume until SHARD_END, a stop, or the loss of the lease; returns the final state.
+        The worker counts the lease change from it (once: a lease lost at renewal often makes
+        the batch in hand fail its commit too)."""
         try:
             await self._run()
         except _Stopped:
-            self.status.state = State.SHUTTING_DOWN
+            self.status.state = State.LEASE_LOST if self._lost else State.SHUTTING_DOWN
         except LeaseLostError:
             self.status.state = State.LEASE_LOST
-            self._metrics.lease_changes.labels("lost").inc()
-            log.info("lease lost", extra={"shard": self.shard_id})
+            log.info("lease lost at commit", extra={"shard": self.shard_id})
         return self.status.state
 
     async def _run(self) -> None:
@@ -196,17 +222,29 @@ class ShardConsumer:
             lambda: self._reader.iterator(self.shard_id, self.status.checkpoint), "kinesis"
         )
 
+    async def _paced_get_records(self, iterator: str) -> RecordsPage:
+        """One GetRecords call, at least ``min_call_interval`` after the previous one returned.
+
+        Spacing the *answers* and the next call, rather than the starts of calls, is what holds
+        at the server whatever the network does in between: a call is received before it is
+        answered, so the server sees consecutive calls at least the interval apart, even when a
+        request spent longer in transit than the one after it. Every attempt comes through
+        here, retries of throttled calls included (the client for records has no retries of its
+        own), so at most 5 calls per second per shard reach Kinesis in any case.
+        """
+        due = self._last_call + self._settings.min_call_interval
+        # A loop, not one sleep: asyncio may wake a timer up to its clock resolution early.
+        while (wait := due - time.monotonic()) > 0:  # noqa: ASYNC110 - a deadline, not an event
+            await asyncio.sleep(wait)
+        try:
+            return await self._reader.get_records(iterator, self._settings.max_records)
+        finally:
+            self._last_call = time.monotonic()
+
     async def _fetch(self, iterator: str) -> RecordsPage:
         while True:
-            wait = self._last_call + self._settings.min_call_interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self._last_call = time.monotonic()
             try:
-                page = await self._transient(
-                    partial(self._reader.get_records, iterator, self._settings.max_records),
-                    "kinesis",
-                )
+                page = await self._transient(partial(self._paced_get_records, iterator), "kinesis")
             except IteratorExpiredError:
                 # A fresh iterator from the checkpoint may overlap the page being committed;
                 # _process drops records at or before the checkpoint.
@@ -345,6 +383,21 @@ class ShardConsumer:
         ready: list[tuple[int, str, bytes, bytes]],
         records: list[KinesisRecord],
     ) -> None:
+        with self._health.outstanding("postgres"):
+            await self._commit_until_done(
+                new_checkpoint, units, letters, heartbeats, ready, records
+            )
+        self.status.checkpoint = new_checkpoint
+
+    async def _commit_until_done(
+        self,
+        new_checkpoint: str,
+        units: list[CopyUnit],
+        letters: list[DeadLetter],
+        heartbeats: list[HeartbeatRow],
+        ready: list[tuple[int, str, bytes, bytes]],
+        records: list[KinesisRecord],
+    ) -> None:
         previous = self.status.checkpoint
         per_record = False
         attempt = 0
@@ -377,17 +430,21 @@ class ShardConsumer:
                     delay = self._backoff.delay(attempt)
                     log.warning(
                         "transient database error; retrying",
-                        extra={"shard": self.shard_id, "error": type(exc).__name__, "delay": delay},
+                        extra={"shard": self.shard_id, "error": describe(exc), "delay": delay},
                     )
                     attempt += 1
                     await asyncio.sleep(delay)
                     continue
                 if per_record or not ready:
+                    # Not the rows (those are dead-lettered one by one in per-record mode): the
+                    # checkpoint, dead letter or chain statements failed. The worker logs it by
+                    # class and SQLSTATE (never the message, which can quote row values) and
+                    # retries the shard.
                     raise
                 # A row PostgreSQL refused despite sanitizing: isolate it, store the rest.
                 log.warning(
                     "batch refused by the database; retrying record by record",
-                    extra={"shard": self.shard_id, "error": type(exc).__name__},
+                    extra={"shard": self.shard_id, "error": describe(exc)},
                 )
                 units = self._per_record_units(ready, records)
                 per_record = True
@@ -400,7 +457,6 @@ class ShardConsumer:
                 break
             finally:
                 self._metrics.commit_seconds.observe(time.perf_counter() - started)
-        self.status.checkpoint = new_checkpoint
 
     async def _commit_landed(self, new_checkpoint: str) -> bool:
         current = await self._leases.checkpoint_of(self.shard_id)
@@ -427,7 +483,12 @@ class ShardConsumer:
     # -- retries ------------------------------------------------------------------------
 
     async def _transient(self, op: Callable[[], Awaitable[T]], target: str) -> T:
-        """Run ``op``, retrying transient faults with backoff until it works or we stop."""
+        """Run ``op``, retrying transient faults with backoff until it works or we stop.
+        The call is outstanding for DependencyHealth from the first attempt to the last."""
+        with self._health.outstanding(target):
+            return await self._retry(op, target)
+
+    async def _retry(self, op: Callable[[], Awaitable[T]], target: str) -> T:
         attempt = 0
         while True:
             try:
@@ -448,7 +509,7 @@ class ShardConsumer:
                 extra={
                     "shard": self.shard_id,
                     "target": target,
-                    "error": str(error)[:200],
+                    "error": describe(error),
                     "delay": round(delay, 3),
                 },
             )

@@ -1,19 +1,30 @@
-"""The worker: a lease coordinator and a supervisor of shard consumers.
+"""The worker: a lease renewer, a lease coordinator and a supervisor of shard consumers.
 
-Every ``lease_seconds / 3`` the coordinator
-  1. records that this worker is alive and renews the leases it holds (a lease it could not
-     renew is lost: its consumer is told to stop, and its commits would be refused anyway);
-  2. reaps consumers that ended: SHARD_END releases the lease for good (children become
-     eligible), a crash releases it so it is retried, LEASE_LOST just forgets it;
-  3. refreshes the shard list (periodically, and at once after a SHARD_END);
-  4. balances: takes expired or free eligible leases up to its fair share
+Three routines run side by side, supervised together (one that crashes ends the worker, after
+a graceful shutdown, instead of leaving it half alive):
+
+- the **renewer**, every ``lease_seconds / 3``: records that this worker is alive and renews the
+  leases it holds. A lease it could not renew is lost: its consumer is told so and stops (its
+  commits would be refused anyway). It runs on its own so that slow calls of the coordinator
+  (ListShards from a slow Kinesis, partition DDL waiting for a lock) never delay a renewal past
+  the lease period;
+- the **coordinator**, every ``lease_seconds / 3``:
+  1. reaps consumers that ended: SHARD_END releases the lease for good (children become
+     eligible), a crash or a stop releases it so it is retried, LEASE_LOST just forgets it;
+  2. refreshes the shard list (periodically, and at once after a SHARD_END);
+  3. balances: takes expired or free eligible leases up to its fair share
      ceil(eligible / live workers), and when none is free steals one from the most loaded
      worker above that share;
-  5. starts a consumer per newly held lease: the supervisor keeps ``dict[shard_id, Task]``
-     reconciled with the leases held, and one shard failing never touches the others.
+  4. starts a consumer per newly held lease: the supervisor keeps ``dict[shard_id, Task]``
+     reconciled with the leases held, and one shard failing never touches the others;
+- the **health watch**, four times a second: the worker is ready (``/readyz``, ``das_ready``)
+  when its last coordinator cycle worked and no dependency is unhealthy (a call to Kinesis, KMS
+  or PostgreSQL failing or hanging for more than a few seconds: see DependencyHealth); changes
+  are logged.
 
 Shutdown has two phases (arq's shape): stop taking work and let every consumer commit the batch
-in hand, up to a deadline; then cancel what is left, release the leases, deregister.
+in hand, up to a deadline, while the renewer keeps the leases; then cancel what is left, release
+the leases, deregister.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,6 +43,8 @@ from typing import Any
 import asyncpg
 
 from ingest.consumer.budget import WorkBudget
+from ingest.consumer.dependencies import DEPENDENCIES, DependencyHealth
+from ingest.consumer.failures import describe
 from ingest.consumer.pool import DecodePool
 from ingest.consumer.shard import ShardConsumer, ShardSettings, State
 from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads
@@ -43,6 +57,9 @@ from ingest.warehouse.leases import Lease, LeaseStore
 from ingest.warehouse.sink import LeaseToken, Sink
 
 log = logging.getLogger(__name__)
+
+#: How often readiness is re-evaluated (and das_ready updated).
+WATCH_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,8 @@ class WorkerSettings:
     anchor_seconds: float = 300.0
     #: extend the integrity chain with every batch (off only to measure its cost)
     chain: bool = True
+    #: a dependency whose call has been failing or hanging this long makes the worker unready
+    unready_after: float = 5.0
     shard: ShardSettings = field(default_factory=ShardSettings)
 
 
@@ -82,8 +101,12 @@ class Worker:
         db: asyncpg.Pool,
         kinesis_client: Any,
         kms_client: Any,
+        records_client: Any | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        """``records_client`` is the Kinesis client of the shard consumers (GetShardIterator,
+        GetRecords): it should make no retries of its own, so that every GetRecords attempt is
+        paced (see ShardConsumer); by default ``kinesis_client``."""
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.leases = LeaseStore(db, settings.stream_name, lease_seconds=settings.lease_seconds)
@@ -94,14 +117,23 @@ class Worker:
         )
         self._anchored_at = time.monotonic()
         self.reader = KinesisReader(kinesis_client, settings.stream_name)
+        self.records = KinesisReader(records_client or kinesis_client, settings.stream_name)
         self.keys = DataKeyCache(kms_client)
         self.budget = WorkBudget(max_batches=settings.queue_batches, max_bytes=settings.queue_bytes)
         self.pool = DecodePool(settings.processes, self.budget)
+        self.health = DependencyHealth(unready_after=settings.unready_after)
         self.running: dict[str, _Running] = {}
-        self.ready = False
         self.last_cycle = 0.0
         #: monotonic time of the coordinator loop's last turn, successful or not (liveness)
         self.last_turn = time.monotonic()
+        #: monotonic time of the last successful renewal
+        self.last_renewal = 0.0
+        self._cycle_ok = False
+        self._stopping = False
+        self._was_ready = False
+        self._live: list[str] = []
+        self._heartbeat_done = asyncio.Event()
+        self._releasing: set[asyncio.Task[bool]] = set()
         self._stop = asyncio.Event()
         self._sync_due = 0.0
         self._partitions_due = 0.0
@@ -121,73 +153,114 @@ class Worker:
     def held(self) -> list[str]:
         return sorted(self.running)
 
+    @property
+    def ready(self) -> bool:
+        """The last coordinator cycle worked, no dependency is unhealthy, not stopping."""
+        return self._cycle_ok and not self._stopping and not self.health.unhealthy()
+
     async def run(self) -> None:
         """Run until stopped (signal or --stop-when-idle); always shuts down gracefully."""
         warming = asyncio.ensure_future(self.pool.warm(self.settings.shard.decoder))
+        renewer = asyncio.ensure_future(self._renew_loop())
+        watch = asyncio.ensure_future(self._watch_loop())
+        coordinator = asyncio.ensure_future(self._coordinate())
+        try:
+            await self._supervise(coordinator, {"renewer": renewer, "health watch": watch})
+        finally:
+            for task in (coordinator, warming, watch):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(coordinator, warming, watch, return_exceptions=True)
+            await self._shutdown(renewer)
+
+    # -- supervision --------------------------------------------------------------------
+
+    async def _supervise(
+        self, coordinator: asyncio.Future[None], background: dict[str, asyncio.Future[None]]
+    ) -> None:
+        """Wait for the coordinator to finish (stop requested) or for anything to crash.
+        Background routines run until cancelled: one that ends by itself has failed."""
+        names = {task: name for name, task in background.items()}
+        waiting: set[asyncio.Future[None]] = {coordinator, *background.values()}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if coordinator in done:
+            coordinator.result()  # its failure, if any, is the worker's
+            return
+        for task in done:
+            if task.cancelled():
+                raise asyncio.CancelledError
+            exc = task.exception()
+            log.error(
+                "worker routine failed; stopping",
+                extra={"routine": names[task], "error": describe(exc) if exc else "returned"},
+            )
+            self.exit_reason = f"{names[task]} failed"
+            if exc is not None:
+                raise exc
+            raise RuntimeError(f"the {names[task]} ended by itself")
+
+    # -- the coordinator ----------------------------------------------------------------
+
+    async def _coordinate(self) -> None:
         interval = self.settings.lease_seconds / 3
         backoff = Backoff(base=0.2, cap=interval)
         failures = 0
-        try:
-            while not self._stop.is_set():
-                self.last_turn = time.monotonic()
-                try:
-                    await self._cycle()
-                except asyncio.CancelledError:
+        # Balance with this worker's own heartbeat (and the fleet it sees) on record.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._heartbeat_done.wait(), interval)
+        while not self._stop.is_set():
+            self.last_turn = time.monotonic()
+            try:
+                await self._cycle()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not (is_transient(exc) or isinstance(exc, KinesisUnavailableError)):
+                    log.exception("coordinator failed; stopping", extra={"error": describe(exc)})
                     raise
-                except Exception as exc:
-                    if not (is_transient(exc) or isinstance(exc, KinesisUnavailableError)):
-                        log.exception(
-                            "coordinator failed; stopping",
-                            extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"},
-                        )
-                        raise
-                    # Database or Kinesis unreachable: not ready, keep trying, no crash loop.
-                    self.ready = False
-                    self.metrics.ready.set(0)
-                    self.metrics.retries.labels("coordinator").inc()
-                    delay = backoff.delay(failures)
-                    failures += 1
-                    log.warning(
-                        "coordinator cycle failed; retrying",
-                        extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}", "delay": delay},
-                    )
-                    await self._sleep(delay)
-                    continue
-                failures = 0
-                self.ready = True
-                self.metrics.ready.set(1)
-                self.last_cycle = time.monotonic()
-                if self._idle_done():
-                    self.request_stop("idle")
-                    break
-                await self._sleep(interval)
-        finally:
-            if not warming.done():
-                warming.cancel()
-            await asyncio.gather(warming, return_exceptions=True)
-            await self._shutdown()
-
-    # -- one coordinator cycle ---------------------------------------------------------
+                # Database or Kinesis unreachable: not ready, keep trying, no crash loop.
+                self._cycle_ok = False
+                self._publish_readiness()
+                self.metrics.retries.labels("coordinator").inc()
+                delay = backoff.delay(failures)
+                failures += 1
+                log.warning(
+                    "coordinator cycle failed; retrying",
+                    extra={"error": describe(exc), "delay": delay},
+                )
+                await self._sleep(delay)
+                continue
+            failures = 0
+            self._cycle_ok = True
+            self._publish_readiness()
+            self.last_cycle = time.monotonic()
+            if self._idle_done():
+                self.request_stop("idle")
+                break
+            await self._sleep(interval)
 
     async def _cycle(self) -> None:
-        live = await self.leases.heartbeat_worker(self.settings.worker_id, ready=self.ready)
-        await self._renew()
+        outstanding = self.health.outstanding
         sync_now = self._reap()
         now = time.monotonic()
         if sync_now or now >= self._sync_due:
-            shards = await self.reader.list_shards()
-            initial = self.settings.initial_position
-            created = await self.leases.sync_shards(shards, initial)
+            with outstanding("kinesis"):
+                shards = await self.reader.list_shards()
+            with outstanding("postgres"):
+                created = await self.leases.sync_shards(shards, self.settings.initial_position)
             if created:
                 log.info("new shards", extra={"count": created})
             self._sync_due = now + self.settings.shard_sync_seconds
         if now >= self._partitions_due:
             # Day partitions are created ahead, so commits rarely wait for DDL.
             today = datetime.now(UTC).date()
-            await self.sink.ensure_partitions({today + timedelta(days=d) for d in range(3)})
+            with outstanding("postgres"):
+                await self.sink.ensure_partitions({today + timedelta(days=d) for d in range(3)})
             self._partitions_due = now + 3600
-        eligible = await self.leases.eligible_leases()
-        await self._balance(eligible, live)
+        live = self._live
+        with outstanding("postgres"):
+            eligible = await self.leases.eligible_leases()
+            await self._balance(eligible, live)
         self._update_idle(eligible, live)
         self._sync_kms_metrics()
         if self.anchor_key is not None and now - self._anchored_at >= self.settings.anchor_seconds:
@@ -204,22 +277,78 @@ class Worker:
         except AnchorError as exc:
             # KMS unavailable: the links stay unanchored until the next try; nothing is lost.
             self.metrics.retries.labels("anchor").inc()
-            log.warning("could not anchor chain heads", extra={"error": str(exc)[:200]})
+            log.warning("could not anchor chain heads", extra={"error": describe(exc)})
             return
         if made:
             self.metrics.anchors.inc(len(made))
             log.info("anchored chain heads", extra={"count": len(made)})
 
+    # -- the renewer --------------------------------------------------------------------
+
+    async def _renew_loop(self) -> None:
+        interval = self.settings.lease_seconds / 3
+        while True:
+            started = time.monotonic()
+            try:
+                await self._renew()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                # The commits of the leases it holds are fenced all the same; keep trying.
+                self.metrics.retries.labels("renewal").inc()
+                log.warning("lease renewal failed; retrying", extra={"error": describe(exc)})
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
     async def _renew(self) -> None:
-        held = {s: r.consumer.lease.lease_counter for s, r in self.running.items()}
-        renewed = await self.leases.renew(self.settings.worker_id, held)
-        for shard_id in set(held) - renewed:
-            consumer = self.running[shard_id].consumer
-            if consumer.stopping:
-                continue  # told already; it ends at its next step
-            log.warning("lease lost at renewal", extra={"shard": shard_id})
-            self.metrics.lease_changes.labels("lost").inc()
-            consumer.stop()
+        me = self.settings.worker_id
+        with self.health.outstanding("postgres"):
+            self._live = await self.leases.heartbeat_worker(me, ready=self.ready)
+            self._heartbeat_done.set()
+            held = {
+                shard_id: run.consumer.lease.lease_counter
+                for shard_id, run in self.running.items()
+                if not run.task.done()
+            }
+            renewed = await self.leases.renew(me, held)
+        self.last_renewal = time.monotonic()
+        for shard_id, counter in held.items():
+            if shard_id in renewed:
+                continue
+            run = self.running.get(shard_id)
+            if run is None or run.task.done() or run.consumer.lease.lease_counter != counter:
+                continue  # ended or released meanwhile: not a loss
+            if not run.consumer.lost:
+                log.warning("lease lost at renewal", extra={"shard": shard_id, "counter": counter})
+            run.consumer.lose()
+
+    # -- readiness ------------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        while True:
+            self._publish_readiness()
+            await asyncio.sleep(WATCH_SECONDS)
+
+    def _publish_readiness(self) -> None:
+        down = self.health.check()
+        for dependency in DEPENDENCIES:
+            self.metrics.dependency_healthy.labels(dependency).set(0 if dependency in down else 1)
+        ready = self._cycle_ok and not self._stopping and not down
+        self.metrics.ready.set(1 if ready else 0)
+        if ready != self._was_ready:
+            self._was_ready = ready
+            reasons = [*down]
+            if not self._cycle_ok:
+                reasons.append("coordinator")
+            if self._stopping:
+                reasons.append("stopping")
+            if ready:
+                log.info("ready")
+            else:
+                log.warning("not ready", extra={"reasons": reasons})
+
+    # -- consumers ------------------------------------------------------------------------
 
     def _reap(self) -> bool:
         """Collect ended consumers; True when a shard ended (so children may now exist)."""
@@ -229,32 +358,44 @@ class Worker:
                 continue
             del self.running[shard_id]
             self.metrics.forget_shard(shard_id)  # its lag is no longer ours to report
-            lease = run.consumer.lease
-            if run.task.cancelled():
-                continue
-            exc = run.task.exception()
-            if exc is not None:
-                log.error(
-                    "shard consumer crashed; releasing its lease",
-                    extra={"shard": shard_id, "error": f"{type(exc).__name__}: {exc}"[:300]},
-                )
-                self.metrics.lease_changes.labels("crashed").inc()
-                self._spawn_release(lease)
-                continue
-            state = run.task.result()
-            if state is State.SHARD_END:
-                self.metrics.lease_changes.labels("finished").inc()
-                ended_shard = True
-                self._spawn_release(lease)
-            elif state is State.SHUTTING_DOWN:
-                self._spawn_release(lease)
+            if self._account(run):
+                self._spawn_release(run.consumer.lease)
+            ended_shard |= not run.task.cancelled() and run.consumer.status.state is State.SHARD_END
         self.metrics.leases_held.set(len(self.running))
         return ended_shard
 
+    def _account(self, run: _Running) -> bool:
+        """Count how a consumer ended (once); True when its lease is still ours to release."""
+        shard_id = run.consumer.shard_id
+        if run.task.cancelled():
+            return True  # cancelled at the shutdown deadline: never committed past its lease
+        exc = run.task.exception()
+        if exc is not None:
+            log.error(
+                "shard consumer crashed; releasing its lease",
+                extra={"shard": shard_id, "error": describe(exc)},
+            )
+            self.metrics.lease_changes.labels("crashed").inc()
+            return True
+        state = run.task.result()
+        if state is State.LEASE_LOST:
+            self.metrics.lease_changes.labels("lost").inc()
+            return False
+        if state is State.SHARD_END:
+            self.metrics.lease_changes.labels("finished").inc()
+        return True
+
+    async def _release(self, lease: LeaseToken) -> bool:
+        with self.health.outstanding("postgres"):
+            released = await self.leases.release(lease.owner, lease.shard_id, lease.lease_counter)
+        if released:
+            self.metrics.lease_changes.labels("released").inc()
+        return released
+
     def _spawn_release(self, lease: LeaseToken) -> None:
-        task = asyncio.ensure_future(
-            self.leases.release(lease.owner, lease.shard_id, lease.lease_counter)
-        )
+        task = asyncio.ensure_future(self._release(lease))
+        self._releasing.add(task)  # a reference, so the task is not collected midway
+        task.add_done_callback(self._releasing.discard)
         task.add_done_callback(_log_task_error)
 
     async def _balance(self, eligible: list[tuple[Lease, bool]], live: list[str]) -> None:
@@ -307,7 +448,7 @@ class Worker:
         consumer = ShardConsumer(
             lease=token,
             checkpoint=lease.checkpoint,
-            reader=self.reader,
+            reader=self.records,
             keys=self.keys,
             encryption_context=encryption_context(self.settings.resource_id),
             pool=self.pool,
@@ -315,11 +456,19 @@ class Worker:
             leases=self.leases,
             metrics=self.metrics,
             settings=self.settings.shard,
+            health=self.health,
         )
         task = asyncio.ensure_future(consumer.run())
         self.running[lease.shard_id] = _Running(consumer, task)
         self.metrics.leases_held.set(len(self.running))
-        log.info("consuming shard", extra={"shard": lease.shard_id, "checkpoint": lease.checkpoint})
+        log.info(
+            "consuming shard",
+            extra={
+                "shard": lease.shard_id,
+                "checkpoint": lease.checkpoint,
+                "counter": lease.lease_counter,
+            },
+        )
 
     # -- idleness -------------------------------------------------------------------------
 
@@ -352,35 +501,39 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def _shutdown(self) -> None:
-        self.ready = False
+    async def _shutdown(self, renewer: asyncio.Future[None]) -> None:
+        self._stopping = True
         self.metrics.ready.set(0)
         for run in self.running.values():
             run.consumer.stop()
         tasks = [r.task for r in self.running.values()]
         if tasks:
+            # Phase one: the consumers commit the batches in hand; the renewer keeps the leases
+            # meanwhile (a drain may take longer than a lease period).
             _done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_deadline)
             for task in pending:
                 task.cancel()
             if pending:
+                # Phase two. A commit already under way is shielded and completes or rolls
+                # back as a whole; nothing else of a cancelled batch was written.
                 log.warning(
                     "shutdown deadline passed; cancelled consumers", extra={"count": len(pending)}
                 )
                 await asyncio.gather(*pending, return_exceptions=True)
+        renewer.cancel()
+        await asyncio.gather(renewer, return_exceptions=True)
+        ours = {shard_id: run for shard_id, run in self.running.items() if self._account(run)}
+        self.running.clear()
         # The heads of what we leave behind are anchored before anyone else extends them.
         with contextlib.suppress(Exception):
-            await self._anchor(sorted(self.running))
-        releases = []
-        for run in self.running.values():
-            lease = run.consumer.lease
-            releases.append(self.leases.release(lease.owner, lease.shard_id, lease.lease_counter))
-        self.running.clear()
-        results = await asyncio.gather(*releases, return_exceptions=True)
+            await self._anchor(sorted(ours))
+        releases: list[Awaitable[bool]] = [self._release(r.consumer.lease) for r in ours.values()]
+        results = await asyncio.gather(*releases, *self._releasing, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             log.warning(
                 "could not release some leases; they expire by themselves",
-                extra={"count": len(errors)},
+                extra={"count": len(errors), "error": describe(errors[0])},
             )
         with contextlib.suppress(Exception):
             await self.leases.deregister_worker(self.settings.worker_id)
@@ -398,4 +551,6 @@ class Worker:
 
 def _log_task_error(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.warning("background lease write failed", extra={"error": str(task.exception())[:200]})
+        exc = task.exception()
+        assert exc is not None
+        log.warning("background lease write failed", extra={"error": describe(exc)})
