@@ -38,6 +38,11 @@ ALLOWED_EXTRA = frozenset(
         "resource_id",
         "kms_calls",
         "kms_hits",
+        "lease_changes",
+        "counter",
+        "dependency",
+        "reasons",
+        "routine",
     }
 )
 

@@ -9,12 +9,19 @@ soak) turns faults on and off while worker processes talk through it:
 - :meth:`FaultProxy.refuse` / :meth:`FaultProxy.accept` and :meth:`FaultProxy.outage`: the
   listening socket goes away and new connections are *refused* (ECONNREFUSED, as when a server
   is down), while the port stays ours: a bound, non-listening SO_REUSEPORT socket holds it, so
-  nobody else can take it and the proxy comes back on the same address.
+  nobody else can take it and the proxy comes back on the same address;
+- :meth:`FaultProxy.stall` / :meth:`FaultProxy.unstall` and :meth:`FaultProxy.stalled`: the
+  network goes silent (a partition, a hung server): connections are still accepted, but no
+  byte is forwarded either way until it ends; then everything held flows on, as TCP would
+  retransmit it.
 
 In HTTP mode (``http_faults``) the proxy understands HTTP/1.1 requests of the AWS JSON
 protocol: it reads each request, asks the :class:`HttpFaults` rules whether to answer it with a
 real-looking AWS error (``HTTP 400 {"__type": ..., "message": ...}``, as Kinesis and KMS do) and
-forwards the rest to the real server over the same keep-alive connection.
+forwards the rest to the real server over the same keep-alive connection. It also logs every
+request it read (:attr:`ProxyStats.calls`: when, which operation, which Kinesis shard, and the
+error injected if any); the shard of a GetRecords call is found by following the iterators
+through the GetShardIterator and GetRecords answers.
 
 Nothing here talks to anything but the upstream given, which is on 127.0.0.1 in every use.
 """
@@ -123,13 +130,26 @@ class HttpFaults:
         return None
 
 
+@dataclass(frozen=True)
+class Call:
+    """One request the HTTP proxy read in full, at ``time`` (the event loop's clock, which is
+    CLOCK_MONOTONIC like the workers' time.monotonic())."""
+
+    time: float
+    operation: str
+    shard: str | None
+    error: str | None
+
+
 @dataclass
 class ProxyStats:
     connections: int = 0
     resets: int = 0
     refused_periods: int = 0
+    stalls: int = 0
     requests: Counter[str] = field(default_factory=Counter)
     injected: Counter[str] = field(default_factory=Counter)
+    calls: list[Call] = field(default_factory=list)
 
     @property
     def faults(self) -> int:
@@ -180,6 +200,10 @@ class FaultProxy:
         self.latency = 0.0
         self.jitter = 0.0
         self.stats = ProxyStats()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        #: Kinesis shard iterator -> shard id, learned from the answers forwarded
+        self._iterators: dict[str, str] = {}
         self._rng = random.Random(seed)
         self._server: asyncio.Server | None = None
         self._placeholder: socket.socket | None = None
@@ -290,6 +314,29 @@ class FaultProxy:
     def refusing(self) -> bool:
         return self._server is None
 
+    def stall(self) -> None:
+        """From now on forward nothing, either way, and connect nothing upstream."""
+        if self._flowing.is_set():
+            self._flowing.clear()
+            self.stats.stalls += 1
+
+    def unstall(self) -> None:
+        """Let everything held flow on."""
+        self._flowing.set()
+
+    @property
+    def stalling(self) -> bool:
+        return not self._flowing.is_set()
+
+    @contextlib.asynccontextmanager
+    async def stalled(self) -> AsyncIterator[None]:
+        """``async with proxy.stalled():`` the network is silent inside the block."""
+        self.stall()
+        try:
+            yield
+        finally:
+            self.unstall()
+
     # -- forwarding -----------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -324,6 +371,7 @@ class FaultProxy:
         return up_reader, up_writer
 
     async def _pipe_tcp(self, pair: _Pair, reader: asyncio.StreamReader) -> None:
+        await self._flowing.wait()
         up_reader, up_writer = await self._connect_upstream(pair)
         tasks = [
             asyncio.ensure_future(self._delay_line(reader, up_writer)),
@@ -357,6 +405,7 @@ class FaultProxy:
                 wait = due - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
 
@@ -385,10 +434,21 @@ class FaultProxy:
             target = headers.get("x-amz-target", "")
             operation = target.rpartition(".")[2] or "?"
             self.stats.requests[operation] += 1
+            request = _json(body)
+            shard = self._shard_of(operation, request)
             delay = self._delay()
             if delay:
                 await asyncio.sleep(delay)
+            await self._flowing.wait()
             error = self.http_faults.decide(target, self._rng)
+            self.stats.calls.append(
+                Call(
+                    asyncio.get_running_loop().time(),
+                    operation,
+                    shard,
+                    None if error is None else error.code,
+                )
+            )
             if error is not None:
                 self.stats.injected[f"{operation}:{error.code}"] += 1
                 pair.client.write(error.response())
@@ -402,10 +462,37 @@ class FaultProxy:
             response_head = await up_reader.readuntil(b"\r\n\r\n")
             response_headers = _headers(response_head)
             response_body = await _read_body(up_reader, response_headers, response=True)
+            if shard is not None:
+                self._follow_iterator(shard, _json(response_body))
+            await self._flowing.wait()
             pair.client.write(response_head + response_body)
             await pair.client.drain()
             if "close" in response_headers.get("connection", "").lower():
                 return
+
+    def _shard_of(self, operation: str, request: dict[str, object]) -> str | None:
+        if operation == "GetShardIterator":
+            shard = request.get("ShardId")
+            return shard if isinstance(shard, str) else None
+        if operation == "GetRecords":
+            iterator = request.get("ShardIterator")
+            return self._iterators.get(iterator) if isinstance(iterator, str) else None
+        return None
+
+    def _follow_iterator(self, shard: str, response: dict[str, object]) -> None:
+        for key in ("ShardIterator", "NextShardIterator"):
+            iterator = response.get(key)
+            if isinstance(iterator, str):
+                self._iterators[iterator] = shard
+
+
+def _json(body: bytes) -> dict[str, object]:
+    """A JSON object body, or {} (chunked, empty, or not JSON)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _headers(head: bytes) -> dict[str, str]:

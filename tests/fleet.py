@@ -8,6 +8,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -107,12 +108,24 @@ class WorkerProcess:
     lines: list[dict[str, Any]] = field(default_factory=list)
     #: the last lines of stderr as text (tracebacks included)
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+    #: everything it wrote on stderr, as text (for the scans for SQL and key material)
+    raw: list[str] = field(default_factory=list)
     _reader: asyncio.Task[None] | None = None
+
+    @property
+    def output(self) -> str:
+        return "".join(self.raw)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     async def _read(self) -> None:
         assert self.process.stderr is not None
         while line := await self.process.stderr.readline():
-            self.tail.append(line.decode("utf-8", "replace").rstrip())
+            text = line.decode("utf-8", "replace")
+            self.raw.append(text)
+            self.tail.append(text.rstrip())
             with contextlib.suppress(orjson.JSONDecodeError):
                 self.lines.append(orjson.loads(line))
             if os.environ.get("DAS_TEST_ECHO"):
@@ -131,6 +144,10 @@ class WorkerProcess:
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signal.SIGKILL)
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGINT)
 
     def terminate(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -156,10 +173,10 @@ class Fleet:
         self.workers.append(worker)
         return worker
 
-    async def start_args(self, *args: str) -> WorkerProcess:
+    async def start_args(self, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
         """A worker from a full ``das-ingest`` argument list (e.g. ``run --cluster ...``)."""
         name = args[args.index("--worker-id") + 1] if "--worker-id" in args else "worker"
-        worker = await spawn(name, list(args))
+        worker = await spawn(name, list(args), env)
         self.workers.append(worker)
         return worker
 
@@ -212,6 +229,68 @@ async def spawn(name: str, args: list[str], env: dict[str, str] | None = None) -
     worker = WorkerProcess(name, process)
     worker._reader = asyncio.ensure_future(worker._read())
     return worker
+
+
+def default_worker_id(worker: WorkerProcess) -> str:
+    """The id a worker started without --worker-id has: host:pid."""
+    return f"{socket.gethostname()}:{worker.pid}"
+
+
+async def lease_owners(dsn: str, stream: str) -> dict[str, tuple[str | None, int]]:
+    """shard -> (owner of a live lease or None, lease counter), for the open shards."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT shard_id, lease_counter,
+                   CASE WHEN expires_at > now() THEN owner END AS owner
+            FROM das.leases WHERE stream_name = $1 AND checkpoint <> 'SHARD_END'
+            """,
+            stream,
+        )
+    finally:
+        await conn.close()
+    return {r["shard_id"]: (r["owner"], r["lease_counter"]) for r in rows}
+
+
+@dataclass
+class SteadyProducer:
+    """Produces into an existing stream at ``rate`` events per second until stopped, in chunks
+    of ``chunk`` events with seeds of their own (each event stays unique)."""
+
+    stream: str
+    rate: float
+    chunk: int = 1000
+    seed: int = 1000
+    overrides: dict[str, Any] = field(default_factory=dict)
+    chunks: list[EmulateOptions] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            opts = options(
+                self.stream,
+                count=self.chunk,
+                seed=self.seed + len(self.chunks),
+                create_stream=False,
+                rate=self.rate,
+                **self.overrides,
+            )
+            self.chunks.append(opts)
+            await produce(opts)
+
+    async def stop(self) -> None:
+        """Stop after the chunk being produced (which is then complete)."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    def expected(self) -> list[EventKey]:
+        return [key for opts in self.chunks for key in expected(opts)]
 
 
 async def committed_events(dsn: str) -> int:

@@ -22,8 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
-import boto3
-import orjson
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -32,7 +30,6 @@ from cryptography.x509.oid import NameOID
 
 from ingest.devstack import HOST, LocalStack, PostgresCluster, free_port, unprivileged_user
 from ingest.emulate.traffic import MARKER_PREFIX
-from ingest.kms import encryption_context
 from tests.cli_helpers import Result, das_ingest
 from tests.fleet import (
     Fleet,
@@ -46,6 +43,7 @@ from tests.fleet import (
     stored,
     wait_until,
 )
+from tests.logscan import data_keys, key_texts, leaks, stream_records
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
@@ -111,57 +109,6 @@ async def test_a_worker_logged_in_as_the_ingest_role_ingests_but_cannot_rewrite(
 
 
 # -- no SQL, no keys, no passwords in what the commands print -----------------------------------
-
-
-def key_texts(plaintext: bytes) -> list[str]:
-    return [
-        base64.b64encode(plaintext).decode(),
-        base64.urlsafe_b64encode(plaintext).decode(),
-        plaintext.hex(),
-        plaintext.hex().upper(),
-        repr(plaintext)[2:-1],
-    ]
-
-
-def stream_records(stream: str) -> list[bytes]:
-    """Every record in the stream, read with a plain boto3 client."""
-    kinesis = boto3.client("kinesis")
-    out: list[bytes] = []
-    for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
-        iterator = kinesis.get_shard_iterator(
-            StreamName=stream, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
-        )["ShardIterator"]
-        while iterator:
-            page = kinesis.get_records(ShardIterator=iterator, Limit=10_000)
-            out += [r["Data"] for r in page["Records"]]
-            if not page["Records"] and page.get("MillisBehindLatest", 0) == 0:
-                break
-            iterator = page.get("NextShardIterator")
-    return out
-
-
-def data_keys(records: list[bytes], resource_ids: list[str]) -> list[bytes]:
-    """The plaintext data keys of the records, asked of KMS with each possible context."""
-    kms = boto3.client("kms")
-    blobs = {base64.b64decode(orjson.loads(r)["key"]) for r in records}
-    keys = []
-    for blob in blobs:
-        for resource_id in resource_ids:
-            try:
-                answer = kms.decrypt(
-                    CiphertextBlob=blob, EncryptionContext=encryption_context(resource_id)
-                )
-            except kms.exceptions.InvalidCiphertextException:
-                continue
-            keys.append(answer["Plaintext"])
-            break
-    assert len(keys) == len(blobs)
-    return keys
-
-
-def leaks(text: str, needles: dict[str, str]) -> list[str]:
-    """What of ``needles`` (needle -> what it is) appears in ``text``."""
-    return sorted({what for needle, what in needles.items() if needle in text})
 
 
 async def test_logs_and_output_carry_no_sql_no_data_keys_and_no_password(

@@ -78,13 +78,13 @@ class DependencyHealth:
                 self._down_since[dependency] = now - failing
                 log.warning(
                     "dependency unhealthy",
-                    extra={"dependency": dependency, "failing_seconds": round(failing, 1)},
+                    extra={"dependency": dependency, "elapsed": round(failing, 1)},
                 )
         for dependency in list(self._down_since):
             if dependency not in down:
                 since = self._down_since.pop(dependency)
                 log.info(
                     "dependency healthy again",
-                    extra={"dependency": dependency, "unhealthy_seconds": round(now - since, 1)},
+                    extra={"dependency": dependency, "elapsed": round(now - since, 1)},
                 )
         return down
