@@ -4,14 +4,17 @@ Worker processes talk to every server through a proxy the test controls; the emu
 straight to Kinesis and KMS (a producer retrying a PutRecords whose answer was lost would
 duplicate records, and that would be the producer's fault, not the consumer's). Expected and
 asserted: transient faults are retried with backoff (das_transient_retries), readiness is false
-while a dependency is down, the process stays up and exits 0 on SIGTERM, and afterwards every
-event is stored exactly once. KMS *refusals* are different: they are dead-lettered with stage
-kms, the shard moves on, and a re-drive with the right resource id stores them exactly once.
+while a dependency is down or stalled and true again after it, the process stays up (same PID,
+one start) and exits 0 on SIGTERM or SIGINT, leases survive a slow Kinesis, GetRecords stays
+within 5 calls per second per shard under throttling, and afterwards every event is stored
+exactly once. KMS *refusals* are different: they are dead-lettered with stage kms, the shard
+moves on, and a re-drive with the right resource id stores them exactly once. Every worker's
+log is scanned for SQL text and data keys.
 
-Outages here last 8 seconds: longer than a lease (3 s in tests), the botocore retries and the
-coordinator cycle, so each outage expires leases and exercises every retry loop, while keeping
-`make test` short. The 30-second outage runs in `make soak` (bench/soak.py), which also outlasts
-the /healthz window.
+Outages last 30 seconds, one dependency after the other under steady traffic (about a minute
+and a half of the suite): longer than a lease (3 s in tests), the botocore retries, the
+consumers' backoff cap and the coordinator cycle, so each outage expires leases and exercises
+every retry loop. `make soak` (bench/soak.py) repeats them with several workers and kills.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import logging
 import secrets
 import socket
 import time
+from collections import Counter
 from typing import Any
 
 import asyncpg
@@ -57,6 +61,7 @@ from tests.fleet import (
     assert_exactly_once,
     committed_events,
     expected,
+    lease_owners,
     migrated,
     new_stream,
     options,
@@ -260,6 +265,8 @@ async def test_aws_error_responses_are_retried_and_never_dead_lettered(
     assert all("delay" in e for e in kms_retries)
     assert await dead_letters(pg_dsn) == []  # throttling is never a dead letter
     assert_exactly_once(await stored(pg_dsn), expected(opts))
+    needles = await stream_needles(stream, [opts], [stream.removeprefix("aws-rds-das-")])
+    assert_no_leaks({"throttled": worker.output}, needles)
 
 
 #: Kinesis allows 5 GetRecords calls per second per shard.
@@ -476,6 +483,214 @@ async def test_outages_resets_and_latency_on_every_dependency_lose_nothing(
     assert_no_leaks({"enduring": worker.output}, needles)
 
 
+#: Long enough for several command timeouts and more than a lease period.
+STALL_SECONDS = 15.0
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_a_stalled_warehouse_makes_the_worker_unready_and_loses_nothing(
+    fleet: Fleet, pg_dsn: str, stack: LocalStack
+) -> None:
+    await migrated(pg_dsn)
+    stream = new_stream()
+    first = options(stream, count=600, shards=2, instances=2, rate=0)
+    await produce(first)
+    async with FaultProxy.for_url(pg_dsn, name="postgres", seed=5) as pg:
+        worker = await spawn_worker(
+            fleet,
+            "patient",
+            stream,
+            pg.dsn(pg_dsn),
+            "--processes",
+            "0",
+            "--metrics-port",
+            "0",
+            "--db-command-timeout",
+            "3",
+            env={},
+        )
+        pid = worker.pid
+        port = await metrics_port(worker)
+        await until_committed(pg_dsn, first.count, deadline=60)
+        await _observe(port, "/readyz", 200, deadline=10)
+        second = options(
+            stream, count=2400, seed=6, shards=2, instances=2, create_stream=False, rate=120
+        )
+        producing = asyncio.ensure_future(produce(second))
+        try:
+            await asyncio.sleep(1.5)  # commits under way
+            async with pg.stalled():
+                # Connections are accepted and then silent: nothing is refused or reset, so
+                # only the command timeout tells the worker, and its calls hang until then.
+                began = time.monotonic()
+                took = await _observe(port, "/readyz", 503, UNREADY_WITHIN)
+                while time.monotonic() - began < STALL_SECONDS:
+                    assert (await http_get(port, "/healthz"))[0] == 200
+                    assert worker.process.returncode is None
+                    await asyncio.sleep(0.5)
+            await _observe(port, "/readyz", 200, READY_AGAIN_WITHIN)
+            await producing
+        finally:
+            if not producing.done():
+                producing.cancel()
+        await until_committed(pg_dsn, first.count + second.count, deadline=120)
+        _, text = await http_get(port, "/metrics")
+        worker.terminate()
+        assert await worker.wait(60) == 0
+        assert pg.stats.stalls == 1
+    log.info("stalled warehouse: unready after %.1f s", took)
+    assert worker.pid == pid
+    assert len(worker.logged("worker started")) == 1
+    timeouts = [
+        e
+        for e in worker.lines
+        if e.get("msg")
+        in (
+            "transient database error; retrying",
+            "transient fault; retrying",
+            "coordinator cycle failed; retrying",
+            "lease renewal failed; retrying",
+        )
+        and "TimeoutError" in str(e.get("error"))
+    ]
+    assert timeouts, "no command timed out: the stall was not noticed as such"
+    assert metric_values(text, "das_transient_retries_total").get('{target="postgres"}', 0) > 0
+    assert await dead_letters(pg_dsn) == []  # a timeout is never the records' fault
+    assert_exactly_once(await stored(pg_dsn), expected(first) + expected(second))
+    needles = await stream_needles(stream, [first, second], [stream.removeprefix("aws-rds-das-")])
+    assert_no_leaks({"patient": worker.output}, needles)
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_a_stalled_kinesis_does_not_cost_the_worker_its_leases(
+    fleet: Fleet, pg_dsn: str, stack: LocalStack
+) -> None:
+    """Renewals do not wait for the coordinator's ListShards (nor anything else Kinesis):
+    the stall outlasts the lease period (3 s in tests) several times over."""
+    await migrated(pg_dsn)
+    stream = new_stream()
+    opts = options(stream, count=400, shards=4, instances=4)
+    await produce(opts)
+    async with FaultProxy.for_url(stack.kinesis_endpoint, name="kinesis", seed=6) as kin:
+        slow = await spawn_worker(
+            fleet,
+            "slow",
+            stream,
+            pg_dsn,
+            "--processes",
+            "0",
+            "--metrics-port",
+            "0",
+            env={"AWS_ENDPOINT_URL_KINESIS": kin.url},
+        )
+        port = await metrics_port(slow)
+        direct = await fleet.start("direct", stream, pg_dsn, "--processes", "0")
+
+        async def split_two_and_two() -> bool:
+            owners = Counter(owner for owner, _ in (await lease_owners(pg_dsn, stream)).values())
+            if owners != Counter({"slow": 2, "direct": 2}):
+                return False
+            # ...and the slow worker has noticed the two it lost (its consumers ended).
+            _, text = await http_get(port, "/metrics")
+            return metric_values(text, "das_leases_held") == {"": 2.0}
+
+        await wait_until(split_two_and_two, deadline=60)
+        await until_committed(pg_dsn, opts.count, deadline=60)
+        before = await lease_owners(pg_dsn, stream)
+        losses_before = len(slow.logged("lease lost at renewal"))  # balancing stole two
+        _, text = await http_get(port, "/metrics")
+        changes_before = metric_values(text, "das_lease_changes_total")
+        async with kin.stalled():
+            await _observe(port, "/readyz", 503, UNREADY_WITHIN)  # its Kinesis calls hang
+            await asyncio.sleep(12.0)  # four lease periods
+            during = await lease_owners(pg_dsn, stream)
+        await _observe(port, "/readyz", 200, READY_AGAIN_WITHIN)
+        after = await lease_owners(pg_dsn, stream)
+        _, text = await http_get(port, "/metrics")
+        changes_after = metric_values(text, "das_lease_changes_total")
+        for worker in (slow, direct):
+            worker.terminate()
+        assert [await w.wait(60) for w in (slow, direct)] == [0, 0]
+    # Same owners, same counters: no lease changed hands, before, during or after the stall.
+    assert during == before
+    assert after == before
+    assert len(slow.logged("lease lost at renewal")) == losses_before
+    assert changes_after == changes_before
+    assert kin.stats.stalls == 1
+    assert_exactly_once(await stored(pg_dsn), expected(opts))
+
+
+async def checkpoints(dsn: str, stream: str) -> dict[str, str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT shard_id, checkpoint FROM das.leases WHERE stream_name = $1", stream
+        )
+    finally:
+        await conn.close()
+    return {r["shard_id"]: r["checkpoint"] for r in rows}
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_sigint_past_the_shutdown_deadline_cancels_and_commits_nothing_twice(
+    fleet: Fleet, pg_dsn: str, stack: LocalStack
+) -> None:
+    """The second phase of a shutdown: consumers that cannot finish their batch by
+    --shutdown-deadline (KMS is down, so their data keys never come) are cancelled; the batch is
+    not committed, the checkpoints stay where they were, the leases are released, exit 0. SIGINT
+    does what SIGTERM does."""
+    await migrated(pg_dsn)
+    stream = new_stream()
+    first = options(stream, count=400, shards=2, instances=2)
+    await produce(first)
+    async with FaultProxy.for_url(stack.kms_endpoint, name="kms", seed=7) as kms:
+        worker = await spawn_worker(
+            fleet,
+            "interrupted",
+            stream,
+            pg_dsn,
+            "--processes",
+            "0",
+            "--metrics-port",
+            "0",
+            "--shutdown-deadline",
+            "2",
+            env={"AWS_ENDPOINT_URL_KMS": kms.url},
+        )
+        port = await metrics_port(worker)
+        await until_committed(pg_dsn, first.count, deadline=60)
+        await kms.refuse()
+        # New records under new data keys: each shard has a batch in hand it cannot decrypt.
+        second = options(
+            stream, count=400, seed=8, shards=2, instances=2, create_stream=False, rotate_every=5
+        )
+        await produce(second)
+        await _observe(port, "/readyz", 503, UNREADY_WITHIN)  # stuck on KMS, retrying
+        held = await checkpoints(pg_dsn, stream)
+        worker.interrupt()
+        assert await worker.wait(60) == 0
+        await kms.accept()
+    summary = worker.stopped_summary()
+    assert summary["reason"] == "SIGINT"
+    cancelled = worker.logged("shutdown deadline passed; cancelled consumers")
+    assert cancelled, "the deadline did not pass: nothing was cancelled"
+    assert cancelled[0]["count"] == 2
+    assert summary["lease_changes"].get("released") == 2
+    # Nothing of the cancelled batches was committed, and the leases are free.
+    assert await checkpoints(pg_dsn, stream) == held
+    assert {owner for owner, _ in (await lease_owners(pg_dsn, stream)).values()} == {None}
+    assert_exactly_once(await stored(pg_dsn), expected(first))
+    # A new worker (KMS back) takes it from the checkpoints: every event exactly once.
+    again = await fleet.start(
+        "after", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "1.5"
+    )
+    assert await again.wait(90) == 0
+    assert await dead_letters(pg_dsn) == []
+    assert_exactly_once(await stored(pg_dsn), expected(first) + expected(second))
+    needles = await stream_needles(stream, [first, second], [stream.removeprefix("aws-rds-das-")])
+    assert_no_leaks({"interrupted": worker.output, "after": again.output}, needles)
+
+
 def assert_runtime_metrics(text: str, *, shards: int) -> None:
     """What a worker that ingested from ``shards`` shards exports at runtime."""
     records = metric_values(text, "das_records_ingested_total")
@@ -509,10 +724,39 @@ async def test_kms_refusals_are_dead_lettered_then_redriven_exactly_once(
     )
     await produce(good)
     foreign_report = await produce(foreign)
-    first = await fleet.start(
-        "right", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "1.5"
+    first = await fleet.start("right", stream, pg_dsn, "--processes", "0", "--metrics-port", "0")
+    port = await metrics_port(first)
+
+    async def all_done() -> bool:
+        done = len(await dead_letters(pg_dsn)) == foreign_report.records
+        return done and await committed_events(pg_dsn) == good.count
+
+    await wait_until(all_done, deadline=90)
+    await asyncio.sleep(1.0)  # a coordinator cycle: KMS counters are synced once per cycle
+    _, text = await http_get(port, "/metrics")
+    first.terminate()
+    assert await first.wait(30) == 0
+    # The dead letters are counted as they happen, by stage.
+    assert metric_values(text, "das_dead_letters_total") == {
+        '{stage="kms"}': float(foreign_report.records)
+    }
+    assert_runtime_metrics(text, shards=2)
+    status = await _status_json(pg_dsn, stream)
+    assert [(d["stage"], d["count"]) for d in status["dead_letters"]] == [
+        ("kms", foreign_report.records)
+    ]
+    assert all(d["oldest"] for d in status["dead_letters"])
+    assert len(status["shards"]) == 2
+    for shard in status["shards"]:
+        assert shard["owner"] is None  # released at SIGTERM
+        assert shard["state"] == "free"
+        assert shard["checkpoint"].isdigit()
+        assert shard["lag_ms"] == 0  # caught up: a number, asked of Kinesis
+    assert {h["instance"] for h in status["heartbeats"]} <= set(
+        good.traffic().instance_ids + foreign.traffic().instance_ids
     )
-    assert await first.wait(90) == 0
+    assert status["heartbeats"]
+    assert status["events"] == good.count
     letters = await dead_letters(pg_dsn)
     assert len(letters) == foreign_report.records
     assert {r["stage"] for r in letters} == {"kms"}
@@ -551,3 +795,5 @@ async def test_kms_refusals_are_dead_lettered_then_redriven_exactly_once(
     assert f"{foreign_report.records} re-driven" in again.stdout
     assert await dead_letters(pg_dsn) == []
     assert_exactly_once(await stored(pg_dsn), expected(good) + expected(foreign) + expected(later))
+    needles = await stream_needles(stream, [good, foreign, later], [resource_id, other])
+    assert_no_leaks({"right": first.output, "wrong": wrong.output}, needles)

@@ -24,7 +24,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, asyncpg.InterfaceError):
         return type(exc).__name__
     if isinstance(exc, IngestError | OSError | TimeoutError):
-        return f"{type(exc).__name__}: {exc}"[:300]
+        text = str(exc)
+        return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
     frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
     if frames:
         last = frames[-1]
