@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -15,10 +16,13 @@ import pytest
 from tests.cli_helpers import das_ingest
 from tests.fleet import (
     Fleet,
+    WorkerProcess,
     assert_exactly_once,
     assert_order_per_instance,
     committed_events,
+    default_worker_id,
     expected,
+    lease_owners,
     migrated,
     new_stream,
     options,
@@ -73,26 +77,74 @@ async def test_one_worker_ingests_a_stream_exactly_once(fleet: Fleet, pg_dsn: st
     assert '"events": 1500' in status.stdout
 
 
+def assert_leases_accounted(workers: list[WorkerProcess]) -> dict[str, int]:
+    """Every lease a worker got (taken or stolen) it lost or released, each change counted
+    once (a lease lost at renewal whose batch then failed its commit is one loss); and what
+    one worker stole, another lost. The fleet's totals by kind."""
+    totals: Counter[str] = Counter()
+    for worker in workers:
+        changes = Counter(worker.stopped_summary()["lease_changes"])
+        assert changes["crashed"] == 0, worker.name
+        got = changes["taken"] + changes["stolen"]
+        assert got == changes["lost"] + changes["released"], (worker.name, changes)
+        assert changes["finished"] <= changes["released"], (worker.name, changes)
+        totals += changes
+    assert totals["lost"] == totals["stolen"], totals
+    return dict(totals)
+
+
 @pytest.mark.parametrize("workers", [2, 3])
-async def test_workers_share_a_stream_while_it_is_written(
+async def test_workers_started_with_the_same_command_share_a_stream_evenly(
     fleet: Fleet, pg_dsn: str, workers: int
 ) -> None:
     await migrated(pg_dsn)
     stream = new_stream()
     first = options(stream, count=200, rate=0)
     await produce(first)  # the stream exists before the workers start
-    workers_ = [
-        await fleet.start(f"w{i}", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "3")
-        for i in range(workers)
-    ]
-    more = options(stream, count=4000, seed=8, create_stream=False, rate=1000)
-    await produce(more)
-    codes = await asyncio.gather(*(w.wait(180) for w in workers_))
+    # The exact same command for every worker: no --worker-id, so each is host:pid.
+    command = (
+        "run", "--stream", stream, "--dsn", pg_dsn, "--lease-seconds", "3",
+        "--shard-sync-seconds", "2", "--shutdown-deadline", "10", "--processes", "0",
+        "--stop-when-idle", "3",
+    )  # fmt: skip
+    more = options(stream, count=8000, seed=8, create_stream=False, rate=500)
+    producing = asyncio.ensure_future(produce(more))
+    fleet_: dict[str, WorkerProcess] = {}
+
+    async def balanced() -> bool:
+        """Every open shard held by one of the workers, each worker within one of the others."""
+        owners = await lease_owners(pg_dsn, stream)
+        if len(owners) != 4 or any(owner not in fleet_ for owner, _ in owners.values()):
+            return False
+        held = Counter(owner for owner, _ in owners.values())
+        counts = [held[worker_id] for worker_id in fleet_]
+        return min(counts) >= 1 and max(counts) - min(counts) <= 1
+
+    try:
+        for _ in range(workers - 1):
+            worker = await fleet.start_args(*command)
+            fleet_[default_worker_id(worker)] = worker
+        await wait_until(balanced, deadline=60)
+        joiner = await fleet.start_args(*command)
+        fleet_[default_worker_id(joiner)] = joiner
+        await wait_until(balanced, deadline=60)
+        settled = await lease_owners(pg_dsn, stream)
+        await asyncio.sleep(2.0)  # two coordinator cycles: it stays as it settled
+        assert await lease_owners(pg_dsn, stream) == settled
+        await producing
+    finally:
+        if not producing.done():
+            producing.cancel()
+    codes = await asyncio.gather(*(w.wait(180) for w in fleet_.values()))
     assert codes == [0] * workers
     assert_exactly_once(await stored(pg_dsn), expected(first) + expected(more))
-    # Every worker got a share of the shards at some point.
-    for worker in workers_:
-        assert worker.logged("consuming shard"), f"{worker.name} never held a shard"
+    assert len({w.stopped_summary()["reason"] for w in fleet_.values()}) == 1  # all idle
+    # The newcomer found no free lease and stole its share from the most loaded.
+    assert joiner.logged("stole lease"), "the joining worker never stole a lease"
+    held = Counter(owner for owner, _ in settled.values())
+    assert sorted(held.values()) == ([2, 2] if workers == 2 else [1, 1, 2])
+    totals = assert_leases_accounted(list(fleet_.values()))
+    assert totals["stolen"] >= 1
 
 
 async def test_a_killed_worker_loses_nothing_and_duplicates_nothing(
@@ -151,7 +203,9 @@ async def test_sigterm_drains_commits_and_releases(fleet: Fleet, pg_dsn: str) ->
     await wait_until(lambda: _has_committed(pg_dsn, 1), deadline=60)
     worker.terminate()
     assert await worker.wait(30) == 0
-    assert worker.stopped_summary()["reason"] == "SIGTERM"
+    summary = worker.stopped_summary()
+    assert summary["reason"] == "SIGTERM"
+    assert summary["lease_changes"] == {"taken": 2, "released": 2}  # the graceful releases
     conn = await asyncpg.connect(pg_dsn)
     try:
         owners = await conn.fetch("SELECT owner FROM das.leases")
@@ -310,6 +364,9 @@ async def test_split_and_merge_while_producing_keeps_order_per_partition_key(
     assert set(leases) == {f"shardId-00000000000{i}" for i in range(5)}
     for closed in ("shardId-000000000000", "shardId-000000000002", "shardId-000000000003"):
         assert leases[closed]["checkpoint"] == "SHARD_END"
+    # Each shard that ended was counted finished, and its lease released, once.
+    totals = assert_leases_accounted(readers)
+    assert totals["finished"] == 3, totals
     assert sorted(leases["shardId-000000000004"]["parent_shard_ids"]) == [
         "shardId-000000000002",
         "shardId-000000000003",

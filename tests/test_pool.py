@@ -82,3 +82,82 @@ async def test_the_budget_bounds_batches_and_bytes() -> None:
         assert budget.bytes == 1000
     with pytest.raises(ValueError, match="positive"):
         WorkBudget(max_batches=0, max_bytes=1)
+
+
+async def test_the_batch_count_is_what_blocks_when_batches_are_small() -> None:
+    budget = WorkBudget(max_batches=2, max_bytes=1 << 20)
+    release = asyncio.Event()
+    admitted: list[str] = []
+
+    async def hold(name: str) -> None:
+        async with budget.hold(10):
+            admitted.append(name)
+            await release.wait()
+
+    tasks = [asyncio.ensure_future(hold(name)) for name in "abc"]
+    await asyncio.sleep(0.05)
+    # 30 bytes of a megabyte: only the count of batches keeps c out.
+    assert admitted == ["a", "b"]
+    assert (budget.batches, budget.bytes, budget.waiting) == (2, 20, 1)
+    release.set()
+    await asyncio.gather(*tasks)
+    assert admitted == ["a", "b", "c"]
+    assert (budget.batches, budget.bytes, budget.waiting) == (0, 0, 0)
+
+
+async def test_a_big_batch_is_not_starved_by_small_ones() -> None:
+    """First come, first served: small batches asking after a big one that does not fit yet
+    wait behind it, instead of keeping the budget busy so that it never fits."""
+    budget = WorkBudget(max_batches=8, max_bytes=100)
+    order: list[str] = []
+    gates: dict[str, asyncio.Event] = {}
+
+    async def hold(name: str, size: int) -> None:
+        gates[name] = asyncio.Event()
+        async with budget.hold(size):
+            order.append(name)
+            await gates[name].wait()
+
+    small = asyncio.ensure_future(hold("small-1", 30))
+    await asyncio.sleep(0.01)
+    big = asyncio.ensure_future(hold("big", 150))  # more than the budget: admitted alone
+    await asyncio.sleep(0.01)
+    later = [asyncio.ensure_future(hold(f"small-{n}", 30)) for n in (2, 3)]
+    await asyncio.sleep(0.05)
+    assert order == ["small-1"]  # small-2 and small-3 would fit, but big asked first
+    assert budget.waiting == 3
+    gates["small-1"].set()
+    await asyncio.sleep(0.05)
+    assert order == ["small-1", "big"]
+    gates["big"].set()
+    await asyncio.sleep(0.05)
+    assert order == ["small-1", "big", "small-2", "small-3"]
+    for name in ("small-2", "small-3"):
+        gates[name].set()
+    await asyncio.gather(small, big, *later)
+    assert (budget.batches, budget.bytes, budget.waiting) == (0, 0, 0)
+
+
+async def test_a_batch_cancelled_while_waiting_leaves_the_line() -> None:
+    budget = WorkBudget(max_batches=1, max_bytes=100)
+    admitted: list[str] = []
+    done = asyncio.Event()
+
+    async def hold(name: str) -> None:
+        async with budget.hold(10):
+            admitted.append(name)
+            await done.wait()
+
+    first = asyncio.ensure_future(hold("first"))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.ensure_future(hold("cancelled"))
+    behind = asyncio.ensure_future(hold("behind"))
+    await asyncio.sleep(0.01)
+    assert budget.waiting == 2
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert budget.waiting == 1
+    done.set()
+    await asyncio.wait_for(asyncio.gather(first, behind), 1)  # the one behind got in
+    assert admitted == ["first", "behind"]
+    assert (budget.batches, budget.bytes, budget.waiting) == (0, 0, 0)
