@@ -43,6 +43,7 @@ ALLOWED_EXTRA = frozenset(
         "dependency",
         "reasons",
         "routine",
+        "sequence",
     }
 )
 

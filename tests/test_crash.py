@@ -31,6 +31,7 @@ from tests.fleet import (
     stored,
     wait_until,
 )
+from tests.logscan import assert_no_leaks, stream_needles
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +106,6 @@ async def test_random_sigkills_lose_nothing_and_duplicate_nothing(
     assert codes == [0, 0, 0], f"seed {seed}: exit codes {codes}"
     assert (lost, duplicated) == (0, 0), f"seed {seed}"
     assert_exactly_once(got, want)
+    # Nor did any of the killed, restarted or stopped workers log SQL or key material.
+    needles = await stream_needles(stream, [first, second], [stream.removeprefix("aws-rds-das-")])
+    assert_no_leaks({f"{w.name} (pid {w.pid})": w.output for w in fleet.workers}, needles)

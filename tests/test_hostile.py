@@ -39,6 +39,7 @@ from ingest.errors import DecodeError, Stage
 from ingest.kms import encryption_context
 from tests.faults import rss_bytes
 from tests.fleet import Fleet, WorkerProcess, migrated
+from tests.logscan import MIN_SQL_NEEDLE, assert_no_leaks, key_needles
 from tests.sealing import outer_record, seal_payload
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,12 @@ def inner(events: list[Any], **fields: Any) -> bytes:
     return orjson.dumps(doc)
 
 
+#: Every commandText put in an event: what the workers' logs are scanned for.
+SQL_TEXTS: set[str] = set()
+
+
 def event(text: str, **fields: Any) -> dict[str, Any]:
+    SQL_TEXTS.add(text)
     base: dict[str, Any] = {
         "type": "record",
         "class": "MISC",
@@ -178,7 +184,16 @@ async def put_all(setup: Setup, records: list[bytes]) -> list[str]:
 
 async def ingest_all(fleet: Fleet, setup: Setup, dsn: str, *extra: str) -> WorkerProcess:
     worker = await fleet.start(
-        "hostile", setup.stream, dsn, "--processes", "1", "--stop-when-idle", "2", *extra
+        "hostile",
+        setup.stream,
+        dsn,
+        "--processes",
+        "1",
+        "--stop-when-idle",
+        "2",
+        "--log-level",
+        "debug",  # every log line the error paths have, for the scan for SQL and keys
+        *extra,
     )
     assert await worker.wait(240) == 0
     return worker
@@ -209,6 +224,21 @@ async def outcome(dsn: str) -> Outcome:
     for row in rows:
         events.setdefault(row["seq"], []).append(row)
     return Outcome({r["seq"]: (r["stage"], r["error"]) for r in letters}, events)
+
+
+def assert_logs_clean(worker: WorkerProcess, setup: Setup) -> None:
+    """The worker's log has none of the SQL put in events, nor any data key of the stream
+    (hostile records fail at every stage, so every error path had its chance to leak)."""
+    needles: dict[str, str] = {}
+    for text in SQL_TEXTS:
+        # Long and varied enough not to turn up in a log by chance (Hypothesis draws texts
+        # such as sixteen zeros, which a sequence number contains).
+        if isinstance(text, str) and len(text) >= MIN_SQL_NEEDLE and len(set(text)) >= 6:
+            needles[text[:256]] = "SQL (commandText)"
+    for key in (setup.key, setup.other_key, setup.foreign_key):
+        needles.update(key_needles([key.plaintext]))
+    assert any(what.startswith("SQL") for what in needles.values())
+    assert_no_leaks({worker.name: worker.output}, needles)
 
 
 # -- hand-written hostile records ---------------------------------------------------------------
@@ -391,8 +421,9 @@ async def test_every_hostile_record_is_dead_lettered_or_stored_and_the_shard_goe
     for n, case in enumerate(cases):
         records += [case.data, sentinel(setup, n)]
     sequence_numbers = await put_all(setup, records)
-    await ingest_all(fleet, setup, pg_dsn)
+    worker = await ingest_all(fleet, setup, pg_dsn)
     got = await outcome(pg_dsn)
+    assert_logs_clean(worker, setup)
     for n, case in enumerate(cases):
         seq, after = sequence_numbers[2 * n], sequence_numbers[2 * n + 1]
         if case.stage is not None:
@@ -409,6 +440,9 @@ async def test_every_hostile_record_is_dead_lettered_or_stored_and_the_shard_goe
             f"select 'sentinel {n}'"
         ], f"after {case.name}"
     assert len(got.dead) == sum(c.stage is not None for c in cases)
+    # Each dead letter was logged (stage and reason: what the scan above read), once.
+    logged = {e["sequence"]: e["stage"] for e in worker.logged("record dead-lettered")}
+    assert logged == {seq: stage for seq, (stage, _) in got.dead.items()}
     log.warning("hostile records tried: %d hand-written", len(cases))
 
 
@@ -436,7 +470,15 @@ async def test_memory_stays_bounded_under_gzip_bombs_and_huge_records(
     records = await asyncio.to_thread(build)
     await put_all(setup, records)
     worker = await fleet.start(
-        "bounded", setup.stream, pg_dsn, "--processes", "1", "--stop-when-idle", "2"
+        "bounded",
+        setup.stream,
+        pg_dsn,
+        "--processes",
+        "1",
+        "--stop-when-idle",
+        "2",
+        "--log-level",
+        "debug",
     )
     peak = 0
     samples = 0
@@ -460,6 +502,7 @@ async def test_memory_stays_bounded_under_gzip_bombs_and_huge_records(
     ]
     lengths = sorted(r["text_length"] for rows in got.events.values() for r in rows)
     assert lengths[-4:] == [len("select ") + (30 << 20)] * 4
+    assert_logs_clean(worker, setup)
 
 
 # -- Hypothesis, through the stream ---------------------------------------------------------------
@@ -618,8 +661,9 @@ async def test_hypothesis_records_through_the_stream_match_the_pure_layer(
     for n, (_, data) in enumerate(built):
         records += [data, sentinel(setup, n)]
     sequence_numbers = await put_all(setup, records)
-    await ingest_all(fleet, setup, pg_dsn)
+    worker = await ingest_all(fleet, setup, pg_dsn)
     got = await outcome(pg_dsn)
+    assert_logs_clean(worker, setup)
     stages: dict[str | None, int] = {}
     for n, (mutation, data) in enumerate(built):
         seq = sequence_numbers[2 * n]

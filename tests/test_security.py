@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ingest.consumer.failures import describe
 from ingest.devstack import HOST, LocalStack, PostgresCluster, free_port, unprivileged_user
 from ingest.emulate.traffic import MARKER_PREFIX
 from tests.cli_helpers import Result, das_ingest
@@ -43,7 +44,14 @@ from tests.fleet import (
     stored,
     wait_until,
 )
-from tests.logscan import data_keys, key_texts, leaks, stream_records
+from tests.logscan import (
+    assert_no_leaks,
+    data_keys,
+    key_texts,
+    leaks,
+    stream_needles,
+    stream_records,
+)
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
@@ -196,6 +204,76 @@ async def test_logs_and_output_carry_no_sql_no_data_keys_and_no_password(
     found = {name: leaks(text, needles) for name, text in captured.items()}
     assert {name: what for name, what in found.items() if what} == {}
     assert sum(len(t) for t in captured.values()) > 10_000  # there was plenty to scan
+
+
+async def test_database_errors_are_described_without_the_values_they_quote(pg_dsn: str) -> None:
+    secret = f"select 'secret-{secrets.token_hex(4)}'"
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await conn.fetchval(f"SELECT $${secret}$$::int")
+        with pytest.raises(asyncpg.PostgresError) as argument:
+            await conn.fetchval("SELECT $1::int", secret)
+    finally:
+        await conn.close()
+    assert secret in str(refused.value)  # the server quotes the value...
+    assert describe(refused.value) == "InvalidTextRepresentationError (SQLSTATE 22P02)"
+    assert secret in str(argument.value)  # ...and so does asyncpg's own argument check
+    assert describe(argument.value) == "DataError (SQLSTATE 22000)"
+    try:
+        raise ValueError(secret)
+    except ValueError as exc:  # a bug somewhere: its class and place, not its message
+        described = describe(exc)
+    assert secret not in described
+    assert described.startswith("ValueError at test_security.py:")
+
+
+async def test_a_refused_commit_that_quotes_sql_is_logged_by_class_and_sqlstate(
+    fleet: Fleet, pg_dsn: str
+) -> None:
+    """A database error whose message quotes stored SQL (here a trigger that refuses heartbeat
+    rows, quoting an event of the same transaction) crashes the shard's consumer over and over:
+    the worker logs each crash by class and SQLSTATE, never the message, and once the cause is
+    gone the shard carries on, exactly once."""
+    await migrated(pg_dsn)
+    stream = new_stream()
+    opts = options(stream, count=1200, shards=2, instances=2, heartbeat_every=3)
+    await produce(opts)
+    owner = await asyncpg.connect(pg_dsn)
+    try:
+        await owner.execute(
+            """
+            CREATE FUNCTION das.refuse_heartbeat() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION 'heartbeat refused after %',
+                    (SELECT string_agg(command_text, ' ') FROM das.activity_events);
+            END $$;
+            CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON das.heartbeats
+                FOR EACH ROW EXECUTE FUNCTION das.refuse_heartbeat();
+            """
+        )
+        worker = await fleet.start("refused", stream, pg_dsn, "--processes", "0")
+
+        async def crashed_twice() -> bool:
+            return len(worker.logged("shard consumer crashed; releasing its lease")) >= 2
+
+        await wait_until(crashed_twice, deadline=60)
+        await owner.execute("DROP TRIGGER refuse ON das.heartbeats")
+
+        async def all_stored() -> bool:
+            return await committed_events(pg_dsn) >= opts.count
+
+        await wait_until(all_stored, deadline=60)
+    finally:
+        await owner.close()
+    worker.terminate()
+    assert await worker.wait(30) == 0
+    crashes = worker.logged("shard consumer crashed; releasing its lease")
+    assert {c["error"] for c in crashes} == {"RaiseError (SQLSTATE P0001)"}
+    assert worker.stopped_summary()["lease_changes"]["crashed"] == len(crashes)
+    assert_exactly_once(await stored(pg_dsn), expected(opts))
+    needles = await stream_needles(stream, [opts], [stream.removeprefix("aws-rds-das-")])
+    assert_no_leaks({"refused": worker.output}, needles)
 
 
 async def run_briefly(*args: str, seconds: float, env: dict[str, str] | None = None) -> Result:

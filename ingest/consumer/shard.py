@@ -349,6 +349,7 @@ class ShardConsumer:
         self._metrics.batches.labels(self.shard_id).inc()
         for letter in chunk.letters:
             self._metrics.dead_letters.labels(letter.stage).inc()
+            _log_dead_letter(self.shard_id, letter)
 
     async def _decode_apart(
         self,
@@ -453,7 +454,7 @@ class ShardConsumer:
             else:
                 for failed in result.store_failures:
                     self._metrics.dead_letters.labels("store").inc()
-                    del failed
+                    _log_dead_letter(self.shard_id, failed)
                 break
             finally:
                 self._metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -550,6 +551,20 @@ def _after(sequence_number: str, checkpoint: str) -> bool:
     if not is_sequence_number(checkpoint):
         return True
     return int(sequence_number) > int(checkpoint)
+
+
+def _log_dead_letter(shard_id: str, letter: DeadLetter) -> None:
+    # The reason is ours (a DecodeError names fields, types, sizes and stages, never values;
+    # a store failure names the class and SQLSTATE), so it is safe to log.
+    log.warning(
+        "record dead-lettered",
+        extra={
+            "shard": shard_id,
+            "sequence": letter.sequence_number,
+            "stage": letter.stage,
+            "error": letter.error[:300],
+        },
+    )
 
 
 def _letter(record: KinesisRecord, stage: str, error: str) -> DeadLetter:
