@@ -5,10 +5,13 @@
 A local stack (kinesalite, moto KMS, PostgreSQL) on 127.0.0.1; the workers reach every server
 through the fault proxies of ``tests/faults.py``: latency, connection resets at random moments,
 Kinesis ``ProvisionedThroughputExceededException`` / ``ExpiredIteratorException`` and KMS
-``ThrottlingException`` answers, and outages in turn: Kinesis and KMS for 8 s, PostgreSQL for
-30 s (longer than a lease, the botocore retries and the /healthz window). Meanwhile a seeded
-killer SIGKILLs a random worker every few seconds and starts it again. The emulator writes
-straight to Kinesis, in chunks of a few thousand events with their own seeds, for ``--minutes``.
+``ThrottlingException`` answers, and outages of Kinesis, KMS and PostgreSQL in turn, each
+``--outage-seconds`` long (30 s by default: longer than a lease, the botocore retries and the
+consumers' backoff). Meanwhile a seeded killer SIGKILLs a random worker every few seconds and
+starts it again. The emulator writes straight to Kinesis, in chunks of a few thousand events
+with their own seeds, for ``--minutes``. Every worker serves ``/readyz`` (``--metrics-port 0``);
+the soak polls it on every live worker and reports, for each outage, how long each worker that
+lived through it was not ready (it should be most of the outage, and not much more).
 
 At the end the faults stop, the fleet drains, every worker gets SIGTERM (each must exit 0), and
 every produced event is looked up by its unique key: produced, stored, duplicated, lost. The
@@ -23,6 +26,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import itertools
 import os
 import random
 import secrets
@@ -46,9 +50,13 @@ from tests.faults import (
     HttpFaults,
     Killer,
     describe,
+    http_get,
     spawn_worker,
 )
 from tests.fleet import Fleet, WorkerProcess, expected, migrated, options, stored, wait_until
+
+#: How long after an outage its unreadiness is still counted (the recovery).
+READY_AGAIN_WINDOW = 30.0
 
 
 @dataclass
@@ -83,6 +91,7 @@ class Soak:
     max_lag: float = 0.0
     outages: Counter[str] = field(default_factory=Counter)
     unexpected_exits: list[tuple[str, int]] = field(default_factory=list)
+    readiness: Readiness = field(default_factory=lambda: Readiness())
 
     def say(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -124,13 +133,15 @@ class Soak:
             await conn.close()
 
     async def outages_in_turn(self, proxies: dict[str, FaultProxy]) -> None:
-        lengths = {"kinesis": 8.0, "kms": 8.0, "postgres": self.args.outage_seconds}
+        length = self.args.outage_seconds
         while True:
             for name in ("kinesis", "kms", "postgres"):
                 await asyncio.sleep(self.args.outage_every)
-                self.say(f"{name} outage for {lengths[name]:.0f} s")
+                self.say(f"{name} outage for {length:g} s")
+                began = time.monotonic()
                 async with proxies[name].outage():
-                    await asyncio.sleep(lengths[name])
+                    await asyncio.sleep(length)
+                self.readiness.outages.append((name, began, time.monotonic()))
                 self.outages[name] += 1
                 self.say(f"{name} back")
 
@@ -146,6 +157,58 @@ class Soak:
                     for line in list(getattr(worker, "tail", []))[-15:]:
                         print(f"    {line[:400]}", flush=True)
                     killer.live[slot] = await killer.start(f"{worker.name}-revived")
+
+
+@dataclass
+class Readiness:
+    """/readyz of every live worker, polled; and how long each was unready per outage."""
+
+    #: pid -> [(monotonic time, HTTP status)]
+    samples: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+    #: (dependency, began, ended)
+    outages: list[tuple[str, float, float]] = field(default_factory=list)
+    every: float = 0.25
+
+    async def poll(self, killer: Killer) -> None:
+        while True:
+            for worker in list(killer.live.values()):
+                if worker.process.returncode is not None:
+                    continue
+                served = worker.logged("serving /metrics, /healthz, /readyz")
+                if not served:
+                    continue  # starting up
+                status, _ = await http_get(int(served[0]["port"]), "/readyz")
+                self.names[worker.pid] = worker.name
+                self.samples.setdefault(worker.pid, []).append((time.monotonic(), status))
+            await asyncio.sleep(self.every)
+
+    def unready(self, began: float, ended: float, after: float) -> dict[str, float]:
+        """Seconds each worker answered /readyz 503 between ``began`` and ``ended + after``,
+        for the workers polled all along that window (not killed nor started within it)."""
+        window_end = ended + after
+        out: dict[str, float] = {}
+        for pid, samples in self.samples.items():
+            inside = [(t, status) for t, status in samples if began <= t <= window_end]
+            if not inside or samples[0][0] > began or samples[-1][0] < window_end:
+                continue
+            if any(b - a > 5 * self.every + 5 for (a, _), (b, _) in itertools.pairwise(inside)):
+                continue  # a gap: the process was not answering (killed, restarting)
+            seconds = sum(
+                b - a for (a, status), (b, _) in itertools.pairwise(inside) if status != 200
+            )
+            out[f"{self.names[pid]} (pid {pid})"] = round(seconds, 1)
+        return out
+
+    def report(self, after: float) -> list[str]:
+        lines = []
+        for name, began, ended in self.outages:
+            measured = self.unready(began, ended, after)
+            shown = ", ".join(f"{w}: {s:g} s" for w, s in measured.items()) or (
+                "no worker lived through it"
+            )
+            lines.append(f"{name} {ended - began:.0f} s outage: not ready {shown}")
+        return lines
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -196,6 +259,8 @@ async def run(args: argparse.Namespace) -> int:
                 proxies["postgres"].dsn(dsn),
                 "--processes",
                 processes,
+                "--metrics-port",
+                "0",
                 env=env,
             )
 
@@ -211,6 +276,7 @@ async def run(args: argparse.Namespace) -> int:
             asyncio.ensure_future(soak.watch_lag()),
             asyncio.ensure_future(soak.outages_in_turn(proxies)),
             asyncio.ensure_future(soak.revive(killer)),
+            asyncio.ensure_future(soak.readiness.poll(killer)),
         ]
         killer.begin()
         chaos.start()
@@ -261,6 +327,10 @@ async def run(args: argparse.Namespace) -> int:
         print(f"  max lag           {soak.max_lag:.1f} s (end to end, produced -> stored)")
         print(f"  SIGKILLs          {killer.kills} (restarts {killer.restarts})")
         print(f"  outages           {dict(soak.outages)}")
+        print("  readiness during outages (seconds /readyz answered 503, recovery included):")
+        recovery = min(READY_AGAIN_WINDOW, args.outage_every)  # not into the next outage
+        for line in soak.readiness.report(after=recovery) or ["(no outage)"]:
+            print(f"    {line}")
         print(f"  proxies           {describe(list(proxies.values()))}")
         print(f"  injected errors   { {n: dict(s.injected) for n, s in faults.items()} }")
         print(f"  unexpected exits  {soak.unexpected_exits or 'none'}")
@@ -292,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-every", default="3,10", help="seconds between kills: low,high")
     parser.add_argument("--outage-every", type=float, default=20.0, help="seconds between outages")
     parser.add_argument(
-        "--outage-seconds", type=float, default=30.0, help="PostgreSQL outage length (30)"
+        "--outage-seconds",
+        type=float,
+        default=30.0,
+        help="length of each outage of Kinesis, KMS and PostgreSQL (30)",
     )
     parser.add_argument("--drain-seconds", type=float, default=300.0, help="drain deadline")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
