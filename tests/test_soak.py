@@ -24,10 +24,28 @@ def _field(report: str, name: str) -> str:
 @pytest.mark.slow
 def test_a_short_soak_loses_and_duplicates_nothing() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DAS_"))}
-    command = (
-        "--minutes 0.25 --rate 100 --chunk 500 --workers 2 --shards 2 --kill-every 4,6 "
-        "--outage-every 3 --outage-seconds 4 --drain-seconds 120 --seed 5"
-    ).split()
+    command = [
+        "--minutes",
+        "0.25",
+        "--rate",
+        "100",
+        "--chunk",
+        "500",
+        "--workers",
+        "2",
+        "--shards",
+        "2",
+        "--kill-every",
+        "4,6",
+        "--outage-every",
+        "3",
+        "--outage-seconds",
+        "4",
+        "--drain-seconds",
+        "120",
+        "--seed",
+        "5",
+    ]
     done = subprocess.run(
         [sys.executable, "-m", "bench.soak", *command],
         cwd=ROOT,
