@@ -12,8 +12,10 @@ from ingest.metrics import Metrics
 
 
 class HealthServer:
-    """``alive`` says the coordinator loop is turning; ``ready`` that the database is reachable
-    and leases are held or being acquired."""
+    """``alive`` says the coordinator loop is turning (retrying an outage counts: a restart
+    would not help); ``ready`` that the last coordinator cycle worked and no dependency
+    (Kinesis, KMS, the warehouse) has had a call failing or hanging for more than
+    ``--unready-after`` (see ingest.consumer.dependencies)."""
 
     def __init__(
         self, metrics: Metrics, *, alive: Callable[[], bool], ready: Callable[[], bool]
