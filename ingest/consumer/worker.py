@@ -18,9 +18,10 @@ a graceful shutdown, instead of leaving it half alive):
   4. starts a consumer per newly held lease: the supervisor keeps ``dict[shard_id, Task]``
      reconciled with the leases held, and one shard failing never touches the others;
 - the **health watch**, four times a second: the worker is ready (``/readyz``, ``das_ready``)
-  when its last coordinator cycle worked and no dependency is unhealthy (a call to Kinesis, KMS
-  or PostgreSQL failing or hanging for more than a few seconds: see DependencyHealth); changes
-  are logged.
+  when its coordinator cycles work (none yet, or failing for longer than ``unready_after``, is
+  not ready; one failed cycle is not) and no dependency is unhealthy (a call to Kinesis, KMS or
+  PostgreSQL failing or hanging for longer than ``unready_after``: see DependencyHealth);
+  changes are logged.
 
 Shutdown has two phases (arq's shape): stop taking work and let every consumer commit the batch
 in hand, up to a deadline, while the renewer keeps the leases; then cancel what is left, release
@@ -128,7 +129,9 @@ class Worker:
         self.last_turn = time.monotonic()
         #: monotonic time of the last successful renewal
         self.last_renewal = 0.0
-        self._cycle_ok = False
+        #: a coordinator cycle has worked; since when cycles have been failing (None: they work)
+        self._cycled = False
+        self._failing_since: float | None = None
         self._stopping = False
         self._was_ready = False
         self._live: list[str] = []
@@ -155,8 +158,16 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        """The last coordinator cycle worked, no dependency is unhealthy, not stopping."""
-        return self._cycle_ok and not self._stopping and not self.health.unhealthy()
+        """Coordinator cycles work, no dependency is unhealthy, not stopping."""
+        return self._coordinating() and not self._stopping and not self.health.unhealthy()
+
+    def _coordinating(self) -> bool:
+        """A cycle has worked, and cycles have not been failing for longer than the grace
+        (one failed cycle, say a connection reset, is retried at once and is no outage)."""
+        if not self._cycled:
+            return False
+        failing = self._failing_since
+        return failing is None or time.monotonic() - failing <= self.settings.unready_after
 
     async def run(self) -> None:
         """Run until stopped (signal or --stop-when-idle); always shuts down gracefully."""
@@ -218,9 +229,10 @@ class Worker:
                 if not (is_transient(exc) or isinstance(exc, KinesisUnavailableError)):
                     log.exception("coordinator failed; stopping", extra={"error": describe(exc)})
                     raise
-                # Database or Kinesis unreachable: not ready, keep trying, no crash loop.
-                self._cycle_ok = False
-                self._publish_readiness()
+                # Database or Kinesis unreachable: keep trying, no crash loop; not ready if it
+                # lasts.
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
                 self.metrics.retries.labels("coordinator").inc()
                 delay = backoff.delay(failures)
                 failures += 1
@@ -231,7 +243,8 @@ class Worker:
                 await self._sleep(delay)
                 continue
             failures = 0
-            self._cycle_ok = True
+            self._cycled = True
+            self._failing_since = None
             self._publish_readiness()
             self.last_cycle = time.monotonic()
             if self._idle_done():
@@ -334,12 +347,13 @@ class Worker:
         down = self.health.check()
         for dependency in DEPENDENCIES:
             self.metrics.dependency_healthy.labels(dependency).set(0 if dependency in down else 1)
-        ready = self._cycle_ok and not self._stopping and not down
+        coordinating = self._coordinating()
+        ready = coordinating and not self._stopping and not down
         self.metrics.ready.set(1 if ready else 0)
         if ready != self._was_ready:
             self._was_ready = ready
             reasons = [*down]
-            if not self._cycle_ok:
+            if not coordinating:
                 reasons.append("coordinator")
             if self._stopping:
                 reasons.append("stopping")
