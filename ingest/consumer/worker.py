@@ -123,6 +123,8 @@ class Worker:
         self.budget = WorkBudget(max_batches=settings.queue_batches, max_bytes=settings.queue_bytes)
         self.pool = DecodePool(settings.processes, self.budget)
         self.health = DependencyHealth(unready_after=settings.unready_after)
+        # das_ready is /readyz, computed when scraped, so the two never disagree.
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self.running: dict[str, _Running] = {}
         self.last_cycle = 0.0
         #: monotonic time of the coordinator loop's last turn, successful or not (liveness)
@@ -349,7 +351,6 @@ class Worker:
             self.metrics.dependency_healthy.labels(dependency).set(0 if dependency in down else 1)
         coordinating = self._coordinating()
         ready = coordinating and not self._stopping and not down
-        self.metrics.ready.set(1 if ready else 0)
         if ready != self._was_ready:
             self._was_ready = ready
             reasons = [*down]
@@ -517,7 +518,6 @@ class Worker:
 
     async def _shutdown(self, renewer: asyncio.Future[None]) -> None:
         self._stopping = True
-        self.metrics.ready.set(0)
         for run in self.running.values():
             run.consumer.stop()
         tasks = [r.task for r in self.running.values()]
