@@ -31,6 +31,9 @@ from ingest.emulate.producer import DataKey, EmulateOptions, build_records
 T = TypeVar("T")
 U = TypeVar("U")
 
+#: The stream name stored with the measured events (it is one COPY column among others).
+BENCH_STREAM = "aws-rds-das-cluster-BENCH"
+
 #: Stage columns, in pipeline order (microseconds per message).
 STAGES = (
     "envelope",
@@ -103,7 +106,7 @@ def measure(events_per_record: int, records: int, repeat: int) -> DecodeResult:
 
     items = [(i, str(i + 1), data, key) for i, data in enumerate(raw)]
     for name, config in CONFIGS.items():
-        batch = BatchInput("shardId-000000000000", items, config)
+        batch = BatchInput("shardId-000000000000", items, config, stream_name=BENCH_STREAM)
         decode_batch(batch)  # warm: decryptor construction, imports
         rates = []
         for _ in range(repeat):
@@ -120,7 +123,7 @@ def _copy_encode(record: DecodedRecord) -> Any:
     triple = [(record, "shardId-000000000000", "1")]
     folder = StatementFolder()
     folder.extend(triple)
-    return copyfmt.encode_events(triple, datetime.now(UTC)), folder.encode()
+    return copyfmt.encode_events(triple, datetime.now(UTC), BENCH_STREAM), folder.encode()
 
 
 def median(values: Sequence[float]) -> float:

@@ -585,7 +585,7 @@ def predict(raw: bytes, key: DataKey) -> tuple[str | None, int]:
 
 def decoded_alone(raw: bytes, data_key: bytes) -> tuple[str | None, int]:
     """(stage or None, events) of decoding this one record in a batch of its own."""
-    out = decode_batch(BatchInput("s", [(0, "1", raw, data_key)], DecoderConfig()))
+    out = decode_batch(BatchInput("s", [(0, "1", raw, data_key)], DecoderConfig(), stream_name="s"))
     if out.failures:
         return out.failures[0].stage, 0
     return None, out.event_count
@@ -684,7 +684,7 @@ def test_decode_batch_never_raises_and_fails_exactly_the_hostile_records(
                 want_events += events
             else:
                 want_failed.add(index)
-    out = decode_batch(BatchInput("shardId-000000000000", batch, DecoderConfig()))
+    out = decode_batch(BatchInput("shardId-000000000000", batch, DecoderConfig(), stream_name="s"))
     assert {f.index for f in out.failures} == want_failed
     assert all(f.stage in STAGES and not f.retriable for f in out.failures)
     assert out.event_count == want_events

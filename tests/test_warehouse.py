@@ -106,7 +106,7 @@ async def test_every_seed_example_is_stored_with_every_value(pg_dsn: str) -> Non
         for i, name in enumerate(names):
             version, doc = SEED_EXAMPLES[name]
             items.append((i, str(1000 + i), seal(doc.encode(), KEY, version), KEY))
-        output = decode_batch(BatchInput("shardId-000000000000", items, ESDK))
+        output = decode_batch(BatchInput("shardId-000000000000", items, ESDK, stream_name=STREAM))
         assert output.failures == []
         await store(pool, token, output, "TRIM_HORIZON", str(1000 + len(names) - 1))
         rows = await pool.fetch("SELECT * FROM das.activity_events ORDER BY sequence_number")

@@ -45,7 +45,7 @@ def inner(*events: dict[str, Any], cluster: str = "cluster-TEST", instance: str 
 def batch(shard_id: str, records: Sequence[tuple[str, bytes]], version: str = "1.2") -> BatchOutput:
     """Decode (sequence number, inner document) pairs as the process pool would."""
     items = [(i, seq, seal(doc, KEY, version), KEY) for i, (seq, doc) in enumerate(records)]
-    return decode_batch(BatchInput(shard_id, items, ESDK))
+    return decode_batch(BatchInput(shard_id, items, ESDK, stream_name=STREAM))
 
 
 async def hold_lease(pool: asyncpg.Pool, shard_id: str, owner: str) -> tuple[LeaseToken, Lease]:

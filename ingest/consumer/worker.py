@@ -245,16 +245,27 @@ class Worker:
             if state is State.SHARD_END:
                 self.metrics.lease_changes.labels("finished").inc()
                 ended_shard = True
-                self._spawn_release(lease)
+                # The closed shard's chain is complete: anchor its head before letting go
+                # (periodic anchoring only covers the shards still held).
+                self._spawn_release(lease, anchor=True)
             elif state is State.SHUTTING_DOWN:
                 self._spawn_release(lease)
         self.metrics.leases_held.set(len(self.running))
         return ended_shard
 
-    def _spawn_release(self, lease: LeaseToken) -> None:
-        task = asyncio.ensure_future(
-            self.leases.release(lease.owner, lease.shard_id, lease.lease_counter)
-        )
+    def _spawn_release(self, lease: LeaseToken, *, anchor: bool = False) -> None:
+        async def release() -> None:
+            if anchor:
+                try:
+                    await self._anchor([lease.shard_id])
+                except Exception as exc:  # noqa: BLE001 - never keeps the lease from release
+                    log.warning(
+                        "could not anchor a finished shard",
+                        extra={"shard": lease.shard_id, "error": type(exc).__name__},
+                    )
+            await self.leases.release(lease.owner, lease.shard_id, lease.lease_counter)
+
+        task = asyncio.ensure_future(release())
         task.add_done_callback(_log_task_error)
 
     async def _balance(self, eligible: list[tuple[Lease, bool]], live: list[str]) -> None:

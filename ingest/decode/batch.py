@@ -35,6 +35,9 @@ class BatchInput:
     #: (index in the Kinesis batch, sequence number, record bytes, plaintext data key)
     records: list[tuple[int, str, bytes, bytes]]
     config: DecoderConfig = DecoderConfig()
+    #: the stream the records were read from: stored with every event (shard ids repeat
+    #: across streams)
+    stream_name: str = field(kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +113,16 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
             continue
         out.records_decoded += 1
         if record.events:
-            data, count = copyfmt.encode_events(((record, shard_id, sequence_number),), ingested_at)
+            data, count = copyfmt.encode_events(
+                ((record, shard_id, sequence_number),), ingested_at, batch.stream_name
+            )
             chunks.append(data)
             out.event_count += count
             folder.add(record, shard_id, sequence_number)
             if chain:
-                fields = RecordFields(record, shard_id, sequence_number, ingested_at)
+                fields = RecordFields(
+                    record, batch.stream_name, shard_id, sequence_number, ingested_at
+                )
                 for event in record.events:
                     digests.add(event_day(event.log_time), stored_event_digest(event, fields))
                 if event.log_time is None:

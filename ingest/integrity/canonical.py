@@ -11,22 +11,29 @@ from __future__ import annotations
 import hashlib
 import operator
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
-#: Columns of das.activity_events in table order: the order of the fields of an event.
+#: Columns of das.activity_events in the order of an event's encoding (chain version 2).
 EVENT_COLUMNS: tuple[str, ...] = (
-    "log_time", "cluster_id", "instance_id", "record_version", "shard_id", "sequence_number",
-    "event_index", "class", "client_application", "command", "command_text", "database_name",
-    "db_protocol", "db_user_name", "end_time", "error_message", "exit_code", "net_protocol",
-    "object_name", "object_type", "param_list", "pid", "remote_host", "remote_port",
-    "row_count", "server_host", "server_type", "server_version", "service_name", "session_id",
-    "start_time", "statement_id", "substatement_id", "transaction_id", "extra", "anomalies",
-    "ingested_at",
+    "log_time", "cluster_id", "instance_id", "record_version", "stream_name", "shard_id",
+    "sequence_number", "event_index", "class", "client_application", "command", "command_text",
+    "database_name", "db_protocol", "db_user_name", "end_time", "error_message", "exit_code",
+    "net_protocol", "object_name", "object_type", "param_list", "pid", "remote_host",
+    "remote_port", "row_count", "server_host", "server_type", "server_version", "service_name",
+    "session_id", "start_time", "statement_id", "substatement_id", "transaction_id", "extra",
+    "anomalies", "ingested_at",
 )  # fmt: skip
+#: The encoding of chain version 1 (links written before migration 0005): no stream_name.
+EVENT_COLUMNS_V1: tuple[str, ...] = tuple(c for c in EVENT_COLUMNS if c != "stream_name")
+#: Where stream_name sits in EVENT_COLUMNS (dropped for version 1 links).
+STREAM_POSITION = EVENT_COLUMNS.index("stream_name")
+#: The version of the links and anchors das-ingest writes.
+CHAIN_VERSION = 2
 TIME_COLUMNS = frozenset({"log_time", "end_time", "start_time", "ingested_at"})
 JSON_COLUMNS = frozenset({"param_list", "extra", "anomalies"})
 
@@ -116,16 +123,17 @@ def canonical_value(column: str, value: Any) -> Any:
     return value
 
 
-def event_encoding(values: Sequence[Any]) -> bytes:
-    """The canonical encoding of an event given its 37 column values in order: the canonical
-    JSON array of their :func:`canonical_value`, as UTF-8."""
-    row = [canonical_value(c, v) for c, v in zip(EVENT_COLUMNS, values, strict=True)]
+def event_encoding(values: Sequence[Any], columns: Sequence[str] = EVENT_COLUMNS) -> bytes:
+    """The canonical encoding of an event given its values in the order of ``columns`` (38
+    for version 2, :data:`EVENT_COLUMNS_V1` for version 1): the canonical JSON array of their
+    :func:`canonical_value`, as UTF-8."""
+    row = [canonical_value(c, v) for c, v in zip(columns, values, strict=True)]
     return canonical_json(row).encode()
 
 
-def event_digest(values: Sequence[Any]) -> bytes:
-    """SHA-256 of the canonical encoding of an event given its 37 column values in order."""
-    return hashlib.sha256(event_encoding(values)).digest()
+def event_digest(values: Sequence[Any], columns: Sequence[str] = EVENT_COLUMNS) -> bytes:
+    """SHA-256 of the canonical encoding of an event given its values in ``columns`` order."""
+    return hashlib.sha256(event_encoding(values, columns)).digest()
 
 
 def event_day(log_time: datetime | None) -> str:
@@ -166,32 +174,79 @@ class DayDigests:
         return sum(len(d) // DIGEST_SIZE for d in self.by_day.values())
 
 
-def link_hash(
-    prev: bytes,
-    stream: str,
-    shard: str,
-    link_no: int,
-    kind: str,
-    first_sequence: str,
-    last_sequence: str,
-    event_count: int,
-    days: Mapping[str, Mapping[str, Any]],
-) -> bytes:
-    """SHA-256(prev_hash || UTF-8 link text); ``days`` enters as canonical JSON."""
-    text = "\n".join(
-        ("das-chain-v1", stream, shard, str(link_no), kind, first_sequence, last_sequence,
-         str(event_count), canonical_json(days))
-    )  # fmt: skip
-    return hashlib.sha256(prev + text.encode()).digest()
+@dataclass(frozen=True)
+class LinkFields:
+    """What a link's hash covers (docs/integrity.md, "Links")."""
+
+    stream: str
+    shard: str
+    link_no: int
+    kind: str
+    first_sequence: str
+    last_sequence: str
+    event_count: int
+    days: Mapping[str, Mapping[str, Any]]
+    #: version 2 only: when the link was written
+    created_at: datetime | None = None
+    #: version 2 only: :func:`dead_letter_entries` of the records dead-lettered (batch) or
+    #: re-driven (redrive)
+    dead_letters: Sequence[Mapping[str, str]] = ()
+    version: int = CHAIN_VERSION
+
+    def text(self) -> str:
+        """The link text: its fields, one per line."""
+        lines = [
+            f"das-chain-v{self.version}", self.stream, self.shard, str(self.link_no), self.kind,
+            self.first_sequence, self.last_sequence, str(self.event_count),
+        ]  # fmt: skip
+        if self.version == 1:
+            lines.append(canonical_json(self.days))
+        elif self.version == 2:
+            if self.created_at is None:
+                raise ValueError("a version 2 link has a created_at")
+            lines.extend(
+                (canonical_time(self.created_at), canonical_json(self.days),
+                 canonical_json(list(self.dead_letters)))
+            )  # fmt: skip
+        else:
+            raise ValueError(f"unknown chain version {self.version}")
+        return "\n".join(lines)
+
+
+def link_hash(prev: bytes, link: LinkFields) -> bytes:
+    """SHA-256(prev_hash || UTF-8 link text)."""
+    return hashlib.sha256(prev + link.text().encode()).digest()
+
+
+def dead_letter_entries(letters: Iterable[tuple[str, bytes]]) -> list[dict[str, str]]:
+    """A link's ``dead_letters``: for each (sequence number, raw record bytes), the sequence
+    number and the SHA-256 of the raw bytes, in ascending sequence order, one per record."""
+    found = {seq: hashlib.sha256(raw).hexdigest() for seq, raw in letters}
+    return [{"sequence_number": seq, "sha256": found[seq]} for seq in sorted(found, key=int)]
 
 
 def anchor_message(
-    stream: str, shard: str, link_no: int, link_hash_value: bytes, anchored_at: datetime
+    stream: str,
+    shard: str,
+    link_no: int,
+    link_hash_value: bytes,
+    anchored_at: datetime,
+    *,
+    key_id: str = "",
+    algorithm: str = "",
+    version: int = CHAIN_VERSION,
 ) -> bytes:
-    return "\n".join(
-        ("das-anchor-v1", stream, shard, str(link_no), link_hash_value.hex(),
-         canonical_time(anchored_at))
-    ).encode()  # fmt: skip
+    """What an anchor's MAC or signature authenticates; version 2 also names the key (as the
+    ARN KMS gives for it) and the algorithm."""
+    lines = [
+        f"das-anchor-v{version}", stream, shard, str(link_no), link_hash_value.hex(),
+        canonical_time(anchored_at),
+    ]  # fmt: skip
+    if version == 2:
+        lines.extend((key_id, algorithm))
+    elif version != 1:
+        raise ValueError(f"unknown anchor version {version}")
+    return "\n".join(lines).encode()
 
 
 class RecordFields:
@@ -201,10 +256,15 @@ class RecordFields:
     __slots__ = ("extra", "ingested_at", "prefix")
 
     def __init__(
-        self, record: Any, shard_id: str, sequence_number: str, ingested_at: datetime
+        self,
+        record: Any,
+        stream_name: str,
+        shard_id: str,
+        sequence_number: str,
+        ingested_at: datetime,
     ) -> None:
         self.prefix = (
-            record.cluster_id, record.instance_id, record.record_version, shard_id,
+            record.cluster_id, record.instance_id, record.record_version, stream_name, shard_id,
             sequence_number,
         )  # fmt: skip
         self.ingested_at = canonical_time(ingested_at)
@@ -260,21 +320,26 @@ def stored_event_digest(event: Any, fields: RecordFields) -> bytes:
 
 
 def stored_event_values(
-    event: Any, record: Any, shard_id: str, sequence_number: str, ingested_at: datetime
+    event: Any,
+    record: Any,
+    stream_name: str,
+    shard_id: str,
+    sequence_number: str,
+    ingested_at: datetime,
 ) -> list[Any]:
-    """The 37 column values, in table order, that COPY stores for a decoded ``event`` of
-    ``record`` (an ``ingest.decode`` ActivityEvent and DecodedRecord)."""
+    """The 38 column values, in :data:`EVENT_COLUMNS` order, that COPY stores for a decoded
+    ``event`` of ``record`` (an ``ingest.decode`` ActivityEvent and DecodedRecord)."""
     extra = event.extra
     if record.record_extra:
         extra = {**extra, "_record": record.record_extra}
     return [
-        event.log_time, record.cluster_id, record.instance_id, record.record_version, shard_id,
-        sequence_number, event.event_index, event.class_, event.client_application,
-        event.command, event.command_text, event.database_name, event.db_protocol,
-        event.db_user_name, event.end_time, event.error_message, event.exit_code,
-        event.net_protocol, event.object_name, event.object_type, event.param_list, event.pid,
-        event.remote_host, event.remote_port, event.row_count, event.server_host,
-        event.server_type, event.server_version, event.service_name, event.session_id,
-        event.start_time, event.statement_id, event.substatement_id, event.transaction_id,
-        extra, list(event.anomalies), ingested_at,
+        event.log_time, record.cluster_id, record.instance_id, record.record_version,
+        stream_name, shard_id, sequence_number, event.event_index, event.class_,
+        event.client_application, event.command, event.command_text, event.database_name,
+        event.db_protocol, event.db_user_name, event.end_time, event.error_message,
+        event.exit_code, event.net_protocol, event.object_name, event.object_type,
+        event.param_list, event.pid, event.remote_host, event.remote_port, event.row_count,
+        event.server_host, event.server_type, event.server_version, event.service_name,
+        event.session_id, event.start_time, event.statement_id, event.substatement_id,
+        event.transaction_id, extra, list(event.anomalies), ingested_at,
     ]  # fmt: skip

@@ -27,6 +27,7 @@ from ingest.errors import IngestError
 from ingest.integrity.canonical import DayDigests
 from ingest.integrity.chain import extend_chain
 from ingest.warehouse.db import Conn, is_transient
+from ingest.warehouse.leases import SHARD_END
 
 log = logging.getLogger(__name__)
 
@@ -232,11 +233,37 @@ class Sink:
                 digests = DayDigests()
                 digests.extend(unit.chain for unit in stored)
                 await extend_chain(
-                    conn, lease.stream_name, lease.shard_id, *sequence_range, digests
+                    conn,
+                    lease.stream_name,
+                    lease.shard_id,
+                    *sequence_range,
+                    digests,
+                    dead_letters=[(d.sequence_number, d.raw) for d in letters],
                 )
+            if new_checkpoint == SHARD_END:
+                await record_end(conn, lease, previous_checkpoint, sequence_range)
             result.dead_letters = len(letters)
             result.store_failures = failed
         return result
+
+
+async def record_end(
+    conn: Conn,
+    lease: LeaseToken,
+    previous_checkpoint: str,
+    sequence_range: tuple[str, str] | None,
+) -> None:
+    """A shard reached SHARD_END: keep its last sequence number, which its chain must reach
+    (``verify`` checks it, as it checks a sequence-number checkpoint of an open shard)."""
+    last = sequence_range[1] if sequence_range is not None else previous_checkpoint
+    if last.isdigit():
+        await conn.execute(
+            "UPDATE das.leases SET end_sequence = $3::numeric "
+            "WHERE stream_name = $1 AND shard_id = $2",
+            lease.stream_name,
+            lease.shard_id,
+            last,
+        )
 
 
 async def ensure_day_partitions(
