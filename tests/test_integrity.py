@@ -20,10 +20,13 @@ import boto3
 import pytest
 
 from ingest.aws import aws_client
+from ingest.decode.batch import BatchInput, decode_batch
 from ingest.devstack import LocalStack
+from ingest.emulate.traffic import EventKey, format_datetime
 from ingest.integrity.anchor import AnchorKey, anchor_heads, read_exported_anchors
 from ingest.integrity.canonical import (
     EVENT_COLUMNS,
+    EVENT_COLUMNS_V1,
     ZERO_HASH,
     DayDigests,
     LinkFields,
@@ -32,11 +35,23 @@ from ingest.integrity.canonical import (
     link_hash,
 )
 from ingest.integrity.verify import Report, stored_values, verify_warehouse
+from ingest.warehouse.leases import LeaseStore, ShardInfo
 from ingest.warehouse.retention import apply_retention
+from ingest.warehouse.sink import CopyUnit, LeaseToken, Sink
 from tests.cli_helpers import das_ingest
-from tests.fleet import Fleet, committed_events, migrated, options, produce, wait_until
-from tests.sealing import outer_record, seal_payload
-from tests.warehouse_helpers import inner
+from tests.fleet import (
+    Fleet,
+    assert_exactly_once,
+    committed_events,
+    expected,
+    migrated,
+    new_stream,
+    options,
+    produce,
+    wait_until,
+)
+from tests.sealing import outer_record, seal, seal_payload
+from tests.warehouse_helpers import ESDK, KEY, STREAM, inner, migrated_pool
 
 EVENT_DAY = date(2024, 3, 1)  # the emulator's traffic starts on this day
 
@@ -242,6 +257,17 @@ async def _at_least(dsn: str, n: int) -> bool:
 async def verify_in(conn: asyncpg.Connection, **options: Any) -> Report:
     async with aws_client("kms") as kms:
         return await verify_warehouse(conn, kms=kms, **options)
+
+
+@contextlib.asynccontextmanager
+async def rolled_back_in(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A transaction on ``conn`` that is rolled back afterwards."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield
+    finally:
+        await transaction.rollback()
 
 
 @contextlib.asynccontextmanager
@@ -983,3 +1009,417 @@ async def test_legitimate_retention_verifies_clean_under_its_policy(warehouse: W
     assert report.clean, report.findings
     assert EVENT_DAY.isoformat() in report.retained_days
     assert {r["keep"] for r in recorded} == {keep}
+
+
+# -- several streams in one warehouse ----------------------------------------------------------
+
+
+async def _lease_on(pool: asyncpg.Pool, stream: str, shard: str) -> LeaseToken:
+    store = LeaseStore(pool, stream, lease_seconds=30)
+    await store.sync_shards([ShardInfo(shard, ())], "TRIM_HORIZON")
+    current = {lease.shard_id: lease for lease in await store.all_leases()}[shard]
+    taken = await store.take(current, "w")
+    assert taken is not None
+    return LeaseToken(stream, shard, "w", taken.lease_counter)
+
+
+async def _commit_events(
+    pool: asyncpg.Pool,
+    token: LeaseToken,
+    events: list[dict[str, Any]],
+    first: int,
+    *,
+    previous: str = "TRIM_HORIZON",
+    cluster: str = "cluster-TEST",
+) -> str:
+    """Store one event per record, sequence numbers from ``first``, as a worker would (one
+    batch, one link); returns the new checkpoint."""
+    items = [
+        (i, str(first + i), seal(inner(e, cluster=cluster), KEY), KEY) for i, e in enumerate(events)
+    ]
+    output = decode_batch(BatchInput(token.shard_id, items, ESDK, stream_name=token.stream_name))
+    assert output.failures == []
+    sink = Sink(pool)
+    await sink.ensure_partitions(output.days)
+    last = str(first + len(events) - 1)
+    await sink.commit(
+        token,
+        previous_checkpoint=previous,
+        new_checkpoint=last,
+        units=[CopyUnit(output.events, output.statements, chain=output.chain)],
+        sequence_range=(str(first), last),
+    )
+    return last
+
+
+async def test_two_streams_share_shard_ids_and_sequence_numbers(
+    pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    """Shard ids repeat across streams (and sequence numbers may): every event is stored
+    once per stream, verifies clean, and tampering is attributed to the right stream."""
+    pool = await migrated_pool(pg_dsn)
+    streams = ("aws-rds-das-cluster-AAA", "aws-rds-das-cluster-BBB")
+    shard = "shardId-000000000000"
+    events = [
+        {"type": "record", "logTime": "2024-03-01 10:00:00+00", "commandText": f"select {i}"}
+        for i in range(3)
+    ]
+    try:
+        for stream in streams:
+            await _commit_events(pool, await _lease_on(pool, stream, shard), events, 100)
+        async with pool.acquire() as conn:
+            counts = {
+                r["stream_name"]: r["n"]
+                for r in await conn.fetch(
+                    "SELECT stream_name, count(*) AS n FROM das.activity_events GROUP BY 1"
+                )
+            }
+            report = await verify_warehouse(conn, kms=None)
+            async with rolled_back_in(conn):
+                await conn.execute(
+                    "UPDATE das.activity_events SET command_text = 'changed' "
+                    "WHERE stream_name = $1 AND sequence_number = 101",
+                    streams[1],
+                )
+                tampered_b = await verify_warehouse(conn, kms=None)
+                only_a = await verify_warehouse(conn, kms=None, stream=streams[0])
+    finally:
+        await pool.close()
+    assert counts == {streams[0]: 3, streams[1]: 3}
+    assert report.clean, report.findings
+    assert (report.chains, report.links, report.events) == (2, 2, 6)
+    assert kinds(tampered_b) == ["altered"]
+    assert tampered_b.findings[0].stream == streams[1]
+    assert tampered_b.findings[0].shard == shard
+    assert only_a.clean, only_a.findings
+
+
+async def _stored_of(dsn: str, stream: str) -> list[EventKey]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT instance_id, pid, session_id, statement_id, substatement_id, class, log_time "
+            "FROM das.activity_events WHERE stream_name = $1 "
+            "ORDER BY ingested_at, sequence_number, event_index",
+            stream,
+        )
+    finally:
+        await conn.close()
+    return [
+        EventKey(
+            r["instance_id"], r["pid"], r["session_id"], r["statement_id"],
+            r["substatement_id"], r["class"], format_datetime(r["log_time"]),
+        )
+        for r in rows
+    ]  # fmt: skip
+
+
+async def test_two_streams_ingested_into_one_warehouse_verify_clean(
+    fleet: Fleet, pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    await migrated(pg_dsn)
+    streams = [new_stream(), new_stream()]
+    opts = [
+        options(stream, count=300, shards=2, instances=2, seed=30 + i)
+        for i, stream in enumerate(streams)
+    ]
+    await asyncio.gather(*(produce(o) for o in opts))
+    workers = [
+        await fleet.start(f"w{i}", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "1")
+        for i, stream in enumerate(streams)
+    ]
+    assert [await w.wait(120) for w in workers] == [0, 0]
+    for stream, o in zip(streams, opts, strict=True):
+        assert_exactly_once(await _stored_of(pg_dsn, stream), expected(o))
+    result = await das_ingest("verify", "--json", "--no-anchors", env={"DAS_DSN": pg_dsn})
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["chains"] == 4  # the same two shard ids in each stream
+    assert report["events"] == sum(len(expected(o)) for o in opts)
+
+
+# -- closed shards -----------------------------------------------------------------------------
+
+
+async def test_a_closed_shard_is_anchored_and_held_to_its_last_record(
+    fleet: Fleet, pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    await migrated(pg_dsn)
+    key_id = boto3.client("kms", endpoint_url=aws_env["AWS_ENDPOINT_URL_KMS"]).create_key(
+        KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC"
+    )["KeyMetadata"]["KeyId"]
+    stream = new_stream()
+    await produce(options(stream, count=300, shards=2, instances=4))
+    # No periodic anchoring in this run: only the end of the parent and the stop anchor.
+    worker = await fleet.start(
+        "w", stream, pg_dsn, "--processes", "0", "--anchor-key-id", key_id,
+        "--anchor-seconds", "3600", "--max-records", "20", "--stop-when-idle", "3",
+    )  # fmt: skip
+    more = options(stream, count=900, seed=41, create_stream=False, shards=2, instances=4, rate=600)
+    producing = asyncio.ensure_future(produce(more))
+    kinesis = boto3.client("kinesis", endpoint_url=aws_env["AWS_ENDPOINT_URL_KINESIS"])
+    await asyncio.sleep(0.7)
+    await asyncio.to_thread(
+        kinesis.split_shard,
+        StreamName=stream,
+        ShardToSplit="shardId-000000000000",
+        NewStartingHashKey=str(2**126),
+    )
+    await producing
+    assert await worker.wait(180) == 0
+    parent = "shardId-000000000000"
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        lease = await conn.fetchrow(
+            "SELECT checkpoint, end_sequence::text AS end_sequence FROM das.leases "
+            "WHERE shard_id = $1",
+            parent,
+        )
+        head = await conn.fetchrow(
+            "SELECT max(link_no) AS n, max(last_sequence)::text AS last FROM das.chain_links "
+            "WHERE shard_id = $1",
+            parent,
+        )
+        anchored = await conn.fetchval(
+            "SELECT max(link_no) FROM das.chain_anchors WHERE shard_id = $1", parent
+        )
+        report = await verify_in(conn, anchor_key_id=key_id)
+        assert lease["checkpoint"] == "SHARD_END"
+        assert lease["end_sequence"] == head["last"]
+        assert anchored == head["n"]  # the worker anchored the closed parent's head
+        assert report.clean, report.findings
+        assert report.unanchored == []
+        assert report.chains == 4  # the parent, its two children and the other shard
+        async with rolled_back_in(conn):
+            await conn.execute(
+                """DELETE FROM das.activity_events e USING das.chain_links l
+                   WHERE l.shard_id = $1 AND l.link_no > $2 AND e.shard_id = l.shard_id
+                     AND e.stream_name = l.stream_name
+                     AND e.sequence_number BETWEEN l.first_sequence AND l.last_sequence""",
+                parent,
+                head["n"] - 2,
+            )
+            await conn.execute(
+                "DELETE FROM das.chain_links WHERE shard_id = $1 AND link_no > $2",
+                parent,
+                head["n"] - 2,
+            )
+            with_anchors = await verify_in(conn, anchor_key_id=key_id)
+            without = await verify_warehouse(conn, kms=None)
+    finally:
+        await conn.close()
+    assert kinds(with_anchors) == ["truncated"]
+    assert {f.shard for f in with_anchors.findings} == {parent}
+    assert any("anchored but is gone" in f.detail for f in with_anchors.findings)
+    # Without KMS, the recorded end of the closed shard tells it.
+    assert kinds(without) == ["truncated"]
+    assert "closed" in without.findings[0].detail
+    assert without.findings[0].last_sequence == head["last"]
+
+
+# -- retention removes the oldest days first ---------------------------------------------------
+
+
+def _day(d: date) -> datetime:
+    return datetime.combine(d, datetime.min.time(), tzinfo=UTC)
+
+
+async def test_retention_must_remove_the_oldest_days_first(
+    pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    first, second = date(2024, 3, 1), date(2024, 3, 2)
+    pool = await migrated_pool(pg_dsn)
+    try:
+        async with pool.acquire() as conn:
+            for d in (first, second):  # outside the on-demand window: made by hand
+                await conn.execute("SELECT das.ensure_partition($1)", d)
+        token = await _lease_on(pool, STREAM, "shardId-000000000000")
+        events = [
+            # a day before: in the default partition (no partition for it)
+            {"type": "record", "logTime": "2024-02-01 08:00:00+00", "commandText": "a"},
+            {"type": "record", "logTime": "2024-03-01 08:00:00+00", "commandText": "b"},
+            {"type": "record", "logTime": "2024-03-01 09:00:00+00", "commandText": "c"},
+            {"type": "record", "logTime": "2024-03-02 08:00:00+00", "commandText": "d"},
+        ]
+        await _commit_events(pool, token, events, 100)
+        async with pool.acquire() as conn:
+            assert (await verify_warehouse(conn, kms=None)).clean
+            async with rolled_back_in(conn):
+                # The newer day dropped, with a record that has the right count and period.
+                await conn.execute(f"DROP TABLE das.activity_events_p{second:%Y%m%d}")
+                await conn.execute(
+                    "INSERT INTO das.retention_log (partition_name, range_start, range_end, "
+                    "rows_removed, removed_at, keep) VALUES ($1, $2, $3, 1, now(), '1 day')",
+                    f"activity_events_p{second:%Y%m%d}",
+                    _day(second),
+                    _day(second + timedelta(days=1)),
+                )
+                forged = await verify_warehouse(conn, kms=None)
+            async with rolled_back_in(conn):
+                # das-ingest retention keeping everything from 2024-03-02 on.
+                keep_second = timedelta(days=(date.today() - second).days)
+                await apply_retention(conn, keep_second)
+                some = await verify_warehouse(conn, kms=None, retention_keep=keep_second)
+                # ... and later, everything.
+                await apply_retention(conn, timedelta(days=1))
+                everything = await verify_warehouse(conn, kms=None)
+                removed = await conn.fetch(
+                    "SELECT partition_name, rows_removed FROM das.retention_log ORDER BY id"
+                )
+    finally:
+        await pool.close()
+    assert kinds(forged) == ["deleted"]
+    assert forged.findings[0].day == second.isoformat()
+    assert "older day" in forged.findings[0].detail
+    assert some.clean, some.findings
+    assert some.retained_days == ["2024-02-01", "2024-03-01"]
+    assert everything.clean, everything.findings
+    assert everything.retained_days == ["2024-02-01", "2024-03-01", "2024-03-02"]
+    assert [(r["partition_name"], r["rows_removed"]) for r in removed] == [
+        ("activity_events_p20240301", 2),
+        ("activity_events_default", 1),
+        ("activity_events_p20240302", 1),
+    ]
+
+
+# -- upgrading a warehouse with version 1 chains -----------------------------------------------
+
+
+async def _legacy_chain(
+    conn: asyncpg.Connection,
+    stream: str,
+    shard: str,
+    events: list[tuple[int, str | None]],
+) -> None:
+    """Events and their version 1 link as das-ingest wrote them before migration 0005:
+    (sequence number, cluster_id) pairs, one event each, one link over them."""
+    for seq, cluster in events:
+        await conn.execute(
+            "INSERT INTO das.activity_events (log_time, cluster_id, record_version, shard_id, "
+            "sequence_number, event_index, command_text, extra, ingested_at) "
+            "VALUES ('2024-03-01 10:00:00+00', $1, '1.2', $2, $3, 0, 'select 1', "
+            "'{\"a\": 1.5}', now())",
+            cluster,
+            shard,
+            seq,
+        )
+    rows = await conn.fetch(
+        f"SELECT {', '.join(EVENT_COLUMNS_V1)} FROM das.activity_events WHERE shard_id = $1 "
+        "AND sequence_number = ANY ($2::numeric[]) ORDER BY sequence_number",
+        shard,
+        [seq for seq, _ in events],
+    )
+    digests = DayDigests()
+    for row in rows:
+        values = list(row)
+        extra = EVENT_COLUMNS_V1.index("extra")
+        values[extra] = json.loads(values[extra])
+        digests.add(event_day(row["log_time"]), event_digest(values, EVENT_COLUMNS_V1))
+    first, last = str(events[0][0]), str(events[-1][0])
+    link = LinkFields(
+        stream, shard, 1, "batch", first, last, digests.count, digests.summary(), version=1
+    )
+    await conn.execute(
+        "INSERT INTO das.chain_links (stream_name, shard_id, link_no, kind, first_sequence, "
+        "last_sequence, event_count, days, prev_hash, link_hash) "
+        "VALUES ($1, $2, 1, 'batch', $3::numeric, $4::numeric, $5, $6::jsonb, $7, $8)",
+        stream,
+        shard,
+        first,
+        last,
+        digests.count,
+        json.dumps(link.days),
+        ZERO_HASH,
+        link_hash(ZERO_HASH, link),
+    )
+    await conn.execute(
+        "INSERT INTO das.leases (stream_name, shard_id, checkpoint) VALUES ($1, $2, $3)",
+        stream,
+        shard,
+        last,
+    )
+
+
+async def _upgraded(dsn: str, tmp_path: Path, build: Any) -> tuple[list[str], Report]:
+    """Migrate to the schema before 0005, ``build`` the legacy data, migrate to the end;
+    returns the migration's warnings and verify's report."""
+    from ingest.warehouse.migrate import load_migrations, migrate, migrations_dir
+
+    before = tmp_path / "migrations"
+    before.mkdir()
+    for migration in load_migrations():
+        if migration.version < 5:
+            name = f"{migration.version:04d}_{migration.name}.sql"
+            (before / name).write_text((migrations_dir() / name).read_text())
+    conn = await asyncpg.connect(dsn)
+    warnings: list[str] = []
+    conn.add_log_listener(
+        lambda _c, message: (
+            warnings.append(str(message.message)) if message.severity == "WARNING" else None
+        )
+    )
+    try:
+        await migrate(conn, directory=before)
+        await build(conn)
+        await migrate(conn)
+        return warnings, await verify_warehouse(conn, kms=None)
+    finally:
+        await conn.close()
+
+
+async def test_upgrading_a_single_stream_warehouse(pg_dsn: str, tmp_path: Path) -> None:
+    stream = "aws-rds-das-cluster-ONE"
+
+    async def build(conn: asyncpg.Connection) -> None:
+        await _legacy_chain(conn, stream, "shardId-000000000000", [(10, None), (11, "c")])
+        await _legacy_chain(conn, stream, "shardId-000000000001", [(10, "c")])
+
+    warnings, report = await _upgraded(pg_dsn, tmp_path, build)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        streams = [r[0] for r in await conn.fetch("SELECT stream_name FROM das.activity_events")]
+    finally:
+        await conn.close()
+    assert streams == [stream] * 3
+    assert warnings == []
+    assert report.clean, report.findings
+    assert (report.chains, report.links, report.events) == (2, 2, 3)
+
+
+async def test_upgrading_a_warehouse_of_several_streams(pg_dsn: str, tmp_path: Path) -> None:
+    a, b, c = "aws-rds-das-cluster-A", "aws-rds-das-cluster-B", "aws-rds-das-cluster-C"
+    shared = "shardId-000000000000"
+
+    async def build(conn: asyncpg.Connection) -> None:
+        # A and B share a shard id and overlapping sequence ranges; their events name their
+        # cluster, except one (sequence 11) that only A's link covers, and one (sequence 20)
+        # that nothing can attribute: a NULL cluster, and both streams' links cover it.
+        await _legacy_chain(conn, a, shared, [(10, "cluster-A"), (11, None), (20, None)])
+        await _legacy_chain(conn, b, shared, [(12, "cluster-B"), (25, "cluster-B")])
+        await _legacy_chain(conn, c, "shardId-000000000007", [(10, None)])
+
+    warnings, report = await _upgraded(pg_dsn, tmp_path, build)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        got = {
+            (r["shard_id"], int(r["sequence_number"])): r["stream_name"]
+            for r in await conn.fetch(
+                "SELECT stream_name, shard_id, sequence_number FROM das.activity_events"
+            )
+        }
+    finally:
+        await conn.close()
+    assert got == {
+        (shared, 10): a,  # its cluster's stream
+        (shared, 12): b,
+        (shared, 25): b,
+        (shared, 11): a,  # the only stream whose link covers it
+        (shared, 20): "",  # ambiguous: left for a human
+        ("shardId-000000000007", 10): c,  # the only stream with that shard
+    }
+    assert any("1 existing events could not be attributed" in w for w in warnings), warnings
+    # The version 1 links still verify; the ambiguous event is checked against both streams'
+    # links of its shard, so the stream it does not belong to reports it.
+    assert kinds(report) == ["inserted"]
+    assert report.findings[0].stream == b
+    assert "1 events of 2024-03-01" in report.findings[0].detail
