@@ -812,6 +812,8 @@ async def test_a_kms_refusal_is_reported_with_its_own_exit_code(warehouse: Wareh
     report = json.loads(unreachable.stdout)
     assert {f["kind"] for f in report["findings"]} == {"anchor_unchecked"}
     assert report["events"] == warehouse.events  # everything else was still checked
+    # After a few failures in a row KMS is not asked again (each failure costs retries).
+    assert "not asked again" in report["findings"][-1]["detail"]
 
 
 async def test_asymmetric_anchors_sign_and_verify(warehouse: Warehouse, stack: LocalStack) -> None:

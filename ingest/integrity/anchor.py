@@ -284,8 +284,12 @@ class AnchorChecker:
 
     kms: Any
     expected_key: str | None = None
+    #: after this many KMS failures in a row, stop asking (each costs botocore's retries)
+    give_up_after: int = 3
     _expected: KeyInfo | None = None
     _arns: dict[str, str | None] = field(default_factory=dict)
+    _failures: int = 0
+    _last_error: str = ""
 
     async def prepare(self) -> KeyInfo | None:
         """Describe the expected key: AnchorError if KMS refuses (nothing can be checked)."""
@@ -298,8 +302,10 @@ class AnchorChecker:
         return self._expected
 
     async def check(self, anchor: Anchor) -> str:
-        """ "valid", "invalid" (KMS refutes it) or "unexpected_key"; AnchorError when KMS could
-        not answer (refused, unreachable)."""
+        """One of "valid", "invalid" (KMS refutes it) or "unexpected_key"; AnchorError when
+        KMS could not answer (refused, unreachable)."""
+        if self._failures >= self.give_up_after:
+            raise AnchorError(f"{self._last_error}; KMS not asked again")
         key_id, algorithm = anchor.key_id, anchor.algorithm
         if self._expected is not None:
             if not await self._is_expected(anchor.key_id):
@@ -313,21 +319,27 @@ class AnchorChecker:
                     KeyId=key_id, MacAlgorithm=algorithm, Message=anchor.message(),
                     Mac=anchor.signature,
                 )  # fmt: skip
-                return "valid" if response.get("MacValid") else "invalid"
-            response = await self.kms.verify(
-                KeyId=key_id,
-                SigningAlgorithm=algorithm,
-                Message=anchor.message(),
-                MessageType="RAW",
-                Signature=anchor.signature,
-            )
-            return "valid" if response.get("SignatureValid") else "invalid"
+                valid = bool(response.get("MacValid"))
+            else:
+                response = await self.kms.verify(
+                    KeyId=key_id,
+                    SigningAlgorithm=algorithm,
+                    Message=anchor.message(),
+                    MessageType="RAW",
+                    Signature=anchor.signature,
+                )
+                valid = bool(response.get("SignatureValid"))
         except Exception as exc:  # noqa: BLE001 - classified here
             if error_code(exc) in _REFUTED:
+                self._failures = 0
                 return "invalid"
-            raise AnchorError(
+            self._failures += 1
+            self._last_error = (
                 f"KMS could not check an anchor: {error_code(exc) or type(exc).__name__}"
-            ) from None
+            )
+            raise AnchorError(self._last_error) from None
+        self._failures = 0
+        return "valid" if valid else "invalid"
 
     async def _is_expected(self, key_id: str) -> bool:
         assert self._expected is not None
