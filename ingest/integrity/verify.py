@@ -173,7 +173,9 @@ async def verify_warehouse(
         )
     } | {(a.stream_name, a.shard_id) for a in exported}
     stored_anchors = await load_anchors(conn, stream)
-    anchors = _merge_anchors(report, stored_anchors, exported)
+    anchors: dict[tuple[str, str], list[Anchor]] = defaultdict(list)
+    for anchor in _merge_anchors(report, stored_anchors, exported):
+        anchors[(anchor.stream_name, anchor.shard_id)].append(anchor)
     checker = await _prepare_checker(report, kms, anchor_key_id)
     # Events stored before migration 0005 that it could not attribute to a stream.
     unattributed = bool(
@@ -197,7 +199,7 @@ async def verify_warehouse(
                 s,
                 shard,
                 links,
-                [a for a in anchors if a.stream_name == s and a.shard_id == shard],
+                anchors.get((s, shard), []),
                 now,
                 max_unanchored_age if anchor_key_id else None,
             )
