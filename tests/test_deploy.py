@@ -5,19 +5,27 @@
   sense: every das-ingest command line there and in the Kubernetes Deployment parses with the
   real CLI parser (the image's entrypoint is ``das-ingest``, i.e. ``ingest.cli:main``).
 - No credentials anywhere but LocalStack's documented test values.
-- ``deploy/iam-policy.json`` is least privilege: exactly what the ingester calls, kms:Decrypt
-  bound to the encryption context, and an explicit Deny on starting or stopping the stream.
-- The Grafana dashboard queries only metrics and labels the ingester exports.
-- docs/operations.md documents every flag of every command and every DAS_* variable.
-- Against the local stack, the compose setup itself: roles from its init SQL, its migrate,
-  stream, ingester and status command lines, /healthz, /readyz and /metrics, the image's
-  HEALTHCHECK script, Grafana's SQL as the analyst, readiness while the warehouse is cut off,
-  and a graceful SIGTERM.
+- The AWS region: ``AWS_REGION``, then ``AWS_DEFAULT_REGION``, then the profile.
+- ``deploy/iam-policy.json`` is least privilege: exactly what the ingester calls (both ways,
+  derived from the source), one region, account and stream, kms:Decrypt bound to the encryption
+  context, and no policy in deploy/ that could start or stop the stream.
+- The Grafana dashboard queries only metrics and labels the ingester exports, and shows every
+  metric (or says why not).
+- docs/operations.md documents every flag of every command, every DAS_* variable, every
+  metric and label value; every command takes --log-level; a bad variable names itself.
+- Against the local stack, the compose setup itself: every das-ingest service run as its
+  container runs it (entry point, the image's and only the service's own environment; see
+  "The compose services as their containers run them"): roles from its init SQL, migrate, the
+  anchor key, the stream (and its retries), the emulator, two ingester replicas, status;
+  /healthz, /readyz and /metrics, the image's HEALTHCHECK script, Grafana's SQL as the analyst,
+  anchors that verify, a graceful SIGTERM; the LocalStack healthcheck's own command; readiness
+  while the warehouse is cut off.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import contextlib
 import fnmatch
@@ -442,6 +450,7 @@ def test_kubernetes_fleet() -> None:
     assert pod["terminationGracePeriodSeconds"] > args.shutdown_deadline
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["metrics"] == args.metrics_port
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["resources"]["requests"]["cpu"] == "2"
@@ -509,7 +518,6 @@ def test_iam_policy_is_least_privilege() -> None:
     )
     assert allowed == sorted(
         [
-            "kinesis:DescribeStream",
             "kinesis:DescribeStreamSummary",
             "kinesis:ListShards",
             "kinesis:GetShardIterator",
@@ -531,14 +539,116 @@ def test_iam_policy_is_least_privilege() -> None:
             assert "*" not in _listed(statement["Action"])
             for resource in _listed(statement["Resource"]):
                 assert resource.startswith("arn:aws:"), resource
-    (kinesis,) = _allows("kinesis:GetRecords")
-    assert kinesis["Resource"] == "arn:aws:kinesis:*:*:stream/aws-rds-das-*"
     (kms,) = _allows("kms:Decrypt")
     assert _listed(kms["Action"]) == ["kms:Decrypt"]
     assert kms["Resource"].startswith("arn:aws:kms:")
     assert ":key/" in kms["Resource"]
     context = kms["Condition"]["StringEquals"]["kms:EncryptionContext:aws:rds:dbc-id"]
     assert context.startswith("cluster-")
+    # One stream: the activity stream of the cluster whose data keys may be decrypted.
+    (kinesis,) = _allows("kinesis:GetRecords")
+    assert _arn(kinesis["Resource"]).resource == f"stream/aws-rds-das-{context}"
+
+
+@dataclass(frozen=True)
+class Arn:
+    service: str
+    region: str
+    account: str
+    resource: str
+
+
+def _arn(text: str) -> Arn:
+    partition, service, region, account, resource = text.split(":", 5)[1:]
+    assert partition == "aws", text
+    return Arn(service, region, account, resource)
+
+
+def test_iam_policy_names_one_region_and_account() -> None:
+    """Every resource the ingester may use is pinned to the documented example region and
+    account (docs/operations.md says what to replace), never a wildcard."""
+    resources = [
+        _arn(r) for s in _statements() if s["Effect"] == "Allow" for r in _listed(s["Resource"])
+    ]
+    assert {(a.region, a.account) for a in resources} == {("us-east-1", "111122223333")}
+    for arn in resources:
+        assert "*" not in arn.resource, arn
+    doc = OPERATIONS.read_text()
+    assert "`us-east-1`" in doc
+    assert "`111122223333`" in doc
+    # The Deployment runs in that region and anchors with the key the policy allows.
+    deployment = kubernetes_object("Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["AWS_REGION"] == "us-east-1"
+    (anchor,) = _allows("kms:GenerateMac")
+    assert env["DAS_ANCHOR_KEY_ID"] == anchor["Resource"]
+
+
+def aws_calls_of_the_ingester() -> set[str]:
+    """``service:Operation`` of every AWS client call in the ingester's code, found with the
+    syntax tree and botocore's models: an awaited call of a method named like an operation,
+    with keyword arguments only (botocore's client signature), each of them a member of that
+    operation's input, or ``**kwargs``. Wrappers that share an operation's name
+    (``KinesisReader.get_records(iterator, limit)``) take positional or snake_case arguments
+    and so do not count."""
+    session = botocore.session.get_session()
+    models = {service: session.get_service_model(service) for service in ("kinesis", "kms", "rds")}
+    by_method: dict[str, list[tuple[str, str, frozenset[str]]]] = {}
+    for service, model in models.items():
+        for name in model.operation_names:
+            shape = model.operation_model(name).input_shape
+            members = frozenset(shape.members) if shape is not None else frozenset()
+            by_method.setdefault(xform_name(name), []).append((service, name, members))
+    called: set[str] = set()
+    for path in sorted((ROOT / "ingest").rglob("*.py")):
+        if "emulate" in path.parts or path.name in ("devstack.py", "demo.py"):
+            continue
+        if path.parts[-2:] == ("integrity", "verify.py"):  # the auditor's, not the ingester's
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Await) and isinstance(node.value, ast.Call)):
+                continue
+            call = node.value
+            if not isinstance(call.func, ast.Attribute) or call.args:
+                continue
+            keywords = {k.arg for k in call.keywords}
+            for service, name, members in by_method.get(call.func.attr, []):
+                if keywords - {None} <= members and keywords:
+                    called.add(f"{service}:{name}")
+    return called
+
+
+def test_iam_policy_allows_nothing_the_ingester_does_not_call() -> None:
+    """The reverse of the test above: each allowed action is called somewhere in the code."""
+    called = aws_calls_of_the_ingester()
+    # The scan finds what is known to be there (and so can tell).
+    assert {"kinesis:GetRecords", "kms:Decrypt", "kms:GenerateMac", "rds:DescribeDBClusters"} <= (
+        called
+    )
+    assert "kinesis:DescribeStream" not in called
+    allowed = {a for s in _statements() if s["Effect"] == "Allow" for a in _listed(s["Action"])}
+    assert not allowed - called, f"allowed but never called: {sorted(allowed - called)}"
+
+
+def test_no_policy_in_deploy_grants_starting_or_stopping_the_activity_stream() -> None:
+    policies = [
+        (path, json.loads(path.read_text()))
+        for path in sorted(DEPLOY.rglob("*.json"))
+        if '"Statement"' in path.read_text()
+    ]
+    assert {path.name for path, _ in policies} >= {"iam-policy.json", "iam-policy-auditor.json"}
+    for path, policy in policies:
+        for statement in policy["Statement"]:
+            if statement["Effect"] != "Allow":
+                continue
+            # An Allow with NotAction grants everything it does not list.
+            assert "NotAction" not in statement, f"{path.name}: {statement}"
+            for pattern in _listed(statement["Action"]):
+                for action in ACTIVITY_STREAM_CONTROL:
+                    assert not fnmatch.fnmatchcase(action.lower(), pattern.lower()), (
+                        f"{path.name} grants {action} through {pattern}"
+                    )
 
 
 def test_iam_policy_covers_every_aws_call_of_the_ingester() -> None:
