@@ -849,6 +849,47 @@ def test_operations_guide_documents_every_flag_of_run_help() -> None:
         assert f"`{flag}" in section, f"das-ingest run: {flag} is not documented"
 
 
+def _leaf_commands() -> list[tuple[str, argparse.ArgumentParser]]:
+    return [
+        (command, parser)
+        for command, parser in _subcommands(build_parser(), "das-ingest")
+        if not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+    ]
+
+
+def test_every_command_takes_log_level() -> None:
+    """Every command logs through the JSON formatter at the level it is given."""
+    leaves = _leaf_commands()
+    assert {"das-ingest run", "das-ingest verify", "das-ingest dead-letters retry"} <= {
+        command for command, _ in leaves
+    }
+    for command, parser in leaves:
+        text = parser.format_help()
+        assert "--log-level {debug,info,warning,error}" in text, f"{command} has no --log-level"
+        assert "[DAS_LOG_LEVEL]" in text, command
+
+
+async def test_a_bad_variable_fails_only_its_command_and_names_the_variable() -> None:
+    env = {"DAS_PROCESSES": "abc", "DAS_LOG_LEVEL": "loud"}
+    result = await das_ingest("run", "--stream", "aws-rds-das-cluster-X", env=env, deadline=60)
+    assert result.returncode == 2
+    assert "argument --processes: invalid int value: 'abc' (from $DAS_PROCESSES)" in (result.stderr)
+    # Another command is not affected by DAS_PROCESSES, and checks DAS_LOG_LEVEL's choices
+    # as it would check --log-level's.
+    result = await das_ingest("status", env=env, deadline=60)
+    assert result.returncode == 2
+    assert "argument --log-level: invalid choice: 'loud' (from $DAS_LOG_LEVEL;" in result.stderr
+    assert "Traceback" not in result.stderr
+    for command in ("status", "run"):
+        helped = await das_ingest(command, "--help", env=env, deadline=60)
+        assert helped.returncode == 0, helped.stderr
+    # A flag overrides the variable, bad or not.
+    result = await das_ingest(
+        "run", "--processes", "x", "--stream", "s", env={"DAS_PROCESSES": "1"}, deadline=60
+    )
+    assert "argument --processes: invalid int value: 'x'\n" in result.stderr
+
+
 def test_operations_guide_documents_every_das_variable() -> None:
     doc = OPERATIONS.read_text()
     names: set[str] = set()
