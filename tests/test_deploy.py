@@ -781,7 +781,77 @@ def test_dashboard_queries_only_what_the_ingester_exports() -> None:
         "das_queue_batches",
         "das_commit_seconds_bucket",
         "das_ready",
+        "das_chain_anchors_total",
     } <= used
+
+
+#: Metrics the dashboard deliberately leaves out, each with the reason. Empty today: every
+#: metric is on it. A new metric goes on the dashboard, or here with a reason.
+NOT_ON_THE_DASHBOARD: dict[str, str] = {}
+
+
+def metric_families() -> dict[str, str]:
+    """Each metric the ingester defines, by family name, with its type."""
+    metrics = Metrics()
+    return {
+        str(value._name): str(value._type)
+        for value in vars(metrics).values()
+        if isinstance(value, MetricWrapperBase)
+    }
+
+
+def test_every_metric_is_on_the_dashboard_or_left_out_for_a_reason() -> None:
+    exported = exported_metrics()
+    families = metric_families()
+    assert "das_chain_anchors" in families
+    used = {name for expr in prometheus_queries() for name in _METRIC.findall(expr)}
+    for family in families:
+        samples = {name for name in exported.names if name.startswith(family)}
+        shown = bool(samples & used)
+        if family in NOT_ON_THE_DASHBOARD:
+            assert not shown, f"{family} is on the dashboard: drop it from NOT_ON_THE_DASHBOARD"
+            assert NOT_ON_THE_DASHBOARD[family].strip(), f"{family}: say why it is left out"
+        else:
+            assert shown, f"{family} is neither on the dashboard nor in NOT_ON_THE_DASHBOARD"
+    assert set(NOT_ON_THE_DASHBOARD) <= set(families), "NOT_ON_THE_DASHBOARD names no metric"
+
+
+def _label_values(attribute: str) -> set[str]:
+    """Literal label values the code gives the metric ``metrics.<attribute>``: in
+    ``<...>.<attribute>.labels("value")`` and, for the retry targets, in the target argument of
+    the shard consumer's ``_transient(op, "value")``."""
+    values: set[str] = set()
+    for path in sorted((ROOT / "ingest").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            func = node.func
+            literal = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            if (
+                func.attr == "labels"
+                and isinstance(func.value, ast.Attribute)
+                and func.value.attr == attribute
+            ):
+                values |= {v for v in literal if isinstance(v, str)}
+            if attribute == "retries" and func.attr == "_transient" and len(node.args) == 2:
+                values |= {v for v in literal if isinstance(v, str)}
+    return values
+
+
+def test_operations_guide_documents_every_metric_and_label_value() -> None:
+    doc = OPERATIONS.read_text()
+    rows = {match[1]: match[0] for match in re.finditer(r"^\| `(das_[a-z_]+)`.*\|$", doc, re.M)}
+    for family, kind in metric_families().items():
+        name = family + ("_total" if kind == "counter" else "")
+        assert f"`{name}`" in doc, f"{name} is not in the metrics table of docs/operations.md"
+    targets = _label_values("retries")
+    assert {"anchor", "coordinator", "postgres"} <= targets
+    for value in targets:
+        assert f"`{value}`" in rows["das_transient_retries_total"], f"retry target {value}"
+    changes = _label_values("lease_changes")
+    assert {"taken", "stolen", "lost"} <= changes
+    for value in changes:
+        assert f"`{value}`" in rows["das_lease_changes_total"], f"lease change {value}"
 
 
 def test_dashboard_is_wired_to_the_provisioned_sources(services: dict[str, dict[str, Any]]) -> None:
