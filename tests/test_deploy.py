@@ -1140,8 +1140,9 @@ def _dsn(base: str, *, user: str, database: str, port: int | None = None) -> str
 # A service runs as Docker would run it: the image's ENTRYPOINT (or the service's `entrypoint`)
 # followed by its `command`, compose's `$$` turned into `$`, with the image's ENV and the
 # service's own `environment:` block and nothing else: none of this test's variables (its
-# AWS_DEFAULT_REGION, DAS_DSN, ...), and HOME an empty directory, as the image's /nonexistent is,
-# so no ~/.aws or ~/.pgpass of whoever runs the tests can help. What is substituted, and why:
+# AWS_DEFAULT_REGION, DAS_DSN, ...), LANG=C.UTF-8 and the system part of PATH as the python base
+# image sets them, and HOME an empty directory, as the image's /nonexistent is, so no ~/.aws or
+# ~/.pgpass of whoever runs the tests can help. What is substituted, and why:
 #
 # - hosts and ports of the compose network, which do not exist here: `localstack:4566` becomes
 #   kinesalite's URL in AWS_ENDPOINT_URL_KINESIS and moto's in AWS_ENDPOINT_URL_KMS (LocalStack
