@@ -7,7 +7,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest.commands.options import add_dsn_argument, env_default
+from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
 
 VERIFY_EPILOG = """\
 verify recomputes every event's digest from the stored rows (trusting no function or digest
@@ -84,6 +84,7 @@ def add_parser(subparsers: Any) -> None:
         "[DAS_RETENTION_KEEP]",
     )
     add_dsn_argument(verify)
+    add_log_argument(verify)
     verify.set_defaults(func=_verify)
 
     anchor = subparsers.add_parser(
@@ -104,6 +105,7 @@ def add_parser(subparsers: Any) -> None:
         "--export", metavar="FILE", help="write every anchor as JSON lines to FILE ('-': stdout)"
     )
     add_dsn_argument(anchor)
+    add_log_argument(anchor)
     anchor.set_defaults(func=_anchor)
 
 

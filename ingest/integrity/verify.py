@@ -17,7 +17,15 @@ from typing import Any
 
 import orjson
 
-from ingest.integrity.anchor import Anchor, AnchorChecker, AnchorError, load_anchors
+from ingest.aws import error_code
+from ingest.errors import ConfigError
+from ingest.integrity.anchor import (
+    Anchor,
+    AnchorError,
+    KeyInfo,
+    describe_anchor_key,
+    load_anchors,
+)
 from ingest.integrity.canonical import (
     EVENT_COLUMNS,
     EVENT_COLUMNS_V1,
@@ -123,6 +131,89 @@ class _Tally:
     digest: Any = field(default_factory=hashlib.sha256)
     first_seq: int | None = None
     last_seq: int | None = None
+
+
+#: What KMS answers when a MAC or signature does not verify (the others are refusals).
+_REFUTED = ("KMSInvalidMacException", "KMSInvalidSignatureException")
+
+
+@dataclass
+class AnchorChecker:
+    """Checks anchors through KMS. With ``expected_key`` (``verify --anchor-key-id``) the key is
+    pinned: an anchor naming another key is not accepted, and every MAC or signature is checked
+    with the expected key and its algorithm, never with what a row says."""
+
+    kms: Any
+    expected_key: str | None = None
+    #: after this many KMS failures in a row, stop asking (each costs botocore's retries)
+    give_up_after: int = 3
+    _expected: KeyInfo | None = None
+    _arns: dict[str, str | None] = field(default_factory=dict)
+    _failures: int = 0
+    _last_error: str = ""
+
+    async def prepare(self) -> KeyInfo | None:
+        """Describe the expected key: AnchorError if KMS refuses (nothing can be checked)."""
+        if self.expected_key is None:
+            return None
+        try:
+            self._expected = await describe_anchor_key(self.kms, self.expected_key)
+        except ConfigError as exc:
+            raise AnchorError(str(exc)) from None
+        return self._expected
+
+    async def check(self, anchor: Anchor) -> str:
+        """One of "valid", "invalid" (KMS refutes it) or "unexpected_key"; AnchorError when
+        KMS could not answer (refused, unreachable)."""
+        if self._failures >= self.give_up_after:
+            raise AnchorError(f"{self._last_error}; KMS not asked again")
+        key_id, algorithm = anchor.key_id, anchor.algorithm
+        if self._expected is not None:
+            if not await self._is_expected(anchor.key_id):
+                return "unexpected_key"
+            if algorithm != self._expected.algorithm:
+                return "unexpected_key"
+            key_id = self._expected.arn
+        try:
+            if algorithm.startswith("HMAC_"):
+                response = await self.kms.verify_mac(
+                    KeyId=key_id, MacAlgorithm=algorithm, Message=anchor.message(),
+                    Mac=anchor.signature,
+                )  # fmt: skip
+                valid = bool(response.get("MacValid"))
+            else:
+                response = await self.kms.verify(
+                    KeyId=key_id,
+                    SigningAlgorithm=algorithm,
+                    Message=anchor.message(),
+                    MessageType="RAW",
+                    Signature=anchor.signature,
+                )
+                valid = bool(response.get("SignatureValid"))
+        except Exception as exc:  # noqa: BLE001 - classified here
+            if error_code(exc) in _REFUTED:
+                self._failures = 0
+                return "invalid"
+            self._failures += 1
+            self._last_error = (
+                f"KMS could not check an anchor: {error_code(exc) or type(exc).__name__}"
+            )
+            raise AnchorError(self._last_error) from None
+        self._failures = 0
+        return "valid" if valid else "invalid"
+
+    async def _is_expected(self, key_id: str) -> bool:
+        assert self._expected is not None
+        arn = self._expected.arn
+        if key_id in (arn, self.expected_key, arn.rsplit("/", 1)[-1]):
+            return True
+        if key_id not in self._arns:
+            try:
+                meta = (await self.kms.describe_key(KeyId=key_id))["KeyMetadata"]
+                self._arns[key_id] = str(meta.get("Arn"))
+            except Exception:  # noqa: BLE001 - a key we may not describe is not the expected one
+                self._arns[key_id] = None
+        return self._arns[key_id] == arn
 
 
 async def verify_warehouse(
