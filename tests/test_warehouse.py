@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.decode.batch import BatchInput, decode_batch
+from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
 from ingest.errors import ConfigError
 from ingest.warehouse.leases import LeaseStore
 from ingest.warehouse.migrate import load_migrations, migrate, migrations_dir, schema_version
@@ -478,6 +478,51 @@ async def test_partitions_are_created_on_demand_and_rows_move_out_of_default(pg_
         )
         assert part == f"das.activity_events_p{far:%Y%m%d}"
         assert await pool.fetchval("SELECT das.ensure_partition($1)", far.date()) is False
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("chain", [True, False], ids=["chain", "no-chain"])
+async def test_one_record_over_two_past_days_lands_in_both_days_partitions(
+    pg_dsn: str, chain: bool
+) -> None:
+    """Every event's day gets its partition, with or without the integrity chain: the days of
+    a record are not only those of its last event (which here has no time at all)."""
+    now = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    five, three = now - timedelta(days=5), now - timedelta(days=3)  # inside the window
+    doc = inner(
+        {"type": "record", "command": "FIVE", "logTime": five.isoformat()},
+        {"type": "record", "command": "THREE", "logTime": three.isoformat()},
+        {"type": "record", "command": "UNDATED"},
+    )
+    config = DecoderConfig(decryptor="esdk", chain=chain)
+    output = decode_batch(BatchInput("s", [(0, "1", seal(doc, KEY, "1.2"), KEY)], config))
+    assert output.failures == []
+    assert output.days == {five.date(), three.date()}
+    assert output.undated_events == 1
+    assert bool(output.chain) is chain
+
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w")
+        sink = Sink(pool, chain=chain)
+        await sink.ensure_partitions(output.days)  # what the consumer does before committing
+        await sink.commit(
+            token,
+            previous_checkpoint="TRIM_HORIZON",
+            new_checkpoint="1",
+            units=[CopyUnit(output.events, output.statements, chain=output.chain)],
+            sequence_range=("1", "1"),
+        )
+        where = await pool.fetch(
+            "SELECT command, tableoid::regclass::text AS part FROM das.activity_events "
+            "ORDER BY command"
+        )
+        assert [(r["command"], r["part"]) for r in where] == [
+            ("FIVE", f"das.activity_events_p{five:%Y%m%d}"),
+            ("THREE", f"das.activity_events_p{three:%Y%m%d}"),
+            ("UNDATED", "das.activity_events_default"),
+        ]
     finally:
         await pool.close()
 

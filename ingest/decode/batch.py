@@ -114,14 +114,17 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
             chunks.append(data)
             out.event_count += count
             folder.add(record, shard_id, sequence_number)
-            if chain:
-                fields = RecordFields(record, shard_id, sequence_number, ingested_at)
-                for event in record.events:
-                    digests.add(event_day(event.log_time), stored_event_digest(event, fields))
+            # Every event's day, whatever the chain switch: the sink creates these partitions
+            # before the commit (an event of a day without one lands in the default partition).
+            for event in record.events:
                 if event.log_time is None:
                     out.undated_events += 1
                 else:
                     out.days.add(_utc_day(event.log_time))
+            if chain:
+                fields = RecordFields(record, shard_id, sequence_number, ingested_at)
+                for event in record.events:
+                    digests.add(event_day(event.log_time), stored_event_digest(event, fields))
         for beat in record.heartbeats:
             out.heartbeats.append(
                 HeartbeatRow(
