@@ -22,7 +22,7 @@ import orjson
 
 from ingest.decode.batch import HeartbeatRow
 from ingest.decode.copyfmt import EVENT_COLUMNS
-from ingest.decode.correlate import PART_COLUMNS
+from ingest.decode.correlate import StatementRange
 from ingest.errors import IngestError
 from ingest.integrity.canonical import DayDigests
 from ingest.integrity.chain import extend_chain
@@ -30,36 +30,9 @@ from ingest.warehouse.db import Conn, is_transient
 
 log = logging.getLogger(__name__)
 
-STAGING_TABLE = "das_statement_parts"
-
-_MAIN_COLUMNS = [
-    c
-    for c in PART_COLUMNS
-    if c
-    not in ("cluster_id", "instance_id", "pid", "session_id", "statement_id", "has_main", "aux")
-]
-# The earliest MAIN (by log_time) fills the statement's main columns; AUX events append,
-# whatever the order. The batch folded its own events per key already, so keys in the staging
-# table are unique and ON CONFLICT sees each row at most once. (SET expressions see the old row.)
-_TAKE_MAIN = "EXCLUDED.has_main AND (NOT s.has_main OR EXCLUDED.log_time < s.log_time)"
-MERGE_STATEMENTS = f"""
-INSERT INTO das.statements AS s ({", ".join(PART_COLUMNS)})
-SELECT {", ".join(PART_COLUMNS)} FROM pg_temp.{STAGING_TABLE}
-ON CONFLICT ON CONSTRAINT statements_key DO UPDATE SET
-    {
-    ", ".join(
-        f"{c} = CASE WHEN {_TAKE_MAIN} THEN EXCLUDED.{c} ELSE s.{c} END" for c in _MAIN_COLUMNS
-    )
-},
-    has_main = s.has_main OR EXCLUDED.has_main,
-    aux = s.aux || EXCLUDED.aux,
-    updated_at = now()
-"""
-
-CREATE_STAGING = f"""
-CREATE TEMP TABLE IF NOT EXISTS {STAGING_TABLE}
-    (LIKE das.statements INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
-"""
+#: Merges the statement events of the records just stored into das.statements. A SECURITY
+#: DEFINER function (migrations/0004): the ingest role has no privilege on das.statements.
+MERGE_STATEMENTS = "SELECT das.merge_statements($1, $2::text::numeric, $3::text::numeric)"
 
 ADVANCE_CHECKPOINT = """
 UPDATE das.leases SET checkpoint = $1, checkpoint_at = now()
@@ -122,10 +95,10 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class CopyUnit:
-    """Rows to COPY: the events and MySQL statement parts of one or more records."""
+    """Rows to COPY (the events of one or more records) and the MySQL statements to merge."""
 
     events: bytes
-    statements: bytes
+    statements: StatementRange | None
     #: Dead letter to write instead if this unit cannot be stored (per-record mode only).
     on_store_error: DeadLetter | None = None
     #: The events' digests per UTC day, for the integrity chain (BatchOutput.chain).
@@ -140,8 +113,8 @@ class CommitResult:
 
 
 async def init_connection(conn: Conn) -> None:
-    """Pool ``init``: the session-local staging table for statement parts."""
-    await conn.execute(CREATE_STAGING)
+    """Pool ``init``. Nothing to set up any more (MySQL statements used to be staged in a
+    session temp table); kept so pools and re-drives keep one place for per-connection setup."""
 
 
 class Sink:
@@ -254,7 +227,7 @@ async def ensure_day_partitions(
 
 
 async def copy_unit(conn: Conn, unit: CopyUnit) -> None:
-    """COPY a unit's events, and merge its MySQL statement parts into das.statements."""
+    """COPY a unit's events, then merge its MySQL statement events into das.statements."""
     if unit.events:
         await conn.copy_to_table(
             "activity_events",
@@ -264,15 +237,9 @@ async def copy_unit(conn: Conn, unit: CopyUnit) -> None:
             columns=list(EVENT_COLUMNS),
             format="text",
         )
-    if unit.statements:
-        await conn.copy_to_table(
-            STAGING_TABLE,
-            source=memoryview(unit.statements),  # type: ignore[arg-type]
-            columns=list(PART_COLUMNS),
-            format="text",
-        )
-        await conn.execute(MERGE_STATEMENTS)
-        await conn.execute(f"TRUNCATE pg_temp.{STAGING_TABLE}")
+    if unit.statements is not None:
+        span = unit.statements
+        await conn.execute(MERGE_STATEMENTS, span.shard_id, span.first, span.last)
 
 
 async def insert_dead_letters(
