@@ -135,4 +135,4 @@ DELETE FROM das.statements WHERE statement_id <= 0;
 COMMENT ON TABLE das.statements IS
     'Aurora MySQL statements: the earliest MAIN event of (cluster, instance, pid, session, statementId) with all its AUX events. Derived from das.activity_events by das.merge_statements; connection events are not statements.';
 COMMENT ON COLUMN das.activity_events.anomalies IS
-    'What was done to store the event: "<field>:type|range|time" (original value in extra, column NULL), "<field>:nul|utf8" (text escaped reversibly), "<field>:bignum" (a number beyond 64 bits or a double, kept exactly as its JSON text), "type:missing|unknown" (an event that is neither a record nor a heartbeat, stored as a row; an unknown type''s value in extra).';
+    'What was done to store the event: "<field>:type|range|time" (original value in extra, column NULL), "<field>:nul|utf8" (text escaped reversibly), "<field>:bignum" (a number of magnitude 2^63 or more that is not an exact 64-bit integer, or beyond a double: kept exactly as its JSON text), "type:missing|unknown" (an event that is neither a record nor a heartbeat, stored as a row; an unknown type''s value in extra).';

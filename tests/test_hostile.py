@@ -283,8 +283,22 @@ def hand_written_cases(s: Setup) -> list[Case]:
     )
 
     def out_of_range(rows: list[asyncpg.Record]) -> None:
-        anomalies_include("pid:range")(rows)
+        anomalies_include("pid:range", "extra.pid:bignum")(rows)
         assert rows[0]["pid"] is None
+        # The exact number (orjson alone would have rounded it to 1.2345678901234568e+29).
+        assert orjson.loads(rows[0]["extra"]) == {"pid": "123456789012345678901234567890"}
+
+    def infinite(rows: list[asyncpg.Record]) -> None:
+        anomalies_include("pid:range", "extra.pid:bignum")(rows)
+        assert orjson.loads(rows[0]["extra"]) == {"pid": "1e400"}
+
+    def untyped(flag: str, extra: dict[str, Any]) -> Check:
+        def check(rows: list[asyncpg.Record]) -> None:
+            assert len(rows) == 1
+            assert list(rows[0]["anomalies"]) == [flag]
+            assert orjson.loads(rows[0]["extra"]) == extra
+
+        return check
 
     return [
         # The outer document (no cryptography needed to reach it).
@@ -341,18 +355,31 @@ def hand_written_cases(s: Setup) -> list[Case]:
             "normalize",
         ),
         Case("event is a string", sealed(inner(["select 1"]), key), "normalize"),
-        Case("unknown event type", sealed(inner([{"type": "surprise"}]), key), "normalize"),
-        Case("event of no type", sealed(inner([{"commandText": "x"}]), key), "normalize"),
         Case("clusterId is a number", sealed(inner([], clusterId=7), key), "normalize"),
         Case(
             "nested too deep in an event",
             sealed(inner([event("x", deep=nested)]), key),
             "normalize",
         ),
-        Case(
-            "infinite number", sealed(inner([event("x")]).replace(b"4242", b"1e400"), key), "parse"
-        ),
         # Stored safely.
+        Case(
+            "unknown event type",
+            sealed(inner([{"type": "surprise"}]), key),
+            None,
+            untyped("type:unknown", {"type": "surprise"}),
+        ),
+        Case(
+            "event of no type",
+            sealed(inner([{"commandText": "x"}]), key),
+            None,
+            untyped("type:missing", {}),
+        ),
+        Case(
+            "infinite number",
+            sealed(inner([event("x")]).replace(b"4242", b"1e400"), key),
+            None,
+            infinite,
+        ),
         Case("integer beyond 64 bits", sealed(big_int, key), None, out_of_range),
         Case("nul bytes", sealed(inner([event("select '\0\0' -- nul")]), key), None, nul),
         Case("invalid utf-8", sealed(invalid_utf8, key), None, utf8),
