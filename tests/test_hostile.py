@@ -439,6 +439,36 @@ async def test_every_hostile_record_is_dead_lettered_or_stored_and_the_shard_goe
     log.warning("hostile records tried: %d hand-written", len(cases))
 
 
+async def test_a_partition_key_postgresql_cannot_store_does_not_stall_the_shard(
+    fleet: Fleet, pg_dsn: str, setup: Setup
+) -> None:
+    """A poison record whose partition key holds a NUL (Kinesis keys are any Unicode) is
+    dead-lettered with the key escaped; the record after it is stored."""
+    await migrated(pg_dsn)
+
+    def put() -> list[str]:
+        return [
+            setup.kinesis.put_record(StreamName=setup.stream, Data=data, PartitionKey=key)[
+                "SequenceNumber"
+            ]
+            for data, key in ((b"not a record", "db-1\x00evil"), (sentinel(setup, 0), "db-1"))
+        ]
+
+    poison, after = await asyncio.to_thread(put)
+    await ingest_all(fleet, setup, pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        letters = await conn.fetch(
+            "SELECT sequence_number::text AS seq, partition_key, stage, error FROM das.dead_letters"
+        )
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in letters] == [(poison, "db-1\\x00evil", "json", letters[0]["error"])]
+    assert letters[0]["error"].endswith("(partition key stored escaped: nul)")
+    got = await outcome(pg_dsn)
+    assert [r["command_text"] for r in got.events[after]] == ["select 'sentinel 0'"]
+
+
 # -- memory stays bounded -----------------------------------------------------------------------
 
 #: The worker's main process plus one decode process, with gzip bombs (each would inflate to

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
+from ingest.decode.normalize import unescape_text
 from ingest.emulate.producer import EmulateOptions
 from ingest.emulate.traffic import InnerRecord
 from ingest.errors import ConfigError
@@ -663,6 +664,42 @@ async def test_dead_letters_and_heartbeats_commit_with_the_batch(pg_dsn: str) ->
         assert bytes(dead["raw"]) == b"garbage"
         assert dead["sequence_number"] == 4
         assert dead["stream_name"] == STREAM
+    finally:
+        await pool.close()
+
+
+async def test_dead_letters_with_partition_keys_postgresql_cannot_store(pg_dsn: str) -> None:
+    """A producer picks any Unicode partition key (kinesalite hands NUL and lone surrogates
+    back): the dead letter is stored with the key escaped and flagged, not refused with the
+    whole batch."""
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w")
+        letters = [
+            DeadLetter("1", "db\x00-1\u0000", None, "json", "json: record is not JSON", b"a"),
+            DeadLetter("2", "db\ud800-2", None, "json", "json: record is not JSON", b"b"),
+            DeadLetter("3", "db\\x00-3", None, "json", "json: record is not JSON", b"c"),
+            DeadLetter("4", None, None, "json", "json: record is not JSON", b"d"),
+        ]
+        await Sink(pool).commit(
+            token,
+            previous_checkpoint="TRIM_HORIZON",
+            new_checkpoint="4",
+            units=[],
+            dead_letters=letters,
+        )
+        rows = await pool.fetch(
+            "SELECT partition_key, error FROM das.dead_letters ORDER BY sequence_number"
+        )
+        assert [tuple(r) for r in rows] == [
+            ("db\\x00-1\\x00", "json: record is not JSON (partition key stored escaped: nul)"),
+            ("db\\ud800-2", "json: record is not JSON (partition key stored escaped: utf8)"),
+            ("db\\x00-3", "json: record is not JSON"),  # a backslash alone needs nothing
+            (None, "json: record is not JSON"),
+        ]
+        assert unescape_text(rows[0]["partition_key"]) == "db\x00-1\x00"
+        assert unescape_text(rows[1]["partition_key"]) == "db\ud800-2"
+        assert await pool.fetchval("SELECT checkpoint FROM das.leases") == "4"
     finally:
         await pool.close()
 

@@ -23,6 +23,7 @@ import orjson
 from ingest.decode.batch import HeartbeatRow
 from ingest.decode.copyfmt import EVENT_COLUMNS
 from ingest.decode.correlate import StatementRange
+from ingest.decode.normalize import sanitize_text
 from ingest.errors import IngestError
 from ingest.integrity.canonical import DayDigests
 from ingest.integrity.chain import extend_chain
@@ -242,18 +243,36 @@ async def copy_unit(conn: Conn, unit: CopyUnit) -> None:
         await conn.execute(MERGE_STATEMENTS, span.shard_id, span.first, span.last)
 
 
+def storable_letter_text(letter: DeadLetter) -> tuple[str | None, str]:
+    """The partition key and error as PostgreSQL text can hold them.
+
+    A partition key is any Unicode the producer chose: a NUL (or a lone surrogate, which
+    kinesalite hands back) would make the dead-letter INSERT fail, and with it the batch and
+    its checkpoint, again and again. It is escaped reversibly (see normalize.sanitize_text),
+    and the error says so, since an escaped key cannot be told from an odd one otherwise.
+    """
+    error, _ = sanitize_text(letter.error)
+    key = letter.partition_key
+    if key is not None:
+        key, flag = sanitize_text(key)
+        if flag:
+            error = f"{error} (partition key stored escaped: {flag})"
+    return key, error
+
+
 async def insert_dead_letters(
     conn: Conn, stream_name: str, shard_id: str, letters: Sequence[DeadLetter]
 ) -> None:
+    texts = [storable_letter_text(d) for d in letters]
     await conn.execute(
         INSERT_DEAD_LETTERS,
         stream_name,
         shard_id,
         [d.sequence_number for d in letters],
-        [d.partition_key for d in letters],
+        [key for key, _ in texts],
         [d.arrival_time for d in letters],
         [d.stage for d in letters],
-        [d.error for d in letters],
+        [error for _, error in texts],
         [d.raw for d in letters],
     )
 
