@@ -18,13 +18,13 @@ from ingest.integrity.canonical import (
     canonical_number,
     canonical_time,
     event_digest,
-    field,
+    event_encoding,
     stored_event_digest,
     stored_event_values,
 )
 
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
 )  # fmt: skip
 json_values = st.recursive(
@@ -78,9 +78,33 @@ def test_numbers_times_and_fields() -> None:
         )
         == "2024-03-01T04:30:00.500000Z"
     )
-    assert field(None) == "-"
-    assert field("cluster-ABC") == "+11:cluster-ABC"
-    assert field("é") == "+2:é"
+
+
+def test_the_documented_example_encoding() -> None:
+    """The example in docs/integrity.md, byte for byte."""
+    values: list[Any] = [None] * 37
+    values[1] = "cluster-ABC"  # cluster_id
+    values[3] = "1.2"  # record_version
+    values[4] = "shardId-000000000000"
+    values[5] = Decimal("49590338271490256608559692538361571095921575989136588898")
+    values[6] = 0  # event_index
+    values[7] = "MAIN"  # class
+    values[10] = "SELECT 'é'\t\n"  # command_text
+    values[20] = [1.5, "x"]  # param_list
+    values[21] = 42  # pid
+    values[34] = {"b": 1, "a": None}  # extra
+    values[35] = ["commandText:nul"]  # anomalies
+    values[36] = datetime(2026, 11, 25, 12, 0, 0, 5, tzinfo=UTC)  # ingested_at
+    assert (
+        event_encoding(values)
+        == (
+            '[null,"cluster-ABC",null,"1.2","shardId-000000000000",'
+            '"49590338271490256608559692538361571095921575989136588898",0,"MAIN",null,null,'
+            '"SELECT \'é\'\\t\\n",null,null,null,null,null,null,null,null,null,[1.5,"x"],42,'
+            + "null," * 12
+            + '{"a":null,"b":1},["commandText:nul"],"2026-11-25T12:00:00.000005Z"]'
+        ).encode()
+    )
 
 
 texts = st.one_of(st.none(), st.text(max_size=12))

@@ -7,7 +7,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest.commands.options import add_dsn_argument, env_default
+from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
 
 VERIFY_EPILOG = """\
 verify recomputes every event's digest from the stored rows (trusting no function or digest
@@ -49,6 +49,7 @@ def add_parser(subparsers: Any) -> None:
         help="do not check anchors (no KMS access); the report says so",
     )
     add_dsn_argument(verify)
+    add_log_argument(verify)
     verify.set_defaults(func=_verify)
 
     anchor = subparsers.add_parser(
@@ -69,6 +70,7 @@ def add_parser(subparsers: Any) -> None:
         "--export", metavar="FILE", help="write every anchor as JSON lines to FILE ('-': stdout)"
     )
     add_dsn_argument(anchor)
+    add_log_argument(anchor)
     anchor.set_defaults(func=_anchor)
 
 

@@ -24,6 +24,7 @@ def add_parser(subparsers: Any) -> None:
     retention.add_argument("--keep", required=True, help="retention period: 90d, 12w or 36h")
     retention.add_argument("--dry-run", action="store_true", help="show what would be dropped")
     add_dsn_argument(retention)
+    add_log_argument(retention)
     retention.set_defaults(func=_retention)
 
     dead = subparsers.add_parser(
@@ -62,6 +63,7 @@ def add_parser(subparsers: Any) -> None:
         "in one transaction (for example after restoring events from a backup).",
     )
     add_dsn_argument(rebuild)
+    add_log_argument(rebuild)
     rebuild.set_defaults(func=_rebuild)
 
 

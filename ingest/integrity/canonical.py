@@ -9,6 +9,7 @@ defined here and in the documentation alone.
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -35,11 +36,10 @@ DIGEST_SIZE = 32
 
 def canonical_time(stamp: datetime) -> str:
     """UTC, ``YYYY-MM-DDTHH:MM:SS.ffffffZ``: always four year digits and six fraction digits."""
-    t = stamp.astimezone(UTC)
-    return (
-        f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
-        f".{t.microsecond:06d}Z"
-    )
+    t = stamp if stamp.tzinfo is UTC else stamp.astimezone(UTC)
+    # isoformat pads the year to four digits, writes six fraction digits with this timespec,
+    # and ends a UTC time in "+00:00".
+    return t.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def canonical_number(value: int | float | Decimal) -> str:
@@ -103,35 +103,29 @@ def _canonical_json(value: Any) -> str:
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 
-def canonical_value(column: str, value: Any) -> str | None:
-    """The canonical text of one column's value (None for SQL NULL)."""
+def canonical_value(column: str, value: Any) -> Any:
+    """The JSON value a column's value enters the event encoding as (None for SQL NULL)."""
     if value is None:
         return None
     if column in TIME_COLUMNS:
         return canonical_time(value)
-    if column in JSON_COLUMNS:
-        return canonical_json(value)
-    if isinstance(value, Decimal):  # sequence_number
-        return str(int(value))
-    if isinstance(value, int):
-        return str(value)
-    return str(value)
+    if column == "sequence_number":
+        return value if isinstance(value, str) else str(int(value))
+    if column == "anomalies":
+        return list(value)
+    return value
 
 
-def field(value: str | None) -> str:
-    if value is None:
-        return "-"
-    size = len(value) if value.isascii() else len(value.encode())
-    return f"+{size}:{value}"
+def event_encoding(values: Sequence[Any]) -> bytes:
+    """The canonical encoding of an event given its 37 column values in order: the canonical
+    JSON array of their :func:`canonical_value`, as UTF-8."""
+    row = [canonical_value(c, v) for c, v in zip(EVENT_COLUMNS, values, strict=True)]
+    return canonical_json(row).encode()
 
 
 def event_digest(values: Sequence[Any]) -> bytes:
     """SHA-256 of the canonical encoding of an event given its 37 column values in order."""
-    encoded = "".join(
-        field(canonical_value(column, value))
-        for column, value in zip(EVENT_COLUMNS, values, strict=True)
-    )
-    return hashlib.sha256(encoded.encode()).digest()
+    return hashlib.sha256(event_encoding(values)).digest()
 
 
 def event_day(log_time: datetime | None) -> str:
@@ -201,22 +195,23 @@ def anchor_message(
 
 
 class RecordFields:
-    """The fields of a record's events that do not change from event to event, encoded once:
+    """The values of a record's events that do not change from event to event, prepared once:
     the fast path of :func:`stored_event_digest`."""
 
-    __slots__ = ("extra", "prefix", "suffix")
+    __slots__ = ("extra", "ingested_at", "prefix")
 
     def __init__(
         self, record: Any, shard_id: str, sequence_number: str, ingested_at: datetime
     ) -> None:
         self.prefix = (
-            field(record.cluster_id) + field(record.instance_id) + field(record.record_version)
-            + field(shard_id) + field(sequence_number)
+            record.cluster_id, record.instance_id, record.record_version, shard_id,
+            sequence_number,
         )  # fmt: skip
-        self.suffix = field(canonical_time(ingested_at))
+        self.ingested_at = canonical_time(ingested_at)
         self.extra = record.record_extra
 
 
+#: The event's own columns between event_index and extra, as ActivityEvent attributes.
 _EVENT_ATTRS = (
     "class_", "client_application", "command", "command_text", "database_name", "db_protocol",
     "db_user_name", "end_time", "error_message", "exit_code", "net_protocol", "object_name",
@@ -224,40 +219,44 @@ _EVENT_ATTRS = (
     "server_host", "server_type", "server_version", "service_name", "session_id",
     "start_time", "statement_id", "substatement_id", "transaction_id",
 )  # fmt: skip
-_TIME_ATTRS = frozenset({"end_time", "start_time"})
-_INT_ATTRS = frozenset({"pid", "row_count", "statement_id", "substatement_id"})
+_GET_EVENT_ATTRS = operator.attrgetter(*_EVENT_ATTRS)
+_END, _START, _PARAMS = (_EVENT_ATTRS.index(a) for a in ("end_time", "start_time", "param_list"))
 
 
 def stored_event_digest(event: Any, fields: RecordFields) -> bytes:
     """:func:`event_digest` of what COPY stores for ``event`` (the same encoding, computed
-    without building the value list; the tests hold the two equal)."""
+    without building the value list; the tests hold the two equal).
+
+    It runs once per stored event: one C call fetches the attributes, the three times are
+    formatted, and orjson writes the whole array (canonical JSON when no float is in it).
+    """
+    values = list(_GET_EVENT_ATTRS(event))
+    if (end := values[_END]) is not None:
+        values[_END] = canonical_time(end)
+    if (start := values[_START]) is not None:
+        values[_START] = canonical_time(start)
     log_time = event.log_time
-    parts = [
-        field(None if log_time is None else canonical_time(log_time)),
-        fields.prefix,
-        field(str(event.event_index)),
-    ]
-    append = parts.append
-    for attr in _EVENT_ATTRS:
-        value = getattr(event, attr)
-        if value is None:
-            append("-")
-        elif attr in _TIME_ATTRS:
-            append(field(canonical_time(value)))
-        elif attr in _INT_ATTRS:
-            append(field(str(value)))
-        elif attr == "param_list":
-            append(field(canonical_json(value)))
-        else:
-            append(field(value))
     extra = event.extra
     if fields.extra:
         extra = {**extra, "_record": fields.extra}
-    append(field(canonical_json(extra)))
-    anomalies = event.anomalies
-    append(field(canonical_json(list(anomalies)) if anomalies else "[]"))
-    append(fields.suffix)
-    return hashlib.sha256("".join(parts).encode()).digest()
+    row = [
+        None if log_time is None else canonical_time(log_time),
+        *fields.prefix,
+        event.event_index,
+        *values,
+        extra,
+        list(event.anomalies),
+        fields.ingested_at,
+    ]
+    params = values[_PARAMS]
+    if (params is None or _floatless(params)) and (not extra or _floatless(extra)):
+        try:
+            data = orjson.dumps(row, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits: the general path
+            data = _canonical_json(row).encode()
+    else:
+        data = _canonical_json(row).encode()
+    return hashlib.sha256(data).digest()
 
 
 def stored_event_values(
