@@ -192,7 +192,8 @@ def decode_tables(args: argparse.Namespace) -> list[Table]:
         rates.add(size, *(spread(found.events_per_second[c]) for c in decode.CONFIGS))
         print(f"  decode {size}/record: {found.records} records measured", file=sys.stderr)
     stages.notes.append(
-        "envelope: outer JSON + base64; COPY: events and MySQL statement parts to COPY text."
+        "envelope: outer JSON + base64; COPY: events to COPY text (MySQL statements are merged "
+        "in the warehouse)."
     )
     return [stages, rates]
 

@@ -124,7 +124,7 @@ def test_the_documented_example_encoding() -> None:
 
 
 def test_version_1_encoding_has_no_stream_name() -> None:
-    """Links written before migration 0005 (version 1) encode the same event without it."""
+    """Links written before migration 0004 (version 1) encode the same event without it."""
     values = documented_example()
     del values[STREAM_POSITION]
     assert (
@@ -172,7 +172,7 @@ def test_the_documented_link_text() -> None:
         )
     )
     assert link_hash(ZERO_HASH, link) == hashlib.sha256(ZERO_HASH + link.text().encode()).digest()
-    # Version 1 (before migration 0005): no created_at, no dead letters.
+    # Version 1 (before migration 0004): no created_at, no dead letters.
     old = LinkFields(**{**link.__dict__, "version": 1})
     assert old.text().split("\n") == [
         "das-chain-v1",

@@ -1293,7 +1293,7 @@ async def _legacy_chain(
     shard: str,
     events: list[tuple[int, str | None]],
 ) -> None:
-    """Events and their version 1 link as das-ingest wrote them before migration 0005:
+    """Events and their version 1 link as das-ingest wrote them before migration 0004:
     (sequence number, cluster_id) pairs, one event each, one link over them."""
     for seq, cluster in events:
         await conn.execute(
@@ -1343,14 +1343,14 @@ async def _legacy_chain(
 
 
 async def _upgraded(dsn: str, tmp_path: Path, build: Any) -> tuple[list[str], Report]:
-    """Migrate to the schema before 0005, ``build`` the legacy data, migrate to the end;
+    """Migrate to the schema before 0004, ``build`` the legacy data, migrate to the end;
     returns the migration's warnings and verify's report."""
     from ingest.warehouse.migrate import load_migrations, migrate, migrations_dir
 
     before = tmp_path / "migrations"
     before.mkdir()
     for migration in load_migrations():
-        if migration.version < 5:
+        if migration.version < 4:
             name = f"{migration.version:04d}_{migration.name}.sql"
             (before / name).write_text((migrations_dir() / name).read_text())
     conn = await asyncpg.connect(dsn)

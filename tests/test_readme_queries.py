@@ -61,11 +61,17 @@ async def test_readme_queries_run_as_the_analyst(pg_dsn: str) -> None:
             "SELECT statement_id, has_main, jsonb_array_length(aux) AS n FROM das.statements "
             "ORDER BY statement_id"
         )
+        # The seed's MySQL CONNECT (class MAIN, statementId 0) is a connection, not a
+        # statement: it stays in activity_events only.
         assert [tuple(r) for r in statements] == [
-            (0, True, 0),
             (65459278, True, 1),
             (65469218, True, 1),
         ]
+        connects = await conn.fetch(
+            "SELECT statement_id FROM das.activity_events "
+            "WHERE server_type = 'MySQL' AND command = 'CONNECT'"
+        )
+        assert [r["statement_id"] for r in connects] == [0]
     finally:
         await conn.close()
 

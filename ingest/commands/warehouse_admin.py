@@ -145,6 +145,20 @@ async def _do_retry(args: argparse.Namespace) -> int:
     decryptor_for(decoder)
     conn = await connect(resolve_dsn(args.dsn))
     try:
+        if args.ids:
+            known = await conn.fetch(
+                "SELECT id FROM das.dead_letters WHERE id = ANY($1::bigint[])", args.ids
+            )
+            unknown = sorted(set(args.ids) - {r["id"] for r in known})
+            if unknown:
+                # A typo in an id list must not re-drive the rest half-way: nothing is done.
+                listed = ", ".join(map(str, unknown))
+                print(
+                    f"das-ingest dead-letters retry: no dead letter with id {listed} "
+                    "(see `das-ingest dead-letters list`); nothing was retried",
+                    file=sys.stderr,
+                )
+                return 1
         async with aws_client("kms") as kms:
             report = await redrive(
                 conn,

@@ -28,7 +28,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "session_id", "start_time", "statement_id", "substatement_id", "transaction_id", "extra",
     "anomalies", "ingested_at",
 )  # fmt: skip
-#: The encoding of chain version 1 (links written before migration 0005): no stream_name.
+#: The encoding of chain version 1 (links written before migration 0004): no stream_name.
 EVENT_COLUMNS_V1: tuple[str, ...] = tuple(c for c in EVENT_COLUMNS if c != "stream_name")
 #: Where stream_name sits in EVENT_COLUMNS (dropped for version 1 links).
 STREAM_POSITION = EVENT_COLUMNS.index("stream_name")

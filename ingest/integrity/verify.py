@@ -268,7 +268,7 @@ async def verify_warehouse(
     for anchor in _merge_anchors(report, stored_anchors, exported):
         anchors[(anchor.stream_name, anchor.shard_id)].append(anchor)
     checker = await _prepare_checker(report, kms, anchor_key_id)
-    # Events stored before migration 0005 that it could not attribute to a stream.
+    # Events stored before migration 0004 that it could not attribute to a stream.
     unattributed = bool(
         await conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM das.activity_events WHERE stream_name = '')"

@@ -135,7 +135,11 @@ async def redrive(
             continue
         await ensure_day_partitions(conn, output.days)
         async with conn.transaction():
-            await copy_unit(conn, CopyUnit(output.events, output.statements, chain=output.chain))
+            await copy_unit(
+                conn,
+                CopyUnit(output.events, output.statements, chain=output.chain),
+                row["stream_name"],
+            )
             if output.heartbeats:
                 await upsert_heartbeats(
                     conn, row["stream_name"], row["shard_id"], output.heartbeats

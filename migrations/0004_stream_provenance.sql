@@ -76,7 +76,7 @@ $$;
 ALTER TABLE das.activity_events ALTER COLUMN stream_name DROP DEFAULT;
 COMMENT ON COLUMN das.activity_events.stream_name IS
     'The Kinesis stream the event was read from (shard ids repeat across streams). '
-    'Empty only for events stored before migration 0005 that could not be attributed.';
+    'Empty only for events stored before migration 0004 that could not be attributed.';
 
 -- No event is ever stored twice, per stream.
 DROP INDEX das.activity_events_provenance;
@@ -104,8 +104,8 @@ ALTER TABLE das.chain_anchors ALTER COLUMN version DROP DEFAULT;
 ALTER TABLE das.leases ADD COLUMN end_sequence numeric;
 COMMENT ON COLUMN das.leases.end_sequence IS
     'For a shard at SHARD_END: the sequence number of its last record (NULL: it had none, or '
-    'it ended before migration 0005).';
+    'it ended before migration 0004).';
 
 ALTER TABLE das.retention_log ADD COLUMN keep interval;
 COMMENT ON COLUMN das.retention_log.keep IS
-    'The retention period the removal ran with (NULL before migration 0005).';
+    'The retention period the removal ran with (NULL before migration 0004).';
