@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -141,6 +142,30 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     return found
 
 
+#: The integrity chain may cost at most this share of the end-to-end rate (issue 8).
+CHAIN_OVERHEAD_LIMIT = 0.10
+
+
+def chain_overhead(size: int, runs: dict[str, list[e2e.WorkerRun]]) -> tuple[str, bool] | None:
+    """The Checks line for the integrity chain's cost: (no-chain - chain) / no-chain of the
+    median end-to-end events/s, ok under 10%; None without both rows."""
+    chained = runs.get("das-ingest")
+    unchained = runs.get(f"das-ingest {NO_CHAIN}")
+    if not chained or not unchained:
+        return None
+    with_chain = statistics.median(r.events_per_second for r in chained)
+    without = statistics.median(r.events_per_second for r in unchained)
+    if without <= 0:
+        return f"- Integrity chain cost, {size}/record: no {NO_CHAIN} rate: FAILED", False
+    cost = (without - with_chain) / without
+    good = cost < CHAIN_OVERHEAD_LIMIT
+    return (
+        f"- Integrity chain cost, {size}/record: (no-chain - chain) / no-chain end-to-end "
+        f"events/s = {cost:.1%} ({with_chain:,.0f} with, {without:,.0f} without), limit "
+        f"{CHAIN_OVERHEAD_LIMIT:.0%}: {'ok' if good else 'FAILED'}"
+    ), good
+
+
 def _run_help() -> str:
     done = subprocess.run(
         [sys.executable, "-m", "ingest", "run", "--help"],
@@ -167,7 +192,8 @@ def decode_tables(args: argparse.Namespace) -> list[Table]:
         rates.add(size, *(spread(found.events_per_second[c]) for c in decode.CONFIGS))
         print(f"  decode {size}/record: {found.records} records measured", file=sys.stderr)
     stages.notes.append(
-        "envelope: outer JSON + base64; COPY: events and MySQL statement parts to COPY text."
+        "envelope: outer JSON + base64; COPY: events to COPY text (MySQL statements are merged "
+        "in the warehouse)."
     )
     return [stages, rates]
 
@@ -276,6 +302,11 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
                     f"- KMS, {size}/record, {label}: at most one Decrypt per distinct data key: "
                     f"{'ok' if good else 'FAILED'} ({worst} calls, {work.data_keys} data keys)"
                 )
+            overhead = chain_overhead(size, runs)
+            if overhead is not None:
+                line, good = overhead
+                results.ok &= good
+                results.checks.append(line)
             if reference:
                 table.add(
                     size,

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from ingest.decode import copyfmt
 from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
-from ingest.decode.correlate import StatementFolder
+from ingest.decode.correlate import StatementRangeBuilder
 from ingest.decode.envelope import read_envelope
 from ingest.decode.esdk import EsdkDecryptor
 from ingest.decode.gunzip import gunzip
@@ -30,6 +30,9 @@ from ingest.emulate.producer import DataKey, EmulateOptions, build_records
 
 T = TypeVar("T")
 U = TypeVar("U")
+
+#: The stream name stored with the measured events (it is one COPY column among others).
+BENCH_STREAM = "aws-rds-das-cluster-BENCH"
 
 #: Stage columns, in pipeline order (microseconds per message).
 STAGES = (
@@ -103,7 +106,7 @@ def measure(events_per_record: int, records: int, repeat: int) -> DecodeResult:
 
     items = [(i, str(i + 1), data, key) for i, data in enumerate(raw)]
     for name, config in CONFIGS.items():
-        batch = BatchInput("shardId-000000000000", items, config)
+        batch = BatchInput("shardId-000000000000", items, config, stream_name=BENCH_STREAM)
         decode_batch(batch)  # warm: decryptor construction, imports
         rates = []
         for _ in range(repeat):
@@ -116,11 +119,11 @@ def measure(events_per_record: int, records: int, repeat: int) -> DecodeResult:
 
 
 def _copy_encode(record: DecodedRecord) -> Any:
-    """COPY encoding as decode_batch does it: the events, then the MySQL statement parts."""
+    """COPY encoding as decode_batch does it: the events, and the MySQL statements' range."""
     triple = [(record, "shardId-000000000000", "1")]
-    folder = StatementFolder()
-    folder.extend(triple)
-    return copyfmt.encode_events(triple, datetime.now(UTC)), folder.encode()
+    statements = StatementRangeBuilder("shardId-000000000000")
+    statements.add(record, "1")
+    return copyfmt.encode_events(triple, datetime.now(UTC), BENCH_STREAM), statements.build()
 
 
 def median(values: Sequence[float]) -> float:

@@ -1,13 +1,19 @@
 """aiobotocore clients configured from the standard AWS sources.
 
-Region, credentials and endpoints come from wherever botocore finds them: AWS_REGION /
-AWS_DEFAULT_REGION, AWS_PROFILE, instance and task roles, and the service-specific endpoint
-variables AWS_ENDPOINT_URL_KINESIS, AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL_RDS (or
-AWS_ENDPOINT_URL for all). We add only timeouts and a connection pool size.
+The region is ``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else the ``region`` of the profile
+(``AWS_PROFILE``) in the shared config file: the order of the AWS CLI v2 and of the other AWS
+SDKs. botocore on its own reads only ``AWS_DEFAULT_REGION`` and the profile, so ``AWS_REGION``
+(the variable Kubernetes manifests, ECS and most tooling set) is passed explicitly.
+
+Credentials and endpoints come from wherever botocore finds them: AWS_PROFILE, web identity
+(IRSA), container and instance roles, and the service-specific endpoint variables
+AWS_ENDPOINT_URL_KINESIS, AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL_RDS (or AWS_ENDPOINT_URL for
+all). We add only timeouts and a connection pool size.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -39,12 +45,21 @@ async def aws_client(
         settings["retries"] = {"mode": "standard", "total_max_attempts": 1}
     config = Config(max_pool_connections=max_pool_connections, **settings)
     try:
-        async with session.create_client(service, config=config) as client:
+        async with session.create_client(
+            service, region_name=region_from_environment(), config=config
+        ) as client:
             yield client
     except NoRegionError:
         raise ConfigError(
-            "no AWS region configured: set AWS_REGION (or AWS_DEFAULT_REGION, or a profile)"
+            "no AWS region configured: set AWS_REGION (or AWS_DEFAULT_REGION, or the region "
+            "of the AWS_PROFILE in the shared config file)"
         ) from None
+
+
+def region_from_environment() -> str | None:
+    """``$AWS_REGION`` if set; None leaves the region to botocore (AWS_DEFAULT_REGION, then
+    the profile's ``region``)."""
+    return os.environ.get("AWS_REGION") or None
 
 
 def error_code(exc: BaseException) -> str | None:

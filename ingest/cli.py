@@ -37,7 +37,9 @@ PG* variables.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from ingest.commands.options import ArgumentParser
+
+    parser = ArgumentParser(
         prog="das-ingest",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -171,3 +171,26 @@ def test_fast_encoder_records_decode_like_the_emulators(events_per_record: int) 
         assert decode_record(fast_raw, KEY, EsdkDecryptor()) == reference
         assert decode_record(fast_raw, KEY, LeanDecryptor()) == reference
         assert decode_record(fast_raw, KEY, LeanDecryptor(verify_signatures=False)) == reference
+
+
+def test_the_chain_cost_check_compares_median_rates() -> None:
+    from bench.__main__ import NO_CHAIN, chain_overhead
+    from bench.e2e import WorkerRun
+
+    def run(events_per_second: float) -> WorkerRun:
+        return WorkerRun(int(events_per_second), 1, 1.0, 0.1, 0.0, 0, None, 0)
+
+    assert chain_overhead(10, {"das-ingest": [run(950)]}) is None
+    cheap = chain_overhead(10, {"das-ingest": [run(950)], f"das-ingest {NO_CHAIN}": [run(1000)]})
+    assert cheap is not None
+    assert cheap[1] is True
+    assert "5.0%" in cheap[0]
+    assert cheap[0].endswith(": ok")
+    dear = chain_overhead(
+        100,
+        {"das-ingest": [run(850), run(890), run(990)], f"das-ingest {NO_CHAIN}": [run(1000)]},
+    )
+    assert dear is not None
+    assert dear[1] is False  # the median, 890: 11%
+    assert "11.0%" in dear[0]
+    assert dear[0].endswith("FAILED")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -12,19 +13,27 @@ from hypothesis import strategies as st
 
 from ingest.decode.model import ActivityEvent, DecodedRecord
 from ingest.integrity.canonical import (
+    EVENT_COLUMNS,
+    EVENT_COLUMNS_V1,
+    STREAM_POSITION,
+    ZERO_HASH,
+    LinkFields,
     RecordFields,
     _canonical_json,
+    anchor_message,
     canonical_json,
     canonical_number,
     canonical_time,
+    dead_letter_entries,
     event_digest,
-    field,
+    event_encoding,
+    link_hash,
     stored_event_digest,
     stored_event_values,
 )
 
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
 )  # fmt: skip
 json_values = st.recursive(
@@ -78,9 +87,115 @@ def test_numbers_times_and_fields() -> None:
         )
         == "2024-03-01T04:30:00.500000Z"
     )
-    assert field(None) == "-"
-    assert field("cluster-ABC") == "+11:cluster-ABC"
-    assert field("é") == "+2:é"
+
+
+def documented_example() -> list[Any]:
+    """The example event of docs/integrity.md, as its 38 values."""
+    values: list[Any] = [None] * 38
+    values[1] = "cluster-ABC"  # cluster_id
+    values[3] = "1.2"  # record_version
+    values[4] = "aws-rds-das-cluster-ABC"  # stream_name
+    values[5] = "shardId-000000000000"
+    values[6] = Decimal("49590338271490256608559692538361571095921575989136588898")
+    values[7] = 0  # event_index
+    values[8] = "MAIN"  # class
+    values[11] = "SELECT 'é'\t\n"  # command_text
+    values[21] = [1.5, "x"]  # param_list
+    values[22] = 42  # pid
+    values[35] = {"b": 1, "a": None}  # extra
+    values[36] = ["commandText:nul"]  # anomalies
+    values[37] = datetime(2026, 11, 25, 12, 0, 0, 5, tzinfo=UTC)  # ingested_at
+    return values
+
+
+def test_the_documented_example_encoding() -> None:
+    """The example in docs/integrity.md, byte for byte."""
+    assert EVENT_COLUMNS[4:6] == ("stream_name", "shard_id")
+    assert (
+        event_encoding(documented_example())
+        == (
+            '[null,"cluster-ABC",null,"1.2","aws-rds-das-cluster-ABC","shardId-000000000000",'
+            '"49590338271490256608559692538361571095921575989136588898",0,"MAIN",null,null,'
+            '"SELECT \'é\'\\t\\n",null,null,null,null,null,null,null,null,null,[1.5,"x"],42,'
+            + "null," * 12
+            + '{"a":null,"b":1},["commandText:nul"],"2026-11-25T12:00:00.000005Z"]'
+        ).encode()
+    )
+
+
+def test_version_1_encoding_has_no_stream_name() -> None:
+    """Links written before migration 0004 (version 1) encode the same event without it."""
+    values = documented_example()
+    del values[STREAM_POSITION]
+    assert (
+        event_encoding(values, EVENT_COLUMNS_V1)
+        == (
+            '[null,"cluster-ABC",null,"1.2","shardId-000000000000",'
+            '"49590338271490256608559692538361571095921575989136588898",0,"MAIN",null,null,'
+            '"SELECT \'é\'\\t\\n",null,null,null,null,null,null,null,null,null,[1.5,"x"],42,'
+            + "null," * 12
+            + '{"a":null,"b":1},["commandText:nul"],"2026-11-25T12:00:00.000005Z"]'
+        ).encode()
+    )
+
+
+def test_the_documented_link_text() -> None:
+    """The version 2 link text example of docs/integrity.md, byte for byte."""
+    link = LinkFields(
+        stream="aws-rds-das-cluster-ABC",
+        shard="shardId-000000000000",
+        link_no=7,
+        kind="batch",
+        first_sequence="49590338271490256608559692538361571095921575989136588898",
+        last_sequence="49590338271490256608559692538361571095921575989136588900",
+        event_count=3,
+        days={"2026-11-25": {"n": 3, "sha256": "ab" * 32}},
+        created_at=datetime(2026, 11, 25, 12, 0, 1, 250000, tzinfo=UTC),
+        dead_letters=dead_letter_entries(
+            [("49590338271490256608559692538361571095921575989136588899", b"not a record")]
+        ),
+    )
+    assert link.text() == "\n".join(
+        (
+            "das-chain-v2",
+            "aws-rds-das-cluster-ABC",
+            "shardId-000000000000",
+            "7",
+            "batch",
+            "49590338271490256608559692538361571095921575989136588898",
+            "49590338271490256608559692538361571095921575989136588900",
+            "3",
+            "2026-11-25T12:00:01.250000Z",
+            '{"2026-11-25":{"n":3,"sha256":"' + "ab" * 32 + '"}}',
+            '[{"sequence_number":"49590338271490256608559692538361571095921575989136588899",'
+            '"sha256":"' + hashlib.sha256(b"not a record").hexdigest() + '"}]',
+        )
+    )
+    assert link_hash(ZERO_HASH, link) == hashlib.sha256(ZERO_HASH + link.text().encode()).digest()
+    # Version 1 (before migration 0004): no created_at, no dead letters.
+    old = LinkFields(**{**link.__dict__, "version": 1})
+    assert old.text().split("\n") == [
+        "das-chain-v1",
+        *link.text().split("\n")[1:8],
+        '{"2026-11-25":{"n":3,"sha256":"' + "ab" * 32 + '"}}',
+    ]
+
+
+def test_dead_letter_entries_are_ordered_by_sequence_number() -> None:
+    entries = dead_letter_entries([("100", b"b"), ("99", b"a"), ("100", b"b")])
+    assert [e["sequence_number"] for e in entries] == ["99", "100"]
+    assert entries[0]["sha256"] == hashlib.sha256(b"a").hexdigest()
+
+
+def test_anchor_messages_name_the_key_from_version_2() -> None:
+    stamp = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    v2 = anchor_message("s", "shardId-1", 3, b"\x01" * 32, stamp, key_id="arn:k", algorithm="A")
+    assert v2.decode().split("\n") == [
+        "das-anchor-v2", "s", "shardId-1", "3", "01" * 32, "2026-11-25T12:00:00.000000Z",
+        "arn:k", "A",
+    ]  # fmt: skip
+    v1 = anchor_message("s", "shardId-1", 3, b"\x01" * 32, stamp, version=1)
+    assert v1.decode().split("\n") == ["das-anchor-v1", *v2.decode().split("\n")[1:6]]
 
 
 texts = st.one_of(st.none(), st.text(max_size=12))
@@ -118,12 +233,13 @@ def events(draw: st.DrawFn) -> tuple[ActivityEvent, DecodedRecord]:
 
 
 @settings(max_examples=300)
-@given(events(), st.integers(min_value=1, max_value=10**40))
+@given(events(), st.integers(min_value=1, max_value=10**40), st.text(max_size=24))
 def test_the_writer_digest_is_the_verifier_digest(
-    pair: tuple[ActivityEvent, DecodedRecord], sequence: int
+    pair: tuple[ActivityEvent, DecodedRecord], sequence: int, stream: str
 ) -> None:
     event, record = pair
     stamp = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
-    fields = RecordFields(record, "shardId-1", str(sequence), stamp)
-    values = stored_event_values(event, record, "shardId-1", str(sequence), stamp)
+    fields = RecordFields(record, stream, "shardId-1", str(sequence), stamp)
+    values = stored_event_values(event, record, stream, "shardId-1", str(sequence), stamp)
+    assert values[STREAM_POSITION] == stream
     assert stored_event_digest(event, fields) == event_digest(values)

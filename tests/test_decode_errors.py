@@ -163,11 +163,6 @@ def test_inner_not_json(inner: bytes) -> None:
         {"type": "DatabaseActivityMonitoringRecord"},
         {"type": "DatabaseActivityMonitoringRecord", "databaseActivityEventList": {}},
         {"type": "DatabaseActivityMonitoringRecord", "databaseActivityEventList": [1]},
-        {"type": "DatabaseActivityMonitoringRecord", "databaseActivityEventList": [{"a": 1}]},
-        {
-            "type": "DatabaseActivityMonitoringRecord",
-            "databaseActivityEventList": [{"type": "audit"}],
-        },
         {
             "type": "DatabaseActivityMonitoringRecord",
             "clusterId": 5,
@@ -215,11 +210,12 @@ def test_error_messages_never_contain_the_sql() -> None:
     secret = "select password from users where name='alice'"
     doc = {
         "type": "DatabaseActivityMonitoringRecord",
-        "databaseActivityEventList": [{"type": secret}],
+        "databaseActivityEventList": [{"type": "record"}, secret],
     }
     with pytest.raises(NormalizeError) as info:
         decode(seal(orjson.dumps(doc), KEY))
     assert "alice" not in str(info.value)
+    assert "event 1 is a JSON str" in str(info.value)
     raw = base64.b64encode(secret.encode())
     with pytest.raises(EnvelopeJsonError) as info2:
         decode(raw)

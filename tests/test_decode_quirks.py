@@ -13,7 +13,7 @@ from ingest.decode import decode_record
 from ingest.decode.esdk import EsdkDecryptor
 from ingest.decode.model import DecodedRecord
 from ingest.decode.normalize import sanitize_text, unescape_text
-from ingest.errors import EnvelopeJsonError
+from ingest.errors import EnvelopeJsonError, NormalizeError, ParseError
 from tests.sealing import seal
 
 DECRYPTOR = EsdkDecryptor()
@@ -185,3 +185,152 @@ def test_clean_text_is_untouched() -> None:
 def test_huge_command_text() -> None:
     text = "select '" + "x" * (1024 * 1024) + "'"
     assert one(commandText=text).command_text == text
+
+
+# -- events that are neither records nor heartbeats ---------------------------------------------
+
+
+def test_an_event_of_unknown_or_missing_type_is_kept_flagged_and_spares_the_others() -> None:
+    record = decode(
+        inner(
+            {"type": "record", "command": "A"},
+            {"type": "audit", "command": "B", "pid": 7},
+            {"command": "C", "logTime": "2020-05-22 18:07:13.267214+00"},
+            {"type": "heartbeat", "logTime": "2020-05-22 18:07:14+00"},
+            {"type": "Heartbeat", "command": "D"},  # not a heartbeat: types are exact
+            {"type": {"nested": "x\x00y"}, "command": "E"},
+            {"type": "record", "command": "F"},
+        )
+    )
+    assert [(e.event_index, e.command) for e in record.events] == [
+        (0, "A"),
+        (1, "B"),
+        (2, "C"),
+        (4, "D"),
+        (5, "E"),
+        (6, "F"),
+    ]
+    assert [h.event_index for h in record.heartbeats] == [3]
+    by_command = {e.command: e for e in record.events}
+    for clean in ("A", "F"):
+        assert by_command[clean].anomalies == ()
+        assert by_command[clean].extra == {}
+    assert by_command["B"].anomalies == ("type:unknown",)
+    assert by_command["B"].extra == {"type": "audit"}
+    assert by_command["B"].pid == 7  # the rest of the event is normalized as usual
+    assert by_command["C"].anomalies == ("type:missing",)
+    assert by_command["C"].extra == {}
+    assert by_command["C"].log_time == datetime(2020, 5, 22, 18, 7, 13, 267214, tzinfo=UTC)
+    assert by_command["D"].anomalies == ("type:unknown",)
+    assert by_command["D"].extra == {"type": "Heartbeat"}
+    assert by_command["E"].extra == {"type": {"nested": "x\\x00y"}}
+    assert set(by_command["E"].anomalies) == {"type:unknown", "extra.type.nested:nul"}
+
+
+def test_heartbeats_keep_their_anomaly_flags() -> None:
+    record = decode(
+        inner(
+            {"type": "heartbeat", "logTime": "yesterday", "note": "a\x00b"},
+            {"type": "heartbeat", "logTime": 17},
+            {"type": "heartbeat", "logTime": "2020-05-22 18:07:14+00"},
+        )
+    )
+    first, second, clean = record.heartbeats
+    assert first.log_time is None
+    assert first.fields == {
+        "logTime": "yesterday",
+        "note": "a\\x00b",
+        "_anomalies": ["logTime:time", "heartbeat.note:nul"],
+    }
+    assert second.fields == {"logTime": 17, "_anomalies": ["logTime:type"]}
+    assert clean.fields == {"logTime": "2020-05-22 18:07:14+00"}
+    assert record.events == []
+
+
+# -- numbers beyond 64 bits -----------------------------------------------------------------------
+
+
+def raw_inner(event_json: str) -> bytes:
+    """An inner document whose one event is given as JSON text (numbers orjson can't write)."""
+    return (
+        b'{"type":"DatabaseActivityMonitoringRecord","clusterId":"c","instanceId":"i",'
+        b'"databaseActivityEventList":[' + event_json.encode() + b"]}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "stored", "flagged"),
+    [
+        ("18446744073709551615", 2**64 - 1, False),  # uint64: orjson keeps it exactly
+        ("-9223372036854775808", -(2**63), False),
+        ("18446744073709551616", "18446744073709551616", True),  # orjson: a rounded float
+        ("-9223372036854775809", "-9223372036854775809", True),
+        ("123456789012345678901234567890", "123456789012345678901234567890", True),
+        ("9" * 5000, "9" * 5000, True),  # beyond Python's int(str) digit limit
+        ("1e400", "1e400", True),  # beyond a double: orjson refuses the document
+        ("-1.5e300", "-1.5e300", True),
+        ("1e19", "1e19", True),  # a float of integer size: kept as written
+        ("1.5", 1.5, False),
+    ],
+)
+def test_an_unknown_field_with_a_huge_number_keeps_it_exactly(
+    text: str, stored: object, flagged: bool
+) -> None:
+    record = decode(raw_inner('{"type":"record","command":"SELECT","big":' + text + "}"))
+    (event,) = record.events
+    assert event.extra == {"big": stored}
+    assert type(event.extra["big"]) is type(stored)  # a plain str, int or float
+    assert event.anomalies == (("extra.big:bignum",) if flagged else ())
+    assert event.command == "SELECT"
+
+
+def test_known_fields_with_huge_numbers_are_kept_exactly() -> None:
+    huge = "123456789012345678901234567890"
+    record = decode(
+        raw_inner(
+            f'{{"type":"record","sessionId":{huge},"pid":{huge},"logTime":{huge},'
+            f'"paramList":[{huge}, "x"],"exitCode":18446744073709551616,"rowCount":5}}'
+        )
+    )
+    (event,) = record.events
+    assert event.session_id == huge  # a text column: the number's exact text
+    assert event.exit_code == "18446744073709551616"
+    assert event.param_list == [huge, "x"]
+    assert event.pid is None  # not storable in their columns
+    assert event.log_time is None
+    assert event.extra == {"pid": huge, "logTime": huge}
+    assert set(event.anomalies) == {
+        "sessionId:bignum",
+        "exitCode:bignum",
+        "paramList:bignum",
+        "pid:range",
+        "extra.pid:bignum",
+        "logTime:type",
+        "extra.logTime:bignum",
+    }
+    assert event.row_count == 5
+
+
+def test_huge_numbers_in_heartbeats_and_record_fields_are_kept_exactly() -> None:
+    huge = "18446744073709551616"
+    record = decode(
+        b'{"type":"DatabaseActivityMonitoringRecord","clusterId":"c","instanceId":"i",'
+        b'"seq":' + huge.encode() + b',"databaseActivityEventList":['
+        b'{"type":"heartbeat","n":' + huge.encode() + b"}]}"
+    )
+    assert record.record_extra == {"seq": huge, "_anomalies": ["record.seq:bignum"]}
+    assert record.heartbeats[0].fields == {"n": huge, "_anomalies": ["heartbeat.n:bignum"]}
+
+
+def test_nan_and_infinity_are_still_not_json() -> None:
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(ParseError):
+            decode(raw_inner('{"type":"record","x":' + constant + "}"))
+
+
+def test_a_huge_cluster_id_number_is_still_refused() -> None:
+    with pytest.raises(NormalizeError, match="clusterId is a JSON number"):
+        decode(
+            b'{"type":"DatabaseActivityMonitoringRecord","clusterId":123456789012345678901234,'
+            b'"databaseActivityEventList":[]}'
+        )

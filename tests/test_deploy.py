@@ -5,19 +5,27 @@
   sense: every das-ingest command line there and in the Kubernetes Deployment parses with the
   real CLI parser (the image's entrypoint is ``das-ingest``, i.e. ``ingest.cli:main``).
 - No credentials anywhere but LocalStack's documented test values.
-- ``deploy/iam-policy.json`` is least privilege: exactly what the ingester calls, kms:Decrypt
-  bound to the encryption context, and an explicit Deny on starting or stopping the stream.
-- The Grafana dashboard queries only metrics and labels the ingester exports.
-- docs/operations.md documents every flag of every command and every DAS_* variable.
-- Against the local stack, the compose setup itself: roles from its init SQL, its migrate,
-  stream, ingester and status command lines, /healthz, /readyz and /metrics, the image's
-  HEALTHCHECK script, Grafana's SQL as the analyst, readiness while the warehouse is cut off,
-  and a graceful SIGTERM.
+- The AWS region: ``AWS_REGION``, then ``AWS_DEFAULT_REGION``, then the profile.
+- ``deploy/iam-policy.json`` is least privilege: exactly what the ingester calls (both ways,
+  derived from the source), one region, account and stream, kms:Decrypt bound to the encryption
+  context, and no policy in deploy/ that could start or stop the stream.
+- The Grafana dashboard queries only metrics and labels the ingester exports, and shows every
+  metric (or says why not).
+- docs/operations.md documents every flag of every command, every DAS_* variable, every
+  metric and label value; every command takes --log-level; a bad variable names itself.
+- Against the local stack, the compose setup itself: every das-ingest service run as its
+  container runs it (entry point, the image's and only the service's own environment; see
+  "The compose services as their containers run them"): roles from its init SQL, migrate, the
+  anchor key, the stream (and its retries), the emulator, two ingester replicas, status;
+  /healthz, /readyz and /metrics, the image's HEALTHCHECK script, Grafana's SQL as the analyst,
+  anchors that verify, a graceful SIGTERM; the LocalStack healthcheck's own command; readiness
+  while the warehouse is cut off.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import contextlib
 import fnmatch
@@ -46,12 +54,14 @@ from botocore import xform_name
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingest.aws import aws_client
 from ingest.cli import build_parser
 from ingest.devstack import HOST, LocalStack, free_port
 from ingest.emulate.producer import EmulateOptions, emulate
+from ingest.errors import ConfigError
 from ingest.metrics import Metrics
 from ingest.warehouse.migrate import migrate
-from tests.cli_helpers import das_ingest
+from tests.cli_helpers import Result, das_ingest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -76,8 +86,8 @@ IMAGE = "das-ingest:local"
 DEMO_STREAM = "aws-rds-das-cluster-demo"
 #: LocalStack's documented dummy credentials: the only credential values allowed anywhere.
 LOCALSTACK_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-#: What the status loop's shell runs: the service's `command` is das-ingest's argv.
-STATUS_LOOP = 'das-ingest "$$@"'
+#: What a service's shell loop (status, kinesis-stream) runs: its `command` is das-ingest's argv.
+SHELL_LOOP = 'das-ingest "$$@"'
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,17 +126,23 @@ def kubernetes_object(kind: str) -> dict[str, Any]:
 
 
 def das_ingest_services(services: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {name: s for name, s in services.items() if s.get("image") == IMAGE}
+    """The services of the das-ingest image that run das-ingest (the others run a script)."""
+    return {
+        name: s
+        for name, s in services.items()
+        if s.get("image") == IMAGE
+        and (s.get("entrypoint") is None or any(SHELL_LOOP in part for part in s["entrypoint"]))
+    }
 
 
 def das_ingest_argv(service: Mapping[str, Any]) -> list[str]:
     """The das-ingest arguments a compose service runs: its command, with the image's
-    entrypoint, or through the status loop that passes the command on as ``"$@"``."""
+    entrypoint, or through a shell loop that passes the command on as ``"$@"``."""
     command = service["command"]
     assert isinstance(command, list), "use the list form: no shell between Docker and das-ingest"
     entrypoint = service.get("entrypoint")
     if entrypoint is not None:
-        assert any(STATUS_LOOP in part for part in entrypoint), entrypoint
+        assert any(SHELL_LOOP in part for part in entrypoint), entrypoint
     return [str(part) for part in command]
 
 
@@ -211,6 +227,9 @@ def test_the_ingester_is_a_fleet_of_two_running_das_ingest_run(
     env = ingester["environment"]
     assert env["AWS_ENDPOINT_URL_KINESIS"] == "http://localstack:4566"
     assert env["AWS_ENDPOINT_URL_KMS"] == "http://localstack:4566"
+    # The fleet anchors its chain heads with the key the anchor-key one-shot makes.
+    assert env["DAS_ANCHOR_KEY_ID"] == "alias/das-anchor"
+    assert services["anchor-key"]["environment"]["DAS_ANCHOR_KEY_ID"] == env["DAS_ANCHOR_KEY_ID"]
 
 
 def test_start_order_migrate_and_stream_before_the_ingester(
@@ -222,9 +241,15 @@ def test_start_order_migrate_and_stream_before_the_ingester(
     assert depends("ingester") == {
         "migrate": "service_completed_successfully",
         "kinesis-stream": "service_completed_successfully",
+        "anchor-key": "service_completed_successfully",
     }
     assert depends("migrate") == {"postgres": "service_healthy"}
     assert depends("kinesis-stream") == {"localstack": "service_healthy"}
+    assert depends("anchor-key") == {"localstack": "service_healthy"}
+    for one_shot in ("migrate", "kinesis-stream", "anchor-key"):
+        assert services[one_shot]["restart"] == "no", one_shot
+    # LocalStack starts Kinesis and KMS at once rather than at their first request.
+    assert services["localstack"]["environment"]["EAGER_SERVICE_LOADING"] == "1"
     assert depends("emulator")["kinesis-stream"] == "service_completed_successfully"
     # pg_isready over TCP: the image's initdb phase listens on the Unix socket only.
     assert "-h" in services["postgres"]["healthcheck"]["test"]
@@ -253,6 +278,10 @@ def test_every_das_ingest_command_line_parses_with_the_real_cli(
 ) -> None:
     found = das_ingest_services(services)
     assert set(found) == {"migrate", "kinesis-stream", "emulator", "ingester", "status"}
+    # The one image service that runs something else: the demo's anchor key script.
+    assert set(das_ingest_services(services)) | {"anchor-key"} == {
+        name for name, service in services.items() if service.get("image") == IMAGE
+    }
     for name, service in found.items():
         args = parse(das_ingest_argv(service))
         assert service.get("build") == ".", name
@@ -305,6 +334,56 @@ def test_least_privilege_roles_in_the_compose_setup(services: dict[str, dict[str
     assert [d["user"] for d in warehouse] == ["analyst"]
     mount = "./deploy/compose/initdb.sql:/docker-entrypoint-initdb.d/"
     assert any(v.startswith(mount) for v in services["postgres"]["volumes"])
+
+
+# --------------------------------------------------------------------------------------------
+# The AWS region, as the deployments set it
+
+_REGION_SOURCES = (
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+@pytest.mark.parametrize(
+    ("env", "profile_region", "region"),
+    [
+        ({"AWS_REGION": "eu-west-1"}, None, "eu-west-1"),  # docker-compose.yml, Kubernetes
+        ({"AWS_DEFAULT_REGION": "eu-central-1"}, None, "eu-central-1"),
+        ({"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-central-1"}, None, "eu-west-1"),
+        ({"AWS_PROFILE": "audit"}, "ap-southeast-2", "ap-southeast-2"),
+        ({"AWS_PROFILE": "audit", "AWS_REGION": "eu-west-1"}, "ap-southeast-2", "eu-west-1"),
+        ({}, None, None),
+    ],
+)
+async def test_the_region_is_aws_region_then_aws_default_region_then_the_profile(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    env: dict[str, str],
+    profile_region: str | None,
+    region: str | None,
+) -> None:
+    """What every AWS client of das-ingest is created with (no request is made)."""
+    for name in _REGION_SOURCES:
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "config"
+    config.write_text(f"[profile audit]\nregion = {profile_region}\n" if profile_region else "")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for service in ("kinesis", "kms", "rds"):
+        if region is None:
+            with pytest.raises(ConfigError, match="set AWS_REGION"):
+                async with aws_client(service):
+                    pass
+        else:
+            async with aws_client(service) as client:
+                assert client.meta.region_name == region
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,6 +450,7 @@ def test_kubernetes_fleet() -> None:
     assert pod["terminationGracePeriodSeconds"] > args.shutdown_deadline
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["metrics"] == args.metrics_port
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["resources"]["requests"]["cpu"] == "2"
@@ -438,7 +518,6 @@ def test_iam_policy_is_least_privilege() -> None:
     )
     assert allowed == sorted(
         [
-            "kinesis:DescribeStream",
             "kinesis:DescribeStreamSummary",
             "kinesis:ListShards",
             "kinesis:GetShardIterator",
@@ -460,14 +539,116 @@ def test_iam_policy_is_least_privilege() -> None:
             assert "*" not in _listed(statement["Action"])
             for resource in _listed(statement["Resource"]):
                 assert resource.startswith("arn:aws:"), resource
-    (kinesis,) = _allows("kinesis:GetRecords")
-    assert kinesis["Resource"] == "arn:aws:kinesis:*:*:stream/aws-rds-das-*"
     (kms,) = _allows("kms:Decrypt")
     assert _listed(kms["Action"]) == ["kms:Decrypt"]
     assert kms["Resource"].startswith("arn:aws:kms:")
     assert ":key/" in kms["Resource"]
     context = kms["Condition"]["StringEquals"]["kms:EncryptionContext:aws:rds:dbc-id"]
     assert context.startswith("cluster-")
+    # One stream: the activity stream of the cluster whose data keys may be decrypted.
+    (kinesis,) = _allows("kinesis:GetRecords")
+    assert _arn(kinesis["Resource"]).resource == f"stream/aws-rds-das-{context}"
+
+
+@dataclass(frozen=True)
+class Arn:
+    service: str
+    region: str
+    account: str
+    resource: str
+
+
+def _arn(text: str) -> Arn:
+    partition, service, region, account, resource = text.split(":", 5)[1:]
+    assert partition == "aws", text
+    return Arn(service, region, account, resource)
+
+
+def test_iam_policy_names_one_region_and_account() -> None:
+    """Every resource the ingester may use is pinned to the documented example region and
+    account (docs/operations.md says what to replace), never a wildcard."""
+    resources = [
+        _arn(r) for s in _statements() if s["Effect"] == "Allow" for r in _listed(s["Resource"])
+    ]
+    assert {(a.region, a.account) for a in resources} == {("us-east-1", "111122223333")}
+    for arn in resources:
+        assert "*" not in arn.resource, arn
+    doc = OPERATIONS.read_text()
+    assert "`us-east-1`" in doc
+    assert "`111122223333`" in doc
+    # The Deployment runs in that region and anchors with the key the policy allows.
+    deployment = kubernetes_object("Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["AWS_REGION"] == "us-east-1"
+    (anchor,) = _allows("kms:GenerateMac")
+    assert env["DAS_ANCHOR_KEY_ID"] == anchor["Resource"]
+
+
+def aws_calls_of_the_ingester() -> set[str]:
+    """``service:Operation`` of every AWS client call in the ingester's code, found with the
+    syntax tree and botocore's models: an awaited call of a method named like an operation,
+    with keyword arguments only (botocore's client signature), each of them a member of that
+    operation's input, or ``**kwargs``. Wrappers that share an operation's name
+    (``KinesisReader.get_records(iterator, limit)``) take positional or snake_case arguments
+    and so do not count."""
+    session = botocore.session.get_session()
+    models = {service: session.get_service_model(service) for service in ("kinesis", "kms", "rds")}
+    by_method: dict[str, list[tuple[str, str, frozenset[str]]]] = {}
+    for service, model in models.items():
+        for name in model.operation_names:
+            shape = model.operation_model(name).input_shape
+            members = frozenset(shape.members) if shape is not None else frozenset()
+            by_method.setdefault(xform_name(name), []).append((service, name, members))
+    called: set[str] = set()
+    for path in sorted((ROOT / "ingest").rglob("*.py")):
+        if "emulate" in path.parts or path.name in ("devstack.py", "demo.py"):
+            continue
+        if path.parts[-2:] == ("integrity", "verify.py"):  # the auditor's, not the ingester's
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Await) and isinstance(node.value, ast.Call)):
+                continue
+            call = node.value
+            if not isinstance(call.func, ast.Attribute) or call.args:
+                continue
+            keywords = {k.arg for k in call.keywords}
+            for service, name, members in by_method.get(call.func.attr, []):
+                if keywords - {None} <= members and keywords:
+                    called.add(f"{service}:{name}")
+    return called
+
+
+def test_iam_policy_allows_nothing_the_ingester_does_not_call() -> None:
+    """The reverse of the test above: each allowed action is called somewhere in the code."""
+    called = aws_calls_of_the_ingester()
+    # The scan finds what is known to be there (and so can tell).
+    assert {"kinesis:GetRecords", "kms:Decrypt", "kms:GenerateMac", "rds:DescribeDBClusters"} <= (
+        called
+    )
+    assert "kinesis:DescribeStream" not in called
+    allowed = {a for s in _statements() if s["Effect"] == "Allow" for a in _listed(s["Action"])}
+    assert not allowed - called, f"allowed but never called: {sorted(allowed - called)}"
+
+
+def test_no_policy_in_deploy_grants_starting_or_stopping_the_activity_stream() -> None:
+    policies = [
+        (path, json.loads(path.read_text()))
+        for path in sorted(DEPLOY.rglob("*.json"))
+        if '"Statement"' in path.read_text()
+    ]
+    assert {path.name for path, _ in policies} >= {"iam-policy.json", "iam-policy-auditor.json"}
+    for path, policy in policies:
+        for statement in policy["Statement"]:
+            if statement["Effect"] != "Allow":
+                continue
+            # An Allow with NotAction grants everything it does not list.
+            assert "NotAction" not in statement, f"{path.name}: {statement}"
+            for pattern in _listed(statement["Action"]):
+                for action in ACTIVITY_STREAM_CONTROL:
+                    assert not fnmatch.fnmatchcase(action.lower(), pattern.lower()), (
+                        f"{path.name} grants {action} through {pattern}"
+                    )
 
 
 def test_iam_policy_covers_every_aws_call_of_the_ingester() -> None:
@@ -600,7 +781,77 @@ def test_dashboard_queries_only_what_the_ingester_exports() -> None:
         "das_queue_batches",
         "das_commit_seconds_bucket",
         "das_ready",
+        "das_chain_anchors_total",
     } <= used
+
+
+#: Metrics the dashboard deliberately leaves out, each with the reason. Empty today: every
+#: metric is on it. A new metric goes on the dashboard, or here with a reason.
+NOT_ON_THE_DASHBOARD: dict[str, str] = {}
+
+
+def metric_families() -> dict[str, str]:
+    """Each metric the ingester defines, by family name, with its type."""
+    metrics = Metrics()
+    return {
+        str(value._name): str(value._type)
+        for value in vars(metrics).values()
+        if isinstance(value, MetricWrapperBase)
+    }
+
+
+def test_every_metric_is_on_the_dashboard_or_left_out_for_a_reason() -> None:
+    exported = exported_metrics()
+    families = metric_families()
+    assert "das_chain_anchors" in families
+    used = {name for expr in prometheus_queries() for name in _METRIC.findall(expr)}
+    for family in families:
+        samples = {name for name in exported.names if name.startswith(family)}
+        shown = bool(samples & used)
+        if family in NOT_ON_THE_DASHBOARD:
+            assert not shown, f"{family} is on the dashboard: drop it from NOT_ON_THE_DASHBOARD"
+            assert NOT_ON_THE_DASHBOARD[family].strip(), f"{family}: say why it is left out"
+        else:
+            assert shown, f"{family} is neither on the dashboard nor in NOT_ON_THE_DASHBOARD"
+    assert set(NOT_ON_THE_DASHBOARD) <= set(families), "NOT_ON_THE_DASHBOARD names no metric"
+
+
+def _label_values(attribute: str) -> set[str]:
+    """Literal label values the code gives the metric ``metrics.<attribute>``: in
+    ``<...>.<attribute>.labels("value")`` and, for the retry targets, in the target argument of
+    the shard consumer's ``_transient(op, "value")``."""
+    values: set[str] = set()
+    for path in sorted((ROOT / "ingest").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            func = node.func
+            literal = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            if (
+                func.attr == "labels"
+                and isinstance(func.value, ast.Attribute)
+                and func.value.attr == attribute
+            ):
+                values |= {v for v in literal if isinstance(v, str)}
+            if attribute == "retries" and func.attr == "_transient" and len(node.args) == 2:
+                values |= {v for v in literal if isinstance(v, str)}
+    return values
+
+
+def test_operations_guide_documents_every_metric_and_label_value() -> None:
+    doc = OPERATIONS.read_text()
+    rows = {match[1]: match[0] for match in re.finditer(r"^\| `(das_[a-z_]+)`.*\|$", doc, re.M)}
+    for family, kind in metric_families().items():
+        name = family + ("_total" if kind == "counter" else "")
+        assert f"`{name}`" in doc, f"{name} is not in the metrics table of docs/operations.md"
+    targets = _label_values("retries")
+    assert {"anchor", "coordinator", "postgres"} <= targets
+    for value in targets:
+        assert f"`{value}`" in rows["das_transient_retries_total"], f"retry target {value}"
+    changes = _label_values("lease_changes")
+    assert {"taken", "stolen", "lost"} <= changes
+    for value in changes:
+        assert f"`{value}`" in rows["das_lease_changes_total"], f"lease change {value}"
 
 
 def test_dashboard_is_wired_to_the_provisioned_sources(services: dict[str, dict[str, Any]]) -> None:
@@ -668,6 +919,47 @@ def test_operations_guide_documents_every_flag_of_run_help() -> None:
         assert f"`{flag}" in section, f"das-ingest run: {flag} is not documented"
 
 
+def _leaf_commands() -> list[tuple[str, argparse.ArgumentParser]]:
+    return [
+        (command, parser)
+        for command, parser in _subcommands(build_parser(), "das-ingest")
+        if not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+    ]
+
+
+def test_every_command_takes_log_level() -> None:
+    """Every command logs through the JSON formatter at the level it is given."""
+    leaves = _leaf_commands()
+    assert {"das-ingest run", "das-ingest verify", "das-ingest dead-letters retry"} <= {
+        command for command, _ in leaves
+    }
+    for command, parser in leaves:
+        text = parser.format_help()
+        assert "--log-level {debug,info,warning,error}" in text, f"{command} has no --log-level"
+        assert "[DAS_LOG_LEVEL]" in text, command
+
+
+async def test_a_bad_variable_fails_only_its_command_and_names_the_variable() -> None:
+    env = {"DAS_PROCESSES": "abc", "DAS_LOG_LEVEL": "loud"}
+    result = await das_ingest("run", "--stream", "aws-rds-das-cluster-X", env=env, deadline=60)
+    assert result.returncode == 2
+    assert "argument --processes: invalid int value: 'abc' (from $DAS_PROCESSES)" in (result.stderr)
+    # Another command is not affected by DAS_PROCESSES, and checks DAS_LOG_LEVEL's choices
+    # as it would check --log-level's.
+    result = await das_ingest("status", env=env, deadline=60)
+    assert result.returncode == 2
+    assert "argument --log-level: invalid choice: 'loud' (from $DAS_LOG_LEVEL;" in result.stderr
+    assert "Traceback" not in result.stderr
+    for command in ("status", "run"):
+        helped = await das_ingest(command, "--help", env=env, deadline=60)
+        assert helped.returncode == 0, helped.stderr
+    # A flag overrides the variable, bad or not.
+    result = await das_ingest(
+        "run", "--processes", "x", "--stream", "s", env={"DAS_PROCESSES": "1"}, deadline=60
+    )
+    assert "argument --processes: invalid int value: 'x'\n" in result.stderr
+
+
 def test_operations_guide_documents_every_das_variable() -> None:
     doc = OPERATIONS.read_text()
     names: set[str] = set()
@@ -706,9 +998,14 @@ def test_healthcheck_finds_the_metrics_port() -> None:
 # Against the local stack
 
 
+#: How tests start das-ingest unless they run a container's command line (which starts with
+#: the image's entrypoint, ``das-ingest``).
+PYTHON_M_INGEST = (sys.executable, "-m", "ingest")
+
+
 @dataclass
 class Ingester:
-    """``python -m ingest run ...`` in the background, its stderr collected as it comes."""
+    """``das-ingest run ...`` in the background, its stderr collected as it comes."""
 
     process: asyncio.subprocess.Process
     port: int
@@ -717,13 +1014,17 @@ class Ingester:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def running(cls, argv: Sequence[str], env: Mapping[str, str]) -> AsyncIterator[Ingester]:
+    async def running(
+        cls,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        program: Sequence[str] = PYTHON_M_INGEST,
+    ) -> AsyncIterator[Ingester]:
         port = option(argv, "--metrics-port")
         assert port is not None
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ingest",
+            *program,
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
@@ -833,140 +1134,465 @@ def _dsn(base: str, *, user: str, database: str, port: int | None = None) -> str
     return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, parts.fragment))
 
 
+# --------------------------------------------------------------------------------------------
+# The compose services as their containers run them, on the local stack
+#
+# A service runs as Docker would run it: the image's ENTRYPOINT (or the service's `entrypoint`)
+# followed by its `command`, compose's `$$` turned into `$`, with the image's ENV and the
+# service's own `environment:` block and nothing else: none of this test's variables (its
+# AWS_DEFAULT_REGION, DAS_DSN, ...), LANG=C.UTF-8 and the system part of PATH as the python base
+# image sets them, and HOME an empty directory, as the image's /nonexistent is, so no ~/.aws or
+# ~/.pgpass of whoever runs the tests can help. What is substituted, and why:
+#
+# - hosts and ports of the compose network, which do not exist here: `localstack:4566` becomes
+#   kinesalite's URL in AWS_ENDPOINT_URL_KINESIS and moto's in AWS_ENDPOINT_URL_KMS (LocalStack
+#   serves both on one port, the local stack on two); `postgres:5432` in a DSN becomes a
+#   PostgreSQL cluster of this test's own, set up by the compose file's initdb.sql as the
+#   postgres image would; the metrics port (9108) a free port per replica, since both replicas
+#   share this host.
+# - paths inside the image: /opt/das-ingest/bin (das-ingest's virtualenv, first on PATH) becomes
+#   this checkout's virtualenv, /usr/share/das-ingest/migrations its migrations/ directory, and a
+#   service's read-only volume mounts their source files in the repository.
+#
+# Anything else that mentions `localstack` or `postgres:` fails the test instead of being
+# quietly replaced.
+
+LOCALSTACK_URL = "http://localstack:4566"
+COMPOSE_POSTGRES = "postgres:5432"
+#: A host of the compose network in a URL or DSN.
+COMPOSE_HOST = re.compile(r"(//|@)(localstack|postgres)[:/]")
+#: Where the image's paths are in this checkout.
+IMAGE_PATHS = {
+    "/opt/das-ingest/bin": str(Path(sys.executable).parent),
+    "/usr/share/das-ingest/migrations": str(ROOT / "migrations"),
+}
+#: The base image's PATH as far as the services need it (sh, sleep), before the image's ENV.
+BASE_PATH = "/usr/bin:/bin"
+
+
+def image_config() -> tuple[list[str], dict[str, str]]:
+    """The ENTRYPOINT and ENV of the Dockerfile's runtime stage, its paths substituted."""
+    text = DOCKERFILE.read_text()
+    runtime = text[text.rindex("\nFROM ") :]
+    found = re.search(r"^ENTRYPOINT (\[.*\])$", runtime, re.MULTILINE)
+    assert found is not None
+    entrypoint = [str(part) for part in json.loads(found[1])]
+    env: dict[str, str] = {}
+    for block in re.findall(r"^ENV ((?:.*\\\n)*.*)$", runtime, re.MULTILINE):
+        for pair in block.replace("\\\n", " ").split():
+            key, _, value = pair.partition("=")
+            env[key] = value.replace("$PATH", BASE_PATH)
+    for key, value in env.items():
+        for inside, here in IMAGE_PATHS.items():
+            value = value.replace(inside, here)
+        assert not re.search(r"/opt/das-ingest|/usr/share/das-ingest", value), value
+        env[key] = value
+    assert (Path(IMAGE_PATHS["/opt/das-ingest/bin"]) / "das-ingest").is_file()
+    return entrypoint, env
+
+
+def _unescape(text: str) -> str:
+    """Compose's interpolation: `$$` is a literal `$`; any other `$` would read the host's
+    environment, which these services must not depend on."""
+    assert "$" not in text.replace("$$", ""), f"compose would interpolate {text!r}"
+    return text.replace("$$", "$")
+
+
 @dataclass(frozen=True)
-class ComposeWarehouse:
-    """The compose file's warehouse, made by its own initdb.sql on the test cluster, under
-    unique names (roles are cluster-wide, and tests share the cluster)."""
+class ComposeNetwork:
+    """The compose network's hosts as this test reaches them."""
 
-    owner_dsn: str
-    ingester_dsn: str
-    analyst_dsn: str
-    ingest_role: str
-    analyst_role: str
+    kinesis_url: str
+    kms_url: str
+    postgres: str  # host:port
+
+    def value(self, key: str, value: str) -> str:
+        if key == "AWS_ENDPOINT_URL_KINESIS":
+            assert value == LOCALSTACK_URL, value
+            value = self.kinesis_url
+        elif key == "AWS_ENDPOINT_URL_KMS":
+            assert value == LOCALSTACK_URL, value
+            value = self.kms_url
+        value = value.replace(f"@{COMPOSE_POSTGRES}/", f"@{self.postgres}/")
+        assert not COMPOSE_HOST.search(value), f"{key}: {value}: a compose host left over"
+        return value
 
 
-NAMES_IN_INITDB = ("das_owner", "das_ingest", "das_analyst", "ingester", "analyst", "audit")
+@dataclass(frozen=True)
+class Container:
+    argv: list[str]
+    env: dict[str, str]
 
 
-@contextlib.asynccontextmanager
-async def compose_warehouse(stack: LocalStack) -> AsyncIterator[ComposeWarehouse]:
-    suffix = secrets.token_hex(4)
-    names = {name: f"{name}_{suffix}" for name in NAMES_IN_INITDB}
-    sql = re.sub(r"--[^\n]*", "", INITDB_SQL.read_text())
-    for name, unique in names.items():
-        sql = re.sub(rf"\b{name}\b", unique, sql)
-    statements = [s.strip() for s in sql.split(";") if s.strip()]
-    admin = await asyncpg.connect(stack.dsn)
+def container(
+    service: Mapping[str, Any],
+    network: ComposeNetwork,
+    home: Path,
+    *,
+    metrics_port: int | None = None,
+) -> Container:
+    """How Docker would start ``service``, as described at the top of this section."""
+    image_entrypoint, image_env = image_config()
+    entrypoint = service.get("entrypoint", image_entrypoint)
+    argv = [_unescape(str(part)) for part in [*entrypoint, *service.get("command", [])]]
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        assert source.startswith("./"), volume
+        argv = [str(ROOT / source) if part == target else part for part in argv]
+    argv = [part.replace(f"@{COMPOSE_POSTGRES}/", f"@{network.postgres}/") for part in argv]
+    if metrics_port is not None:
+        assert option(argv, "--metrics-port") is not None
+        argv = with_options(argv, {"--metrics-port": str(metrics_port)})
+    env = {"HOME": str(home), "LANG": "C.UTF-8", **image_env}
+    for key, value in (service.get("environment") or {}).items():
+        env[key] = network.value(key, _unescape(str(value)))
+    for part in argv:
+        assert not COMPOSE_HOST.search(part), f"{part}: a compose host left over"
+    return Container(argv, env)
+
+
+async def run_container(box: Container, deadline: float = 180) -> Result:
+    """Run a one-shot service to its end."""
+    process = await asyncio.create_subprocess_exec(
+        *box.argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=box.env,
+        start_new_session=True,
+    )
     try:
-        for statement in statements:  # one by one, as psql -f does (CREATE DATABASE)
-            await admin.execute(statement)
-        base = stack.dsn
-        yield ComposeWarehouse(
-            owner_dsn=_dsn(base, user=names["das_owner"], database=names["audit"]),
-            ingester_dsn=_dsn(base, user=names["ingester"], database=names["audit"]),
-            analyst_dsn=_dsn(base, user=names["analyst"], database=names["audit"]),
-            ingest_role=names["das_ingest"],
-            analyst_role=names["das_analyst"],
-        )
+        out, err = await asyncio.wait_for(process.communicate(), deadline)
+    except TimeoutError:
+        os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return Result(process.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+@dataclass
+class Background:
+    """A long-running service (the emulator, the status loop): output in files, stopped with
+    its whole process group (a shell loop's children included)."""
+
+    process: asyncio.subprocess.Process
+    stdout: Path
+    stderr: Path
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, box: Container, logs: Path) -> AsyncIterator[Background]:
+        stdout, stderr = logs.with_suffix(".out"), logs.with_suffix(".err")
+        with stdout.open("wb") as out, stderr.open("wb") as err:
+            process = await asyncio.create_subprocess_exec(
+                *box.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=box.env,
+                start_new_session=True,
+            )
+        try:
+            yield cls(process, stdout, stderr)
+        finally:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+
+    def output(self) -> str:
+        return self.stdout.read_text(errors="replace")
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace")[-4000:]
+
+    async def wait_output(self, pattern: str, deadline: float) -> re.Match[str]:
+        give_up = time.monotonic() + deadline
+        while (found := re.search(pattern, self.output())) is None:
+            if self.process.returncode is not None:
+                pytest.fail(f"exited {self.process.returncode}:\n{self.output()}\n{self.log()}")
+            if time.monotonic() > give_up:
+                pytest.fail(f"no {pattern!r} after {deadline} s:\n{self.output()}\n{self.log()}")
+            await asyncio.sleep(0.25)
+        return found
+
+
+@pytest.fixture
+def compose_postgres() -> Iterator[LocalStack]:
+    """A PostgreSQL cluster of this test's own: the compose file's initdb.sql creates roles,
+    which are cluster-wide, under the names other tests' migrations also create."""
+    with LocalStack(services={"postgres"}) as cluster:
+        yield cluster
+
+
+async def init_compose_postgres(cluster: LocalStack) -> str:
+    """Run initdb.sql as the postgres image does (as its superuser, statement by statement,
+    as psql -f does: CREATE DATABASE cannot run in a transaction); the cluster's host:port."""
+    sql = re.sub(r"--[^\n]*", "", INITDB_SQL.read_text())
+    admin = await asyncpg.connect(cluster.dsn)
+    try:
+        for statement in (s.strip() for s in sql.split(";")):
+            if statement:
+                await admin.execute(statement)
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{names["audit"]}" WITH (FORCE)')
-        for role in ("ingester", "analyst", "das_ingest", "das_analyst", "das_owner"):
-            await admin.execute(f"DROP ROLE IF EXISTS {names[role]}")
         await admin.close()
+    parts = urlsplit(cluster.dsn)
+    return f"{parts.hostname}:{parts.port}"
+
+
+def _dsn(base: str, *, user: str, database: str, port: int | None = None) -> str:
+    parts = urlsplit(base)
+    netloc = f"{user}@{parts.hostname}:{port or parts.port}"
+    return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, parts.fragment))
 
 
 async def test_the_compose_setup_end_to_end(
-    stack: LocalStack, aws_env: dict[str, str], services: dict[str, dict[str, Any]]
+    stack: LocalStack,
+    compose_postgres: LocalStack,
+    services: dict[str, dict[str, Any]],
+    tmp_path: Path,
 ) -> None:
-    """Each compose service's own command line, in the compose order, on the local stack."""
-    stream = f"aws-rds-das-cluster-{secrets.token_hex(4).upper()}"
-    async with compose_warehouse(stack) as warehouse:
-        # migrate, as the owner that is neither superuser nor CREATEROLE
-        migrate_argv = with_options(
-            das_ingest_argv(services["migrate"]),
-            {
-                "--dsn": warehouse.owner_dsn,
-                "--ingest-role": warehouse.ingest_role,
-                "--analyst-role": warehouse.analyst_role,
-            },
+    """Every das-ingest service of docker-compose.yml, in its start order, as its container
+    runs it (see above): the warehouse's roles, migrate, the anchor key, the stream, the
+    emulator's traffic, two ingester replicas sharing it and anchoring with the key, status as
+    the analyst; then the chains and anchors verify."""
+    home = tmp_path / "nonexistent"
+    network = ComposeNetwork(
+        kinesis_url=stack.kinesis_endpoint,
+        kms_url=stack.kms_endpoint,
+        postgres=await init_compose_postgres(compose_postgres),
+    )
+
+    def box(name: str, *, metrics_port: int | None = None) -> Container:
+        return container(services[name], network, home, metrics_port=metrics_port)
+
+    def failed(name: str, result: Result) -> str:
+        return f"{name} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+
+    migrated = await run_container(box("migrate"))
+    assert migrated.returncode == 0, failed("migrate", migrated)
+
+    made = await run_container(box("anchor-key"))
+    assert made.returncode == 0, failed("anchor-key", made)
+    again = await run_container(box("anchor-key"))  # idempotent: keeps the key
+    assert again.returncode == 0, failed("anchor-key", again)
+    key_id = again.stdout.split(" -> ")[1].split()[0]
+    assert f"alias/das-anchor -> {key_id} " in made.stdout
+    assert again.stdout.startswith("anchor-key: found alias/das-anchor")
+
+    created = await run_container(box("kinesis-stream"))
+    assert created.returncode == 0, failed("kinesis-stream", created)
+
+    ingester_env = box("ingester").env
+    shutdown_deadline = float(option(box("ingester").argv, "--shutdown-deadline") or 0)
+    assert shutdown_deadline > 0
+    replicas = int(services["ingester"]["deploy"]["replicas"])
+    assert replicas == 2
+    async with contextlib.AsyncExitStack() as running:
+        emulator = await running.enter_async_context(
+            Background.running(box("emulator"), tmp_path / "emulator")
         )
-        migrated = await das_ingest(*migrate_argv)
-        assert migrated.returncode == 0, migrated.stderr
-        # kinesis-stream: the one-shot that creates the stream (2 shards, no records)
-        created = await das_ingest(
-            *with_options(das_ingest_argv(services["kinesis-stream"]), {"--stream": stream})
-        )
-        assert created.returncode == 0, created.stderr
-        # the emulator's traffic, 20 events
-        report = await emulate(
-            EmulateOptions(
-                stream=stream, create_stream=True, shards=1, count=20, events_per_record=5
+        fleet = [
+            await running.enter_async_context(
+                Ingester.running(
+                    box("ingester", metrics_port=free_port()).argv, ingester_env, program=()
+                )
             )
+            for _ in range(replicas)
+        ]
+        http = await running.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         )
-        assert (report.shards, report.events) == (2, 20)
+        for ingester in fleet:
+            await ingester.wait_status(http, "/healthz", 200, deadline=60)
+            await ingester.wait_status(http, "/readyz", 200, deadline=60)
+        assert await run_healthcheck(fleet[0].process.pid) == 0
 
-        deadline = 5.0
-        argv = with_options(
-            das_ingest_argv(services["ingester"]),
-            {
-                "--stream": stream,
-                "--metrics-port": str(free_port()),
-                "--processes": "1",
-                "--lease-seconds": "3",
-                "--shutdown-deadline": str(deadline),
-            },
-        )
-        env = {**os.environ, "DAS_DSN": warehouse.ingester_dsn}
-        async with (
-            Ingester.running(argv, env) as ingester,
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
-        ):
-            await ingester.wait_status(http, "/healthz", 200)
-            await ingester.wait_status(http, "/readyz", 200)
-            assert await run_healthcheck(ingester.process.pid) == 0
-            await ingester.wait_metric(http, "das_events_ingested_total", 20)
-            await ingester.wait_metric(http, "das_leases_held", 2)
-            # KMS and queue gauges follow at the next coordinator cycle (lease-seconds / 3).
-            samples = await ingester.wait_samples(http, lambda m: m["das_kms_calls_total"] >= 1)
-            assert samples["das_ready"] == 1
-            assert not [name for name in samples if name.startswith("das_dead_letters_total")]
+        async def fleet_samples() -> list[dict[str, float]]:
+            return [await ingester.samples(http) for ingester in fleet]
 
-            # status, as the analyst login
-            status_argv = with_options(das_ingest_argv(services["status"]), {"--stream": stream})
-            status = await das_ingest(*status_argv, env={"DAS_DSN": warehouse.analyst_dsn})
-            assert status.returncode == 0, status.stderr
-            assert "events stored: 20" in status.stdout
+        # The emulator's traffic flows in, and the two replicas share the two shards.
+        give_up = time.monotonic() + 90
+        while True:
+            samples = await fleet_samples()
+            events = sum(s.get("das_events_ingested_total", 0) for s in samples)
+            held = [s.get("das_leases_held", 0) for s in samples]
+            if events >= 100 and held == [1, 1]:
+                break
+            assert emulator.process.returncode is None, emulator.log()
+            assert time.monotonic() < give_up, (
+                f"{events} events, leases {held}\n{emulator.log()}\n"
+                + "\n".join(i.log() for i in fleet)
+            )
+            await asyncio.sleep(0.5)
+        for sample in samples:
+            assert not [name for name in sample if name.startswith("das_dead_letters_total")]
 
-            # Grafana's SQL panels, as the analyst login
-            analyst = await asyncpg.connect(warehouse.analyst_dsn)
-            try:
-                results = [await analyst.fetch(sql) for sql in sql_queries()]
-                with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                    await analyst.execute("DELETE FROM das.activity_events")
-            finally:
-                await analyst.close()
-            assert sum(row["events"] for row in results[0]) == 20
-
+        emulator.process.send_signal(signal.SIGTERM)  # as `docker compose stop` does
+        await asyncio.wait_for(emulator.process.wait(), 30)
+        # A graceful stop drains, releases the leases and anchors the heads it held.
+        for ingester in fleet:
             began = time.monotonic()
-            assert await ingester.terminate(deadline + 10) == 0, ingester.log()
-            assert time.monotonic() - began < deadline + 5
+            assert await ingester.terminate(shutdown_deadline + 10) == 0, ingester.log()
+            assert time.monotonic() - began < shutdown_deadline + 5
             assert "Traceback" not in ingester.log()
             assert any('"worker stopped"' in line for line in ingester.stderr)
+            assert any('"anchored chain heads"' in line for line in ingester.stderr), ingester.log()
+
+    # status, as the analyst login, through its shell loop
+    async with Background.running(box("status"), tmp_path / "status") as status:
+        shown = int((await status.wait_output(r"events stored: (\d+)", deadline=60))[1])
+    analyst_dsn = box("status").env["DAS_DSN"]
+    analyst = await asyncpg.connect(analyst_dsn)
+    try:
+        assert shown == await analyst.fetchval("SELECT count(*) FROM das.activity_events")
+        assert shown >= 100
+        anchors = await analyst.fetch(
+            "SELECT DISTINCT shard_id, key_id FROM das.chain_anchors WHERE stream_name = $1",
+            DEMO_STREAM,
+        )
+        chained = await analyst.fetch(
+            "SELECT DISTINCT shard_id FROM das.chain_links WHERE stream_name = $1", DEMO_STREAM
+        )
+        # Grafana's SQL panels, as the analyst login
+        results = [await analyst.fetch(sql) for sql in sql_queries()]
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await analyst.execute("DELETE FROM das.activity_events")
+    finally:
+        await analyst.close()
+    assert sum(row["events"] for row in results[0]) == shown
+    assert {row["key_id"] for row in anchors} == {"alias/das-anchor"}
+    assert {row["shard_id"] for row in anchors} == {row["shard_id"] for row in chained}
+    assert len(chained) == 2
+
+    # The anchors check out: an auditor's verify, with the analyst login and the same AWS setup.
+    image_entrypoint, _ = image_config()
+    verify = Container(
+        [*image_entrypoint, "verify", "--stream", DEMO_STREAM, "--json"], box("status").env
+    )
+    verified = await run_container(verify)
+    assert verified.returncode == 0, failed("verify", verified)
+    report = json.loads(verified.stdout)
+    assert report["clean"] is True
+    assert report["anchors_checked"] >= 2
+    assert report["unanchored_tail"] == []
+    assert report["events"] == shown
+
+
+async def test_the_stream_one_shot_retries_until_kinesis_answers(
+    stack: LocalStack,
+    aws_env: dict[str, str],
+    services: dict[str, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """LocalStack can report healthy before Kinesis serves (or restart): kinesis-stream then
+    tries again until the stream is ACTIVE. Here Kinesis is a port nobody listens on until the
+    first attempt has failed; then a proxy to kinesalite opens there."""
+    port = free_port()
+    network = ComposeNetwork(f"http://{HOST}:{port}", stack.kms_endpoint, "unused:1")
+    box = container(services["kinesis-stream"], network, tmp_path / "nonexistent")
+    stream = f"aws-rds-das-cluster-{secrets.token_hex(4).upper()}"
+    box = Container(with_options(box.argv, {"--stream": stream}), box.env)
+    kinesalite = urlsplit(stack.kinesis_endpoint).port
+    assert kinesalite is not None
+    async with Background.running(box, tmp_path / "kinesis-stream") as one_shot:
+        give_up = time.monotonic() + 60
+        while "attempt 1 failed; retrying" not in one_shot.log():
+            assert one_shot.process.returncode is None, one_shot.log()
+            assert time.monotonic() < give_up, one_shot.log()
+            await asyncio.sleep(0.1)
+        async with CuttableProxy(kinesalite, port=port):
+            assert await asyncio.wait_for(one_shot.process.wait(), 120) == 0, one_shot.log()
+    async with aws_client("kinesis") as kinesis:  # the stack's own endpoint
+        summary = (await kinesis.describe_stream_summary(StreamName=stream))[
+            "StreamDescriptionSummary"
+        ]
+    assert (summary["StreamStatus"], summary["OpenShardCount"]) == ("ACTIVE", 2)
+
+
+async def test_the_stream_one_shot_does_not_retry_a_configuration_error(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Exit 2 (here: no region at all) is not LocalStack being slow: no retry, exit 2 at once."""
+    network = ComposeNetwork(f"http://{HOST}:{free_port()}", f"http://{HOST}:1", "unused:1")
+    box = container(services["kinesis-stream"], network, tmp_path / "nonexistent")
+    env = {k: v for k, v in box.env.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    result = await run_container(Container(box.argv, env), deadline=60)
+    assert result.returncode == 2, result.stderr
+    assert "no AWS region configured" in result.stderr
+    assert "retrying" not in result.stderr
+
+
+def localstack_healthcheck(services: Mapping[str, dict[str, Any]]) -> list[str]:
+    test = services["localstack"]["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    return [str(part) for part in test[1:]]
+
+
+@pytest.mark.parametrize(
+    ("states", "healthy"),
+    [
+        ({"kinesis": "running", "kms": "running"}, True),
+        ({"kinesis": "available", "kms": "running"}, True),
+        ({"kinesis": "starting", "kms": "running"}, False),
+        ({"kinesis": "running", "kms": "error"}, False),
+        ({"kinesis": "running"}, False),
+        (None, False),  # the endpoint answers 503
+    ],
+)
+async def test_the_localstack_healthcheck_waits_for_kinesis_and_kms(
+    services: dict[str, dict[str, Any]], states: dict[str, str] | None, healthy: bool
+) -> None:
+    """The compose healthcheck's own command, run against a stand-in for LocalStack's health
+    endpoint (its documented JSON: {"services": {name: state}}): only its URL's host and port
+    are substituted."""
+    from aiohttp import web
+
+    async def health(request: web.Request) -> web.Response:
+        if states is None:
+            return web.Response(status=503)
+        return web.json_response({"services": {"s3": "running", **states}, "version": "3.8.1"})
+
+    app = web.Application()
+    app.router.add_get("/_localstack/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, HOST, port)
+    await site.start()
+    try:
+        argv = [
+            part.replace("http://localhost:4566/", f"http://{HOST}:{port}/")
+            for part in localstack_healthcheck(services)
+        ]
+        assert argv[0] == "python3"
+        assert any(f"{HOST}:{port}" in part for part in argv)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *argv[1:],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        await runner.cleanup()
+    assert (process.returncode == 0) == healthy, out.decode()
 
 
 class CuttableProxy:
     """A TCP proxy in front of PostgreSQL that can cut every connection and refuse new ones:
     the warehouse becoming unreachable, as a worker sees it."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, port: int = 0) -> None:
         self._target = target_port
         self._cut = False
         self._transports: set[asyncio.WriteTransport] = set()
         self._server: asyncio.Server | None = None
-        self.port = 0
+        self.port = port
 
     async def __aenter__(self) -> CuttableProxy:
-        self._server = await asyncio.start_server(self._accept, HOST, 0)
+        self._server = await asyncio.start_server(self._accept, HOST, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -313,8 +313,22 @@ def hand_written_cases(s: Setup) -> list[Case]:
     )
 
     def out_of_range(rows: list[asyncpg.Record]) -> None:
-        anomalies_include("pid:range")(rows)
+        anomalies_include("pid:range", "extra.pid:bignum")(rows)
         assert rows[0]["pid"] is None
+        # The exact number (orjson alone would have rounded it to 1.2345678901234568e+29).
+        assert orjson.loads(rows[0]["extra"]) == {"pid": "123456789012345678901234567890"}
+
+    def infinite(rows: list[asyncpg.Record]) -> None:
+        anomalies_include("pid:range", "extra.pid:bignum")(rows)
+        assert orjson.loads(rows[0]["extra"]) == {"pid": "1e400"}
+
+    def untyped(flag: str, extra: dict[str, Any]) -> Check:
+        def check(rows: list[asyncpg.Record]) -> None:
+            assert len(rows) == 1
+            assert list(rows[0]["anomalies"]) == [flag]
+            assert orjson.loads(rows[0]["extra"]) == extra
+
+        return check
 
     return [
         # The outer document (no cryptography needed to reach it).
@@ -371,18 +385,31 @@ def hand_written_cases(s: Setup) -> list[Case]:
             "normalize",
         ),
         Case("event is a string", sealed(inner(["select 1"]), key), "normalize"),
-        Case("unknown event type", sealed(inner([{"type": "surprise"}]), key), "normalize"),
-        Case("event of no type", sealed(inner([{"commandText": "x"}]), key), "normalize"),
         Case("clusterId is a number", sealed(inner([], clusterId=7), key), "normalize"),
         Case(
             "nested too deep in an event",
             sealed(inner([event("x", deep=nested)]), key),
             "normalize",
         ),
-        Case(
-            "infinite number", sealed(inner([event("x")]).replace(b"4242", b"1e400"), key), "parse"
-        ),
         # Stored safely.
+        Case(
+            "unknown event type",
+            sealed(inner([{"type": "surprise"}]), key),
+            None,
+            untyped("type:unknown", {"type": "surprise"}),
+        ),
+        Case(
+            "event of no type",
+            sealed(inner([{"commandText": "x"}]), key),
+            None,
+            untyped("type:missing", {}),
+        ),
+        Case(
+            "infinite number",
+            sealed(inner([event("x")]).replace(b"4242", b"1e400"), key),
+            None,
+            infinite,
+        ),
         Case("integer beyond 64 bits", sealed(big_int, key), None, out_of_range),
         Case("nul bytes", sealed(inner([event("select '\0\0' -- nul")]), key), None, nul),
         Case("invalid utf-8", sealed(invalid_utf8, key), None, utf8),
@@ -444,6 +471,36 @@ async def test_every_hostile_record_is_dead_lettered_or_stored_and_the_shard_goe
     logged = {e["sequence"]: e["stage"] for e in worker.logged("record dead-lettered")}
     assert logged == {seq: stage for seq, (stage, _) in got.dead.items()}
     log.warning("hostile records tried: %d hand-written", len(cases))
+
+
+async def test_a_partition_key_postgresql_cannot_store_does_not_stall_the_shard(
+    fleet: Fleet, pg_dsn: str, setup: Setup
+) -> None:
+    """A poison record whose partition key holds a NUL (Kinesis keys are any Unicode) is
+    dead-lettered with the key escaped; the record after it is stored."""
+    await migrated(pg_dsn)
+
+    def put() -> list[str]:
+        return [
+            setup.kinesis.put_record(StreamName=setup.stream, Data=data, PartitionKey=key)[
+                "SequenceNumber"
+            ]
+            for data, key in ((b"not a record", "db-1\x00evil"), (sentinel(setup, 0), "db-1"))
+        ]
+
+    poison, after = await asyncio.to_thread(put)
+    await ingest_all(fleet, setup, pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        letters = await conn.fetch(
+            "SELECT sequence_number::text AS seq, partition_key, stage, error FROM das.dead_letters"
+        )
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in letters] == [(poison, "db-1\\x00evil", "json", letters[0]["error"])]
+    assert letters[0]["error"].endswith("(partition key stored escaped: nul)")
+    got = await outcome(pg_dsn)
+    assert [r["command_text"] for r in got.events[after]] == ["select 'sentinel 0'"]
 
 
 # -- memory stays bounded -----------------------------------------------------------------------
@@ -628,7 +685,7 @@ def predict(raw: bytes, key: DataKey) -> tuple[str | None, int]:
 
 def decoded_alone(raw: bytes, data_key: bytes) -> tuple[str | None, int]:
     """(stage or None, events) of decoding this one record in a batch of its own."""
-    out = decode_batch(BatchInput("s", [(0, "1", raw, data_key)], DecoderConfig()))
+    out = decode_batch(BatchInput("s", [(0, "1", raw, data_key)], DecoderConfig(), stream_name="s"))
     if out.failures:
         return out.failures[0].stage, 0
     return None, out.event_count
@@ -728,7 +785,7 @@ def test_decode_batch_never_raises_and_fails_exactly_the_hostile_records(
                 want_events += events
             else:
                 want_failed.add(index)
-    out = decode_batch(BatchInput("shardId-000000000000", batch, DecoderConfig()))
+    out = decode_batch(BatchInput("shardId-000000000000", batch, DecoderConfig(), stream_name="s"))
     assert {f.index for f in out.failures} == want_failed
     assert all(f.stage in STAGES and not f.retriable for f in out.failures)
     assert out.event_count == want_events

@@ -4,12 +4,15 @@ every kind of tampering by a superuser is detected and reported precisely."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import os
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -17,21 +20,38 @@ import boto3
 import pytest
 
 from ingest.aws import aws_client
+from ingest.decode.batch import BatchInput, decode_batch
 from ingest.devstack import LocalStack
+from ingest.emulate.traffic import EventKey, format_datetime
+from ingest.integrity.anchor import AnchorKey, anchor_heads, read_exported_anchors
 from ingest.integrity.canonical import (
     EVENT_COLUMNS,
+    EVENT_COLUMNS_V1,
     ZERO_HASH,
     DayDigests,
+    LinkFields,
     event_day,
     event_digest,
     link_hash,
 )
 from ingest.integrity.verify import Report, stored_values, verify_warehouse
+from ingest.warehouse.leases import LeaseStore, ShardInfo
 from ingest.warehouse.retention import apply_retention
+from ingest.warehouse.sink import CopyUnit, LeaseToken, Sink
 from tests.cli_helpers import das_ingest
-from tests.fleet import Fleet, committed_events, migrated, options, produce, wait_until
-from tests.sealing import outer_record, seal_payload
-from tests.warehouse_helpers import inner
+from tests.fleet import (
+    Fleet,
+    assert_exactly_once,
+    committed_events,
+    expected,
+    migrated,
+    new_stream,
+    options,
+    produce,
+    wait_until,
+)
+from tests.sealing import outer_record, seal, seal_payload
+from tests.warehouse_helpers import ESDK, KEY, STREAM, inner, migrated_pool
 
 EVENT_DAY = date(2024, 3, 1)  # the emulator's traffic starts on this day
 
@@ -42,12 +62,26 @@ class Warehouse:
     stream: str
     key_id: str
     events: int
+    #: the shards the SIGKILLed worker held when it died (taken over by the survivor)
+    victim_shards: set[str]
+    #: anchors the workers made while running (periodic anchoring), per shard
+    anchored_while_running: dict[str, int]
+    #: verify's unanchored tail right after the graceful stop, and after the re-drive
+    tail_after_shutdown: list[dict[str, Any]]
+    tail_after_redrive: list[dict[str, Any]]
+    #: `das-ingest anchor --export` of every anchor, taken at the end
+    anchors_file: Path
+    #: the sequence number of a record that stays dead-lettered (not JSON)
+    poison_sequence: str
 
 
 @pytest.fixture(scope="module")
-async def warehouse(stack: LocalStack) -> AsyncIterator[Warehouse]:
-    """A stream ingested by two workers, one SIGKILLed mid-way, with a dead letter re-driven;
-    chain heads anchored with a KMS HMAC key. Built once: the tampering tests roll back."""
+async def warehouse(
+    stack: LocalStack, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Warehouse]:
+    """A stream ingested by two workers, one SIGKILLed mid-way while holding a lease, with a
+    dead letter re-driven and one kept; chain heads anchored by the workers (periodically and
+    at their graceful stop) with a KMS HMAC key. Built once: the tampering tests roll back."""
     saved = dict(os.environ)
     os.environ.update(stack.env())
     fleet = Fleet()
@@ -58,7 +92,7 @@ async def warehouse(stack: LocalStack) -> AsyncIterator[Warehouse]:
     assert stack.postgres is not None
     pg_dsn = stack.postgres.dsn_for(name)
     try:
-        yield await _build(pg_dsn, stack, fleet)
+        yield await _build(pg_dsn, stack, fleet, tmp_path_factory.mktemp("anchors"))
     finally:
         await fleet.close()
         admin = await asyncpg.connect(stack.dsn)
@@ -68,7 +102,7 @@ async def warehouse(stack: LocalStack) -> AsyncIterator[Warehouse]:
         os.environ.update(saved)
 
 
-async def _build(pg_dsn: str, stack: LocalStack, fleet: Fleet) -> Warehouse:
+async def _build(pg_dsn: str, stack: LocalStack, fleet: Fleet, tmp: Path) -> Warehouse:
     await migrated(pg_dsn)
     conn = await asyncpg.connect(pg_dsn)
     try:  # a day partition, so that dropping one can be tried
@@ -101,9 +135,10 @@ async def _build(pg_dsn: str, stack: LocalStack, fleet: Fleet) -> Warehouse:
         ),
         other["CiphertextBlob"],
     )
-    boto3.client("kinesis", endpoint_url=stack.kinesis_endpoint).put_record(
-        StreamName=stream, Data=stray, PartitionKey="stray"
-    )
+    kinesis = boto3.client("kinesis", endpoint_url=stack.kinesis_endpoint)
+    kinesis.put_record(StreamName=stream, Data=stray, PartitionKey="stray")
+    # And one that is not a DAS record at all: dead-lettered for good.
+    poison = kinesis.put_record(StreamName=stream, Data=b"not a record", PartitionKey="poison")
     # Small batches: many links per chain, and a kill that lands between them.
     flags = (
         "--processes",
@@ -122,26 +157,89 @@ async def _build(pg_dsn: str, stack: LocalStack, fleet: Fleet) -> Warehouse:
     )
     producing = asyncio.ensure_future(produce(more))
     await wait_until(lambda: _at_least(pg_dsn, 900), deadline=90)
+    await wait_until(lambda: _holds_lease(pg_dsn, "victim"), deadline=30)
+    victim_shards = await _leases_of(pg_dsn, "victim")
     victim.kill()
     await victim.wait(30)
     await producing
     await wait_until(lambda: _at_least(pg_dsn, 2600), deadline=120)
-    await wait_until(lambda: _dead_letters(pg_dsn, 1), deadline=60)
+    await wait_until(lambda: _dead_letters(pg_dsn, 2), deadline=60)
+    # Periodic anchoring: the running workers anchored both chains (nobody ran `anchor`).
+    await wait_until(lambda: _anchored_shards(pg_dsn, 2), deadline=30)
+    anchored_while_running = await _anchors_per_shard(pg_dsn)
     survivor.terminate()
     assert await survivor.wait(60) == 0
+    taken = {entry["shard"] for entry in survivor.logged("consuming shard")}
+    assert victim_shards <= taken, (victim_shards, taken)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        tail_after_shutdown = (await verify_in(conn)).unanchored
+        stray_id = await conn.fetchval("SELECT id FROM das.dead_letters WHERE stage = 'kms'")
+    finally:
+        await conn.close()
     retry = await das_ingest(
         "dead-letters",
         "retry",
-        "--all",
+        "--id",
+        str(stray_id),
         "--resource-id",
         "cluster-ELSEWHERE",
         env={"DAS_DSN": pg_dsn},
     )
     assert retry.returncode == 0, retry.stderr
     assert "1 re-driven (1 events)" in retry.stdout
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        tail_after_redrive = (await verify_in(conn)).unanchored
+    finally:
+        await conn.close()
     anchored = await das_ingest("anchor", "--key-id", key_id, env={"DAS_DSN": pg_dsn})
     assert anchored.returncode == 0, anchored.stderr
-    return Warehouse(pg_dsn, stream, key_id, 2601)
+    anchors_file = tmp / "anchors.jsonl"
+    exported = await das_ingest("anchor", "--export", str(anchors_file), env={"DAS_DSN": pg_dsn})
+    assert exported.returncode == 0, exported.stderr
+    return Warehouse(
+        pg_dsn,
+        stream,
+        key_id,
+        2601,
+        victim_shards,
+        anchored_while_running,
+        tail_after_shutdown,
+        tail_after_redrive,
+        anchors_file,
+        poison["SequenceNumber"],
+    )
+
+
+async def _holds_lease(dsn: str, owner: str) -> bool:
+    return bool(await _leases_of(dsn, owner))
+
+
+async def _leases_of(dsn: str, owner: str) -> set[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT shard_id FROM das.leases WHERE owner = $1 AND expires_at > now()", owner
+        )
+        return {r["shard_id"] for r in rows}
+    finally:
+        await conn.close()
+
+
+async def _anchors_per_shard(dsn: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT shard_id, count(*) AS n FROM das.chain_anchors GROUP BY shard_id"
+        )
+        return {r["shard_id"]: r["n"] for r in rows}
+    finally:
+        await conn.close()
+
+
+async def _anchored_shards(dsn: str, n: int) -> bool:
+    return len(await _anchors_per_shard(dsn)) >= n
 
 
 async def _dead_letters(dsn: str, n: int) -> bool:
@@ -156,9 +254,33 @@ async def _at_least(dsn: str, n: int) -> bool:
     return await committed_events(dsn) >= n
 
 
-async def verify_in(conn: asyncpg.Connection) -> Report:
+async def verify_in(conn: asyncpg.Connection, **options: Any) -> Report:
     async with aws_client("kms") as kms:
-        return await verify_warehouse(conn, kms=kms)
+        return await verify_warehouse(conn, kms=kms, **options)
+
+
+@contextlib.asynccontextmanager
+async def rolled_back_in(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A transaction on ``conn`` that is rolled back afterwards."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield
+    finally:
+        await transaction.rollback()
+
+
+@contextlib.asynccontextmanager
+async def rolled_back(w: Warehouse) -> AsyncIterator[asyncpg.Connection]:
+    """A superuser connection in a transaction that is rolled back afterwards."""
+    conn = await asyncpg.connect(w.dsn)
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield conn
+    finally:
+        await transaction.rollback()
+        await conn.close()
 
 
 def kinds(report: Report) -> list[str]:
@@ -196,6 +318,80 @@ async def test_a_clean_warehouse_verifies_clean(warehouse: Warehouse) -> None:
     human = await das_ingest("verify", env={"DAS_DSN": warehouse.dsn})
     assert human.returncode == 0
     assert "no findings" in human.stdout
+    assert "rebuild-statements" not in human.stdout
+    # The strictest verify: the key pinned, the exported anchors compared, a short tail limit.
+    strict = await das_ingest(
+        "verify",
+        "--json",
+        "--anchor-key-id",
+        warehouse.key_id,
+        "--anchors",
+        str(warehouse.anchors_file),
+        "--max-unanchored-seconds",
+        "5",
+        env={"DAS_DSN": warehouse.dsn},
+    )
+    assert strict.returncode == 0, strict.stdout + strict.stderr
+    assert json.loads(strict.stdout)["anchor_key"].endswith(warehouse.key_id)
+
+
+async def test_everything_is_chained_with_its_stream_and_dead_letters(warehouse: Warehouse) -> None:
+    conn = await asyncpg.connect(warehouse.dsn)
+    try:
+        streams = await conn.fetch("SELECT DISTINCT stream_name FROM das.activity_events")
+        assert [r["stream_name"] for r in streams] == [warehouse.stream]
+        assert {r["version"] for r in await conn.fetch("SELECT version FROM das.chain_links")} == {
+            2
+        }
+        letters = await conn.fetch(
+            "SELECT kind, e->>'sequence_number' AS seq, e->>'sha256' AS sha256 "
+            "FROM das.chain_links, jsonb_array_elements(dead_letters) e"
+        )
+        kept = await conn.fetchrow("SELECT sequence_number::text AS seq, raw FROM das.dead_letters")
+    finally:
+        await conn.close()
+    # The batch links list both records that were dead-lettered; the re-drive names the one
+    # it stored; the other is still kept, with the bytes the link recorded.
+    batch = {r["seq"]: r["sha256"] for r in letters if r["kind"] == "batch"}
+    redrive = {r["seq"]: r["sha256"] for r in letters if r["kind"] == "redrive"}
+    assert len(batch) == 2
+    assert len(redrive) == 1
+    assert redrive.items() <= batch.items()
+    assert kept["seq"] == warehouse.poison_sequence
+    assert batch[kept["seq"]] == hashlib.sha256(bytes(kept["raw"])).hexdigest()
+
+
+async def test_workers_anchor_periodically_and_at_a_graceful_stop(warehouse: Warehouse) -> None:
+    # While they ran (before any `das-ingest anchor`), every chain had anchors...
+    assert len(warehouse.anchored_while_running) == 2
+    assert all(n >= 1 for n in warehouse.anchored_while_running.values())
+    # ... and the graceful stop anchored each head: nothing was left unanchored.
+    assert warehouse.tail_after_shutdown == []
+
+
+async def test_the_killed_worker_held_a_lease_that_was_taken_over(warehouse: Warehouse) -> None:
+    assert warehouse.victim_shards  # the fixture also checked the survivor consumed them
+    assert warehouse.victim_shards <= {"shardId-000000000000", "shardId-000000000001"}
+
+
+async def test_an_unanchored_tail_is_reported(warehouse: Warehouse) -> None:
+    # The re-drive (after the workers stopped) extended one chain past its anchored head.
+    assert len(warehouse.tail_after_redrive) == 1
+    tail = warehouse.tail_after_redrive[0]
+    assert tail["links"] == 1
+    assert tail["first_link"] == tail["last_link"]
+    conn = await asyncpg.connect(warehouse.dsn)
+    try:
+        kind = await conn.fetchval(
+            "SELECT kind FROM das.chain_links WHERE stream_name = $1 AND shard_id = $2 "
+            "AND link_no = $3",
+            tail["stream"],
+            tail["shard"],
+            tail["first_link"],
+        )
+    finally:
+        await conn.close()
+    assert kind == "redrive"
 
 
 async def target(conn: asyncpg.Connection) -> Any:
@@ -255,9 +451,10 @@ async def test_a_forged_row_is_reported_as_inserted(warehouse: Warehouse) -> Non
     report, conn = await tampered(
         warehouse,
         f"""INSERT INTO das.activity_events (log_time, cluster_id, instance_id, record_version,
-            shard_id, sequence_number, event_index, command, command_text, db_user_name)
-            SELECT log_time, cluster_id, instance_id, record_version, shard_id, sequence_number,
-                   event_index + 1000, 'SELECT', 'select forged', 'alice'
+            stream_name, shard_id, sequence_number, event_index, command, command_text,
+            db_user_name)
+            SELECT log_time, cluster_id, instance_id, record_version, stream_name, shard_id,
+                   sequence_number, event_index + 1000, 'SELECT', 'select forged', 'alice'
             FROM das.activity_events WHERE {where(row)}""",
     )
     await conn.close()
@@ -325,8 +522,15 @@ async def test_truncated_newest_links_are_reported(warehouse: Warehouse) -> None
         "SELECT max(link_no) AS n FROM das.chain_links WHERE shard_id = $1 AND kind = 'batch'",
         shard,
     )
-    await conn.close()
     keep_to = head["n"] - 2
+    # A re-drive among the removed links leaves its dead-lettered record unaccounted for.
+    redrive_removed = await conn.fetchval(
+        "SELECT count(*) FROM das.chain_links WHERE shard_id = $1 AND link_no > $2 "
+        "AND kind = 'redrive'",
+        shard,
+        keep_to,
+    )
+    await conn.close()
     report, conn = await tampered(
         warehouse,
         f"""DELETE FROM das.activity_events e USING das.chain_links l
@@ -335,47 +539,44 @@ async def test_truncated_newest_links_are_reported(warehouse: Warehouse) -> None
         f"DELETE FROM das.chain_links WHERE shard_id = '{shard}' AND link_no > {keep_to}",
     )
     await conn.close()
-    assert kinds(report) == ["truncated"]
+    assert kinds(report) == (
+        ["dead_letter_missing", "truncated"] if redrive_removed else ["truncated"]
+    )
     assert {f.shard for f in report.findings} == {shard}
 
 
-async def test_a_consistently_rewritten_chain_fails_at_the_anchor(warehouse: Warehouse) -> None:
-    conn = await asyncpg.connect(warehouse.dsn)
-    row = await target(conn)
+async def rewrite_chain_consistently(conn: asyncpg.Connection, w: Warehouse, row: Any) -> None:
+    """Change an event, then rebuild every link of its shard the way das-ingest writes them:
+    digests and chain are consistent again; only the anchors (KMS) can tell."""
     shard = row["shard_id"]
-    transaction = conn.transaction()
-    await transaction.start()
-    try:
-        # Change an event, then rebuild every link of the shard the way das-ingest writes
-        # them: digests and chain are consistent again; only the anchors (KMS) can tell.
-        await conn.execute(
-            f"UPDATE das.activity_events SET db_user_name = 'nobody' WHERE {where(row)}"
-        )
-        links = await conn.fetch(
-            "SELECT link_no, kind, first_sequence::text AS f, last_sequence::text AS l "
-            "FROM das.chain_links WHERE shard_id = $1 ORDER BY link_no",
+    await conn.execute(f"UPDATE das.activity_events SET db_user_name = 'nobody' WHERE {where(row)}")
+    links = await conn.fetch(
+        "SELECT link_no, kind, first_sequence::text AS f, last_sequence::text AS l, "
+        "created_at, dead_letters::text AS letters "
+        "FROM das.chain_links WHERE shard_id = $1 ORDER BY link_no",
+        shard,
+    )
+    redriven = {r["f"] for r in links if r["kind"] == "redrive"}
+    prev = ZERO_HASH
+    for link in links:
+        digests = DayDigests()
+        rows = await conn.fetch(
+            f"SELECT {', '.join(EVENT_COLUMNS)} FROM das.activity_events WHERE shard_id = $1 "
+            "AND sequence_number BETWEEN $2::numeric AND $3::numeric "
+            "ORDER BY sequence_number, event_index",
             shard,
+            link["f"],
+            link["l"],
         )
-        redriven = {r["f"] for r in links if r["kind"] == "redrive"}
-        prev = ZERO_HASH
-        for link in links:
-            digests = DayDigests()
-            rows = await conn.fetch(
-                f"SELECT {', '.join(EVENT_COLUMNS)} FROM das.activity_events WHERE shard_id = $1 "
-                "AND sequence_number BETWEEN $2::numeric AND $3::numeric "
-                "ORDER BY sequence_number, event_index",
-                shard,
-                link["f"],
-                link["l"],
-            )
-            for r in rows:
-                if link["kind"] == "batch" and str(r["sequence_number"]) in redriven:
-                    continue
-                digests.add(event_day(r["log_time"]), event_digest(stored_values(r)))
-            days = digests.summary()
-            new_hash = link_hash(
-                prev,
-                warehouse.stream,
+        for r in rows:
+            if link["kind"] == "batch" and str(r["sequence_number"]) in redriven:
+                continue
+            digests.add(event_day(r["log_time"]), event_digest(stored_values(r)))
+        days = digests.summary()
+        new_hash = link_hash(
+            prev,
+            LinkFields(
+                w.stream,
                 shard,
                 link["link_no"],
                 link["kind"],
@@ -383,24 +584,30 @@ async def test_a_consistently_rewritten_chain_fails_at_the_anchor(warehouse: War
                 link["l"],
                 digests.count,
                 days,
-            )
-            await conn.execute(
-                "UPDATE das.chain_links SET days = $1::jsonb, event_count = $2, prev_hash = $3, "
-                "link_hash = $4 WHERE shard_id = $5 AND link_no = $6",
-                json.dumps(days),
-                digests.count,
-                prev,
-                new_hash,
-                shard,
-                link["link_no"],
-            )
-            prev = new_hash
+                link["created_at"],
+                json.loads(link["letters"]),
+            ),
+        )
+        await conn.execute(
+            "UPDATE das.chain_links SET days = $1::jsonb, event_count = $2, prev_hash = $3, "
+            "link_hash = $4 WHERE shard_id = $5 AND link_no = $6",
+            json.dumps(days),
+            digests.count,
+            prev,
+            new_hash,
+            shard,
+            link["link_no"],
+        )
+        prev = new_hash
+
+
+async def test_a_consistently_rewritten_chain_fails_at_the_anchor(warehouse: Warehouse) -> None:
+    async with rolled_back(warehouse) as conn:
+        row = await target(conn)
+        await rewrite_chain_consistently(conn, warehouse, row)
         report = await verify_in(conn)
-    finally:
-        await transaction.rollback()
-        await conn.close()
     assert kinds(report) == ["anchor_mismatch"]
-    assert {f.shard for f in report.findings} == {shard}
+    assert {f.shard for f in report.findings} == {row["shard_id"]}
 
 
 async def test_a_forged_anchor_is_rejected_by_kms(warehouse: Warehouse) -> None:
@@ -434,6 +641,7 @@ async def test_findings_make_the_cli_fail(warehouse: Warehouse) -> None:
         assert result.returncode == 1
         assert "DELETED" in result.stdout
         assert row["shard_id"] in result.stdout
+        assert "das-ingest rebuild-statements" in result.stdout  # how to rebuild derived data
     finally:  # put it back for the other tests of the module
         await conn.execute("INSERT INTO das.activity_events SELECT * FROM public.kept")
         await conn.execute("DROP TABLE public.kept")
@@ -448,7 +656,7 @@ async def test_awkward_values_verify_clean(pg_dsn: str, aws_env: dict[str, str])
     from ingest.decode.batch import BatchInput, decode_batch
     from ingest.warehouse.sink import CopyUnit, Sink
     from tests.sealing import seal
-    from tests.warehouse_helpers import ESDK, KEY, hold_lease, migrated_pool
+    from tests.warehouse_helpers import ESDK, KEY, STREAM, hold_lease, migrated_pool
 
     pool = await migrated_pool(pg_dsn)
     try:
@@ -475,7 +683,7 @@ async def test_awkward_values_verify_clean(pg_dsn: str, aws_env: dict[str, str])
             {"type": "record"},
         ]
         items = [(i, str(100 + i), seal(inner(e), KEY), KEY) for i, e in enumerate(events)]
-        output = decode_batch(BatchInput("s", items, ESDK))
+        output = decode_batch(BatchInput("s", items, ESDK, stream_name=STREAM))
         assert output.failures == []
         sink = Sink(pool)
         await sink.ensure_partitions(output.days)
@@ -493,3 +701,727 @@ async def test_awkward_values_verify_clean(pg_dsn: str, aws_env: dict[str, str])
         assert report.links == 1
     finally:
         await pool.close()
+
+
+# -- anchors: deleted, pinned, refused, asymmetric ---------------------------------------------
+
+
+async def test_deleted_anchors_are_found_with_the_exported_copy(warehouse: Warehouse) -> None:
+    exported = read_exported_anchors(str(warehouse.anchors_file))
+    async with rolled_back(warehouse) as conn:
+        await conn.execute("DELETE FROM das.chain_anchors")
+        # Without the safe copy, deleting every anchor only grows the unanchored tail ...
+        blind = await verify_in(conn)
+        assert blind.clean, blind.findings
+        assert {t["shard"] for t in blind.unanchored} == {
+            "shardId-000000000000",
+            "shardId-000000000001",
+        }
+        # ... with it, each deleted anchor is a finding, and the anchors still count.
+        report = await verify_in(conn, exported_anchors=exported)
+    assert kinds(report) == ["anchor_missing"]
+    assert len(report.findings) == len(exported)
+    assert report.unanchored == []
+
+
+async def test_deleted_anchors_and_a_rewritten_chain_fail_at_the_exported_copy(
+    warehouse: Warehouse,
+) -> None:
+    exported = read_exported_anchors(str(warehouse.anchors_file))
+    async with rolled_back(warehouse) as conn:
+        row = await target(conn)
+        await conn.execute("DELETE FROM das.chain_anchors")
+        await rewrite_chain_consistently(conn, warehouse, row)
+        blind = await verify_in(conn, anchor_key_id=warehouse.key_id)
+        report = await verify_in(conn, anchor_key_id=warehouse.key_id, exported_anchors=exported)
+    assert blind.clean, blind.findings  # the tail is young: nothing to see without the copy
+    assert kinds(report) == ["anchor_mismatch", "anchor_missing"]
+    assert {f.shard for f in report.findings if f.kind == "anchor_mismatch"} == {row["shard_id"]}
+
+
+async def test_an_old_unanchored_tail_is_a_finding_when_the_key_is_pinned(
+    warehouse: Warehouse,
+) -> None:
+    async with rolled_back(warehouse) as conn:
+        shard = await conn.fetchval("SELECT min(shard_id) FROM das.chain_anchors")
+        await conn.execute(
+            "DELETE FROM das.chain_anchors WHERE id = (SELECT max(id) FROM das.chain_anchors "
+            "WHERE shard_id = $1)",
+            shard,
+        )
+        young = await verify_in(
+            conn, anchor_key_id=warehouse.key_id, max_unanchored_age=timedelta(hours=1)
+        )
+        old = await verify_in(conn, anchor_key_id=warehouse.key_id, max_unanchored_age=timedelta())
+        unpinned = await verify_in(conn, max_unanchored_age=timedelta())
+    assert young.clean, young.findings
+    assert [t["shard"] for t in young.unanchored] == [shard]
+    assert kinds(old) == ["unanchored"]
+    assert old.findings[0].shard == shard
+    assert unpinned.clean  # without an expected key, the tail is reported, not judged
+
+
+async def test_an_anchor_made_with_another_key_is_a_finding(
+    warehouse: Warehouse, stack: LocalStack
+) -> None:
+    kms = boto3.client("kms", endpoint_url=stack.kms_endpoint)
+    other = kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]
+    async with rolled_back(warehouse) as conn, aws_client("kms") as client:
+        shard = await conn.fetchval("SELECT min(shard_id) FROM das.chain_links")
+        # The head's anchors replaced by one made with a key of the administrator's own.
+        await conn.execute(
+            "DELETE FROM das.chain_anchors WHERE shard_id = $1 AND link_no = "
+            "(SELECT max(link_no) FROM das.chain_links WHERE shard_id = $1)",
+            shard,
+        )
+        made = await anchor_heads(conn, AnchorKey(client, other["KeyId"]), warehouse.stream)
+        assert [a.shard_id for a in made] == [shard]
+        unpinned = await verify_in(conn)
+        pinned = await verify_in(conn, anchor_key_id=warehouse.key_id)
+        # Naming the expected key in the row does not help: the MAC is checked with it.
+        await conn.execute(
+            "UPDATE das.chain_anchors SET key_id = $1 WHERE key_id = $2",
+            pinned.anchor_key,
+            other["Arn"],
+        )
+        renamed = await verify_in(conn, anchor_key_id=warehouse.key_id)
+    assert unpinned.clean, unpinned.findings  # the row's own key vouches for it
+    assert kinds(pinned) == ["anchor_unexpected_key"]
+    assert pinned.findings[0].shard == shard
+    assert "unexpected key" in pinned.findings[0].detail
+    assert kinds(renamed) == ["anchor_invalid"]
+
+
+async def test_a_kms_refusal_is_reported_with_its_own_exit_code(warehouse: Warehouse) -> None:
+    result = await das_ingest(
+        "verify",
+        "--anchor-key-id",
+        "alias/no-such-anchor-key",
+        env={"DAS_DSN": warehouse.dsn},
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "ANCHOR_UNCHECKED" in result.stdout
+    assert "no-such-anchor-key" in result.stdout
+    assert "Traceback" not in result.stderr
+    unreachable = await das_ingest(
+        "verify",
+        "--json",
+        env={"DAS_DSN": warehouse.dsn, "AWS_ENDPOINT_URL_KMS": "http://127.0.0.1:9"},
+    )
+    assert unreachable.returncode == 3, unreachable.stdout + unreachable.stderr
+    report = json.loads(unreachable.stdout)
+    assert {f["kind"] for f in report["findings"]} == {"anchor_unchecked"}
+    assert report["events"] == warehouse.events  # everything else was still checked
+    # After a few failures in a row KMS is not asked again (each failure costs retries).
+    assert "not asked again" in report["findings"][-1]["detail"]
+
+
+async def test_asymmetric_anchors_sign_and_verify(warehouse: Warehouse, stack: LocalStack) -> None:
+    kms = boto3.client("kms", endpoint_url=stack.kms_endpoint)
+    signing = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+    async with rolled_back(warehouse) as conn, aws_client("kms") as client:
+        await conn.execute("DELETE FROM das.chain_anchors")
+        made = await anchor_heads(conn, AnchorKey(client, signing["KeyId"]), warehouse.stream)
+        assert len(made) == 2
+        assert {a.algorithm for a in made} == {"ECDSA_SHA_256"}
+        assert {a.key_id for a in made} == {signing["Arn"]}
+        good = await verify_in(conn, anchor_key_id=signing["KeyId"])
+        await conn.execute(
+            "UPDATE das.chain_anchors SET anchored_at = anchored_at + interval '1 microsecond' "
+            "WHERE id = (SELECT min(id) FROM das.chain_anchors)"
+        )
+        bad = await verify_in(conn, anchor_key_id=signing["KeyId"])
+    assert good.clean, good.findings
+    assert good.anchors_checked == 2
+    assert good.unanchored == []
+    assert kinds(bad) == ["anchor_invalid"]
+
+
+# -- verify's scope: --shard, --stream, --since, --no-anchors ----------------------------------
+
+
+async def test_verify_can_be_limited_to_shards_and_streams(warehouse: Warehouse) -> None:
+    async with rolled_back(warehouse) as conn:
+        row = await target(conn)
+        other = next(
+            s for s in ("shardId-000000000000", "shardId-000000000001") if s != row["shard_id"]
+        )
+        await conn.execute(
+            f"UPDATE das.activity_events SET command_text = 'changed' WHERE {where(row)}"
+        )
+        elsewhere = await verify_in(conn, shards=[other])
+        here = await verify_in(conn, shards=[row["shard_id"]], stream=warehouse.stream)
+        no_stream = await verify_in(conn, stream="aws-rds-das-cluster-NOSUCHTHING")
+    assert elsewhere.clean, elsewhere.findings
+    assert elsewhere.chains == 1
+    assert kinds(here) == ["altered"]
+    assert here.chains == 1
+    assert here.events + elsewhere.events == warehouse.events
+    assert no_stream.chains == 0
+    assert no_stream.events == 0
+    result = await das_ingest(
+        "verify", "--json", "--shard", other, "--stream", warehouse.stream,
+        env={"DAS_DSN": warehouse.dsn},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["chains"] == 1
+    assert report["events"] == elsewhere.events
+
+
+async def test_since_recomputes_only_the_newer_links(warehouse: Warehouse) -> None:
+    async with rolled_back(warehouse) as conn:
+        row = await target(conn)
+        link = await conn.fetchrow(
+            "SELECT link_no, created_at FROM das.chain_links WHERE shard_id = $1 "
+            "AND $2 BETWEEN first_sequence AND last_sequence AND kind = 'batch'",
+            row["shard_id"],
+            row["sequence_number"],
+        )
+        later = await conn.fetchval(
+            "SELECT min(created_at) FROM das.chain_links WHERE created_at > $1", link["created_at"]
+        )
+        await conn.execute(
+            f"UPDATE das.activity_events SET command_text = 'changed' WHERE {where(row)}"
+        )
+        since_link = await verify_in(conn, since=link["created_at"])
+        since_later = await verify_in(conn, since=later)
+    assert kinds(since_link) == ["altered"]
+    assert since_link.findings[0].link_no == link["link_no"]
+    assert since_later.clean, since_later.findings  # the altered link was not recomputed
+    assert since_later.events < since_link.events < warehouse.events + 1
+    result = await das_ingest(
+        "verify", "--json", "--since", "2999-01-01T00:00:00Z", env={"DAS_DSN": warehouse.dsn}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["events"] == 0
+    assert report["links"] > 0  # the chains themselves are always walked
+
+
+async def test_a_link_created_at_is_covered_by_its_hash(warehouse: Warehouse) -> None:
+    """--since selects links by created_at: moving a link into the past to hide it from a
+    --since run breaks the link instead."""
+    report, conn = await tampered(
+        warehouse,
+        "UPDATE das.chain_links SET created_at = created_at - interval '1 day' "
+        "WHERE link_no = 3 AND shard_id = 'shardId-000000000000'",
+    )
+    await conn.close()
+    assert kinds(report) == ["link_altered"]
+    assert report.findings[0].link_no == 3
+
+
+async def test_no_anchors_says_so(warehouse: Warehouse) -> None:
+    async with rolled_back(warehouse) as conn:
+        row = await target(conn)
+        await rewrite_chain_consistently(conn, warehouse, row)
+        blind = await verify_warehouse(conn, kms=None)
+    assert blind.clean  # only the anchors can tell a consistent rewrite
+    assert blind.anchors_skipped
+    result = await das_ingest("verify", "--json", "--no-anchors", env={"DAS_DSN": warehouse.dsn})
+    assert result.returncode == 0
+    report = json.loads(result.stdout)
+    assert report["anchors_skipped"] is True
+    assert report["anchors_checked"] == 0
+    human = await das_ingest("verify", "--no-anchors", env={"DAS_DSN": warehouse.dsn})
+    assert "anchors NOT checked" in human.stdout
+
+
+# -- dead letters ------------------------------------------------------------------------------
+
+
+async def test_a_deleted_dead_letter_is_reported(warehouse: Warehouse) -> None:
+    report, conn = await tampered(warehouse, "DELETE FROM das.dead_letters")
+    await conn.close()
+    assert kinds(report) == ["dead_letter_missing"]
+    finding = report.findings[0]
+    assert finding.first_sequence == finding.last_sequence == warehouse.poison_sequence
+    assert finding.stream == warehouse.stream
+    assert finding.link_no is not None
+
+
+async def test_an_altered_dead_letter_is_reported(warehouse: Warehouse) -> None:
+    report, conn = await tampered(warehouse, "UPDATE das.dead_letters SET raw = raw || 'x'")
+    await conn.close()
+    assert kinds(report) == ["dead_letter_altered"]
+    assert report.findings[0].first_sequence == warehouse.poison_sequence
+
+
+async def test_a_forged_dead_letter_and_its_redrive_are_reported(warehouse: Warehouse) -> None:
+    async with rolled_back(warehouse) as conn:
+        link = await conn.fetchrow(
+            "SELECT shard_id, first_sequence FROM das.chain_links WHERE kind = 'batch' "
+            "AND first_sequence < last_sequence ORDER BY link_no LIMIT 1"
+        )
+        await conn.execute(
+            "INSERT INTO das.dead_letters (stream_name, shard_id, sequence_number, stage, error, "
+            "raw) VALUES ($1, $2, $3, 'kms', 'forged', 'x')",
+            warehouse.stream,
+            link["shard_id"],
+            link["first_sequence"],
+        )
+        report = await verify_in(conn)
+    assert kinds(report) == ["inserted"]
+    assert "does not list" in report.findings[0].detail
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+async def test_a_forged_retention_record_is_not_believed(warehouse: Warehouse) -> None:
+    day = f"{EVENT_DAY:%Y%m%d}"
+    async with rolled_back(warehouse) as conn:
+        rows = await conn.fetchval(f"SELECT count(*) FROM das.activity_events_p{day}")
+        await conn.execute(f"DROP TABLE das.activity_events_p{day}")
+        await conn.execute(
+            "INSERT INTO das.retention_log (partition_name, range_start, range_end, "
+            "rows_removed) VALUES ($1, $2, $3, $4)",
+            f"activity_events_p{day}",
+            datetime.combine(EVENT_DAY, datetime.min.time(), tzinfo=UTC),
+            datetime.combine(EVENT_DAY + timedelta(days=1), datetime.min.time(), tzinfo=UTC),
+            rows - 1,
+        )
+        miscounted = await verify_in(conn)
+        await conn.execute("UPDATE das.retention_log SET rows_removed = rows_removed + 1")
+        # The right count, but the day is younger than the retention policy allows.
+        young = await verify_in(conn, retention_keep=date.today() - EVENT_DAY + timedelta(days=30))
+        # The right count and old enough for a policy of a day: retention, as far as anyone
+        # can tell (the oldest day of a chain may go).
+        allowed = await verify_in(conn, retention_keep=timedelta(days=1))
+    assert kinds(miscounted) == ["deleted", "retention_invalid"]
+    assert "rows were removed" in next(
+        f.detail for f in miscounted.findings if f.kind == "retention_invalid"
+    )
+    assert kinds(young) == ["deleted", "retention_invalid"]
+    assert "keeps everything from" in next(
+        f.detail for f in young.findings if f.kind == "retention_invalid"
+    )
+    assert allowed.clean, allowed.findings
+    assert allowed.retained_days == [EVENT_DAY.isoformat()]
+
+
+async def test_legitimate_retention_verifies_clean_under_its_policy(warehouse: Warehouse) -> None:
+    keep = date.today() - EVENT_DAY - timedelta(days=1)
+    async with rolled_back(warehouse) as conn:
+        actions = await apply_retention(conn, keep)
+        assert any(a.partition == f"activity_events_p{EVENT_DAY:%Y%m%d}" for a in actions)
+        report = await verify_in(conn, retention_keep=keep)
+        recorded = await conn.fetch("SELECT keep FROM das.retention_log")
+    assert report.clean, report.findings
+    assert EVENT_DAY.isoformat() in report.retained_days
+    assert {r["keep"] for r in recorded} == {keep}
+
+
+# -- several streams in one warehouse ----------------------------------------------------------
+
+
+async def _lease_on(pool: asyncpg.Pool, stream: str, shard: str) -> LeaseToken:
+    store = LeaseStore(pool, stream, lease_seconds=30)
+    await store.sync_shards([ShardInfo(shard, ())], "TRIM_HORIZON")
+    current = {lease.shard_id: lease for lease in await store.all_leases()}[shard]
+    taken = await store.take(current, "w")
+    assert taken is not None
+    return LeaseToken(stream, shard, "w", taken.lease_counter)
+
+
+async def _commit_events(
+    pool: asyncpg.Pool,
+    token: LeaseToken,
+    events: list[dict[str, Any]],
+    first: int,
+    *,
+    previous: str = "TRIM_HORIZON",
+    cluster: str = "cluster-TEST",
+) -> str:
+    """Store one event per record, sequence numbers from ``first``, as a worker would (one
+    batch, one link); returns the new checkpoint."""
+    items = [
+        (i, str(first + i), seal(inner(e, cluster=cluster), KEY), KEY) for i, e in enumerate(events)
+    ]
+    output = decode_batch(BatchInput(token.shard_id, items, ESDK, stream_name=token.stream_name))
+    assert output.failures == []
+    sink = Sink(pool)
+    await sink.ensure_partitions(output.days)
+    last = str(first + len(events) - 1)
+    await sink.commit(
+        token,
+        previous_checkpoint=previous,
+        new_checkpoint=last,
+        units=[CopyUnit(output.events, output.statements, chain=output.chain)],
+        sequence_range=(str(first), last),
+    )
+    return last
+
+
+async def test_two_streams_share_shard_ids_and_sequence_numbers(
+    pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    """Shard ids repeat across streams (and sequence numbers may): every event is stored
+    once per stream, verifies clean, and tampering is attributed to the right stream."""
+    pool = await migrated_pool(pg_dsn)
+    streams = ("aws-rds-das-cluster-AAA", "aws-rds-das-cluster-BBB")
+    shard = "shardId-000000000000"
+    events = [
+        {"type": "record", "logTime": "2024-03-01 10:00:00+00", "commandText": f"select {i}"}
+        for i in range(3)
+    ]
+    try:
+        for stream in streams:
+            await _commit_events(pool, await _lease_on(pool, stream, shard), events, 100)
+        async with pool.acquire() as conn:
+            counts = {
+                r["stream_name"]: r["n"]
+                for r in await conn.fetch(
+                    "SELECT stream_name, count(*) AS n FROM das.activity_events GROUP BY 1"
+                )
+            }
+            report = await verify_warehouse(conn, kms=None)
+            async with rolled_back_in(conn):
+                await conn.execute(
+                    "UPDATE das.activity_events SET command_text = 'changed' "
+                    "WHERE stream_name = $1 AND sequence_number = 101",
+                    streams[1],
+                )
+                tampered_b = await verify_warehouse(conn, kms=None)
+                only_a = await verify_warehouse(conn, kms=None, stream=streams[0])
+    finally:
+        await pool.close()
+    assert counts == {streams[0]: 3, streams[1]: 3}
+    assert report.clean, report.findings
+    assert (report.chains, report.links, report.events) == (2, 2, 6)
+    assert kinds(tampered_b) == ["altered"]
+    assert tampered_b.findings[0].stream == streams[1]
+    assert tampered_b.findings[0].shard == shard
+    assert only_a.clean, only_a.findings
+
+
+async def _stored_of(dsn: str, stream: str) -> list[EventKey]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT instance_id, pid, session_id, statement_id, substatement_id, class, log_time "
+            "FROM das.activity_events WHERE stream_name = $1 "
+            "ORDER BY ingested_at, sequence_number, event_index",
+            stream,
+        )
+    finally:
+        await conn.close()
+    return [
+        EventKey(
+            r["instance_id"], r["pid"], r["session_id"], r["statement_id"],
+            r["substatement_id"], r["class"], format_datetime(r["log_time"]),
+        )
+        for r in rows
+    ]  # fmt: skip
+
+
+async def test_two_streams_ingested_into_one_warehouse_verify_clean(
+    fleet: Fleet, pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    await migrated(pg_dsn)
+    streams = [new_stream(), new_stream()]
+    opts = [
+        options(stream, count=300, shards=2, instances=2, seed=30 + i)
+        for i, stream in enumerate(streams)
+    ]
+    await asyncio.gather(*(produce(o) for o in opts))
+    workers = [
+        await fleet.start(f"w{i}", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "1")
+        for i, stream in enumerate(streams)
+    ]
+    assert [await w.wait(120) for w in workers] == [0, 0]
+    for stream, o in zip(streams, opts, strict=True):
+        assert_exactly_once(await _stored_of(pg_dsn, stream), expected(o))
+    result = await das_ingest("verify", "--json", "--no-anchors", env={"DAS_DSN": pg_dsn})
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["chains"] == 4  # the same two shard ids in each stream
+    assert report["events"] == sum(len(expected(o)) for o in opts)
+
+
+# -- closed shards -----------------------------------------------------------------------------
+
+
+async def test_a_closed_shard_is_anchored_and_held_to_its_last_record(
+    fleet: Fleet, pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    await migrated(pg_dsn)
+    key_id = boto3.client("kms", endpoint_url=aws_env["AWS_ENDPOINT_URL_KMS"]).create_key(
+        KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC"
+    )["KeyMetadata"]["KeyId"]
+    stream = new_stream()
+    await produce(options(stream, count=300, shards=2, instances=4))
+    # No periodic anchoring in this run: only the end of the parent and the stop anchor.
+    worker = await fleet.start(
+        "w", stream, pg_dsn, "--processes", "0", "--anchor-key-id", key_id,
+        "--anchor-seconds", "3600", "--max-records", "20", "--stop-when-idle", "3",
+    )  # fmt: skip
+    more = options(stream, count=900, seed=41, create_stream=False, shards=2, instances=4, rate=600)
+    producing = asyncio.ensure_future(produce(more))
+    kinesis = boto3.client("kinesis", endpoint_url=aws_env["AWS_ENDPOINT_URL_KINESIS"])
+    await asyncio.sleep(0.7)
+    await asyncio.to_thread(
+        kinesis.split_shard,
+        StreamName=stream,
+        ShardToSplit="shardId-000000000000",
+        NewStartingHashKey=str(2**126),
+    )
+    await producing
+    assert await worker.wait(180) == 0
+    parent = "shardId-000000000000"
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        lease = await conn.fetchrow(
+            "SELECT checkpoint, end_sequence::text AS end_sequence FROM das.leases "
+            "WHERE shard_id = $1",
+            parent,
+        )
+        head = await conn.fetchrow(
+            "SELECT max(link_no) AS n, max(last_sequence)::text AS last FROM das.chain_links "
+            "WHERE shard_id = $1",
+            parent,
+        )
+        anchored = await conn.fetchval(
+            "SELECT max(link_no) FROM das.chain_anchors WHERE shard_id = $1", parent
+        )
+        report = await verify_in(conn, anchor_key_id=key_id)
+        assert lease["checkpoint"] == "SHARD_END"
+        assert lease["end_sequence"] == head["last"]
+        assert anchored == head["n"]  # the worker anchored the closed parent's head
+        assert report.clean, report.findings
+        assert report.unanchored == []
+        assert report.chains == 4  # the parent, its two children and the other shard
+        async with rolled_back_in(conn):
+            await conn.execute(
+                """DELETE FROM das.activity_events e USING das.chain_links l
+                   WHERE l.shard_id = $1 AND l.link_no > $2 AND e.shard_id = l.shard_id
+                     AND e.stream_name = l.stream_name
+                     AND e.sequence_number BETWEEN l.first_sequence AND l.last_sequence""",
+                parent,
+                head["n"] - 2,
+            )
+            await conn.execute(
+                "DELETE FROM das.chain_links WHERE shard_id = $1 AND link_no > $2",
+                parent,
+                head["n"] - 2,
+            )
+            with_anchors = await verify_in(conn, anchor_key_id=key_id)
+            without = await verify_warehouse(conn, kms=None)
+    finally:
+        await conn.close()
+    assert kinds(with_anchors) == ["truncated"]
+    assert {f.shard for f in with_anchors.findings} == {parent}
+    assert any("anchored but is gone" in f.detail for f in with_anchors.findings)
+    # Without KMS, the recorded end of the closed shard tells it.
+    assert kinds(without) == ["truncated"]
+    assert "closed" in without.findings[0].detail
+    assert without.findings[0].last_sequence == head["last"]
+
+
+# -- retention removes the oldest days first ---------------------------------------------------
+
+
+def _day(d: date) -> datetime:
+    return datetime.combine(d, datetime.min.time(), tzinfo=UTC)
+
+
+async def test_retention_must_remove_the_oldest_days_first(
+    pg_dsn: str, aws_env: dict[str, str]
+) -> None:
+    first, second = date(2024, 3, 1), date(2024, 3, 2)
+    pool = await migrated_pool(pg_dsn)
+    try:
+        async with pool.acquire() as conn:
+            for d in (first, second):  # outside the on-demand window: made by hand
+                await conn.execute("SELECT das.ensure_partition($1)", d)
+        token = await _lease_on(pool, STREAM, "shardId-000000000000")
+        events = [
+            # a day before: in the default partition (no partition for it)
+            {"type": "record", "logTime": "2024-02-01 08:00:00+00", "commandText": "a"},
+            {"type": "record", "logTime": "2024-03-01 08:00:00+00", "commandText": "b"},
+            {"type": "record", "logTime": "2024-03-01 09:00:00+00", "commandText": "c"},
+            {"type": "record", "logTime": "2024-03-02 08:00:00+00", "commandText": "d"},
+        ]
+        await _commit_events(pool, token, events, 100)
+        async with pool.acquire() as conn:
+            assert (await verify_warehouse(conn, kms=None)).clean
+            async with rolled_back_in(conn):
+                # The newer day dropped, with a record that has the right count and period.
+                await conn.execute(f"DROP TABLE das.activity_events_p{second:%Y%m%d}")
+                await conn.execute(
+                    "INSERT INTO das.retention_log (partition_name, range_start, range_end, "
+                    "rows_removed, removed_at, keep) VALUES ($1, $2, $3, 1, now(), '1 day')",
+                    f"activity_events_p{second:%Y%m%d}",
+                    _day(second),
+                    _day(second + timedelta(days=1)),
+                )
+                forged = await verify_warehouse(conn, kms=None)
+            async with rolled_back_in(conn):
+                # das-ingest retention keeping everything from 2024-03-02 on.
+                keep_second = timedelta(days=(date.today() - second).days)
+                await apply_retention(conn, keep_second)
+                some = await verify_warehouse(conn, kms=None, retention_keep=keep_second)
+                # ... and later, everything.
+                await apply_retention(conn, timedelta(days=1))
+                everything = await verify_warehouse(conn, kms=None)
+                removed = await conn.fetch(
+                    "SELECT partition_name, rows_removed FROM das.retention_log ORDER BY id"
+                )
+    finally:
+        await pool.close()
+    assert kinds(forged) == ["deleted"]
+    assert forged.findings[0].day == second.isoformat()
+    assert "older day" in forged.findings[0].detail
+    assert some.clean, some.findings
+    assert some.retained_days == ["2024-02-01", "2024-03-01"]
+    assert everything.clean, everything.findings
+    assert everything.retained_days == ["2024-02-01", "2024-03-01", "2024-03-02"]
+    assert [(r["partition_name"], r["rows_removed"]) for r in removed] == [
+        ("activity_events_p20240301", 2),
+        ("activity_events_default", 1),
+        ("activity_events_p20240302", 1),
+    ]
+
+
+# -- upgrading a warehouse with version 1 chains -----------------------------------------------
+
+
+async def _legacy_chain(
+    conn: asyncpg.Connection,
+    stream: str,
+    shard: str,
+    events: list[tuple[int, str | None]],
+) -> None:
+    """Events and their version 1 link as das-ingest wrote them before migration 0004:
+    (sequence number, cluster_id) pairs, one event each, one link over them."""
+    for seq, cluster in events:
+        await conn.execute(
+            "INSERT INTO das.activity_events (log_time, cluster_id, record_version, shard_id, "
+            "sequence_number, event_index, command_text, extra, ingested_at) "
+            "VALUES ('2024-03-01 10:00:00+00', $1, '1.2', $2, $3, 0, 'select 1', "
+            "'{\"a\": 1.5}', now())",
+            cluster,
+            shard,
+            seq,
+        )
+    rows = await conn.fetch(
+        f"SELECT {', '.join(EVENT_COLUMNS_V1)} FROM das.activity_events WHERE shard_id = $1 "
+        "AND sequence_number = ANY ($2::numeric[]) ORDER BY sequence_number",
+        shard,
+        [seq for seq, _ in events],
+    )
+    digests = DayDigests()
+    for row in rows:
+        values = list(row)
+        extra = EVENT_COLUMNS_V1.index("extra")
+        values[extra] = json.loads(values[extra])
+        digests.add(event_day(row["log_time"]), event_digest(values, EVENT_COLUMNS_V1))
+    first, last = str(events[0][0]), str(events[-1][0])
+    link = LinkFields(
+        stream, shard, 1, "batch", first, last, digests.count, digests.summary(), version=1
+    )
+    await conn.execute(
+        "INSERT INTO das.chain_links (stream_name, shard_id, link_no, kind, first_sequence, "
+        "last_sequence, event_count, days, prev_hash, link_hash) "
+        "VALUES ($1, $2, 1, 'batch', $3::numeric, $4::numeric, $5, $6::jsonb, $7, $8)",
+        stream,
+        shard,
+        first,
+        last,
+        digests.count,
+        json.dumps(link.days),
+        ZERO_HASH,
+        link_hash(ZERO_HASH, link),
+    )
+    await conn.execute(
+        "INSERT INTO das.leases (stream_name, shard_id, checkpoint) VALUES ($1, $2, $3)",
+        stream,
+        shard,
+        last,
+    )
+
+
+async def _upgraded(dsn: str, tmp_path: Path, build: Any) -> tuple[list[str], Report]:
+    """Migrate to the schema before 0004, ``build`` the legacy data, migrate to the end;
+    returns the migration's warnings and verify's report."""
+    from ingest.warehouse.migrate import load_migrations, migrate, migrations_dir
+
+    before = tmp_path / "migrations"
+    before.mkdir()
+    for migration in load_migrations():
+        if migration.version < 4:
+            name = f"{migration.version:04d}_{migration.name}.sql"
+            (before / name).write_text((migrations_dir() / name).read_text())
+    conn = await asyncpg.connect(dsn)
+    warnings: list[str] = []
+    conn.add_log_listener(
+        lambda _c, message: (
+            warnings.append(str(message.message)) if message.severity == "WARNING" else None
+        )
+    )
+    try:
+        await migrate(conn, directory=before)
+        await build(conn)
+        await migrate(conn)
+        return warnings, await verify_warehouse(conn, kms=None)
+    finally:
+        await conn.close()
+
+
+async def test_upgrading_a_single_stream_warehouse(pg_dsn: str, tmp_path: Path) -> None:
+    stream = "aws-rds-das-cluster-ONE"
+
+    async def build(conn: asyncpg.Connection) -> None:
+        await _legacy_chain(conn, stream, "shardId-000000000000", [(10, None), (11, "c")])
+        await _legacy_chain(conn, stream, "shardId-000000000001", [(10, "c")])
+
+    warnings, report = await _upgraded(pg_dsn, tmp_path, build)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        streams = [r[0] for r in await conn.fetch("SELECT stream_name FROM das.activity_events")]
+    finally:
+        await conn.close()
+    assert streams == [stream] * 3
+    assert warnings == []
+    assert report.clean, report.findings
+    assert (report.chains, report.links, report.events) == (2, 2, 3)
+
+
+async def test_upgrading_a_warehouse_of_several_streams(pg_dsn: str, tmp_path: Path) -> None:
+    a, b, c = "aws-rds-das-cluster-A", "aws-rds-das-cluster-B", "aws-rds-das-cluster-C"
+    shared = "shardId-000000000000"
+
+    async def build(conn: asyncpg.Connection) -> None:
+        # A and B share a shard id and overlapping sequence ranges; their events name their
+        # cluster, except one (sequence 11) that only A's link covers, and one (sequence 20)
+        # that nothing can attribute: a NULL cluster, and both streams' links cover it.
+        await _legacy_chain(conn, a, shared, [(10, "cluster-A"), (11, None), (20, None)])
+        await _legacy_chain(conn, b, shared, [(12, "cluster-B"), (25, "cluster-B")])
+        await _legacy_chain(conn, c, "shardId-000000000007", [(10, None)])
+
+    warnings, report = await _upgraded(pg_dsn, tmp_path, build)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        got = {
+            (r["shard_id"], int(r["sequence_number"])): r["stream_name"]
+            for r in await conn.fetch(
+                "SELECT stream_name, shard_id, sequence_number FROM das.activity_events"
+            )
+        }
+    finally:
+        await conn.close()
+    assert got == {
+        (shared, 10): a,  # its cluster's stream
+        (shared, 12): b,
+        (shared, 25): b,
+        (shared, 11): a,  # the only stream whose link covers it
+        (shared, 20): "",  # ambiguous: left for a human
+        ("shardId-000000000007", 10): c,  # the only stream with that shard
+    }
+    assert any("1 existing events could not be attributed" in w for w in warnings), warnings
+    # The version 1 links still verify; the ambiguous event is checked against both streams'
+    # links of its shard, so the stream it does not belong to reports it.
+    assert kinds(report) == ["inserted"]
+    assert report.findings[0].stream == b
+    assert "1 events of 2024-03-01" in report.findings[0].detail

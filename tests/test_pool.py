@@ -35,12 +35,14 @@ POISON = (9, "10", b'{"POISON": true}', KEY)
 async def test_a_poison_record_is_isolated_and_the_pool_recovers() -> None:
     pool = DecodePool(1, WorkBudget(max_batches=2, max_bytes=1 << 20), decode=crashing_decode)
     try:
-        good = BatchInput("s", [record(0, "a"), record(1, "b")], CONFIG)
+        good = BatchInput("s", [record(0, "a"), record(1, "b")], CONFIG, stream_name="s")
         assert (await pool.decode(good, 10)).event_count == 2
         with pytest.raises(DecoderCrashedError):
-            await pool.decode(BatchInput("s", [record(0, "a"), POISON], CONFIG), 10)
-        assert await pool.decode_alone(BatchInput("s", [POISON], CONFIG)) is None
-        alone = await pool.decode_alone(BatchInput("s", [record(0, "a")], CONFIG))
+            await pool.decode(
+                BatchInput("s", [record(0, "a"), POISON], CONFIG, stream_name="s"), 10
+            )
+        assert await pool.decode_alone(BatchInput("s", [POISON], CONFIG, stream_name="s")) is None
+        alone = await pool.decode_alone(BatchInput("s", [record(0, "a")], CONFIG, stream_name="s"))
         assert alone is not None
         assert alone.event_count == 1
         # The main pool was rebuilt and works again.
@@ -51,9 +53,11 @@ async def test_a_poison_record_is_isolated_and_the_pool_recovers() -> None:
 
 async def test_in_process_decoding_when_processes_is_zero() -> None:
     pool = DecodePool(0, WorkBudget(max_batches=1, max_bytes=10))
-    out = await pool.decode(BatchInput("s", [record(0, "x")], CONFIG), 5)
+    out = await pool.decode(BatchInput("s", [record(0, "x")], CONFIG, stream_name="s"), 5)
     assert out.event_count == 1
-    assert (await pool.decode_alone(BatchInput("s", [record(0, "y")], CONFIG))) is not None
+    assert (
+        await pool.decode_alone(BatchInput("s", [record(0, "y")], CONFIG, stream_name="s"))
+    ) is not None
 
 
 async def test_the_budget_bounds_batches_and_bytes() -> None:

@@ -12,7 +12,16 @@ import asyncpg
 from ingest.decode.batch import BatchInput, decode_batch
 from tests.sealing import seal
 from tests.seed_examples import SEED_EXAMPLES
-from tests.warehouse_helpers import ESDK, KEY, batch, hold_lease, inner, migrated_pool, store
+from tests.warehouse_helpers import (
+    ESDK,
+    KEY,
+    STREAM,
+    batch,
+    hold_lease,
+    inner,
+    migrated_pool,
+    store,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -32,7 +41,7 @@ async def test_readme_queries_run_as_the_analyst(pg_dsn: str) -> None:
             (i, str(i + 1), seal(doc.encode(), KEY, version), KEY)
             for i, (version, doc) in enumerate(SEED_EXAMPLES.values())
         ]
-        output = decode_batch(BatchInput("s", items, ESDK))
+        output = decode_batch(BatchInput("s", items, ESDK, stream_name=STREAM))
         await store(pool, token, output, "TRIM_HORIZON", str(len(items)))
         analyst = f"a_{secrets.token_hex(4)}"
         await pool.execute(f"CREATE ROLE {analyst} LOGIN IN ROLE das_analyst")
@@ -52,11 +61,17 @@ async def test_readme_queries_run_as_the_analyst(pg_dsn: str) -> None:
             "SELECT statement_id, has_main, jsonb_array_length(aux) AS n FROM das.statements "
             "ORDER BY statement_id"
         )
+        # The seed's MySQL CONNECT (class MAIN, statementId 0) is a connection, not a
+        # statement: it stays in activity_events only.
         assert [tuple(r) for r in statements] == [
-            (0, True, 0),
             (65459278, True, 1),
             (65469218, True, 1),
         ]
+        connects = await conn.fetch(
+            "SELECT statement_id FROM das.activity_events "
+            "WHERE server_type = 'MySQL' AND command = 'CONNECT'"
+        )
+        assert [r["statement_id"] for r in connects] == [0]
     finally:
         await conn.close()
 

@@ -15,12 +15,16 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.decode.batch import BatchInput, decode_batch
+from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
+from ingest.decode.normalize import unescape_text
+from ingest.emulate.producer import EmulateOptions
+from ingest.emulate.traffic import InnerRecord
 from ingest.errors import ConfigError
 from ingest.warehouse.leases import LeaseStore
 from ingest.warehouse.migrate import load_migrations, migrate, migrations_dir, schema_version
 from ingest.warehouse.retention import apply_retention, parse_keep
 from ingest.warehouse.sink import CopyUnit, DeadLetter, LeaseLostError, Sink
+from ingest.warehouse.statements import rebuild_statements
 from tests.sealing import seal
 from tests.seed_examples import SEED_EXAMPLES
 from tests.test_decode_seed import ATTRS, EXPECTED
@@ -106,7 +110,7 @@ async def test_every_seed_example_is_stored_with_every_value(pg_dsn: str) -> Non
         for i, name in enumerate(names):
             version, doc = SEED_EXAMPLES[name]
             items.append((i, str(1000 + i), seal(doc.encode(), KEY, version), KEY))
-        output = decode_batch(BatchInput("shardId-000000000000", items, ESDK))
+        output = decode_batch(BatchInput("shardId-000000000000", items, ESDK, stream_name=STREAM))
         assert output.failures == []
         await store(pool, token, output, "TRIM_HORIZON", str(1000 + len(names) - 1))
         rows = await pool.fetch("SELECT * FROM das.activity_events ORDER BY sequence_number")
@@ -172,8 +176,19 @@ def mysql_event(statement_id: int, kind: str, session: str = "725118") -> dict[s
 SPLITS = ("one_record", "records", "batches", "runs")
 
 
-async def test_main_and_aux_correlate_in_every_arrival_order(pg_dsn: str) -> None:
+@pytest.mark.parametrize("role", ["owner", "ingest"])
+async def test_main_and_aux_correlate_in_every_arrival_order(pg_dsn: str, role: str) -> None:
+    """As the owner, and as the ingest role (which merges through das.merge_statements and has
+    no privilege on das.statements itself)."""
     pool = await migrated_pool(pg_dsn)
+    writer_dsn = pg_dsn
+    if role == "ingest":
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            writer_dsn = await login_dsn(pg_dsn, admin, "das_ingest")
+        finally:
+            await admin.close()
+    writer = await migrated_pool_as(writer_dsn)
     try:
         token, _ = await hold_lease(pool, "shardId-000000000001", "w1")
         checkpoint = "TRIM_HORIZON"
@@ -194,13 +209,13 @@ async def test_main_and_aux_correlate_in_every_arrival_order(pg_dsn: str) -> Non
                     records.append((str(seq), inner(*evs)))
                     seq += 1
                 output = batch(token.shard_id, records)
-                target = pool
+                target = writer
                 if split == "runs":
-                    target = await migrated_pool(pg_dsn)  # a separate run of the ingester
+                    target = await migrated_pool_as(writer_dsn)  # another run of the ingester
                 try:
                     await store(target, token, output, checkpoint, records[-1][0])
                 finally:
-                    if target is not pool:
+                    if target is not writer:
                         await target.close()
                 checkpoint = records[-1][0]
         rows = await pool.fetch("SELECT * FROM das.statements ORDER BY statement_id")
@@ -220,6 +235,7 @@ async def test_main_and_aux_correlate_in_every_arrival_order(pg_dsn: str) -> Non
         events = await pool.fetchval("SELECT count(*) FROM das.activity_events")
         assert events == 3 * len(cases)
     finally:
+        await writer.close()
         await pool.close()
 
 
@@ -243,6 +259,233 @@ async def test_statement_key_includes_session_and_instance(pg_dsn: str) -> None:
             ("db-1", "2", True, 0),
             ("db-2", "1", False, 1),
         ]
+    finally:
+        await pool.close()
+
+
+async def test_statements_merge_reads_only_its_own_streams_events(pg_dsn: str) -> None:
+    """Two clusters' streams in one warehouse share shard ids and may share sequence numbers:
+    a batch of one stream merges that stream's statement events only, whatever the other
+    stream stored in the same shard and range (the merge selects by stream, shard, range)."""
+    pool = await migrated_pool(pg_dsn)
+    other = "aws-rds-das-cluster-OTHER"
+    try:
+        token_other, _ = await hold_lease(pool, "s", "w", stream=other)
+        other_records = [("1", inner(mysql_event(7, "MAIN"), cluster="cluster-OTHER"))]
+        await store(pool, token_other, batch("s", other_records, stream=other), "TRIM_HORIZON", "1")
+        assert await pool.fetchval("SELECT count(*) FROM das.statements") == 1
+        await pool.execute("DELETE FROM das.statements")  # as if not merged yet
+
+        token, _ = await hold_lease(pool, "s", "w")
+        records = [("1", inner(mysql_event(5, "MAIN"))), ("2", inner(mysql_event(5, "t1")))]
+        await store(pool, token, batch("s", records), "TRIM_HORIZON", "2")
+        rows = await pool.fetch(
+            "SELECT cluster_id, statement_id, has_main, jsonb_array_length(aux) AS n "
+            "FROM das.statements"
+        )
+        assert [tuple(r) for r in rows] == [("cluster-TEST", 5, True, 1)]
+        assert (
+            await pool.fetchval(
+                "SELECT count(*) FROM das.activity_events "
+                "WHERE shard_id = 's' AND sequence_number = 1"
+            )
+            == 2
+        )  # both streams' events are there, each under its own stream
+    finally:
+        await pool.close()
+
+
+def connection_event(command: str, log_time: str, session: str = "725118") -> dict[str, Any]:
+    """A MySQL connection event as the seed's CONNECT example has it: MAIN, statementId 0."""
+    return {
+        "type": "record",
+        "class": "MAIN",
+        "command": command,
+        "commandText": "",
+        "pid": 2830,
+        "sessionId": session,
+        "statementId": 0,
+        "substatementId": 1,
+        "dbUserName": "master",
+        "databaseName": "test",
+        "serverType": "MySQL",
+        "exitCode": "1045" if command == "FAILED_CONNECT" else "0",
+        "logTime": log_time,
+    }
+
+
+async def test_connection_events_are_not_statements(pg_dsn: str) -> None:
+    """CONNECT, DISCONNECT and FAILED_CONNECT share statementId 0: folded into one statement,
+    a session's DISCONNECT vanished from das.statements. They are activity events only."""
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w1")
+        records = [
+            ("1", inner(connection_event("CONNECT", "2020-05-22 18:07:10.000001+00"))),
+            ("2", inner(mysql_event(9, "MAIN"), mysql_event(9, "t1"))),
+            (
+                "3",
+                inner(
+                    connection_event("DISCONNECT", "2020-05-22 18:07:20.000001+00"),
+                    connection_event("FAILED_CONNECT", "2020-05-22 18:07:21+00", session="9"),
+                ),
+            ),
+        ]
+        output = batch("s", records)
+        await store(pool, token, output, "TRIM_HORIZON", "3")
+        rows = await pool.fetch(
+            "SELECT statement_id, command, jsonb_array_length(aux) AS n FROM das.statements"
+        )
+        assert [tuple(r) for r in rows] == [(9, "QUERY", 1)]
+        events = await pool.fetch(
+            "SELECT command FROM das.activity_events ORDER BY sequence_number, event_index"
+        )
+        assert [r["command"] for r in events] == [
+            "CONNECT",
+            "QUERY",
+            "WRITE",
+            "DISCONNECT",
+            "FAILED_CONNECT",
+        ]
+        async with pool.acquire() as conn:
+            assert await rebuild_statements(conn) == 1  # the rebuild agrees
+        rebuilt = await pool.fetch(
+            "SELECT statement_id, command, jsonb_array_length(aux) AS n FROM das.statements"
+        )
+        assert [tuple(r) for r in rebuilt] == [(9, "QUERY", 1)]
+    finally:
+        await pool.close()
+
+
+async def test_the_earliest_main_of_a_key_wins_in_any_arrival_order(pg_dsn: str) -> None:
+    """An instance restart can reuse pid, session and statementId: the key's earliest MAIN (by
+    log_time, NULL last) fills the statement whichever arrives first; the rebuild agrees."""
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w1")
+
+        def main(text: str, log_time: str | None) -> dict[str, Any]:
+            event = mysql_event(5, "MAIN") | {"commandText": text}
+            if log_time is None:
+                del event["logTime"]
+            else:
+                event["logTime"] = log_time
+            return event
+
+        arrivals = [
+            main("undated", None),
+            main("later", "2020-05-22 18:07:13+00"),
+            main("earliest", "2020-05-22 18:07:11+00"),
+            main("middle", "2020-05-22 18:07:12+00"),
+        ]
+        checkpoint = "TRIM_HORIZON"
+        for n, event in enumerate(arrivals, start=1):
+            await store(pool, token, batch("s", [(str(n), inner(event))]), checkpoint, str(n))
+            checkpoint = str(n)
+        row = await pool.fetchrow("SELECT command_text, main_sequence_number FROM das.statements")
+        assert tuple(row) == ("earliest", 3)
+        before = await statements_table(pool)
+        async with pool.acquire() as conn:
+            await rebuild_statements(conn)
+        assert await statements_table(pool) == before
+    finally:
+        await pool.close()
+
+
+def statement_positions(
+    records: list[InnerRecord],
+) -> dict[tuple[str, str, int], list[tuple[int, int, str]]]:
+    """(instance, session, statementId) -> [(record, event, class)] in stream order."""
+    positions: dict[tuple[str, str, int], list[tuple[int, int, str]]] = {}
+    for r, record in enumerate(records):
+        for e, event in enumerate(record.events):
+            if event.get("type") == "record" and event["statementId"] > 0:
+                key = (record.instance_id, event["sessionId"], event["statementId"])
+                positions.setdefault(key, []).append((r, e, event["class"]))
+    return positions
+
+
+STATEMENT_COLUMNS = """
+    cluster_id, instance_id, pid, session_id, statement_id, has_main, log_time, start_time,
+    end_time, db_user_name, database_name, remote_host, command, command_text, object_type,
+    object_name, row_count, exit_code, error_message, transaction_id, main_shard_id,
+    main_sequence_number, main_event_index, aux
+"""
+
+
+async def statements_table(pool: asyncpg.Pool) -> list[tuple[Any, ...]]:
+    rows = await pool.fetch(
+        f"SELECT {STATEMENT_COLUMNS} FROM das.statements "
+        "ORDER BY cluster_id, instance_id, pid, session_id, statement_id"
+    )
+    return [tuple(r) for r in rows]
+
+
+async def test_rebuild_statements_equals_the_incremental_merge(pg_dsn: str) -> None:
+    """An emulated Aurora MySQL stream (AUX before MAIN in one record, in an earlier record or
+    batch, after it in a later one), one shard per instance, stored in batches of 1 to 4
+    records: `rebuild-statements` yields exactly the table the incremental merges built, and
+    merging everything once more changes nothing."""
+    opts = EmulateOptions(
+        stream=STREAM,
+        engine="mysql",
+        instances=2,
+        events_per_record=3,
+        count=900,
+        seed=11,
+        heartbeat_every=0,
+    )
+    records = list(opts.inner_records())
+    positions = statement_positions(records)
+    arrivals = {"aux first, same record": 0, "aux first, earlier record": 0, "aux later": 0}
+    for parts in positions.values():
+        main = [(r, e) for r, e, c in parts if c == "MAIN"]
+        for r, e, c in parts:
+            if c != "AUX" or not main:
+                continue
+            if (r, e) < main[0]:
+                arrivals[
+                    "aux first, same record" if r == main[0][0] else "aux first, earlier record"
+                ] += 1
+            elif r > main[0][0]:
+                arrivals["aux later"] += 1
+    assert all(arrivals.values()), arrivals  # the stream has every arrival order
+
+    pool = await migrated_pool(pg_dsn)
+    try:
+        by_shard: dict[str, list[tuple[str, bytes]]] = {}
+        for n, record in enumerate(records):
+            shard = f"shardId-{record.instance_id}"
+            doc = seal(orjson.dumps(record.doc), KEY, record.version)
+            by_shard.setdefault(shard, []).append((str(1000 + n), doc))
+        sizes = itertools.cycle([1, 3, 2, 4])
+        for shard, sealed in by_shard.items():
+            token, _ = await hold_lease(pool, shard, "w")
+            checkpoint = "TRIM_HORIZON"
+            at = 0
+            while at < len(sealed):
+                chunk = sealed[at : at + next(sizes)]
+                at += len(chunk)
+                items = [(i, seq, raw, KEY) for i, (seq, raw) in enumerate(chunk)]
+                output = decode_batch(BatchInput(shard, items, ESDK, stream_name=STREAM))
+                assert output.failures == []
+                await store(pool, token, output, checkpoint, chunk[-1][0])
+                checkpoint = chunk[-1][0]
+        incremental = await statements_table(pool)
+        assert len(incremental) == len(positions)
+        aux_events = sum(c == "AUX" for parts in positions.values() for _, _, c in parts)
+        assert sum(len(orjson.loads(row[-1])) for row in incremental) == aux_events
+        mains = sum(any(c == "MAIN" for _, _, c in parts) for parts in positions.values())
+        assert sum(row[5] for row in incremental) == mains
+
+        async with pool.acquire() as conn:
+            rebuilt_rows = await rebuild_statements(conn)
+        assert rebuilt_rows == len(incremental)
+        assert await statements_table(pool) == incremental
+
+        for shard in by_shard:  # merging a range again changes nothing
+            await pool.execute("SELECT das.merge_statements($1, $2, 0, 1e40)", STREAM, shard)
+        assert await statements_table(pool) == incremental
     finally:
         await pool.close()
 
@@ -283,20 +526,25 @@ async def test_nul_bytes_and_a_one_megabyte_command_text(pg_dsn: str) -> None:
 # -- roles ----------------------------------------------------------------------------------
 
 
-async def login_as(pg_dsn: str, admin: asyncpg.Connection, group: str) -> asyncpg.Connection:
+async def login_dsn(pg_dsn: str, admin: asyncpg.Connection, group: str) -> str:
+    """The DSN of a new login that is a member of ``group`` and nothing else."""
     user = f"u_{secrets.token_hex(4)}"
     await admin.execute(f"CREATE ROLE {user} LOGIN IN ROLE {group}")
     dsn = pg_dsn.replace("postgresql://postgres@", f"postgresql://{user}@")
     assert dsn != pg_dsn
-    return await asyncpg.connect(dsn)
+    return dsn
+
+
+async def login_as(pg_dsn: str, admin: asyncpg.Connection, group: str) -> asyncpg.Connection:
+    return await asyncpg.connect(await login_dsn(pg_dsn, admin, group))
 
 
 async def test_ingest_role_appends_but_cannot_change_or_remove(pg_dsn: str) -> None:
     pool = await migrated_pool(pg_dsn)
     admin = await asyncpg.connect(pg_dsn)
     try:
-        # A hardened database: PUBLIC may not create temp tables; migrate grants what the
-        # ingest role needs (the sink's staging table) explicitly.
+        # A hardened database: PUBLIC may not create temp tables, and the ingest role needs
+        # none (MySQL statements are merged by das.merge_statements, not staged).
         database = await admin.fetchval("SELECT current_database()")
         await admin.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
         await migrate(admin)
@@ -332,6 +580,12 @@ async def test_ingest_role_appends_but_cannot_change_or_remove(pg_dsn: str) -> N
                     "UPDATE das.dead_letters SET error = ''",
                     "DROP TABLE das.activity_events_default",
                     "CREATE TABLE das.sneaky (a int)",
+                    # das.statements is derived from the events by das.merge_statements alone:
+                    # das.ddl_changes reads it, and it is not covered by the integrity chain.
+                    "UPDATE das.statements SET command_text = 'x'",
+                    "DELETE FROM das.statements",
+                    "TRUNCATE das.statements",
+                    "INSERT INTO das.statements (statement_id, command_text) VALUES (1, 'x')",
                 ):
                     with pytest.raises(asyncpg.InsufficientPrivilegeError):
                         await conn.execute(statement)
@@ -349,6 +603,8 @@ async def test_ingest_role_appends_but_cannot_change_or_remove(pg_dsn: str) -> N
                 await analyst.execute(
                     "INSERT INTO das.leases (stream_name, shard_id) VALUES ('a', 'b')"
                 )
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):  # the ingest role's only
+                await analyst.execute("SELECT das.merge_statements('x', 's', 0, 1)")
         finally:
             await analyst.close()
     finally:
@@ -444,6 +700,42 @@ async def test_dead_letters_and_heartbeats_commit_with_the_batch(pg_dsn: str) ->
         await pool.close()
 
 
+async def test_dead_letters_with_partition_keys_postgresql_cannot_store(pg_dsn: str) -> None:
+    """A producer picks any Unicode partition key (kinesalite hands NUL and lone surrogates
+    back): the dead letter is stored with the key escaped and flagged, not refused with the
+    whole batch."""
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w")
+        letters = [
+            DeadLetter("1", "db\x00-1\u0000", None, "json", "json: record is not JSON", b"a"),
+            DeadLetter("2", "db\ud800-2", None, "json", "json: record is not JSON", b"b"),
+            DeadLetter("3", "db\\x00-3", None, "json", "json: record is not JSON", b"c"),
+            DeadLetter("4", None, None, "json", "json: record is not JSON", b"d"),
+        ]
+        await Sink(pool).commit(
+            token,
+            previous_checkpoint="TRIM_HORIZON",
+            new_checkpoint="4",
+            units=[],
+            dead_letters=letters,
+        )
+        rows = await pool.fetch(
+            "SELECT partition_key, error FROM das.dead_letters ORDER BY sequence_number"
+        )
+        assert [tuple(r) for r in rows] == [
+            ("db\\x00-1\\x00", "json: record is not JSON (partition key stored escaped: nul)"),
+            ("db\\ud800-2", "json: record is not JSON (partition key stored escaped: utf8)"),
+            ("db\\x00-3", "json: record is not JSON"),  # a backslash alone needs nothing
+            (None, "json: record is not JSON"),
+        ]
+        assert unescape_text(rows[0]["partition_key"]) == "db\x00-1\x00"
+        assert unescape_text(rows[1]["partition_key"]) == "db\ud800-2"
+        assert await pool.fetchval("SELECT checkpoint FROM das.leases") == "4"
+    finally:
+        await pool.close()
+
+
 # -- partitions and retention ----------------------------------------------------------------
 
 
@@ -478,6 +770,53 @@ async def test_partitions_are_created_on_demand_and_rows_move_out_of_default(pg_
         )
         assert part == f"das.activity_events_p{far:%Y%m%d}"
         assert await pool.fetchval("SELECT das.ensure_partition($1)", far.date()) is False
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("chain", [True, False], ids=["chain", "no-chain"])
+async def test_one_record_over_two_past_days_lands_in_both_days_partitions(
+    pg_dsn: str, chain: bool
+) -> None:
+    """Every event's day gets its partition, with or without the integrity chain: the days of
+    a record are not only those of its last event (which here has no time at all)."""
+    now = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    five, three = now - timedelta(days=5), now - timedelta(days=3)  # inside the window
+    doc = inner(
+        {"type": "record", "command": "FIVE", "logTime": five.isoformat()},
+        {"type": "record", "command": "THREE", "logTime": three.isoformat()},
+        {"type": "record", "command": "UNDATED"},
+    )
+    config = DecoderConfig(decryptor="esdk", chain=chain)
+    output = decode_batch(
+        BatchInput("s", [(0, "1", seal(doc, KEY, "1.2"), KEY)], config, stream_name=STREAM)
+    )
+    assert output.failures == []
+    assert output.days == {five.date(), three.date()}
+    assert output.undated_events == 1
+    assert bool(output.chain) is chain
+
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w")
+        sink = Sink(pool, chain=chain)
+        await sink.ensure_partitions(output.days)  # what the consumer does before committing
+        await sink.commit(
+            token,
+            previous_checkpoint="TRIM_HORIZON",
+            new_checkpoint="1",
+            units=[CopyUnit(output.events, output.statements, chain=output.chain)],
+            sequence_range=("1", "1"),
+        )
+        where = await pool.fetch(
+            "SELECT command, tableoid::regclass::text AS part FROM das.activity_events "
+            "ORDER BY command"
+        )
+        assert [(r["command"], r["part"]) for r in where] == [
+            ("FIVE", f"das.activity_events_p{five:%Y%m%d}"),
+            ("THREE", f"das.activity_events_p{three:%Y%m%d}"),
+            ("UNDATED", "das.activity_events_default"),
+        ]
     finally:
         await pool.close()
 

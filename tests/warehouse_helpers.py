@@ -42,19 +42,26 @@ def inner(*events: dict[str, Any], cluster: str = "cluster-TEST", instance: str 
     )
 
 
-def batch(shard_id: str, records: Sequence[tuple[str, bytes]], version: str = "1.2") -> BatchOutput:
+def batch(
+    shard_id: str,
+    records: Sequence[tuple[str, bytes]],
+    version: str = "1.2",
+    stream: str = STREAM,
+) -> BatchOutput:
     """Decode (sequence number, inner document) pairs as the process pool would."""
     items = [(i, seq, seal(doc, KEY, version), KEY) for i, (seq, doc) in enumerate(records)]
-    return decode_batch(BatchInput(shard_id, items, ESDK))
+    return decode_batch(BatchInput(shard_id, items, ESDK, stream_name=stream))
 
 
-async def hold_lease(pool: asyncpg.Pool, shard_id: str, owner: str) -> tuple[LeaseToken, Lease]:
-    store = LeaseStore(pool, STREAM, lease_seconds=30)
+async def hold_lease(
+    pool: asyncpg.Pool, shard_id: str, owner: str, stream: str = STREAM
+) -> tuple[LeaseToken, Lease]:
+    store = LeaseStore(pool, stream, lease_seconds=30)
     await store.sync_shards([ShardInfo(shard_id, ())], "TRIM_HORIZON")
     current = {lease.shard_id: lease for lease in await store.all_leases()}[shard_id]
     taken = await store.take(current, owner)
     assert taken is not None
-    return LeaseToken(STREAM, shard_id, owner, taken.lease_counter), taken
+    return LeaseToken(stream, shard_id, owner, taken.lease_counter), taken
 
 
 async def store(

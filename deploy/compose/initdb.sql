@@ -18,8 +18,7 @@ CREATE ROLE das_analyst NOLOGIN;
 CREATE ROLE ingester LOGIN IN ROLE das_ingest;
 CREATE ROLE analyst LOGIN IN ROLE das_analyst;
 CREATE DATABASE audit OWNER das_owner;
--- Nobody else may even connect. The ingest role needs TEMPORARY: every warehouse connection of
--- the ingester keeps a session-local staging table for MySQL statement parts.
+-- Nobody else may even connect, nor create temporary tables (the ingester needs none).
 REVOKE ALL ON DATABASE audit FROM PUBLIC;
-GRANT CONNECT, TEMPORARY ON DATABASE audit TO das_ingest;
+GRANT CONNECT ON DATABASE audit TO das_ingest;
 GRANT CONNECT ON DATABASE audit TO das_analyst;

@@ -21,9 +21,10 @@ input: one Kinesis record per line, exactly as it sits in the stream (the outer 
 (the Data field of `aws kinesis get-records`) is accepted too. Blank lines are skipped.
 
 output: one JSON object per event on stdout, with the warehouse's column names plus line,
-cluster_id, instance_id and record_version. --raw prints each record's decrypted document
-instead. Errors go to stderr as "line N: STAGE: reason (likely cause)"; the exit code is 1 if
-any line failed, else 0.
+cluster_id, instance_id and record_version (and file, when reading files). --raw prints each
+record's decrypted document instead. Errors go to stderr as "line N: STAGE: reason (likely
+cause)", or "FILE: line N: ..." when reading files (N counts the lines of that file); the exit
+code is 1 if any line failed, else 0.
 
 KMS is called with the encryption context {"aws:rds:dbc-id": RESOURCE_ID}; AWS settings come
 from the usual places (AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL_KMS, ...).
@@ -94,16 +95,30 @@ def run(args: argparse.Namespace) -> int:
     return run_async(_decrypt_all(args, resource_id))
 
 
-def _lines(files: list[str]) -> Iterator[tuple[int, bytes]]:
-    streams: list[IO[bytes]] = [open(f, "rb") for f in files] if files else [sys.stdin.buffer]  # noqa: SIM115
-    number = 0
-    for stream in streams:
+def _lines(files: list[str]) -> Iterator[tuple[str | None, int, bytes | OSError]]:
+    """(file name or None for stdin, line number within that input, stripped line); a file
+    that cannot be opened yields its OSError (line 0) and the others are still read."""
+    if not files:
+        yield from ((None, number, line) for number, line in _numbered(sys.stdin.buffer))
+    for name in files:
+        try:
+            stream = open(name, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            yield name, 0, exc
+            continue
         with stream:
-            for line in stream:
-                number += 1
-                line = line.strip()
-                if line:
-                    yield number, line
+            yield from ((name, number, line) for number, line in _numbered(stream))
+
+
+def _numbered(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    for number, line in enumerate(stream, start=1):
+        line = line.strip()
+        if line:
+            yield number, line
+
+
+def _where(name: str | None, number: int) -> str:
+    return f"line {number}" if name is None else f"{name}: line {number}"
 
 
 def as_record_bytes(line: bytes) -> bytes:
@@ -135,7 +150,11 @@ async def _decrypt_all(args: argparse.Namespace, resource_id: str) -> int:
     out = sys.stdout.buffer
     async with aws_client("kms") as kms:
         cache = DataKeyCache(kms)
-        for number, line in _lines(args.files):
+        for name, number, line in _lines(args.files):
+            if isinstance(line, OSError):
+                failures += 1
+                print(f"{name}: cannot read: {line.strerror or line}", file=sys.stderr)
+                continue
             try:
                 envelope = read_envelope(as_record_bytes(line))
                 blob = envelope.key_blob()
@@ -156,9 +175,10 @@ async def _decrypt_all(args: argparse.Namespace, resource_id: str) -> int:
                 )
             except DecodeError as exc:
                 failures += 1
-                print(f"line {number}: {exc}", file=sys.stderr)
+                print(f"{_where(name, number)}: {exc}", file=sys.stderr)
                 continue
-            head = {
+            head: dict[str, Any] = {} if name is None else {"file": name}
+            head |= {
                 "line": number,
                 "cluster_id": record.cluster_id,
                 "instance_id": record.instance_id,

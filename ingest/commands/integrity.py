@@ -7,17 +7,23 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest.commands.options import add_dsn_argument, env_default
+from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
 
 VERIFY_EPILOG = """\
 verify recomputes every event's digest from the stored rows (trusting no function or digest
 stored in the database), walks each shard's hash chain, checks every anchor through KMS, and
-reports what was altered, deleted, inserted or reordered, with shard, link and sequence range.
-Whole UTC days recorded in das.retention_log are legitimately gone; anything else missing is a
-finding. Links after the last anchor (the unanchored tail) are listed: they are only as safe as
-the warehouse itself.
+reports what was altered, deleted, inserted or reordered, with stream, shard, link and sequence
+range. Whole UTC days that a believable das.retention_log record accounts for are legitimately
+gone; anything else missing is a finding. Links after the last anchor (the unanchored tail) are
+listed: they are only as safe as the warehouse itself.
 
-exit codes: 0 clean, 1 findings, 2 configuration error.
+Give --anchor-key-id (the key the workers anchor with) to pin it: an anchor made with another
+key is then a finding, and so is an unanchored tail older than --max-unanchored-seconds. Give
+--anchors FILE (from `das-ingest anchor --export`, kept outside the warehouse) so that deleted
+anchors are found too.
+
+exit codes: 0 clean, 1 findings, 2 configuration error, 3 no other finding but KMS could not
+check the anchors (refused or unreachable).
 
 das.statements is derived from the chained events and not chained itself: after restoring or
 repairing events, rebuild it with `das-ingest rebuild-statements`.
@@ -39,7 +45,7 @@ def add_parser(subparsers: Any) -> None:
     verify.add_argument(
         "--since",
         metavar="ISO",
-        help="only recompute links created since this time (chain "
+        help="only recompute the events of links created since this time (chain "
         "continuity and anchors are always checked in full)",
     )
     verify.add_argument("--json", action="store_true", help="a JSON report on stdout")
@@ -48,7 +54,37 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="do not check anchors (no KMS access); the report says so",
     )
+    verify.add_argument(
+        "--anchor-key-id",
+        default=env_default("DAS_ANCHOR_KEY_ID"),
+        metavar="KEY",
+        help="the KMS key every anchor must be made with (id, ARN or alias); anchors are "
+        "checked with it whatever key they name [DAS_ANCHOR_KEY_ID]",
+    )
+    verify.add_argument(
+        "--max-unanchored-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --anchor-key-id: an unanchored tail older than this is a finding "
+        "(default: twice DAS_ANCHOR_SECONDS, i.e. 600)",
+    )
+    verify.add_argument(
+        "--anchors",
+        metavar="FILE",
+        help="anchors exported by `das-ingest anchor --export` (JSON lines): each must still "
+        "be in the warehouse and match its chain",
+    )
+    verify.add_argument(
+        "--retention-keep",
+        default=env_default("DAS_RETENTION_KEEP"),
+        metavar="PERIOD",
+        help="the retention policy (90d, 12w, 36h): a retention record that removed newer "
+        "days is not believed (default: the period each record says it ran with) "
+        "[DAS_RETENTION_KEEP]",
+    )
     add_dsn_argument(verify)
+    add_log_argument(verify)
     verify.set_defaults(func=_verify)
 
     anchor = subparsers.add_parser(
@@ -69,10 +105,15 @@ def add_parser(subparsers: Any) -> None:
         "--export", metavar="FILE", help="write every anchor as JSON lines to FILE ('-': stdout)"
     )
     add_dsn_argument(anchor)
+    add_log_argument(anchor)
     anchor.set_defaults(func=_anchor)
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from ingest.warehouse.retention import parse_keep
+
     since = None
     if args.since:
         try:
@@ -81,26 +122,50 @@ def _verify(args: argparse.Namespace) -> int:
             raise SystemExit(f"das-ingest verify: --since {args.since!r} is not ISO 8601") from None
         if since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
+    keep = None
+    if args.retention_keep:
+        try:
+            keep = parse_keep(args.retention_keep)
+        except ValueError as exc:
+            raise SystemExit(f"das-ingest verify: --retention-keep: {exc}") from None
+    seconds = args.max_unanchored_seconds
+    if seconds is None:
+        try:
+            seconds = 2 * float(env_default("DAS_ANCHOR_SECONDS", "300"))
+        except ValueError:
+            raise SystemExit("das-ingest verify: DAS_ANCHOR_SECONDS is not a number") from None
     from ingest.runtime import run_async
 
-    return run_async(_do_verify(args, since))
+    return run_async(_do_verify(args, since, keep, timedelta(seconds=seconds)))
 
 
-async def _do_verify(args: argparse.Namespace, since: datetime | None) -> int:
+async def _do_verify(
+    args: argparse.Namespace, since: datetime | None, keep: Any, max_unanchored: Any
+) -> int:
     import contextlib
 
     import orjson
 
     from ingest.aws import aws_client
+    from ingest.integrity.anchor import read_exported_anchors
     from ingest.integrity.verify import verify_warehouse
     from ingest.warehouse.db import connect, resolve_dsn
 
+    exported = read_exported_anchors(args.anchors) if args.anchors else None
     conn = await connect(resolve_dsn(args.dsn))
     try:
         async with contextlib.AsyncExitStack() as stack:
             kms = None if args.no_anchors else await stack.enter_async_context(aws_client("kms"))
             report = await verify_warehouse(
-                conn, kms=kms, stream=args.stream, shards=args.shards, since=since
+                conn,
+                kms=kms,
+                stream=args.stream,
+                shards=args.shards,
+                since=since,
+                anchor_key_id=args.anchor_key_id,
+                exported_anchors=exported,
+                max_unanchored_age=max_unanchored,
+                retention_keep=keep,
             )
     finally:
         await conn.close()
@@ -108,23 +173,32 @@ async def _do_verify(args: argparse.Namespace, since: datetime | None) -> int:
         sys.stdout.write(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         _print_report(report)
-    return 0 if report.clean else 1
+    return report.exit_code
 
 
 def _print_report(report: Any) -> None:
+    from ingest.integrity.verify import REBUILD_HINT
+
     print(
         f"checked {report.chains} chains, {report.links} links, {report.events} events, "
         f"{report.anchors_checked} anchors"
     )
     if report.anchors_skipped:
         print("anchors NOT checked (--no-anchors): a consistent rewrite would go unnoticed")
+    elif report.anchor_key:
+        print(f"anchor key pinned: {report.anchor_key}")
+    else:
+        print(
+            "anchor key NOT pinned (give --anchor-key-id): each anchor was checked with the "
+            "key it names"
+        )
     if report.retained_days:
         days = report.retained_days
         print(f"removed by retention (recorded): {len(days)} days, {days[0]} .. {days[-1]}")
     for tail in report.unanchored:
         print(
             f"unanchored tail: {tail['stream']} {tail['shard']} links {tail['first_link']}.."
-            f"{tail['last_link']} (up to sequence {tail['last_sequence']})"
+            f"{tail['last_link']} (up to sequence {tail['last_sequence']}, since {tail['since']})"
         )
     if report.clean:
         print("no findings: nothing altered, deleted, inserted or reordered")
@@ -136,7 +210,8 @@ def _print_report(report: Any) -> None:
             where += f" link {f.link_no}"
         if f.first_sequence is not None:
             where += f" sequence {f.first_sequence}..{f.last_sequence}"
-        print(f"  {f.kind.upper():<16} {where}: {f.detail}")
+        print(f"  {f.kind.upper():<21} {where}: {f.detail}")
+    print(REBUILD_HINT)
 
 
 def _anchor(args: argparse.Namespace) -> int:

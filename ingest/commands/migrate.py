@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ingest.commands.options import add_dsn_argument, env_default
+from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
 
 
 def add_parser(subparsers: Any) -> None:
@@ -36,6 +36,7 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="only report the schema version; exit 1 if migrations are pending",
     )
+    add_log_argument(parser)
     parser.set_defaults(func=run)
 
 

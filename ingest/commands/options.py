@@ -8,15 +8,52 @@ import os
 from typing import Any
 
 
+class EnvText(str):
+    """An option's default as read from an environment variable, which it remembers so that
+    an error in it can name the variable."""
+
+    variable: str
+
+    def __new__(cls, text: str, variable: str = "") -> EnvText:
+        value = super().__new__(cls, text)
+        value.variable = variable
+        return value
+
+
 def env_default(name: str, default: Any = None) -> Any:
     """The default for an option: ``$name`` if set, else ``default``.
 
-    The variable's text is returned as is: argparse converts string defaults with the option's
-    ``type``, so a bad value fails that one command with a usage error (exit 2) naming the
-    option, and ``--help`` keeps working.
+    The variable's text is returned as is (an :class:`EnvText`): argparse converts string
+    defaults with the option's ``type`` only when the option's command runs, so a bad value
+    fails that one command with a usage error (exit 2) naming the option and the variable (see
+    :class:`ArgumentParser`), and other commands and ``--help`` keep working.
     """
     value = os.environ.get(name)
-    return default if value is None or value == "" else value
+    return default if value is None or value == "" else EnvText(value, name)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, where a bad value from the environment is an error that names the variable
+    (``argument --processes: invalid int value: 'abc' (from $DAS_PROCESSES)``) and is checked
+    against the option's choices, as a value on the command line is.
+
+    Subcommand parsers are of the same class (``add_subparsers`` uses the parent's).
+    """
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        variable = arg_string.variable if isinstance(arg_string, EnvText) else None
+        try:
+            value = super()._get_value(action, str(arg_string))
+        except argparse.ArgumentError as exc:
+            if variable is None:
+                raise
+            raise argparse.ArgumentError(action, f"{exc.message} (from ${variable})") from None
+        if variable is not None and action.choices is not None and value not in action.choices:
+            choices = ", ".join(repr(choice) for choice in action.choices)
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r} (from ${variable}; choose from {choices})"
+            )
+        return value
 
 
 def available_cpus() -> int:

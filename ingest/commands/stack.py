@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ingest.commands.options import add_log_argument
+
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -17,6 +19,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--services", default=None, help="comma-separated subset of kinesis,kms,postgres"
     )
+    add_log_argument(parser)
     parser.set_defaults(func=run)
 
 

@@ -72,10 +72,13 @@ async def gather(conn: Any, stream: str | None) -> dict[str, Any]:
         WHERE i.inhparent = 'das.activity_events'::regclass
         """
     )
-    # "events" is exact up to a million rows, a planner estimate above.
+    # "events" is exact up to a million rows, a planner estimate above (of every stream's).
     if (estimate or 0) < 1_000_000:
         # Planner statistics lag behind on small or fresh tables: count exactly.
-        estimate = await conn.fetchval("SELECT count(*) FROM das.activity_events")
+        estimate = await conn.fetchval(
+            "SELECT count(*) FROM das.activity_events WHERE $1::text IS NULL OR stream_name = $1",
+            stream,
+        )
     now = datetime.now(UTC)
     return {
         "generated_at": now.isoformat(),

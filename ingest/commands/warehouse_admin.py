@@ -24,6 +24,7 @@ def add_parser(subparsers: Any) -> None:
     retention.add_argument("--keep", required=True, help="retention period: 90d, 12w or 36h")
     retention.add_argument("--dry-run", action="store_true", help="show what would be dropped")
     add_dsn_argument(retention)
+    add_log_argument(retention)
     retention.set_defaults(func=_retention)
 
     dead = subparsers.add_parser(
@@ -62,6 +63,7 @@ def add_parser(subparsers: Any) -> None:
         "in one transaction (for example after restoring events from a backup).",
     )
     add_dsn_argument(rebuild)
+    add_log_argument(rebuild)
     rebuild.set_defaults(func=_rebuild)
 
 
@@ -143,6 +145,20 @@ async def _do_retry(args: argparse.Namespace) -> int:
     decryptor_for(decoder)
     conn = await connect(resolve_dsn(args.dsn))
     try:
+        if args.ids:
+            known = await conn.fetch(
+                "SELECT id FROM das.dead_letters WHERE id = ANY($1::bigint[])", args.ids
+            )
+            unknown = sorted(set(args.ids) - {r["id"] for r in known})
+            if unknown:
+                # A typo in an id list must not re-drive the rest half-way: nothing is done.
+                listed = ", ".join(map(str, unknown))
+                print(
+                    f"das-ingest dead-letters retry: no dead letter with id {listed} "
+                    "(see `das-ingest dead-letters list`); nothing was retried",
+                    file=sys.stderr,
+                )
+                return 1
         async with aws_client("kms") as kms:
             report = await redrive(
                 conn,

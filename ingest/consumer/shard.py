@@ -321,7 +321,12 @@ class ShardConsumer:
                 continue
             chunk.ready.append((index, record.sequence_number, record.data, data_key))
         if chunk.ready:
-            batch = BatchInput(self.shard_id, chunk.ready, self._settings.decoder)
+            batch = BatchInput(
+                self.shard_id,
+                chunk.ready,
+                self._settings.decoder,
+                stream_name=self.lease.stream_name,
+            )
             size = sum(len(r.data) for r in records)
             try:
                 chunk.outputs = [await self._pool.decode(batch, size)]
@@ -363,7 +368,12 @@ class ShardConsumer:
         outputs = []
         for item in ready:
             out = await self._pool.decode_alone(
-                BatchInput(self.shard_id, [item], self._settings.decoder)
+                BatchInput(
+                    self.shard_id,
+                    [item],
+                    self._settings.decoder,
+                    stream_name=self.lease.stream_name,
+                )
             )
             if out is None:
                 letters.append(
@@ -468,7 +478,14 @@ class ShardConsumer:
     ) -> list[CopyUnit]:
         units = []
         for item in ready:
-            out = decode_batch(BatchInput(self.shard_id, [item], self._settings.decoder))
+            out = decode_batch(
+                BatchInput(
+                    self.shard_id,
+                    [item],
+                    self._settings.decoder,
+                    stream_name=self.lease.stream_name,
+                )
+            )
             if out.failures:
                 continue  # already dead-lettered by the batch run
             units.append(

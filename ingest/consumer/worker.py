@@ -373,9 +373,12 @@ class Worker:
                 continue
             del self.running[shard_id]
             self.metrics.forget_shard(shard_id)  # its lag is no longer ours to report
+            finished = not run.task.cancelled() and run.consumer.status.state is State.SHARD_END
             if self._account(run):
-                self._spawn_release(run.consumer.lease)
-            ended_shard |= not run.task.cancelled() and run.consumer.status.state is State.SHARD_END
+                # A closed shard's chain is complete: anchor its head before letting go
+                # (periodic anchoring only covers the shards still held).
+                self._spawn_release(run.consumer.lease, anchor=finished)
+            ended_shard |= finished
         self.metrics.leases_held.set(len(self.running))
         return ended_shard
 
@@ -407,8 +410,19 @@ class Worker:
             self.metrics.lease_changes.labels("released").inc()
         return released
 
-    def _spawn_release(self, lease: LeaseToken) -> None:
-        task = asyncio.ensure_future(self._release(lease))
+    def _spawn_release(self, lease: LeaseToken, *, anchor: bool = False) -> None:
+        async def release() -> bool:
+            if anchor:
+                try:
+                    await self._anchor([lease.shard_id])
+                except Exception as exc:  # noqa: BLE001 - never keeps the lease from release
+                    log.warning(
+                        "could not anchor a finished shard",
+                        extra={"shard": lease.shard_id, "error": describe(exc)},
+                    )
+            return await self._release(lease)
+
+        task = asyncio.ensure_future(release())
         self._releasing.add(task)  # a reference, so the task is not collected midway
         task.add_done_callback(self._releasing.discard)
         task.add_done_callback(_log_task_error)

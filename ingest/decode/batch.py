@@ -1,8 +1,9 @@
 """Decoding a whole Kinesis batch into COPY-ready payloads (pure; what the process pool runs).
 
 The parent sends one :class:`BatchInput` (records whose data keys it already got from KMS) and
-gets back one :class:`BatchOutput`: the events as one COPY buffer, the MySQL statement parts as
-another, heartbeats, the days the events fall on, and the records that failed with their stage.
+gets back one :class:`BatchOutput`: the events as one COPY buffer, the range of records whose
+MySQL statement events the warehouse must merge, heartbeats, the days the events fall on, and the
+records that failed with their stage.
 One bytes object per batch is far cheaper to move between processes than row tuples.
 """
 
@@ -13,7 +14,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from ingest.decode import copyfmt
-from ingest.decode.correlate import StatementFolder
+from ingest.decode.correlate import StatementRange, StatementRangeBuilder
 from ingest.decode.gunzip import DEFAULT_MAX_DECOMPRESSED
 from ingest.decode.pipeline import Decryptor, decode_record
 from ingest.errors import DecodeError
@@ -35,6 +36,9 @@ class BatchInput:
     #: (index in the Kinesis batch, sequence number, record bytes, plaintext data key)
     records: list[tuple[int, str, bytes, bytes]]
     config: DecoderConfig = DecoderConfig()
+    #: the stream the records were read from: stored with every event (shard ids repeat
+    #: across streams)
+    stream_name: str = field(kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +62,10 @@ class HeartbeatRow:
 class BatchOutput:
     events: bytes = b""
     event_count: int = 0
-    statements: bytes = b""
-    statement_count: int = 0
+    #: The records holding MySQL MAIN/AUX events, for das.merge_statements (None: no such).
+    statements: StatementRange | None = None
+    #: How many records that range covers with MySQL events.
+    statement_records: int = 0
     heartbeats: list[HeartbeatRow] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     days: set[date] = field(default_factory=set)
@@ -90,14 +96,14 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
     """Decode every record; COPY-encode each one as soon as it is decoded.
 
     Encoding record by record keeps only one record's event objects alive at a time (a page
-    of 100-event records holds ~10x its size in Python objects), and the MySQL statement parts
-    are folded as we go; the output is the same as encoding the whole batch at the end.
+    of 100-event records holds ~10x its size in Python objects); the output is the same as
+    encoding the whole batch at the end.
     """
     decryptor = decryptor_for(batch.config)
     max_decompressed = batch.config.max_decompressed
     shard_id = batch.shard_id
     out = BatchOutput()
-    folder = StatementFolder()
+    statements = StatementRangeBuilder(shard_id)
     chunks: list[bytes] = []
     digests = DayDigests()
     ingested_at = datetime.now(UTC)
@@ -110,18 +116,25 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
             continue
         out.records_decoded += 1
         if record.events:
-            data, count = copyfmt.encode_events(((record, shard_id, sequence_number),), ingested_at)
+            data, count = copyfmt.encode_events(
+                ((record, shard_id, sequence_number),), ingested_at, batch.stream_name
+            )
             chunks.append(data)
             out.event_count += count
-            folder.add(record, shard_id, sequence_number)
-            if chain:
-                fields = RecordFields(record, shard_id, sequence_number, ingested_at)
-                for event in record.events:
-                    digests.add(event_day(event.log_time), stored_event_digest(event, fields))
+            statements.add(record, sequence_number)
+            # Every event's day, whatever the chain switch: the sink creates these partitions
+            # before the commit (an event of a day without one lands in the default partition).
+            for event in record.events:
                 if event.log_time is None:
                     out.undated_events += 1
                 else:
                     out.days.add(_utc_day(event.log_time))
+            if chain:
+                fields = RecordFields(
+                    record, batch.stream_name, shard_id, sequence_number, ingested_at
+                )
+                for event in record.events:
+                    digests.add(event_day(event.log_time), stored_event_digest(event, fields))
         for beat in record.heartbeats:
             out.heartbeats.append(
                 HeartbeatRow(
@@ -134,7 +147,8 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
             )
     out.events = b"".join(chunks)
     out.chain = digests.packed()
-    out.statements, out.statement_count = folder.encode()
+    out.statements = statements.build()
+    out.statement_records = statements.records
     return out
 
 

@@ -21,6 +21,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "cluster_id",
     "instance_id",
     "record_version",
+    "stream_name",
     "shard_id",
     "sequence_number",
     "event_index",
@@ -71,6 +72,7 @@ def text_array(values: Sequence[str]) -> str:
 def event_line(
     event: ActivityEvent,
     record: DecodedRecord,
+    stream_name: str,
     shard_id: str,
     sequence_number: str,
     prefix: str | None = None,
@@ -79,7 +81,7 @@ def event_line(
     """One COPY line for ``event``. ``prefix`` caches the record-level leading columns;
     ``ingested_at`` is the decode time's ISO text (NULL would violate the column's NOT NULL)."""
     if prefix is None:
-        prefix = record_prefix(record, shard_id, sequence_number)
+        prefix = record_prefix(record, stream_name, shard_id, sequence_number)
     cols = [prefix, str(event.event_index)]
     append = cols.append
     # One C call fetches every field; the loop then only formats. Clean text (nothing COPY
@@ -107,12 +109,15 @@ def event_line(
     return "\t".join(cols)
 
 
-def record_prefix(record: DecodedRecord, shard_id: str, sequence_number: str) -> str:
+def record_prefix(
+    record: DecodedRecord, stream_name: str, shard_id: str, sequence_number: str
+) -> str:
     return "\t".join(
         (
             text(record.cluster_id),
             text(record.instance_id),
             escape(record.record_version),
+            escape(stream_name),
             escape(shard_id),
             sequence_number,
         )
@@ -122,16 +127,18 @@ def record_prefix(record: DecodedRecord, shard_id: str, sequence_number: str) ->
 def encode_events(
     records: Iterable[tuple[DecodedRecord, str, str]],
     ingested_at: datetime,
+    stream_name: str,
 ) -> tuple[bytes, int]:
-    """COPY payload for (record, shard_id, sequence_number) triples; returns (data, row count)."""
+    """COPY payload for (record, shard_id, sequence_number) triples of the stream
+    ``stream_name``; returns (data, row count)."""
     lines: list[str] = []
     stamp = ingested_at.isoformat()
     for record, shard_id, sequence_number in records:
         if not record.events:
             continue
-        prefix = record_prefix(record, shard_id, sequence_number)
+        prefix = record_prefix(record, stream_name, shard_id, sequence_number)
         lines.extend(
-            event_line(event, record, shard_id, sequence_number, prefix, stamp)
+            event_line(event, record, stream_name, shard_id, sequence_number, prefix, stamp)
             for event in record.events
         )
     if not lines:

@@ -4,16 +4,25 @@ The inner document is ``{"type": "DatabaseActivityMonitoringRecord", "clusterId"
 "instanceId": ..., "databaseActivityEventList": [...]}``. Each list entry is a ``record`` (an
 :class:`ActivityEvent`) or a ``heartbeat``.
 
-Nothing is dropped and nothing is fatal at the field level: a field the table does not know goes
-to ``extra``; a known field whose value has the wrong type keeps its original value in ``extra``
-(its column is NULL) and is listed in ``anomalies``; text that PostgreSQL cannot store (NUL, lone
-surrogates from invalid UTF-8) is escaped reversibly and listed in ``anomalies``. Only a document
-that is not a DAS event list at all is an error.
+Nothing is dropped and nothing is fatal at the field or event level: a field the table does not
+know goes to ``extra``; a known field whose value has the wrong type keeps its original value in
+``extra`` (its column is NULL) and is listed in ``anomalies``; text that PostgreSQL cannot store
+(NUL, lone surrogates from invalid UTF-8) is escaped reversibly and listed in ``anomalies``; a
+number beyond 64 bits (or beyond a double) is kept exactly, as its JSON text, and listed
+(``bignum``); an event whose ``type`` is missing or unknown is kept as a row and listed
+(``type:missing``, ``type:unknown`` with the value in ``extra``). Only a document that is not a
+DAS event list at all is an error.
+
+Numbers: orjson, the fast parser, turns an integer beyond 64 bits into a *rounded* float and
+refuses a number beyond a double. Such a document is parsed again by the standard library's
+parser, which hands us the exact JSON text of those numbers (:class:`NumberText`). Aurora does
+not send them; a hostile or broken producer must not make us store a different number.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,21 +42,68 @@ from ingest.errors import NormalizeError, ParseError
 INNER_TYPE = "DatabaseActivityMonitoringRecord"
 _INNER_KNOWN = frozenset({"type", "clusterId", "instanceId", "databaseActivityEventList"})
 _INT64 = (-(2**63), 2**63 - 1)
+#: Integers orjson parses and writes exactly (it rounds anything else to a float).
+_EXACT_INTS = (-(2**63), 2**64 - 1)
+#: A float this large from orjson may be a rounded integer (exact ones stay ints below it).
+_ROUNDED = float(2**63)
+
+
+class NumberText(str):
+    """The exact JSON text of a number no int64/uint64 or finite double below 2**63 holds,
+    from :func:`parse_exact`. Normalizing stores it as text and flags it ``bignum``."""
+
+    __slots__ = ()
+
+
+class _RoundedNumber(Exception):
+    """A float of integer size in an orjson document: parse the bytes again, exactly."""
 
 
 def parse_payload(data: bytes) -> Any:
-    """JSON-decode the decompressed payload, tolerating invalid UTF-8 and lone surrogates."""
+    """JSON-decode the decompressed payload (orjson), falling back to :func:`parse_exact` for
+    what orjson refuses: invalid UTF-8, lone surrogates, numbers beyond a double."""
     try:
         return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        if "surrogate" not in str(exc) and "UTF-8" not in str(exc):
-            raise ParseError(f"payload is not JSON ({_position(exc)})") from None
-    # Rare path: bytes that are not UTF-8, or \ud800-style escapes. The stdlib parser keeps
-    # them as lone surrogates, which sanitize() later escapes and flags.
+    except orjson.JSONDecodeError:
+        pass
+    # Rare path. Bytes that are not UTF-8 and \ud800-style escapes become lone surrogates,
+    # which sanitize() later escapes and flags; huge numbers become NumberText.
+    return parse_exact(data)
+
+
+def _exact_int(text: str) -> int | NumberText:
+    if len(text) <= 20:  # no int() of thousands of digits (Python limits int(str) anyway)
+        value = int(text)
+        if _EXACT_INTS[0] <= value <= _EXACT_INTS[1]:
+            return value
+    return NumberText(text)
+
+
+def _exact_float(text: str) -> float | NumberText:
+    value = float(text)
+    if math.isfinite(value) and abs(value) < _ROUNDED:
+        return value
+    return NumberText(text)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_exact(data: bytes) -> Any:
+    """The standard library's parser: every number exactly (huge ones as NumberText), invalid
+    UTF-8 as lone surrogates, NaN and Infinity refused as orjson refuses them."""
     try:
-        return json.loads(data.decode("utf-8", "surrogateescape"))
+        return json.loads(
+            data.decode("utf-8", "surrogateescape"),
+            parse_int=_exact_int,
+            parse_float=_exact_float,
+            parse_constant=_no_constants,
+        )
     except json.JSONDecodeError as exc:
         raise ParseError(f"payload is not JSON ({_position(exc)})") from None
+    except ValueError:
+        raise ParseError("payload is not JSON (NaN or Infinity)") from None
     except RecursionError:
         raise ParseError("payload JSON is nested too deeply") from None
 
@@ -56,8 +112,37 @@ def _position(exc: json.JSONDecodeError) -> str:
     return f"line {exc.lineno} column {exc.colno}"
 
 
+def decode_payload(data: bytes, record_version: str) -> DecodedRecord:
+    """Parse and normalize a decompressed payload; a number orjson may have rounded makes us
+    parse the bytes again, exactly (rare: Aurora's numbers fit 64 bits)."""
+    doc = parse_payload(data)
+    try:
+        return _normalize(doc, record_version)
+    except _RoundedNumber:
+        return _normalize(parse_exact(data), record_version)
+
+
 def normalize(doc: Any, record_version: str) -> DecodedRecord:
-    """Turn the parsed inner document into a :class:`DecodedRecord`."""
+    """Turn the parsed inner document into a :class:`DecodedRecord`. A float of 2**63 or more
+    (or not finite) is kept as its JSON text, flagged ``bignum``, like a number beyond 64 bits
+    from :func:`parse_exact` (given bytes, use :func:`decode_payload`: it re-parses them)."""
+    try:
+        return _normalize(doc, record_version)
+    except _RoundedNumber:
+        return _normalize(_big_floats_as_text(doc), record_version)
+
+
+def _big_floats_as_text(value: Any) -> Any:
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) < _ROUNDED):
+        return NumberText(orjson.dumps(value).decode() if math.isfinite(value) else repr(value))
+    if isinstance(value, list):
+        return [_big_floats_as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _big_floats_as_text(v) for k, v in value.items()}
+    return value
+
+
+def _normalize(doc: Any, record_version: str) -> DecodedRecord:
     if not isinstance(doc, dict):
         raise NormalizeError(f"payload is a JSON {type(doc).__name__}, not an object")
     kind = doc.get("type")
@@ -87,8 +172,10 @@ def normalize(doc: Any, record_version: str) -> DecodedRecord:
         elif event_type == "record":
             events.append(normalize_event(index, item))
         else:
-            shown = repr(event_type[:40]) if isinstance(event_type, str) else "missing"
-            raise NormalizeError(f"event {index} has type {shown}, expected record or heartbeat")
+            # Neither: kept as a row, flagged, so one odd event never costs its neighbours.
+            events.append(
+                normalize_event(index, item, "missing" if "type" not in item else "unknown")
+            )
     return DecodedRecord(
         record_version=record_version,
         cluster_id=cluster_id,
@@ -101,6 +188,10 @@ def normalize(doc: Any, record_version: str) -> DecodedRecord:
 
 def _id_field(doc: dict[str, Any], name: str, anomalies: list[str]) -> str | None:
     value = doc.get(name)
+    if type(value) is float and not abs(value) < _ROUNDED:
+        raise _RoundedNumber  # name the number as it was written
+    if isinstance(value, NumberText):
+        raise NormalizeError(f"{name} is a JSON number, not a string")
     if value is None or isinstance(value, str):
         text, flag = sanitize_text(value) if value is not None else (None, None)
         if flag:
@@ -118,10 +209,18 @@ _ATTRS: dict[str, tuple[str, Kind]] = {
 _TEXT, _INT = Kind.TEXT, Kind.INT
 
 
-def normalize_event(index: int, item: dict[str, Any]) -> ActivityEvent:
+def normalize_event(
+    index: int, item: dict[str, Any], type_problem: str | None = None
+) -> ActivityEvent:
+    """``type_problem`` ("missing" or "unknown"): the event is not of type ``record``; it is
+    normalized all the same, flagged, and an unknown type's value is kept in ``extra``."""
     values: dict[str, Any] = {}
     extra: dict[str, JsonValue] = {}
     anomalies: list[str] = []
+    if type_problem is not None:
+        anomalies.append(f"type:{type_problem}")
+        if "type" in item:
+            extra["type"] = item["type"]
     low, high = _INT64
     for wire, raw in item.items():
         spec = _ATTRS.get(wire)
@@ -145,7 +244,7 @@ def normalize_event(index: int, item: dict[str, Any]) -> ActivityEvent:
         converted, problem = _convert(kind, raw)
         if problem is None:
             values[attr] = converted
-        elif problem in ("nul", "utf8"):
+        elif problem in ("nul", "utf8", "bignum"):
             values[attr] = converted
             anomalies.append(f"{wire}:{problem}")
         else:
@@ -169,16 +268,25 @@ def _sanitize_list(items: list[Any], anomalies: list[str]) -> list[Any]:
 
 
 def _convert(kind: Kind, raw: Any) -> tuple[Any, str | None]:
-    """Returns (value, problem). problem: None, 'nul'/'utf8' (escaped), or 'type' (rejected)."""
+    """Returns (value, problem). problem: None; 'nul'/'utf8' (escaped) or 'bignum' (a number's
+    exact JSON text): stored and flagged; 'type', 'range' or 'time': rejected (to extra)."""
+    if type(raw) is float and not abs(raw) < _ROUNDED:
+        raise _RoundedNumber
     if kind is Kind.TEXT:
+        if type(raw) is NumberText:
+            return str(raw), "bignum"
         if isinstance(raw, str):
             return sanitize_text(raw)
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             return None, "type"
+        if isinstance(raw, int):
+            return str(raw), None if _EXACT_INTS[0] <= raw <= _EXACT_INTS[1] else "bignum"
         return orjson.dumps(raw).decode(), None
     if kind is Kind.INT:
         if isinstance(raw, bool):
             return None, "type"
+        if type(raw) is NumberText:
+            return None, "range"  # beyond 64 bits; extra keeps its text (flagged bignum)
         if isinstance(raw, int):
             value = raw
         elif (isinstance(raw, str) and _is_int_text(raw)) or (
@@ -191,7 +299,7 @@ def _convert(kind: Kind, raw: Any) -> tuple[Any, str | None]:
             return None, "range"
         return value, None
     if kind is Kind.TIME:
-        if not isinstance(raw, str):
+        if not isinstance(raw, str) or type(raw) is NumberText:
             return None, "type"
         stamp = parse_time(raw)
         return (stamp, None) if stamp is not None else (None, "time")
@@ -220,9 +328,20 @@ def parse_time(text: str) -> datetime | None:
 
 
 def _heartbeat(index: int, item: dict[str, Any]) -> Heartbeat:
+    """A heartbeat's fields are kept whole (logTime too); what had to be done to store them is
+    listed under ``_anomalies``, as for a record's own unknown fields."""
+    anomalies: list[str] = []
     raw_time = item.get("logTime")
-    log_time = parse_time(raw_time) if isinstance(raw_time, str) else None
-    fields = sanitize_json({k: v for k, v in item.items() if k != "type"}, "heartbeat", [])
+    log_time = None
+    if isinstance(raw_time, str) and type(raw_time) is not NumberText:
+        log_time = parse_time(raw_time)
+        if log_time is None:
+            anomalies.append("logTime:time")
+    elif raw_time is not None:
+        anomalies.append("logTime:type")
+    fields = sanitize_json({k: v for k, v in item.items() if k != "type"}, "heartbeat", anomalies)
+    if anomalies:
+        fields["_anomalies"] = anomalies
     return Heartbeat(event_index=index, log_time=log_time, fields=fields)
 
 
@@ -300,10 +419,18 @@ def sanitize_json(value: Any, where: str, anomalies: list[str], depth: int = 0) 
     if depth > MAX_DEPTH:
         raise NormalizeError(f"{where.split('.', 1)[0]} is nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, str):
+        if type(value) is NumberText:
+            anomalies.append(f"{where}:bignum")
+            return str(value)
         text, flag = sanitize_text(value)
         if flag:
             anomalies.append(f"{where}:{flag}")
         return text
+    if type(value) is float and not abs(value) < _ROUNDED:
+        raise _RoundedNumber
+    if type(value) is int and not _EXACT_INTS[0] <= value <= _EXACT_INTS[1]:
+        anomalies.append(f"{where}:bignum")  # from a caller's own dict: JSON can't be rounded
+        return str(value)
     if isinstance(value, list):
         return [sanitize_json(v, where, anomalies, depth + 1) for v in value]
     if isinstance(value, dict):

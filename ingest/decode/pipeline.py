@@ -12,8 +12,8 @@ from typing import Protocol
 from ingest.decode.envelope import Envelope, read_envelope
 from ingest.decode.gunzip import DEFAULT_MAX_DECOMPRESSED, gunzip
 from ingest.decode.model import DecodedRecord
-from ingest.decode.normalize import normalize, parse_payload
-from ingest.errors import NormalizeError, ParseError
+from ingest.decode.normalize import decode_payload
+from ingest.errors import NormalizeError
 
 
 class Decryptor(Protocol):
@@ -34,12 +34,9 @@ def decode_envelope(
     plaintext = decryptor.decrypt(envelope.payload(), data_key)
     inner = gunzip(plaintext, max_decompressed)
     try:
-        doc = parse_payload(inner)
+        return decode_payload(inner, envelope.version)
     except RecursionError:
-        raise ParseError("payload JSON is nested too deeply") from None
-    try:
-        return normalize(doc, envelope.version)
-    except RecursionError:
+        # orjson refuses deep nesting itself (ParseError); only normalizing can recurse.
         raise NormalizeError("payload JSON is nested too deeply") from None
 
 

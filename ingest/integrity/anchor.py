@@ -2,18 +2,22 @@
 
 An anchor is a MAC (KMS GenerateMac with an HMAC key) or a signature (KMS Sign with an
 asymmetric key) over the anchor message of docs/integrity.md: stream, shard, link number, link
-hash and time. Whoever can rewrite the warehouse but cannot use that key cannot forge one.
+hash, time, and (version 2) the key's ARN and the algorithm. Whoever can rewrite the warehouse
+but cannot use that key cannot forge one. Checking anchors (VerifyMac/Verify, the auditor's
+calls) is ``verify``'s: :class:`ingest.integrity.verify.AnchorChecker`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from ingest.aws import error_code
 from ingest.errors import ConfigError, IngestError
-from ingest.integrity.canonical import anchor_message
+from ingest.integrity.canonical import CHAIN_VERSION, anchor_message
 from ingest.warehouse.db import Conn
 
 #: KMS algorithms we use, by key spec family.
@@ -49,11 +53,24 @@ class Anchor:
     key_id: str
     algorithm: str
     signature: bytes
+    version: int = CHAIN_VERSION
 
     def message(self) -> bytes:
         return anchor_message(
-            self.stream_name, self.shard_id, self.link_no, self.link_hash, self.anchored_at
+            self.stream_name,
+            self.shard_id,
+            self.link_no,
+            self.link_hash,
+            self.anchored_at,
+            key_id=self.key_id,
+            algorithm=self.algorithm,
+            version=self.version,
         )
+
+    @property
+    def identity(self) -> tuple[str, str, int, bytes, bytes]:
+        """Two anchors are the same anchor when these agree (the signature covers the rest)."""
+        return (self.stream_name, self.shard_id, self.link_no, self.link_hash, self.signature)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -65,7 +82,76 @@ class Anchor:
             "key_id": self.key_id,
             "algorithm": self.algorithm,
             "signature": self.signature.hex(),
+            "version": self.version,
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Anchor:
+        """An anchor as ``as_json`` (``das-ingest anchor --export``) wrote it."""
+        try:
+            anchored_at = datetime.fromisoformat(str(data["anchored_at"]).replace("Z", "+00:00"))
+            anchor = cls(
+                str(data["stream_name"]),
+                str(data["shard_id"]),
+                int(data["link_no"]),
+                bytes.fromhex(data["link_hash"]),
+                anchored_at,
+                str(data["key_id"]),
+                str(data["algorithm"]),
+                bytes.fromhex(data["signature"]),
+                int(data.get("version", 1)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not an exported anchor: {type(exc).__name__}: {exc}") from None
+        if anchored_at.tzinfo is None:
+            raise ValueError("not an exported anchor: anchored_at has no time zone")
+        return anchor
+
+
+def read_exported_anchors(path: str) -> list[Anchor]:
+    """The anchors of a ``das-ingest anchor --export`` file (JSON lines). A line that is not
+    an anchor is a ConfigError naming the line: a damaged safe copy must not pass silently."""
+    anchors = []
+    try:
+        with open(path, "rb") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    anchors.append(Anchor.from_json(orjson.loads(line)))
+                except (orjson.JSONDecodeError, ValueError) as exc:
+                    raise ConfigError(f"{path}, line {number}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the exported anchors {path}: {exc.strerror}") from None
+    return anchors
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    arn: str
+    algorithm: str
+    mac: bool
+
+
+async def describe_anchor_key(kms: Any, key_id: str) -> KeyInfo:
+    """The key's ARN and the algorithm das-ingest uses with it; ConfigError if KMS refuses or
+    the key cannot anchor."""
+    try:
+        meta = (await kms.describe_key(KeyId=key_id))["KeyMetadata"]
+    except Exception as exc:  # noqa: BLE001 - classified here
+        raise ConfigError(
+            f"cannot use anchor key {key_id!r}: {error_code(exc) or type(exc).__name__}"
+        ) from None
+    spec = meta.get("KeySpec") or meta.get("CustomerMasterKeySpec") or ""
+    arn = str(meta.get("Arn") or key_id)
+    if spec in HMAC_ALGORITHMS:
+        return KeyInfo(arn, HMAC_ALGORITHMS[spec], True)
+    if spec in SIGNING_ALGORITHMS and meta.get("KeyUsage") == "SIGN_VERIFY":
+        return KeyInfo(arn, SIGNING_ALGORITHMS[spec], False)
+    raise ConfigError(
+        f"anchor key {key_id!r} is a {spec or 'unknown'} key: use an HMAC key "
+        "(GENERATE_VERIFY_MAC) or an asymmetric SIGN_VERIFY key"
+    )
 
 
 class AnchorKey:
@@ -74,45 +160,28 @@ class AnchorKey:
     def __init__(self, kms: Any, key_id: str) -> None:
         self._kms = kms
         self.key_id = key_id
-        self._algorithm: str | None = None
-        self._mac = True
+        self._info: KeyInfo | None = None
 
-    async def _describe(self) -> str:
-        if self._algorithm is not None:
-            return self._algorithm
-        try:
-            meta = (await self._kms.describe_key(KeyId=self.key_id))["KeyMetadata"]
-        except Exception as exc:  # noqa: BLE001 - classified here
-            raise ConfigError(
-                f"cannot use anchor key {self.key_id!r}: {error_code(exc) or type(exc).__name__}"
-            ) from None
-        spec = meta.get("KeySpec") or meta.get("CustomerMasterKeySpec") or ""
-        if spec in HMAC_ALGORITHMS:
-            self._algorithm, self._mac = HMAC_ALGORITHMS[spec], True
-        elif spec in SIGNING_ALGORITHMS and meta.get("KeyUsage") == "SIGN_VERIFY":
-            self._algorithm, self._mac = SIGNING_ALGORITHMS[spec], False
-        else:
-            raise ConfigError(
-                f"anchor key {self.key_id!r} is a {spec or 'unknown'} key: use an HMAC key "
-                "(GENERATE_VERIFY_MAC) or an asymmetric SIGN_VERIFY key"
-            )
-        return self._algorithm
+    async def info(self) -> KeyInfo:
+        if self._info is None:
+            self._info = await describe_anchor_key(self._kms, self.key_id)
+        return self._info
 
-    async def sign(self, message: bytes) -> tuple[str, bytes]:
-        algorithm = await self._describe()
+    async def sign(self, message: bytes) -> bytes:
+        info = await self.info()
         try:
-            if self._mac:
+            if info.mac:
                 response = await self._kms.generate_mac(
-                    KeyId=self.key_id, MacAlgorithm=algorithm, Message=message
+                    KeyId=info.arn, MacAlgorithm=info.algorithm, Message=message
                 )
-                return algorithm, bytes(response["Mac"])
+                return bytes(response["Mac"])
             response = await self._kms.sign(
-                KeyId=self.key_id,
-                SigningAlgorithm=algorithm,
+                KeyId=info.arn,
+                SigningAlgorithm=info.algorithm,
                 Message=message,
                 MessageType="RAW",
             )
-            return algorithm, bytes(response["Signature"])
+            return bytes(response["Signature"])
         except Exception as exc:  # noqa: BLE001 - classified here
             raise AnchorError(
                 f"KMS could not anchor: {error_code(exc) or type(exc).__name__}"
@@ -145,34 +214,24 @@ async def anchor_heads(
         )
         if done:
             continue
+        info = await key.info()
         # Microsecond precision: what the database stores and the message carries.
-        now = datetime.now(UTC)
         unsigned = Anchor(
             stream,
             head["shard_id"],
             head["link_no"],
             bytes(head["link_hash"]),
-            now,
-            key.key_id,
-            "",
+            datetime.now(UTC),
+            info.arn,
+            info.algorithm,
             b"",
         )
-        algorithm, signature = await key.sign(unsigned.message())
-        anchor = Anchor(
-            unsigned.stream_name,
-            unsigned.shard_id,
-            unsigned.link_no,
-            unsigned.link_hash,
-            now,
-            key.key_id,
-            algorithm,
-            signature,
-        )
+        anchor = replace(unsigned, signature=await key.sign(unsigned.message()))
         await conn.execute(
             """
             INSERT INTO das.chain_anchors (stream_name, shard_id, link_no, link_hash,
-                                           anchored_at, key_id, algorithm, signature)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                                           anchored_at, key_id, algorithm, signature, version)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
             """,
             anchor.stream_name,
             anchor.shard_id,
@@ -182,6 +241,7 @@ async def anchor_heads(
             anchor.key_id,
             anchor.algorithm,
             anchor.signature,
+            anchor.version,
         )
         made.append(anchor)
     return made
@@ -191,7 +251,7 @@ async def load_anchors(conn: Conn, stream: str | None = None) -> list[Anchor]:
     rows = await conn.fetch(
         """
         SELECT stream_name, shard_id, link_no, link_hash, anchored_at, key_id, algorithm,
-               signature
+               signature, version
         FROM das.chain_anchors WHERE $1::text IS NULL OR stream_name = $1
         ORDER BY stream_name, shard_id, link_no, id
         """,
@@ -207,6 +267,7 @@ async def load_anchors(conn: Conn, stream: str | None = None) -> list[Anchor]:
             r["key_id"],
             r["algorithm"],
             bytes(r["signature"]),
+            r["version"],
         )
         for r in rows
     ]

@@ -9,23 +9,31 @@ defined here and in the documentation alone.
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
-#: Columns of das.activity_events in table order: the order of the fields of an event.
+#: Columns of das.activity_events in the order of an event's encoding (chain version 2).
 EVENT_COLUMNS: tuple[str, ...] = (
-    "log_time", "cluster_id", "instance_id", "record_version", "shard_id", "sequence_number",
-    "event_index", "class", "client_application", "command", "command_text", "database_name",
-    "db_protocol", "db_user_name", "end_time", "error_message", "exit_code", "net_protocol",
-    "object_name", "object_type", "param_list", "pid", "remote_host", "remote_port",
-    "row_count", "server_host", "server_type", "server_version", "service_name", "session_id",
-    "start_time", "statement_id", "substatement_id", "transaction_id", "extra", "anomalies",
-    "ingested_at",
+    "log_time", "cluster_id", "instance_id", "record_version", "stream_name", "shard_id",
+    "sequence_number", "event_index", "class", "client_application", "command", "command_text",
+    "database_name", "db_protocol", "db_user_name", "end_time", "error_message", "exit_code",
+    "net_protocol", "object_name", "object_type", "param_list", "pid", "remote_host",
+    "remote_port", "row_count", "server_host", "server_type", "server_version", "service_name",
+    "session_id", "start_time", "statement_id", "substatement_id", "transaction_id", "extra",
+    "anomalies", "ingested_at",
 )  # fmt: skip
+#: The encoding of chain version 1 (links written before migration 0004): no stream_name.
+EVENT_COLUMNS_V1: tuple[str, ...] = tuple(c for c in EVENT_COLUMNS if c != "stream_name")
+#: Where stream_name sits in EVENT_COLUMNS (dropped for version 1 links).
+STREAM_POSITION = EVENT_COLUMNS.index("stream_name")
+#: The version of the links and anchors das-ingest writes.
+CHAIN_VERSION = 2
 TIME_COLUMNS = frozenset({"log_time", "end_time", "start_time", "ingested_at"})
 JSON_COLUMNS = frozenset({"param_list", "extra", "anomalies"})
 
@@ -35,11 +43,10 @@ DIGEST_SIZE = 32
 
 def canonical_time(stamp: datetime) -> str:
     """UTC, ``YYYY-MM-DDTHH:MM:SS.ffffffZ``: always four year digits and six fraction digits."""
-    t = stamp.astimezone(UTC)
-    return (
-        f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
-        f".{t.microsecond:06d}Z"
-    )
+    t = stamp if stamp.tzinfo is UTC else stamp.astimezone(UTC)
+    # isoformat pads the year to four digits, writes six fraction digits with this timespec,
+    # and ends a UTC time in "+00:00".
+    return t.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def canonical_number(value: int | float | Decimal) -> str:
@@ -103,35 +110,30 @@ def _canonical_json(value: Any) -> str:
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 
-def canonical_value(column: str, value: Any) -> str | None:
-    """The canonical text of one column's value (None for SQL NULL)."""
+def canonical_value(column: str, value: Any) -> Any:
+    """The JSON value a column's value enters the event encoding as (None for SQL NULL)."""
     if value is None:
         return None
     if column in TIME_COLUMNS:
         return canonical_time(value)
-    if column in JSON_COLUMNS:
-        return canonical_json(value)
-    if isinstance(value, Decimal):  # sequence_number
-        return str(int(value))
-    if isinstance(value, int):
-        return str(value)
-    return str(value)
+    if column == "sequence_number":
+        return value if isinstance(value, str) else str(int(value))
+    if column == "anomalies":
+        return list(value)
+    return value
 
 
-def field(value: str | None) -> str:
-    if value is None:
-        return "-"
-    size = len(value) if value.isascii() else len(value.encode())
-    return f"+{size}:{value}"
+def event_encoding(values: Sequence[Any], columns: Sequence[str] = EVENT_COLUMNS) -> bytes:
+    """The canonical encoding of an event given its values in the order of ``columns`` (38
+    for version 2, :data:`EVENT_COLUMNS_V1` for version 1): the canonical JSON array of their
+    :func:`canonical_value`, as UTF-8."""
+    row = [canonical_value(c, v) for c, v in zip(columns, values, strict=True)]
+    return canonical_json(row).encode()
 
 
-def event_digest(values: Sequence[Any]) -> bytes:
-    """SHA-256 of the canonical encoding of an event given its 37 column values in order."""
-    encoded = "".join(
-        field(canonical_value(column, value))
-        for column, value in zip(EVENT_COLUMNS, values, strict=True)
-    )
-    return hashlib.sha256(encoded.encode()).digest()
+def event_digest(values: Sequence[Any], columns: Sequence[str] = EVENT_COLUMNS) -> bytes:
+    """SHA-256 of the canonical encoding of an event given its values in ``columns`` order."""
+    return hashlib.sha256(event_encoding(values, columns)).digest()
 
 
 def event_day(log_time: datetime | None) -> str:
@@ -172,51 +174,104 @@ class DayDigests:
         return sum(len(d) // DIGEST_SIZE for d in self.by_day.values())
 
 
-def link_hash(
-    prev: bytes,
-    stream: str,
-    shard: str,
-    link_no: int,
-    kind: str,
-    first_sequence: str,
-    last_sequence: str,
-    event_count: int,
-    days: Mapping[str, Mapping[str, Any]],
-) -> bytes:
-    """SHA-256(prev_hash || UTF-8 link text); ``days`` enters as canonical JSON."""
-    text = "\n".join(
-        ("das-chain-v1", stream, shard, str(link_no), kind, first_sequence, last_sequence,
-         str(event_count), canonical_json(days))
-    )  # fmt: skip
-    return hashlib.sha256(prev + text.encode()).digest()
+@dataclass(frozen=True)
+class LinkFields:
+    """What a link's hash covers (docs/integrity.md, "Links")."""
+
+    stream: str
+    shard: str
+    link_no: int
+    kind: str
+    first_sequence: str
+    last_sequence: str
+    event_count: int
+    days: Mapping[str, Mapping[str, Any]]
+    #: version 2 only: when the link was written
+    created_at: datetime | None = None
+    #: version 2 only: :func:`dead_letter_entries` of the records dead-lettered (batch) or
+    #: re-driven (redrive)
+    dead_letters: Sequence[Mapping[str, str]] = ()
+    version: int = CHAIN_VERSION
+
+    def text(self) -> str:
+        """The link text: its fields, one per line."""
+        lines = [
+            f"das-chain-v{self.version}", self.stream, self.shard, str(self.link_no), self.kind,
+            self.first_sequence, self.last_sequence, str(self.event_count),
+        ]  # fmt: skip
+        if self.version == 1:
+            lines.append(canonical_json(self.days))
+        elif self.version == 2:
+            if self.created_at is None:
+                raise ValueError("a version 2 link has a created_at")
+            lines.extend(
+                (canonical_time(self.created_at), canonical_json(self.days),
+                 canonical_json(list(self.dead_letters)))
+            )  # fmt: skip
+        else:
+            raise ValueError(f"unknown chain version {self.version}")
+        return "\n".join(lines)
+
+
+def link_hash(prev: bytes, link: LinkFields) -> bytes:
+    """SHA-256(prev_hash || UTF-8 link text)."""
+    return hashlib.sha256(prev + link.text().encode()).digest()
+
+
+def dead_letter_entries(letters: Iterable[tuple[str, bytes]]) -> list[dict[str, str]]:
+    """A link's ``dead_letters``: for each (sequence number, raw record bytes), the sequence
+    number and the SHA-256 of the raw bytes, in ascending sequence order, one per record."""
+    found = {seq: hashlib.sha256(raw).hexdigest() for seq, raw in letters}
+    return [{"sequence_number": seq, "sha256": found[seq]} for seq in sorted(found, key=int)]
 
 
 def anchor_message(
-    stream: str, shard: str, link_no: int, link_hash_value: bytes, anchored_at: datetime
+    stream: str,
+    shard: str,
+    link_no: int,
+    link_hash_value: bytes,
+    anchored_at: datetime,
+    *,
+    key_id: str = "",
+    algorithm: str = "",
+    version: int = CHAIN_VERSION,
 ) -> bytes:
-    return "\n".join(
-        ("das-anchor-v1", stream, shard, str(link_no), link_hash_value.hex(),
-         canonical_time(anchored_at))
-    ).encode()  # fmt: skip
+    """What an anchor's MAC or signature authenticates; version 2 also names the key (as the
+    ARN KMS gives for it) and the algorithm."""
+    lines = [
+        f"das-anchor-v{version}", stream, shard, str(link_no), link_hash_value.hex(),
+        canonical_time(anchored_at),
+    ]  # fmt: skip
+    if version == 2:
+        lines.extend((key_id, algorithm))
+    elif version != 1:
+        raise ValueError(f"unknown anchor version {version}")
+    return "\n".join(lines).encode()
 
 
 class RecordFields:
-    """The fields of a record's events that do not change from event to event, encoded once:
+    """The values of a record's events that do not change from event to event, prepared once:
     the fast path of :func:`stored_event_digest`."""
 
-    __slots__ = ("extra", "prefix", "suffix")
+    __slots__ = ("extra", "ingested_at", "prefix")
 
     def __init__(
-        self, record: Any, shard_id: str, sequence_number: str, ingested_at: datetime
+        self,
+        record: Any,
+        stream_name: str,
+        shard_id: str,
+        sequence_number: str,
+        ingested_at: datetime,
     ) -> None:
         self.prefix = (
-            field(record.cluster_id) + field(record.instance_id) + field(record.record_version)
-            + field(shard_id) + field(sequence_number)
+            record.cluster_id, record.instance_id, record.record_version, stream_name, shard_id,
+            sequence_number,
         )  # fmt: skip
-        self.suffix = field(canonical_time(ingested_at))
+        self.ingested_at = canonical_time(ingested_at)
         self.extra = record.record_extra
 
 
+#: The event's own columns between event_index and extra, as ActivityEvent attributes.
 _EVENT_ATTRS = (
     "class_", "client_application", "command", "command_text", "database_name", "db_protocol",
     "db_user_name", "end_time", "error_message", "exit_code", "net_protocol", "object_name",
@@ -224,58 +279,67 @@ _EVENT_ATTRS = (
     "server_host", "server_type", "server_version", "service_name", "session_id",
     "start_time", "statement_id", "substatement_id", "transaction_id",
 )  # fmt: skip
-_TIME_ATTRS = frozenset({"end_time", "start_time"})
-_INT_ATTRS = frozenset({"pid", "row_count", "statement_id", "substatement_id"})
+_GET_EVENT_ATTRS = operator.attrgetter(*_EVENT_ATTRS)
+_END, _START, _PARAMS = (_EVENT_ATTRS.index(a) for a in ("end_time", "start_time", "param_list"))
 
 
 def stored_event_digest(event: Any, fields: RecordFields) -> bytes:
     """:func:`event_digest` of what COPY stores for ``event`` (the same encoding, computed
-    without building the value list; the tests hold the two equal)."""
+    without building the value list; the tests hold the two equal).
+
+    It runs once per stored event: one C call fetches the attributes, the three times are
+    formatted, and orjson writes the whole array (canonical JSON when no float is in it).
+    """
+    values = list(_GET_EVENT_ATTRS(event))
+    if (end := values[_END]) is not None:
+        values[_END] = canonical_time(end)
+    if (start := values[_START]) is not None:
+        values[_START] = canonical_time(start)
     log_time = event.log_time
-    parts = [
-        field(None if log_time is None else canonical_time(log_time)),
-        fields.prefix,
-        field(str(event.event_index)),
-    ]
-    append = parts.append
-    for attr in _EVENT_ATTRS:
-        value = getattr(event, attr)
-        if value is None:
-            append("-")
-        elif attr in _TIME_ATTRS:
-            append(field(canonical_time(value)))
-        elif attr in _INT_ATTRS:
-            append(field(str(value)))
-        elif attr == "param_list":
-            append(field(canonical_json(value)))
-        else:
-            append(field(value))
     extra = event.extra
     if fields.extra:
         extra = {**extra, "_record": fields.extra}
-    append(field(canonical_json(extra)))
-    anomalies = event.anomalies
-    append(field(canonical_json(list(anomalies)) if anomalies else "[]"))
-    append(fields.suffix)
-    return hashlib.sha256("".join(parts).encode()).digest()
+    row = [
+        None if log_time is None else canonical_time(log_time),
+        *fields.prefix,
+        event.event_index,
+        *values,
+        extra,
+        list(event.anomalies),
+        fields.ingested_at,
+    ]
+    params = values[_PARAMS]
+    if (params is None or _floatless(params)) and (not extra or _floatless(extra)):
+        try:
+            data = orjson.dumps(row, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits: the general path
+            data = _canonical_json(row).encode()
+    else:
+        data = _canonical_json(row).encode()
+    return hashlib.sha256(data).digest()
 
 
 def stored_event_values(
-    event: Any, record: Any, shard_id: str, sequence_number: str, ingested_at: datetime
+    event: Any,
+    record: Any,
+    stream_name: str,
+    shard_id: str,
+    sequence_number: str,
+    ingested_at: datetime,
 ) -> list[Any]:
-    """The 37 column values, in table order, that COPY stores for a decoded ``event`` of
-    ``record`` (an ``ingest.decode`` ActivityEvent and DecodedRecord)."""
+    """The 38 column values, in :data:`EVENT_COLUMNS` order, that COPY stores for a decoded
+    ``event`` of ``record`` (an ``ingest.decode`` ActivityEvent and DecodedRecord)."""
     extra = event.extra
     if record.record_extra:
         extra = {**extra, "_record": record.record_extra}
     return [
-        event.log_time, record.cluster_id, record.instance_id, record.record_version, shard_id,
-        sequence_number, event.event_index, event.class_, event.client_application,
-        event.command, event.command_text, event.database_name, event.db_protocol,
-        event.db_user_name, event.end_time, event.error_message, event.exit_code,
-        event.net_protocol, event.object_name, event.object_type, event.param_list, event.pid,
-        event.remote_host, event.remote_port, event.row_count, event.server_host,
-        event.server_type, event.server_version, event.service_name, event.session_id,
-        event.start_time, event.statement_id, event.substatement_id, event.transaction_id,
-        extra, list(event.anomalies), ingested_at,
+        event.log_time, record.cluster_id, record.instance_id, record.record_version,
+        stream_name, shard_id, sequence_number, event.event_index, event.class_,
+        event.client_application, event.command, event.command_text, event.database_name,
+        event.db_protocol, event.db_user_name, event.end_time, event.error_message,
+        event.exit_code, event.net_protocol, event.object_name, event.object_type,
+        event.param_list, event.pid, event.remote_host, event.remote_port, event.row_count,
+        event.server_host, event.server_type, event.server_version, event.service_name,
+        event.session_id, event.start_time, event.statement_id, event.substatement_id,
+        event.transaction_id, extra, list(event.anomalies), ingested_at,
     ]  # fmt: skip

@@ -2,7 +2,8 @@
 anchors through KMS, and say precisely what was altered, deleted, inserted or reordered.
 
 Nothing stored in the database is trusted for the recomputation: not its functions, not the
-links' own digests. Only whole UTC days recorded in das.retention_log may legitimately vanish.
+links' own digests. Only whole UTC days that a believable das.retention_log record accounts
+for may legitimately vanish (see :mod:`ingest.integrity.retained`).
 """
 
 from __future__ import annotations
@@ -11,27 +12,48 @@ import bisect
 import hashlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 
 from ingest.aws import error_code
-from ingest.integrity.anchor import Anchor, AnchorError, load_anchors
+from ingest.errors import ConfigError
+from ingest.integrity.anchor import (
+    Anchor,
+    AnchorError,
+    KeyInfo,
+    describe_anchor_key,
+    load_anchors,
+)
 from ingest.integrity.canonical import (
     EVENT_COLUMNS,
+    EVENT_COLUMNS_V1,
+    STREAM_POSITION,
     ZERO_HASH,
+    LinkFields,
     event_day,
     event_digest,
     link_hash,
 )
+from ingest.integrity.retained import RetentionLedger, RetentionRecord, parse_day
 from ingest.warehouse.db import Conn
+
+#: Exit codes of `das-ingest verify`.
+EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNCHECKED = 0, 1, 3
+
+REBUILD_HINT = (
+    "das.statements is derived from the chained events and not chained itself: once the "
+    "events are restored or repaired, rebuild it with `das-ingest rebuild-statements`."
+)
 
 
 @dataclass(frozen=True)
 class Finding:
     #: altered | deleted | inserted | reordered | link_altered | chain_broken | links_missing
-    #: | anchor_invalid | anchor_mismatch | truncated
+    #: | truncated | anchor_invalid | anchor_mismatch | anchor_missing | anchor_unexpected_key
+    #: | anchor_unchecked | unanchored | dead_letter_missing | dead_letter_altered
+    #: | retention_invalid (docs/integrity.md)
     kind: str
     stream: str
     shard: str
@@ -53,10 +75,22 @@ class Report:
     unanchored: list[dict[str, Any]] = field(default_factory=list)
     retained_days: list[str] = field(default_factory=list)
     anchors_skipped: bool = False
+    #: the key every anchor must be made with (its ARN), or None: not pinned
+    anchor_key: str | None = None
 
     @property
     def clean(self) -> bool:
         return not self.findings
+
+    @property
+    def exit_code(self) -> int:
+        """0 clean; 1 on any finding; 3 when the only findings are anchors KMS could not check
+        (refused, unreachable): nothing was found, but the anchors prove nothing either."""
+        if not self.findings:
+            return EXIT_CLEAN
+        if all(f.kind == "anchor_unchecked" for f in self.findings):
+            return EXIT_UNCHECKED
+        return EXIT_FINDINGS
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -66,9 +100,11 @@ class Report:
             "events": self.events,
             "anchors_checked": self.anchors_checked,
             "anchors_skipped": self.anchors_skipped,
+            "anchor_key": self.anchor_key,
             "unanchored_tail": self.unanchored,
             "retained_days": self.retained_days,
             "findings": [asdict(f) for f in self.findings],
+            "hint": REBUILD_HINT if self.findings else None,
         }
 
 
@@ -85,6 +121,8 @@ class _Link:
     prev_hash: bytes
     link_hash: bytes
     created_at: datetime
+    version: int
+    dead_letters: list[dict[str, str]]
 
 
 @dataclass
@@ -95,20 +133,87 @@ class _Tally:
     last_seq: int | None = None
 
 
-class _Retention:
-    """Whole UTC days legitimately removed, from das.retention_log."""
+#: What KMS answers when a MAC or signature does not verify (the others are refusals).
+_REFUTED = ("KMSInvalidMacException", "KMSInvalidSignatureException")
 
-    def __init__(self, ranges: list[tuple[datetime | None, datetime | None]]) -> None:
-        self._ranges = ranges
 
-    def covers(self, day: str) -> bool:
-        if day == "none":
-            return False
-        start = datetime.combine(date.fromisoformat(day), datetime.min.time(), tzinfo=UTC)
-        end = start + timedelta(days=1)
-        return any(
-            (lo is None or lo <= start) and hi is not None and end <= hi for lo, hi in self._ranges
-        )
+@dataclass
+class AnchorChecker:
+    """Checks anchors through KMS. With ``expected_key`` (``verify --anchor-key-id``) the key is
+    pinned: an anchor naming another key is not accepted, and every MAC or signature is checked
+    with the expected key and its algorithm, never with what a row says."""
+
+    kms: Any
+    expected_key: str | None = None
+    #: after this many KMS failures in a row, stop asking (each costs botocore's retries)
+    give_up_after: int = 3
+    _expected: KeyInfo | None = None
+    _arns: dict[str, str | None] = field(default_factory=dict)
+    _failures: int = 0
+    _last_error: str = ""
+
+    async def prepare(self) -> KeyInfo | None:
+        """Describe the expected key: AnchorError if KMS refuses (nothing can be checked)."""
+        if self.expected_key is None:
+            return None
+        try:
+            self._expected = await describe_anchor_key(self.kms, self.expected_key)
+        except ConfigError as exc:
+            raise AnchorError(str(exc)) from None
+        return self._expected
+
+    async def check(self, anchor: Anchor) -> str:
+        """One of "valid", "invalid" (KMS refutes it) or "unexpected_key"; AnchorError when
+        KMS could not answer (refused, unreachable)."""
+        if self._failures >= self.give_up_after:
+            raise AnchorError(f"{self._last_error}; KMS not asked again")
+        key_id, algorithm = anchor.key_id, anchor.algorithm
+        if self._expected is not None:
+            if not await self._is_expected(anchor.key_id):
+                return "unexpected_key"
+            if algorithm != self._expected.algorithm:
+                return "unexpected_key"
+            key_id = self._expected.arn
+        try:
+            if algorithm.startswith("HMAC_"):
+                response = await self.kms.verify_mac(
+                    KeyId=key_id, MacAlgorithm=algorithm, Message=anchor.message(),
+                    Mac=anchor.signature,
+                )  # fmt: skip
+                valid = bool(response.get("MacValid"))
+            else:
+                response = await self.kms.verify(
+                    KeyId=key_id,
+                    SigningAlgorithm=algorithm,
+                    Message=anchor.message(),
+                    MessageType="RAW",
+                    Signature=anchor.signature,
+                )
+                valid = bool(response.get("SignatureValid"))
+        except Exception as exc:  # noqa: BLE001 - classified here
+            if error_code(exc) in _REFUTED:
+                self._failures = 0
+                return "invalid"
+            self._failures += 1
+            self._last_error = (
+                f"KMS could not check an anchor: {error_code(exc) or type(exc).__name__}"
+            )
+            raise AnchorError(self._last_error) from None
+        self._failures = 0
+        return "valid" if valid else "invalid"
+
+    async def _is_expected(self, key_id: str) -> bool:
+        assert self._expected is not None
+        arn = self._expected.arn
+        if key_id in (arn, self.expected_key, arn.rsplit("/", 1)[-1]):
+            return True
+        if key_id not in self._arns:
+            try:
+                meta = (await self.kms.describe_key(KeyId=key_id))["KeyMetadata"]
+                self._arns[key_id] = str(meta.get("Arn"))
+            except Exception:  # noqa: BLE001 - a key we may not describe is not the expected one
+                self._arns[key_id] = None
+        return self._arns[key_id] == arn
 
 
 async def verify_warehouse(
@@ -118,50 +223,129 @@ async def verify_warehouse(
     stream: str | None = None,
     shards: list[str] | None = None,
     since: datetime | None = None,
+    anchor_key_id: str | None = None,
+    exported_anchors: list[Anchor] | None = None,
+    max_unanchored_age: timedelta | None = None,
+    retention_keep: timedelta | None = None,
 ) -> Report:
+    """Verify the chains (all, or of ``stream`` / ``shards``).
+
+    ``anchor_key_id`` pins the anchor key; with it, a chain whose unanchored tail is older than
+    ``max_unanchored_age`` is a finding. ``exported_anchors`` (``anchor --export``) must all
+    still be in the warehouse. ``retention_keep`` is the retention policy.
+    """
     report = Report()
-    retention = _Retention(
-        [
-            (r["range_start"], r["range_end"])
-            for r in await conn.fetch("SELECT range_start, range_end FROM das.retention_log")
-        ]
+    now: datetime = await conn.fetchval("SELECT now()")
+    retention = await RetentionLedger.load(conn, policy_keep=retention_keep, now=now)
+    for record in retention.rejected:
+        report.findings.append(
+            Finding("retention_invalid", "-", "-", f"{record.describe()} is not believed: "
+                    f"{record.problem}")
+        )  # fmt: skip
+    exported = [
+        a
+        for a in exported_anchors or []
+        if (stream is None or a.stream_name == stream) and (shards is None or a.shard_id in shards)
+    ]
+    chains = {
+        (r["stream_name"], r["shard_id"])
+        for r in await conn.fetch(
+            """
+            SELECT DISTINCT stream_name, shard_id FROM das.chain_links
+            WHERE ($1::text IS NULL OR stream_name = $1)
+              AND ($2::text[] IS NULL OR shard_id = ANY ($2))
+            UNION
+            SELECT DISTINCT stream_name, shard_id FROM das.chain_anchors
+            WHERE ($1::text IS NULL OR stream_name = $1)
+              AND ($2::text[] IS NULL OR shard_id = ANY ($2))
+            """,
+            stream,
+            shards,
+        )
+    } | {(a.stream_name, a.shard_id) for a in exported}
+    stored_anchors = await load_anchors(conn, stream)
+    anchors: dict[tuple[str, str], list[Anchor]] = defaultdict(list)
+    for anchor in _merge_anchors(report, stored_anchors, exported):
+        anchors[(anchor.stream_name, anchor.shard_id)].append(anchor)
+    checker = await _prepare_checker(report, kms, anchor_key_id)
+    # Events stored before migration 0004 that it could not attribute to a stream.
+    unattributed = bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM das.activity_events WHERE stream_name = '')"
+        )
     )
-    chains = await conn.fetch(
-        """
-        SELECT DISTINCT stream_name, shard_id FROM das.chain_links
-        WHERE ($1::text IS NULL OR stream_name = $1) AND ($2::text[] IS NULL OR shard_id = ANY ($2))
-        UNION
-        SELECT DISTINCT stream_name, shard_id FROM das.chain_anchors
-        WHERE ($1::text IS NULL OR stream_name = $1) AND ($2::text[] IS NULL OR shard_id = ANY ($2))
-        ORDER BY 1, 2
-        """,
-        stream,
-        shards,
-    )
-    anchors = await load_anchors(conn, stream) if kms is not None else []
-    report.anchors_skipped = kms is None
     retained: set[str] = set()
-    for chain in chains:
-        s, shard = chain["stream_name"], chain["shard_id"]
+    for s, shard in sorted(chains):
         links = await _links(conn, s, shard)
         report.chains += 1
         report.links += len(links)
         _check_links(report, s, shard, links)
-        await _check_events(conn, report, s, shard, links, retention, since, retained)
+        await _check_events(conn, report, s, shard, links, retention, since, retained, unattributed)
+        await _check_dead_letters(conn, report, s, shard, links)
         await _check_checkpoint(conn, report, s, shard, links)
-        shard_anchors = [a for a in anchors if a.stream_name == s and a.shard_id == shard]
-        await _check_anchors(report, kms, s, shard, links, shard_anchors)
+        if kms is not None:
+            await _check_anchors(
+                report,
+                checker,
+                s,
+                shard,
+                links,
+                anchors.get((s, shard), []),
+                now,
+                max_unanchored_age if anchor_key_id else None,
+            )
+    report.anchors_skipped = kms is None
     if stream is None and shards is None:
         await _check_unchained(conn, report)
     report.retained_days = sorted(retained)
     return report
 
 
+def _merge_anchors(report: Report, stored: list[Anchor], exported: list[Anchor]) -> list[Anchor]:
+    """The warehouse's anchors plus exported ones it lost; each lost one is a finding."""
+    have = {a.identity for a in stored}
+    merged = list(stored)
+    for anchor in exported:
+        if anchor.identity in have:
+            continue
+        have.add(anchor.identity)
+        merged.append(anchor)
+        report.findings.append(
+            Finding(
+                "anchor_missing",
+                anchor.stream_name,
+                anchor.shard_id,
+                f"the anchor of link {anchor.link_no} made at {anchor.anchored_at.isoformat()} "
+                "is in the exported anchors but no longer in das.chain_anchors (deleted)",
+                anchor.link_no,
+            )
+        )
+    return sorted(merged, key=lambda a: (a.stream_name, a.shard_id, a.link_no))
+
+
+async def _prepare_checker(
+    report: Report, kms: Any | None, anchor_key_id: str | None
+) -> AnchorChecker | None:
+    if kms is None:
+        return None
+    checker = AnchorChecker(kms, anchor_key_id)
+    try:
+        info = await checker.prepare()
+    except AnchorError as exc:
+        report.findings.append(
+            Finding("anchor_unchecked", "-", "-", f"no anchor could be checked: {exc}")
+        )
+        return None
+    report.anchor_key = info.arn if info is not None else None
+    return checker
+
+
 async def _links(conn: Conn, stream: str, shard: str) -> list[_Link]:
     rows = await conn.fetch(
         """
         SELECT link_no, kind, first_sequence::text AS first_text, last_sequence::text AS last_text,
-               event_count, days::text AS days_text, prev_hash, link_hash, created_at
+               event_count, days::text AS days_text, prev_hash, link_hash, created_at, version,
+               dead_letters::text AS letters_text
         FROM das.chain_links WHERE stream_name = $1 AND shard_id = $2 ORDER BY link_no
         """,
         stream,
@@ -180,6 +364,8 @@ async def _links(conn: Conn, stream: str, shard: str) -> list[_Link]:
             prev_hash=bytes(r["prev_hash"]),
             link_hash=bytes(r["link_hash"]),
             created_at=r["created_at"],
+            version=r["version"],
+            dead_letters=orjson.loads(r["letters_text"]),
         )
         for r in rows
     ]
@@ -198,18 +384,20 @@ def _check_links(report: Report, stream: str, shard: str, links: list[_Link]) ->
         expected_no = 1 if previous is None else previous.link_no + 1
         if link.link_no != expected_no:
             finding("links_missing", f"links {expected_no}..{link.link_no - 1} are missing")
-        recomputed = link_hash(
-            link.prev_hash,
-            stream,
-            shard,
-            link.link_no,
-            link.kind,
-            link.first_text,
-            link.last_text,
-            link.event_count,
-            link.days,
+        fields = LinkFields(
+            stream=stream,
+            shard=shard,
+            link_no=link.link_no,
+            kind=link.kind,
+            first_sequence=link.first_text,
+            last_sequence=link.last_text,
+            event_count=link.event_count,
+            days=link.days,
+            created_at=link.created_at,
+            dead_letters=link.dead_letters,
+            version=link.version,
         )
-        if recomputed != link.link_hash:
+        if link_hash(link.prev_hash, fields) != link.link_hash:
             finding("link_altered", "the link's fields do not hash to its stored link_hash")
         want_prev = ZERO_HASH if previous is None else previous.link_hash
         if link.prev_hash != want_prev:
@@ -232,51 +420,73 @@ def _check_links(report: Report, stream: str, shard: str, links: list[_Link]) ->
         previous = link
 
 
+class _Coverage:
+    """Which link covers a sequence number of the shard (a redrive link before a batch)."""
+
+    def __init__(self, links: list[_Link]) -> None:
+        self.redrives = {link.first: link for link in links if link.kind == "redrive"}
+        self.batches = sorted((x for x in links if x.kind == "batch"), key=lambda x: x.first)
+        self._starts = [b.first for b in self.batches]
+
+    def batch(self, seq: int) -> _Link | None:
+        i = bisect.bisect_right(self._starts, seq) - 1
+        found = self.batches[i] if i >= 0 else None
+        return found if found is not None and found.first <= seq <= found.last else None
+
+    def link(self, seq: int) -> _Link | None:
+        return self.redrives.get(seq) or self.batch(seq)
+
+
 async def _check_events(
     conn: Conn,
     report: Report,
     stream: str,
     shard: str,
     links: list[_Link],
-    retention: _Retention,
+    retention: RetentionLedger,
     since: datetime | None,
     retained: set[str],
+    unattributed: bool,
 ) -> None:
     checked = [link for link in links if since is None or link.created_at >= since]
     if not checked:
         return
-    redrives = {link.first: link for link in links if link.kind == "redrive"}
-    batches = sorted((link for link in links if link.kind == "batch"), key=lambda x: x.first)
-    starts = [b.first for b in batches]
+    coverage = _Coverage(links)
     low = min(link.first for link in checked)
     tallies: dict[tuple[int, str], _Tally] = defaultdict(_Tally)
     outside: list[int] = []
+    # One stream's events come in index order; unattributed ones ('') join them only when
+    # there are any (the IN list would cost a sort of the whole chain).
+    streams = "stream_name IN ($1, '')" if unattributed else "stream_name = $1"
     async with conn.transaction():
         cursor = conn.cursor(
             f"""
             SELECT {", ".join(EVENT_COLUMNS)}
             FROM das.activity_events
-            WHERE shard_id = $1 AND sequence_number >= $2::numeric
-            ORDER BY sequence_number, event_index
+            WHERE {streams} AND shard_id = $2 AND sequence_number >= $3::numeric
+            ORDER BY sequence_number, event_index, stream_name
             """,
+            stream,
             shard,
             str(low),
             prefetch=2000,
         )
         async for row in cursor:
             report.events += 1
-            values = stored_values(row)
             seq = int(row["sequence_number"])
-            link = redrives.get(seq)
-            if link is None:
-                i = bisect.bisect_right(starts, seq) - 1
-                link = batches[i] if i >= 0 and batches[i].first <= seq <= batches[i].last else None
+            link = coverage.link(seq)
             if link is None:
                 outside.append(seq)
                 continue
+            values = stored_values(row)
+            if link.version == 1:
+                del values[STREAM_POSITION]
+                digest = event_digest(values, EVENT_COLUMNS_V1)
+            else:
+                digest = event_digest(values)
             tally = tallies[(link.link_no, event_day(row["log_time"]))]
             tally.n += 1
-            tally.digest.update(event_digest(values))
+            tally.digest.update(digest)
             tally.first_seq = seq if tally.first_seq is None else tally.first_seq
             tally.last_seq = seq
     if outside:
@@ -291,105 +501,142 @@ async def _check_events(
                 last_sequence=str(max(outside)),
             )
         )
+    claims = _retention_claims(checked, tallies, retention)
     checked_nos = {link.link_no for link in checked}
     for link in checked:
         for day, stored in link.days.items():
             found = tallies.pop((link.link_no, day), None)
             n = int(stored.get("n", 0))
-            if retention.covers(day):
+            record, doubt = claims.get((link.link_no, day), (None, None))
+            if record is not None and doubt is None:
                 retained.add(day)
                 if found is not None:
-                    _add(
-                        report,
-                        "inserted",
-                        stream,
-                        shard,
-                        link,
-                        day,
-                        f"{found.n} events on {day}, which retention removed",
-                    )
+                    _add(report, "inserted", stream, shard, link, day,
+                         f"{found.n} events on {day}, which retention removed")  # fmt: skip
                 continue
             if found is None:
-                _add(
-                    report,
-                    "deleted",
-                    stream,
-                    shard,
-                    link,
-                    day,
-                    f"all {n} events of {day} are missing (a dropped partition, or deleted "
-                    "rows, with no retention record)",
+                why = (
+                    f"{record.describe()} does not account for them: {doubt}"
+                    if record is not None
+                    else "a dropped partition, or deleted rows, with no retention record"
                 )
+                _add(report, "deleted", stream, shard, link, day,
+                     f"all {n} events of {day} are missing ({why})")  # fmt: skip
             elif found.n < n:
-                _add(
-                    report,
-                    "deleted",
-                    stream,
-                    shard,
-                    link,
-                    day,
-                    f"{n - found.n} of {n} events of {day} are missing",
-                )
+                _add(report, "deleted", stream, shard, link, day,
+                     f"{n - found.n} of {n} events of {day} are missing")  # fmt: skip
             elif found.n > n:
-                _add(
-                    report,
-                    "inserted",
-                    stream,
-                    shard,
-                    link,
-                    day,
-                    f"{found.n - n} events of {day} were added",
-                )
+                _add(report, "inserted", stream, shard, link, day,
+                     f"{found.n - n} events of {day} were added")  # fmt: skip
             elif found.digest.hexdigest() != stored.get("sha256"):
-                _add(
-                    report,
-                    "altered",
-                    stream,
-                    shard,
-                    link,
-                    day,
-                    f"the {n} events of {day} hash differently: a stored value was changed "
-                    f"(sequence numbers {found.first_seq}..{found.last_seq})",
-                )
+                _add(report, "altered", stream, shard, link, day,
+                     f"the {n} events of {day} hash differently: a stored value was changed "
+                     f"(sequence numbers {found.first_seq}..{found.last_seq})")  # fmt: skip
     for (link_no, day), found in tallies.items():
         if link_no in checked_nos:
             link = next(x for x in checked if x.link_no == link_no)
-            _add(
-                report,
-                "inserted",
-                stream,
-                shard,
-                link,
-                day,
-                f"{found.n} events of {day} that the link does not list",
-            )
+            _add(report, "inserted", stream, shard, link, day,
+                 f"{found.n} events of {day} that the link does not list")  # fmt: skip
 
 
-async def verify_anchor(kms: Any, anchor: Anchor) -> bool:
-    """True if KMS confirms the MAC or signature; False if it refutes it."""
-    try:
-        if anchor.algorithm.startswith("HMAC_"):
-            response = await kms.verify_mac(
-                KeyId=anchor.key_id,
-                MacAlgorithm=anchor.algorithm,
-                Message=anchor.message(),
-                Mac=anchor.signature,
+def _retention_claims(
+    checked: list[_Link], tallies: dict[tuple[int, str], _Tally], retention: RetentionLedger
+) -> dict[tuple[int, str], tuple[RetentionRecord, str | None]]:
+    """For each (link, day) a retention record claims: the record, and why it does not
+    account for the day (None: it does).
+
+    Besides the record's own problems, retention's order: it removes a day with every older
+    day. A day is not retained while an older day of the chain still has events that were
+    written before the record (later ones arrived after that retention ran).
+    """
+    claims: dict[tuple[int, str], tuple[RetentionRecord, str | None]] = {}
+    present: list[tuple[datetime, str]] = []
+    for link in checked:
+        for day in link.days:
+            record = retention.claim(day, link.created_at)
+            if record is not None:
+                claims[(link.link_no, day)] = (record, record.problem)
+            elif parse_day(day) is not None and (link.link_no, day) in tallies:
+                present.append((link.created_at, day))
+    if not claims or not present:
+        return claims
+    # The oldest day still present among links written up to each moment.
+    present.sort()
+    times = [t for t, _ in present]
+    oldest: list[str] = []
+    for _, day in present:
+        oldest.append(day if not oldest or day < oldest[-1] else oldest[-1])
+    for key, (record, problem) in claims.items():
+        if problem is not None:
+            continue
+        i = bisect.bisect_left(times, record.removed_at)
+        if i and oldest[i - 1] < key[1]:
+            claims[key] = (
+                record,
+                f"the older day {oldest[i - 1]} still has events written before it "
+                "(retention removes the oldest days first)",
             )
-            return bool(response.get("MacValid"))
-        response = await kms.verify(
-            KeyId=anchor.key_id,
-            SigningAlgorithm=anchor.algorithm,
-            Message=anchor.message(),
-            MessageType="RAW",
-            Signature=anchor.signature,
-        )
-        return bool(response.get("SignatureValid"))
-    except Exception as exc:  # noqa: BLE001 - classified here
-        if error_code(exc) in ("KMSInvalidMacException", "KMSInvalidSignatureException"):
-            return False
-        raise AnchorError(
-            f"KMS could not check an anchor: {error_code(exc) or type(exc).__name__}"
-        ) from None
+    return claims
+
+
+async def _check_dead_letters(
+    conn: Conn, report: Report, stream: str, shard: str, links: list[_Link]
+) -> None:
+    """Every record a (version 2) batch link lists as dead-lettered is still in das.dead_letters
+    with the same bytes, or was re-driven (a redrive link names it with the same digest)."""
+    if not any(link.version >= 2 for link in links):
+        return
+    kept: dict[str, str] = {}
+    async with conn.transaction():  # a cursor: dead letters can be many, and large
+        async for r in conn.cursor(
+            "SELECT sequence_number::text AS seq, raw FROM das.dead_letters "
+            "WHERE stream_name = $1 AND shard_id = $2",
+            stream,
+            shard,
+            prefetch=100,
+        ):
+            kept[r["seq"]] = hashlib.sha256(bytes(r["raw"])).hexdigest()
+    listed: dict[str, tuple[_Link, str]] = {}
+    redriven: dict[str, set[str]] = defaultdict(set)
+    for link in links:
+        for entry in link.dead_letters:
+            seq, digest = str(entry.get("sequence_number")), str(entry.get("sha256"))
+            if link.kind == "batch":
+                listed[seq] = (link, digest)
+            else:
+                redriven[seq].add(digest)
+
+    def finding(kind: str, link: _Link, seq: str, detail: str) -> None:
+        report.findings.append(Finding(kind, stream, shard, detail, link.link_no, seq, seq))
+
+    for seq, (link, digest) in listed.items():
+        if kept.get(seq) == digest or digest in redriven.get(seq, ()):
+            continue
+        if seq in kept:
+            finding("dead_letter_altered", link, seq,
+                    f"the dead letter of record {seq} no longer has the bytes the link "
+                    "recorded")  # fmt: skip
+        else:
+            finding("dead_letter_missing", link, seq,
+                    f"record {seq} was dead-lettered, but its dead letter is gone and no "
+                    "re-drive stored it")  # fmt: skip
+    coverage = _Coverage(links)
+    for seq in kept.keys() - listed.keys():
+        batch = coverage.batch(int(seq))
+        if batch is not None and batch.version >= 2:
+            finding("inserted", batch, seq,
+                    f"a dead letter for record {seq} that its link does not list")  # fmt: skip
+    for link in links:
+        if link.kind != "redrive" or link.version < 2:
+            continue
+        batch = coverage.batch(link.first)
+        if batch is None or batch.version < 2:
+            continue
+        was = listed.get(link.first_text)
+        if was is None or was[1] not in redriven.get(link.first_text, ()):
+            finding("inserted", link, link.first_text,
+                    f"a re-drive of record {link.first_text}, which no batch dead-lettered with "
+                    "these bytes")  # fmt: skip
 
 
 _JSON_POSITIONS = tuple(
@@ -417,112 +664,143 @@ def _add(
 async def _check_checkpoint(
     conn: Conn, report: Report, stream: str, shard: str, links: list[_Link]
 ) -> None:
-    checkpoint = await conn.fetchval(
-        "SELECT checkpoint FROM das.leases WHERE stream_name = $1 AND shard_id = $2",
+    """The chain reaches what the lease says was read: the checkpoint of an open shard, the
+    last sequence number of a closed one."""
+    lease = await conn.fetchrow(
+        "SELECT checkpoint, end_sequence::text AS end_sequence FROM das.leases "
+        "WHERE stream_name = $1 AND shard_id = $2",
         stream,
         shard,
     )
+    if lease is None:
+        return
+    checkpoint = lease["checkpoint"]
+    if checkpoint == "SHARD_END":
+        reached, what = lease["end_sequence"], "closed, its last record being"
+    else:
+        reached, what = checkpoint, "checkpointed at"
     batches = [link for link in links if link.kind == "batch"]
     end = batches[-1].last if batches else None
-    if (
-        isinstance(checkpoint, str)
-        and checkpoint.isdigit()
-        and (end is None or int(checkpoint) > end)
-    ):
+    if isinstance(reached, str) and reached.isdigit() and (end is None or int(reached) > end):
         report.findings.append(
             Finding(
                 "truncated",
                 stream,
                 shard,
-                f"the shard is checkpointed at {checkpoint} but its chain ends at {end}: "
+                f"the shard is {what} {reached} but its chain ends at {end}: "
                 "the newest links were removed",
                 first_sequence=str(end) if end is not None else None,
-                last_sequence=checkpoint,
+                last_sequence=reached,
             )
         )
 
 
 async def _check_anchors(
     report: Report,
-    kms: Any | None,
+    checker: AnchorChecker | None,
     stream: str,
     shard: str,
     links: list[_Link],
     anchors: list[Anchor],
+    now: datetime,
+    max_age: timedelta | None,
 ) -> None:
-    if kms is None:
-        return
+    if checker is None:
+        return  # KMS refused the expected key: reported once, nothing here can be checked
     by_no = {link.link_no: link for link in links}
     last_good = 0
+    unchecked: list[str] = []
+
+    def finding(kind: str, anchor: Anchor, detail: str, link: _Link | None = None) -> None:
+        report.findings.append(
+            Finding(kind, stream, shard, detail, anchor.link_no,
+                    link.first_text if link else None, link.last_text if link else None)
+        )  # fmt: skip
+
     for anchor in anchors:
         report.anchors_checked += 1
-        if not await verify_anchor(kms, anchor):
-            report.findings.append(
-                Finding(
-                    "anchor_invalid",
-                    stream,
-                    shard,
-                    f"KMS rejects the anchor of link {anchor.link_no} (forged or altered)",
-                    anchor.link_no,
-                )
-            )
+        try:
+            verdict = await checker.check(anchor)
+        except AnchorError as exc:
+            unchecked.append(str(exc))
             continue
         link = by_no.get(anchor.link_no)
-        if link is None:
-            report.findings.append(
-                Finding(
-                    "truncated",
-                    stream,
-                    shard,
-                    f"link {anchor.link_no} was anchored but is gone: the chain was truncated",
-                    anchor.link_no,
-                )
+        if verdict == "unexpected_key":
+            finding("anchor_unexpected_key", anchor,
+                    f"the anchor of link {anchor.link_no} was made with an unexpected key "
+                    f"({anchor.key_id}, {anchor.algorithm}), not {report.anchor_key}")  # fmt: skip
+        elif verdict == "invalid":
+            finding(
+                "anchor_invalid",
+                anchor,
+                f"KMS rejects the anchor of link {anchor.link_no} (forged or altered)",
+            )
+        elif link is None:
+            finding(
+                "truncated",
+                anchor,
+                f"link {anchor.link_no} was anchored but is gone: the chain was truncated",
             )
         elif link.link_hash != anchor.link_hash:
-            report.findings.append(
-                Finding(
-                    "anchor_mismatch",
-                    stream,
-                    shard,
-                    f"link {anchor.link_no} no longer has the anchored hash: "
-                    "the chain was rewritten",
-                    anchor.link_no,
-                    link.first_text,
-                    link.last_text,
-                )
-            )
+            finding("anchor_mismatch", anchor,
+                    f"link {anchor.link_no} no longer has the anchored hash: the chain was "
+                    "rewritten", link)  # fmt: skip
         else:
             last_good = max(last_good, anchor.link_no)
+    if unchecked:
+        report.findings.append(
+            Finding("anchor_unchecked", stream, shard,
+                    f"KMS could not check {len(unchecked)} anchors ({unchecked[0]})")
+        )  # fmt: skip
     tail = [link for link in links if link.link_no > last_good]
-    if tail:
-        report.unanchored.append(
-            {
-                "stream": stream,
-                "shard": shard,
-                "first_link": tail[0].link_no,
-                "last_link": tail[-1].link_no,
-                "links": len(tail),
-                "last_sequence": tail[-1].last_text,
-            }
+    if not tail:
+        return
+    report.unanchored.append(
+        {
+            "stream": stream,
+            "shard": shard,
+            "first_link": tail[0].link_no,
+            "last_link": tail[-1].link_no,
+            "links": len(tail),
+            "last_sequence": tail[-1].last_text,
+            "since": tail[0].created_at.isoformat(),
+        }
+    )
+    age = now - tail[0].created_at
+    if max_age is not None and not unchecked and age > max_age:
+        report.findings.append(
+            Finding(
+                "unanchored",
+                stream,
+                shard,
+                f"links {tail[0].link_no}..{tail[-1].link_no} have not been anchored for "
+                f"{age.total_seconds():.0f} s (allowed: {max_age.total_seconds():.0f} s): "
+                "anchors were deleted, or anchoring stopped",
+                tail[0].link_no,
+                tail[0].first_text,
+                tail[-1].last_text,
+            )
         )
 
 
 async def _check_unchained(conn: Conn, report: Report) -> None:
-    """Events of shards that have no chain at all."""
+    """Events of (stream, shard) pairs that have no chain at all."""
     rows = await conn.fetch(
         """
-        SELECT e.shard_id, count(*) AS n, min(e.sequence_number)::text AS lo,
+        SELECT e.stream_name, e.shard_id, count(*) AS n, min(e.sequence_number)::text AS lo,
                max(e.sequence_number)::text AS hi
         FROM das.activity_events e
-        WHERE NOT EXISTS (SELECT 1 FROM das.chain_links l WHERE l.shard_id = e.shard_id)
-        GROUP BY e.shard_id
+        WHERE NOT EXISTS (SELECT 1 FROM das.chain_links l
+                          WHERE l.shard_id = e.shard_id
+                            AND (l.stream_name = e.stream_name OR e.stream_name = ''))
+        GROUP BY e.stream_name, e.shard_id
         """
     )
     for r in rows:
         report.findings.append(
             Finding(
                 "inserted",
-                "?",
+                r["stream_name"] or "?",
                 r["shard_id"],
                 f"{r['n']} events of a shard without any chain",
                 None,

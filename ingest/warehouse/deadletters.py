@@ -121,7 +121,12 @@ async def redrive(
             report.failed[letter_id] = str(exc)
             continue
         output = decode_batch(
-            BatchInput(row["shard_id"], [(0, row["seq"], raw, data_key)], decoder)
+            BatchInput(
+                row["shard_id"],
+                [(0, row["seq"], raw, data_key)],
+                decoder,
+                stream_name=row["stream_name"],
+            )
         )
         if output.failures:
             failure = output.failures[0]
@@ -130,7 +135,11 @@ async def redrive(
             continue
         await ensure_day_partitions(conn, output.days)
         async with conn.transaction():
-            await copy_unit(conn, CopyUnit(output.events, output.statements, chain=output.chain))
+            await copy_unit(
+                conn,
+                CopyUnit(output.events, output.statements, chain=output.chain),
+                row["stream_name"],
+            )
             if output.heartbeats:
                 await upsert_heartbeats(
                     conn, row["stream_name"], row["shard_id"], output.heartbeats
@@ -145,6 +154,9 @@ async def redrive(
                 row["seq"],
                 digests,
                 "redrive",
+                # The chain records which dead letter this was: `verify` holds every
+                # dead-lettered record to still be here, or to have been re-driven so.
+                dead_letters=[(row["seq"], raw)],
             )
             await conn.execute("DELETE FROM das.dead_letters WHERE id = $1", letter_id)
         report.stored.append(letter_id)

@@ -70,8 +70,10 @@ async def day_partitions(conn: Conn) -> list[Partition]:
 async def apply_retention(
     conn: Conn, keep: timedelta, *, now: datetime | None = None, dry_run: bool = False
 ) -> list[RetentionAction]:
-    # Retention removes whole UTC days, the unit the integrity chain accounts for.
-    moment = (now or datetime.now(UTC)) - keep
+    # Retention removes whole UTC days, the unit the integrity chain accounts for. The log
+    # records the time and period the cutoff came from: `verify` recomputes it.
+    basis = now or datetime.now(UTC)
+    moment = basis - keep
     cutoff = datetime.combine(moment.astimezone(UTC).date(), time(), tzinfo=UTC)
     actions: list[RetentionAction] = []
     for part in await day_partitions(conn):
@@ -84,7 +86,7 @@ async def apply_retention(
                     f'ALTER TABLE das.activity_events DETACH PARTITION das."{part.name}"'
                 )
                 await conn.execute(f'DROP TABLE das."{part.name}"')
-                await _log(conn, part.name, part.start, part.end, rows)
+                await _log(conn, part.name, part.start, part.end, rows, basis, keep)
         actions.append(RetentionAction(part.name, part.start, part.end, rows))
     async with conn.transaction():
         if dry_run:
@@ -99,7 +101,7 @@ async def apply_retention(
             )
             rows = int(status.split()[-1])
             if rows:
-                await _log(conn, "activity_events_default", None, cutoff, rows)
+                await _log(conn, "activity_events_default", None, cutoff, rows, basis, keep)
         if rows:
             actions.append(RetentionAction("activity_events_default", None, cutoff, rows))
         if not dry_run:
@@ -109,13 +111,22 @@ async def apply_retention(
 
 
 async def _log(
-    conn: Conn, name: str, start: datetime | None, end: datetime | None, rows: int
+    conn: Conn,
+    name: str,
+    start: datetime | None,
+    end: datetime | None,
+    rows: int,
+    removed_at: datetime,
+    keep: timedelta,
 ) -> None:
     await conn.execute(
-        "INSERT INTO das.retention_log (partition_name, range_start, range_end, rows_removed) "
-        "VALUES ($1, $2, $3, $4)",
+        "INSERT INTO das.retention_log "
+        "(partition_name, range_start, range_end, rows_removed, removed_at, keep) "
+        "VALUES ($1, $2, $3, $4, $5, $6)",
         name,
         start,
         end,
         rows,
+        removed_at,
+        keep,
     )

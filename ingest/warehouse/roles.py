@@ -1,8 +1,9 @@
 """Least-privilege roles, created and granted by ``das-ingest migrate``.
 
 - the **ingest** role appends: it may INSERT events and dead letters but never UPDATE, DELETE or
-  TRUNCATE them; it maintains the derived and bookkeeping tables (statements, heartbeats,
-  leases, workers) and creates day partitions only through a SECURITY DEFINER function.
+  TRUNCATE them; it maintains the bookkeeping tables (heartbeats, leases, workers). It has no
+  privilege on das.statements at all: it merges the statements of the events it stored, and
+  creates day partitions, only through SECURITY DEFINER functions (which run as the owner).
 - the **analyst** role reads everything in schema ``das`` and writes nothing.
 
 Both are NOLOGIN group roles: grant them to login users (``GRANT das_ingest TO ingester``).
@@ -23,14 +24,15 @@ _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 #: Tables the ingest role may only append to.
 APPEND_ONLY = ("das.activity_events", "das.dead_letters")
-#: Derived or bookkeeping tables the ingest role maintains.
-MAINTAINED = ("das.statements", "das.heartbeats", "das.leases", "das.workers")
+#: Bookkeeping tables the ingest role maintains.
+MAINTAINED = ("das.heartbeats", "das.leases", "das.workers")
 #: Tables the ingest role reads.
 READ = ("das.schema_migrations", "das.privileged_users")
 #: Functions the ingest role calls: they run as the schema owner (SECURITY DEFINER).
 FUNCTIONS = (
     "das.ensure_partition(date)",
     "das.ensure_partitions(date, date)",
+    "das.merge_statements(text, text, numeric, numeric)",
 )
 
 
@@ -47,10 +49,6 @@ class RoleNames:
                 )
 
 
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
 async def apply_grants(conn: Conn, roles: RoleNames) -> None:
     """Idempotent: create the roles if missing and (re)state exactly their privileges."""
     for role in (roles.ingest, roles.analyst):
@@ -64,11 +62,13 @@ async def apply_grants(conn: Conn, roles: RoleNames) -> None:
                     "(or create the roles yourself, or pass --no-roles)"
                 ) from None
     ingest, analyst = roles.ingest, roles.analyst
-    database = await conn.fetchval("SELECT current_database()")
+    # Only the functions this schema has (a warehouse migrated to an older version lacks the
+    # newer ones).
+    functions = ", ".join(
+        [f for f in FUNCTIONS if await conn.fetchval("SELECT to_regprocedure($1)", f)]
+    )
     statements = [
         f"GRANT USAGE ON SCHEMA das TO {ingest}, {analyst}",
-        # The sink stages MySQL statement parts in a session temp table.
-        f"GRANT TEMPORARY ON DATABASE {_quote(database)} TO {ingest}",
         # Start from nothing so a re-run also takes back anything granted by hand.
         f"REVOKE ALL ON ALL TABLES IN SCHEMA das FROM {ingest}",
         f"GRANT INSERT ON {', '.join(APPEND_ONLY)} TO {ingest}",
@@ -77,8 +77,8 @@ async def apply_grants(conn: Conn, roles: RoleNames) -> None:
         f"GRANT SELECT ON {', '.join(READ)} TO {ingest}",
         # The integrity chain and its anchors: appended by workers, never changed.
         f"GRANT SELECT, INSERT ON das.chain_links, das.chain_anchors TO {ingest}",
-        f"REVOKE ALL ON FUNCTION {', '.join(FUNCTIONS)} FROM PUBLIC",
-        f"GRANT EXECUTE ON FUNCTION {', '.join(FUNCTIONS)} TO {ingest}",
+        f"REVOKE ALL ON FUNCTION {functions} FROM PUBLIC",
+        f"GRANT EXECUTE ON FUNCTION {functions} TO {ingest}",
         f"REVOKE ALL ON ALL TABLES IN SCHEMA das FROM {analyst}",
         f"GRANT SELECT ON ALL TABLES IN SCHEMA das TO {analyst}",
         # Partitions created later by ensure_partition (owned by the schema owner) stay readable.

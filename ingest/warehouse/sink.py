@@ -22,44 +22,19 @@ import orjson
 
 from ingest.decode.batch import HeartbeatRow
 from ingest.decode.copyfmt import EVENT_COLUMNS
-from ingest.decode.correlate import PART_COLUMNS
+from ingest.decode.correlate import StatementRange
+from ingest.decode.normalize import sanitize_text
 from ingest.errors import IngestError
 from ingest.integrity.canonical import DayDigests
 from ingest.integrity.chain import extend_chain
 from ingest.warehouse.db import Conn, is_transient
+from ingest.warehouse.leases import SHARD_END
 
 log = logging.getLogger(__name__)
 
-STAGING_TABLE = "das_statement_parts"
-
-_MAIN_COLUMNS = [
-    c
-    for c in PART_COLUMNS
-    if c
-    not in ("cluster_id", "instance_id", "pid", "session_id", "statement_id", "has_main", "aux")
-]
-# The earliest MAIN (by log_time) fills the statement's main columns; AUX events append,
-# whatever the order. The batch folded its own events per key already, so keys in the staging
-# table are unique and ON CONFLICT sees each row at most once. (SET expressions see the old row.)
-_TAKE_MAIN = "EXCLUDED.has_main AND (NOT s.has_main OR EXCLUDED.log_time < s.log_time)"
-MERGE_STATEMENTS = f"""
-INSERT INTO das.statements AS s ({", ".join(PART_COLUMNS)})
-SELECT {", ".join(PART_COLUMNS)} FROM pg_temp.{STAGING_TABLE}
-ON CONFLICT ON CONSTRAINT statements_key DO UPDATE SET
-    {
-    ", ".join(
-        f"{c} = CASE WHEN {_TAKE_MAIN} THEN EXCLUDED.{c} ELSE s.{c} END" for c in _MAIN_COLUMNS
-    )
-},
-    has_main = s.has_main OR EXCLUDED.has_main,
-    aux = s.aux || EXCLUDED.aux,
-    updated_at = now()
-"""
-
-CREATE_STAGING = f"""
-CREATE TEMP TABLE IF NOT EXISTS {STAGING_TABLE}
-    (LIKE das.statements INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
-"""
+#: Merges the statement events of the records just stored into das.statements. A SECURITY
+#: DEFINER function (migrations/0005): the ingest role has no privilege on das.statements.
+MERGE_STATEMENTS = "SELECT das.merge_statements($1, $2, $3::text::numeric, $4::text::numeric)"
 
 ADVANCE_CHECKPOINT = """
 UPDATE das.leases SET checkpoint = $1, checkpoint_at = now()
@@ -122,10 +97,10 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class CopyUnit:
-    """Rows to COPY: the events and MySQL statement parts of one or more records."""
+    """Rows to COPY (the events of one or more records) and the MySQL statements to merge."""
 
     events: bytes
-    statements: bytes
+    statements: StatementRange | None
     #: Dead letter to write instead if this unit cannot be stored (per-record mode only).
     on_store_error: DeadLetter | None = None
     #: The events' digests per UTC day, for the integrity chain (BatchOutput.chain).
@@ -140,8 +115,8 @@ class CommitResult:
 
 
 async def init_connection(conn: Conn) -> None:
-    """Pool ``init``: the session-local staging table for statement parts."""
-    await conn.execute(CREATE_STAGING)
+    """Pool ``init``. Nothing to set up any more (MySQL statements used to be staged in a
+    session temp table); kept so pools and re-drives keep one place for per-connection setup."""
 
 
 class Sink:
@@ -202,12 +177,12 @@ class Sink:
             stored: list[CopyUnit] = []
             for unit in units:
                 if not per_record:
-                    await copy_unit(conn, unit)
+                    await copy_unit(conn, unit, lease.stream_name)
                     stored.append(unit)
                     continue
                 try:
                     async with conn.transaction():  # a savepoint per record
-                        await copy_unit(conn, unit)
+                        await copy_unit(conn, unit, lease.stream_name)
                     stored.append(unit)
                 except asyncpg.PostgresError as exc:
                     if unit.on_store_error is None or is_transient(exc):
@@ -232,11 +207,37 @@ class Sink:
                 digests = DayDigests()
                 digests.extend(unit.chain for unit in stored)
                 await extend_chain(
-                    conn, lease.stream_name, lease.shard_id, *sequence_range, digests
+                    conn,
+                    lease.stream_name,
+                    lease.shard_id,
+                    *sequence_range,
+                    digests,
+                    dead_letters=[(d.sequence_number, d.raw) for d in letters],
                 )
+            if new_checkpoint == SHARD_END:
+                await record_end(conn, lease, previous_checkpoint, sequence_range)
             result.dead_letters = len(letters)
             result.store_failures = failed
         return result
+
+
+async def record_end(
+    conn: Conn,
+    lease: LeaseToken,
+    previous_checkpoint: str,
+    sequence_range: tuple[str, str] | None,
+) -> None:
+    """A shard reached SHARD_END: keep its last sequence number, which its chain must reach
+    (``verify`` checks it, as it checks a sequence-number checkpoint of an open shard)."""
+    last = sequence_range[1] if sequence_range is not None else previous_checkpoint
+    if last.isdigit():
+        await conn.execute(
+            "UPDATE das.leases SET end_sequence = $3::numeric "
+            "WHERE stream_name = $1 AND shard_id = $2",
+            lease.stream_name,
+            lease.shard_id,
+            last,
+        )
 
 
 async def ensure_day_partitions(
@@ -253,8 +254,8 @@ async def ensure_day_partitions(
         known.add(day)
 
 
-async def copy_unit(conn: Conn, unit: CopyUnit) -> None:
-    """COPY a unit's events, and merge its MySQL statement parts into das.statements."""
+async def copy_unit(conn: Conn, unit: CopyUnit, stream_name: str) -> None:
+    """COPY a unit's events, then merge its MySQL statement events into das.statements."""
     if unit.events:
         await conn.copy_to_table(
             "activity_events",
@@ -264,29 +265,41 @@ async def copy_unit(conn: Conn, unit: CopyUnit) -> None:
             columns=list(EVENT_COLUMNS),
             format="text",
         )
-    if unit.statements:
-        await conn.copy_to_table(
-            STAGING_TABLE,
-            source=memoryview(unit.statements),  # type: ignore[arg-type]
-            columns=list(PART_COLUMNS),
-            format="text",
-        )
-        await conn.execute(MERGE_STATEMENTS)
-        await conn.execute(f"TRUNCATE pg_temp.{STAGING_TABLE}")
+    if unit.statements is not None:
+        span = unit.statements
+        await conn.execute(MERGE_STATEMENTS, stream_name, span.shard_id, span.first, span.last)
+
+
+def storable_letter_text(letter: DeadLetter) -> tuple[str | None, str]:
+    """The partition key and error as PostgreSQL text can hold them.
+
+    A partition key is any Unicode the producer chose: a NUL (or a lone surrogate, which
+    kinesalite hands back) would make the dead-letter INSERT fail, and with it the batch and
+    its checkpoint, again and again. It is escaped reversibly (see normalize.sanitize_text),
+    and the error says so, since an escaped key cannot be told from an odd one otherwise.
+    """
+    error, _ = sanitize_text(letter.error)
+    key = letter.partition_key
+    if key is not None:
+        key, flag = sanitize_text(key)
+        if flag:
+            error = f"{error} (partition key stored escaped: {flag})"
+    return key, error
 
 
 async def insert_dead_letters(
     conn: Conn, stream_name: str, shard_id: str, letters: Sequence[DeadLetter]
 ) -> None:
+    texts = [storable_letter_text(d) for d in letters]
     await conn.execute(
         INSERT_DEAD_LETTERS,
         stream_name,
         shard_id,
         [d.sequence_number for d in letters],
-        [d.partition_key for d in letters],
+        [key for key, _ in texts],
         [d.arrival_time for d in letters],
         [d.stage for d in letters],
-        [d.error for d in letters],
+        [error for _, error in texts],
         [d.raw for d in letters],
     )
 
