@@ -327,6 +327,9 @@ class Worker:
                 if not run.task.done()
             }
             renewed = await self.leases.renew(me, held)
+        # Renewed within the lease period, a lease cannot have expired: another worker stole it
+        # to balance the fleet (routine). Otherwise this worker was too slow to keep it.
+        expired = time.monotonic() - self.last_renewal >= self.settings.lease_seconds
         self.last_renewal = time.monotonic()
         for shard_id, counter in held.items():
             if shard_id in renewed:
@@ -335,7 +338,15 @@ class Worker:
             if run is None or run.task.done() or run.consumer.lease.lease_counter != counter:
                 continue  # ended or released meanwhile: not a loss
             if not run.consumer.lost:
-                log.warning("lease lost at renewal", extra={"shard": shard_id, "counter": counter})
+                log.log(
+                    logging.WARNING if expired else logging.INFO,
+                    "lease lost at renewal",
+                    extra={
+                        "shard": shard_id,
+                        "counter": counter,
+                        "reason": "expired" if expired else "taken by another worker (balancing)",
+                    },
+                )
             run.consumer.lose()
 
     # -- readiness ------------------------------------------------------------------------
