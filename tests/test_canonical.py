@@ -11,14 +11,13 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingest.decode import copyfmt
+from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
 from ingest.decode.model import ActivityEvent, DecodedRecord
 from ingest.integrity.canonical import (
     EVENT_COLUMNS,
-    EVENT_COLUMNS_V1,
-    STREAM_POSITION,
     ZERO_HASH,
     LinkFields,
-    RecordFields,
     _canonical_json,
     anchor_message,
     canonical_json,
@@ -28,7 +27,6 @@ from ingest.integrity.canonical import (
     event_digest,
     event_encoding,
     link_hash,
-    stored_event_digest,
     stored_event_values,
 )
 
@@ -90,51 +88,61 @@ def test_numbers_times_and_fields() -> None:
 
 
 def documented_example() -> list[Any]:
-    """The example event of docs/integrity.md, as its 38 values."""
+    """The example event of docs/integrity.md, as its 38 values in EVENT_COLUMNS order."""
     values: list[Any] = [None] * 38
-    values[1] = "cluster-ABC"  # cluster_id
-    values[3] = "1.2"  # record_version
-    values[4] = "aws-rds-das-cluster-ABC"  # stream_name
-    values[5] = "shardId-000000000000"
-    values[6] = Decimal("49590338271490256608559692538361571095921575989136588898")
-    values[7] = 0  # event_index
-    values[8] = "MAIN"  # class
-    values[11] = "SELECT 'é'\t\n"  # command_text
-    values[21] = [1.5, "x"]  # param_list
-    values[22] = 42  # pid
-    values[35] = {"b": 1, "a": None}  # extra
-    values[36] = ["commandText:nul"]  # anomalies
-    values[37] = datetime(2026, 11, 25, 12, 0, 0, 5, tzinfo=UTC)  # ingested_at
+    named = {
+        "cluster_id": "cluster-ABC",
+        "record_version": "1.2",
+        "stream_name": "aws-rds-das-cluster-ABC",
+        "shard_id": "shardId-000000000000",
+        "sequence_number": Decimal("49590338271490256608559692538361571095921575989136588898"),
+        "event_index": 0,
+        "class": "MAIN",
+        "command_text": "SELECT 'é'\t\n",
+        "param_list": [1.5, "x"],
+        "pid": 42,
+        "extra": {"b": 1, "a": None, "q": 'say "\\hi"'},
+        "anomalies": ["commandText:nul", 'a"b'],
+        "ingested_at": datetime(2026, 11, 25, 12, 0, 0, 5, tzinfo=UTC),
+    }
+    for column, value in named.items():
+        values[EVENT_COLUMNS.index(column)] = value
     return values
 
 
+def test_the_columns_are_the_copy_columns() -> None:
+    assert EVENT_COLUMNS == copyfmt.EVENT_COLUMNS
+
+
 def test_the_documented_example_encoding() -> None:
-    """The example in docs/integrity.md, byte for byte."""
-    assert EVENT_COLUMNS[4:6] == ("stream_name", "shard_id")
-    assert (
-        event_encoding(documented_example())
-        == (
-            '[null,"cluster-ABC",null,"1.2","aws-rds-das-cluster-ABC","shardId-000000000000",'
-            '"49590338271490256608559692538361571095921575989136588898",0,"MAIN",null,null,'
-            '"SELECT \'é\'\\t\\n",null,null,null,null,null,null,null,null,null,[1.5,"x"],42,'
-            + "null," * 12
-            + '{"a":null,"b":1},["commandText:nul"],"2026-11-25T12:00:00.000005Z"]'
-        ).encode()
-    )
+    """The example in docs/integrity.md, byte for byte: the event's COPY text line."""
+    expected = "\t".join(
+        [
+            "cluster-ABC", "\\N", "1.2", "aws-rds-das-cluster-ABC", "shardId-000000000000",
+            "49590338271490256608559692538361571095921575989136588898", "0", "MAIN",
+            "\\N", "\\N", "SELECT 'é'\\t\\n", *["\\N"] * 10, '[1.5,"x"]', "42",
+            *["\\N"] * 12,
+            '{"a":null,"b":1,"q":"say \\\\"\\\\\\\\hi\\\\""}',
+            '{"commandText:nul","a\\\\"b"}',
+            "2026-11-25T12:00:00.000005Z",
+        ]
+    )  # fmt: skip
+    assert event_encoding(documented_example()) == expected.encode()
+    digest = hashlib.sha256(expected.encode()).digest()
+    assert event_digest(documented_example()) == digest
 
 
 def test_version_1_encoding_has_no_stream_name() -> None:
     """Links written before migration 0004 (version 1) encode the same event without it."""
-    values = documented_example()
-    del values[STREAM_POSITION]
     assert (
-        event_encoding(values, EVENT_COLUMNS_V1)
+        event_encoding(documented_example(), version=1)
         == (
             '[null,"cluster-ABC",null,"1.2","shardId-000000000000",'
             '"49590338271490256608559692538361571095921575989136588898",0,"MAIN",null,null,'
             '"SELECT \'é\'\\t\\n",null,null,null,null,null,null,null,null,null,[1.5,"x"],42,'
             + "null," * 12
-            + '{"a":null,"b":1},["commandText:nul"],"2026-11-25T12:00:00.000005Z"]'
+            + '{"a":null,"b":1,"q":"say \\"\\\\hi\\""},["commandText:nul","a\\"b"],'
+            + '"2026-11-25T12:00:00.000005Z"]'
         ).encode()
     )
 
@@ -234,12 +242,49 @@ def events(draw: st.DrawFn) -> tuple[ActivityEvent, DecodedRecord]:
 
 @settings(max_examples=300)
 @given(events(), st.integers(min_value=1, max_value=10**40), st.text(max_size=24))
-def test_the_writer_digest_is_the_verifier_digest(
+def test_the_writer_line_is_the_verifier_encoding(
     pair: tuple[ActivityEvent, DecodedRecord], sequence: int, stream: str
 ) -> None:
+    """The COPY line the decode processes write (and hash) is, byte for byte, the encoding
+    verify computes from the stored values."""
     event, record = pair
     stamp = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
-    fields = RecordFields(record, stream, "shardId-1", str(sequence), stamp)
+    data, count = copyfmt.encode_events([(record, "shardId-1", str(sequence))], stamp, stream)
+    assert count == 1
+    assert data.endswith(b"\n")
     values = stored_event_values(event, record, stream, "shardId-1", str(sequence), stamp)
-    assert values[STREAM_POSITION] == stream
-    assert stored_event_digest(event, fields) == event_digest(values)
+    assert values[EVENT_COLUMNS.index("stream_name")] == stream
+    assert data[:-1] == event_encoding(values)
+
+
+def test_decode_batch_digests_each_event_line() -> None:
+    """decode_batch's chain input is, per UTC day, the SHA-256 of each stored COPY line in
+    order: what verify recomputes from the rows."""
+    import orjson
+
+    from tests.sealing import seal
+
+    key = bytes(range(32))
+    events = [
+        {"type": "record", "class": "READ", "logTime": "2026-11-24 23:59:59.5+00",
+         "commandText": "SELECT 1\t-- tab"},
+        {"type": "record", "class": "READ", "logTime": "2026-11-25 00:00:00.25+00",
+         "paramList": [1.25]},
+        {"type": "record", "class": "READ"},
+    ]  # fmt: skip
+    doc = orjson.dumps(
+        {"type": "DatabaseActivityMonitoringRecord", "clusterId": "c", "instanceId": "i",
+         "databaseActivityEventList": events}
+    )  # fmt: skip
+    raw = seal(doc, key, "1.1")
+    out = decode_batch(
+        BatchInput("shardId-1", [(0, "7", raw, key)], DecoderConfig("esdk"), stream_name="s")
+    )
+    assert out.failures == []
+    assert out.event_count == 3
+    lines = out.events.split(b"\n")[:-1]
+    by_day = {
+        day: b"".join(hashlib.sha256(line).digest() for line in lines[i : i + 1])
+        for day, i in (("2026-11-24", 0), ("2026-11-25", 1), ("none", 2))
+    }
+    assert out.chain == by_day

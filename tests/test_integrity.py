@@ -1313,10 +1313,13 @@ async def _legacy_chain(
     )
     digests = DayDigests()
     for row in rows:
-        values = list(row)
-        extra = EVENT_COLUMNS_V1.index("extra")
+        # Version 1 takes the same values (in EVENT_COLUMNS order) but never reads stream_name.
+        values: list[Any] = [None] * len(EVENT_COLUMNS)
+        for column in EVENT_COLUMNS_V1:
+            values[EVENT_COLUMNS.index(column)] = row[column]
+        extra = EVENT_COLUMNS.index("extra")
         values[extra] = json.loads(values[extra])
-        digests.add(event_day(row["log_time"]), event_digest(values, EVENT_COLUMNS_V1))
+        digests.add(event_day(row["log_time"]), event_digest(values, version=1))
     first, last = str(events[0][0]), str(events[-1][0])
     link = LinkFields(
         stream, shard, 1, "batch", first, last, digests.count, digests.summary(), version=1

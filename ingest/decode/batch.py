@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from hashlib import sha256
 from typing import Any
 
 from ingest.decode import copyfmt
@@ -18,7 +19,7 @@ from ingest.decode.correlate import StatementRange, StatementRangeBuilder
 from ingest.decode.gunzip import DEFAULT_MAX_DECOMPRESSED
 from ingest.decode.pipeline import Decryptor, decode_record
 from ingest.errors import DecodeError
-from ingest.integrity.canonical import DayDigests, RecordFields, event_day, stored_event_digest
+from ingest.integrity.canonical import DayDigests, event_day
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +131,10 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
                 else:
                     out.days.add(_utc_day(event.log_time))
             if chain:
-                fields = RecordFields(
-                    record, batch.stream_name, shard_id, sequence_number, ingested_at
-                )
-                for event in record.events:
-                    digests.add(event_day(event.log_time), stored_event_digest(event, fields))
+                # An event's COPY line is its canonical encoding (chain version 2): one
+                # SHA-256 a line. Lines hold no raw newline (COPY escapes them).
+                for event, line in zip(record.events, data.split(b"\n"), strict=False):
+                    digests.add(event_day(event.log_time), sha256(line).digest())
         for beat in record.heartbeats:
             out.heartbeats.append(
                 HeartbeatRow(

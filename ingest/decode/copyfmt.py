@@ -2,18 +2,28 @@
 
 The process pool returns one COPY-ready ``bytes`` per batch instead of thousands of row tuples:
 pickling tuples back to the parent costs about as much as producing them.
+
+Each line is also the event's canonical encoding for the integrity chain (version 2, see
+ingest/integrity/canonical.py and docs/integrity.md): times in canonical UTC text, JSON in
+canonical JSON. So the chain's digest of an event is one SHA-256 of its line, and the tests
+hold this fast encoder equal to the definition there.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-import orjson
-
 from ingest.decode.model import FIELDS, ActivityEvent, DecodedRecord, Kind
+from ingest.integrity.canonical import (
+    NULL,
+    canonical_json,
+    canonical_time,
+    copy_array,
+    copy_escape,
+)
 
 #: Columns of das.activity_events that COPY fills, in order. ingested_at is set by the
 #: decoder (the time it decoded the batch), so the integrity chain can cover it too.
@@ -35,15 +45,7 @@ _FIELD_ATTRS = tuple(("class_" if f.column == "class" else f.column, f.kind) for
 _GET_FIELDS = operator.attrgetter(*(attr for attr, _ in _FIELD_ATTRS))
 _KINDS = tuple(kind for _, kind in _FIELD_ATTRS)
 _TEXT, _INT, _TIME = Kind.TEXT, Kind.INT, Kind.TIME
-NULL = "\\N"
-
-
-def escape(text: str) -> str:
-    """Escape a value for COPY text format."""
-    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
-        text = text.replace("\\", "\\\\").replace("\t", "\\t")
-        return text.replace("\n", "\\n").replace("\r", "\\r")
-    return text
+escape = copy_escape
 
 
 def text(value: str | None) -> str:
@@ -55,18 +57,11 @@ def number(value: int | None) -> str:
 
 
 def timestamp(value: datetime | None) -> str:
-    return NULL if value is None else value.isoformat()
+    return NULL if value is None else canonical_time(value)
 
 
 def jsonb(value: Any) -> str:
-    return NULL if value is None else escape(orjson.dumps(value).decode())
-
-
-def text_array(values: Sequence[str]) -> str:
-    if not values:
-        return "{}"
-    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
-    return escape("{" + ",".join(quoted) + "}")
+    return NULL if value is None else escape(canonical_json(value))
 
 
 def event_line(
@@ -79,7 +74,7 @@ def event_line(
     ingested_at: str = NULL,
 ) -> str:
     """One COPY line for ``event``. ``prefix`` caches the record-level leading columns;
-    ``ingested_at`` is the decode time's ISO text (NULL would violate the column's NOT NULL)."""
+    ``ingested_at`` is the decode time's canonical text (NULL would violate its NOT NULL)."""
     if prefix is None:
         prefix = record_prefix(record, stream_name, shard_id, sequence_number)
     cols = [prefix, str(event.event_index)]
@@ -96,7 +91,7 @@ def event_line(
         elif kind is _INT:
             append(str(value))
         elif kind is _TIME:
-            append(value.isoformat())
+            append(canonical_time(value))
         else:
             append(jsonb(value))
     extra = event.extra
@@ -104,7 +99,7 @@ def event_line(
         extra = {**extra, "_record": record.record_extra}
     append("{}" if type(extra) is dict and not extra else jsonb(extra))
     anomalies = event.anomalies
-    append(text_array(anomalies) if anomalies else "{}")
+    append(copy_array(anomalies) if anomalies else "{}")
     append(ingested_at)
     return "\t".join(cols)
 
@@ -132,7 +127,7 @@ def encode_events(
     """COPY payload for (record, shard_id, sequence_number) triples of the stream
     ``stream_name``; returns (data, row count)."""
     lines: list[str] = []
-    stamp = ingested_at.isoformat()
+    stamp = canonical_time(ingested_at)
     for record, shard_id, sequence_number in records:
         if not record.events:
             continue

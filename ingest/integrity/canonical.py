@@ -9,33 +9,43 @@ defined here and in the documentation alone.
 from __future__ import annotations
 
 import hashlib
-import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
-#: Columns of das.activity_events in the order of an event's encoding (chain version 2).
+#: Columns of das.activity_events in the order of an event's encoding (chain version 2): the
+#: order das-ingest COPYs them in (ingest.decode.copyfmt, held equal by the tests).
 EVENT_COLUMNS: tuple[str, ...] = (
-    "log_time", "cluster_id", "instance_id", "record_version", "stream_name", "shard_id",
-    "sequence_number", "event_index", "class", "client_application", "command", "command_text",
-    "database_name", "db_protocol", "db_user_name", "end_time", "error_message", "exit_code",
+    "cluster_id", "instance_id", "record_version", "stream_name", "shard_id", "sequence_number",
+    "event_index", "class", "client_application", "command", "command_text", "database_name",
+    "db_protocol", "db_user_name", "end_time", "error_message", "exit_code", "log_time",
     "net_protocol", "object_name", "object_type", "param_list", "pid", "remote_host",
     "remote_port", "row_count", "server_host", "server_type", "server_version", "service_name",
     "session_id", "start_time", "statement_id", "substatement_id", "transaction_id", "extra",
     "anomalies", "ingested_at",
 )  # fmt: skip
-#: The encoding of chain version 1 (links written before migration 0004): no stream_name.
-EVENT_COLUMNS_V1: tuple[str, ...] = tuple(c for c in EVENT_COLUMNS if c != "stream_name")
-#: Where stream_name sits in EVENT_COLUMNS (dropped for version 1 links).
-STREAM_POSITION = EVENT_COLUMNS.index("stream_name")
+#: The columns of chain version 1 (links written before migration 0004), in its order.
+EVENT_COLUMNS_V1: tuple[str, ...] = (
+    "log_time", "cluster_id", "instance_id", "record_version", "shard_id", "sequence_number",
+    "event_index", "class", "client_application", "command", "command_text", "database_name",
+    "db_protocol", "db_user_name", "end_time", "error_message", "exit_code", "net_protocol",
+    "object_name", "object_type", "param_list", "pid", "remote_host", "remote_port",
+    "row_count", "server_host", "server_type", "server_version", "service_name", "session_id",
+    "start_time", "statement_id", "substatement_id", "transaction_id", "extra", "anomalies",
+    "ingested_at",
+)  # fmt: skip
+#: Where each version 1 column sits in EVENT_COLUMNS.
+V1_POSITIONS = tuple(EVENT_COLUMNS.index(c) for c in EVENT_COLUMNS_V1)
 #: The version of the links and anchors das-ingest writes.
 CHAIN_VERSION = 2
 TIME_COLUMNS = frozenset({"log_time", "end_time", "start_time", "ingested_at"})
 JSON_COLUMNS = frozenset({"param_list", "extra", "anomalies"})
+#: COPY text format's NULL.
+NULL = "\\N"
 
 ZERO_HASH = bytes(32)
 DIGEST_SIZE = 32
@@ -110,8 +120,48 @@ def _canonical_json(value: Any) -> str:
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 
+def copy_escape(text: str) -> str:
+    """Escape text for PostgreSQL's COPY text format: backslash, tab, newline, carriage return."""
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        text = text.replace("\\", "\\\\").replace("\t", "\\t")
+        return text.replace("\n", "\\n").replace("\r", "\\r")
+    return text
+
+
+def copy_array(values: Sequence[str]) -> str:
+    """A text[] in COPY text: ``{}``, or every element double-quoted with ``\\`` and ``"``
+    backslash-escaped, comma-separated in braces, then COPY-escaped."""
+    if not values:
+        return "{}"
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return copy_escape("{" + ",".join(quoted) + "}")
+
+
+def copy_field(column: str, value: Any) -> str:
+    """The COPY text of one column's value: the version 2 encoding's field."""
+    if value is None:
+        return NULL
+    if column in TIME_COLUMNS:
+        return canonical_time(value)
+    if column == "sequence_number":
+        return value if isinstance(value, str) else str(int(value))
+    if column == "anomalies":
+        return copy_array(value)
+    if column in JSON_COLUMNS:
+        return copy_escape(canonical_json(value))
+    if isinstance(value, int):
+        return str(value)
+    return copy_escape(value)
+
+
+def event_line(values: Sequence[Any]) -> str:
+    """An event's version 2 encoding (as text): its COPY text line, the :func:`copy_field` of
+    its 38 values in :data:`EVENT_COLUMNS` order joined by tabs, no newline."""
+    return "\t".join(copy_field(c, v) for c, v in zip(EVENT_COLUMNS, values, strict=True))
+
+
 def canonical_value(column: str, value: Any) -> Any:
-    """The JSON value a column's value enters the event encoding as (None for SQL NULL)."""
+    """The JSON value a column's value enters the version 1 encoding as (None for NULL)."""
     if value is None:
         return None
     if column in TIME_COLUMNS:
@@ -123,25 +173,30 @@ def canonical_value(column: str, value: Any) -> Any:
     return value
 
 
-def event_encoding(values: Sequence[Any], columns: Sequence[str] = EVENT_COLUMNS) -> bytes:
-    """The canonical encoding of an event given its values in the order of ``columns`` (38
-    for version 2, :data:`EVENT_COLUMNS_V1` for version 1): the canonical JSON array of their
-    :func:`canonical_value`, as UTF-8."""
-    row = [canonical_value(c, v) for c, v in zip(columns, values, strict=True)]
+def event_encoding(values: Sequence[Any], version: int = 2) -> bytes:
+    """The canonical encoding of an event given its 38 values in :data:`EVENT_COLUMNS` order:
+    version 2, its COPY text line (:func:`event_line`) as UTF-8; version 1, the canonical JSON
+    array of the :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no stream_name)."""
+    if version >= 2:
+        return event_line(values).encode()
+    row = [
+        canonical_value(c, values[i]) for c, i in zip(EVENT_COLUMNS_V1, V1_POSITIONS, strict=True)
+    ]
     return canonical_json(row).encode()
 
 
-def event_digest(values: Sequence[Any], columns: Sequence[str] = EVENT_COLUMNS) -> bytes:
-    """SHA-256 of the canonical encoding of an event given its values in ``columns`` order."""
-    return hashlib.sha256(event_encoding(values, columns)).digest()
+def event_digest(values: Sequence[Any], version: int = 2) -> bytes:
+    """SHA-256 of the canonical encoding of an event given its values in EVENT_COLUMNS order."""
+    return hashlib.sha256(event_encoding(values, version)).digest()
 
 
 def event_day(log_time: datetime | None) -> str:
     """The UTC day of an event (the unit retention removes), or "none"."""
     if log_time is None:
         return "none"
-    day: date = log_time.astimezone(UTC).date()
-    return f"{day.year:04d}-{day.month:02d}-{day.day:02d}"
+    if log_time.tzinfo is not UTC:
+        log_time = log_time.astimezone(UTC)
+    return log_time.date().isoformat()  # YYYY-MM-DD, the year padded to four digits
 
 
 class DayDigests:
@@ -151,7 +206,11 @@ class DayDigests:
         self.by_day: dict[str, bytearray] = {}
 
     def add(self, day: str, digest: bytes) -> None:
-        self.by_day.setdefault(day, bytearray()).extend(digest)
+        digests = self.by_day.get(day)
+        if digests is None:
+            self.by_day[day] = bytearray(digest)
+        else:
+            digests.extend(digest)
 
     def extend(self, chains: Iterable[Mapping[str, bytes]]) -> None:
         for chain in chains:
@@ -249,76 +308,6 @@ def anchor_message(
     return "\n".join(lines).encode()
 
 
-class RecordFields:
-    """The values of a record's events that do not change from event to event, prepared once:
-    the fast path of :func:`stored_event_digest`."""
-
-    __slots__ = ("extra", "ingested_at", "prefix")
-
-    def __init__(
-        self,
-        record: Any,
-        stream_name: str,
-        shard_id: str,
-        sequence_number: str,
-        ingested_at: datetime,
-    ) -> None:
-        self.prefix = (
-            record.cluster_id, record.instance_id, record.record_version, stream_name, shard_id,
-            sequence_number,
-        )  # fmt: skip
-        self.ingested_at = canonical_time(ingested_at)
-        self.extra = record.record_extra
-
-
-#: The event's own columns between event_index and extra, as ActivityEvent attributes.
-_EVENT_ATTRS = (
-    "class_", "client_application", "command", "command_text", "database_name", "db_protocol",
-    "db_user_name", "end_time", "error_message", "exit_code", "net_protocol", "object_name",
-    "object_type", "param_list", "pid", "remote_host", "remote_port", "row_count",
-    "server_host", "server_type", "server_version", "service_name", "session_id",
-    "start_time", "statement_id", "substatement_id", "transaction_id",
-)  # fmt: skip
-_GET_EVENT_ATTRS = operator.attrgetter(*_EVENT_ATTRS)
-_END, _START, _PARAMS = (_EVENT_ATTRS.index(a) for a in ("end_time", "start_time", "param_list"))
-
-
-def stored_event_digest(event: Any, fields: RecordFields) -> bytes:
-    """:func:`event_digest` of what COPY stores for ``event`` (the same encoding, computed
-    without building the value list; the tests hold the two equal).
-
-    It runs once per stored event: one C call fetches the attributes, the three times are
-    formatted, and orjson writes the whole array (canonical JSON when no float is in it).
-    """
-    values = list(_GET_EVENT_ATTRS(event))
-    if (end := values[_END]) is not None:
-        values[_END] = canonical_time(end)
-    if (start := values[_START]) is not None:
-        values[_START] = canonical_time(start)
-    log_time = event.log_time
-    extra = event.extra
-    if fields.extra:
-        extra = {**extra, "_record": fields.extra}
-    row = [
-        None if log_time is None else canonical_time(log_time),
-        *fields.prefix,
-        event.event_index,
-        *values,
-        extra,
-        list(event.anomalies),
-        fields.ingested_at,
-    ]
-    params = values[_PARAMS]
-    if (params is None or _floatless(params)) and (not extra or _floatless(extra)):
-        try:
-            data = orjson.dumps(row, option=orjson.OPT_SORT_KEYS)
-        except orjson.JSONEncodeError:  # an integer beyond 64 bits: the general path
-            data = _canonical_json(row).encode()
-    else:
-        data = _canonical_json(row).encode()
-    return hashlib.sha256(data).digest()
-
-
 def stored_event_values(
     event: Any,
     record: Any,
@@ -333,11 +322,11 @@ def stored_event_values(
     if record.record_extra:
         extra = {**extra, "_record": record.record_extra}
     return [
-        event.log_time, record.cluster_id, record.instance_id, record.record_version,
-        stream_name, shard_id, sequence_number, event.event_index, event.class_,
-        event.client_application, event.command, event.command_text, event.database_name,
-        event.db_protocol, event.db_user_name, event.end_time, event.error_message,
-        event.exit_code, event.net_protocol, event.object_name, event.object_type,
+        record.cluster_id, record.instance_id, record.record_version, stream_name, shard_id,
+        sequence_number, event.event_index, event.class_, event.client_application,
+        event.command, event.command_text, event.database_name, event.db_protocol,
+        event.db_user_name, event.end_time, event.error_message, event.exit_code,
+        event.log_time, event.net_protocol, event.object_name, event.object_type,
         event.param_list, event.pid, event.remote_host, event.remote_port, event.row_count,
         event.server_host, event.server_type, event.server_version, event.service_name,
         event.session_id, event.start_time, event.statement_id, event.substatement_id,

@@ -28,8 +28,6 @@ from ingest.integrity.anchor import (
 )
 from ingest.integrity.canonical import (
     EVENT_COLUMNS,
-    EVENT_COLUMNS_V1,
-    STREAM_POSITION,
     ZERO_HASH,
     LinkFields,
     event_day,
@@ -478,12 +476,7 @@ async def _check_events(
             if link is None:
                 outside.append(seq)
                 continue
-            values = stored_values(row)
-            if link.version == 1:
-                del values[STREAM_POSITION]
-                digest = event_digest(values, EVENT_COLUMNS_V1)
-            else:
-                digest = event_digest(values)
+            digest = event_digest(stored_values(row), link.version)
             tally = tallies[(link.link_no, event_day(row["log_time"]))]
             tally.n += 1
             tally.digest.update(digest)
