@@ -11,10 +11,10 @@ import asyncpg
 from ingest.aws import aws_client
 from ingest.kms import encryption_context
 from ingest.warehouse.migrate import load_migrations
-from ingest.warehouse.sink import DeadLetter, Sink
+from ingest.warehouse.sink import DeadLetter
 from tests.cli_helpers import das_ingest
 from tests.sealing import outer_record, seal_payload
-from tests.warehouse_helpers import batch, hold_lease, inner, migrated_pool, store
+from tests.warehouse_helpers import batch, dead_lettered, hold_lease, inner, migrated_pool, store
 
 RESOURCE_ID = "cluster-TEST"  # the helpers' stream is aws-rds-das-cluster-TEST
 
@@ -38,24 +38,15 @@ async def test_retry_by_id_stores_the_fixed_and_keeps_the_rest(
     good = await sealed_with_kms("select 'fixed'")
     pool = await migrated_pool(pg_dsn)
     try:
-        token, _ = await hold_lease(pool, "shardId-000000000003", "w")
-        await Sink(pool).commit(
-            token,
-            previous_checkpoint="TRIM_HORIZON",
-            new_checkpoint="3",
-            units=[],
-            dead_letters=[
+        ids = await dead_lettered(
+            pool,
+            "shardId-000000000003",
+            [
                 DeadLetter("1", "pk", None, "kms", "kms: KMS Decrypt refused: X", good),
                 DeadLetter("2", "pk", None, "json", "json: record is not JSON", b"not json"),
                 DeadLetter("3", "pk", None, "kms", "kms: KMS Decrypt refused: X", good),
             ],
         )
-        ids = {
-            r["seq"]: r["id"]
-            for r in await pool.fetch(
-                "SELECT id, sequence_number::text AS seq FROM das.dead_letters"
-            )
-        }
     finally:
         await pool.close()
     env = {"DAS_DSN": pg_dsn}
@@ -89,15 +80,12 @@ async def test_retry_of_an_unknown_id_is_a_clear_error_and_retries_nothing(
     good = await sealed_with_kms("select 'untouched'")
     pool = await migrated_pool(pg_dsn)
     try:
-        token, _ = await hold_lease(pool, "s", "w")
-        await Sink(pool).commit(
-            token,
-            previous_checkpoint="TRIM_HORIZON",
-            new_checkpoint="1",
-            units=[],
-            dead_letters=[DeadLetter("1", "pk", None, "kms", "kms: refused", good)],
+        ids = await dead_lettered(
+            pool,
+            "s",
+            [DeadLetter("1", "pk", None, "kms", "kms: refused", good)],
         )
-        known = await pool.fetchval("SELECT id FROM das.dead_letters")
+        known = ids["1"]
     finally:
         await pool.close()
     result = await das_ingest(

@@ -11,10 +11,10 @@ from ingest.aws import aws_client
 from ingest.decode.batch import DecoderConfig
 from ingest.kms import DataKeyCache, encryption_context
 from ingest.warehouse.deadletters import list_dead_letters, redrive
-from ingest.warehouse.sink import DeadLetter, Sink
+from ingest.warehouse.sink import DeadLetter
 from tests.cli_helpers import das_ingest
 from tests.sealing import outer_record, seal_payload
-from tests.warehouse_helpers import hold_lease, inner, migrated_pool
+from tests.warehouse_helpers import dead_lettered, inner, migrated_pool
 
 RESOURCE_ID = "cluster-TEST"  # the helpers' stream is aws-rds-das-cluster-TEST
 
@@ -37,13 +37,10 @@ async def test_redrive_stores_the_fixed_and_keeps_the_broken(
     )
     pool = await migrated_pool(pg_dsn)
     try:
-        token, _ = await hold_lease(pool, "shardId-000000000007", "w")
-        await Sink(pool).commit(
-            token,
-            previous_checkpoint="TRIM_HORIZON",
-            new_checkpoint="2",
-            units=[],
-            dead_letters=[
+        ids = await dead_lettered(
+            pool,
+            "shardId-000000000007",
+            [
                 DeadLetter(
                     "1", "pk", None, "kms", "kms: KMS Decrypt refused: AccessDeniedException", good
                 ),
@@ -56,6 +53,7 @@ async def test_redrive_stores_the_fixed_and_keeps_the_broken(
                 ("1", "kms", 1),
                 ("2", "json", 1),
             ]
+            assert [d.id for d in listed] == [ids["1"], ids["2"]]
             assert await list_dead_letters(conn, stage="json") == listed[1:]
             async with aws_client("kms") as kms:
                 report = await redrive(conn, None, DataKeyCache(kms), decoder=DecoderConfig("esdk"))
@@ -77,16 +75,8 @@ async def test_redrive_stores_the_fixed_and_keeps_the_broken(
 async def test_cli_lists_dead_letters_as_json(pg_dsn: str) -> None:
     pool = await migrated_pool(pg_dsn)
     try:
-        token, _ = await hold_lease(pool, "s", "w")
-        await Sink(pool).commit(
-            token,
-            previous_checkpoint="TRIM_HORIZON",
-            new_checkpoint="9",
-            units=[],
-            dead_letters=[
-                DeadLetter("9", None, None, "decrypt", "decrypt: bad tag", os.urandom(64))
-            ],
-        )
+        letter = DeadLetter("9", None, None, "decrypt", "decrypt: bad tag", os.urandom(64))
+        ids = await dead_lettered(pool, "s", [letter])
     finally:
         await pool.close()
     env = {"DAS_DSN": pg_dsn}
@@ -94,6 +84,7 @@ async def test_cli_lists_dead_letters_as_json(pg_dsn: str) -> None:
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(r["sequence_number"], r["stage"], r["size"]) for r in rows] == [("9", "decrypt", 64)]
+    assert [r["id"] for r in rows] == [ids["9"]]
     table = await das_ingest("dead-letters", "list", env=env)
     assert "decrypt: bad tag" in table.stdout
 

@@ -12,7 +12,7 @@ import orjson
 from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, decode_batch
 from ingest.warehouse.leases import Lease, LeaseStore, ShardInfo
 from ingest.warehouse.migrate import migrate
-from ingest.warehouse.sink import CopyUnit, LeaseToken, Sink, init_connection
+from ingest.warehouse.sink import CopyUnit, DeadLetter, LeaseToken, Sink, init_connection
 from tests.sealing import seal
 
 KEY = os.urandom(32)
@@ -80,3 +80,23 @@ async def store(
         units=[CopyUnit(output.events, output.statements, chain=output.chain)],
         heartbeats=output.heartbeats,
     )
+
+
+async def dead_lettered(
+    pool: asyncpg.Pool, shard_id: str, letters: Sequence[DeadLetter]
+) -> dict[str, int]:
+    """Commit ``letters`` as a batch of ``shard_id`` with nothing stored (checkpoint: the last
+    letter); returns each letter's id in das.dead_letters by its sequence number."""
+    token, _ = await hold_lease(pool, shard_id, "w")
+    await Sink(pool).commit(
+        token,
+        previous_checkpoint="TRIM_HORIZON",
+        new_checkpoint=letters[-1].sequence_number,
+        units=[],
+        dead_letters=list(letters),
+    )
+    rows = await pool.fetch(
+        "SELECT id, sequence_number::text AS seq FROM das.dead_letters WHERE shard_id = $1",
+        shard_id,
+    )
+    return {r["seq"]: r["id"] for r in rows}
