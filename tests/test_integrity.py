@@ -23,7 +23,8 @@ from ingest.aws import aws_client
 from ingest.decode.batch import BatchInput, decode_batch
 from ingest.devstack import LocalStack
 from ingest.emulate.traffic import EventKey, format_datetime
-from ingest.integrity.anchor import AnchorKey, anchor_heads, read_exported_anchors
+from ingest.errors import ConfigError
+from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads, read_exported_anchors
 from ingest.integrity.canonical import (
     EVENT_COLUMNS,
     EVENT_COLUMNS_V1,
@@ -790,6 +791,47 @@ async def test_an_anchor_made_with_another_key_is_a_finding(
     assert pinned.findings[0].shard == shard
     assert "unexpected key" in pinned.findings[0].detail
     assert kinds(renamed) == ["anchor_invalid"]
+
+
+async def test_the_worker_refuses_an_anchor_key_it_cannot_use(warehouse: Warehouse) -> None:
+    """At startup, not every --anchor-seconds: an unknown key is a configuration error (exit 2,
+    one line naming the key and KMS's answer), and nothing is consumed."""
+    before = await count_rows(warehouse.dsn, "das.chain_links")
+    result = await das_ingest(
+        "run",
+        "--stream",
+        warehouse.stream,
+        "--anchor-key-id",
+        "alias/no-such-anchor-key",
+        env={"DAS_DSN": warehouse.dsn},
+        deadline=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot use anchor key 'alias/no-such-anchor-key': NotFoundException" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert await count_rows(warehouse.dsn, "das.chain_links") == before
+
+
+async def test_an_unreachable_kms_is_a_retriable_anchor_error(
+    aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KMS down while the anchor key is looked up is transient (the worker retries at startup,
+    and at runtime logs it and anchors later); a refusal is a configuration error."""
+    async with aws_client("kms") as kms:
+        with pytest.raises(ConfigError, match="NotFoundException"):
+            await AnchorKey(kms, "alias/no-such-anchor-key").info()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", "http://127.0.0.1:9")  # nothing listens there
+    async with aws_client("kms") as kms:
+        with pytest.raises(AnchorError, match="unreachable"):
+            await AnchorKey(kms, "alias/das-anchor").info()
+
+
+async def count_rows(dsn: str, table: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+    finally:
+        await conn.close()
 
 
 async def test_a_kms_refusal_is_reported_with_its_own_exit_code(warehouse: Warehouse) -> None:

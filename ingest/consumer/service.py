@@ -17,6 +17,7 @@ from ingest.consumer.worker import Worker, WorkerSettings
 from ingest.decode.batch import DecoderConfig
 from ingest.errors import ConfigError
 from ingest.health import HealthServer
+from ingest.integrity.anchor import AnchorError, AnchorKey
 from ingest.kinesis import KinesisUnavailableError, classify
 from ingest.kms import resource_id_from_stream
 from ingest.metrics import Metrics
@@ -161,6 +162,13 @@ async def serve(args: argparse.Namespace) -> int:
                     startup, "kinesis", lambda: _check_stream(kinesis, stream)
                 ):
                     return 0
+                # A key that cannot anchor (unknown, refused, not an HMAC or signing key) is a
+                # configuration error now, not a warning every --anchor-seconds.
+                anchor_key_id = settings.anchor_key_id
+                if anchor_key_id and not await _until_reachable(
+                    startup, "kms", lambda: AnchorKey(kms, anchor_key_id).info()
+                ):
+                    return 0
                 worker = Worker(
                     settings,
                     db=db,
@@ -229,7 +237,7 @@ async def _until_reachable(
         startup.turned = time.monotonic()
         try:
             return await attempt()
-        except (WarehouseUnavailableError, KinesisUnavailableError) as exc:
+        except (WarehouseUnavailableError, KinesisUnavailableError, AnchorError) as exc:
             delay = backoff.delay(failures)
             failures += 1
             log.warning(

@@ -48,6 +48,7 @@ from ingest.consumer.dependencies import DEPENDENCIES, DependencyHealth
 from ingest.consumer.failures import describe
 from ingest.consumer.pool import DecodePool
 from ingest.consumer.shard import ShardConsumer, ShardSettings, State
+from ingest.errors import ConfigError
 from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads
 from ingest.kinesis import KinesisReader, KinesisUnavailableError
 from ingest.kms import DataKeyCache, encryption_context
@@ -289,8 +290,9 @@ class Worker:
         try:
             async with self._db.acquire() as conn:
                 made = await anchor_heads(conn, self.anchor_key, self.settings.stream_name, shards)
-        except AnchorError as exc:
-            # KMS unavailable: the links stay unanchored until the next try; nothing is lost.
+        except (AnchorError, ConfigError) as exc:
+            # KMS unavailable, or the key refused since startup (disabled, policy changed): the
+            # links stay unanchored until a later try succeeds; nothing is lost, ingest goes on.
             self.metrics.retries.labels("anchor").inc()
             log.warning("could not anchor chain heads", extra={"error": describe(exc)})
             return

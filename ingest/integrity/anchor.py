@@ -16,8 +16,9 @@ from typing import Any
 import orjson
 
 from ingest.aws import error_code
-from ingest.errors import ConfigError, IngestError
+from ingest.errors import ConfigError, IngestError, KmsUnavailableError
 from ingest.integrity.canonical import CHAIN_VERSION, anchor_message
+from ingest.kms import classify as classify_kms_error
 from ingest.warehouse.db import Conn
 
 #: KMS algorithms we use, by key spec family.
@@ -134,11 +135,14 @@ class KeyInfo:
 
 
 async def describe_anchor_key(kms: Any, key_id: str) -> KeyInfo:
-    """The key's ARN and the algorithm das-ingest uses with it; ConfigError if KMS refuses or
-    the key cannot anchor."""
+    """The key's ARN and the algorithm das-ingest uses with it. AnchorError (retriable) if KMS
+    is unreachable or throttling; ConfigError if it refuses or the key cannot anchor."""
     try:
         meta = (await kms.describe_key(KeyId=key_id))["KeyMetadata"]
     except Exception as exc:  # noqa: BLE001 - classified here
+        error = classify_kms_error(exc)
+        if isinstance(error, KmsUnavailableError):
+            raise AnchorError(f"anchor key {key_id!r}: {error}") from None
         raise ConfigError(
             f"cannot use anchor key {key_id!r}: {error_code(exc) or type(exc).__name__}"
         ) from None
