@@ -19,7 +19,7 @@ from ingest.decode.correlate import StatementRange, StatementRangeBuilder
 from ingest.decode.gunzip import DEFAULT_MAX_DECOMPRESSED
 from ingest.decode.pipeline import Decryptor, decode_record
 from ingest.errors import DecodeError
-from ingest.integrity.canonical import DayDigests, event_day
+from ingest.integrity.canonical import DayDigests, utc_date
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,16 +125,19 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
             statements.add(record, sequence_number)
             # Every event's day, whatever the chain switch: the sink creates these partitions
             # before the commit (an event of a day without one lands in the default partition).
-            for event in record.events:
+            # With the chain, an event's COPY line is its canonical encoding (chain version 2):
+            # one SHA-256 a line, filed under that day (event_day). COPY escapes newlines.
+            lines = data.split(b"\n") if chain else None
+            for n, event in enumerate(record.events):
                 if event.log_time is None:
                     out.undated_events += 1
+                    day = "none"
                 else:
-                    out.days.add(_utc_day(event.log_time))
-            if chain:
-                # An event's COPY line is its canonical encoding (chain version 2): one
-                # SHA-256 a line. Lines hold no raw newline (COPY escapes them).
-                for event, line in zip(record.events, data.split(b"\n"), strict=False):
-                    digests.add(event_day(event.log_time), sha256(line).digest())
+                    event_date = utc_date(event.log_time)
+                    out.days.add(event_date)
+                    day = event_date.isoformat()
+                if lines is not None:
+                    digests.add(day, sha256(lines[n]).digest())
         for beat in record.heartbeats:
             out.heartbeats.append(
                 HeartbeatRow(
@@ -150,8 +153,3 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
     out.statements = statements.build()
     out.statement_records = statements.records
     return out
-
-
-def _utc_day(stamp: datetime) -> date:
-    offset = stamp.utcoffset()
-    return (stamp - offset).date() if offset else stamp.date()

@@ -45,23 +45,14 @@ _FIELD_ATTRS = tuple(("class_" if f.column == "class" else f.column, f.kind) for
 _GET_FIELDS = operator.attrgetter(*(attr for attr, _ in _FIELD_ATTRS))
 _KINDS = tuple(kind for _, kind in _FIELD_ATTRS)
 _TEXT, _INT, _TIME = Kind.TEXT, Kind.INT, Kind.TIME
-escape = copy_escape
 
 
 def text(value: str | None) -> str:
-    return NULL if value is None else escape(value)
-
-
-def number(value: int | None) -> str:
-    return NULL if value is None else str(value)
-
-
-def timestamp(value: datetime | None) -> str:
-    return NULL if value is None else canonical_time(value)
+    return NULL if value is None else copy_escape(value)
 
 
 def jsonb(value: Any) -> str:
-    return NULL if value is None else escape(canonical_json(value))
+    return NULL if value is None else copy_escape(canonical_json(value))
 
 
 def event_line(
@@ -80,13 +71,13 @@ def event_line(
     cols = [prefix, str(event.event_index)]
     append = cols.append
     # One C call fetches every field; the loop then only formats. Clean text (nothing COPY
-    # must escape) is the common case and is appended as is; escape() handles the rest.
+    # must escape) is the common case and is appended as is; copy_escape() handles the rest.
     for value, kind in zip(_GET_FIELDS(event), _KINDS, strict=True):
         if value is None:
             append(NULL)
         elif kind is _TEXT:
             if "\\" in value or not value.isprintable():
-                value = escape(value)
+                value = copy_escape(value)
             append(value)
         elif kind is _INT:
             append(str(value))
@@ -111,9 +102,9 @@ def record_prefix(
         (
             text(record.cluster_id),
             text(record.instance_id),
-            escape(record.record_version),
-            escape(stream_name),
-            escape(shard_id),
+            copy_escape(record.record_version),
+            copy_escape(stream_name),
+            copy_escape(shard_id),
             sequence_number,
         )
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -190,13 +190,17 @@ def event_digest(values: Sequence[Any], version: int = 2) -> bytes:
     return hashlib.sha256(event_encoding(values, version)).digest()
 
 
+def utc_date(stamp: datetime) -> date:
+    """The UTC date of a time (a naive time is taken as UTC)."""
+    offset = stamp.utcoffset()
+    return (stamp - offset).date() if offset else stamp.date()
+
+
 def event_day(log_time: datetime | None) -> str:
     """The UTC day of an event (the unit retention removes), or "none"."""
     if log_time is None:
         return "none"
-    if log_time.tzinfo is not UTC:
-        log_time = log_time.astimezone(UTC)
-    return log_time.date().isoformat()  # YYYY-MM-DD, the year padded to four digits
+    return utc_date(log_time).isoformat()  # YYYY-MM-DD, the year padded to four digits
 
 
 class DayDigests:
