@@ -17,7 +17,7 @@ from ingest.consumer.worker import Worker, WorkerSettings
 from ingest.decode.batch import DecoderConfig
 from ingest.errors import ConfigError
 from ingest.health import HealthServer
-from ingest.integrity.anchor import AnchorError, AnchorKey
+from ingest.integrity.anchor import AnchorError
 from ingest.kinesis import KinesisUnavailableError, classify
 from ingest.kms import resource_id_from_stream
 from ingest.metrics import Metrics
@@ -162,13 +162,6 @@ async def serve(args: argparse.Namespace) -> int:
                     startup, "kinesis", lambda: _check_stream(kinesis, stream)
                 ):
                     return 0
-                # A key that cannot anchor (unknown, refused, not an HMAC or signing key) is a
-                # configuration error now, not a warning every --anchor-seconds.
-                anchor_key_id = settings.anchor_key_id
-                if anchor_key_id and not await _until_reachable(
-                    startup, "kms", lambda: AnchorKey(kms, anchor_key_id).info()
-                ):
-                    return 0
                 worker = Worker(
                     settings,
                     db=db,
@@ -177,6 +170,14 @@ async def serve(args: argparse.Namespace) -> int:
                     kms_client=kms,
                     metrics=metrics,
                 )
+                # A key that cannot anchor (unknown, refused, not an HMAC or signing key) is a
+                # configuration error now, not a warning every --anchor-seconds. The key keeps
+                # what it learnt, so anchoring asks KMS nothing more.
+                anchor_key = worker.anchor_key
+                if anchor_key is not None and not await _until_reachable(
+                    startup, "kms", anchor_key.info
+                ):
+                    return 0
                 startup.worker = worker
                 if startup.stop.is_set():
                     return 0
