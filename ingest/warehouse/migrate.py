@@ -77,9 +77,11 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
         if not match:
             raise ConfigError(f"migration file {path.name} is not named NNNN_name.sql")
         found.append(Migration(int(match[1]), match[2], path.read_text()))
+    # Gaps are fine (each branch of development numbers its migrations in its own range); the
+    # runner applies every missing one, in numeric order.
     versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise ConfigError(f"migration versions must be 1..N without gaps, found {versions}")
+    if len(set(versions)) != len(versions) or not found or versions[0] < 1:
+        raise ConfigError(f"migration versions must be distinct and from 1 up, found {versions}")
     return found
 
 
@@ -93,12 +95,17 @@ async def schema_version(conn: Conn) -> int:
 
 async def require_current_schema(conn: Conn) -> int:
     """For workers: refuse to run against a schema older or newer than this code."""
-    latest = load_migrations()[-1].version
+    known = load_migrations()
+    latest = known[-1].version
     current = await schema_version(conn)
-    if current < latest:
+    applied: set[int] = set()
+    if current:
+        applied = {r[0] for r in await conn.fetch("SELECT version FROM das.schema_migrations")}
+    missing = sorted({m.version for m in known} - applied)
+    if missing:
         raise ConfigError(
-            f"the warehouse schema is at version {current}, this das-ingest needs {latest}: "
-            "run `das-ingest migrate` first"
+            f"the warehouse schema is at version {current}, this das-ingest needs {latest} "
+            f"(missing: {', '.join(f'{v:04d}' for v in missing)}): run `das-ingest migrate` first"
         )
     if current > latest:
         raise ConfigError(
