@@ -86,6 +86,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each query (median)")
     parser.add_argument(
+        "--sample", type=int, default=16, help="verify --sample of the routine runs (16)"
+    )
+    parser.add_argument(
         "--output",
         default=str(ROOT / "docs" / "performance.md"),
         help="the Markdown report (charts beside it, in performance/); '-' for stdout only",
@@ -95,6 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.sizes, args.days, args.ingest_events = "0,20k", 4, 2000
         args.latency_seconds, args.latency_rate, args.repeat = 2.0, 500.0, 1
+        args.sample = 2
         args.output = "-"
     try:
         args.size_list = [parse_size(s) for s in str(args.sizes).split(",") if s.strip()]
@@ -455,7 +459,9 @@ async def measure_size(
             await anchor_heads(conn, AnchorKey(kms_client, anchor_key), FILL_STREAM)
         finally:
             await conn.close()
-    seconds, _, out, _ = await _cli("verify", *flags, env=env, check=False)
+    seconds, _, out, _ = await _cli(
+        "verify", "--sample", str(args.sample), *flags, env=env, check=False
+    )
     report = json.loads(out)
     if not report["clean"] or report["mode"] != "routine":
         raise RuntimeError(f"routine verify: {report['mode']} {report['findings'][:3]}")
