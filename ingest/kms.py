@@ -22,7 +22,13 @@ from typing import Any
 from ingest.aws import error_code
 from ingest.errors import KmsError, KmsUnavailableError
 
-CONTEXT_KEY = "aws:rds:dbc-id"
+#: The encryption context key RDS binds a stream's data keys to: Aurora clusters
+#: (``cluster-…`` resource ids, DbClusterResourceId) and RDS DB instances (``db-…``,
+#: DbiResourceId: RDS for Oracle and RDS for SQL Server).
+CLUSTER_CONTEXT_KEY = "aws:rds:dbc-id"
+INSTANCE_CONTEXT_KEY = "aws:rds:db-id"
+#: Before instances were known, the one key; kept for callers that name it.
+CONTEXT_KEY = CLUSTER_CONTEXT_KEY
 STREAM_PREFIX = "aws-rds-das-"
 
 # Error codes KMS uses for a request that may succeed if simply repeated.
@@ -44,9 +50,10 @@ TRANSIENT_CODES = frozenset(
 
 HINTS: dict[str, str] = {
     "InvalidCiphertextException": (
-        "KMS cannot decrypt this data key with encryption context "
-        "{'aws:rds:dbc-id': <resource id>}: check the cluster resource id (--resource-id; it "
-        "is the stream name without 'aws-rds-das-') and that the record is from this cluster"
+        "KMS cannot decrypt this data key with this encryption context: check the resource id "
+        "(--resource-id; it is the stream name without 'aws-rds-das-'; an Aurora cluster's "
+        "cluster-... id goes under aws:rds:dbc-id, an RDS instance's db-... id under "
+        "aws:rds:db-id) and that the record is from this cluster or instance"
     ),
     "IncorrectKeyException": "the data key was encrypted under a different KMS key",
     "AccessDeniedException": (
@@ -66,8 +73,16 @@ def resource_id_from_stream(stream_name: str) -> str:
     return stream_name
 
 
+def context_key(resource_id: str) -> str:
+    """The encryption context key for a resource id: ``aws:rds:db-id`` for an RDS DB instance
+    (``db-…``), ``aws:rds:dbc-id`` for an Aurora cluster (``cluster-…``) and anything else."""
+    return INSTANCE_CONTEXT_KEY if resource_id.startswith("db-") else CLUSTER_CONTEXT_KEY
+
+
 def encryption_context(resource_id: str) -> dict[str, str]:
-    return {CONTEXT_KEY: resource_id}
+    """``{"aws:rds:dbc-id": "cluster-…"}`` or ``{"aws:rds:db-id": "db-…"}``, as RDS encrypts
+    the stream's data keys."""
+    return {context_key(resource_id): resource_id}
 
 
 def classify(exc: BaseException) -> KmsError:

@@ -49,6 +49,9 @@ def test_resource_id_comes_from_the_stream_name() -> None:
     assert resource_id_from_stream("aws-rds-das-cluster-ABCD123456") == "cluster-ABCD123456"
     assert resource_id_from_stream("my-own-stream") == "my-own-stream"
     assert encryption_context("cluster-X") == {"aws:rds:dbc-id": "cluster-X"}
+    # RDS DB instances (RDS for Oracle, RDS for SQL Server) bind data keys to their DbiResourceId.
+    assert encryption_context("db-ABC123") == {"aws:rds:db-id": "db-ABC123"}
+    assert encryption_context("database-1") == {"aws:rds:dbc-id": "database-1"}
 
 
 async def test_decrypts_once_then_serves_from_the_cache(kms: Any) -> None:
