@@ -2,28 +2,28 @@
 -- measured by `make bench-scale`, docs/performance.md). Every auditor view and README query is
 -- served by partition pruning (a time bound) or an index:
 --
--- * the partial indexes below repeat the views' own predicates (das.is_failure, ...), so the
---   planner can prove a view's WHERE implies them. The old activity_events_failed spelled the
---   failure test out by hand, differently from das.is_failure(), and was never used;
--- * failed_logins tests upper(command), which no index served: its whole predicate is now a
---   partial index;
+-- * partial indexes repeat the views' own predicates (migration 0007), so the planner can prove
+--   a view's WHERE implies them: failed_logins (it tests upper(command), which no index
+--   served) and ddl_changes; failed_statements is served by 0006's activity_events_event_failed;
+-- * activity_events_failed (0001) spelled Aurora's failure test out by hand, differently from
+--   das.is_failure(), and no view reads that rule any more (they use das.event_failed): it was
+--   never used, and is dropped;
 -- * activity_events_time leads with log_time (time windows shorter than a partition, newest
 --   first);
 -- * activity_events_session and activity_events_command served no view and no README query
 --   and cost every COPY (the session index was the largest of all): dropped.
 
 DROP INDEX das.activity_events_failed;
-CREATE INDEX activity_events_failed ON das.activity_events (log_time)
-    WHERE das.is_failure(error_message, exit_code);
 
 CREATE INDEX activity_events_failed_logins ON das.activity_events (log_time)
-    WHERE upper(command) IN ('FAILED_CONNECT', 'AUTH FAILURE', 'AUTHENTICATION FAILURE')
-       OR (das.is_login_command(command) AND das.is_failure(error_message, exit_code));
+    WHERE upper(command) IN ('FAILED_CONNECT', 'AUTH FAILURE', 'AUTHENTICATION FAILURE',
+                             'LOGIN FAILED')
+       OR (das.is_login_command(command)
+           AND das.event_failed(record_version, error_message, exit_code));
 
 CREATE INDEX activity_events_ddl ON das.activity_events (log_time)
     WHERE class IS DISTINCT FROM 'MAIN' AND class IS DISTINCT FROM 'AUX'
-      AND (class IN ('DDL', 'ROLE')
-           OR command ~* '^(CREATE|ALTER|DROP|RENAME|TRUNCATE|GRANT|REVOKE|COMMENT)\M');
+      AND (class IN ('DDL', 'ROLE') OR das.is_schema_change(command));
 
 CREATE INDEX activity_events_anomalies ON das.activity_events (log_time)
     WHERE anomalies <> '{}';
@@ -41,13 +41,14 @@ DROP INDEX das.activity_events_command;
 -- here). Inlined by the planner (one SELECT, STABLE), so the window prunes partitions.
 CREATE FUNCTION das.sessions_between(since timestamptz, until timestamptz)
 RETURNS TABLE (
-    cluster_id text, instance_id text, session_id text, pid bigint, db_user_name text,
-    database_name text, remote_host text, client_application text, server_type text,
-    connected_at timestamptz, disconnected_at timestamptz, duration interval,
+    engine text, cluster_id text, instance_id text, session_id text, pid bigint,
+    db_user_name text, database_name text, remote_host text, client_application text,
+    server_type text, connected_at timestamptz, disconnected_at timestamptz, duration interval,
     first_event_at timestamptz, last_event_at timestamptz, statements bigint,
     failed_statements bigint)
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
 SELECT
+    das.engine(record_version, server_type),
     cluster_id,
     instance_id,
     session_id,
@@ -57,16 +58,18 @@ SELECT
     max(remote_host),
     max(client_application),
     max(server_type),
-    min(log_time) FILTER (WHERE upper(command) = 'CONNECT'),
-    max(log_time) FILTER (WHERE upper(command) = 'DISCONNECT'),
-    max(log_time) FILTER (WHERE upper(command) = 'DISCONNECT')
-      - min(log_time) FILTER (WHERE upper(command) = 'CONNECT'),
+    min(log_time) FILTER (WHERE das.is_session_start(command)
+        AND NOT das.event_failed(record_version, error_message, exit_code)),
+    max(log_time) FILTER (WHERE das.is_session_end(command)),
+    max(log_time) FILTER (WHERE das.is_session_end(command))
+      - min(log_time) FILTER (WHERE das.is_session_start(command)
+        AND NOT das.event_failed(record_version, error_message, exit_code)),
     min(log_time),
     max(log_time),
     count(*) FILTER (WHERE class IS DISTINCT FROM 'AUX'),
     count(*) FILTER (WHERE class IS DISTINCT FROM 'AUX'
-                       AND das.is_failure(error_message, exit_code))
+                       AND das.event_failed(record_version, error_message, exit_code))
 FROM das.activity_events
 WHERE session_id IS NOT NULL AND log_time >= since AND log_time < until
-GROUP BY cluster_id, instance_id, session_id, pid
+GROUP BY das.engine(record_version, server_type), cluster_id, instance_id, session_id, pid
 $$;
