@@ -34,6 +34,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SUITE_ID = 0x0378
+#: The suite of a captured Aurora PostgreSQL record: AES_256_GCM_IV12_TAG16_HKDF_SHA256, unsigned,
+#: with an empty encryption context.
+UNSIGNED_SUITE_ID = 0x0178
+SUITES = (SUITE_ID, UNSIGNED_SUITE_ID)
 FRAME_LENGTH = 4096
 SIGNATURE_LENGTH = 103  # the SDK's static length for P-384 signatures
 _P384_ORDER = int(
@@ -60,9 +64,15 @@ class FastEncryptor:
     ``encode_payload`` (gzip level 6, outer JSON) works with it unchanged.
     """
 
-    def __init__(self, *, frame_length: int = FRAME_LENGTH) -> None:
+    def __init__(self, *, frame_length: int = FRAME_LENGTH, suite: int = SUITE_ID) -> None:
+        if suite not in SUITES:
+            raise ValueError(f"suite {suite:#06x} is not one Aurora uses ({SUITES})")
         self._frame_length = frame_length
+        self._suite = suite
         self._signing_key = ec.generate_private_key(ec.SECP384R1())
+        if suite == UNSIGNED_SUITE_ID:
+            self._context = b""  # no public key, no entries: an empty context
+            return
         point = self._signing_key.public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
         )
@@ -88,7 +98,7 @@ class FastEncryptor:
         wrap_iv = os.urandom(_IV_LEN)
         wrapped = AESGCM(data_key).encrypt(wrap_iv, content_data_key, self._context)
         provider_info = _KEY_NAME + struct.pack(">II", 128, _IV_LEN) + wrap_iv
-        suite = struct.pack(">H", SUITE_ID)
+        suite = struct.pack(">H", self._suite)
         header = b"".join(
             (
                 b"\x01\x80",
@@ -106,7 +116,8 @@ class FastEncryptor:
                 struct.pack(">BIBI", 0x02, 0, _IV_LEN, self._frame_length),
             )
         )
-        key = HKDF(hashes.SHA384(), 32, None, suite + message_id).derive(content_data_key)
+        digest = hashes.SHA384() if self._suite == SUITE_ID else hashes.SHA256()
+        key = HKDF(digest, 32, None, suite + message_id).derive(content_data_key)
         aead = AESGCM(key)
         header_iv = bytes(_IV_LEN)
         parts = [header, header_iv, aead.encrypt(header_iv, b"", header)]
@@ -130,6 +141,8 @@ class FastEncryptor:
         sealed = aead.encrypt(iv, view[pos:], aad)
         parts += (struct.pack(">II", 0xFFFFFFFF, sequence), iv, struct.pack(">I", rest), sealed)
         body = b"".join(parts)
+        if self._suite == UNSIGNED_SUITE_ID:
+            return body
         signature = self._sign(hashlib.sha384(body).digest())
         return body + _u16(len(signature)) + signature
 
