@@ -361,3 +361,24 @@ async def test_the_cli_runs_routine_after_a_recorded_run_and_full_on_request(
     bad = await das_ingest("verify", "--sample", "-1", env=env)
     assert bad.returncode == 2
     assert "--sample" in bad.stderr
+
+
+async def test_only_the_verifier_role_records_progress(chains: Chains) -> None:
+    suffix = secrets.token_hex(4)
+    await chains.pool.execute(f"CREATE ROLE analyst_{suffix} LOGIN IN ROLE das_analyst")
+    await chains.pool.execute(f"CREATE ROLE verifier_{suffix} LOGIN IN ROLE das_verifier")
+    reports = {}
+    for role in ("analyst", "verifier"):
+        conn = await asyncpg.connect(
+            chains.dsn.replace("postgresql://postgres@", f"postgresql://{role}_{suffix}@")
+        )
+        try:
+            reports[role] = await chains.verify(conn)
+        finally:
+            await conn.close()
+    assert reports["analyst"].clean, reports["analyst"].findings
+    assert reports["analyst"].progress_recorded == []
+    assert "das_verifier" in (reports["analyst"].progress_error or "")
+    assert reports["verifier"].clean, reports["verifier"].findings
+    assert reports["verifier"].progress_error is None
+    assert len(reports["verifier"].progress_recorded) == 2

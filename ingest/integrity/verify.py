@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+import asyncpg
 import orjson
 
 from ingest.aws import error_code
@@ -558,6 +559,11 @@ async def _record(
         )
     except AnchorError as exc:
         report.progress_error = str(exc)
+        return
+    except asyncpg.InsufficientPrivilegeError:
+        report.progress_error = (
+            "this login may not write das.verify_progress (grant it das_verifier)"
+        )
         return
     report.progress_recorded.append(
         {"stream": stream, "shard": shard, "link": progress.link_no,
