@@ -20,8 +20,8 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 import orjson
 
+from ingest.copytext import EVENT_COLUMNS
 from ingest.decode.batch import HeartbeatRow
-from ingest.decode.copyfmt import EVENT_COLUMNS
 from ingest.decode.correlate import StatementRange
 from ingest.decode.normalize import sanitize_text
 from ingest.errors import IngestError
