@@ -23,7 +23,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ingest.commands.warehouse_admin",
     "ingest.commands.integrity",
     "ingest.emulate.cli",
-    "ingest.commands.stack",
 )
 
 DESCRIPTION = """\

@@ -54,9 +54,9 @@ from botocore import xform_name
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from das_dev.devstack import HOST, LocalStack, free_port
 from ingest.aws import aws_client
 from ingest.cli import build_parser
-from ingest.devstack import HOST, LocalStack, free_port
 from ingest.emulate.producer import EmulateOptions, emulate
 from ingest.errors import ConfigError
 from ingest.metrics import Metrics
