@@ -7,15 +7,15 @@ from datetime import datetime
 from typing import Any
 
 from ingest.aws import error_code
-from ingest.errors import ConfigError, IngestError
-from ingest.warehouse.leases import (
+from ingest.checkpoint import (
     AT_TIMESTAMP_PREFIX,
     LATEST,
     SHARD_END,
     TRIM_HORIZON,
-    ShardInfo,
     is_sequence_number,
 )
+from ingest.errors import ConfigError, IngestError
+from ingest.lease import ShardInfo
 
 THROTTLING_CODES = frozenset(
     {

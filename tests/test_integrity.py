@@ -36,9 +36,10 @@ from ingest.integrity.canonical import (
     link_hash,
 )
 from ingest.integrity.verify import Report, stored_values, verify_warehouse
-from ingest.warehouse.leases import LeaseStore, ShardInfo
+from ingest.lease import LeaseToken, ShardInfo
+from ingest.warehouse.leases import LeaseStore
 from ingest.warehouse.retention import apply_retention
-from ingest.warehouse.sink import CopyUnit, LeaseToken, Sink
+from ingest.warehouse.sink import CopyUnit, Sink
 from tests.cli_helpers import das_ingest
 from tests.fleet import (
     Fleet,

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
+from ingest.checkpoint import SHARD_END, is_after
 from ingest.consumer.dependencies import DependencyHealth
 from ingest.consumer.failures import describe
 from ingest.consumer.pool import DecodePool, DecoderCrashedError
@@ -58,11 +59,12 @@ from ingest.kinesis import (
     RecordsPage,
 )
 from ingest.kms import DataKeyCache
+from ingest.lease import LeaseToken
 from ingest.metrics import Metrics
 from ingest.retry import Backoff
 from ingest.warehouse.db import is_transient as is_transient_db
-from ingest.warehouse.leases import SHARD_END, LeaseStore, is_sequence_number
-from ingest.warehouse.sink import CopyUnit, DeadLetter, LeaseLostError, LeaseToken, Sink
+from ingest.warehouse.leases import LeaseStore
+from ingest.warehouse.sink import CopyUnit, DeadLetter, LeaseLostError, Sink
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +280,7 @@ class ShardConsumer:
         """Decode and commit a page in chunks of bounded size: up to one chunk per decode
         process is decoded ahead while the previous one commits, and commits stay in sequence
         order, each advancing the checkpoint to its last record."""
-        records = [r for r in page.records if _after(r.sequence_number, self.status.checkpoint)]
+        records = [r for r in page.records if is_after(r.sequence_number, self.status.checkpoint)]
         final = page.next_iterator is None
         if not records:
             if final and self.status.checkpoint != SHARD_END:
@@ -561,13 +563,6 @@ def _chunks(
         size += len(record.data)
     if chunk:
         yield chunk
-
-
-def _after(sequence_number: str, checkpoint: str) -> bool:
-    """Whether a record lies after the checkpoint (sentinels: everything does)."""
-    if not is_sequence_number(checkpoint):
-        return True
-    return int(sequence_number) > int(checkpoint)
 
 
 def _log_dead_letter(shard_id: str, letter: DeadLetter) -> None:

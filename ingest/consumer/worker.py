@@ -52,11 +52,12 @@ from ingest.errors import ConfigError
 from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads
 from ingest.kinesis import KinesisReader, KinesisUnavailableError
 from ingest.kms import DataKeyCache, encryption_context
+from ingest.lease import Lease, LeaseToken
 from ingest.metrics import Metrics
 from ingest.retry import Backoff
 from ingest.warehouse.db import is_transient
-from ingest.warehouse.leases import Lease, LeaseStore
-from ingest.warehouse.sink import LeaseToken, Sink
+from ingest.warehouse.leases import LeaseStore
+from ingest.warehouse.sink import Sink
 
 log = logging.getLogger(__name__)
 

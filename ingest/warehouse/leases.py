@@ -5,61 +5,20 @@ counter, and the counter changes whenever ownership changes (take, steal, releas
 that lost a lease can never renew it, checkpoint it or write rows under it. Expiry uses the
 database's clock (``now()``): the one clock every worker shares.
 
-Checkpoints are sequence numbers or the sentinels below. A child shard (after a split or merge)
-is eligible only once every parent's checkpoint is SHARD_END, so records of one partition key are
-read in order across resharding.
+Checkpoints are sequence numbers or the sentinels of ``ingest.checkpoint``. A child shard (after
+a split or merge) is eligible only once every parent's checkpoint is SHARD_END, so records of one
+partition key are read in order across resharding. The values (Lease, ShardInfo) live in
+``ingest.lease``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 
 import asyncpg
 
-TRIM_HORIZON = "TRIM_HORIZON"
-LATEST = "LATEST"
-SHARD_END = "SHARD_END"
-AT_TIMESTAMP_PREFIX = "AT_TIMESTAMP:"
-SENTINELS = (TRIM_HORIZON, LATEST, SHARD_END)
-
-
-def is_sequence_number(checkpoint: str) -> bool:
-    return checkpoint.isdigit()
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    stream_name: str
-    shard_id: str
-    owner: str | None
-    lease_counter: int
-    expires_at: datetime | None
-    checkpoint: str
-    parent_shard_ids: tuple[str, ...]
-
-    @classmethod
-    def from_row(cls, row: asyncpg.Record) -> Lease:
-        return cls(
-            stream_name=row["stream_name"],
-            shard_id=row["shard_id"],
-            owner=row["owner"],
-            lease_counter=row["lease_counter"],
-            expires_at=row["expires_at"],
-            checkpoint=row["checkpoint"],
-            parent_shard_ids=tuple(row["parent_shard_ids"] or ()),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class ShardInfo:
-    shard_id: str
-    parent_shard_ids: tuple[str, ...]
-    hash_key_start: int | None = None
-    hash_key_end: int | None = None
-    closed: bool = False
-
+from ingest.checkpoint import TRIM_HORIZON
+from ingest.lease import Lease, ShardInfo
 
 _COLUMNS = "stream_name, shard_id, owner, lease_counter, expires_at, checkpoint, parent_shard_ids"
 

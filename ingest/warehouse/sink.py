@@ -20,6 +20,7 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 import orjson
 
+from ingest.checkpoint import SHARD_END
 from ingest.copytext import EVENT_COLUMNS
 from ingest.decode.batch import HeartbeatRow
 from ingest.decode.correlate import StatementRange
@@ -27,8 +28,8 @@ from ingest.decode.normalize import sanitize_text
 from ingest.errors import IngestError
 from ingest.integrity.canonical import DayDigests
 from ingest.integrity.chain import extend_chain
+from ingest.lease import LeaseToken
 from ingest.warehouse.db import Conn, is_transient
-from ingest.warehouse.leases import SHARD_END
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +74,6 @@ PARTITION_WINDOW = (30, 2)
 
 class LeaseLostError(IngestError):
     """The lease changed hands (or the checkpoint moved) since we read it: write nothing."""
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseToken:
-    """What a commit must still match: the lease as this worker holds it."""
-
-    stream_name: str
-    shard_id: str
-    owner: str
-    lease_counter: int
 
 
 @dataclass(frozen=True, slots=True)
