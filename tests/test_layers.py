@@ -241,6 +241,20 @@ def test_the_product_does_not_import_the_dev_package() -> None:
     assert bad == [], f"{PRODUCT} must work without {DEV}:\n" + "\n".join(bad)
 
 
+def test_the_architecture_page_maps_every_unit_and_leaf() -> None:
+    """docs/architecture.md names every subpackage and top-level module of ingest, and its
+    leaf table lists exactly the leaf modules these rules know."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    units = {unit(m) for i in product_imports() for m in (i.module, i.target) if top(m) == PRODUCT}
+    for name in sorted(units - {PRODUCT, "ingest.__main__"}):
+        short = name.split(".")[1]
+        package = (ROOT / PRODUCT / short).is_dir()
+        assert f"`{short}/`" in doc if package else f"`{short}.py`" in doc, name
+    table = doc.split("Leaf modules", 1)[1].split("\n\n", 2)[1]
+    listed = {f"ingest.{row.split('`')[1].removesuffix('.py')}" for row in table.splitlines()[2:]}
+    assert listed == LEAVES
+
+
 HELP_CHILD = """
 import json, sys
 from ingest.cli import main
