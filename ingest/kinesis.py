@@ -41,9 +41,8 @@ class KinesisUnavailableError(KinesisError):
 
 
 class IteratorExpiredError(KinesisError):
-    """Shard iterators live 5 minutes: get a fresh one from the last checkpoint."""
-
-    retriable = True
+    """Shard iterators live 5 minutes: get a fresh one from the last checkpoint. Not retriable
+    as such (the same call fails again): the fetcher renews the iterator instead."""
 
 
 class StreamNotFoundError(KinesisError, ConfigError):

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ingest.aws import aws_client, error_code
+from ingest.consumer.committer import CommitSettings
+from ingest.consumer.fetcher import FetchSettings
 from ingest.consumer.shard import ShardSettings
 from ingest.consumer.worker import Worker, WorkerSettings
 from ingest.decode.batch import DecoderConfig
@@ -72,12 +74,14 @@ def worker_settings(args: argparse.Namespace, stream: str, resource_id: str) -> 
         queue_batches=args.queue_batches or max(2, 2 * processes),
         queue_bytes=args.queue_mb * 1024 * 1024,
         shard=ShardSettings(
-            max_records=args.max_records,
-            decoder=DecoderConfig(
-                decryptor=args.decryptor,
-                verify_signatures=not args.skip_signature_verification,
-                max_decompressed=args.max_decompressed_mb * 1024 * 1024,
-                chain=not args.no_integrity_chain,
+            fetch=FetchSettings(max_records=args.max_records),
+            commit=CommitSettings(
+                decoder=DecoderConfig(
+                    decryptor=args.decryptor,
+                    verify_signatures=not args.skip_signature_verification,
+                    max_decompressed=args.max_decompressed_mb * 1024 * 1024,
+                    chain=not args.no_integrity_chain,
+                ),
             ),
         ),
     )
@@ -117,7 +121,7 @@ async def serve(args: argparse.Namespace) -> int:
     # Fail fast on a bad decryptor choice, before touching anything.
     from ingest.decode.batch import decryptor_for
 
-    decryptor_for(settings.shard.decoder)
+    decryptor_for(settings.shard.commit.decoder)
     dsn = resolve_dsn(args.dsn)
     metrics = Metrics()
     startup = _Startup(settings.lease_seconds)

@@ -175,7 +175,7 @@ class Worker:
 
     async def run(self) -> None:
         """Run until stopped (signal or --stop-when-idle); always shuts down gracefully."""
-        warming = asyncio.ensure_future(self.pool.warm(self.settings.shard.decoder))
+        warming = asyncio.ensure_future(self.pool.warm(self.settings.shard.commit.decoder))
         renewer = asyncio.ensure_future(self._renew_loop())
         watch = asyncio.ensure_future(self._watch_loop())
         coordinator = asyncio.ensure_future(self._coordinate())
@@ -387,7 +387,7 @@ class Worker:
                 continue
             del self.running[shard_id]
             self.metrics.forget_shard(shard_id)  # its lag is no longer ours to report
-            finished = not run.task.cancelled() and run.consumer.status.state is State.SHARD_END
+            finished = not run.task.cancelled() and run.consumer.state is State.SHARD_END
             if self._account(run):
                 # A closed shard's chain is complete: anchor its head before letting go
                 # (periodic anchoring only covers the shards still held).
@@ -500,6 +500,7 @@ class Worker:
             metrics=self.metrics,
             settings=self.settings.shard,
             health=self.health,
+            parents=lease.parent_shard_ids,
         )
         task = asyncio.ensure_future(consumer.run())
         self.running[lease.shard_id] = _Running(consumer, task)

@@ -1,5 +1,10 @@
 """Connecting to the warehouse, and which database errors are transient.
 
+This is the warehouse's error adapter: :func:`warehouse_call` turns the asyncpg and network
+errors that go away by themselves into :class:`WarehouseUnavailableError` (retriable), so the
+retry loops ask the error's class (``retriable``) and know no asyncpg exception. Other database
+errors (a refused row, a missing privilege) pass unchanged: they are not retried.
+
 The DSN comes from ``--dsn``, else ``DAS_DSN``, else libpq's ``PG*`` variables (asyncpg reads
 PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE, PGPASSFILE...). Passwords are never
 printed: use :func:`redact` for anything that shows a DSN.
@@ -8,11 +13,12 @@ printed: use :func:`redact` for anything that shows a DSN.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
@@ -66,6 +72,39 @@ def is_transient(exc: BaseException) -> bool:
         | asyncpg.InterfaceError  # "connection is closed", "connection was lost"
         | asyncpg.exceptions.ConnectionDoesNotExistError,
     )
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def unavailable(exc: BaseException) -> WarehouseUnavailableError:
+    """The retriable error for a transient ``exc``, described by class and SQLSTATE (a
+    database message can quote row values) or by the network error's own text."""
+    if isinstance(exc, asyncpg.PostgresError):
+        what = f"{type(exc).__name__} (SQLSTATE {exc.sqlstate})"
+    elif isinstance(exc, OSError | TimeoutError) and str(exc):
+        what = f"{type(exc).__name__}: {exc}"
+    else:
+        what = type(exc).__name__
+    return WarehouseUnavailableError(f"warehouse unavailable: {what}"[:300])
+
+
+def warehouse_call(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Decorates an adapter method: transient failures leave it as WarehouseUnavailableError."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as exc:
+            if is_transient(exc):
+                raise unavailable(exc) from exc
+            raise
+
+    return call
 
 
 async def connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:

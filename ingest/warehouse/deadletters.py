@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
+from ingest.decode.batch import BatchInput, DecoderConfig, KeyedRecord, decode_batch
 from ingest.decode.envelope import read_envelope
 from ingest.errors import DecodeError
 from ingest.integrity.canonical import DayDigests
@@ -123,7 +123,7 @@ async def redrive(
         output = decode_batch(
             BatchInput(
                 row["shard_id"],
-                [(0, row["seq"], raw, data_key)],
+                [KeyedRecord(0, row["seq"], raw, data_key)],
                 decoder,
                 stream_name=row["stream_name"],
             )

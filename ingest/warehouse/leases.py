@@ -19,6 +19,7 @@ import asyncpg
 
 from ingest.checkpoint import TRIM_HORIZON
 from ingest.lease import Lease, ShardInfo
+from ingest.warehouse.db import warehouse_call
 
 _COLUMNS = "stream_name, shard_id, owner, lease_counter, expires_at, checkpoint, parent_shard_ids"
 
@@ -38,6 +39,7 @@ class LeaseStore:
         self.stream_name = stream_name
         self.lease_seconds = lease_seconds
 
+    @warehouse_call
     async def sync_shards(self, shards: Sequence[ShardInfo], initial_checkpoint: str) -> int:
         """Create lease rows for shards we have not seen. Children of shards we already had
         leases for start at TRIM_HORIZON, so nothing written after a reshard is skipped; every
@@ -76,6 +78,7 @@ class LeaseStore:
         )
         return len(rows)
 
+    @warehouse_call
     async def all_leases(self) -> list[Lease]:
         rows = await self._pool.fetch(
             f"SELECT {_COLUMNS} FROM das.leases WHERE stream_name = $1 ORDER BY shard_id",
@@ -83,6 +86,7 @@ class LeaseStore:
         )
         return [Lease.from_row(r) for r in rows]
 
+    @warehouse_call
     async def heartbeat_worker(self, worker_id: str, *, ready: bool) -> list[str]:
         """Record that ``worker_id`` is alive; returns the ids of all live workers."""
         async with self._pool.acquire() as conn:
@@ -107,6 +111,7 @@ class LeaseStore:
             )
         return [r["worker_id"] for r in rows]
 
+    @warehouse_call
     async def deregister_worker(self, worker_id: str) -> None:
         await self._pool.execute(
             "DELETE FROM das.workers WHERE stream_name = $1 AND worker_id = $2",
@@ -114,6 +119,7 @@ class LeaseStore:
             worker_id,
         )
 
+    @warehouse_call
     async def eligible_leases(self) -> list[tuple[Lease, bool]]:
         """Unfinished leases whose parents are finished, with whether each has expired."""
         rows = await self._pool.fetch(
@@ -128,6 +134,7 @@ class LeaseStore:
         )
         return [(Lease.from_row(r), bool(r["expired"])) for r in rows]
 
+    @warehouse_call
     async def take(self, lease: Lease, owner: str) -> Lease | None:
         """Take (or steal) ``lease`` as seen; None if someone changed it in between."""
         row = await self._pool.fetchrow(
@@ -147,6 +154,7 @@ class LeaseStore:
         )
         return Lease.from_row(row) if row else None
 
+    @warehouse_call
     async def renew(self, owner: str, held: dict[str, int]) -> set[str]:
         """Extend every lease ``owner`` still holds at the given counters; returns those."""
         if not held:
@@ -168,6 +176,7 @@ class LeaseStore:
         )
         return {r["shard_id"] for r in rows}
 
+    @warehouse_call
     async def release(self, owner: str, shard_id: str, counter: int) -> bool:
         """Give the lease back (graceful stop, or after SHARD_END) so others take it at once."""
         status = await self._pool.execute(
@@ -183,6 +192,7 @@ class LeaseStore:
         )
         return bool(status == "UPDATE 1")
 
+    @warehouse_call
     async def checkpoint_of(self, shard_id: str) -> str | None:
         value = await self._pool.fetchval(
             "SELECT checkpoint FROM das.leases WHERE stream_name = $1 AND shard_id = $2",

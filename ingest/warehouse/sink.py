@@ -29,7 +29,7 @@ from ingest.errors import IngestError
 from ingest.integrity.canonical import DayDigests
 from ingest.integrity.chain import extend_chain
 from ingest.lease import LeaseToken
-from ingest.warehouse.db import Conn, is_transient
+from ingest.warehouse.db import Conn, is_transient, warehouse_call
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class Sink:
         self._window = partition_window
         self._partition_lock = asyncio.Lock()
 
+    @warehouse_call
     async def ensure_partitions(self, days: set[date] | Sequence[date]) -> None:
         """Create the day partitions rows are about to need (outside the batch transaction, so
         DDL locks are short). Days outside the window go to the default partition."""
@@ -132,6 +133,7 @@ class Sink:
         async with self._partition_lock, self._pool.acquire() as conn:
             await ensure_day_partitions(conn, days, self._window, self._known_days)
 
+    @warehouse_call
     async def commit(
         self,
         lease: LeaseToken,
