@@ -150,6 +150,21 @@ class KinesisReader:
         )
 
 
+async def check_stream(client: Any, stream: str) -> bool:
+    """That ``stream`` exists (DescribeStreamSummary): a ConfigError if not, or if Kinesis
+    refuses the call; KinesisUnavailableError when Kinesis cannot answer now."""
+    try:
+        await client.describe_stream_summary(StreamName=stream)
+    except Exception as exc:  # noqa: BLE001 - classified right here
+        error = classify(exc)
+        if error.retriable:
+            raise error from None
+        if isinstance(error, StreamNotFoundError):
+            raise ConfigError(f"Kinesis stream {stream!r} not found") from None
+        raise ConfigError(f"cannot describe Kinesis stream {stream!r}: {error}") from None
+    return True
+
+
 def _shard_info(shard: dict[str, Any]) -> ShardInfo:
     parents = tuple(
         p for p in (shard.get("ParentShardId"), shard.get("AdjacentParentShardId")) if p

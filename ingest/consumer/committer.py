@@ -117,75 +117,28 @@ class Chunk:
     units: list[CopyUnit] = field(default_factory=list)
 
 
-class ShardCommitter:
+class ChunkPreparer:
+    """Data keys (KMS, cached) and decoding (the pool) for runs of records of one shard: what
+    the consumer commits and what a dead-letter re-drive stores."""
+
     def __init__(
         self,
         *,
-        lease: LeaseToken,
+        shard_id: str,
+        stream_name: str,
         keys: KeySource,
-        encryption_context: dict[str, str],
+        encryption_context: Mapping[str, str],
         pool: Decoder,
-        sink: CommitSink,
-        leases: CheckpointSource,
-        metrics: Metrics,
-        settings: CommitSettings,
-        health: DependencyHealth,
-        status: ShardStatus,
+        decoder: DecoderConfig,
         transient: Transient,
-        backoff: Backoff,
     ) -> None:
-        self.lease = lease
+        self.shard_id = shard_id
+        self.stream_name = stream_name
         self._keys = keys
         self._context = encryption_context
         self._pool = pool
-        self._sink = sink
-        self._leases = leases
-        self._metrics = metrics
-        self._settings = settings
-        self._health = health
-        self._status = status
+        self._decoder = decoder
         self._transient = transient
-        self._backoff = backoff
-
-    @property
-    def shard_id(self) -> str:
-        return self.lease.shard_id
-
-    async def commit_page(self, records: list[KinesisRecord], *, final: bool) -> CommitOutcome:
-        """Decode and commit a page (``final``: the last page of a closed shard, which ends
-        with the checkpoint SHARD_END). Records at or before the checkpoint are dropped (a
-        renewed iterator may repeat them)."""
-        fresh = [r for r in records if is_after(r.sequence_number, self._status.checkpoint)]
-        if not fresh:
-            if final and self._status.checkpoint != SHARD_END:
-                return await self.commit_chunk(Chunk([]), SHARD_END)
-            return CommitOutcome.COMMITTED
-        self._status.busy = True
-        settings = self._settings
-        chunks = iter(_chunks(fresh, settings.chunk_bytes, settings.chunk_records))
-        ahead: deque[asyncio.Future[Chunk]] = deque()
-        window = max(1, self._pool.processes)
-        try:
-            for chunk in itertools.islice(chunks, window):
-                ahead.append(asyncio.ensure_future(self.prepare(chunk)))
-            while ahead:
-                prepared = await ahead.popleft()
-                following = next(chunks, None)
-                if following is not None:
-                    ahead.append(asyncio.ensure_future(self.prepare(following)))
-                last = prepared.records[-1].sequence_number
-                checkpoint = SHARD_END if final and not ahead else last
-                if await self.commit_chunk(prepared, checkpoint) is CommitOutcome.LEASE_LOST:
-                    return CommitOutcome.LEASE_LOST
-            return CommitOutcome.COMMITTED
-        finally:
-            for task in ahead:
-                task.cancel()
-            await asyncio.gather(*ahead, return_exceptions=True)
-            self._status.busy = False
-            if self._status.idle_since is not None:
-                # An empty page may have arrived while we were busy: idle counts from now.
-                self._status.idle_since = time.monotonic()
 
     async def prepare(self, records: list[KinesisRecord]) -> Chunk:
         """Data keys (KMS, cached) and decoding (the pool) for one chunk. The envelope is
@@ -217,9 +170,7 @@ class ShardCommitter:
         return chunk
 
     def _batch(self, ready: list[KeyedRecord]) -> BatchInput:
-        return BatchInput(
-            self.shard_id, ready, self._settings.decoder, stream_name=self.lease.stream_name
-        )
+        return BatchInput(self.shard_id, ready, self._decoder, stream_name=self.stream_name)
 
     async def _decode_apart(self, chunk: Chunk) -> list[BatchOutput]:
         """The chunk keeps killing decode processes: decode each record alone, in quarantine,
@@ -239,6 +190,84 @@ class ShardCommitter:
             else:
                 outputs.append(out)
         return outputs
+
+
+class ShardCommitter:
+    def __init__(
+        self,
+        *,
+        lease: LeaseToken,
+        keys: KeySource,
+        encryption_context: dict[str, str],
+        pool: Decoder,
+        sink: CommitSink,
+        leases: CheckpointSource,
+        metrics: Metrics,
+        settings: CommitSettings,
+        health: DependencyHealth,
+        status: ShardStatus,
+        transient: Transient,
+        backoff: Backoff,
+    ) -> None:
+        self.lease = lease
+        self._window = max(1, pool.processes)
+        self._sink = sink
+        self._leases = leases
+        self._metrics = metrics
+        self._settings = settings
+        self._health = health
+        self._status = status
+        self._transient = transient
+        self._backoff = backoff
+        self.preparer = ChunkPreparer(
+            shard_id=lease.shard_id,
+            stream_name=lease.stream_name,
+            keys=keys,
+            encryption_context=encryption_context,
+            pool=pool,
+            decoder=settings.decoder,
+            transient=transient,
+        )
+
+    @property
+    def shard_id(self) -> str:
+        return self.lease.shard_id
+
+    async def commit_page(self, records: list[KinesisRecord], *, final: bool) -> CommitOutcome:
+        """Decode and commit a page (``final``: the last page of a closed shard, which ends
+        with the checkpoint SHARD_END). Records at or before the checkpoint are dropped (a
+        renewed iterator may repeat them)."""
+        fresh = [r for r in records if is_after(r.sequence_number, self._status.checkpoint)]
+        if not fresh:
+            if final and self._status.checkpoint != SHARD_END:
+                return await self.commit_chunk(Chunk([]), SHARD_END)
+            return CommitOutcome.COMMITTED
+        self._status.busy = True
+        settings = self._settings
+        chunks = iter(_chunks(fresh, settings.chunk_bytes, settings.chunk_records))
+        ahead: deque[asyncio.Future[Chunk]] = deque()
+        window = self._window
+        try:
+            for chunk in itertools.islice(chunks, window):
+                ahead.append(asyncio.ensure_future(self.preparer.prepare(chunk)))
+            while ahead:
+                prepared = await ahead.popleft()
+                following = next(chunks, None)
+                if following is not None:
+                    ahead.append(asyncio.ensure_future(self.preparer.prepare(following)))
+                last = prepared.records[-1].sequence_number
+                checkpoint = SHARD_END if final and not ahead else last
+                if await self.commit_chunk(prepared, checkpoint) is CommitOutcome.LEASE_LOST:
+                    return CommitOutcome.LEASE_LOST
+            return CommitOutcome.COMMITTED
+        finally:
+            for task in ahead:
+                task.cancel()
+            await asyncio.gather(*ahead, return_exceptions=True)
+            self._status.busy = False
+            if self._status.idle_since is not None:
+                # An empty page may have arrived while we were busy: idle counts from now.
+                self._status.idle_since = time.monotonic()
 
     async def commit_chunk(self, chunk: Chunk, new_checkpoint: str) -> CommitOutcome:
         heartbeats: list[HeartbeatRow] = []

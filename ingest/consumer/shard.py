@@ -2,15 +2,16 @@
 
 ::
 
-    WAITING_ON_PARENTS --parents at SHARD_END--> INITIALIZING --iterator--> PROCESSING --.
-            |                                        |    |                   |  ^       | page
-            |                                        |    `--no iterator--.   |  `-------' committed
-            |                                        |                    v   |
-            |                                        |               SHARD_END <--last page
-            |                                        |                          committed
-            `----------------------------------------+------ stop requested ----> SHUTTING_DOWN
-                                                      \\
-                       (from any state) lease lost: commit refused, or renewal failed -> LEASE_LOST
+    WAITING_ON_PARENTS --parents at SHARD_END--> INITIALIZING --iterator--> PROCESSING <--.
+                                                      |                      |  |      |
+                                                      | no iterator          |  `------'
+                                                      v                      |  page committed
+                                                  SHARD_END <----------------'
+                                                               last page committed
+
+    from each of the three working states:
+        stop requested                                  ------> SHUTTING_DOWN
+        lease lost (commit refused, or renewal failed)  ------> LEASE_LOST
 
 Each state has a handler that returns the next state (:data:`TRANSITIONS`); SHARD_END,
 SHUTTING_DOWN and LEASE_LOST are final: the worker releases the lease (for good after

@@ -3,7 +3,8 @@
 This is the warehouse's error adapter: :func:`warehouse_call` turns the asyncpg and network
 errors that go away by themselves into :class:`WarehouseUnavailableError` (retriable), so the
 retry loops ask the error's class (``retriable``) and know no asyncpg exception. Other database
-errors (a refused row, a missing privilege) pass unchanged: they are not retried.
+errors pass unchanged (a refused row: not retried), but a missing privilege becomes
+:class:`WarehousePermissionError`, a configuration error.
 
 The DSN comes from ``--dsn``, else ``DAS_DSN``, else libpq's ``PG*`` variables (asyncpg reads
 PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE, PGPASSFILE...). Passwords are never
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import re
 import socket
@@ -27,11 +29,17 @@ from ingest.errors import ConfigError, IngestError
 
 SCHEMA = "das"
 
+log = logging.getLogger(__name__)
+
 
 class WarehouseUnavailableError(IngestError):
     """The warehouse cannot be reached right now (down, restarting, network): retry."""
 
     retriable = True
+
+
+class WarehousePermissionError(ConfigError):
+    """The warehouse refused a statement for want of a privilege: the role must change."""
 
 
 def resolve_dsn(cli_value: str | None) -> str | None:
@@ -99,12 +107,22 @@ def warehouse_call(
     async def call(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise permission_denied(exc) from exc
         except Exception as exc:
             if is_transient(exc):
                 raise unavailable(exc) from exc
             raise
 
     return call
+
+
+def permission_denied(exc: asyncpg.InsufficientPrivilegeError) -> WarehousePermissionError:
+    """Which privilege is missing, and what to do about it (the least-privilege roles)."""
+    return WarehousePermissionError(
+        f"permission denied in the warehouse: {exc} (run this command as a role that may; see "
+        "docs/operations.md, 'The warehouse: owner, ingest and analyst')"
+    )
 
 
 async def connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
@@ -186,3 +204,14 @@ async def create_pool(
         raise
     assert pool is not None
     return pool
+
+
+async def close_pool(db: asyncpg.Pool, seconds: float) -> None:
+    """Close the pool gracefully, or abort its connections if the warehouse does not answer
+    (a stalled connection must not keep a stopping worker alive)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await db.close()
+    except (TimeoutError, OSError) as exc:
+        log.warning("warehouse connections aborted at exit", extra={"error": type(exc).__name__})
+        db.terminate()

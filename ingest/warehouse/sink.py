@@ -166,36 +166,17 @@ class Sink:
                 raise LeaseLostError(
                     f"lease on {lease.shard_id} lost or checkpoint moved; batch not written"
                 )
-            failed: list[DeadLetter] = []
-            stored: list[CopyUnit] = []
-            for unit in units:
-                if not per_record:
-                    await copy_unit(conn, unit, lease.stream_name)
-                    stored.append(unit)
-                    continue
-                try:
-                    async with conn.transaction():  # a savepoint per record
-                        await copy_unit(conn, unit, lease.stream_name)
-                    stored.append(unit)
-                except asyncpg.PostgresError as exc:
-                    if unit.on_store_error is None or is_transient(exc):
-                        raise
-                    letter = unit.on_store_error
-                    failed.append(
-                        DeadLetter(
-                            letter.sequence_number,
-                            letter.partition_key,
-                            letter.arrival_time,
-                            "store",
-                            f"store: {type(exc).__name__} (SQLSTATE {exc.sqlstate})",
-                            letter.raw,
-                        )
-                    )
+            stored, failed = await store_units(
+                conn,
+                lease.stream_name,
+                lease.shard_id,
+                units,
+                heartbeats=heartbeats,
+                per_record=per_record,
+            )
             letters = [*dead_letters, *failed]
             if letters:
                 await insert_dead_letters(conn, lease.stream_name, lease.shard_id, letters)
-            if heartbeats:
-                await upsert_heartbeats(conn, lease.stream_name, lease.shard_id, heartbeats)
             if sequence_range is not None and self._chain:
                 digests = DayDigests()
                 digests.extend(unit.chain for unit in stored)
@@ -212,6 +193,49 @@ class Sink:
             result.dead_letters = len(letters)
             result.store_failures = failed
         return result
+
+
+async def store_units(
+    conn: Conn,
+    stream_name: str,
+    shard_id: str,
+    units: Sequence[CopyUnit],
+    *,
+    heartbeats: Sequence[HeartbeatRow] = (),
+    per_record: bool = False,
+) -> tuple[list[CopyUnit], list[DeadLetter]]:
+    """COPY the units and upsert the heartbeats, inside the caller's transaction: the rows of
+    a consumer's commit and of a dead-letter re-drive. In ``per_record`` mode each unit has a
+    savepoint, and a unit PostgreSQL refuses becomes its ``on_store_error`` dead letter
+    (stage ``store``) instead of failing the rest. Returns (stored units, refused letters)."""
+    failed: list[DeadLetter] = []
+    stored: list[CopyUnit] = []
+    for unit in units:
+        if not per_record:
+            await copy_unit(conn, unit, stream_name)
+            stored.append(unit)
+            continue
+        try:
+            async with conn.transaction():  # a savepoint per record
+                await copy_unit(conn, unit, stream_name)
+            stored.append(unit)
+        except asyncpg.PostgresError as exc:
+            if unit.on_store_error is None or is_transient(exc):
+                raise
+            letter = unit.on_store_error
+            failed.append(
+                DeadLetter(
+                    letter.sequence_number,
+                    letter.partition_key,
+                    letter.arrival_time,
+                    "store",
+                    f"store: {type(exc).__name__} (SQLSTATE {exc.sqlstate})",
+                    letter.raw,
+                )
+            )
+    if heartbeats:
+        await upsert_heartbeats(conn, stream_name, shard_id, heartbeats)
+    return stored, failed
 
 
 async def record_end(
