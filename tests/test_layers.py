@@ -209,12 +209,6 @@ def test_kinesis_imports_nothing_from_the_warehouse() -> None:
     assert bad == [], "the Kinesis adapter must not know the warehouse:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consumer/service.py still takes the Namespace: settings dataclasses built in "
-    "commands/run.py are issue 11 item 5 (the consumer branch); strict, so this marker must go "
-    "when they land",
-)
 def test_the_consumer_never_sees_argparse() -> None:
     consumer = [i for i in product_imports() if i.module.startswith("ingest.consumer")]
     assert consumer, "ingest/consumer/ is gone"
