@@ -16,11 +16,10 @@ from typing import Any
 
 import orjson
 
-#: Columns of das.activity_events in the order das-ingest COPYs them in, which is also the order
-#: of an event's canonical encoding (chain version 2). The COPY encoder (ingest.decode.copyfmt)
-#: writes its lines in this order; the tests hold the two equal. ingested_at is set by the
+#: The columns of das.activity_events before migration 0006, in the order of an event's
+#: encoding (chain version 2): the order das-ingest COPYs them in. ingested_at is set by the
 #: decoder (the time it decoded the batch), so the integrity chain can cover it too.
-EVENT_COLUMNS: tuple[str, ...] = (
+EVENT_COLUMNS_V2: tuple[str, ...] = (
     "cluster_id", "instance_id", "record_version", "stream_name", "shard_id", "sequence_number",
     "event_index", "class", "client_application", "command", "command_text", "database_name",
     "db_protocol", "db_user_name", "end_time", "error_message", "exit_code", "log_time",
@@ -29,6 +28,17 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "session_id", "start_time", "statement_id", "substatement_id", "transaction_id", "extra",
     "anomalies", "ingested_at",
 )  # fmt: skip
+#: The engine columns migration 0006 added (RDS for Oracle and RDS for SQL Server), after
+#: ingested_at. das-ingest never stores an event with all four NULL from then on
+#: (engine_native_audit_fields is at least {}), so NULL in all four marks an event stored
+#: before: its encoding is its first 38 fields, as it was when its link was written.
+ENGINE_COLUMNS: tuple[str, ...] = (
+    "dbid", "engine_native_audit_fields", "statement_id_text", "times_as_sent",
+)  # fmt: skip
+#: Every column of das.activity_events in COPY order, which is also the order of an event's
+#: canonical encoding (chain version 2). The COPY encoder (ingest.decode.copyfmt) writes its
+#: lines in this order; the tests hold the two equal.
+EVENT_COLUMNS: tuple[str, ...] = EVENT_COLUMNS_V2 + ENGINE_COLUMNS
 
 #: COPY text format's NULL.
 NULL = "\\N"

@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from ingest.aws import aws_client, error_code
+from ingest.aws import aws_client
 from ingest.consumer.worker import Worker, WorkerSettings
+from ingest.discovery import discover_cluster, discover_instance
 from ingest.errors import ConfigError
 from ingest.health import HealthServer
 from ingest.kinesis import check_stream
@@ -30,29 +31,6 @@ log = logging.getLogger("ingest")
 T = TypeVar("T")
 
 
-async def discover(cluster: str) -> tuple[str, str]:
-    """(stream name, resource id) of an Aurora cluster's activity stream."""
-    async with aws_client("rds") as rds:
-        try:
-            response = await rds.describe_db_clusters(DBClusterIdentifier=cluster)
-        except Exception as exc:  # noqa: BLE001 - turned into a clear configuration error
-            code = error_code(exc) or type(exc).__name__
-            raise ConfigError(f"cannot describe DB cluster {cluster!r}: {code}") from None
-    clusters = response.get("DBClusters") or []
-    if not clusters:
-        raise ConfigError(f"DB cluster {cluster!r} not found")
-    info = clusters[0]
-    stream = info.get("ActivityStreamKinesisStreamName")
-    resource_id = info.get("DbClusterResourceId")
-    if not stream or not resource_id:
-        status = info.get("ActivityStreamStatus", "stopped")
-        raise ConfigError(
-            f"DB cluster {cluster!r} has no database activity stream (status: {status}); "
-            "start one with `aws rds start-activity-stream`"
-        )
-    return str(stream), str(resource_id)
-
-
 @dataclass(frozen=True)
 class ServeSettings:
     """Everything ``das-ingest run`` needs besides the environment (AWS, PG* variables)."""
@@ -62,6 +40,8 @@ class ServeSettings:
     worker: WorkerSettings
     #: an Aurora cluster whose stream and resource id are discovered (None: worker.stream_name)
     cluster: str | None = None
+    #: an RDS for Oracle or SQL Server DB instance whose stream and resource id are discovered
+    instance: str | None = None
     #: the encryption context's resource id when given explicitly (None: from the stream)
     resource_id: str | None = None
     dsn: str | None = None
@@ -97,7 +77,9 @@ class _Startup:
 
 async def serve(serve_settings: ServeSettings) -> int:
     if serve_settings.cluster:
-        stream, discovered_id = await discover(serve_settings.cluster)
+        stream, discovered_id = await discover_cluster(serve_settings.cluster)
+    elif serve_settings.instance:
+        stream, discovered_id = await discover_instance(serve_settings.instance)
     else:
         stream = serve_settings.worker.stream_name
         discovered_id = resource_id_from_stream(stream)

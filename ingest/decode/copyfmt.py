@@ -3,10 +3,11 @@
 The process pool returns one COPY-ready ``bytes`` per batch instead of thousands of row tuples:
 pickling tuples back to the parent costs about as much as producing them.
 
-Each line is also the event's canonical encoding for the integrity chain (version 2, see
-ingest/copytext.py, ingest/integrity/canonical.py and docs/integrity.md): times in canonical
-UTC text, JSON in canonical JSON. So the chain's digest of an event is one SHA-256 of its line,
-and the tests hold this fast encoder equal to the definition there.
+Each line is also the event's canonical encoding for the integrity chain (version 2, with the
+engine columns of migration 0006; see ingest/copytext.py, ingest/integrity/canonical.py and
+docs/integrity.md): times in canonical UTC text, JSON in canonical JSON. So the chain's digest of
+an event is one SHA-256 of its line, and the tests hold this fast encoder equal to the
+definition there.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from datetime import datetime
 from typing import Any
 
 from ingest.copytext import NULL, canonical_json, canonical_time, copy_array, copy_escape
-from ingest.decode.model import FIELDS, ActivityEvent, DecodedRecord, Kind
+from ingest.decode.model import ENGINE_COLUMNS, FIELDS, ActivityEvent, DecodedRecord, Kind
 
 #: The columns :func:`event_line` writes, in order: the record's leading columns, the model's
-#: FIELDS, then extra, anomalies and ingested_at. It must be ingest.copytext.EVENT_COLUMNS, the
-#: order the sink COPYs in and the chain encodes in (held equal by the tests).
+#: FIELDS, extra, anomalies, ingested_at, then the model's ENGINE_COLUMNS. It must be
+#: ingest.copytext.EVENT_COLUMNS, the order the sink COPYs in and the chain encodes in (held
+#: equal by the tests).
 LINE_COLUMNS: tuple[str, ...] = (
     "cluster_id",
     "instance_id",
@@ -34,6 +36,7 @@ LINE_COLUMNS: tuple[str, ...] = (
     "extra",
     "anomalies",
     "ingested_at",
+    *ENGINE_COLUMNS,
 )
 
 _FIELD_ATTRS = tuple(("class_" if f.column == "class" else f.column, f.kind) for f in FIELDS)
@@ -87,6 +90,13 @@ def event_line(
     anomalies = event.anomalies
     append(copy_array(anomalies) if anomalies else "{}")
     append(ingested_at)
+    # The engine columns (migration 0006). engine_native_audit_fields is never NULL: all four
+    # NULL is how verify tells an event stored before them (docs/integrity.md).
+    append(text(event.dbid))
+    native = event.engine_native_audit_fields
+    append(jsonb(native) if native else "{}")
+    append(text(event.statement_id_text))
+    append(jsonb(event.times_as_sent))
     return "\t".join(cols)
 
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ingest.copytext import ENGINE_COLUMNS as ENGINE_COLUMNS
 from ingest.copytext import EVENT_COLUMNS as EVENT_COLUMNS
+from ingest.copytext import EVENT_COLUMNS_V2 as EVENT_COLUMNS_V2
 from ingest.copytext import NULL as NULL
 from ingest.copytext import canonical_json as canonical_json
 from ingest.copytext import canonical_number as canonical_number
@@ -42,7 +44,10 @@ V1_POSITIONS = tuple(EVENT_COLUMNS.index(c) for c in EVENT_COLUMNS_V1)
 #: The version of the links and anchors das-ingest writes.
 CHAIN_VERSION = 2
 TIME_COLUMNS = frozenset({"log_time", "end_time", "start_time", "ingested_at"})
-JSON_COLUMNS = frozenset({"param_list", "extra", "anomalies"})
+JSON_COLUMNS = frozenset(
+    {"param_list", "extra", "anomalies", "engine_native_audit_fields", "times_as_sent"}
+)
+_V2_WIDTH = len(EVENT_COLUMNS_V2)
 ZERO_HASH = bytes(32)
 
 
@@ -63,10 +68,18 @@ def copy_field(column: str, value: Any) -> str:
     return copy_escape(value)
 
 
+def has_engine_values(values: Sequence[Any]) -> bool:
+    """Whether any engine column (:data:`ENGINE_COLUMNS`) of an event's values is set."""
+    return any(v is not None for v in values[_V2_WIDTH:])
+
+
 def event_line(values: Sequence[Any]) -> str:
     """An event's version 2 encoding (as text): its COPY text line, the :func:`copy_field` of
-    its 38 values in :data:`EVENT_COLUMNS` order joined by tabs, no newline."""
-    return "\t".join(copy_field(c, v) for c, v in zip(EVENT_COLUMNS, values, strict=True))
+    its values in :data:`EVENT_COLUMNS` order joined by tabs, no newline. An event whose
+    engine columns are all NULL (stored before migration 0006; or given as its 38 values of
+    :data:`EVENT_COLUMNS_V2`) is its first 38 fields."""
+    columns = EVENT_COLUMNS if has_engine_values(values) else EVENT_COLUMNS_V2
+    return "\t".join(copy_field(c, v) for c, v in zip(columns, values[: len(columns)], strict=True))
 
 
 def canonical_value(column: str, value: Any) -> Any:
@@ -83,10 +96,13 @@ def canonical_value(column: str, value: Any) -> Any:
 
 
 def event_encoding(values: Sequence[Any], version: int = 2) -> bytes:
-    """The canonical encoding of an event given its 38 values in :data:`EVENT_COLUMNS` order:
-    version 2, its COPY text line (:func:`event_line`) as UTF-8; version 1, the canonical JSON
-    array of the :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no stream_name)."""
-    if version >= 2:
+    """The canonical encoding of an event given its values in :data:`EVENT_COLUMNS` order (or
+    its 38 :data:`EVENT_COLUMNS_V2` values): version 2, its COPY text line
+    (:func:`event_line`) as UTF-8; version 1, the canonical JSON array of the
+    :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no stream_name). An event with an
+    engine column set is its full line under either version: no link written before migration
+    0006 covered one, so such a value under an older link shows as altered."""
+    if version >= 2 or has_engine_values(values):
         return event_line(values).encode()
     row = [
         canonical_value(c, values[i]) for c, i in zip(EVENT_COLUMNS_V1, V1_POSITIONS, strict=True)
@@ -182,7 +198,7 @@ def stored_event_values(
     sequence_number: str,
     ingested_at: datetime,
 ) -> list[Any]:
-    """The 38 column values, in :data:`EVENT_COLUMNS` order, that COPY stores for a decoded
+    """The column values, in :data:`EVENT_COLUMNS` order, that COPY stores for a decoded
     ``event`` of ``record`` (an ``ingest.decode`` ActivityEvent and DecodedRecord)."""
     extra = event.extra
     if record.record_extra:
@@ -197,4 +213,6 @@ def stored_event_values(
         event.server_host, event.server_type, event.server_version, event.service_name,
         event.session_id, event.start_time, event.statement_id, event.substatement_id,
         event.transaction_id, extra, list(event.anomalies), ingested_at,
+        event.dbid, event.engine_native_audit_fields or {}, event.statement_id_text,
+        event.times_as_sent,
     ]  # fmt: skip
