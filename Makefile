@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade 'pip>=24'
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@# The development package das_dev (local stack, demo) is not part of the wheel, so the
+	@# editable install does not map it: link it into the virtualenv, importable from anywhere.
+	$(BIN)/python -c 'import os, sysconfig; link = os.path.join(sysconfig.get_paths()["purelib"], "das_dev"); os.path.lexists(link) or os.symlink(os.path.abspath("das_dev"), link)'
 	touch $@
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json

@@ -83,6 +83,26 @@ def test_the_wheel_holds_the_product_package_and_nothing_else(wheel: Path) -> No
     assert not [n for n in names if n.startswith("das_dev") or "/das_dev/" in n]
 
 
+def test_the_dev_environment_provides_das_dev_from_any_directory(tmp_path: Path) -> None:
+    """``make setup`` makes the development package importable in its virtualenv wherever the
+    interpreter starts (the editable install maps ``ingest`` only), and it is this checkout's."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            "import das_dev.devstack as d, os; print(os.path.realpath(d.__file__))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str((ROOT / "das_dev" / "devstack.py").resolve())
+
+
 def _clean_env(**extra: str) -> dict[str, str]:
     """No variable of this test run (DAS_*, PG*, AWS_*, PYTHONPATH, a virtualenv's): only what
     a shell on a fresh machine has."""
