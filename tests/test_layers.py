@@ -249,6 +249,25 @@ def test_the_architecture_page_maps_every_unit_and_leaf() -> None:
     assert listed == LEAVES
 
 
+def test_the_architecture_page_shows_the_shard_consumers_own_diagram() -> None:
+    """The state diagram of docs/architecture.md is the one in consumer/shard.py's docstring
+    (its first literal block), so the two cannot drift apart."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    docstring = ast.get_docstring(
+        ast.parse((ROOT / "ingest" / "consumer" / "shard.py").read_text())
+    )
+    assert docstring is not None
+    lines: list[str] = []
+    for line in docstring.split("::\n\n", 1)[1].splitlines():
+        if line and not line.startswith(" "):
+            break
+        lines.append(line)
+    diagram = textwrap.dedent("\n".join(lines)).strip("\n")
+    assert "WAITING_ON_PARENTS" in diagram
+    assert "LEASE_LOST" in diagram
+    assert f"```\n{diagram}\n```" in doc
+
+
 HELP_CHILD = """
 import json, sys
 from ingest.cli import main
