@@ -19,9 +19,9 @@ import asyncpg
 import boto3
 import pytest
 
+from das_dev.devstack import LocalStack
 from ingest.aws import aws_client
 from ingest.decode.batch import BatchInput, decode_batch
-from ingest.devstack import LocalStack
 from ingest.emulate.traffic import EventKey, format_datetime
 from ingest.errors import ConfigError
 from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads, read_exported_anchors

@@ -40,7 +40,7 @@ class ServeSettings:
     worker: WorkerSettings
     #: an Aurora cluster whose stream and resource id are discovered (None: worker.stream_name)
     cluster: str | None = None
-    #: an RDS DB instance whose stream and resource id are discovered
+    #: an RDS for Oracle or SQL Server DB instance whose stream and resource id are discovered
     instance: str | None = None
     #: the encryption context's resource id when given explicitly (None: from the stream)
     resource_id: str | None = None

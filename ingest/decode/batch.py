@@ -23,8 +23,8 @@ from ingest.decode.correlate import StatementRange, StatementRangeBuilder
 from ingest.decode.envelope import Envelope, read_envelope
 from ingest.decode.gunzip import DEFAULT_MAX_DECOMPRESSED
 from ingest.decode.pipeline import Decryptor, decode_envelope
+from ingest.digests import DayDigests, utc_date
 from ingest.errors import DecodeError
-from ingest.integrity.canonical import DayDigests, utc_date
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,12 +23,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
+from ingest.conn import Conn as Conn
 from ingest.errors import ConfigError, IngestError
-
-#: A plain connection or one borrowed from a pool.
-Conn = asyncpg.Connection | PoolConnectionProxy
 
 SCHEMA = "das"
 

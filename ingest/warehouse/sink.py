@@ -21,8 +21,8 @@ import asyncpg
 import orjson
 
 from ingest.checkpoint import SHARD_END
+from ingest.copytext import EVENT_COLUMNS
 from ingest.decode.batch import HeartbeatRow
-from ingest.decode.copyfmt import EVENT_COLUMNS
 from ingest.decode.correlate import StatementRange
 from ingest.decode.normalize import sanitize_text
 from ingest.errors import IngestError
