@@ -16,7 +16,8 @@ import multiprocessing
 import time
 
 from bench.workload import Workload
-from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, decode_batch
+from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, KeyedRecord, decode_batch
+from ingest.decode.envelope import read_envelope
 
 
 def _warm(_: int) -> int:
@@ -28,8 +29,10 @@ async def decode_pool_rate(work: Workload, processes: int, records_per_batch: in
     """Events/s of ``processes`` decode processes over the workload, best of two passes."""
     if not work.plaintext_keys:
         raise ValueError("the workload keeps no plaintext data keys")
+    # The worker parses each envelope in its event loop (for the key blob) and hands the pool
+    # the parsed envelope: so does this, before the clock starts.
     items = [
-        (i, str(i + 1), entry.data, key)
+        KeyedRecord(i, str(i + 1), read_envelope(entry.data), key)
         for i, (entry, key) in enumerate(zip(work.entries, work.plaintext_keys, strict=True))
     ]
     size = max(1, min(records_per_batch, len(items) // (2 * processes) or 1))

@@ -28,8 +28,9 @@ from ingest.decode.correlate import StatementRange, StatementRangeBuilder
 from ingest.decode.normalize import decode_payload
 from ingest.emulate import traffic
 from ingest.integrity.canonical import DayDigests, utc_date
-from ingest.warehouse.leases import LeaseStore, ShardInfo
-from ingest.warehouse.sink import CopyUnit, DeadLetter, LeaseToken, Sink, init_connection
+from ingest.lease import LeaseToken, ShardInfo
+from ingest.warehouse.leases import LeaseStore
+from ingest.warehouse.sink import CopyUnit, DeadLetter, Sink, init_connection
 
 STREAM = "aws-rds-das-cluster-SCALEFILL"
 SHARDS = tuple(f"shardId-{i:012d}" for i in range(4))

@@ -39,8 +39,8 @@ from bench import e2e, procs, workload
 from bench.fill import STREAM as FILL_STREAM
 from bench.fill import Filler, Task, encode_task
 from bench.report import Table, num
+from das_dev.devstack import LocalStack, install_signal_handlers
 from ingest.aws import aws_client
-from ingest.devstack import LocalStack, install_signal_handlers
 from ingest.emulate import traffic
 from ingest.emulate.producer import create_kms_key
 from ingest.integrity.anchor import AnchorKey, anchor_heads

@@ -13,8 +13,8 @@ import asyncpg
 import boto3
 import pytest
 
+from das_dev.devstack import LocalStack
 from ingest.aws import aws_client
-from ingest.devstack import LocalStack
 from ingest.integrity.anchor import AnchorKey, anchor_heads
 from ingest.integrity.verify import Report, sampled_link_numbers, verify_warehouse
 from ingest.warehouse.migrate import migrate

@@ -27,6 +27,7 @@ import asyncpg
 import orjson
 
 from ingest.aws import error_code
+from ingest.conn import Conn
 from ingest.errors import ConfigError
 from ingest.integrity.anchor import (
     Anchor,
@@ -46,7 +47,6 @@ from ingest.integrity.canonical import (
 )
 from ingest.integrity.progress import Progress, load_progress, record_progress
 from ingest.integrity.retained import RetentionLedger, RetentionRecord, parse_day
-from ingest.warehouse.db import Conn
 
 #: Exit codes of `das-ingest verify`.
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNCHECKED = 0, 1, 3
