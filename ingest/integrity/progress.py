@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from ingest.conn import Conn
 from ingest.integrity.anchor import AnchorKey
 from ingest.integrity.canonical import canonical_time
-from ingest.warehouse.db import Conn
 
 PROGRESS_VERSION = 1
 
