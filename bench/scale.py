@@ -391,14 +391,15 @@ async def measure_size(
                 "SELECT count(*) FROM pg_inherits WHERE inhparent = 'das.activity_events'::regclass"
             )
         )
-        session = await conn.fetchrow(
-            "SELECT instance_id, session_id FROM das.activity_events WHERE stream_name = $1 "
-            "AND session_id IS NOT NULL AND log_time >= $2 LIMIT 1",
-            FILL_STREAM,
-            (newest or datetime.now(UTC)) - timedelta(hours=1),
-        )
         now = newest or datetime.now(UTC)
         day = datetime.combine(now.date(), datetime.min.time(), tzinfo=UTC) - timedelta(days=1)
+        session = await conn.fetchrow(
+            "SELECT instance_id, session_id FROM das.activity_events WHERE stream_name = $1 "
+            "AND session_id IS NOT NULL AND log_time >= $2 AND log_time < $3 LIMIT 1",
+            FILL_STREAM,
+            day + timedelta(hours=12),
+            day + timedelta(days=1),
+        )
         values = {
             ":day_end": f"'{(day + timedelta(days=1)).isoformat()}'::timestamptz",
             ":day": f"'{day.isoformat()}'::timestamptz",
@@ -520,10 +521,11 @@ async def index_costs(dsn: str, events: int, repeat: int) -> Table:
         )
         configs = [("no index", []), *((n, [d]) for n, d in definitions)]
         configs.append(("all indexes", [d for _, d in definitions]))
-        rates: dict[str, float] = {}
-        for label, ddl in configs:
-            times = []
-            for _ in range(repeat):
+        # Rounds interleave the configurations, so a burst of load on the shared machine hits
+        # them alike; each one's best round is the least disturbed.
+        times: dict[str, list[float]] = {label: [] for label, _ in configs}
+        for _ in range(repeat):
+            for label, ddl in configs:
                 await conn.execute("DROP TABLE public.bench_copy")
                 await conn.execute(
                     "CREATE TABLE public.bench_copy (LIKE das.activity_events INCLUDING DEFAULTS)"
@@ -535,6 +537,7 @@ async def index_costs(dsn: str, events: int, repeat: int) -> Table:
                         definition,
                     )
                     await conn.execute(statement)
+                await conn.execute("CHECKPOINT")
                 began = time.perf_counter()
                 await conn.copy_to_table(
                     "bench_copy",
@@ -543,8 +546,8 @@ async def index_costs(dsn: str, events: int, repeat: int) -> Table:
                     columns=list(EVENT_COLUMNS),
                     format="text",
                 )
-                times.append(time.perf_counter() - began)
-            rates[label] = count / statistics.median(times)
+                times[label].append(time.perf_counter() - began)
+        best = {label: min(found) for label, found in times.items()}
         sizes = {
             r["indexname"]: r["bytes"]
             for r in await conn.fetch(
@@ -557,18 +560,25 @@ async def index_costs(dsn: str, events: int, repeat: int) -> Table:
         await conn.execute("DROP TABLE public.bench_copy")
     finally:
         await conn.close()
-    base = rates["no index"]
+    base = best["no index"]
     table = Table(
-        f"COPY of {count:,} events into an empty table, per index (median of {repeat})",
-        ["indexes", "events/s", "cost vs no index", "size in the warehouse MB"],
-    )
-    for label, rate in rates.items():
+        f"COPY of {count:,} events into an empty table, per index (best of {repeat} "
+        "interleaved rounds)",
+        ["indexes", "events/s", "ms added per 1000 events", "cost vs no index",
+         "size in the warehouse MB"],
+    )  # fmt: skip
+    for label, seconds in best.items():
         table.add(
             label,
-            num(rate),
-            "-" if label == "no index" else f"{(base - rate) / base:.0%}",
+            num(count / seconds),
+            "-" if label == "no index" else num((seconds - base) / count * 1e6, 2),
+            "-" if label == "no index" else f"{(seconds - base) / base:+.0%}",
             num(sizes.get(label, 0) / 2**20, 1) if label in sizes else "-",
         )
+    table.notes.append(
+        "The cost of each index alone: the time the COPY takes with it, minus without any. "
+        "The provenance index is what makes a stored event unique (exactly once): it stays."
+    )
     return table
 
 
