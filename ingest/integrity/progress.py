@@ -46,7 +46,7 @@ def progress_message(
 
 
 @dataclass(frozen=True)
-class Progress:
+class VerifiedPoint:
     """Chain (stream, shard) was verified up to link ``link_no`` (hash ``link_hash``), i.e. every
     event up to ``last_sequence``."""
 
@@ -75,7 +75,7 @@ class Progress:
 
 async def load_progress(
     conn: Conn, stream: str | None, shards: list[str] | None
-) -> dict[tuple[str, str], Progress]:
+) -> dict[tuple[str, str], VerifiedPoint]:
     rows = await conn.fetch(
         """
         SELECT stream_name, shard_id, link_no, link_hash, last_sequence::text AS last_sequence,
@@ -87,7 +87,7 @@ async def load_progress(
         shards,
     )
     return {
-        (r["stream_name"], r["shard_id"]): Progress(
+        (r["stream_name"], r["shard_id"]): VerifiedPoint(
             r["stream_name"],
             r["shard_id"],
             r["link_no"],
@@ -110,11 +110,11 @@ async def record_progress(
     link_no: int,
     link_hash: bytes,
     last_sequence: str,
-) -> Progress:
+) -> VerifiedPoint:
     """MAC the claim with the verify key and store it (replacing the chain's previous one)."""
     info = await key.info()
     verified_at: datetime = await conn.fetchval("SELECT clock_timestamp()")
-    unsigned = Progress(
+    unsigned = VerifiedPoint(
         stream, shard, link_no, link_hash, last_sequence, verified_at, info.arn, info.algorithm, b""
     )
     progress = replace(unsigned, signature=await key.sign(unsigned.message()))

@@ -45,7 +45,7 @@ from ingest.integrity.canonical import (
     event_digest,
     link_hash,
 )
-from ingest.integrity.progress import Progress, load_progress, record_progress
+from ingest.integrity.progress import VerifiedPoint, load_progress, record_progress
 from ingest.integrity.retained import RetentionLedger, RetentionRecord, parse_day
 
 #: Exit codes of `das-ingest verify`.
@@ -330,7 +330,7 @@ async def verify_warehouse(
         anchors[(anchor.stream_name, anchor.shard_id)].append(anchor)
     checker = await _prepare_checker(report, kms, anchor_key_id)
     keeper = await _prepare_keeper(report, kms, checker, anchor_key_id, verify_key_id, since)
-    claims: dict[tuple[str, str], Progress] = {}
+    claims: dict[tuple[str, str], VerifiedPoint] = {}
     if routine and keeper is not None:
         report.mode = "routine"
         claims = await load_progress(conn, stream, shards)
@@ -455,9 +455,9 @@ async def _believe(
     report: Report,
     keeper: _Keeper,
     checker: AnchorChecker,
-    claim: Progress,
+    claim: VerifiedPoint,
     anchors: list[Anchor],
-) -> Progress | None:
+) -> VerifiedPoint | None:
     """The claim, if its MAC checks out with the verify key and a valid anchor still vouches for
     the link it names with the hash it names; else a finding (or, when KMS cannot answer, a
     full run) and None."""
@@ -506,7 +506,7 @@ def sampled_link_numbers(seed: int, stream: str, shard: str, up_to: int, n: int)
 
 
 async def _routine_scope(
-    conn: Conn, stream: str, shard: str, start: Progress, picked: list[int]
+    conn: Conn, stream: str, shard: str, start: VerifiedPoint, picked: list[int]
 ) -> _Scope:
     """From the believed progress: the links after it, every redrive link (they cover sequence
     numbers inside batches), the batches the new redrives fall in, and the ``picked`` older
@@ -540,7 +540,7 @@ async def _record(
     stream: str,
     shard: str,
     scope: _Scope,
-    start: Progress | None,
+    start: VerifiedPoint | None,
     last_good: int,
 ) -> None:
     """Record that the chain verified clean up to its newest valid anchor."""
