@@ -101,6 +101,14 @@ def add_parser(subparsers: Any) -> None:
         "--processes", type=int, default=1, metavar="N", help="encoder processes (1)"
     )
     parser.add_argument(
+        "--suite",
+        choices=("auto", "0x0178", "0x0378"),
+        default="auto",
+        help="Encryption SDK algorithm suite: 0x0178 (AES-256-GCM, HKDF-SHA256, unsigned, empty "
+        "ESDK context), 0x0378 (HKDF-SHA384, ECDSA P-384 signed); auto: as seen in the wild, "
+        "0x0178 for PostgreSQL, 0x0378 for the other engines (auto)",
+    )
+    parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -132,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             rotate_every=args.rotate_every,
             heartbeat_every=args.heartbeat_every,
             processes=args.processes,
+            suite=None if args.suite == "auto" else int(args.suite, 16),
         )
     except ConfigError as exc:
         print(f"das-ingest emulate: {exc}", file=sys.stderr)
