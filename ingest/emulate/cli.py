@@ -16,12 +16,13 @@ if TYPE_CHECKING:
     from ingest.emulate.producer import EmulateReport, Progress
 
 DESCRIPTION = """\
-Produce a Database Activity Stream the way Aurora does: seeded, realistic Aurora PostgreSQL
-(record versions 1.0/1.1) and Aurora MySQL (1.2) activity (sessions, DML, DDL, roles, failed
-logins, MySQL MAIN/AUX pairs in any order, heartbeats), gzip-compressed, encrypted with the AWS
-Encryption SDK under a KMS data key bound to the cluster resource id, and put into Kinesis with
-one partition key per DB instance. The same seed always yields the same events, so a consumer
-test can check that every event arrived exactly once.
+Produce a Database Activity Stream the way RDS does: seeded, realistic Aurora PostgreSQL
+(record versions 1.0/1.1), Aurora MySQL (1.2), RDS for Oracle (1.3) and RDS for SQL Server (1.4)
+activity (sessions, DML, DDL, grants, failed logins, MySQL MAIN/AUX pairs in any order, Oracle
+audit classes, SQL Server split records, heartbeats), gzip-compressed, encrypted with the AWS
+Encryption SDK under a KMS data key bound to the resource id (a db-... id for the RDS engines),
+and put into Kinesis with one partition key per DB instance. The same seed always yields the
+same events, so a consumer test can check that every event arrived exactly once.
 """
 
 EPILOG = """\
@@ -67,14 +68,24 @@ def add_parser(subparsers: Any) -> None:
         "--kms-key-id", help="KMS key for the data keys (default: create one; local stacks only)"
     )
     parser.add_argument(
-        "--engine", choices=("postgres", "mysql", "both"), default="both", help="(both)"
+        "--engine",
+        choices=("postgres", "mysql", "oracle", "sqlserver", "both", "all"),
+        default="both",
+        help="Aurora PostgreSQL, Aurora MySQL, RDS for Oracle, RDS for SQL Server; both: the "
+        "two Aurora engines, all: the four, alternating by instance (both)",
+    )
+    parser.add_argument(
+        "--engine-native-audit-fields",
+        action="store_true",
+        help="Oracle and SQL Server: fill engineNativeAuditFields, as a stream started with "
+        "--engine-native-audit-fields-included does (default: {})",
     )
     parser.add_argument(
         "--instances",
         type=int,
         default=2,
         metavar="N",
-        help="DB instances, one partition key each; 'both' alternates engines (2)",
+        help="DB instances, one partition key each; 'both' and 'all' alternate engines (2)",
     )
     parser.add_argument(
         "--pg-version", choices=("1.0", "1.1"), default="1.1", help="PostgreSQL record version"
@@ -141,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             heartbeat_every=args.heartbeat_every,
             processes=args.processes,
             suite=None if args.suite == "auto" else int(args.suite, 16),
+            native_fields=args.engine_native_audit_fields,
         )
     except ConfigError as exc:
         print(f"das-ingest emulate: {exc}", file=sys.stderr)

@@ -59,6 +59,7 @@ from ingest.emulate.traffic import (
     Engine,
     InnerRecord,
     Traffic,
+    min_instances,
 )
 from ingest.errors import ConfigError, IngestError
 from ingest.kms import encryption_context, resource_id_from_stream
@@ -125,6 +126,9 @@ class EmulateOptions:
     heartbeat_every: int = 20
     #: Encoder worker processes; 1 encodes in a thread of this process.
     processes: int = 1
+    #: RDS for Oracle / SQL Server: engineNativeAuditFields filled, as with
+    #: --engine-native-audit-fields-included (else {}).
+    native_fields: bool = False
     #: Encryption SDK algorithm suite; None: as in the wild per engine (PostgreSQL 0x0178,
     #: MySQL 0x0378; see ingest.emulate.encoder.default_suite).
     suite: int | None = None
@@ -149,8 +153,8 @@ class EmulateOptions:
             (self.engine not in ENGINES, f"engine must be one of {', '.join(ENGINES)}"),
             (self.pg_version not in PG_VERSIONS, "PostgreSQL record version must be 1.0 or 1.1"),
             (
-                not (2 if self.engine == "both" else 1) <= self.instances <= MAX_INSTANCES,
-                f"instances must be 1..{MAX_INSTANCES} (at least 2 for engine 'both')",
+                not min_instances(self.engine) <= self.instances <= MAX_INSTANCES,
+                f"instances must be 1..{MAX_INSTANCES} (at least 2 for engine 'both', 4 for 'all')",
             ),
         ]
         for failed, message in problems:
@@ -166,6 +170,7 @@ class EmulateOptions:
             instances=self.instances,
             pg_version=self.pg_version,
             heartbeat_every=self.heartbeat_every,
+            native_fields=self.native_fields,
         )
 
     def inner_records(self) -> Iterator[InnerRecord]:

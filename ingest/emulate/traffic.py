@@ -65,8 +65,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
 
-Engine = Literal["postgres", "mysql", "both"]
-ENGINES: tuple[Engine, ...] = ("postgres", "mysql", "both")
+Engine = Literal["postgres", "mysql", "oracle", "sqlserver", "both", "all"]
+#: One engine, "both" (Aurora PostgreSQL and MySQL instances alternate) or "all" (the four
+#: engines in turn: a test and demo convenience, a real stream carries one engine).
+ENGINES: tuple[Engine, ...] = ("postgres", "mysql", "oracle", "sqlserver", "both", "all")
+SingleEngine = Literal["postgres", "mysql", "oracle", "sqlserver"]
+_MIXES: dict[str, tuple[SingleEngine, ...]] = {
+    "both": ("postgres", "mysql"),
+    "all": ("postgres", "mysql", "oracle", "sqlserver"),
+}
+
+
+def min_instances(engine: Engine) -> int:
+    """Instances needed for every engine of ``engine`` to have one."""
+    return len(_MIXES.get(engine, ("x",)))
+
+
 PG_VERSIONS = ("1.0", "1.1")
 MYSQL_VERSION = "1.2"
 
@@ -82,13 +96,15 @@ MAX_INSTANCES = 64
 
 
 class EventKey(NamedTuple):
-    """Identifies one record event; unique across everything one :class:`Traffic` generates."""
+    """Identifies one record event; unique across everything one :class:`Traffic` generates.
+    ``statement_id`` is SQL Server's hex text; times are in one form whatever the engine sent
+    (no zone: UTC; a seventh fraction digit dropped, as the warehouse's column does)."""
 
     instance_id: str
-    pid: int
+    pid: int | None
     session_id: str
-    statement_id: int
-    substatement_id: int
+    statement_id: int | str | None
+    substatement_id: int | None
     class_: str
     log_time: str
 
@@ -134,26 +150,38 @@ def format_datetime(stamp: datetime) -> str:
     return format_time(int(stamp.timestamp()) * 1_000_000 + stamp.microsecond)
 
 
+def key_time(text: str) -> str:
+    """A wire time in :func:`format_time`'s form: Oracle's zone-less UTC time gets "+00", SQL
+    Server's seventh fraction digit goes (as the timestamptz column drops it)."""
+    body, _, _zone = text.partition("+")
+    head, _, fraction = body.partition(".")
+    return f"{head}.{fraction[:6].ljust(6, '0')}+00"
+
+
 def event_key(instance_id: str, event: Mapping[str, Any]) -> EventKey:
     """The :class:`EventKey` of a generated (wire-format) record event."""
+    session = event["sessionId"]
     return EventKey(
         instance_id,
         event["pid"],
-        event["sessionId"],
+        session if isinstance(session, str) else str(session),
         event["statementId"],
         event["substatementId"],
         event["class"],
-        event["logTime"],
+        key_time(event["logTime"]),
     )
 
 
 def decoded_event_key(instance_id: str | None, event: Any) -> EventKey:
     """The :class:`EventKey` of a decoded ``ingest.decode.ActivityEvent``."""
+    statement = event.statement_id
+    if statement is None:
+        statement = getattr(event, "statement_id_text", None)
     return EventKey(
         instance_id or "",
         event.pid,
         event.session_id,
-        event.statement_id,
+        statement,
         event.substatement_id,
         event.class_,
         format_datetime(event.log_time),
@@ -183,14 +211,16 @@ class Traffic:
         instances: int = 2,
         pg_version: str = "1.1",
         heartbeat_every: int = 20,
+        native_fields: bool = False,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         if pg_version not in PG_VERSIONS:
             raise ValueError(f"PostgreSQL record version must be 1.0 or 1.1, not {pg_version!r}")
-        if not (2 if engine == "both" else 1) <= instances <= MAX_INSTANCES:
+        if not min_instances(engine) <= instances <= MAX_INSTANCES:
             raise ValueError(
-                f"instances must be 1..{MAX_INSTANCES} (2.. for both), not {instances}"
+                f"instances must be {min_instances(engine)}..{MAX_INSTANCES} for engine "
+                f"{engine!r}, not {instances}"
             )
         if heartbeat_every < 0:
             raise ValueError("heartbeat_every must be >= 0 (0: no heartbeats)")
@@ -198,15 +228,19 @@ class Traffic:
         self.engine: Engine = engine
         self.pg_version = pg_version
         self.heartbeat_every = heartbeat_every
+        #: RDS engines: engineNativeAuditFields filled (the stream was started with
+        #: --engine-native-audit-fields-included), else {}.
+        self.native_fields = native_fields
         self.instance_count = instances
         rng = random.Random(f"ids:{seed}")  # noqa: S311 - reproducible, not secret
         self.cluster_id = cluster_id or "cluster-" + _resource_suffix(rng)
         self.instance_ids = [_instance_id(rng, i, instances) for i in range(instances)]
 
-    def engine_of(self, index: int) -> Literal["postgres", "mysql"]:
-        if self.engine == "both":
-            return "postgres" if index % 2 == 0 else "mysql"
-        return self.engine
+    def engine_of(self, index: int) -> SingleEngine:
+        mix = _MIXES.get(self.engine)
+        if mix is not None:
+            return mix[index % len(mix)]
+        return self.engine  # type: ignore[return-value]  # a single engine
 
     def records(self, events_per_record: int, count: int | None = None) -> Iterator[InnerRecord]:
         """Records of ``events_per_record`` record events (plus heartbeat-only records).
@@ -220,9 +254,17 @@ class Traffic:
         rng = random.Random(f"traffic:{self.seed}")  # noqa: S311 - reproducible
         counter = _Counter()
         start_us = _BASE_EPOCH_US + rng.randrange(86_400) * 1_000_000
+        from ingest.emulate.rds import OracleInstance, SqlServerInstance  # they build on _Instance
+
+        classes: dict[SingleEngine, type[_Instance]] = {
+            "postgres": _PostgresInstance,
+            "mysql": _MySqlInstance,
+            "oracle": OracleInstance,
+            "sqlserver": SqlServerInstance,
+        }
         instances: list[_Instance] = []
         for index, instance_id in enumerate(self.instance_ids):
-            cls = _PostgresInstance if self.engine_of(index) == "postgres" else _MySqlInstance
+            cls = classes[self.engine_of(index)]
             instances.append(
                 cls(
                     cluster_id=self.cluster_id,
@@ -234,9 +276,10 @@ class Traffic:
                     counter=counter,
                     pg_version=self.pg_version,
                     # The first instance of each engine is its cluster's writer.
-                    writer=index < (2 if self.engine == "both" else 1),
+                    writer=index < min_instances(self.engine),
                 )
             )
+            instances[-1].native_fields = self.native_fields
         emitted = 0
         while count is None or emitted < count:
             instance = rng.choice(instances)
@@ -288,6 +331,7 @@ class _Counter:
 
 class _Instance:
     version: str
+    native_fields: bool = False
 
     def __init__(
         self,
