@@ -73,8 +73,6 @@ SELECT
                                                              AS failed_statements
 FROM das.activity_events
 WHERE session_id IS NOT NULL
-  -- SQL Server reports a failed login in session 0: no session (das.failed_logins has it)
-  AND NOT (record_version = '1.4' AND session_id = '0')
 GROUP BY das.engine(record_version, server_type), cluster_id, instance_id, session_id, pid;
 
 -- Failed logins: explicit failure commands (Aurora FAILED_CONNECT / AUTH FAILURE, SQL Server
