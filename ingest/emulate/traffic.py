@@ -26,6 +26,10 @@ Aurora MySQL (record version 1.2)
     says the opposite; we follow the data). AUX events are emitted before MAIN, after it, around
     it, or only after the instance's next statement, so they also land in the next record.
 
+RDS for Oracle (1.3) and RDS for SQL Server (1.4)
+    See :mod:`ingest.emulate.rds` (``engine="oracle"``, ``"sqlserver"``; ``"all"`` alternates the
+    four engines by instance).
+
 One record carries the events of one instance, as Aurora's do. Idle instances send
 heartbeat-only records (``{"type": "heartbeat", "logTime": ...}``) every ``heartbeat_every``
 records of that instance.
