@@ -55,8 +55,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--stream", required=True, help="Kinesis stream (aws-rds-das-<id>)")
     parser.add_argument(
         "--resource-id",
-        help="cluster resource id for the KMS encryption context and clusterId "
-        "(default: the stream name without aws-rds-das-)",
+        help="resource id for the KMS encryption context (cluster-... or, for an RDS instance, "
+        "db-...) and the Aurora engines' clusterId (default: the stream name without "
+        "aws-rds-das-)",
     )
     parser.add_argument(
         "--create-stream", action="store_true", help="create the stream if it does not exist"
