@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ingest.emulate.traffic import _Instance
+from ingest.emulate.instance import _Instance
 
 ORACLE_VERSION = "1.3"
 SQLSERVER_VERSION = "1.4"

@@ -59,15 +59,22 @@ Partition key
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 import string
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
+
+# The shared machinery, re-exported: tests and the producer know these names from here.
+from ingest.emulate.instance import INNER_TYPE as INNER_TYPE
+from ingest.emulate.instance import MARKER_PREFIX as MARKER_PREFIX
+from ingest.emulate.instance import InnerRecord as InnerRecord
+from ingest.emulate.instance import _Counter, _Instance
+from ingest.emulate.instance import format_time as format_time
+from ingest.emulate.instance import marker as marker
+from ingest.emulate.rds import OracleInstance, SqlServerInstance
 
 Engine = Literal["postgres", "mysql", "oracle", "sqlserver", "both", "all"]
 #: One engine, "both" (Aurora PostgreSQL and MySQL instances alternate) or "all" (the four
@@ -87,9 +94,6 @@ def min_instances(engine: Engine) -> int:
 
 PG_VERSIONS = ("1.0", "1.1")
 MYSQL_VERSION = "1.2"
-
-INNER_TYPE = "DatabaseActivityMonitoringRecord"
-MARKER_PREFIX = "das-emulator"
 
 #: The traffic starts at a fixed instant (plus a seeded offset) so a seed always means the same
 #: bytes; 2024-03-01 00:00:00 UTC.
@@ -111,42 +115,6 @@ class EventKey(NamedTuple):
     substatement_id: int | None
     class_: str
     log_time: str
-
-
-@dataclass(frozen=True, slots=True)
-class InnerRecord:
-    """The plaintext of one Kinesis record, before gzip and encryption."""
-
-    version: str
-    doc: dict[str, Any]
-    partition_key: str
-    record_events: int
-    heartbeats: int
-
-    @property
-    def instance_id(self) -> str:
-        return str(self.doc["instanceId"])
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = self.doc["databaseActivityEventList"]
-        return events
-
-
-def marker(seed: int, n: int) -> str:
-    """The SQL comment that tags statement ``n`` of the traffic generated with ``seed``."""
-    return f"/* {MARKER_PREFIX}:{seed}:{n} */"
-
-
-def format_time(epoch_us: int) -> str:
-    """Microseconds since the epoch as DAS writes times: '2019-05-24 00:39:49.940668+00'."""
-    seconds, micros = divmod(epoch_us, 1_000_000)
-    return f"{_format_seconds(seconds)}.{micros:06d}+00"
-
-
-@functools.lru_cache(maxsize=64)
-def _format_seconds(seconds: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
 
 def format_datetime(stamp: datetime) -> str:
@@ -258,8 +226,6 @@ class Traffic:
         rng = random.Random(f"traffic:{self.seed}")  # noqa: S311 - reproducible
         counter = _Counter()
         start_us = _BASE_EPOCH_US + rng.randrange(86_400) * 1_000_000
-        from ingest.emulate.rds import OracleInstance, SqlServerInstance  # they build on _Instance
-
         classes: dict[SingleEngine, type[_Instance]] = {
             "postgres": _PostgresInstance,
             "mysql": _MySqlInstance,
@@ -317,102 +283,6 @@ def hash_key(partition_key: str) -> int:
     """The 128-bit hash key Kinesis maps a partition key to (MD5, big-endian)."""
     digest = hashlib.md5(partition_key.encode(), usedforsecurity=False).digest()
     return int.from_bytes(digest, "big")
-
-
-class _Counter:
-    """Statement marker numbers, shared by all instances of one traffic."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def next(self) -> int:
-        self.value += 1
-        return self.value
-
-
-# --- shared instance machinery -----------------------------------------------------------------
-
-
-class _Instance:
-    version: str
-    native_fields: bool = False
-
-    def __init__(
-        self,
-        *,
-        cluster_id: str,
-        instance_id: str,
-        index: int,
-        rng: random.Random,
-        start_us: int,
-        seed: int,
-        counter: _Counter,
-        pg_version: str,
-        writer: bool,
-    ) -> None:
-        self.cluster_id = cluster_id
-        self.writer = writer
-        self.instance_id = instance_id
-        self.index = index
-        self.rng = rng
-        self.now_us = start_us
-        self.seed = seed
-        self.counter = counter
-        self.pg_version = pg_version
-        self.since_heartbeat = 0
-        self.buffer: list[dict[str, Any]] = []
-        # Events held back to be emitted after the instance's next statement (late AUX).
-        self.deferred: list[dict[str, Any]] = []
-
-    def tick(self, low: int = 1, high: int = 400) -> int:
-        """Advance the clock by low..high µs (low >= 1 keeps every logTime unique)."""
-        self.now_us += self.rng.randint(low, high)
-        return self.now_us
-
-    def marked(self, sql: str) -> str:
-        return f"{marker(self.seed, self.counter.next())} {sql}"
-
-    def take(self, n: int) -> list[dict[str, Any]]:
-        while len(self.buffer) < n:
-            group, late = self.next_group()
-            self.buffer.extend(group)
-            if self.deferred:
-                self.buffer.extend(self.deferred)
-                self.deferred = []
-            self.deferred.extend(late)
-        out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return out
-
-    def next_group(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The next events in emission order, and events to emit after the next group."""
-        raise NotImplementedError
-
-    def record(self, events: list[dict[str, Any]]) -> InnerRecord:
-        doc = {
-            "type": INNER_TYPE,
-            "clusterId": self.cluster_id,
-            "instanceId": self.instance_id,
-            "databaseActivityEventList": events,
-        }
-        return InnerRecord(self.version, doc, self.instance_id, len(events), 0)
-
-    def heartbeat_record(self) -> InnerRecord:
-        # An idle spell: nothing to report for a few seconds, then a sign of life.
-        self.tick(1_000_000, 5_000_000)
-        heartbeat = {"type": "heartbeat", "logTime": format_time(self.now_us)}
-        doc = {
-            "type": INNER_TYPE,
-            "clusterId": self.cluster_id,
-            "instanceId": self.instance_id,
-            "databaseActivityEventList": [heartbeat],
-        }
-        return InnerRecord(self.version, doc, self.instance_id, 0, 1)
-
-    def client_ip(self) -> str:
-        return f"10.{self.rng.randint(0, 3)}.{self.rng.randint(0, 255)}.{self.rng.randint(2, 254)}"
-
-    def port(self) -> str:
-        return str(self.rng.randint(1024, 65535))
 
 
 @dataclass(slots=True)
