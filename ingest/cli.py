@@ -11,8 +11,10 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ingest import __version__
+from ingest.exitcodes import EXIT_CODES
 
 #: Modules that contribute commands, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -26,13 +28,15 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ingest.commands.stack",
 )
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Decrypt Amazon Aurora Database Activity Streams and store every event exactly once in a
 PostgreSQL audit warehouse.
 
 AWS settings come from the standard sources (AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL_KINESIS,
 AWS_ENDPOINT_URL_KMS, instance roles, ...); the warehouse DSN from --dsn, DAS_DSN, or libpq's
 PG* variables.
+
+{EXIT_CODES}
 """
 
 
@@ -54,7 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(subparsers)
+    _name_commands(subparsers)
     return parser
+
+
+def _name_commands(subparsers: Any) -> None:
+    """Each command's parser records its name (``das-ingest dead-letters retry``), for errors."""
+    for command in subparsers.choices.values():
+        command.set_defaults(command_name=command.prog)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _name_commands(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
+        print("das-ingest: error: give a command (see above)", file=sys.stderr)
         return 2
     level: str | None = getattr(args, "log_level", None)
     if level is not None:
@@ -71,8 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ingest.logs import setup_logging
 
         setup_logging(level)
+    from ingest.errors import ConfigError
+    from ingest.exitcodes import USAGE
+
     try:
         return func(args)
+    except ConfigError as exc:
+        # Found after parsing (a bad combination, an unreadable value): one line, exit 2.
+        print(f"{getattr(args, 'command_name', 'das-ingest')}: error: {exc}", file=sys.stderr)
+        return USAGE
     except KeyboardInterrupt:
         return 130
 

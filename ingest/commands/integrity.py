@@ -112,6 +112,7 @@ def add_parser(subparsers: Any) -> None:
 def _verify(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
+    from ingest.exitcodes import UsageError
     from ingest.warehouse.retention import parse_keep
 
     since = None
@@ -119,7 +120,7 @@ def _verify(args: argparse.Namespace) -> int:
         try:
             since = datetime.fromisoformat(args.since.replace("Z", "+00:00"))
         except ValueError:
-            raise SystemExit(f"das-ingest verify: --since {args.since!r} is not ISO 8601") from None
+            raise UsageError(f"--since {args.since!r} is not ISO 8601") from None
         if since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
     keep = None
@@ -127,13 +128,13 @@ def _verify(args: argparse.Namespace) -> int:
         try:
             keep = parse_keep(args.retention_keep)
         except ValueError as exc:
-            raise SystemExit(f"das-ingest verify: --retention-keep: {exc}") from None
+            raise UsageError(f"--retention-keep: {exc}") from None
     seconds = args.max_unanchored_seconds
     if seconds is None:
         try:
             seconds = 2 * float(env_default("DAS_ANCHOR_SECONDS", "300"))
         except ValueError:
-            raise SystemExit("das-ingest verify: DAS_ANCHOR_SECONDS is not a number") from None
+            raise UsageError("DAS_ANCHOR_SECONDS is not a number") from None
     from ingest.runtime import run_async
 
     return run_async(_do_verify(args, since, keep, timedelta(seconds=seconds)))
@@ -215,8 +216,10 @@ def _print_report(report: Any) -> None:
 
 
 def _anchor(args: argparse.Namespace) -> int:
+    from ingest.exitcodes import UsageError
+
     if not args.key_id and not args.export:
-        raise SystemExit("das-ingest anchor: give --key-id (to anchor) and/or --export FILE")
+        raise UsageError("give --key-id (to anchor) and/or --export FILE")
     from ingest.runtime import run_async
 
     return run_async(_do_anchor(args))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 
 class EnvText(str):
@@ -39,6 +39,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
     Subcommand parsers are of the same class (``add_subparsers`` uses the parent's).
     """
+
+    def error(self, message: str) -> NoReturn:
+        """One line naming the cause (not argparse's usage block), exit 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
     def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
         variable = arg_string.variable if isinstance(arg_string, EnvText) else None

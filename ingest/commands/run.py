@@ -210,24 +210,25 @@ def initial_checkpoint(position: str, now: datetime | None = None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ingest.exitcodes import UsageError
     from ingest.logs import setup_logging
     from ingest.runtime import run_async
 
     setup_logging(args.log_level)
     if not args.stream and not args.cluster:
-        raise SystemExit("das-ingest run: give --stream NAME or --cluster ID (or $DAS_STREAM)")
+        raise UsageError("give --stream NAME or --cluster ID (or $DAS_STREAM)")
     try:
         args.initial_checkpoint = initial_checkpoint(args.initial_position)
     except ValueError as exc:
-        raise SystemExit(f"das-ingest run: {exc}") from None
+        raise UsageError(f"{exc}") from None
     if args.processes < 0:
-        raise SystemExit("das-ingest run: --processes must be 0 or more")
+        raise UsageError("--processes must be 0 or more")
     if args.db_pool_size < 2:
-        raise SystemExit("das-ingest run: --db-pool-size must be at least 2")
+        raise UsageError("--db-pool-size must be at least 2")
     if args.lease_seconds <= 0 or args.shutdown_deadline < 0:
-        raise SystemExit("das-ingest run: --lease-seconds must be > 0, --shutdown-deadline >= 0")
+        raise UsageError("--lease-seconds must be > 0, --shutdown-deadline >= 0")
     if args.db_command_timeout < 0 or args.unready_after <= 0:
-        raise SystemExit("das-ingest run: --db-command-timeout must be >= 0, --unready-after > 0")
+        raise UsageError("--db-command-timeout must be >= 0, --unready-after > 0")
     from ingest.consumer.service import serve
 
     return run_async(serve(args))

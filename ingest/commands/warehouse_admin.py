@@ -68,12 +68,13 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _retention(args: argparse.Namespace) -> int:
+    from ingest.exitcodes import UsageError
     from ingest.warehouse.retention import parse_keep
 
     try:
         keep = parse_keep(args.keep)
     except ValueError as exc:
-        raise SystemExit(f"das-ingest retention: {exc}") from None
+        raise UsageError(str(exc)) from None
     return _run(_do_retention(args, keep))
 
 

@@ -79,8 +79,15 @@ async def connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
         raise ConfigError(f"the warehouse refused the login ({redact(dsn)}): {exc}") from None
     except asyncpg.InvalidCatalogNameError as exc:
         raise ConfigError(f"the warehouse database does not exist ({redact(dsn)}): {exc}") from None
+    except asyncpg.InvalidPasswordError as exc:
+        raise ConfigError(f"the warehouse refused the password ({redact(dsn)}): {exc}") from None
+    except (asyncpg.ClientConfigurationError, ValueError) as exc:
+        # asyncpg's DSN parser: a wrong scheme, a port that is not a number, an unknown option.
+        raise ConfigError(f"invalid warehouse DSN {redact(dsn)}: {exc}") from None
     except (TimeoutError, OSError) as exc:
-        raise ConfigError(f"cannot reach the warehouse at {redact(dsn)}: {exc}") from None
+        raise WarehouseUnavailableError(
+            f"cannot reach the warehouse at {redact(dsn)}: {exc}"
+        ) from None
 
 
 #: TCP keepalive probing of our warehouse connections: a server that vanished without a FIN or
