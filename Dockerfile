@@ -46,8 +46,9 @@ USER 10001:10001
 # /metrics, /healthz and /readyz when `run` is given --metrics-port (9108 by convention).
 EXPOSE 9108
 # GET /healthz on the --metrics-port of `das-ingest run` (or $DAS_METRICS_PORT); passes for
-# commands without a health endpoint (migrate, emulate, a run without a metrics port). The start
-# period covers startup: the endpoint comes up after the warehouse and the stream were checked.
+# commands without a health endpoint (migrate, emulate, a run without a metrics port). `run`
+# serves it first, before it reaches the warehouse (which it retries while unreachable), so the
+# start period only covers the interpreter's start.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python3", "-I", "/usr/local/lib/das-ingest/healthcheck.py"]
 ENTRYPOINT ["das-ingest"]

@@ -119,8 +119,12 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def kubernetes_object(kind: str) -> dict[str, Any]:
-    matches = [d for d in load_yaml_documents(KUBERNETES) if d.get("kind") == kind]
+def kubernetes_object(kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [
+        d
+        for d in load_yaml_documents(KUBERNETES)
+        if d.get("kind") == kind and name in (None, d["metadata"]["name"])
+    ]
     assert len(matches) == 1, f"expected one {kind} in {KUBERNETES}, found {len(matches)}"
     return matches[0]
 
@@ -456,7 +460,7 @@ def test_kubernetes_fleet() -> None:
     assert container["resources"]["requests"]["cpu"] == "2"
     assert pod["securityContext"]["runAsNonRoot"] is True
 
-    account = kubernetes_object("ServiceAccount")
+    account = kubernetes_object("ServiceAccount", "das-ingest")
     assert pod["serviceAccountName"] == account["metadata"]["name"]
     assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith(
         "arn:aws:iam::"
@@ -715,6 +719,15 @@ def exported_metrics() -> Exported:
         names = frozenset(value._labelnames)
         for suffix in suffixes[str(value._type)]:
             labels[value._name + suffix] = names | ({"le"} if suffix == "_bucket" else set())
+    # The standard process collectors' samples (process_*, python_info), without labels.
+    standard = {
+        s.name: frozenset(s.labels)
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name.startswith(("process_", "python_"))
+    }
+    assert "process_resident_memory_bytes" in standard
+    labels.update(standard)
     registered = {s.name for family in metrics.registry.collect() for s in family.samples}
     assert registered <= set(labels), "every unlabelled sample is known"
     return Exported(frozenset(labels), labels)
@@ -734,7 +747,7 @@ def prometheus_queries() -> list[str]:
         target["expr"]
         for panel in dashboard_panels()
         for target in panel.get("targets", [])
-        if target.get("datasource", panel.get("datasource", {})).get("uid") == "prometheus"
+        if target.get("datasource", panel.get("datasource", {})).get("uid") == "${datasource}"
     ]
 
 
@@ -747,7 +760,7 @@ def sql_queries() -> list[str]:
     ]
 
 
-_METRIC = re.compile(r"\b(das_[a-z_]+)\b")
+_METRIC = re.compile(r"\b((?:das|process|python)_[a-z_]+)\b")
 _GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 _MATCHER = re.compile(r"\{([^}]*)\}")
 
@@ -772,7 +785,7 @@ def test_dashboard_queries_only_what_the_ingester_exports() -> None:
     assert {
         "das_events_ingested_total",
         "das_records_ingested_total",
-        "das_shard_lag_milliseconds",
+        "das_shard_lag_seconds",
         "das_kms_cache_hits_total",
         "das_kms_calls_total",
         "das_dead_letters_total",
@@ -860,12 +873,25 @@ def test_dashboard_is_wired_to_the_provisioned_sources(services: dict[str, dict[
     panels = dashboard_panels()
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
-    provisioned = {d["uid"] for d in load_yaml(DATASOURCES)["datasources"]}
+    provisioned = {d["uid"]: d["type"] for d in load_yaml(DATASOURCES)["datasources"]}
+    # No uid is hard-coded: panels name a datasource variable, whose default is the provisioned
+    # source (an import into another Grafana picks its own), and per-stream panels the stream.
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    for name in ("datasource", "warehouse"):
+        variable = variables[name]
+        assert variable["type"] == "datasource"
+        assert provisioned[variable["current"]["value"]] == variable["query"], name
+    assert variables["stream"]["includeAll"] is True
     for panel in panels:
         if panel["type"] == "row":
             continue
-        assert panel["datasource"]["uid"] in provisioned, panel["title"]
+        assert panel["datasource"]["uid"] in {"${datasource}", "${warehouse}"}, panel["title"]
         assert panel["targets"], panel["title"]
+    for expr in prometheus_queries():
+        if re.search(
+            r"das_(shard_lag_seconds|batches_committed|stream_shards|verify_|chain_un)", expr
+        ):
+            assert 'stream=~"$stream"' in expr, expr
     # Prometheus scrapes the compose service on the ingester's metrics port, as job das-ingest.
     (job,) = load_yaml(PROMETHEUS)["scrape_configs"]
     assert job["job_name"] == "das-ingest"

@@ -168,6 +168,8 @@ async def _do_verify(
                 max_unanchored_age=max_unanchored,
                 retention_keep=keep,
             )
+        if not args.shards:
+            await _record_run(conn, args.stream, report)
     finally:
         await conn.close()
     if args.json:
@@ -175,6 +177,24 @@ async def _do_verify(
     else:
         _print_report(report)
     return report.exit_code
+
+
+async def _record_run(conn: Any, stream: str | None, report: Any) -> None:
+    """Record the outcome in das.verify_runs, which the workers export as metrics (alerts on
+    a verify that found something or stopped running). A role that may not is warned about."""
+    import asyncpg
+
+    try:
+        await conn.execute(
+            "SELECT das.record_verify_run($1, $2::smallint, $3, $4, $5)",
+            stream,
+            report.exit_code,
+            len(report.findings),
+            report.links,
+            report.events,
+        )
+    except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedFunctionError) as exc:
+        print(f"das-ingest verify: the outcome was not recorded: {exc}", file=sys.stderr)
 
 
 def _print_report(report: Any) -> None:

@@ -23,6 +23,7 @@ from ingest.kms import resource_id_from_stream
 from ingest.metrics import Metrics
 from ingest.retry import Backoff
 from ingest.warehouse.db import WarehouseUnavailableError, create_pool, redact, resolve_dsn
+from ingest.warehouse.gauges import WarehouseGauges
 from ingest.warehouse.migrate import require_current_schema
 from ingest.warehouse.sink import init_connection
 
@@ -119,7 +120,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     decryptor_for(settings.shard.decoder)
     dsn = resolve_dsn(args.dsn)
-    metrics = Metrics()
+    metrics = Metrics(stream)
     startup = _Startup(settings.lease_seconds)
     _install_signals(startup)
     health: HealthServer | None = None
@@ -147,6 +148,8 @@ async def serve(args: argparse.Namespace) -> int:
         )
         if db is None:
             return 0
+        if health is not None:
+            health.before_scrape = WarehouseGauges(db, metrics).refresh
         try:
             async with db.acquire() as conn:
                 await require_current_schema(conn)

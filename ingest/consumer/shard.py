@@ -264,7 +264,7 @@ class ShardConsumer:
     def _note_progress(self, page: RecordsPage) -> None:
         self.status.lag_ms = page.millis_behind_latest
         if page.millis_behind_latest is not None:
-            self._metrics.lag_ms.labels(self.shard_id).set(page.millis_behind_latest)
+            self._metrics.observe_lag(self.shard_id, page.millis_behind_latest)
         caught_up = not page.records and (page.millis_behind_latest or 0) == 0
         if caught_up and page.next_iterator is not None:
             if self.status.idle_since is None:
@@ -351,7 +351,7 @@ class ShardConsumer:
             self._metrics.events.inc(output.event_count)
             self._metrics.heartbeats.inc(len(output.heartbeats))
         self._metrics.records.inc(len(chunk.records))
-        self._metrics.batches.labels(self.shard_id).inc()
+        self._metrics.count_batch(self.shard_id)
         for letter in chunk.letters:
             self._metrics.dead_letters.labels(letter.stage).inc()
             _log_dead_letter(self.shard_id, letter)
