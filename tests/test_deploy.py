@@ -313,6 +313,26 @@ def test_the_image_entrypoint_is_the_cli_that_was_parsed() -> None:
     allowed = (ROOT / ".dockerignore").read_text().splitlines()
     for needed in ("!ingest/", "!migrations/", "!deploy/docker/healthcheck.py", "!README.md"):
         assert needed in allowed
+    assert "!LICENSE" in allowed
+    assert re.search(r"^COPY LICENSE /usr/share/doc/das-ingest/LICENSE$", text, re.MULTILINE)
+
+
+def test_the_image_carries_oci_labels_for_source_version_and_revision() -> None:
+    text = DOCKERFILE.read_text()
+    runtime = text[text.rindex("\nFROM ") :]  # labels of the final stage are the image's
+    labels = dict(re.findall(r"org\.opencontainers\.image\.([a-z]+)=\"([^\"]*)\"", runtime))
+    assert labels["source"] == "${SOURCE}"
+    assert labels["version"] == "${VERSION}"
+    assert labels["revision"] == "${REVISION}"
+    assert labels["licenses"] == "Apache-2.0"
+    defaults = dict(re.findall(r"^ARG ([A-Z]+)=(\S+)$", runtime, re.MULTILINE))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert defaults["VERSION"] == project["version"]
+    assert project["license"] == "Apache-2.0"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text
+    assert "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
 
 
 def test_least_privilege_roles_in_the_compose_setup(services: dict[str, dict[str, Any]]) -> None:
