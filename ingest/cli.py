@@ -89,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ingest.errors import ConfigError
     from ingest.exitcodes import USAGE
 
+    if hasattr(args, "dsn_secret"):
+        from ingest.warehouse.auth import configure
+
+        configure(args.dsn_secret, args.iam_auth)
     try:
         return func(args)
     except ConfigError as exc:

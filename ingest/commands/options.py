@@ -84,6 +84,25 @@ def add_dsn_argument(parser: argparse.ArgumentParser) -> None:
         help="warehouse DSN, e.g. postgresql://user@host/db (default: libpq's PG* variables); "
         "passwords are better kept in PGPASSWORD or ~/.pgpass [DAS_DSN]",
     )
+    parser.add_argument(
+        "--dsn-secret",
+        default=env_default("DAS_DSN_SECRET"),
+        metavar="ARN",
+        help="read the warehouse DSN from this AWS Secrets Manager secret: a DSN, or the JSON "
+        "of an RDS secret (host, port, username, password, dbname) [DAS_DSN_SECRET]",
+    )
+    parser.add_argument(
+        "--iam-auth",
+        action="store_true",
+        default=env_flag("DAS_IAM_AUTH"),
+        help="log in with RDS IAM database authentication: a token from the standard AWS "
+        "credentials, renewed before it expires, over sslmode=verify-full [DAS_IAM_AUTH]",
+    )
+
+
+def env_flag(name: str) -> bool:
+    """A boolean option's default from ``$name``: 1, true, yes or on (any case) are true."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def add_log_argument(parser: argparse.ArgumentParser) -> None:

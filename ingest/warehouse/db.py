@@ -72,7 +72,9 @@ def is_transient(exc: BaseException) -> bool:
 
 
 async def connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
-    """One connection, with configuration problems turned into a clear ConfigError."""
+    """One connection, with configuration problems turned into a clear ConfigError (the
+    login from Secrets Manager or IAM authentication when so configured: see auth.py)."""
+    dsn, kwargs = await _with_auth(dsn, kwargs)
     try:
         return await asyncpg.connect(dsn, **kwargs)
     except asyncpg.InvalidAuthorizationSpecificationError as exc:
@@ -88,6 +90,16 @@ async def connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
         raise WarehouseUnavailableError(
             f"cannot reach the warehouse at {redact(dsn)}: {exc}"
         ) from None
+
+
+async def _with_auth(dsn: str | None, kwargs: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    from ingest.warehouse.auth import SecretUnavailableError, connect_args
+
+    try:
+        dsn, extra = await connect_args(dsn)
+    except SecretUnavailableError as exc:
+        raise WarehouseUnavailableError(str(exc)) from None
+    return dsn, {**extra, **kwargs}
 
 
 #: TCP keepalive probing of our warehouse connections: a server that vanished without a FIN or
@@ -136,6 +148,7 @@ async def create_pool(
         if init is not None:
             await init(conn)
 
+    dsn, kwargs = await _with_auth(dsn, kwargs)
     if command_timeout is not None:
         kwargs.setdefault("timeout", command_timeout)  # asyncpg's connect timeout (default 60 s)
     try:
