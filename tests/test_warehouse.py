@@ -483,6 +483,27 @@ async def test_rebuild_statements_equals_the_incremental_merge(pg_dsn: str) -> N
             rebuilt_rows = await rebuild_statements(conn)
         assert rebuilt_rows == len(incremental)
         assert await statements_table(pool) == incremental
+        # In batches as small as 3 events (statements cut across batches) it is the same, and
+        # a stale row no event backs is gone.
+        await pool.execute(
+            "INSERT INTO das.statements (cluster_id, instance_id, pid, session_id, statement_id, "
+            "has_main, aux) VALUES ('stale', 'x', 1, 1, 1, false, '[]')"
+        )
+        steps: list[tuple[str, int, int | None]] = []
+        async with pool.acquire() as conn:
+            rebuilt_rows = await rebuild_statements(
+                conn, batch=3, progress=lambda *step: steps.append(step)
+            )
+        assert rebuilt_rows == len(incremental)
+        assert await statements_table(pool) == incremental
+        merged = [done for phase, done, _ in steps if phase == "merged"]
+        statement_events = len(incremental) and sum(merged)
+        assert len(merged) > len(by_shard)  # more than one batch per shard
+        assert statement_events == await pool.fetchval(
+            "SELECT count(*) FROM das.activity_events "
+            "WHERE das.is_statement_event(class, command, statement_id)"
+        )
+        assert sum(done for phase, done, _ in steps if phase == "emptied") == len(incremental) + 1
 
         for shard in by_shard:  # merging a range again changes nothing
             await pool.execute("SELECT das.merge_statements($1, $2, 0, 1e40)", STREAM, shard)

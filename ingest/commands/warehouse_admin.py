@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from ingest.commands.decrypt import add_decryptor_arguments
-from ingest.commands.options import add_dsn_argument, add_log_argument
+from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
 
 
 def add_parser(subparsers: Any) -> None:
@@ -60,7 +60,16 @@ def add_parser(subparsers: Any) -> None:
         "rebuild-statements",
         help="recompute das.statements (MySQL MAIN/AUX) from the stored events",
         description="das.statements is derived from das.activity_events; this recomputes it "
-        "in one transaction (for example after restoring events from a backup).",
+        "(for example after restoring events from a backup) in batches, each its own short "
+        "transaction, so it runs beside live workers without stalling them. While it runs, "
+        "das.statements is incomplete.",
+    )
+    rebuild.add_argument(
+        "--batch-events",
+        type=int,
+        default=env_default("DAS_BATCH_EVENTS", 10_000),
+        metavar="N",
+        help="events merged (and rows emptied) per transaction (default: 10000) [DAS_BATCH_EVENTS]",
     )
     add_dsn_argument(rebuild)
     add_log_argument(rebuild)
@@ -180,18 +189,36 @@ async def _do_retry(args: argparse.Namespace) -> int:
 
 
 def _rebuild(args: argparse.Namespace) -> int:
+    from ingest.exitcodes import UsageError
+
+    if args.batch_events < 1:
+        raise UsageError("--batch-events must be at least 1")
     return _run(_do_rebuild(args))
 
 
 async def _do_rebuild(args: argparse.Namespace) -> int:
+    from ingest.progress import Progress
     from ingest.warehouse.db import connect, resolve_dsn
     from ingest.warehouse.statements import rebuild_statements
 
     conn = await connect(resolve_dsn(args.dsn))
+    bars: dict[str, Progress] = {}
+
+    def progress(phase: str, done: int, total: int | None) -> None:
+        if phase == "merged" and "emptied" in bars:
+            bars.pop("emptied").close()
+        bar = bars.get(phase)
+        if bar is None:
+            label = "rows deleted" if phase == "emptied" else "events merged"
+            bar = bars[phase] = Progress(f"rebuild-statements: {label}", total=total, unit="")
+        bar.update(done)
+
     try:
-        rows = await rebuild_statements(conn)
+        rows = await rebuild_statements(conn, batch=args.batch_events, progress=progress)
     finally:
         await conn.close()
+    for bar in bars.values():
+        bar.close()
     print(f"das.statements rebuilt: {rows} statements")
     return 0
 
