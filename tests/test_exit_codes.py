@@ -28,7 +28,7 @@ CLEAN_ENV = dict.fromkeys(
 USAGE_ERRORS: list[tuple[list[str], dict[str, str], str]] = [
     ([], {}, "give a command"),
     (["no-such-command"], {}, "invalid choice"),
-    (["run"], {}, "give --stream NAME or --cluster ID"),
+    (["run"], {}, "give --stream NAME, --cluster ID or --instance ID"),
     (["run", "--stream", "s", "--processes", "-1"], {}, "--processes must be 0 or more"),
     (["run", "--stream", "s", "--processes", "x"], {}, "--processes: invalid int value"),
     (["run", "--stream", "s"], {"DAS_PROCESSES": "abc"}, "$DAS_PROCESSES"),
