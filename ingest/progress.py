@@ -44,6 +44,13 @@ class Progress:
                 dynamic_ncols=True,
             )
 
+    def set_total(self, total: int) -> None:
+        """The amount of work, once known."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def update(self, n: int = 1) -> None:
         self.done += n
         if self._bar is not None:

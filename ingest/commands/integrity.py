@@ -150,12 +150,14 @@ async def _do_verify(
     from ingest.aws import aws_client
     from ingest.integrity.anchor import read_exported_anchors
     from ingest.integrity.verify import verify_warehouse
+    from ingest.progress import Progress
     from ingest.warehouse.db import connect, resolve_dsn
 
     exported = read_exported_anchors(args.anchors) if args.anchors else None
     conn = await connect(resolve_dsn(args.dsn))
     try:
         async with contextlib.AsyncExitStack() as stack:
+            progress = stack.enter_context(Progress("verify: chains checked", unit="chains"))
             kms = None if args.no_anchors else await stack.enter_async_context(aws_client("kms"))
             report = await verify_warehouse(
                 conn,
@@ -167,6 +169,7 @@ async def _do_verify(
                 exported_anchors=exported,
                 max_unanchored_age=max_unanchored,
                 retention_keep=keep,
+                progress=progress,
             )
         if not args.shards:
             await _record_run(conn, args.stream, report)

@@ -88,12 +88,14 @@ def _retention(args: argparse.Namespace) -> int:
 
 
 async def _do_retention(args: argparse.Namespace, keep: Any) -> int:
+    from ingest.progress import Progress
     from ingest.warehouse.db import connect, resolve_dsn
     from ingest.warehouse.retention import apply_retention
 
     conn = await connect(resolve_dsn(args.dsn))
     try:
-        actions = await apply_retention(conn, keep, dry_run=args.dry_run)
+        with Progress("retention: partitions", unit="partitions") as progress:
+            actions = await apply_retention(conn, keep, dry_run=args.dry_run, progress=progress)
     finally:
         await conn.close()
     verb = "would drop" if args.dry_run else "dropped"
@@ -144,6 +146,7 @@ async def _do_retry(args: argparse.Namespace) -> int:
     from ingest.aws import aws_client
     from ingest.decode.batch import DecoderConfig, decryptor_for
     from ingest.kms import DataKeyCache
+    from ingest.progress import Progress
     from ingest.warehouse.db import connect, resolve_dsn
     from ingest.warehouse.deadletters import redrive
 
@@ -170,14 +173,16 @@ async def _do_retry(args: argparse.Namespace) -> int:
                 )
                 return 1
         async with aws_client("kms") as kms:
-            report = await redrive(
-                conn,
-                args.ids,
-                DataKeyCache(kms),
-                decoder=decoder,
-                resource_id=args.resource_id,
-                stage=None if args.all else args.stage,
-            )
+            with Progress("dead-letters retry", unit="dead letters") as progress:
+                report = await redrive(
+                    conn,
+                    args.ids,
+                    DataKeyCache(kms),
+                    decoder=decoder,
+                    resource_id=args.resource_id,
+                    stage=None if args.all else args.stage,
+                    progress=progress,
+                )
     finally:
         await conn.close()
     for letter_id in report.stored:

@@ -8,7 +8,7 @@ schema owner (the ingest role cannot delete dead letters).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -19,6 +19,7 @@ from ingest.errors import DecodeError
 from ingest.integrity.canonical import DayDigests
 from ingest.integrity.chain import extend_chain
 from ingest.kms import DataKeyCache, encryption_context, resource_id_from_stream
+from ingest.progress import Progress
 from ingest.warehouse.db import Conn
 from ingest.warehouse.sink import (
     CopyUnit,
@@ -82,6 +83,14 @@ class RedriveReport:
     events: int = 0
 
 
+def _counted(ids: Sequence[int], progress: Progress | None) -> Iterator[int]:
+    """``ids``, each counted once the loop body for it is done (``continue`` included)."""
+    for letter_id in ids:
+        yield letter_id
+        if progress is not None:
+            progress.update()
+
+
 async def redrive(
     conn: Conn,
     ids: Sequence[int] | None,
@@ -90,8 +99,10 @@ async def redrive(
     decoder: DecoderConfig,
     resource_id: str | None = None,
     stage: str | None = None,
+    progress: Progress | None = None,
 ) -> RedriveReport:
-    """Re-drive the dead letters ``ids`` (all, or those of ``stage``, when None)."""
+    """Re-drive the dead letters ``ids`` (all, or those of ``stage``, when None);
+    ``progress`` counts them."""
     await init_connection(conn)
     if ids is None:
         ids = [
@@ -102,7 +113,9 @@ async def redrive(
             )
         ]
     report = RedriveReport()
-    for letter_id in ids:
+    if progress is not None:
+        progress.set_total(len(ids))
+    for letter_id in _counted(ids, progress):
         row = await conn.fetchrow(
             "SELECT stream_name, shard_id, sequence_number::text AS seq, raw "
             "FROM das.dead_letters WHERE id = $1",
