@@ -48,7 +48,7 @@ def test_a_bar_on_a_terminal() -> None:
 async def test_commands_report_progress_on_stderr_only(pg_dsn: str) -> None:
     await migrated(pg_dsn)
     env = {"DAS_DSN": pg_dsn}
-    retention = await das_ingest("retention", "--keep", "30d", "--dry-run", env=env)
+    retention = await das_ingest("retention", "--retention-keep", "30d", "--dry-run", env=env)
     assert retention.returncode == 0, retention.stderr
     assert "retention: partitions: 1/1 partitions (done" in retention.stderr
     assert "retention" not in retention.stdout.replace("retention period", "")

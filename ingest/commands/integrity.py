@@ -7,7 +7,12 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
+from ingest.commands.options import (
+    add_dsn_argument,
+    add_hidden_alias,
+    add_log_argument,
+    env_default,
+)
 
 VERIFY_EPILOG = """\
 verify recomputes every event's digest from the stored rows (trusting no function or digest
@@ -38,7 +43,9 @@ def add_parser(subparsers: Any) -> None:
         epilog=VERIFY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verify.add_argument("--stream", default=env_default("DAS_STREAM"), help="only this stream")
+    verify.add_argument(
+        "--stream", default=env_default("DAS_STREAM"), help="only this stream [DAS_STREAM]"
+    )
     verify.add_argument(
         "--shard", action="append", dest="shards", metavar="SHARD", help="only this shard (repeat)"
     )
@@ -64,10 +71,10 @@ def add_parser(subparsers: Any) -> None:
     verify.add_argument(
         "--max-unanchored-seconds",
         type=float,
-        default=None,
-        metavar="S",
+        default=env_default("DAS_MAX_UNANCHORED_SECONDS"),
+        metavar="SECONDS",
         help="with --anchor-key-id: an unanchored tail older than this is a finding "
-        "(default: twice DAS_ANCHOR_SECONDS, i.e. 600)",
+        "(default: twice $DAS_ANCHOR_SECONDS, i.e. 600) [DAS_MAX_UNANCHORED_SECONDS]",
     )
     verify.add_argument(
         "--anchors",
@@ -96,11 +103,16 @@ def add_parser(subparsers: Any) -> None:
         "JSON lines, for safekeeping outside the warehouse.",
     )
     anchor.add_argument(
-        "--key-id",
+        "--anchor-key-id",
+        dest="key_id",
         default=env_default("DAS_ANCHOR_KEY_ID"),
+        metavar="KEY",
         help="KMS key id, ARN or alias to anchor with [DAS_ANCHOR_KEY_ID]",
     )
-    anchor.add_argument("--stream", default=env_default("DAS_STREAM"), help="only this stream")
+    add_hidden_alias(anchor, "--key-id", dest="key_id")
+    anchor.add_argument(
+        "--stream", default=env_default("DAS_STREAM"), help="only this stream [DAS_STREAM]"
+    )
     anchor.add_argument(
         "--export", metavar="FILE", help="write every anchor as JSON lines to FILE ('-': stdout)"
     )
@@ -242,7 +254,7 @@ def _anchor(args: argparse.Namespace) -> int:
     from ingest.exitcodes import UsageError
 
     if not args.key_id and not args.export:
-        raise UsageError("give --key-id (to anchor) and/or --export FILE")
+        raise UsageError("give --anchor-key-id (to anchor) and/or --export FILE")
     from ingest.runtime import run_async
 
     return run_async(_do_anchor(args))

@@ -77,10 +77,16 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
+def add_hidden_alias(parser: Any, old: str, *, dest: str, **kwargs: Any) -> None:
+    """``old``, a former spelling of an option, still accepted but not shown in ``--help``
+    (the new spelling's default applies when neither is given)."""
+    parser.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
 def add_dsn_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dsn",
-        default=None,
+        default=env_default("DAS_DSN"),
         help="warehouse DSN, e.g. postgresql://user@host/db (default: libpq's PG* variables); "
         "passwords are better kept in PGPASSWORD or ~/.pgpass [DAS_DSN]",
     )

@@ -10,7 +10,12 @@ import sys
 from typing import Any
 
 from ingest.commands.decrypt import add_decryptor_arguments
-from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
+from ingest.commands.options import (
+    add_dsn_argument,
+    add_hidden_alias,
+    add_log_argument,
+    env_default,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -21,7 +26,14 @@ def add_parser(subparsers: Any) -> None:
         "old rows of the default partition. Every drop is recorded in das.retention_log, so "
         "rows that left by retention can be told from rows that vanished.",
     )
-    retention.add_argument("--keep", required=True, help="retention period: 90d, 12w or 36h")
+    retention.add_argument(
+        "--retention-keep",
+        dest="keep",
+        default=env_default("DAS_RETENTION_KEEP"),
+        metavar="PERIOD",
+        help="retention period: 90d, 12w or 36h (required) [DAS_RETENTION_KEEP]",
+    )
+    add_hidden_alias(retention, "--keep", dest="keep")
     retention.add_argument("--dry-run", action="store_true", help="show what would be dropped")
     add_dsn_argument(retention)
     add_log_argument(retention)
@@ -38,7 +50,7 @@ def add_parser(subparsers: Any) -> None:
     actions = dead.add_subparsers(title="actions", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="list dead letters")
     listing.add_argument("--stage", help="only this stage (json, kms, decrypt, ...)")
-    listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (default: 100)")
     listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     add_dsn_argument(listing)
     add_log_argument(listing)
@@ -49,7 +61,9 @@ def add_parser(subparsers: Any) -> None:
     which.add_argument("--stage", help="every dead letter of this stage")
     which.add_argument("--all", action="store_true", help="every dead letter")
     retry.add_argument(
-        "--resource-id", help="encryption context resource id (default: from the stream name)"
+        "--resource-id",
+        default=env_default("DAS_RESOURCE_ID"),
+        help="encryption context resource id (default: from the stream name) [DAS_RESOURCE_ID]",
     )
     add_decryptor_arguments(retry)
     add_dsn_argument(retry)
@@ -80,6 +94,8 @@ def _retention(args: argparse.Namespace) -> int:
     from ingest.exitcodes import UsageError
     from ingest.warehouse.retention import parse_keep
 
+    if args.keep is None:
+        raise UsageError("give --retention-keep PERIOD (or $DAS_RETENTION_KEEP)")
     try:
         keep = parse_keep(args.keep)
     except ValueError as exc:
