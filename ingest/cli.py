@@ -2,30 +2,33 @@
 
 Each command lives in its own module that exposes ``add_parser(subparsers)``; the parser sets
 ``func`` to a callable taking the parsed ``argparse.Namespace`` and returning an exit code.
-Command modules import their heavy dependencies inside ``func`` so ``--help`` stays quick.
+The command modules are imported here, statically, so readers and tools can follow them; each
+imports its heavy dependencies (asyncio, the AWS SDK, asyncpg, the consumer) inside ``func``,
+so ``--help`` stays quick.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ingest import __version__
+from ingest.commands import decrypt, integrity, migrate, run, status, warehouse_admin
+from ingest.commands.options import ArgumentParser, add_log_argument
+from ingest.emulate import cli as emulate
 from ingest.exitcodes import EXIT_CODES
 
-#: Modules that contribute commands, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = (
-    "ingest.commands.run",
-    "ingest.commands.status",
-    "ingest.commands.migrate",
-    "ingest.commands.decrypt",
-    "ingest.commands.warehouse_admin",
-    "ingest.commands.integrity",
-    "ingest.emulate.cli",
-    "ingest.commands.stack",
+#: What adds each command to the parser, in the order ``--help`` lists them.
+COMMANDS: tuple[Callable[[Any], None], ...] = (
+    run.add_parser,
+    status.add_parser,
+    migrate.add_parser,
+    decrypt.add_parser,
+    warehouse_admin.add_parser,
+    integrity.add_parser,
+    emulate.add_parser,
 )
 
 DESCRIPTION = f"""\
@@ -41,23 +44,16 @@ PG* variables.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ingest.commands.options import ArgumentParser
-
     parser = ArgumentParser(
         prog="das-ingest",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"das-ingest {__version__}")
+    add_log_argument(parser, top_level=True)
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.add_parser(subparsers)
+    for add_parser in COMMANDS:
+        add_parser(subparsers)
     _name_commands(subparsers)
     return parser
 
@@ -71,6 +67,14 @@ def _name_commands(subparsers: Any) -> None:
                 _name_commands(action)
 
 
+def log_settings(args: argparse.Namespace) -> tuple[str, str]:
+    """(level, format): given after the command, else before it, else from DAS_LOG_LEVEL and
+    DAS_LOG_FORMAT (which the command's parser read), else info and auto."""
+    level = getattr(args, "log_level", None) or getattr(args, "global_log_level", None)
+    fmt = getattr(args, "log_format", None) or getattr(args, "global_log_format", None)
+    return str(level or "info"), str(fmt or "auto")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -79,13 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         print("das-ingest: error: give a command (see above)", file=sys.stderr)
         return 2
-    level: str | None = getattr(args, "log_level", None)
-    if level is not None:
-        # Every command logs through the JSON formatter and its allow-list of fields; without
-        # this, Python's last-resort handler would print library warnings verbatim.
-        from ingest.logs import setup_logging
+    # Given after the command, else before it, else the variable (read by the command's
+    # parser), else the default. Every command logs through our formatters and their
+    # allow-list of fields; without this, Python's last-resort handler would print library
+    # warnings verbatim.
+    args.log_level, args.log_format = log_settings(args)
+    from ingest.logs import setup_logging
 
-        setup_logging(level)
+    setup_logging(args.log_level, args.log_format)
     from ingest.errors import ConfigError
     from ingest.exitcodes import USAGE
 

@@ -4,6 +4,7 @@ really reads it, defaults are written one way, and former spellings still work u
 from __future__ import annotations
 
 import argparse
+import io
 import re
 from collections.abc import Iterator
 
@@ -79,7 +80,9 @@ def cases() -> list[tuple[str, str, str]]:
     found = []
     for command, action in options():
         match = re.search(r"\[(DAS_[A-Z_]+)\]$", action.help or "")
-        if match:
+        # Before the command, --log-level and --log-format fall back to the command's
+        # variables (see test_log_options_before_or_after_the_command).
+        if match and command:
             found.append((command, action.option_strings[-1], match[1]))
     return found
 
@@ -133,3 +136,67 @@ def test_former_spellings_still_work_but_are_not_shown(
     shown = capsys.readouterr().out
     assert new in shown
     assert f"{argv[-2]} " not in shown.replace(new, "")
+
+
+# -- logging options, before or after the command -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (["status"], {}, ("info", "auto")),
+        (["--log-level", "debug", "--log-format", "json", "status"], {}, ("debug", "json")),
+        (["status", "--log-level", "warning", "--log-format", "text"], {}, ("warning", "text")),
+        (["--log-level", "debug", "status", "--log-level", "error"], {}, ("error", "auto")),
+        (["status"], {"DAS_LOG_LEVEL": "debug", "DAS_LOG_FORMAT": "text"}, ("debug", "text")),
+        (["--log-format", "json", "status"], {"DAS_LOG_FORMAT": "text"}, ("info", "text")),
+    ],
+)
+def test_log_options_before_or_after_the_command(
+    argv: list[str], env: dict[str, str], expected: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ingest.cli import log_settings
+
+    for name in ("DAS_LOG_LEVEL", "DAS_LOG_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert log_settings(build_parser().parse_args(argv)) == expected
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_text_for_people_json_for_machines() -> None:
+    import logging
+
+    from ingest.logs import setup_logging
+
+    for stream, fmt, json_expected in [
+        (io.StringIO(), "auto", True),
+        (_Terminal(), "auto", False),
+        (io.StringIO(), "text", False),
+        (_Terminal(), "json", True),
+    ]:
+        setup_logging("info", fmt, stream=stream)
+        logging.getLogger("das.test").info("lease taken", extra={"shard": "shardId-1", "sql": "x"})
+        line = stream.getvalue().strip()
+        assert line.startswith("{") is json_expected, (fmt, line)
+        assert "shardId-1" in line
+        assert "sql" not in line  # the allow-list holds in both formats
+        if not json_expected:
+            assert "info" in line
+            assert "lease taken  shard=shardId-1" in line
+    setup_logging("info", "json")
+
+
+async def test_log_format_before_the_command_on_a_real_run() -> None:
+    from tests.cli_helpers import das_ingest
+
+    result = await das_ingest(
+        "--log-format", "text", "--log-level", "debug", "run", "--stream", "s", "--processes", "-1"
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "das-ingest run: error: --processes must be 0 or more"

@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.devstack import LocalStack
+from das_dev.devstack import LocalStack
 from tests.cli_helpers import das_ingest
 from tests.fleet import Fleet, options, produce
 from tests.test_discovery import activity_stream_rds, create_cluster

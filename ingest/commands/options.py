@@ -111,10 +111,28 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def add_log_argument(parser: argparse.ArgumentParser) -> None:
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_log_argument(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    """--log-level and --log-format, given before the command or after it (after wins).
+
+    Their parsed default is None (a command's default would overwrite the value given before
+    the command): the CLI resolves them, then the variables, then info and auto.
+    """
+    prefix = "global_" if top_level else ""
     parser.add_argument(
         "--log-level",
-        default=env_default("DAS_LOG_LEVEL", "info"),
-        choices=("debug", "info", "warning", "error"),
-        help="log level of the JSON logs on stderr (default: info) [DAS_LOG_LEVEL]",
+        dest=f"{prefix}log_level",
+        default=None if top_level else env_default("DAS_LOG_LEVEL"),
+        choices=LOG_LEVELS,
+        help="log level of the logs on stderr (default: info) [DAS_LOG_LEVEL]",
+    )
+    parser.add_argument(
+        "--log-format",
+        dest=f"{prefix}log_format",
+        default=None if top_level else env_default("DAS_LOG_FORMAT"),
+        choices=("auto", "text", "json"),
+        help="text for people, json (one JSON object per line) for machines (default: auto, "
+        "text on a terminal, else json) [DAS_LOG_FORMAT]",
     )

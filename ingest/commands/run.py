@@ -7,15 +7,19 @@ import argparse
 import os
 import socket
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ingest.commands.decrypt import add_decryptor_arguments
 from ingest.commands.options import (
     add_dsn_argument,
+    add_hidden_alias,
     add_log_argument,
     available_cpus,
     env_default,
 )
+
+if TYPE_CHECKING:
+    from ingest.consumer.service import ServeSettings
 
 EPILOG = """\
 Every option can also be set by the environment variable in brackets; AWS settings come from
@@ -93,14 +97,16 @@ def add_parser(subparsers: Any) -> None:
         help="serve /metrics, /healthz and /readyz on this port [DAS_METRICS_PORT]",
     )
     parser.add_argument(
-        "--stop-when-idle",
+        "--stop-when-idle-seconds",
+        dest="stop_when_idle",
         type=float,
-        default=env_default("DAS_STOP_WHEN_IDLE", None),
+        default=env_default("DAS_STOP_WHEN_IDLE_SECONDS", env_default("DAS_STOP_WHEN_IDLE")),
         metavar="SECONDS",
         help="exit 0 once every shard this worker holds has been caught up and empty for this "
         "long and every other shard is held by a live worker (backfills, tests) "
-        "[DAS_STOP_WHEN_IDLE]",
+        "[DAS_STOP_WHEN_IDLE_SECONDS]",
     )
+    add_hidden_alias(parser, "--stop-when-idle", dest="stop_when_idle", type=float)
     tuning = parser.add_argument_group("tuning")
     tuning.add_argument(
         "--lease-seconds",
@@ -130,11 +136,14 @@ def add_parser(subparsers: Any) -> None:
         "[DAS_QUEUE_BATCHES]",
     )
     tuning.add_argument(
-        "--queue-mb",
+        "--queue-mib",
+        dest="queue_mib",
         type=int,
-        default=env_default("DAS_QUEUE_MB", 64),
-        help="megabytes of records in or waiting for the decode pool (default: 64) [DAS_QUEUE_MB]",
+        default=env_default("DAS_QUEUE_MIB", env_default("DAS_QUEUE_MB", 64)),
+        metavar="MIB",
+        help="MiB of records in or waiting for the decode pool (default: 64) [DAS_QUEUE_MIB]",
     )
+    add_hidden_alias(tuning, "--queue-mb", dest="queue_mib", type=int)
     tuning.add_argument(
         "--db-pool-size",
         type=int,
@@ -142,29 +151,41 @@ def add_parser(subparsers: Any) -> None:
         help="warehouse connections, at least 2 (default: 16) [DAS_DB_POOL_SIZE]",
     )
     tuning.add_argument(
-        "--db-command-timeout",
+        "--db-command-timeout-seconds",
+        dest="db_command_timeout",
         type=float,
-        default=env_default("DAS_DB_COMMAND_TIMEOUT", 20.0),
+        default=env_default(
+            "DAS_DB_COMMAND_TIMEOUT_SECONDS", env_default("DAS_DB_COMMAND_TIMEOUT", 20.0)
+        ),
         metavar="SECONDS",
         help="a warehouse statement or connection attempt that takes longer fails and is "
         "retried, so a stalled connection cannot hang the worker; 0 for none (default: 20) "
-        "[DAS_DB_COMMAND_TIMEOUT]",
+        "[DAS_DB_COMMAND_TIMEOUT_SECONDS]",
     )
+    add_hidden_alias(tuning, "--db-command-timeout", dest="db_command_timeout", type=float)
     tuning.add_argument(
-        "--unready-after",
+        "--unready-after-seconds",
+        dest="unready_after",
         type=float,
-        default=env_default("DAS_UNREADY_AFTER", 5.0),
+        default=env_default("DAS_UNREADY_AFTER_SECONDS", env_default("DAS_UNREADY_AFTER", 5.0)),
         metavar="SECONDS",
         help="report not ready (/readyz, das_ready) while a call to Kinesis, KMS or the "
-        "warehouse has been failing or hanging this long (default: 5) [DAS_UNREADY_AFTER]",
+        "warehouse has been failing or hanging this long (default: 5) "
+        "[DAS_UNREADY_AFTER_SECONDS]",
     )
+    add_hidden_alias(tuning, "--unready-after", dest="unready_after", type=float)
     tuning.add_argument(
-        "--shutdown-deadline",
+        "--shutdown-deadline-seconds",
+        dest="shutdown_deadline",
         type=float,
-        default=env_default("DAS_SHUTDOWN_DEADLINE", 20.0),
-        help="seconds to drain in-flight batches on SIGTERM before cancelling (default: 20) "
-        "[DAS_SHUTDOWN_DEADLINE]",
+        default=env_default(
+            "DAS_SHUTDOWN_DEADLINE_SECONDS", env_default("DAS_SHUTDOWN_DEADLINE", 20.0)
+        ),
+        metavar="SECONDS",
+        help="how long to drain in-flight batches on SIGTERM before cancelling (default: 20) "
+        "[DAS_SHUTDOWN_DEADLINE_SECONDS]",
     )
+    add_hidden_alias(tuning, "--shutdown-deadline", dest="shutdown_deadline", type=float)
     integrity = parser.add_argument_group("integrity (see docs/integrity.md)")
     integrity.add_argument(
         "--anchor-key-id",
@@ -222,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     from ingest.logs import setup_logging
     from ingest.runtime import run_async
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     if not args.stream and not args.cluster and not args.instance:
         raise UsageError("give --stream NAME, --cluster ID or --instance ID (or $DAS_STREAM)")
     try:
@@ -234,9 +255,60 @@ def run(args: argparse.Namespace) -> int:
     if args.db_pool_size < 2:
         raise UsageError("--db-pool-size must be at least 2")
     if args.lease_seconds <= 0 or args.shutdown_deadline < 0:
-        raise UsageError("--lease-seconds must be > 0, --shutdown-deadline >= 0")
+        raise UsageError("--lease-seconds must be > 0, --shutdown-deadline-seconds >= 0")
     if args.db_command_timeout < 0 or args.unready_after <= 0:
-        raise UsageError("--db-command-timeout must be >= 0, --unready-after > 0")
+        raise UsageError("--db-command-timeout-seconds must be >= 0, --unready-after-seconds > 0")
     from ingest.consumer.service import serve
 
-    return run_async(serve(args))
+    return run_async(serve(serve_settings(args)))
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The frozen settings of ``run`` from its parsed, validated options."""
+    from ingest.consumer.committer import CommitSettings
+    from ingest.consumer.fetcher import FetchSettings
+    from ingest.consumer.service import ServeSettings
+    from ingest.consumer.shard import ShardSettings
+    from ingest.consumer.worker import WorkerSettings
+    from ingest.decode.batch import DecoderConfig
+
+    processes = args.processes
+    chain = not args.no_integrity_chain
+    worker = WorkerSettings(
+        stream_name=args.stream or "",
+        resource_id=args.resource_id or "",
+        worker_id=args.worker_id,
+        initial_position=args.initial_checkpoint,
+        lease_seconds=args.lease_seconds,
+        shard_sync_seconds=args.shard_sync_seconds,
+        anchor_key_id=args.anchor_key_id,
+        anchor_seconds=args.anchor_seconds,
+        chain=chain,
+        stop_when_idle=args.stop_when_idle,
+        unready_after=args.unready_after,
+        shutdown_deadline=args.shutdown_deadline,
+        processes=processes,
+        queue_batches=args.queue_batches or max(2, 2 * processes),
+        queue_bytes=args.queue_mib * 1024 * 1024,
+        shard=ShardSettings(
+            fetch=FetchSettings(max_records=args.max_records),
+            commit=CommitSettings(
+                decoder=DecoderConfig(
+                    decryptor=args.decryptor,
+                    verify_signatures=not args.skip_signature_verification,
+                    max_decompressed=args.max_decompressed_mb * 1024 * 1024,
+                    chain=chain,
+                ),
+            ),
+        ),
+    )
+    return ServeSettings(
+        worker=worker,
+        cluster=args.cluster,
+        instance=args.instance,
+        resource_id=args.resource_id,
+        dsn=args.dsn,
+        db_pool_size=args.db_pool_size,
+        db_command_timeout=args.db_command_timeout or None,
+        metrics_port=args.metrics_port,
+    )
