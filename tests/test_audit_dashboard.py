@@ -5,7 +5,6 @@ picker, and its plan (EXPLAIN) reads no day partition outside the selected days.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from tests.fleet import migrated
+from tests.grafana_sql import expand
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "das-audit.json"
@@ -27,24 +27,6 @@ SELECTED = (FIRST_DAY + timedelta(days=3), FIRST_DAY + timedelta(days=5) - timed
 def panel_queries() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     return [(p["title"], t["rawSql"]) for p in dashboard["panels"] for t in p.get("targets", [])]
-
-
-def expand(sql: str, start: datetime, end: datetime) -> str:
-    """Grafana's PostgreSQL macros, as its data source expands them."""
-    sql = re.sub(
-        r"\$__timeFilter\((\w+)\)",
-        lambda m: f"{m[1]} BETWEEN '{start.isoformat()}' AND '{end.isoformat()}'",
-        sql,
-    )
-    sql = re.sub(
-        r"\$__timeGroupAlias\((\w+),\s*'(\d+)h'\)",
-        lambda m: (
-            f'floor(extract(epoch from {m[1]})/{int(m[2]) * 3600})*{int(m[2]) * 3600} AS "time"'
-        ),
-        sql,
-    )
-    assert "$__" not in sql, sql
-    return sql
 
 
 def relations(plan: Any) -> set[str]:
