@@ -37,7 +37,7 @@ class ServeSettings:
     """Everything ``das-ingest run`` needs besides the environment (AWS, PG* variables)."""
 
     #: the worker's settings; its stream_name and resource_id are those given, or empty when
-    #: ``cluster`` is given (then they are discovered)
+    #: ``cluster`` or ``instance`` is given (then they are discovered)
     worker: WorkerSettings
     #: an Aurora cluster whose stream and resource id are discovered (None: worker.stream_name)
     cluster: str | None = None

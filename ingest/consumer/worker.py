@@ -176,11 +176,6 @@ class Worker:
         """Coordinator cycles work, no dependency is unhealthy, not stopping."""
         return self.readiness.ready
 
-    @property
-    def last_renewal(self) -> float:
-        """Monotonic time of the last successful renewal."""
-        return self.renewer.last_renewal
-
     async def run(self) -> None:
         """Run until stopped (signal or --stop-when-idle); always shuts down gracefully."""
         interval = self.settings.lease_seconds / 3
