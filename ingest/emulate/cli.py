@@ -48,7 +48,7 @@ examples:
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "emulate",
-        help="put emulated, encrypted Aurora activity records into a Kinesis stream",
+        help="put emulated, encrypted DAS records of the four engines into a Kinesis stream",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -64,7 +64,7 @@ def add_parser(subparsers: Any) -> None:
         "--create-stream", action="store_true", help="create the stream if it does not exist"
     )
     parser.add_argument(
-        "--shards", type=int, default=1, metavar="N", help="shards of a created stream (1)"
+        "--shards", type=int, default=1, metavar="N", help="shards of a created stream (default: 1)"
     )
     parser.add_argument(
         "--kms-key-id", help="KMS key for the data keys (default: create one; local stacks only)"
@@ -74,44 +74,64 @@ def add_parser(subparsers: Any) -> None:
         choices=("postgres", "mysql", "oracle", "sqlserver", "both", "all"),
         default="both",
         help="Aurora PostgreSQL, Aurora MySQL, RDS for Oracle, RDS for SQL Server; both: the "
-        "two Aurora engines, all: the four, alternating by instance (both)",
+        "two Aurora engines, all: the four, alternating by instance (default: both)",
     )
     parser.add_argument(
         "--engine-native-audit-fields",
         action="store_true",
         help="Oracle and SQL Server: fill engineNativeAuditFields, as a stream started with "
-        "--engine-native-audit-fields-included does (default: {})",
+        "--engine-native-audit-fields-included does (default: off, {})",
     )
     parser.add_argument(
         "--instances",
         type=int,
         default=2,
         metavar="N",
-        help="DB instances, one partition key each; 'both' and 'all' alternate engines (2)",
+        help="DB instances, one partition key each; 'both' and 'all' alternate engines "
+        "(default: 2)",
     )
     parser.add_argument(
-        "--pg-version", choices=("1.0", "1.1"), default="1.1", help="PostgreSQL record version"
+        "--pg-version",
+        choices=("1.0", "1.1"),
+        default="1.1",
+        help="PostgreSQL record version (default: 1.1)",
     )
-    parser.add_argument("--events-per-record", type=int, default=10, metavar="N", help="(10)")
     parser.add_argument(
-        "--rate", type=float, default=0.0, help="record events per second; 0 = no limit (0)"
+        "--events-per-record",
+        type=int,
+        default=10,
+        metavar="N",
+        help="events per record (default: 10)",
     )
     parser.add_argument(
-        "--count", type=int, default=1000, help="record events to produce, heartbeats aside"
+        "--rate",
+        type=float,
+        default=0.0,
+        help="record events per second; 0 = no limit (default: 0)",
     )
-    parser.add_argument("--seed", type=int, default=1, help="traffic seed (1)")
     parser.add_argument(
-        "--rotate-every", type=int, default=100, metavar="K", help="new data key every K records"
+        "--count",
+        type=int,
+        default=1000,
+        help="record events to produce, heartbeats aside (default: 1000)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="traffic seed (default: 1)")
+    parser.add_argument(
+        "--rotate-every",
+        type=int,
+        default=100,
+        metavar="K",
+        help="new data key every K records (default: 100)",
     )
     parser.add_argument(
         "--heartbeat-every",
         type=int,
         default=20,
         metavar="K",
-        help="heartbeat record after every K records of an instance; 0 = none (20)",
+        help="heartbeat record after every K records of an instance; 0 = none (default: 20)",
     )
     parser.add_argument(
-        "--processes", type=int, default=1, metavar="N", help="encoder processes (1)"
+        "--processes", type=int, default=1, metavar="N", help="encoder processes (default: 1)"
     )
     parser.add_argument(
         "--suite",
@@ -119,13 +139,13 @@ def add_parser(subparsers: Any) -> None:
         default="auto",
         help="Encryption SDK algorithm suite: 0x0178 (AES-256-GCM, HKDF-SHA256, unsigned, empty "
         "ESDK context), 0x0378 (HKDF-SHA384, ECDSA P-384 signed); auto: as seen in the wild, "
-        "0x0178 for PostgreSQL, 0x0378 for the other engines (auto)",
+        "0x0178 for PostgreSQL, 0x0378 for the other engines (default: auto)",
     )
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="progress on stderr: a bar on a terminal, else a line every few seconds",
+        help="progress on stderr: a bar on a terminal, else a line every few seconds (default: on)",
     )
     add_log_argument(parser)
     parser.set_defaults(func=run)
