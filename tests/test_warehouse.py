@@ -47,17 +47,28 @@ async def test_migrate_from_empty_then_again_is_a_no_op(pg_dsn: str) -> None:
     try:
         assert await schema_version(conn) == 0
         first = await migrate(conn)
-        latest = load_migrations()[-1].version
-        assert [m.version for m in first.applied] == list(range(1, latest + 1))
+        versions = [m.version for m in load_migrations()]
+        latest = versions[-1]
+        assert [m.version for m in first.applied] == versions
         assert await schema_version(conn) == latest
         second = await migrate(conn)
         assert second.applied == []
         rows = await conn.fetch("SELECT version FROM das.schema_migrations ORDER BY version")
-        assert [r["version"] for r in rows] == list(range(1, latest + 1))
+        assert [r["version"] for r in rows] == versions
         for table in ("activity_events", "statements", "dead_letters", "heartbeats", "leases"):
             assert await conn.fetchval("SELECT to_regclass($1)", f"das.{table}") is not None
     finally:
         await conn.close()
+
+
+def test_migration_numbers_may_have_gaps_but_not_repeat(tmp_path: Path) -> None:
+    """Each branch of work owns a range of numbers (docs: 0006-0009, 0010-0014, ...)."""
+    (tmp_path / "0001_a.sql").write_text("SELECT 1;")
+    (tmp_path / "0010_b.sql").write_text("SELECT 1;")
+    assert [m.version for m in load_migrations(tmp_path)] == [1, 10]
+    (tmp_path / "0010_c.sql").write_text("SELECT 1;")
+    with pytest.raises(ConfigError, match="unique"):
+        load_migrations(tmp_path)
 
 
 async def test_concurrent_migrates_apply_each_migration_once(pg_dsn: str) -> None:
