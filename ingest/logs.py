@@ -44,6 +44,10 @@ ALLOWED_EXTRA = frozenset(
         "reasons",
         "routine",
         "sequence",
+        "likely_cause",
+        "key_digest",
+        "encryption_context",
+        "remembered_seconds",
     }
 )
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 
-#: Columns of das.activity_events in the order of an event's encoding (chain version 2): the
-#: order das-ingest COPYs them in (ingest.decode.copyfmt, held equal by the tests).
-EVENT_COLUMNS: tuple[str, ...] = (
+#: The columns of das.activity_events before migration 0006, in the order of an event's
+#: encoding (chain version 2): the order das-ingest COPYs them in.
+EVENT_COLUMNS_V2: tuple[str, ...] = (
     "cluster_id", "instance_id", "record_version", "stream_name", "shard_id", "sequence_number",
     "event_index", "class", "client_application", "command", "command_text", "database_name",
     "db_protocol", "db_user_name", "end_time", "error_message", "exit_code", "log_time",
@@ -28,6 +28,15 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "session_id", "start_time", "statement_id", "substatement_id", "transaction_id", "extra",
     "anomalies", "ingested_at",
 )  # fmt: skip
+#: The engine columns migration 0006 added (RDS for Oracle and RDS for SQL Server), after
+#: ingested_at. das-ingest never stores an event with all four NULL from then on
+#: (engine_native_audit_fields is at least {}), so NULL in all four marks an event stored
+#: before: its encoding is its first 38 fields, as it was when its link was written.
+ENGINE_COLUMNS: tuple[str, ...] = (
+    "dbid", "engine_native_audit_fields", "statement_id_text", "times_as_sent",
+)  # fmt: skip
+#: Every column of das.activity_events in encoding (and COPY) order.
+EVENT_COLUMNS: tuple[str, ...] = EVENT_COLUMNS_V2 + ENGINE_COLUMNS
 #: The columns of chain version 1 (links written before migration 0004), in its order.
 EVENT_COLUMNS_V1: tuple[str, ...] = (
     "log_time", "cluster_id", "instance_id", "record_version", "shard_id", "sequence_number",
@@ -43,7 +52,10 @@ V1_POSITIONS = tuple(EVENT_COLUMNS.index(c) for c in EVENT_COLUMNS_V1)
 #: The version of the links and anchors das-ingest writes.
 CHAIN_VERSION = 2
 TIME_COLUMNS = frozenset({"log_time", "end_time", "start_time", "ingested_at"})
-JSON_COLUMNS = frozenset({"param_list", "extra", "anomalies"})
+JSON_COLUMNS = frozenset(
+    {"param_list", "extra", "anomalies", "engine_native_audit_fields", "times_as_sent"}
+)
+_V2_WIDTH = len(EVENT_COLUMNS_V2)
 #: COPY text format's NULL.
 NULL = "\\N"
 
@@ -154,10 +166,18 @@ def copy_field(column: str, value: Any) -> str:
     return copy_escape(value)
 
 
+def has_engine_values(values: Sequence[Any]) -> bool:
+    """Whether any engine column (:data:`ENGINE_COLUMNS`) of an event's values is set."""
+    return any(v is not None for v in values[_V2_WIDTH:])
+
+
 def event_line(values: Sequence[Any]) -> str:
     """An event's version 2 encoding (as text): its COPY text line, the :func:`copy_field` of
-    its 38 values in :data:`EVENT_COLUMNS` order joined by tabs, no newline."""
-    return "\t".join(copy_field(c, v) for c, v in zip(EVENT_COLUMNS, values, strict=True))
+    its values in :data:`EVENT_COLUMNS` order joined by tabs, no newline. An event whose
+    engine columns are all NULL (stored before migration 0006; or given as its 38 values of
+    :data:`EVENT_COLUMNS_V2`) is its first 38 fields."""
+    columns = EVENT_COLUMNS if has_engine_values(values) else EVENT_COLUMNS_V2
+    return "\t".join(copy_field(c, v) for c, v in zip(columns, values[: len(columns)], strict=True))
 
 
 def canonical_value(column: str, value: Any) -> Any:
@@ -174,10 +194,13 @@ def canonical_value(column: str, value: Any) -> Any:
 
 
 def event_encoding(values: Sequence[Any], version: int = 2) -> bytes:
-    """The canonical encoding of an event given its 38 values in :data:`EVENT_COLUMNS` order:
-    version 2, its COPY text line (:func:`event_line`) as UTF-8; version 1, the canonical JSON
-    array of the :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no stream_name)."""
-    if version >= 2:
+    """The canonical encoding of an event given its values in :data:`EVENT_COLUMNS` order (or
+    its 38 :data:`EVENT_COLUMNS_V2` values): version 2, its COPY text line
+    (:func:`event_line`) as UTF-8; version 1, the canonical JSON array of the
+    :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no stream_name). An event with an
+    engine column set is its full line under either version: no link written before migration
+    0006 covered one, so such a value under an older link shows as altered."""
+    if version >= 2 or has_engine_values(values):
         return event_line(values).encode()
     row = [
         canonical_value(c, values[i]) for c, i in zip(EVENT_COLUMNS_V1, V1_POSITIONS, strict=True)
@@ -320,7 +343,7 @@ def stored_event_values(
     sequence_number: str,
     ingested_at: datetime,
 ) -> list[Any]:
-    """The 38 column values, in :data:`EVENT_COLUMNS` order, that COPY stores for a decoded
+    """The column values, in :data:`EVENT_COLUMNS` order, that COPY stores for a decoded
     ``event`` of ``record`` (an ``ingest.decode`` ActivityEvent and DecodedRecord)."""
     extra = event.extra
     if record.record_extra:
@@ -335,4 +358,6 @@ def stored_event_values(
         event.server_host, event.server_type, event.server_version, event.service_name,
         event.session_id, event.start_time, event.statement_id, event.substatement_id,
         event.transaction_id, extra, list(event.anomalies), ingested_at,
+        event.dbid, event.engine_native_audit_fields or {}, event.statement_id_text,
+        event.times_as_sent,
     ]  # fmt: skip
