@@ -36,6 +36,13 @@ from ingest.integrity.verify import AnchorChecker, stored_values, verify_warehou
 from ingest.warehouse.leases import LeaseStore, ShardInfo
 from ingest.warehouse.sink import CopyUnit, LeaseToken, Sink
 from tests.cli_helpers import das_ingest
+from tests.rds_examples import (
+    ORACLE_INSTANCE,
+    SQLSERVER_INSTANCE,
+    inner_document,
+    oracle_event,
+    sqlserver_event,
+)
 from tests.sealing import seal
 from tests.warehouse_helpers import ESDK, KEY, STREAM, migrated_pool
 
@@ -105,9 +112,16 @@ async def _lease_on(pool: asyncpg.Pool, stream: str, shard: str) -> LeaseToken:
 
 
 async def _commit(
-    pool: asyncpg.Pool, token: LeaseToken, events: list[dict[str, Any]], first: int, previous: str
+    pool: asyncpg.Pool,
+    token: LeaseToken,
+    events: list[dict[str, Any]],
+    first: int,
+    previous: str,
+    *,
+    sealed: list[bytes] | None = None,
 ) -> str:
-    """One batch (one link) of one record per event, sequence numbers from ``first``."""
+    """One batch (one link) of one record per event (or the ``sealed`` records), sequence
+    numbers from ``first``."""
     # The standard library's JSON, as orjson cannot write integers beyond 64 bits.
     documents = [
         json.dumps(
@@ -117,12 +131,13 @@ async def _commit(
         ).encode()
         for e in events
     ]  # fmt: skip
-    items = [(i, str(first + i), seal(doc, KEY), KEY) for i, doc in enumerate(documents)]
+    records = sealed if sealed is not None else [seal(doc, KEY) for doc in documents]
+    items = [(i, str(first + i), raw, KEY) for i, raw in enumerate(records)]
     output = decode_batch(BatchInput(token.shard_id, items, ESDK, stream_name=token.stream_name))
     assert output.failures == []
     sink = Sink(pool)
     await sink.ensure_partitions(output.days)
-    last = str(first + len(events) - 1)
+    last = str(first + len(items) - 1)
     await sink.commit(
         token,
         previous_checkpoint=previous,
@@ -164,7 +179,19 @@ async def archive(
         last_b = await _commit(
             pool, b, _plain(DAY1, 5, "b") + _plain(DAY2, 4, "b2"), 100, "TRIM_HORIZON"
         )
-        await _commit(pool, b, _plain(DAY2, 6, "b3"), 300, last_b)
+        last_b = await _commit(pool, b, _plain(DAY2, 6, "b3"), 300, last_b)
+        # RDS for Oracle and for SQL Server: the engine columns (jsonb, text) of migration 0006.
+        engines = [
+            seal(inner_document(ORACLE_INSTANCE, oracle_event(
+                logTime="2024-03-02 12:00:00.123456",
+                engineNativeAuditFields={"UNIFIED_AUDIT_POLICIES": "TEST_POL_EVERYTHING",
+                                         "OS_USERNAME": "\u00e9 rdsadmin"},
+            )), KEY, "1.3"),
+            seal(inner_document(SQLSERVER_INSTANCE, sqlserver_event(
+                logTime="2024-03-02 13:00:00.4120677+00",
+            )), KEY, "1.4"),
+        ]  # fmt: skip
+        await _commit(pool, b, [], 400, last_b, sealed=engines)
         kms = boto3.client("kms", endpoint_url=stack.kms_endpoint)
         key_id = kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"][
             "KeyId"
@@ -224,12 +251,20 @@ def _normal(values: list[Any]) -> list[Any]:
     return out
 
 
-def _parquet_rows(table: pa.Table) -> list[list[Any]]:
+async def _jsonb_columns(w: Archive) -> set[str]:
+    rows = await w.pool.fetch(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'das' "
+        "AND table_name = 'activity_events' AND data_type = 'jsonb'"
+    )
+    return {r["column_name"] for r in rows}
+
+
+def _parquet_rows(table: pa.Table, jsonb: set[str]) -> list[list[Any]]:
     """Rows of an archived table (Parquet columns: jsonb as JSON text, parsed here)."""
     columns = []
     for name in EVENT_COLUMNS:
         values = table.column(name).to_pylist()
-        if name in ("param_list", "extra"):
+        if name in jsonb:
             values = [None if v is None else orjson.loads(v) for v in values]
         columns.append(values)
     return [_normal(list(row)) for row in zip(*columns, strict=True)]
@@ -247,6 +282,8 @@ def _read_day(w: Archive, objects: dict[str, bytes], day: date) -> pa.Table:
 async def test_archived_days_read_back_equal_to_the_warehouse(
     archive: Archive, tmp_path: Path
 ) -> None:
+    jsonb = await _jsonb_columns(archive)
+    assert {"param_list", "extra"} <= jsonb
     result = await das_ingest(
         "archive", "--to", archive.url, "--before", BEFORE, env={"DAS_DSN": archive.dsn}
     )
@@ -260,17 +297,21 @@ async def test_archived_days_read_back_equal_to_the_warehouse(
         assert table.schema.field("extra").type == pa.string()
         assert table.schema.field("anomalies").type == pa.list_(pa.string())
         assert table.schema.field("pid").type == pa.int64()
-        assert _parquet_rows(table) == await _warehouse_rows(archive, day)
+        assert _parquet_rows(table, jsonb) == await _warehouse_rows(archive, day)
         manifest = Manifest.from_bytes(objects[archive.day_key(day, "_manifest.json")])
         assert manifest.rows == table.num_rows
         for f in manifest.files:
             assert hashlib.sha256(objects[archive.day_key(day, f.name)]).hexdigest() == f.sha256
     # Awkward values made it through unchanged (not just equal to each other).
-    day1 = _parquet_rows(_read_day(archive, objects, DAY1))
+    day1 = _parquet_rows(_read_day(archive, objects, DAY1), jsonb)
     text = EVENT_COLUMNS.index("command_text")
     assert any(r[text] and "\t\n" in r[text] and "\U0001f600" in r[text] for r in day1)
     anomalies = EVENT_COLUMNS.index("anomalies")
     assert any(r[anomalies] == ["startTime:time"] for r in day1)
+    # The engine columns a later migration added came along (Oracle's native audit fields).
+    day2 = _parquet_rows(_read_day(archive, objects, DAY2), jsonb)
+    native = EVENT_COLUMNS.index("engine_native_audit_fields")
+    assert any(r[native] and "UNIFIED_AUDIT_POLICIES" in r[native] for r in day2)
     # DuckDB reads the same files, through the Hive layout, value for value.
     for key, data in objects.items():
         if key.endswith(".parquet"):
@@ -286,7 +327,7 @@ async def test_archived_days_read_back_equal_to_the_warehouse(
     assert [(s, str(d), n) for s, d, n in counted] == [
         (STREAM, FAR.isoformat(), 1),
         (STREAM, DAY1.isoformat(), 2 + 7 + 5),
-        (STREAM, DAY2.isoformat(), 2 + 4 + 6),
+        (STREAM, DAY2.isoformat(), 2 + 4 + 6 + 2),
     ]
     con.execute("SET TimeZone = 'UTC'")
     for day in (FAR, DAY1, DAY2):
@@ -295,12 +336,12 @@ async def test_archived_days_read_back_equal_to_the_warehouse(
             f"hive_partitioning = true) WHERE day = '{day.isoformat()}' "
             "ORDER BY shard_id, sequence_number::DECIMAL(38, 0), event_index"
         ).to_arrow_table()
-        assert _parquet_rows(table) == await _warehouse_rows(archive, day)
+        assert _parquet_rows(table, jsonb) == await _warehouse_rows(archive, day)
     recorded = await archive.pool.fetch(
         "SELECT stream_name, day, manifest, manifest_sha256, rows FROM das.archived_days "
         "ORDER BY day"
     )
-    assert [(r["day"], r["rows"]) for r in recorded] == [(FAR, 1), (DAY1, 14), (DAY2, 12)]
+    assert [(r["day"], r["rows"]) for r in recorded] == [(FAR, 1), (DAY1, 14), (DAY2, 14)]
     for r in recorded:
         raw = objects[archive.day_key(r["day"], "_manifest.json")]
         assert r["manifest_sha256"] == hashlib.sha256(raw).hexdigest()
@@ -318,7 +359,7 @@ async def test_archived_days_read_back_equal_to_the_warehouse(
 async def test_files_are_bounded_and_a_rerun_rewrites_nothing(archive: Archive) -> None:
     first = await _archive(archive, max_file_rows=4)
     assert [r.status for r in first] == ["archived"] * 3, [r.detail for r in first]
-    assert [r.files for r in first] == [1, 4, 3]  # 14 and 12 rows, at most 4 per file
+    assert [r.files for r in first] == [1, 4, 4]  # 14 and 14 rows, at most 4 per file
     again = await _archive(archive, max_file_rows=4)
     assert [r.status for r in again] == ["complete"] * 3
     assert sum(r.written_files for r in again) == 0
@@ -326,7 +367,7 @@ async def test_files_are_bounded_and_a_rerun_rewrites_nothing(archive: Archive) 
     assert all(v["IsLatest"] for v in versions)  # one version each: nothing rewritten
     report = await _verify(archive)
     assert report.clean, report.findings
-    assert (report.days, report.files, report.rows) == (3, 8, 27)
+    assert (report.days, report.files, report.rows) == (3, 9, 29)
 
 
 # -- tampering -----------------------------------------------------------------------------------
@@ -411,10 +452,10 @@ async def test_an_added_row_and_a_forged_manifest_are_found(archive: Archive) ->
         archive.s3.get_object(Bucket=archive.bucket, Key=manifest_key)["Body"].read()
     )
     body = archive.s3.get_object(Bucket=archive.bucket, Key=key)["Body"].read()
-    data["files"][0].update(sha256=hashlib.sha256(body).hexdigest(), rows=13, bytes=len(body))
+    data["files"][0].update(sha256=hashlib.sha256(body).hexdigest(), rows=15, bytes=len(body))
     archive.s3.put_object(Bucket=archive.bucket, Key=manifest_key, Body=orjson.dumps(data))
     report = await _verify(archive, DAY2)
-    assert ("inserted", "part-0000.parquet", 12) in _found(report), report.findings
+    assert ("inserted", "part-0000.parquet", 14) in _found(report), report.findings
     assert "file_altered" not in {f.kind for f in report.findings}
     # A manifest whose links were rewritten no longer reaches its KMS-checked anchor.
     links = data["shards"]["shardId-000000000001"]["links"]
@@ -462,7 +503,7 @@ async def test_a_crash_mid_archive_is_completed_by_a_rerun(archive: Archive) -> 
     assert [(r.day, r.status, r.written_files) for r in rerun] == [
         (FAR, "complete", 0),
         (DAY1, "archived", 3),  # parts 1..3: part 0 was kept
-        (DAY2, "archived", 3),
+        (DAY2, "archived", 4),
     ]
     versions = archive.s3.list_object_versions(Bucket=archive.bucket)["Versions"]
     assert all(v["IsLatest"] for v in versions)
@@ -497,7 +538,7 @@ async def test_retention_drops_only_archived_days_and_verify_accepts_them(
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "not archived and verified" in refused.stdout
     assert await archive.pool.fetchval("SELECT count(*) FROM das.retention_log") == 0
-    assert await archive.pool.fetchval("SELECT count(*) FROM das.activity_events") == 27
+    assert await archive.pool.fetchval("SELECT count(*) FROM das.activity_events") == 29
     # Archive only the first two days: retention drops those and stops at the third.
     await _archive(archive, bound=DAY2)
     partly = await das_ingest("retention", "--keep", "1d", env=env)

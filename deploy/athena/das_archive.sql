@@ -57,7 +57,11 @@ CREATE EXTERNAL TABLE IF NOT EXISTS das_archive (
   `transaction_id` string,
   `extra` string,
   `anomalies` array<string>,
-  `ingested_at` timestamp
+  `ingested_at` timestamp,
+  `dbid` string,
+  `engine_native_audit_fields` string,
+  `statement_id_text` string,
+  `times_as_sent` string
 )
 PARTITIONED BY (`stream` string, `day` string)
 STORED AS PARQUET
