@@ -635,6 +635,15 @@ async def test_the_shipped_athena_ddl_is_the_warehouse_s(archive: Archive) -> No
     assert columns.names == list(EVENT_COLUMNS)
 
 
+async def test_an_unmigrated_warehouse_is_a_one_line_configuration_error(pg_dsn: str) -> None:
+    result = await das_ingest(
+        "archive", "--to", "s3://bucket/p", "--before", BEFORE, env={"DAS_DSN": pg_dsn}
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "run `das-ingest migrate` first" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_columns_come_from_the_chain_s_column_list() -> None:
     types = dict.fromkeys(EVENT_COLUMNS, "text")
     assert Columns.from_types(types).names == list(EVENT_COLUMNS)

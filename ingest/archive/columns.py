@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
+from ingest.errors import ConfigError
 from ingest.integrity.canonical import EVENT_COLUMNS
 from ingest.warehouse.db import Conn
 
@@ -96,7 +97,10 @@ class Columns:
             """
         )
         types = {r["attname"]: r["type"] for r in rows}
-        return cls.from_types(types)
+        try:
+            return cls.from_types(types)
+        except ValueError as exc:
+            raise ConfigError(f"{exc}: run `das-ingest migrate` (or upgrade das-ingest)") from None
 
     @classmethod
     def from_types(cls, types: dict[str, str]) -> Columns:

@@ -163,9 +163,11 @@ async def _do_archive(
     from ingest.aws import aws_client
     from ingest.integrity.verify import AnchorChecker
     from ingest.warehouse.db import connect, resolve_dsn
+    from ingest.warehouse.migrate import require_current_schema
 
     conn = await connect(resolve_dsn(args.dsn))
     try:
+        await require_current_schema(conn)
         if args.athena_ddl:
             columns = await Columns.from_warehouse(conn)
             sys.stdout.write(athena_ddl(columns, table=args.athena_table, location=location.url))
