@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.archive.check import ArchiveReport, verify_archive
+from ingest.archive.check import DIGEST_PREFIX, ArchiveReport, locate, verify_archive
 from ingest.archive.columns import Columns, athena_ddl
 from ingest.archive.export import ArchiveSettings, archive_days, days_before
 from ingest.archive.location import ArchiveLocation
@@ -400,12 +400,14 @@ async def test_a_changed_value_is_found_with_its_file_and_rows(archive: Archive)
     report = await _verify(archive)
     assert {f.kind for f in report.findings} == {"altered", "file_altered"}
     assert all(f.day == DAY1.isoformat() for f in report.findings)
-    altered = [f for f in report.findings if f.kind == "altered"]
-    assert len(altered) == 1
-    # The link's events span three files; the change is placed in the one whose hash changed.
-    assert (altered[0].file, altered[0].row) == ("part-0001.parquet", 0)
-    assert "part-0001.parquet rows 0..3" in altered[0].detail
-    assert "part-0000.parquet" not in altered[0].detail
+    # The row digests written when the day was archived place the change at its row ...
+    assert ("altered", "part-0001.parquet", 2) in _found(report)
+    # ... and the chain link whose digest no longer matches proves it. The link's events span
+    # three files; the finding is placed in the one whose hash changed.
+    (link,) = [f for f in report.findings if f.kind == "altered" and f.link_no is not None]
+    assert (link.file, link.row) == ("part-0001.parquet", 0)
+    assert "part-0001.parquet rows 0..3" in link.detail
+    assert "part-0000.parquet" not in link.detail
     assert ("file_altered", "part-0001.parquet", None) in _found(report)
     result = await das_ingest("verify", "--archive", archive.url, "--day", DAY1.isoformat())
     assert result.returncode == 1
@@ -419,10 +421,11 @@ async def test_a_deleted_row_is_found(archive: Archive) -> None:
     report = await _verify(archive, DAY2)
     kinds = {f.kind for f in report.findings}
     assert kinds == {"deleted", "file_altered"}, report.findings
-    deleted = next(f for f in report.findings if f.kind == "deleted")
+    deleted = next(f for f in report.findings if f.kind == "deleted" and f.link_no is not None)
     assert "1 of" in deleted.detail
     assert deleted.day == DAY2.isoformat()
     assert deleted.file == "part-0000.parquet"
+    assert ("deleted", "part-0000.parquet", 0) in _found(report)  # by the row digests
 
 
 async def test_reordered_rows_are_found_at_their_row(archive: Archive) -> None:
@@ -431,6 +434,11 @@ async def test_reordered_rows_are_found_at_their_row(archive: Archive) -> None:
     _rewrite(archive, key, lambda t: pa.concat_tables([t.slice(1, 1), t.slice(0, 1), t.slice(2)]))
     report = await _verify(archive, DAY2)
     assert ("reordered", "part-0001.parquet", 1) in _found(report), report.findings
+    # The row digests see the moved row too; the chain link sees its digest change.
+    moved = [f for f in report.findings if "row digests" in f.detail]
+    assert [(f.kind, f.row) for f in moved] == [("reordered", 1)]
+    assert "archived as row 0" in moved[0].detail
+    assert "altered" in {f.kind for f in report.findings}
 
 
 async def test_a_removed_file_is_found(archive: Archive) -> None:
@@ -611,7 +619,7 @@ async def test_object_lock_and_sse_kms_apply_to_every_object(
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     keys = [o["Key"] for o in archive.s3.list_objects_v2(Bucket=locked)["Contents"]]
-    assert len(keys) == 4  # two days: a part and a manifest each
+    assert len(keys) == 6  # two days: a part, its row digests and a manifest each
     for key in keys:
         head = archive.s3.head_object(Bucket=locked, Key=key)
         assert head["ObjectLockMode"] == "GOVERNANCE"
@@ -654,6 +662,30 @@ def test_columns_come_from_the_chain_s_column_list() -> None:
     ddl = athena_ddl(Columns.from_types(types), location="s3://b/p")
     assert all(f"`{c}` string" in ddl for c in EVENT_COLUMNS)
     assert "'storage.location.template' = 's3://b/p/stream=${stream}/day=${day}/'" in ddl
+
+
+@pytest.mark.parametrize(
+    ("recorded", "actual", "expected"),
+    [
+        ("abcdef", "abcdef", []),
+        ("abcdef", "abXdef", [("altered", 2, 1, 2)]),
+        ("abcdef", "abdef", [("deleted", 2, 1, 2)]),
+        ("abcdef", "abef", [("deleted", 2, 2, 2)]),
+        ("abcdef", "abcXdef", [("inserted", 3, 1, 3)]),
+        ("abcdef", "abcdefX", [("inserted", 6, 1, 6)]),
+        ("abcdef", "abcd", [("deleted", 4, 2, 4)]),
+        ("abcdef", "bacdef", [("reordered", 1, 1, 0)]),  # a moved after b
+        ("abcdef", "abdecf", [("reordered", 4, 1, 2)]),
+        ("abcdef", "", [("deleted", 0, 6, 0)]),
+    ],
+)
+def test_row_digests_place_each_change_at_its_row(
+    recorded: str, actual: str, expected: list[tuple[str, int, int, int]]
+) -> None:
+    def digests(rows: str) -> bytes:
+        return b"".join(hashlib.sha256(r.encode()).digest()[:DIGEST_PREFIX] for r in rows)
+
+    assert locate(digests(recorded), digests(actual)) == expected
 
 
 def test_archive_locations() -> None:

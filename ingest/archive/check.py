@@ -28,6 +28,7 @@ from ingest.archive.location import MANIFEST, ArchiveLocation
 from ingest.archive.manifest import ArchivedLink, Manifest, ShardEvidence, sha256_hex
 from ingest.integrity.anchor import AnchorError
 from ingest.integrity.canonical import (
+    CHAIN_VERSION,
     EVENT_COLUMNS,
     ZERO_HASH,
     event_day,
@@ -37,6 +38,10 @@ from ingest.integrity.canonical import (
 
 #: Rows read from Parquet at a time.
 READ_BATCH = 8192
+#: Bytes of each event digest kept in a file's row digests (``_part-NNNN.digests``): enough
+#: to place a change at its row (a false match is a 1 in 2**32 chance); the chain links,
+#: not these, prove what is authentic.
+DIGEST_PREFIX = 4
 
 
 @dataclass(frozen=True)
@@ -187,7 +192,10 @@ async def verify_day(
     report: ArchiveReport,
     checker: Any | None,
     progress: Callable[[str], None] | None = None,
+    record: s3io.WriteOptions | None = None,
 ) -> None:
+    """Verify one day into ``report``. With ``record`` (the archive command), a day that
+    verifies clean gets its files' row digests written where they are missing."""
     day_text = day.isoformat()
     start = len(report.findings)
 
@@ -220,6 +228,7 @@ async def verify_day(
         if name.endswith(".parquet"):
             present.add(name)
     previous: tuple[str, int, int] | None = None
+    to_record: list[tuple[str, Path]] = []
     with tempfile.TemporaryDirectory(prefix="das-archive-") as tmp:
         extra = sorted(present - listed)
         order = [(f.name, f) for f in manifest.files] + [(name, None) for name in extra]
@@ -243,6 +252,9 @@ async def verify_day(
                         file=name)  # fmt: skip
             if progress is not None:
                 progress(f"verifying {stream} {day_text} {name}")
+            side_key = location.day_dir(stream, day) + digests_name(name)
+            recorded = await s3io.get_bytes(s3, location.bucket, side_key)
+            actual = bytearray()
             try:
                 parquet = pq.ParquetFile(path)
                 batches = parquet.iter_batches(batch_size=READ_BATCH)
@@ -250,10 +262,11 @@ async def verify_day(
                 for batch in batches:
                     for values in columns.encoder_values(batch):
                         report.rows += 1
-                        previous = _one_row(
+                        previous, event_hash = _one_row(
                             values, name, row, previous, day_text, coverage, tallies,
                             finding,
                         )  # fmt: skip
+                        actual += event_hash[:DIGEST_PREFIX]
                         row += 1
                 if listed_file is not None and row != listed_file.rows:
                     finding("file_altered", f"{name} has {row} rows, the manifest lists "
@@ -261,10 +274,23 @@ async def verify_day(
             except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
                 finding("file_altered", f"{name} is not a readable Parquet file: {exc}", file=name)
             path.unlink(missing_ok=True)
-    altered = {f.file for f in report.findings[start:] if f.kind == "file_altered" and f.file}
-    _compare(manifest, tallies, day_text, altered, finding)
-    if len(report.findings) == start:
-        report.manifests[(stream, day_text)] = sha256_hex(raw)
+            if recorded is not None and listed_file is not None:
+                _report_rows(name, recorded, bytes(actual), finding)
+            elif recorded is None and listed_file is not None and record is not None:
+                spooled = Path(tmp) / digests_name(name)
+                spooled.write_bytes(actual)
+                to_record.append((side_key, spooled))
+        altered = {f.file for f in report.findings[start:] if f.kind == "file_altered" and f.file}
+        _compare(manifest, tallies, day_text, altered, finding)
+        if len(report.findings) == start:
+            report.manifests[(stream, day_text)] = sha256_hex(raw)
+            # Proven by the links: the rows' digests, to place a later change at its row.
+            for side_key, spooled in to_record:
+                assert record is not None  # only then is anything spooled
+                await s3io.put_bytes(
+                    s3, location.bucket, side_key, spooled.read_bytes(), options=record,
+                    content_type="application/octet-stream",
+                )  # fmt: skip
 
 
 def _one_row(
@@ -276,7 +302,8 @@ def _one_row(
     coverage: dict[str, _Coverage],
     tallies: dict[tuple[str, int], _Tally],
     finding: Callable[..., None],
-) -> tuple[str, int, int]:
+) -> tuple[tuple[str, int, int], bytes]:
+    """Check one event; its key and its digest (with its link's chain version)."""
     get = dict(zip(EVENT_COLUMNS, values, strict=True))
     shard = str(get["shard_id"])
     seq = int(get["sequence_number"])
@@ -290,18 +317,91 @@ def _one_row(
         finding("inserted", f"event {shard} {seq}#{key[2]} is of day "
                 f"{event_day(get['log_time'])}, not of this day", file=name, row=row,
                 shard=shard)  # fmt: skip
-        return key
+        return key, event_digest(values, CHAIN_VERSION)
     cover = coverage.get(shard)
     link = cover.link(seq) if cover is not None else None
     if link is None:
         finding("inserted", f"event {shard} {seq}#{key[2]} belongs to no link of the manifest",
                 file=name, row=row, shard=shard)  # fmt: skip
-        return key
+        return key, event_digest(values, CHAIN_VERSION)
+    digest = event_digest(values, link.fields.version)
     tally = tallies.setdefault((shard, link.fields.link_no), _Tally())
     tally.n += 1
-    tally.digest.update(event_digest(values, link.fields.version))
+    tally.digest.update(digest)
     tally.add(name, row)
-    return key
+    return key, digest
+
+
+def digests_name(part: str) -> str:
+    """The row digests of ``part-NNNN.parquet``: ``_part-NNNN.digests`` (the underscore keeps
+    query engines from reading it as data)."""
+    return "_" + part.removesuffix(".parquet") + ".digests"
+
+
+def locate(recorded: bytes, actual: bytes, window: int = 64) -> list[tuple[str, int, int, int]]:
+    """Align a file's recorded row digests (DIGEST_PREFIX bytes each) with those recomputed
+    from its rows: (kind, actual row, count, recorded row) for rows ``altered``, ``deleted``
+    (gone before that actual row), ``inserted`` and ``reordered`` (a row found elsewhere)."""
+    width = DIGEST_PREFIX
+    n, m = len(recorded) // width, len(actual) // width
+
+    def rec(k: int) -> bytes:
+        return recorded[k * width : (k + 1) * width]
+
+    def act(k: int) -> bytes:
+        return actual[k * width : (k + 1) * width]
+
+    def find(get: Callable[[int], bytes], needle: bytes, lo: int, hi: int) -> int | None:
+        return next((k for k in range(lo, hi) if get(k) == needle), None)
+
+    out: list[tuple[str, int, int, int]] = []
+    i = j = 0
+    while i < n and j < m:
+        if rec(i) == act(j):
+            i, j = i + 1, j + 1
+            continue
+        k = find(rec, act(j), i + 1, min(n, i + window))
+        if k is not None:
+            out.append(("deleted", j, k - i, i))
+            i = k
+            continue
+        k = find(act, rec(i), j + 1, min(m, j + window))
+        if k is not None:
+            out.append(("inserted", j, k - j, i))
+            j = k
+            continue
+        out.append(("altered", j, 1, i))
+        i, j = i + 1, j + 1
+    if i < n:
+        out.append(("deleted", j, n - i, i))
+    if j < m:
+        out.append(("inserted", j, m - j, i))
+    # A row deleted here and inserted there, alone, was moved.
+    gone = {rec(r): r for kind, _, c, r in out if kind == "deleted" and c == 1}
+    came = {act(a): a for kind, a, c, _ in out if kind == "inserted" and c == 1}
+    moved = gone.keys() & came.keys()
+    if moved:
+        out = [x for x in out if not (x[2] == 1 and (
+            (x[0] == "deleted" and rec(x[3]) in moved)
+            or (x[0] == "inserted" and act(x[1]) in moved)
+        ))]  # fmt: skip
+        out += [("reordered", came[d], 1, gone[d]) for d in moved]
+    return sorted(out, key=lambda x: (x[1], x[0]))
+
+
+def _report_rows(name: str, recorded: bytes, actual: bytes, finding: Callable[..., None]) -> None:
+    for kind, row, count, was in locate(recorded, actual):
+        if kind == "altered":
+            detail = f"row {row} of {name} is not the event archived there: a value changed"
+        elif kind == "deleted":
+            rows = f"row {was}" if count == 1 else f"rows {was}..{was + count - 1}"
+            detail = f"{count} event(s) archived as {rows} are gone"
+        elif kind == "inserted":
+            rows = f"row {row}" if count == 1 else f"rows {row}..{row + count - 1}"
+            detail = f"{rows} of {name} were not archived"
+        else:
+            detail = f"row {row} of {name} was archived as row {was}"
+        finding(kind, detail + " (located by the row digests)", file=name, row=row)
 
 
 def _compare(

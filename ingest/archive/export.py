@@ -164,7 +164,10 @@ async def archive_day(
         result.status = "complete"
     # Read back what S3 holds, and verify it as an auditor would, before retention may rely on it.
     report = ArchiveReport(anchors_skipped=checker is None)
-    await verify_day(s3, loc, stream, day, report=report, checker=checker, progress=progress)
+    await verify_day(
+        s3, loc, stream, day, report=report, checker=checker, progress=progress,
+        record=settings.write,
+    )  # fmt: skip
     result.report = report
     result.rows, result.files = report.rows, report.files
     sha = report.manifests.get((stream, day.isoformat()))
