@@ -185,19 +185,21 @@ async def run_archive_bench(stack: LocalStack, events: int) -> ArchiveBench:
         )
         table.add("das-ingest verify --archive", num(rows), f"{v_seconds:.1f}",
                   num(rows / v_seconds), num(v_peak / 2**20))  # fmt: skip
-        parquet = 0
-        files = 0
+        parquet = files = sidecars = 0
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
             for item in page.get("Contents", ()):
                 if item["Key"].endswith(".parquet"):
                     parquet += int(item["Size"])
                     files += 1
+                elif item["Key"].endswith(".digests"):
+                    sidecars += int(item["Size"])
         per_pg, per_parquet = pg_bytes / day_rows, parquet / rows
         table.notes.append(
             f"Bytes per event: Parquet {per_parquet:.1f} ({files} file(s), "
             f"{parquet / 2**20:.1f} MB, zstd) against PostgreSQL {per_pg:.1f} (the day "
             f"partition with its TOAST and indexes, {pg_bytes / 2**20:.1f} MB): "
-            f"{per_pg / max(per_parquet, 1e-9):.1f}x smaller."
+            f"{per_pg / max(per_parquet, 1e-9):.1f}x smaller. The row digests that place a "
+            f"change at its row add {sidecars / rows:.1f} bytes per event."
         )
         good = peak < RSS_LIMIT
         checks.append(
