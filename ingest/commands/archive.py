@@ -224,6 +224,21 @@ def verify_archive_command(args: argparse.Namespace) -> int:
     if not args.archive:
         print("das-ingest verify: --day needs --archive", file=sys.stderr)
         return 2
+    warehouse_only = [
+        flag
+        for flag, given in (
+            ("--shard", args.shards), ("--since", args.since), ("--anchors", args.anchors),
+            ("--retention-keep", args.retention_keep), ("--dsn", args.dsn),
+        )
+        if given
+    ]  # fmt: skip
+    if warehouse_only:
+        print(
+            f"das-ingest verify: {warehouse_only[0]} checks the warehouse, not an archive "
+            "(--archive)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         location = ArchiveLocation.parse(args.archive)
     except ValueError as exc:
