@@ -744,10 +744,13 @@ def test_archive_locations() -> None:
         (["verify", "--archive", "s3://bucket/p", "--day", "yesterday"], "is not a date"),
         (["verify", "--day", "2024-03-01"], "--day needs --archive"),
         (["verify", "--archive", "s3://bucket/p", "--since", "2024-03-01"], "--since checks"),
+        (["verify", "--archive", "s3://bucket/p", "--anchors", "a.jsonl"], "--anchors checks"),
     ],
 )
 async def test_usage_errors_exit_2_with_one_line(args: list[str], message: str) -> None:
-    result = await das_ingest(*args, env={"DAS_ARCHIVE_URL": "", "DAS_RETENTION_KEEP": ""})
+    # DAS_RETENTION_KEEP is for the warehouse's verify: in the environment, it does not stop
+    # verify --archive.
+    result = await das_ingest(*args, env={"DAS_ARCHIVE_URL": "", "DAS_RETENTION_KEEP": "90d"})
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -224,11 +224,13 @@ def verify_archive_command(args: argparse.Namespace) -> int:
     if not args.archive:
         print("das-ingest verify: --day needs --archive", file=sys.stderr)
         return 2
+    # Flags without a variable: a variable such as DAS_RETENTION_KEEP is for the warehouse's
+    # verify and may well be set where this one runs.
     warehouse_only = [
         flag
         for flag, given in (
             ("--shard", args.shards), ("--since", args.since), ("--anchors", args.anchors),
-            ("--retention-keep", args.retention_keep), ("--dsn", args.dsn),
+            ("--dsn", args.dsn),
         )
         if given
     ]  # fmt: skip
