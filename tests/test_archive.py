@@ -536,6 +536,26 @@ async def test_a_part_left_from_other_events_is_not_kept(archive: Archive) -> No
     assert "delete the day's directory" in day1.detail
 
 
+async def test_a_day_another_run_is_archiving_is_left_to_it(archive: Archive) -> None:
+    from ingest.archive.export import DAY_LOCK
+
+    holder = await asyncpg.connect(archive.dsn)
+    try:
+        assert await holder.fetchval(DAY_LOCK, STREAM, DAY1.isoformat())
+        results = await _archive(archive)
+    finally:
+        await holder.close()
+    assert [(r.day, r.status) for r in results] == [
+        (FAR, "archived"),
+        (DAY1, "skipped"),
+        (DAY2, "archived"),
+    ]
+    assert "another das-ingest archive" in results[1].detail
+    assert archive.day_key(DAY1, "_manifest.json") not in archive.objects()
+    again = await _archive(archive)  # the lock is released once the other run is gone
+    assert [r.status for r in again] == ["complete", "archived", "complete"]
+
+
 # -- retention -----------------------------------------------------------------------------------
 
 

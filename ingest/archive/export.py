@@ -47,6 +47,10 @@ BATCH_ROWS = 16384
 #: A file is closed once it holds this many bytes (checked after each row group).
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_FILE_ROWS = 4_000_000
+#: A session-level advisory lock per stream and day: one archive run at a time writes a day.
+_DAY_KEY = "hashtextextended('das.archive:' || $1 || ':' || $2, 0)"
+DAY_LOCK = f"SELECT pg_try_advisory_lock({_DAY_KEY})"
+DAY_UNLOCK = f"SELECT pg_advisory_unlock({_DAY_KEY})"
 
 
 class ArchiveError(IngestError):
@@ -145,8 +149,33 @@ async def archive_day(
     checker: Any,
     progress: Callable[[str], None] | None = None,
 ) -> DayResult:
-    loc = settings.location
     result = DayResult(stream, day, "archived")
+    # Two runs on one day would race to write its manifest: one archives it, the other waits
+    # for a later run.
+    if not await conn.fetchval(DAY_LOCK, stream, day.isoformat()):
+        result.status = "skipped"
+        result.detail = "another das-ingest archive is archiving this day"
+        return result
+    try:
+        return await _archive_locked_day(
+            conn, s3, settings, columns, stream, day, checker, progress, result
+        )
+    finally:
+        await conn.fetchval(DAY_UNLOCK, stream, day.isoformat())
+
+
+async def _archive_locked_day(
+    conn: Conn,
+    s3: Any,
+    settings: ArchiveSettings,
+    columns: Columns,
+    stream: str,
+    day: date,
+    checker: Any,
+    progress: Callable[[str], None] | None,
+    result: DayResult,
+) -> DayResult:
+    loc = settings.location
     manifest_key = loc.manifest_key(stream, day)
     if await s3io.head(s3, loc.bucket, manifest_key) is None:
         await s3io.abort_stale_uploads(s3, loc.bucket, loc.day_dir(stream, day))
