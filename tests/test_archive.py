@@ -673,6 +673,16 @@ async def test_an_unmigrated_warehouse_is_a_one_line_configuration_error(pg_dsn:
     assert "Traceback" not in result.stderr
 
 
+async def test_an_unreachable_s3_is_a_one_line_error(archive: Archive) -> None:
+    result = await das_ingest(
+        "archive", "--to", archive.url, "--before", BEFORE,
+        env={"DAS_DSN": archive.dsn, "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot use bucket {archive.bucket}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_columns_come_from_the_chain_s_column_list() -> None:
     types = dict.fromkeys(EVENT_COLUMNS, "text")
     assert Columns.from_types(types).names == list(EVENT_COLUMNS)

@@ -157,10 +157,13 @@ async def _do_archive(
 ) -> int:
     import contextlib
 
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from ingest.archive.columns import Columns, athena_ddl
     from ingest.archive.export import ArchiveSettings, archive_days, days_before
     from ingest.archive.progress import Progress
-    from ingest.aws import aws_client
+    from ingest.aws import aws_client, error_code
+    from ingest.errors import IngestError
     from ingest.integrity.verify import AnchorChecker
     from ingest.warehouse.db import connect, resolve_dsn
     from ingest.warehouse.migrate import require_current_schema
@@ -184,9 +187,18 @@ async def _do_archive(
             kms = await stack.enter_async_context(aws_client("kms"))
             checker = AnchorChecker(kms, args.anchor_key_id)
             await _bucket_exists(s3, location)
-            results = await archive_days(
-                conn, s3, settings, days, checker=checker, progress=progress
-            )
+            try:
+                results = await archive_days(
+                    conn, s3, settings, days, checker=checker, progress=progress
+                )
+            except (BotoCoreError, ClientError, OSError) as exc:
+                # botocore retried already; whatever was complete stays, a re-run does the rest
+                progress.done()
+                code = error_code(exc) or type(exc).__name__
+                raise IngestError(
+                    f"archive interrupted by an S3 or network error ({code}): run it again to "
+                    "complete what is missing"
+                ) from None
         progress.done()
     finally:
         await conn.close()
