@@ -26,8 +26,8 @@ from bench import decode, e2e, procs, workload
 from bench.archive import run_archive_bench
 from bench.reference import ReferenceResult, run_reference
 from bench.report import Table, num, ratio, spread
+from das_dev.devstack import LocalStack, install_signal_handlers
 from ingest.aws import aws_client
-from ingest.devstack import LocalStack, install_signal_handlers
 from ingest.emulate.producer import create_kms_key
 
 RSS_LIMIT = 400 * 1024 * 1024

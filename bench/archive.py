@@ -28,14 +28,15 @@ from bench import procs
 from bench.e2e import drop_database, fresh_database
 from bench.encoder import FastEncryptor
 from bench.report import Table, num
+from das_dev.devstack import LocalStack
 from ingest.aws import aws_client
-from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
-from ingest.devstack import LocalStack
+from ingest.decode.batch import BatchInput, DecoderConfig, KeyedRecord, decode_batch
 from ingest.emulate.encoder import encode_payload
 from ingest.emulate.traffic import Traffic
 from ingest.integrity.anchor import AnchorKey, anchor_heads
-from ingest.warehouse.leases import LeaseStore, ShardInfo
-from ingest.warehouse.sink import CopyUnit, LeaseToken, Sink, init_connection
+from ingest.lease import LeaseToken, ShardInfo
+from ingest.warehouse.leases import LeaseStore
+from ingest.warehouse.sink import CopyUnit, Sink, init_connection
 
 STREAM = "aws-rds-das-cluster-BENCHARCHIVE"
 SHARDS = ("shardId-000000000000", "shardId-000000000001")
@@ -82,7 +83,7 @@ async def _fill(dsn: str, events: int) -> tuple[date, int]:
             i = batch_no % len(SHARDS)
             batch_no += 1
             first = sequence[i]
-            items = [(n, str(first + n), raw, key) for n, raw in enumerate(records)]
+            items = [KeyedRecord(n, str(first + n), raw, key) for n, raw in enumerate(records)]
             sequence[i] += len(records)
             output = decode_batch(BatchInput(SHARDS[i], items, config, stream_name=STREAM))
             if output.failures:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from das_dev.devstack import LocalStack
 from ingest.archive.check import DIGEST_PREFIX, ArchiveReport, locate, verify_archive
 from ingest.archive.columns import Columns, athena_ddl
 from ingest.archive.export import ArchiveSettings, archive_days, days_before
@@ -29,13 +30,13 @@ from ingest.archive.location import ArchiveLocation
 from ingest.archive.manifest import Manifest
 from ingest.archive.progress import Progress
 from ingest.aws import aws_client
-from ingest.decode.batch import BatchInput, decode_batch
-from ingest.devstack import LocalStack
+from ingest.decode.batch import BatchInput, KeyedRecord, decode_batch
 from ingest.integrity.anchor import AnchorKey, anchor_heads
 from ingest.integrity.canonical import EVENT_COLUMNS
 from ingest.integrity.verify import AnchorChecker, stored_values, verify_warehouse
-from ingest.warehouse.leases import LeaseStore, ShardInfo
-from ingest.warehouse.sink import CopyUnit, LeaseToken, Sink
+from ingest.lease import LeaseToken, ShardInfo
+from ingest.warehouse.leases import LeaseStore
+from ingest.warehouse.sink import CopyUnit, Sink
 from tests.cli_helpers import das_ingest
 from tests.rds_examples import (
     ORACLE_INSTANCE,
@@ -133,7 +134,7 @@ async def _commit(
         for e in events
     ]  # fmt: skip
     records = sealed if sealed is not None else [seal(doc, KEY) for doc in documents]
-    items = [(i, str(first + i), raw, KEY) for i, raw in enumerate(records)]
+    items = [KeyedRecord(i, str(first + i), raw, KEY) for i, raw in enumerate(records)]
     output = decode_batch(BatchInput(token.shard_id, items, ESDK, stream_name=token.stream_name))
     assert output.failures == []
     sink = Sink(pool)

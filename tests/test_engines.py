@@ -274,7 +274,7 @@ def documented_example() -> list[Any]:
 def test_the_engine_columns_follow_ingested_at_everywhere() -> None:
     assert EVENT_COLUMNS == EVENT_COLUMNS_V2 + ENGINE_COLUMNS
     assert ENGINE_COLUMNS == MODEL_ENGINE_COLUMNS
-    assert copyfmt.EVENT_COLUMNS == EVENT_COLUMNS
+    assert copyfmt.LINE_COLUMNS == EVENT_COLUMNS
 
 
 def test_the_documented_engine_columns_encoding() -> None:

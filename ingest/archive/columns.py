@@ -24,9 +24,9 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
+from ingest.conn import Conn
 from ingest.errors import ConfigError
 from ingest.integrity.canonical import EVENT_COLUMNS
-from ingest.warehouse.db import Conn
 
 _ARROW: dict[str, pa.DataType] = {
     "text": pa.string(),

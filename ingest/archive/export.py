@@ -37,10 +37,10 @@ from ingest.archive.manifest import (
     Manifest,
     ShardEvidence,
 )
+from ingest.conn import Conn
 from ingest.errors import IngestError
 from ingest.integrity.anchor import Anchor
 from ingest.integrity.canonical import LinkFields
-from ingest.warehouse.db import Conn
 
 #: Rows fetched from the cursor, and written as one Parquet row group, at a time.
 BATCH_ROWS = 16384

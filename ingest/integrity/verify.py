@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from ingest.aws import error_code
+from ingest.conn import Conn
 from ingest.errors import ConfigError
 from ingest.integrity.anchor import (
     Anchor,
@@ -35,7 +36,6 @@ from ingest.integrity.canonical import (
     link_hash,
 )
 from ingest.integrity.retained import RetentionLedger, RetentionRecord, parse_day
-from ingest.warehouse.db import Conn
 
 #: Exit codes of `das-ingest verify`.
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNCHECKED = 0, 1, 3
