@@ -358,6 +358,23 @@ async def test_archived_days_read_back_equal_to_the_warehouse(
     assert "no findings" in verified.stdout
 
 
+async def test_older_than_archives_every_whole_day_before_its_bound(archive: Archive) -> None:
+    result = await das_ingest(
+        "archive", "--to", archive.url, "--older-than", "2d", "--stream", STREAM,
+        "--anchor-key-id", archive.key_id, env={"DAS_DSN": archive.dsn},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()[:3]] == [
+        f"{STREAM} {d}" for d in (FAR, DAY1, DAY2)
+    ]
+    other = await das_ingest(
+        "archive", "--to", archive.url, "--older-than", "2d", "--stream", "another-stream",
+        env={"DAS_DSN": archive.dsn},
+    )  # fmt: skip
+    assert other.returncode == 0
+    assert "nothing to archive before" in other.stdout
+
+
 async def test_files_are_bounded_and_a_rerun_rewrites_nothing(archive: Archive) -> None:
     first = await _archive(archive, max_file_rows=4)
     assert [r.status for r in first] == ["archived"] * 3, [r.detail for r in first]

@@ -42,6 +42,9 @@ READ_BATCH = 8192
 #: to place a change at its row (a false match is a 1 in 2**32 chance); the chain links,
 #: not these, prove what is authentic.
 DIGEST_PREFIX = 4
+_SHARD, _SEQUENCE, _INDEX, _LOG_TIME = (
+    EVENT_COLUMNS.index(c) for c in ("shard_id", "sequence_number", "event_index", "log_time")
+)
 
 
 @dataclass(frozen=True)
@@ -304,19 +307,18 @@ def _one_row(
     finding: Callable[..., None],
 ) -> tuple[tuple[str, int, int], bytes]:
     """Check one event; its key and its digest (with its link's chain version)."""
-    get = dict(zip(EVENT_COLUMNS, values, strict=True))
-    shard = str(get["shard_id"])
-    seq = int(get["sequence_number"])
-    key = (shard, seq, int(get["event_index"]))
+    shard = str(values[_SHARD])
+    seq = int(values[_SEQUENCE])
+    key = (shard, seq, int(values[_INDEX]))
+    log_time = values[_LOG_TIME]
     if previous is not None and key <= previous:
         kind = "inserted" if key == previous else "reordered"
         finding(kind, f"event {shard} {seq}#{key[2]} is not after the event before it "
                 f"(chain order is shard, sequence number, event index)",
                 file=name, row=row, shard=shard)  # fmt: skip
-    if event_day(get["log_time"]) != day_text:
-        finding("inserted", f"event {shard} {seq}#{key[2]} is of day "
-                f"{event_day(get['log_time'])}, not of this day", file=name, row=row,
-                shard=shard)  # fmt: skip
+    if event_day(log_time) != day_text:
+        finding("inserted", f"event {shard} {seq}#{key[2]} is of day {event_day(log_time)}, "
+                "not of this day", file=name, row=row, shard=shard)  # fmt: skip
         return key, event_digest(values, CHAIN_VERSION)
     cover = coverage.get(shard)
     link = cover.link(seq) if cover is not None else None
