@@ -28,7 +28,6 @@ from ingest.archive.columns import Columns, athena_ddl
 from ingest.archive.export import ArchiveSettings, archive_days, days_before
 from ingest.archive.location import ArchiveLocation
 from ingest.archive.manifest import Manifest
-from ingest.archive.progress import Progress
 from ingest.aws import aws_client
 from ingest.decode.batch import BatchInput, KeyedRecord, decode_batch
 from ingest.integrity.anchor import AnchorKey, anchor_heads
@@ -735,26 +734,6 @@ def test_row_digests_place_each_change_at_its_row(
         return b"".join(hashlib.sha256(r.encode()).digest()[:DIGEST_PREFIX] for r in rows)
 
     assert locate(digests(recorded), digests(actual)) == expected
-
-
-def test_progress_is_one_line_rewritten_on_a_terminal_only() -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    shown = Terminal()
-    progress = Progress(shown, interval=0)
-    progress("archiving 1 rows")
-    progress("archiving 22 rows")
-    progress.done()
-    assert shown.getvalue() == (
-        "\rarchiving 1 rows" + "\rarchiving 22 rows" + "\r" + " " * 17 + "\r"
-    )
-    piped = io.StringIO()
-    quiet = Progress(piped, interval=0)
-    quiet("archiving 1 rows")
-    quiet.done()
-    assert piped.getvalue() == ""
 
 
 def test_archive_locations() -> None:

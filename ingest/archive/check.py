@@ -35,6 +35,7 @@ from ingest.integrity.canonical import (
     event_digest,
     link_hash,
 )
+from ingest.progress import Progress
 
 #: Rows read from Parquet at a time.
 READ_BATCH = 8192
@@ -153,7 +154,7 @@ async def verify_archive(
     checker: Any | None,
     stream: str | None = None,
     day: date | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> ArchiveReport:
     """Verify every archived day under ``location`` (or those of ``stream`` / ``day``).
     ``checker``: an :class:`ingest.integrity.verify.AnchorChecker`, or None to skip KMS."""
@@ -194,7 +195,7 @@ async def verify_day(
     *,
     report: ArchiveReport,
     checker: Any | None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     record: s3io.WriteOptions | None = None,
 ) -> None:
     """Verify one day into ``report``. With ``record`` (the archive command), a day that
@@ -253,8 +254,6 @@ async def verify_day(
             if listed_file is not None and digest != listed_file.sha256:
                 finding("file_altered", f"{name} does not have the SHA-256 the manifest lists",
                         file=name)  # fmt: skip
-            if progress is not None:
-                progress(f"verifying {stream} {day_text} {name}")
             side_key = location.day_dir(stream, day) + digests_name(name)
             recorded = await s3io.get_bytes(s3, location.bucket, side_key)
             actual = bytearray()
@@ -263,6 +262,8 @@ async def verify_day(
                 batches = parquet.iter_batches(batch_size=READ_BATCH)
                 row = 0
                 for batch in batches:
+                    if progress is not None:
+                        progress.update(batch.num_rows)
                     for values in columns.encoder_values(batch):
                         report.rows += 1
                         previous, event_hash = _one_row(

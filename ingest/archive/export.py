@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -41,6 +40,7 @@ from ingest.conn import Conn
 from ingest.errors import IngestError
 from ingest.integrity.anchor import Anchor
 from ingest.integrity.canonical import LinkFields
+from ingest.progress import Progress
 
 #: Rows fetched from the cursor, and written as one Parquet row group, at a time.
 BATCH_ROWS = 16384
@@ -128,13 +128,14 @@ async def archive_days(
     days: list[tuple[str, date]],
     *,
     checker: Any,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+    verified: Progress | None = None,
 ) -> list[DayResult]:
     columns = await Columns.from_warehouse(conn)
     results = []
     for stream, day in days:
         results.append(
-            await archive_day(conn, s3, settings, columns, stream, day, checker, progress)
+            await archive_day(conn, s3, settings, columns, stream, day, checker, progress, verified)
         )
     return results
 
@@ -147,7 +148,8 @@ async def archive_day(
     stream: str,
     day: date,
     checker: Any,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+    verified: Progress | None = None,
 ) -> DayResult:
     result = DayResult(stream, day, "archived")
     # Two runs on one day would race to write its manifest: one archives it, the other waits
@@ -158,7 +160,7 @@ async def archive_day(
         return result
     try:
         return await _archive_locked_day(
-            conn, s3, settings, columns, stream, day, checker, progress, result
+            conn, s3, settings, columns, stream, day, checker, progress, verified, result
         )
     finally:
         await conn.fetchval(DAY_UNLOCK, stream, day.isoformat())
@@ -172,7 +174,8 @@ async def _archive_locked_day(
     stream: str,
     day: date,
     checker: Any,
-    progress: Callable[[str], None] | None,
+    progress: Progress | None,
+    verified: Progress | None,
     result: DayResult,
 ) -> DayResult:
     loc = settings.location
@@ -194,7 +197,7 @@ async def _archive_locked_day(
     # Read back what S3 holds, and verify it as an auditor would, before retention may rely on it.
     report = ArchiveReport(anchors_skipped=checker is None)
     await verify_day(
-        s3, loc, stream, day, report=report, checker=checker, progress=progress,
+        s3, loc, stream, day, report=report, checker=checker, progress=verified,
         record=settings.write,
     )  # fmt: skip
     result.report = report
@@ -252,7 +255,7 @@ async def _export(
     stream: str,
     day: date,
     result: DayResult,
-    progress: Callable[[str], None] | None,
+    progress: Progress | None,
 ) -> Manifest:
     loc = settings.location
     start, end = day_bounds(day)
@@ -410,7 +413,7 @@ class _PartWriter:
         day: date,
         existing: dict[str, dict[str, Any]],
         result: DayResult,
-        progress: Callable[[str], None] | None,
+        progress: Progress | None,
     ) -> None:
         self.s3, self.settings, self.columns = s3, settings, columns
         self.stream, self.day = stream, day
@@ -486,9 +489,7 @@ class _PartWriter:
             last = chunk[-1]
             self.last_key = f"{last[shard_at]}/{last[seq_at]}/{last[idx_at]}"
             if self.progress is not None:
-                self.progress(
-                    f"archiving {self.stream} {self.day}: part {self.number}, {self.total:,} rows"
-                )
+                self.progress.update(len(chunk))
             full = self.rows >= self.settings.max_file_rows
             if full or self.path.stat().st_size >= self.settings.max_file_bytes:
                 await self._close()

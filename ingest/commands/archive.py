@@ -52,23 +52,34 @@ def add_parser(subparsers: Any) -> None:
     bound = parser.add_mutually_exclusive_group()
     bound.add_argument("--before", metavar="YYYY-MM-DD", help="archive the days before this one")
     bound.add_argument(
-        "--older-than", metavar="PERIOD", help="archive the days ended this long ago (30d, 12w)"
+        "--older-than",
+        default=env_default("DAS_ARCHIVE_OLDER_THAN"),
+        metavar="PERIOD",
+        help="archive the days ended this long ago (30d, 12w) [DAS_ARCHIVE_OLDER_THAN]",
     )
-    parser.add_argument("--stream", default=env_default("DAS_STREAM"), help="only this stream")
+    parser.add_argument(
+        "--stream", default=env_default("DAS_STREAM"), help="only this stream [DAS_STREAM]"
+    )
     parser.add_argument(
         "--object-lock-mode",
+        default=env_default("DAS_ARCHIVE_OBJECT_LOCK_MODE"),
         choices=("GOVERNANCE", "COMPLIANCE"),
-        help="S3 Object Lock mode for every object written (the bucket must have Object Lock)",
+        help="S3 Object Lock mode for every object written (the bucket must have Object Lock) "
+        "[DAS_ARCHIVE_OBJECT_LOCK_MODE]",
     )
     parser.add_argument(
         "--object-lock-retain-until",
+        default=env_default("DAS_ARCHIVE_RETAIN_UNTIL"),
         metavar="ISO",
-        help="with --object-lock-mode: keep every object written until this date or time",
+        help="with --object-lock-mode: keep every object written until this date or time "
+        "[DAS_ARCHIVE_RETAIN_UNTIL]",
     )
     parser.add_argument(
         "--sse-kms-key-id",
+        default=env_default("DAS_ARCHIVE_SSE_KMS_KEY_ID"),
         metavar="KEY",
-        help="encrypt every object written with SSE-KMS under this key (id, ARN or alias)",
+        help="encrypt every object written with SSE-KMS under this key (id, ARN or alias) "
+        "[DAS_ARCHIVE_SSE_KMS_KEY_ID]",
     )
     parser.add_argument(
         "--anchor-key-id",
@@ -77,11 +88,12 @@ def add_parser(subparsers: Any) -> None:
         help="the KMS key every anchor must be made with, when verifying [DAS_ANCHOR_KEY_ID]",
     )
     parser.add_argument(
-        "--max-file-mb",
+        "--max-file-mib",
         type=int,
-        default=256,
+        default=env_default("DAS_ARCHIVE_MAX_FILE_MIB", 256),
         metavar="MB",
-        help="start a new Parquet file once one reaches this size (default 256)",
+        help="start a new Parquet file once one reaches this size (default: 256) "
+        "[DAS_ARCHIVE_MAX_FILE_MIB]",
     )
     parser.add_argument(
         "--athena-ddl",
@@ -89,7 +101,11 @@ def add_parser(subparsers: Any) -> None:
         help="print the Athena (Glue) CREATE TABLE for this archive and the warehouse's "
         "columns, then exit",
     )
-    parser.add_argument("--athena-table", default="das_archive", help="table name for the DDL")
+    parser.add_argument(
+        "--athena-table",
+        default="das_archive",
+        help="table name for the DDL (default: das_archive)",
+    )
     add_dsn_argument(parser)
     add_log_argument(parser)
     parser.set_defaults(func=_archive)
@@ -144,8 +160,8 @@ def _archive(args: argparse.Namespace) -> int:
     )
     if retain is not None and retain <= datetime.now(UTC):
         raise _usage("--object-lock-retain-until lies in the past")
-    if args.max_file_mb < 1:
-        raise _usage("--max-file-mb must be at least 1")
+    if args.max_file_mib < 1:
+        raise _usage("--max-file-mib must be at least 1")
     write = WriteOptions(args.object_lock_mode, retain, args.sse_kms_key_id)
     from ingest.runtime import run_async
 
@@ -161,10 +177,10 @@ async def _do_archive(
 
     from ingest.archive.columns import Columns, athena_ddl
     from ingest.archive.export import ArchiveSettings, archive_days, days_before
-    from ingest.archive.progress import Progress
     from ingest.aws import aws_client, error_code
     from ingest.errors import IngestError
     from ingest.integrity.verify import AnchorChecker
+    from ingest.progress import Progress
     from ingest.warehouse.db import connect, resolve_dsn
     from ingest.warehouse.migrate import require_current_schema
 
@@ -180,26 +196,26 @@ async def _do_archive(
         if not days:
             print(f"nothing to archive before {bound}")
             return 0
-        progress = Progress()
-        settings = ArchiveSettings(location, write, max_file_bytes=args.max_file_mb << 20)
+        settings = ArchiveSettings(location, write, max_file_bytes=args.max_file_mib << 20)
         async with contextlib.AsyncExitStack() as stack:
+            progress = stack.enter_context(Progress("archive: events written", unit="events"))
+            verified = stack.enter_context(Progress("archive: events verified", unit="events"))
             s3 = await stack.enter_async_context(aws_client("s3"))
             kms = await stack.enter_async_context(aws_client("kms"))
             checker = AnchorChecker(kms, args.anchor_key_id)
             await _bucket_exists(s3, location)
             try:
                 results = await archive_days(
-                    conn, s3, settings, days, checker=checker, progress=progress
-                )
+                    conn, s3, settings, days, checker=checker, progress=progress,
+                    verified=verified,
+                )  # fmt: skip
             except (BotoCoreError, ClientError, OSError) as exc:
                 # botocore retried already; whatever was complete stays, a re-run does the rest
-                progress.done()
                 code = error_code(exc) or type(exc).__name__
                 raise IngestError(
                     f"archive interrupted by an S3 or network error ({code}): run it again to "
                     "complete what is missing"
                 ) from None
-        progress.done()
     finally:
         await conn.close()
     failed = 0
@@ -242,7 +258,6 @@ def verify_archive_command(args: argparse.Namespace) -> int:
         flag
         for flag, given in (
             ("--shard", args.shards), ("--since", args.since), ("--anchors", args.anchors),
-            ("--dsn", args.dsn),
         )
         if given
     ]  # fmt: skip
@@ -278,13 +293,13 @@ async def _do_verify_archive(args: argparse.Namespace, location: Any, day: date 
     import orjson
 
     from ingest.archive.check import verify_archive
-    from ingest.archive.progress import Progress
     from ingest.aws import aws_client
     from ingest.integrity.anchor import AnchorError
     from ingest.integrity.verify import AnchorChecker
+    from ingest.progress import Progress
 
-    progress = Progress()
     async with contextlib.AsyncExitStack() as stack:
+        progress = stack.enter_context(Progress("verify --archive: events", unit="events"))
         s3 = await stack.enter_async_context(aws_client("s3"))
         await _bucket_exists(s3, location)
         checker = None
@@ -299,7 +314,6 @@ async def _do_verify_archive(args: argparse.Namespace, location: Any, day: date 
         report = await verify_archive(
             s3, location, checker=checker, stream=args.stream, day=day, progress=progress
         )
-    progress.done()
     if args.json:
         sys.stdout.write(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
         return report.exit_code

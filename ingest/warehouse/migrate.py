@@ -77,10 +77,11 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
         if not match:
             raise ConfigError(f"migration file {path.name} is not named NNNN_name.sql")
         found.append(Migration(int(match[1]), match[2], path.read_text()))
-    # Each branch of work owns a range of numbers, so gaps are expected; a number twice is not.
     versions = [m.version for m in found]
+    # Each branch of development numbers its migrations in its own range, so gaps are fine;
+    # a version twice is not (the sort above makes them ascending).
     if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
-        raise ConfigError(f"migration versions must be unique and positive, found {versions}")
+        raise ConfigError(f"migration versions must be distinct and from 1, found {versions}")
     return found
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from ingest.progress import Progress
 from ingest.warehouse.db import Conn
 
 _PARTITION = re.compile(r"^activity_events_p(\d{8})$")
@@ -85,6 +86,7 @@ async def apply_retention(
     *,
     now: datetime | None = None,
     dry_run: bool = False,
+    progress: Progress | None = None,
     require_archive: bool = False,
 ) -> list[RetentionAction]:
     # Retention removes whole UTC days, the unit the integrity chain accounts for. The log
@@ -99,9 +101,10 @@ async def apply_retention(
         cutoff, refusal = await _plan_archived(conn, partitions, cutoff, archived)
         if refusal is not None:
             actions.append(refusal)
-    for part in partitions:
-        if part.end > cutoff:
-            continue
+    due = [part for part in partitions if part.end <= cutoff]
+    if progress is not None:
+        progress.set_total(len(due) + 1)  # the day partitions, then the default partition
+    for part in due:
         archive = archived.get(part.day) if require_archive else None
         async with conn.transaction():
             rows = int(await conn.fetchval(f'SELECT count(*) FROM das."{part.name}"'))
@@ -112,6 +115,8 @@ async def apply_retention(
                 await conn.execute(f'DROP TABLE das."{part.name}"')
                 await _log(conn, part.name, part.start, part.end, rows, basis, keep, archive)
         actions.append(RetentionAction(part.name, part.start, part.end, rows, archive))
+        if progress is not None:
+            progress.update()
     async with conn.transaction():
         archive = None
         if require_archive:
@@ -142,6 +147,8 @@ async def apply_retention(
         if not dry_run:
             # The derived statements table follows its events.
             await conn.execute("DELETE FROM das.statements WHERE log_time < $1", cutoff)
+    if progress is not None:
+        progress.update()
     return sorted(actions, key=lambda a: a.refused is not None)
 
 
