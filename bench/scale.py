@@ -488,7 +488,10 @@ async def measure_size(
         await conn.close()
     cutoff = datetime.combine(oldest + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
     keep_hours = max(1, math.floor((now_db - cutoff).total_seconds() / 3600))
-    seconds, _, out, _ = await _cli("retention", "--keep", f"{keep_hours}h", env=env)
+    # --no-archive: the archive (and its cost) is not what this measures (see docs/archive.md).
+    seconds, _, out, _ = await _cli(
+        "retention", "--retention-keep", f"{keep_hours}h", "--no-archive", env=env
+    )
     result.retention_seconds = seconds
     filler.drop_day(oldest)
     return result

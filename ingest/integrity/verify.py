@@ -47,6 +47,7 @@ from ingest.integrity.canonical import (
 )
 from ingest.integrity.progress import VerifiedPoint, load_progress, record_progress
 from ingest.integrity.retained import RetentionLedger, RetentionRecord, parse_day
+from ingest.progress import Progress
 
 #: Exit codes of `das-ingest verify`.
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNCHECKED = 0, 1, 3
@@ -86,6 +87,8 @@ class Report:
     #: per chain with links after its last valid anchor: shard, first/last unanchored link
     unanchored: list[dict[str, Any]] = field(default_factory=list)
     retained_days: list[str] = field(default_factory=list)
+    #: days retention removed after archiving them: day -> the manifests its record names
+    archived_days: dict[str, list[str]] = field(default_factory=dict)
     anchors_skipped: bool = False
     #: the key every anchor must be made with (its ARN), or None: not pinned
     anchor_key: str | None = None
@@ -134,6 +137,7 @@ class Report:
             "progress_error": self.progress_error,
             "unanchored_tail": self.unanchored,
             "retained_days": self.retained_days,
+            "archived_days": self.archived_days,
             "findings": [asdict(f) for f in self.findings],
             "hint": REBUILD_HINT if self.findings else None,
         }
@@ -283,8 +287,9 @@ async def verify_warehouse(
     verify_key_id: str | None = None,
     sample: int = DEFAULT_SAMPLE,
     seed: int | None = None,
+    progress: Progress | None = None,
 ) -> Report:
-    """Verify the chains (all, or of ``stream`` / ``shards``).
+    """Verify the chains (all, or of ``stream`` / ``shards``); ``progress`` counts chains.
 
     ``anchor_key_id`` pins the anchor key; with it, a chain whose unanchored tail is older than
     ``max_unanchored_age`` is a finding. ``exported_anchors`` (``anchor --export``) must all
@@ -344,6 +349,8 @@ async def verify_warehouse(
         )
     )
     retained: set[str] = set()
+    if progress is not None:
+        progress.set_total(len(chains))
     for s, shard in sorted(chains):
         before = len(report.findings)
         chain_anchors = anchors.get((s, shard), [])
@@ -381,6 +388,8 @@ async def verify_warehouse(
             )
         if keeper is not None and len(report.findings) == before:
             await _record(conn, report, keeper, s, shard, scope, start, last_good)
+        if progress is not None:
+            progress.update()
     report.anchors_skipped = kms is None
     if stream is None and shards is None:
         await _check_unchained(conn, report)
@@ -836,6 +845,10 @@ async def _check_events(
             record, doubt = claims.get((link.link_no, day), (None, None))
             if record is not None and doubt is None:
                 retained.add(day)
+                if record.archive is not None:
+                    report.archived_days[day] = sorted(
+                        {*report.archived_days.get(day, ()), *record.archived_at(day)}
+                    )
                 if found is not None:
                     _add(report, "inserted", stream, shard, link, day,
                          f"{found.n} events on {day}, which retention removed")  # fmt: skip
