@@ -33,12 +33,13 @@ CREATE INDEX activity_events_time ON das.activity_events (log_time);
 DROP INDEX das.activity_events_session;
 DROP INDEX das.activity_events_command;
 
--- Sessions of a time window. The das.sessions view aggregates every event of every session
--- before a filter on its connected_at can apply (a filter on an aggregate cannot be pushed
--- below it): at 3M events the README's one-day question took ~12 s. This function takes the
--- window first, so only its partitions are read: each session with events in [since, until),
--- aggregated over those events (a session that connected before `since` has connected_at NULL
--- here). Inlined by the planner (one SELECT, STABLE), so the window prunes partitions.
+-- Sessions of a time window, as das.sessions (0007, 0008) gives them. The view aggregates
+-- every event of every session before a filter on its connected_at can apply (a filter on an
+-- aggregate cannot be pushed below it): at 3M events the README's one-day question took 12-40 s
+-- (docs/performance.md). This function takes the window first, so only its partitions are
+-- read: each session with events in [since, until), aggregated over those events (a session
+-- that connected before `since` has connected_at NULL here). Inlined by the planner (one
+-- SELECT, STABLE), so the window prunes partitions.
 CREATE FUNCTION das.sessions_between(since timestamptz, until timestamptz)
 RETURNS TABLE (
     engine text, cluster_id text, instance_id text, session_id text, pid bigint,
@@ -71,5 +72,7 @@ SELECT
                        AND das.event_failed(record_version, error_message, exit_code))
 FROM das.activity_events
 WHERE session_id IS NOT NULL AND log_time >= since AND log_time < until
+  -- as das.sessions (0008): SQL Server's session 0 is a failed login, no session
+  AND NOT (record_version = '1.4' AND session_id = '0')
 GROUP BY das.engine(record_version, server_type), cluster_id, instance_id, session_id, pid
 $$;
