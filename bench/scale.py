@@ -653,14 +653,19 @@ def charts(results: list[SizeResult], directory: Path) -> list[str]:
     made = []
 
     def save(name: str, title: str, series: dict[str, list[float]], unit: str) -> None:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        many = len(series) > 6
+        fig, ax = plt.subplots(figsize=(12, 6) if many else (7, 4))
         for label, ys in series.items():
             ax.plot(xs, ys, marker="o", label=label)
         ax.set_xlabel("events stored (millions)")
         ax.set_ylabel(unit)
         ax.set_title(title)
+        if many:  # latencies over orders of magnitude; the legend beside the plot
+            ax.set_yscale("log")
+            ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+        else:
+            ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(directory / name, dpi=100)
         plt.close(fig)
