@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ingest import __version__
-from ingest.commands import decrypt, integrity, migrate, run, status, warehouse_admin
+from ingest.commands import archive, decrypt, integrity, migrate, run, status, warehouse_admin
 from ingest.commands.options import ArgumentParser, add_log_argument
 from ingest.emulate import cli as emulate
 from ingest.exitcodes import EXIT_CODES
@@ -28,6 +28,7 @@ COMMANDS: tuple[Callable[[Any], None], ...] = (
     decrypt.add_parser,
     warehouse_admin.add_parser,
     integrity.add_parser,
+    archive.add_parser,
     emulate.add_parser,
 )
 

@@ -122,6 +122,20 @@ def test_quick_bench_prints_every_row() -> None:
     p50, p99 = _number(latency[0]["p50 s"]), _number(latency[0]["p99 s"])
     assert 0 < p50 <= p99
 
+    archived = _table(tables, "Archive: one UTC day of 2,000 events")
+    assert [r["step"] for r in archived] == [
+        "fill the warehouse (decode + COPY + chain)",
+        "das-ingest archive (write, read back, verify)",
+        "das-ingest verify --archive",
+    ]
+    for row in archived[1:]:
+        assert int(row["events"].replace(",", "")) >= 1000
+        assert _number(row["events/s"]) > 0
+        assert 50 < _number(row["peak RSS MB"]) < 2000
+    per_event = re.search(r"Bytes per event: Parquet ([\d.]+) .* PostgreSQL ([\d.]+) ", out)
+    assert per_event, out
+    assert 0 < float(per_event[1]) < float(per_event[2])
+
     checks = out.split("### Checks", 1)[1]
     assert checks.count("at most one Decrypt per distinct data key: ok") == len(SIZES) * len(ours)
     assert checks.count("limit 400 MB: ok") >= 1
