@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -240,3 +241,46 @@ def test_the_monitoring_overlay_renders_service_monitor_and_rule() -> None:
     rule = objects[("PrometheusRule", "das-ingest")]
     assert rule["metadata"]["namespace"] == "das-ingest"
     assert rule["spec"]["groups"][0]["rules"]
+
+
+def test_the_operations_guide_lists_the_scheduled_jobs_and_what_each_exit_code_asks() -> None:
+    """docs/operations.md, "Scheduled jobs": every CronJob with its schedule, ServiceAccount and
+    command; then archive, verify --archive and retention in that order, each with what exit
+    0, 1, 2 and 3 mean and what the operator does."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    assert "### Scheduled jobs" in doc
+    section = doc.split("### Scheduled jobs", 1)[1].split("\n### ", 1)[0]
+    objects = by_kind(render(KUBERNETES))
+    rows = {
+        cells[0].strip("` "): cells
+        for line in section.splitlines()
+        if line.startswith("| `das-ingest-")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    cronjobs = {name: obj for (kind, name), obj in objects.items() if kind == "CronJob"}
+    assert set(rows) == set(cronjobs)
+    for name, cronjob in cronjobs.items():
+        _, schedule, command, _, account = rows[name]
+        assert schedule == f"`{cronjob['spec']['schedule']}`", name
+        assert account.startswith(f"`{pod_spec(cronjob)['serviceAccountName']}`"), name
+        (container,) = pod_spec(cronjob)["containers"]
+        assert command.strip("`").split()[0] == das_ingest_argv(container)[0], name
+    archive_args = " ".join(
+        das_ingest_argv(pod_spec(cronjobs["das-ingest-archive"])["containers"][0])
+    )
+    assert f"`{archive_args}`" in section
+    # archive, then verify --archive, then retention: each with the whole exit-code contract.
+    headings = [
+        "`das-ingest archive`",
+        "`das-ingest verify --archive`",
+        "`das-ingest retention`",
+    ]
+    parts = re.split(r"^#### \d\. ", section, flags=re.M)[1:]
+    assert [p.split(" (", 1)[0] for p in parts] == headings
+    for part in parts:
+        table = [line for line in part.splitlines() if line.startswith("| ")]
+        assert table[0] == "| exit | means | what to do |"
+        codes = [int(m[1]) for line in table if (m := re.match(r"\| (\d) \|", line))]
+        assert codes == [0, 1, 2, 3], part.splitlines()[0]
+        for line in table[2:]:
+            assert all(cell.strip() for cell in line.strip("|").split("|")), line
