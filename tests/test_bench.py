@@ -87,6 +87,12 @@ def test_quick_bench_prints_every_row() -> None:
         assert set(row) == {"events/record", "lean verified", "lean unverified", "esdk"}
         assert all(_number(c) > 0 for c in row.values()), row
 
+    suites = _table(tables, "Decrypt per Encryption SDK suite")
+    assert [r["suite"] for r in suites] == ["0x0378 (signed, ECDSA P-384)", "0x0178 (unsigned)"]
+    for row in suites:
+        assert set(row) == {"suite", "lean verified", "lean unverified", "esdk"}
+        assert all(_number(row[c]) > 0 for c in ("lean verified", "lean unverified", "esdk"))
+
     e2e = _table(tables, "End to end")
     ours = ["das-ingest", "das-ingest --skip-signature-verification"]
     if any(r["consumer"] == "das-ingest --no-integrity-chain" for r in e2e):
