@@ -10,6 +10,9 @@
   instance) are least privilege: exactly what the ingester calls (both ways,
   derived from the source), one region, account and stream, kms:Decrypt bound to the encryption
   context, and no policy in deploy/ that could start or stop the stream.
+- ``deploy/iam-policy-warehouse-auth.json`` (optional, for ``--dsn-secret`` and ``--iam-auth``)
+  allows exactly the calls that code path makes, found in the source the same way: one
+  secret, its key only through Secrets Manager for that secret, one database login.
 - The Grafana dashboard queries only metrics and labels the ingester exports, and shows every
   metric (or says why not).
 - docs/operations.md documents every flag of every command, every DAS_* variable, every
@@ -30,6 +33,7 @@ import ast
 import asyncio
 import contextlib
 import fnmatch
+import inspect
 import json
 import os
 import re
@@ -41,6 +45,7 @@ import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -64,6 +69,7 @@ from ingest.kms import encryption_context
 from ingest.metrics import Metrics
 from ingest.warehouse.migrate import migrate
 from tests.cli_helpers import Result, das_ingest
+from tests.grafana_sql import expand
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -78,6 +84,8 @@ IAM_POLICY = DEPLOY / "iam-policy.json"
 #: The same policy for an RDS for Oracle / RDS for SQL Server DB instance's stream.
 IAM_POLICY_INSTANCE = DEPLOY / "iam-policy-instance.json"
 INGESTER_POLICIES = (IAM_POLICY, IAM_POLICY_INSTANCE)
+#: Optional, for whichever role logs in with --dsn-secret and/or --iam-auth.
+IAM_POLICY_WAREHOUSE_AUTH = DEPLOY / "iam-policy-warehouse-auth.json"
 INITDB_SQL = DEPLOY / "compose" / "initdb.sql"
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -124,8 +132,12 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def kubernetes_object(kind: str) -> dict[str, Any]:
-    matches = [d for d in load_yaml_documents(KUBERNETES) if d.get("kind") == kind]
+def kubernetes_object(kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [
+        d
+        for d in load_yaml_documents(KUBERNETES)
+        if d.get("kind") == kind and name in (None, d["metadata"]["name"])
+    ]
     assert len(matches) == 1, f"expected one {kind} in {KUBERNETES}, found {len(matches)}"
     return matches[0]
 
@@ -314,6 +326,26 @@ def test_the_image_entrypoint_is_the_cli_that_was_parsed() -> None:
     allowed = (ROOT / ".dockerignore").read_text().splitlines()
     for needed in ("!ingest/", "!migrations/", "!deploy/docker/healthcheck.py", "!README.md"):
         assert needed in allowed
+    assert "!LICENSE" in allowed
+    assert re.search(r"^COPY LICENSE /usr/share/doc/das-ingest/LICENSE$", text, re.MULTILINE)
+
+
+def test_the_image_carries_oci_labels_for_source_version_and_revision() -> None:
+    text = DOCKERFILE.read_text()
+    runtime = text[text.rindex("\nFROM ") :]  # labels of the final stage are the image's
+    labels = dict(re.findall(r"org\.opencontainers\.image\.([a-z]+)=\"([^\"]*)\"", runtime))
+    assert labels["source"] == "${SOURCE}"
+    assert labels["version"] == "${VERSION}"
+    assert labels["revision"] == "${REVISION}"
+    assert labels["licenses"] == "Apache-2.0"
+    defaults = dict(re.findall(r"^ARG ([A-Z]+)=(\S+)$", runtime, re.MULTILINE))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert defaults["VERSION"] == project["version"]
+    assert project["license"] == "Apache-2.0"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text
+    assert "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
 
 
 def test_least_privilege_roles_in_the_compose_setup(services: dict[str, dict[str, Any]]) -> None:
@@ -461,7 +493,7 @@ def test_kubernetes_fleet() -> None:
     assert container["resources"]["requests"]["cpu"] == "2"
     assert pod["securityContext"]["runAsNonRoot"] is True
 
-    account = kubernetes_object("ServiceAccount")
+    account = kubernetes_object("ServiceAccount", "das-ingest")
     assert pod["serviceAccountName"] == account["metadata"]["name"]
     assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith(
         "arn:aws:iam::"
@@ -674,6 +706,7 @@ def test_no_policy_in_deploy_grants_starting_or_stopping_the_activity_stream() -
         "iam-policy.json",
         "iam-policy-instance.json",
         "iam-policy-auditor.json",
+        "iam-policy-warehouse-auth.json",
     }
     for path, policy in policies:
         for statement in policy["Statement"]:
@@ -722,6 +755,105 @@ def test_iam_policy_covers_every_aws_call_of_the_ingester() -> None:
         assert not _allows(only[path], path)
 
 
+#: Client methods that are not API operations but sign a request locally, and the IAM action
+#: the signed request is then authorized with.
+PRESIGNERS = {("rds", "generate_db_auth_token"): "rds-db:connect"}
+
+
+def aws_calls_of_the_warehouse_login() -> dict[str, set[Path]]:
+    """``service:Action`` of every Secrets Manager call and RDS IAM token the code makes, and
+    where: awaited calls with keyword arguments only, each a member of the operation's input
+    (or of the presigner's signature), as :func:`aws_calls_of_the_ingester` finds the
+    ingester's."""
+    session = botocore.session.get_session()
+    by_method: dict[str, list[tuple[str, frozenset[str]]]] = {}
+    model = session.get_service_model("secretsmanager")
+    for name in model.operation_names:
+        shape = model.operation_model(name).input_shape
+        members = frozenset(shape.members) if shape is not None else frozenset()
+        by_method.setdefault(xform_name(name), []).append((f"secretsmanager:{name}", members))
+    rds = session.create_client(
+        "rds", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    for (service, method), action in PRESIGNERS.items():
+        assert service == "rds"
+        # A presigner, not an operation: the operation scans cannot see it.
+        assert method not in {xform_name(n) for n in rds.meta.service_model.operation_names}
+        parameters = inspect.signature(getattr(rds, method)).parameters
+        by_method.setdefault(method, []).append((action, frozenset(parameters)))
+    found: dict[str, set[Path]] = {}
+    for path in sorted((ROOT / "ingest").rglob("*.py")):
+        if "emulate" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Await) and isinstance(node.value, ast.Call)):
+                continue
+            call = node.value
+            if not isinstance(call.func, ast.Attribute) or call.args:
+                continue
+            keywords = {k.arg for k in call.keywords}
+            for action, members in by_method.get(call.func.attr, []):
+                if keywords and keywords - {None} <= members:
+                    found.setdefault(action, set()).add(path.relative_to(ROOT))
+    return found
+
+
+def test_the_warehouse_auth_policy_allows_exactly_what_dsn_secret_and_iam_auth_call() -> None:
+    """--dsn-secret and --iam-auth are optional, so their permissions are a policy of their own
+    (attached beside the role's other policy): exactly the calls that code path makes, on one
+    secret and one database login."""
+    found = aws_calls_of_the_warehouse_login()
+    # The scan finds what is known to be there (and so can tell).
+    assert {"secretsmanager:GetSecretValue", "rds-db:connect"} <= set(found)
+    # All of it is the warehouse login's code path, which this policy is for.
+    assert set().union(*found.values()) == {Path("ingest/warehouse/auth.py")}
+    statements = _statements(IAM_POLICY_WAREHOUSE_AUTH)
+    assert all(s["Effect"] == "Allow" for s in statements)
+    direct = [s for s in statements if "Condition" not in s]
+    assert {a for s in direct for a in _listed(s["Action"])} == set(found)
+    for statement in statements:
+        # One action on one resource, never a wildcard, in the documented region and account.
+        (action,) = _listed(statement["Action"])
+        (resource,) = _listed(statement["Resource"])
+        assert "*" not in resource
+        assert "?" not in resource
+        arn = _arn(resource)
+        assert (arn.region, arn.account) == ("us-east-1", "111122223333"), resource
+    (secret,) = _allows("secretsmanager:GetSecretValue", IAM_POLICY_WAREHOUSE_AUTH)
+    secret_arn = _arn(secret["Resource"])
+    # The full ARN of one secret, its random suffix included (a name prefix would match more).
+    assert re.fullmatch(r"secret:[\w/+=.@-]+-[A-Za-z0-9]{6}", secret_arn.resource), secret_arn
+    # The one indirect call: Secrets Manager decrypts a secret under a customer managed key
+    # with the caller's kms:Decrypt, for that secret only and only through Secrets Manager.
+    (decrypt,) = [s for s in statements if "Condition" in s]
+    assert _listed(decrypt["Action"]) == ["kms:Decrypt"]
+    assert _arn(decrypt["Resource"]).resource.startswith("key/")
+    assert decrypt["Condition"] == {
+        "StringEquals": {
+            "kms:ViaService": f"secretsmanager.{secret_arn.region}.amazonaws.com",
+            "kms:EncryptionContext:SecretARN": secret["Resource"],
+        }
+    }
+    # Not the activity stream's key.
+    (stream_key,) = _allows("kms:Decrypt", IAM_POLICY)
+    assert decrypt["Resource"] != stream_key["Resource"]
+    # One login on one database: dbuser:<DbiResourceId or cluster resource id>/<login>.
+    (connect,) = _allows("rds-db:connect", IAM_POLICY_WAREHOUSE_AUTH)
+    match = re.fullmatch(
+        r"dbuser:((?:db|cluster)-[A-Z0-9]+)/([a-z_][a-z0-9_]*)", _arn(connect["Resource"]).resource
+    )
+    assert match, connect["Resource"]
+    # The warehouse is not the audited cluster (its DBAs must not reach it).
+    (audited,) = stream_key["Condition"]["StringEquals"].values()
+    assert match[1] != audited
+    # The ingester's own policies stay without these: they are for who opts in.
+    for path in INGESTER_POLICIES:
+        for action in found:
+            assert not _allows(action, path), f"{path.name} allows {action}"
+    doc = OPERATIONS.read_text()
+    assert "deploy/iam-policy-warehouse-auth.json" in doc
+
+
 def test_the_auditor_policy_can_check_anchors_but_not_make_them() -> None:
     policy = json.loads((ROOT / "deploy" / "iam-policy-auditor.json").read_text())
     allowed = {
@@ -762,6 +894,15 @@ def exported_metrics() -> Exported:
         names = frozenset(value._labelnames)
         for suffix in suffixes[str(value._type)]:
             labels[value._name + suffix] = names | ({"le"} if suffix == "_bucket" else set())
+    # The standard process collectors' samples (process_*, python_info), without labels.
+    standard = {
+        s.name: frozenset(s.labels)
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name.startswith(("process_", "python_"))
+    }
+    assert "process_resident_memory_bytes" in standard
+    labels.update(standard)
     registered = {s.name for family in metrics.registry.collect() for s in family.samples}
     assert registered <= set(labels), "every unlabelled sample is known"
     return Exported(frozenset(labels), labels)
@@ -781,7 +922,7 @@ def prometheus_queries() -> list[str]:
         target["expr"]
         for panel in dashboard_panels()
         for target in panel.get("targets", [])
-        if target.get("datasource", panel.get("datasource", {})).get("uid") == "prometheus"
+        if target.get("datasource", panel.get("datasource", {})).get("uid") == "${datasource}"
     ]
 
 
@@ -794,7 +935,7 @@ def sql_queries() -> list[str]:
     ]
 
 
-_METRIC = re.compile(r"\b(das_[a-z_]+)\b")
+_METRIC = re.compile(r"\b((?:das|process|python)_[a-z_]+)\b")
 _GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 _MATCHER = re.compile(r"\{([^}]*)\}")
 
@@ -819,7 +960,7 @@ def test_dashboard_queries_only_what_the_ingester_exports() -> None:
     assert {
         "das_events_ingested_total",
         "das_records_ingested_total",
-        "das_shard_lag_milliseconds",
+        "das_shard_lag_seconds",
         "das_kms_cache_hits_total",
         "das_kms_calls_total",
         "das_dead_letters_total",
@@ -907,12 +1048,25 @@ def test_dashboard_is_wired_to_the_provisioned_sources(services: dict[str, dict[
     panels = dashboard_panels()
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
-    provisioned = {d["uid"] for d in load_yaml(DATASOURCES)["datasources"]}
+    provisioned = {d["uid"]: d["type"] for d in load_yaml(DATASOURCES)["datasources"]}
+    # No uid is hard-coded: panels name a datasource variable, whose default is the provisioned
+    # source (an import into another Grafana picks its own), and per-stream panels the stream.
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    for name in ("datasource", "warehouse"):
+        variable = variables[name]
+        assert variable["type"] == "datasource"
+        assert provisioned[variable["current"]["value"]] == variable["query"], name
+    assert variables["stream"]["includeAll"] is True
     for panel in panels:
         if panel["type"] == "row":
             continue
-        assert panel["datasource"]["uid"] in provisioned, panel["title"]
+        assert panel["datasource"]["uid"] in {"${datasource}", "${warehouse}"}, panel["title"]
         assert panel["targets"], panel["title"]
+    for expr in prometheus_queries():
+        if re.search(
+            r"das_(shard_lag_seconds|batches_committed|stream_shards|verify_|chain_un)", expr
+        ):
+            assert 'stream=~"$stream"' in expr, expr
     # Prometheus scrapes the compose service on the ingester's metrics port, as job das-ingest.
     (job,) = load_yaml(PROMETHEUS)["scrape_configs"]
     assert job["job_name"] == "das-ingest"
@@ -951,6 +1105,8 @@ def test_operations_guide_documents_every_flag_of_every_command() -> None:
             continue  # a group such as dead-letters: its actions have the flags
         section = _section(doc, command)
         for action in parser._actions:
+            if action.help == argparse.SUPPRESS:
+                continue  # a former spelling, listed once under "Renamed options"
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help":
                     assert f"`{flag}" in section, f"{command}: {flag} is not documented"
@@ -1432,7 +1588,7 @@ async def test_the_compose_setup_end_to_end(
     assert created.returncode == 0, failed("kinesis-stream", created)
 
     ingester_env = box("ingester").env
-    shutdown_deadline = float(option(box("ingester").argv, "--shutdown-deadline") or 0)
+    shutdown_deadline = float(option(box("ingester").argv, "--shutdown-deadline-seconds") or 0)
     assert shutdown_deadline > 0
     replicas = int(services["ingester"]["deploy"]["replicas"])
     assert replicas == 2
@@ -1503,7 +1659,9 @@ async def test_the_compose_setup_end_to_end(
             "SELECT DISTINCT shard_id FROM das.chain_links WHERE stream_name = $1", DEMO_STREAM
         )
         # Grafana's SQL panels, as the analyst login
-        results = [await analyst.fetch(sql) for sql in sql_queries()]
+        # (the time picker's range: wide enough for every emulated event)
+        picked = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+        results = [await analyst.fetch(expand(sql, *picked)) for sql in sql_queries()]
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await analyst.execute("DELETE FROM das.activity_events")
     finally:

@@ -24,6 +24,7 @@ from ingest.kms import resource_id_from_stream
 from ingest.metrics import Metrics
 from ingest.retry import Backoff, RetryStopped, retry
 from ingest.warehouse.db import close_pool, create_pool, redact, resolve_dsn
+from ingest.warehouse.gauges import WarehouseGauges
 from ingest.warehouse.migrate import require_current_schema
 from ingest.warehouse.sink import init_connection
 
@@ -90,7 +91,7 @@ async def serve(serve_settings: ServeSettings) -> int:
 
     decryptor_for(settings.shard.commit.decoder)
     dsn = resolve_dsn(serve_settings.dsn)
-    metrics = Metrics()
+    metrics = Metrics(stream)
     startup = _Startup(settings.lease_seconds)
     _install_signals(startup)
     health: HealthServer | None = None
@@ -119,6 +120,8 @@ async def serve(serve_settings: ServeSettings) -> int:
         )
         if db is None:
             return 0
+        if health is not None:
+            health.before_scrape = WarehouseGauges(db, metrics).refresh
         try:
             async with db.acquire() as conn:
                 await require_current_schema(conn)

@@ -121,7 +121,7 @@ class Worker:
         GetRecords): it should make no retries of its own, so that every GetRecords attempt is
         paced (see ShardConsumer); by default ``kinesis_client``."""
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(settings.stream_name)
         self.leases = LeaseStore(db, settings.stream_name, lease_seconds=settings.lease_seconds)
         self.sink = Sink(db, chain=settings.chain)
         self._db = db

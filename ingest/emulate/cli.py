@@ -16,12 +16,13 @@ if TYPE_CHECKING:
     from ingest.emulate.producer import EmulateReport, Progress
 
 DESCRIPTION = """\
-Produce a Database Activity Stream the way Aurora does: seeded, realistic Aurora PostgreSQL
-(record versions 1.0/1.1) and Aurora MySQL (1.2) activity (sessions, DML, DDL, roles, failed
-logins, MySQL MAIN/AUX pairs in any order, heartbeats), gzip-compressed, encrypted with the AWS
-Encryption SDK under a KMS data key bound to the cluster resource id, and put into Kinesis with
-one partition key per DB instance. The same seed always yields the same events, so a consumer
-test can check that every event arrived exactly once.
+Produce a Database Activity Stream the way RDS does: seeded, realistic Aurora PostgreSQL
+(record versions 1.0/1.1), Aurora MySQL (1.2), RDS for Oracle (1.3) and RDS for SQL Server (1.4)
+activity (sessions, DML, DDL, grants, failed logins, MySQL MAIN/AUX pairs in any order, Oracle
+audit classes, SQL Server split records, heartbeats), gzip-compressed, encrypted with the AWS
+Encryption SDK under a KMS data key bound to the resource id (a db-... id for the RDS engines),
+and put into Kinesis with one partition key per DB instance. The same seed always yields the
+same events, so a consumer test can check that every event arrived exactly once.
 """
 
 EPILOG = """\
@@ -47,7 +48,7 @@ examples:
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "emulate",
-        help="put emulated, encrypted Aurora activity records into a Kinesis stream",
+        help="put emulated, encrypted DAS records of the four engines into a Kinesis stream",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -55,57 +56,96 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--stream", required=True, help="Kinesis stream (aws-rds-das-<id>)")
     parser.add_argument(
         "--resource-id",
-        help="cluster resource id for the KMS encryption context and clusterId "
-        "(default: the stream name without aws-rds-das-)",
+        help="resource id for the KMS encryption context (cluster-... or, for an RDS instance, "
+        "db-...) and the Aurora engines' clusterId (default: the stream name without "
+        "aws-rds-das-)",
     )
     parser.add_argument(
         "--create-stream", action="store_true", help="create the stream if it does not exist"
     )
     parser.add_argument(
-        "--shards", type=int, default=1, metavar="N", help="shards of a created stream (1)"
+        "--shards", type=int, default=1, metavar="N", help="shards of a created stream (default: 1)"
     )
     parser.add_argument(
         "--kms-key-id", help="KMS key for the data keys (default: create one; local stacks only)"
     )
     parser.add_argument(
-        "--engine", choices=("postgres", "mysql", "both"), default="both", help="(both)"
+        "--engine",
+        choices=("postgres", "mysql", "oracle", "sqlserver", "both", "all"),
+        default="both",
+        help="Aurora PostgreSQL, Aurora MySQL, RDS for Oracle, RDS for SQL Server; both: the "
+        "two Aurora engines, all: the four, alternating by instance (default: both)",
+    )
+    parser.add_argument(
+        "--engine-native-audit-fields",
+        action="store_true",
+        help="Oracle and SQL Server: fill engineNativeAuditFields, as a stream started with "
+        "--engine-native-audit-fields-included does (default: off, {})",
     )
     parser.add_argument(
         "--instances",
         type=int,
         default=2,
         metavar="N",
-        help="DB instances, one partition key each; 'both' alternates engines (2)",
+        help="DB instances, one partition key each; 'both' and 'all' alternate engines "
+        "(default: 2)",
     )
     parser.add_argument(
-        "--pg-version", choices=("1.0", "1.1"), default="1.1", help="PostgreSQL record version"
+        "--pg-version",
+        choices=("1.0", "1.1"),
+        default="1.1",
+        help="PostgreSQL record version (default: 1.1)",
     )
-    parser.add_argument("--events-per-record", type=int, default=10, metavar="N", help="(10)")
     parser.add_argument(
-        "--rate", type=float, default=0.0, help="record events per second; 0 = no limit (0)"
+        "--events-per-record",
+        type=int,
+        default=10,
+        metavar="N",
+        help="events per record (default: 10)",
     )
     parser.add_argument(
-        "--count", type=int, default=1000, help="record events to produce, heartbeats aside"
+        "--rate",
+        type=float,
+        default=0.0,
+        help="record events per second; 0 = no limit (default: 0)",
     )
-    parser.add_argument("--seed", type=int, default=1, help="traffic seed (1)")
     parser.add_argument(
-        "--rotate-every", type=int, default=100, metavar="K", help="new data key every K records"
+        "--count",
+        type=int,
+        default=1000,
+        help="record events to produce, heartbeats aside (default: 1000)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="traffic seed (default: 1)")
+    parser.add_argument(
+        "--rotate-every",
+        type=int,
+        default=100,
+        metavar="K",
+        help="new data key every K records (default: 100)",
     )
     parser.add_argument(
         "--heartbeat-every",
         type=int,
         default=20,
         metavar="K",
-        help="heartbeat record after every K records of an instance; 0 = none (20)",
+        help="heartbeat record after every K records of an instance; 0 = none (default: 20)",
     )
     parser.add_argument(
-        "--processes", type=int, default=1, metavar="N", help="encoder processes (1)"
+        "--processes", type=int, default=1, metavar="N", help="encoder processes (default: 1)"
+    )
+    parser.add_argument(
+        "--suite",
+        choices=("auto", "0x0178", "0x0378"),
+        default="auto",
+        help="Encryption SDK algorithm suite: 0x0178 (AES-256-GCM, HKDF-SHA256, unsigned, empty "
+        "ESDK context), 0x0378 (HKDF-SHA384, ECDSA P-384 signed); auto: as seen in the wild, "
+        "0x0178 for PostgreSQL, 0x0378 for the other engines (default: auto)",
     )
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="progress on stderr: a bar on a terminal, else a line every few seconds",
+        help="progress on stderr: a bar on a terminal, else a line every few seconds (default: on)",
     )
     add_log_argument(parser)
     parser.set_defaults(func=run)
@@ -133,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
             rotate_every=args.rotate_every,
             heartbeat_every=args.heartbeat_every,
             processes=args.processes,
+            suite=None if args.suite == "auto" else int(args.suite, 16),
+            native_fields=args.engine_native_audit_fields,
         )
     except ConfigError as exc:
         print(f"das-ingest emulate: {exc}", file=sys.stderr)

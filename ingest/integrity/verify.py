@@ -36,6 +36,7 @@ from ingest.integrity.canonical import (
     link_hash,
 )
 from ingest.integrity.retained import RetentionLedger, RetentionRecord, parse_day
+from ingest.progress import Progress
 
 #: Exit codes of `das-ingest verify`.
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNCHECKED = 0, 1, 3
@@ -72,6 +73,8 @@ class Report:
     #: per chain with links after its last valid anchor: shard, first/last unanchored link
     unanchored: list[dict[str, Any]] = field(default_factory=list)
     retained_days: list[str] = field(default_factory=list)
+    #: days retention removed after archiving them: day -> the manifests its record names
+    archived_days: dict[str, list[str]] = field(default_factory=dict)
     anchors_skipped: bool = False
     #: the key every anchor must be made with (its ARN), or None: not pinned
     anchor_key: str | None = None
@@ -101,6 +104,7 @@ class Report:
             "anchor_key": self.anchor_key,
             "unanchored_tail": self.unanchored,
             "retained_days": self.retained_days,
+            "archived_days": self.archived_days,
             "findings": [asdict(f) for f in self.findings],
             "hint": REBUILD_HINT if self.findings else None,
         }
@@ -225,8 +229,9 @@ async def verify_warehouse(
     exported_anchors: list[Anchor] | None = None,
     max_unanchored_age: timedelta | None = None,
     retention_keep: timedelta | None = None,
+    progress: Progress | None = None,
 ) -> Report:
-    """Verify the chains (all, or of ``stream`` / ``shards``).
+    """Verify the chains (all, or of ``stream`` / ``shards``); ``progress`` counts chains.
 
     ``anchor_key_id`` pins the anchor key; with it, a chain whose unanchored tail is older than
     ``max_unanchored_age`` is a finding. ``exported_anchors`` (``anchor --export``) must all
@@ -273,6 +278,8 @@ async def verify_warehouse(
         )
     )
     retained: set[str] = set()
+    if progress is not None:
+        progress.set_total(len(chains))
     for s, shard in sorted(chains):
         links = await _links(conn, s, shard)
         report.chains += 1
@@ -292,6 +299,8 @@ async def verify_warehouse(
                 now,
                 max_unanchored_age if anchor_key_id else None,
             )
+        if progress is not None:
+            progress.update()
     report.anchors_skipped = kms is None
     if stream is None and shards is None:
         await _check_unchained(conn, report)
@@ -503,6 +512,10 @@ async def _check_events(
             record, doubt = claims.get((link.link_no, day), (None, None))
             if record is not None and doubt is None:
                 retained.add(day)
+                if record.archive is not None:
+                    report.archived_days[day] = sorted(
+                        {*report.archived_days.get(day, ()), *record.archived_at(day)}
+                    )
                 if found is not None:
                     _add(report, "inserted", stream, shard, link, day,
                          f"{found.n} events on {day}, which retention removed")  # fmt: skip
