@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from ingest.decode import copyfmt
 from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
+from ingest.decode.fingerprint import of_statement
 from ingest.decode.model import ActivityEvent, DecodedRecord
 from ingest.integrity.canonical import (
+    CHAIN_COLUMNS,
     EVENT_COLUMNS,
     ZERO_HASH,
     LinkFields,
@@ -88,8 +90,8 @@ def test_numbers_times_and_fields() -> None:
 
 
 def documented_example() -> list[Any]:
-    """The example event of docs/integrity.md, as its 38 values in EVENT_COLUMNS order."""
-    values: list[Any] = [None] * 38
+    """The example event of docs/integrity.md, as its values in EVENT_COLUMNS order."""
+    values: list[Any] = [None] * len(EVENT_COLUMNS)
     named = {
         "cluster_id": "cluster-ABC",
         "record_version": "1.2",
@@ -127,9 +129,19 @@ def test_the_documented_example_encoding() -> None:
             "2026-11-25T12:00:00.000005Z",
         ]
     )  # fmt: skip
-    assert event_encoding(documented_example()) == expected.encode()
+    assert event_encoding(documented_example(), version=2) == expected.encode()
     digest = hashlib.sha256(expected.encode()).digest()
-    assert event_digest(documented_example()) == digest
+    assert event_digest(documented_example(), version=2) == digest
+    # Version 3 appends the fingerprint and its hash: NULL here, as for any event without a
+    # statement, and an event written under version 2 keeps its version 2 encoding whatever
+    # is stored in the new columns.
+    assert event_encoding(documented_example(), 3) == (expected + "\t\\N\t\\N").encode()
+    with_print = documented_example()
+    with_print[EVENT_COLUMNS.index("fingerprint")] = "select ?"
+    with_print[EVENT_COLUMNS.index("fingerprint_hash")] = -42
+    assert event_encoding(with_print, 3) == (expected + "\tselect ?\t-42").encode()
+    assert event_encoding(with_print, 2) == expected.encode()
+    assert CHAIN_COLUMNS[3][: len(CHAIN_COLUMNS[2])] == CHAIN_COLUMNS[2]
 
 
 def test_version_1_encoding_has_no_stream_name() -> None:
@@ -162,6 +174,8 @@ def test_the_documented_link_text() -> None:
         dead_letters=dead_letter_entries(
             [("49590338271490256608559692538361571095921575989136588899", b"not a record")]
         ),
+        dropped={"noise": 4},
+        version=2,
     )
     assert link.text() == "\n".join(
         (
@@ -180,6 +194,13 @@ def test_the_documented_link_text() -> None:
         )
     )
     assert link_hash(ZERO_HASH, link) == hashlib.sha256(ZERO_HASH + link.text().encode()).digest()
+    # Version 3 adds the events each drop rule removed, as canonical JSON, on a last line.
+    v3 = LinkFields(**{**link.__dict__, "version": 3, "dropped": {"z": 1, "noise": 4}})
+    assert v3.text().split("\n") == [
+        "das-chain-v3",
+        *link.text().split("\n")[1:],
+        '{"noise":4,"z":1}',
+    ]
     # Version 1 (before migration 0004): no created_at, no dead letters.
     old = LinkFields(**{**link.__dict__, "version": 1})
     assert old.text().split("\n") == [
@@ -252,7 +273,9 @@ def test_the_writer_line_is_the_verifier_encoding(
     data, count = copyfmt.encode_events([(record, "shardId-1", str(sequence))], stamp, stream)
     assert count == 1
     assert data.endswith(b"\n")
-    values = stored_event_values(event, record, stream, "shardId-1", str(sequence), stamp)
+    values = stored_event_values(
+        event, record, stream, "shardId-1", str(sequence), stamp, of_statement(event.command_text)
+    )
     assert values[EVENT_COLUMNS.index("stream_name")] == stream
     assert data[:-1] == event_encoding(values)
 

@@ -26,6 +26,8 @@ from ingest.emulate.traffic import EventKey, format_datetime
 from ingest.errors import ConfigError
 from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads, read_exported_anchors
 from ingest.integrity.canonical import (
+    CHAIN_COLUMNS,
+    CHAIN_VERSION,
     EVENT_COLUMNS,
     EVENT_COLUMNS_V1,
     ZERO_HASH,
@@ -342,7 +344,7 @@ async def test_everything_is_chained_with_its_stream_and_dead_letters(warehouse:
         streams = await conn.fetch("SELECT DISTINCT stream_name FROM das.activity_events")
         assert [r["stream_name"] for r in streams] == [warehouse.stream]
         assert {r["version"] for r in await conn.fetch("SELECT version FROM das.chain_links")} == {
-            2
+            CHAIN_VERSION
         }
         letters = await conn.fetch(
             "SELECT kind, e->>'sequence_number' AS seq, e->>'sha256' AS sha256 "
@@ -1387,15 +1389,17 @@ async def _legacy_chain(
     )
 
 
-async def _upgraded(dsn: str, tmp_path: Path, build: Any) -> tuple[list[str], Report]:
-    """Migrate to the schema before 0004, ``build`` the legacy data, migrate to the end;
-    returns the migration's warnings and verify's report."""
+async def _upgraded(
+    dsn: str, tmp_path: Path, build: Any, before_version: int = 4
+) -> tuple[list[str], Report]:
+    """Migrate to the schema before ``before_version``, ``build`` the legacy data, migrate to
+    the end; returns the migration's warnings and verify's report."""
     from ingest.warehouse.migrate import load_migrations, migrate, migrations_dir
 
     before = tmp_path / "migrations"
     before.mkdir()
     for migration in load_migrations():
-        if migration.version < 4:
+        if migration.version < before_version:
             name = f"{migration.version:04d}_{migration.name}.sql"
             (before / name).write_text((migrations_dir() / name).read_text())
     conn = await asyncpg.connect(dsn)
@@ -1470,3 +1474,117 @@ async def test_upgrading_a_warehouse_of_several_streams(pg_dsn: str, tmp_path: P
     assert kinds(report) == ["inserted"]
     assert report.findings[0].stream == b
     assert "1 events of 2024-03-01" in report.findings[0].detail
+
+
+# -- version 3: fingerprints appended to the encoding, dropped counts in the link -------------
+
+
+async def _insert_event(
+    conn: asyncpg.Connection, values: dict[str, Any], version: int = CHAIN_VERSION
+) -> list[Any]:
+    """Insert one event; its values in EVENT_COLUMNS order (as far as ``version`` has them)."""
+    columns = list(values)
+    await conn.execute(
+        f"INSERT INTO das.activity_events ({', '.join(columns)}) "
+        f"VALUES ({', '.join(f'${i + 1}' for i in range(len(columns)))})",
+        *values.values(),
+    )
+    row = await conn.fetchrow(
+        f"SELECT {', '.join(CHAIN_COLUMNS[version])} FROM das.activity_events "
+        "WHERE shard_id = $1 AND sequence_number = $2",
+        values["shard_id"],
+        values["sequence_number"],
+    )
+    assert row is not None
+    out = list(row) + [None] * (len(EVENT_COLUMNS) - len(row))
+    extra = EVENT_COLUMNS.index("extra")
+    out[extra] = json.loads(out[extra])
+    return out
+
+
+async def _link(conn: asyncpg.Connection, link: LinkFields, prev: bytes) -> bytes:
+    digest = link_hash(prev, link)
+    await conn.execute(
+        "INSERT INTO das.chain_links (stream_name, shard_id, link_no, kind, first_sequence, "
+        "last_sequence, event_count, days, prev_hash, link_hash, created_at, dead_letters, "
+        "version" + (", dropped" if link.version >= 3 else "") + ") "
+        "VALUES ($1, $2, $3, 'batch', $4::numeric, $5::numeric, $6, $7::jsonb, $8, $9, $10, "
+        "'[]', $11" + (", $12::jsonb" if link.version >= 3 else "") + ")",
+        link.stream, link.shard, link.link_no, link.first_sequence, link.last_sequence,
+        link.event_count, json.dumps(link.days), prev, digest, link.created_at, link.version,
+        *([json.dumps(dict(link.dropped))] if link.version >= 3 else []),
+    )  # fmt: skip
+    return digest
+
+
+async def test_version_2_links_keep_verifying_beside_version_3_links(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A chain begun before migration 0015 (version 2 links, events without fingerprints)
+    continues with version 3 links (fingerprints in the encoding, dropped counts in the link
+    text): all of it verifies, and tampering with either new field is found."""
+    stream, shard = "aws-rds-das-cluster-V3", "shardId-000000000000"
+    base = {
+        "log_time": datetime(2024, 3, 1, 10, tzinfo=UTC), "cluster_id": "c",
+        "record_version": "1.1", "stream_name": stream, "shard_id": shard, "event_index": 0,
+        "command_text": "SELECT 1", "ingested_at": datetime(2024, 3, 1, 10, 1, tzinfo=UTC),
+    }  # fmt: skip
+    created = datetime(2024, 3, 1, 10, 2, tzinfo=UTC)
+
+    async def build(conn: asyncpg.Connection) -> None:
+        values = await _insert_event(conn, {**base, "sequence_number": 10}, version=2)
+        digests = DayDigests()
+        digests.add("2024-03-01", event_digest(values, version=2))
+        link = LinkFields(
+            stream, shard, 1, "batch", "10", "10", 1, digests.summary(), created, (), version=2
+        )
+        await _link(conn, link, ZERO_HASH)
+        await conn.execute(
+            "INSERT INTO das.leases (stream_name, shard_id, checkpoint) VALUES ($1, $2, '10')",
+            stream,
+            shard,
+        )
+
+    _, report = await _upgraded(pg_dsn, tmp_path, build, before_version=15)
+    assert report.clean, report.findings
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        prev = await conn.fetchval("SELECT link_hash FROM das.chain_links WHERE link_no = 1")
+        values = await _insert_event(
+            conn,
+            {**base, "sequence_number": 11, "fingerprint": "select ?", "fingerprint_hash": -7},
+        )
+        digests = DayDigests()
+        digests.add("2024-03-01", event_digest(values, version=3))
+        link = LinkFields(
+            stream, shard, 2, "batch", "11", "12", 1, digests.summary(), created, (),
+            dropped={"noise": 2}, version=3,
+        )  # fmt: skip
+        await _link(conn, link, bytes(prev))
+        await conn.execute("UPDATE das.leases SET checkpoint = '12'")
+        report = await verify_warehouse(conn, kms=None)
+        assert report.clean, report.findings
+        assert (report.links, report.events) == (2, 2)
+        dropped = await conn.fetch("SELECT rule, events FROM das.dropped_events")
+        assert [(r["rule"], r["events"]) for r in dropped] == [("noise", 2)]
+        async with conn.transaction():
+            await conn.execute(
+                "UPDATE das.activity_events SET fingerprint = 'select 1' WHERE sequence_number = 11"
+            )
+            assert kinds(await verify_warehouse(conn, kms=None)) == ["altered"]
+            raise _Rollback
+    except _Rollback:
+        pass
+    try:
+        async with conn.transaction():
+            await conn.execute("UPDATE das.chain_links SET dropped = '{\"noise\": 0}'")
+            assert "link_altered" in kinds(await verify_warehouse(conn, kms=None))
+            raise _Rollback
+    except _Rollback:
+        pass
+    finally:
+        await conn.close()
+
+
+class _Rollback(Exception):
+    pass

@@ -12,10 +12,11 @@ hold this fast encoder equal to the definition there.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from ingest.decode.fingerprint import Fingerprint, of_statement
 from ingest.decode.model import FIELDS, ActivityEvent, DecodedRecord, Kind
 from ingest.integrity.canonical import (
     NULL,
@@ -26,7 +27,8 @@ from ingest.integrity.canonical import (
 )
 
 #: Columns of das.activity_events that COPY fills, in order. ingested_at is set by the
-#: decoder (the time it decoded the batch), so the integrity chain can cover it too.
+#: decoder (the time it decoded the batch), so the integrity chain can cover it too; the
+#: statement's fingerprint (ingest.decode.fingerprint) comes last (chain version 3).
 EVENT_COLUMNS: tuple[str, ...] = (
     "cluster_id",
     "instance_id",
@@ -39,6 +41,8 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "extra",
     "anomalies",
     "ingested_at",
+    "fingerprint",
+    "fingerprint_hash",
 )
 
 _FIELD_ATTRS = tuple(("class_" if f.column == "class" else f.column, f.kind) for f in FIELDS)
@@ -63,9 +67,11 @@ def event_line(
     sequence_number: str,
     prefix: str | None = None,
     ingested_at: str = NULL,
+    fingerprint: Fingerprint | None = None,
 ) -> str:
     """One COPY line for ``event``. ``prefix`` caches the record-level leading columns;
-    ``ingested_at`` is the decode time's canonical text (NULL would violate its NOT NULL)."""
+    ``ingested_at`` is the decode time's canonical text (NULL would violate its NOT NULL);
+    ``fingerprint`` is its statement's (computed before any redaction of the text)."""
     if prefix is None:
         prefix = record_prefix(record, stream_name, shard_id, sequence_number)
     cols = [prefix, str(event.event_index)]
@@ -92,6 +98,12 @@ def event_line(
     anomalies = event.anomalies
     append(copy_array(anomalies) if anomalies else "{}")
     append(ingested_at)
+    if fingerprint is None:
+        append(NULL)
+        append(NULL)
+    else:
+        append(text(fingerprint[0]))
+        append(str(fingerprint[1]))
     return "\t".join(cols)
 
 
@@ -114,19 +126,27 @@ def encode_events(
     records: Iterable[tuple[DecodedRecord, str, str]],
     ingested_at: datetime,
     stream_name: str,
+    fingerprints: Sequence[Fingerprint | None] | None = None,
 ) -> tuple[bytes, int]:
     """COPY payload for (record, shard_id, sequence_number) triples of the stream
-    ``stream_name``; returns (data, row count)."""
+    ``stream_name``; returns (data, row count). ``fingerprints`` (one per event of all the
+    records, in order) are the statements' fingerprints when the caller has them already
+    (taken before redaction); else they are computed from each event's text."""
     lines: list[str] = []
     stamp = canonical_time(ingested_at)
+    n = 0
     for record, shard_id, sequence_number in records:
         if not record.events:
             continue
         prefix = record_prefix(record, stream_name, shard_id, sequence_number)
-        lines.extend(
-            event_line(event, record, stream_name, shard_id, sequence_number, prefix, stamp)
-            for event in record.events
-        )
+        for event in record.events:
+            found = of_statement(event.command_text) if fingerprints is None else fingerprints[n]
+            n += 1
+            lines.append(
+                event_line(
+                    event, record, stream_name, shard_id, sequence_number, prefix, stamp, found
+                )
+            )
     if not lines:
         return b"", 0
     lines.append("")

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
-#: Columns of das.activity_events in the order of an event's encoding (chain version 2): the
-#: order das-ingest COPYs them in (ingest.decode.copyfmt, held equal by the tests).
-EVENT_COLUMNS: tuple[str, ...] = (
+#: Columns of das.activity_events in the order of an event's encoding in chain version 2.
+EVENT_COLUMNS_V2: tuple[str, ...] = (
     "cluster_id", "instance_id", "record_version", "stream_name", "shard_id", "sequence_number",
     "event_index", "class", "client_application", "command", "command_text", "database_name",
     "db_protocol", "db_user_name", "end_time", "error_message", "exit_code", "log_time",
@@ -38,10 +37,26 @@ EVENT_COLUMNS_V1: tuple[str, ...] = (
     "start_time", "statement_id", "substatement_id", "transaction_id", "extra", "anomalies",
     "ingested_at",
 )  # fmt: skip
+#: The columns each chain version's event encoding covers, in order (versions 2 and later: an
+#: event's COPY text line). A new column is a new version whose list is the previous one plus
+#: the column at the end: events covered by older links keep their encoding (the new column is
+#: NULL for them and not part of it), COPY writes the newest list, and verify reads the newest
+#: list and encodes each event by the version of the link covering it.
+CHAIN_COLUMNS: dict[int, tuple[str, ...]] = {
+    2: EVENT_COLUMNS_V2,
+    # query fingerprints (migrations/0015_policies.sql); links also record dropped events
+    3: (*EVENT_COLUMNS_V2, "fingerprint", "fingerprint_hash"),
+}
+#: The version of the links and anchors das-ingest writes.
+CHAIN_VERSION = max(CHAIN_COLUMNS)
+#: Columns of das.activity_events in the order das-ingest COPYs them (ingest.decode.copyfmt,
+#: held equal by the tests) and ``verify`` reads them: the newest version's.
+EVENT_COLUMNS: tuple[str, ...] = CHAIN_COLUMNS[CHAIN_VERSION]
 #: Where each version 1 column sits in EVENT_COLUMNS.
 V1_POSITIONS = tuple(EVENT_COLUMNS.index(c) for c in EVENT_COLUMNS_V1)
-#: The version of the links and anchors das-ingest writes.
-CHAIN_VERSION = 2
+#: Anchors have no new field after version 2: a version 3 link is anchored by a version 2
+#: anchor message.
+ANCHOR_VERSION = 2
 TIME_COLUMNS = frozenset({"log_time", "end_time", "start_time", "ingested_at"})
 JSON_COLUMNS = frozenset({"param_list", "extra", "anomalies"})
 #: COPY text format's NULL.
@@ -154,10 +169,13 @@ def copy_field(column: str, value: Any) -> str:
     return copy_escape(value)
 
 
-def event_line(values: Sequence[Any]) -> str:
-    """An event's version 2 encoding (as text): its COPY text line, the :func:`copy_field` of
-    its 38 values in :data:`EVENT_COLUMNS` order joined by tabs, no newline."""
-    return "\t".join(copy_field(c, v) for c, v in zip(EVENT_COLUMNS, values, strict=True))
+def event_line(values: Sequence[Any], version: int = CHAIN_VERSION) -> str:
+    """An event's encoding in chain ``version`` (2 or later, as text): its COPY text line, the
+    :func:`copy_field` of its values in ``CHAIN_COLUMNS[version]`` order joined by tabs, no
+    newline. ``values`` are in :data:`EVENT_COLUMNS` order (the newest list: a prefix of it is
+    each older version's)."""
+    columns = CHAIN_COLUMNS[version]
+    return "\t".join(copy_field(c, v) for c, v in zip(columns, values[: len(columns)], strict=True))
 
 
 def canonical_value(column: str, value: Any) -> Any:
@@ -173,19 +191,20 @@ def canonical_value(column: str, value: Any) -> Any:
     return value
 
 
-def event_encoding(values: Sequence[Any], version: int = 2) -> bytes:
-    """The canonical encoding of an event given its 38 values in :data:`EVENT_COLUMNS` order:
-    version 2, its COPY text line (:func:`event_line`) as UTF-8; version 1, the canonical JSON
-    array of the :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no stream_name)."""
+def event_encoding(values: Sequence[Any], version: int = CHAIN_VERSION) -> bytes:
+    """The canonical encoding of an event given its values in :data:`EVENT_COLUMNS` order:
+    version 2 and later, its COPY text line (:func:`event_line`) as UTF-8; version 1, the
+    canonical JSON array of the :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no
+    stream_name)."""
     if version >= 2:
-        return event_line(values).encode()
+        return event_line(values, version).encode()
     row = [
         canonical_value(c, values[i]) for c, i in zip(EVENT_COLUMNS_V1, V1_POSITIONS, strict=True)
     ]
     return canonical_json(row).encode()
 
 
-def event_digest(values: Sequence[Any], version: int = 2) -> bytes:
+def event_digest(values: Sequence[Any], version: int = CHAIN_VERSION) -> bytes:
     """SHA-256 of the canonical encoding of an event given its values in EVENT_COLUMNS order."""
     return hashlib.sha256(event_encoding(values, version)).digest()
 
@@ -254,6 +273,8 @@ class LinkFields:
     #: version 2 only: :func:`dead_letter_entries` of the records dead-lettered (batch) or
     #: re-driven (redrive)
     dead_letters: Sequence[Mapping[str, str]] = ()
+    #: version 3 on: per drop rule, how many events of the covered records it removed
+    dropped: Mapping[str, int] = field(default_factory=dict)
     version: int = CHAIN_VERSION
 
     def text(self) -> str:
@@ -264,13 +285,15 @@ class LinkFields:
         ]  # fmt: skip
         if self.version == 1:
             lines.append(canonical_json(self.days))
-        elif self.version == 2:
+        elif self.version in CHAIN_COLUMNS:
             if self.created_at is None:
-                raise ValueError("a version 2 link has a created_at")
+                raise ValueError(f"a version {self.version} link has a created_at")
             lines.extend(
                 (canonical_time(self.created_at), canonical_json(self.days),
                  canonical_json(list(self.dead_letters)))
             )  # fmt: skip
+            if self.version >= 3:
+                lines.append(canonical_json(dict(self.dropped)))
         else:
             raise ValueError(f"unknown chain version {self.version}")
         return "\n".join(lines)
@@ -297,7 +320,7 @@ def anchor_message(
     *,
     key_id: str = "",
     algorithm: str = "",
-    version: int = CHAIN_VERSION,
+    version: int = ANCHOR_VERSION,
 ) -> bytes:
     """What an anchor's MAC or signature authenticates; version 2 also names the key (as the
     ARN KMS gives for it) and the algorithm."""
@@ -319,9 +342,11 @@ def stored_event_values(
     shard_id: str,
     sequence_number: str,
     ingested_at: datetime,
+    fingerprint: tuple[str, int] | None = None,
 ) -> list[Any]:
-    """The 38 column values, in :data:`EVENT_COLUMNS` order, that COPY stores for a decoded
-    ``event`` of ``record`` (an ``ingest.decode`` ActivityEvent and DecodedRecord)."""
+    """The column values, in :data:`EVENT_COLUMNS` order, that COPY stores for a decoded
+    ``event`` of ``record`` (an ``ingest.decode`` ActivityEvent and DecodedRecord), with its
+    statement's fingerprint (ingest.decode.fingerprint) when it has one."""
     extra = event.extra
     if record.record_extra:
         extra = {**extra, "_record": record.record_extra}
@@ -335,4 +360,5 @@ def stored_event_values(
         event.server_host, event.server_type, event.server_version, event.service_name,
         event.session_id, event.start_time, event.statement_id, event.substatement_id,
         event.transaction_id, extra, list(event.anomalies), ingested_at,
+        *(fingerprint if fingerprint is not None else (None, None)),
     ]  # fmt: skip

@@ -121,6 +121,7 @@ class _Link:
     created_at: datetime
     version: int
     dead_letters: list[dict[str, str]]
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -343,7 +344,7 @@ async def _links(conn: Conn, stream: str, shard: str) -> list[_Link]:
         """
         SELECT link_no, kind, first_sequence::text AS first_text, last_sequence::text AS last_text,
                event_count, days::text AS days_text, prev_hash, link_hash, created_at, version,
-               dead_letters::text AS letters_text
+               dead_letters::text AS letters_text, dropped::text AS dropped_text
         FROM das.chain_links WHERE stream_name = $1 AND shard_id = $2 ORDER BY link_no
         """,
         stream,
@@ -364,6 +365,7 @@ async def _links(conn: Conn, stream: str, shard: str) -> list[_Link]:
             created_at=r["created_at"],
             version=r["version"],
             dead_letters=orjson.loads(r["letters_text"]),
+            dropped=orjson.loads(r["dropped_text"]),
         )
         for r in rows
     ]
@@ -393,6 +395,7 @@ def _check_links(report: Report, stream: str, shard: str, links: list[_Link]) ->
             days=link.days,
             created_at=link.created_at,
             dead_letters=link.dead_letters,
+            dropped=link.dropped,
             version=link.version,
         )
         if link_hash(link.prev_hash, fields) != link.link_hash:
