@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ingest.commands.decrypt",
     "ingest.commands.warehouse_admin",
     "ingest.commands.integrity",
+    "ingest.commands.rules",
     "ingest.emulate.cli",
     "ingest.commands.stack",
 )
