@@ -44,6 +44,11 @@ ALLOWED_EXTRA = frozenset(
         "reasons",
         "routine",
         "sequence",
+        "rule",
+        "severity",
+        "alert_id",
+        "notifier",
+        "attempts",
     }
 )
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from ingest.alerts.chain import check_rows
 from ingest.aws import error_code
 from ingest.errors import ConfigError
 from ingest.integrity.anchor import (
@@ -51,7 +52,8 @@ class Finding:
     #: altered | deleted | inserted | reordered | link_altered | chain_broken | links_missing
     #: | truncated | anchor_invalid | anchor_mismatch | anchor_missing | anchor_unexpected_key
     #: | anchor_unchecked | unanchored | dead_letter_missing | dead_letter_altered
-    #: | retention_invalid (docs/integrity.md)
+    #: | retention_invalid (docs/integrity.md) | alert_altered | alert_chain_broken
+    #: (docs/policies.md)
     kind: str
     stream: str
     shard: str
@@ -75,6 +77,8 @@ class Report:
     anchors_skipped: bool = False
     #: the key every anchor must be made with (its ARN), or None: not pinned
     anchor_key: str | None = None
+    #: alerts whose chain was checked
+    alerts: int = 0
 
     @property
     def clean(self) -> bool:
@@ -296,8 +300,19 @@ async def verify_warehouse(
     report.anchors_skipped = kms is None
     if stream is None and shards is None:
         await _check_unchained(conn, report)
+        await _check_alerts(conn, report)
     report.retained_days = sorted(retained)
     return report
+
+
+async def _check_alerts(conn: Conn, report: Report) -> None:
+    """The alert chain (migrations/0016, ingest/alerts/chain.py), when the warehouse has one."""
+    if not await conn.fetchval("SELECT to_regclass('das.alerts') IS NOT NULL"):
+        return
+    rows = await conn.fetch("SELECT *, events::text AS events FROM das.alerts ORDER BY id")
+    report.alerts = len(rows)
+    for alert_id, kind, detail in check_rows(rows):
+        report.findings.append(Finding(kind, "-", "-", f"alert {alert_id}: {detail}"))
 
 
 def _merge_anchors(report: Report, stored: list[Anchor], exported: list[Anchor]) -> list[Anchor]:
