@@ -9,6 +9,7 @@ One bytes object per batch is far cheaper to move between processes than row tup
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from hashlib import sha256
@@ -16,10 +17,13 @@ from typing import Any
 
 from ingest.decode import copyfmt
 from ingest.decode.correlate import StatementRange, StatementRangeBuilder
+from ingest.decode.fingerprint import Fingerprint, of_statement
 from ingest.decode.gunzip import DEFAULT_MAX_DECOMPRESSED
+from ingest.decode.model import DecodedRecord
 from ingest.decode.pipeline import Decryptor, decode_record
 from ingest.errors import DecodeError
 from ingest.integrity.canonical import DayDigests, utc_date
+from ingest.policy.evaluate import Policy, PolicyOutput, policy_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +33,11 @@ class DecoderConfig:
     max_decompressed: int = DEFAULT_MAX_DECOMPRESSED
     #: compute the events' digests for the integrity chain (off with --no-integrity-chain)
     chain: bool = True
+    #: evaluate the policy rules (the built-in pack and ``rules``, see ingest/policy)
+    policy: bool = True
+    #: the rules file's text (None: the built-in pack alone); compiled once per process
+    rules: str | None = None
+    builtin_rules: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +85,9 @@ class BatchOutput:
     chain: dict[str, bytes] = field(default_factory=dict)
     #: Undecodable NULL-time events go to the default partition; counted for metrics.
     undated_events: int = 0
+    #: What the events mean for the policy rules (tallies, sightings, drops), or None when
+    #: policies are off.
+    policy: PolicyOutput | None = None
 
 
 _decryptors: dict[tuple[str, bool], Decryptor] = {}
@@ -109,6 +121,11 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
     digests = DayDigests()
     ingested_at = datetime.now(UTC)
     chain = batch.config.chain
+    policy = (
+        policy_for(batch.config.rules, batch.config.builtin_rules) if batch.config.policy else None
+    )
+    if policy is not None:
+        out.policy = PolicyOutput()
     for index, sequence_number, raw, data_key in batch.records:
         try:
             record = decode_record(raw, data_key, decryptor, max_decompressed=max_decompressed)
@@ -116,9 +133,15 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
             out.failures.append(Failure(index, exc.stage.value, str(exc), exc.retriable))
             continue
         out.records_decoded += 1
+        fingerprints: list[Fingerprint | None] | None = None
+        if record.events and policy is not None and out.policy is not None:
+            record, fingerprints = _apply_policy(policy, record, sequence_number, out.policy)
         if record.events:
             data, count = copyfmt.encode_events(
-                ((record, shard_id, sequence_number),), ingested_at, batch.stream_name
+                ((record, shard_id, sequence_number),),
+                ingested_at,
+                batch.stream_name,
+                fingerprints,
             )
             chunks.append(data)
             out.event_count += count
@@ -153,3 +176,26 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
     out.statements = statements.build()
     out.statement_records = statements.records
     return out
+
+
+def _apply_policy(
+    policy: Policy, record: DecodedRecord, sequence_number: str, out: PolicyOutput
+) -> tuple[DecodedRecord, list[Fingerprint | None]]:
+    """Evaluate the rules on a record's events: the record with dropped events removed and
+    redacted ones rewritten, and the fingerprints of the events kept (taken before
+    redaction)."""
+    kept = []
+    fingerprints: list[Fingerprint | None] = []
+    changed = False
+    for event in record.events:
+        found = of_statement(event.command_text)
+        stored = policy.evaluate(event, record, found, (sequence_number, event.event_index), out)
+        if stored is None:
+            changed = True
+            continue
+        changed = changed or stored is not event
+        kept.append(stored)
+        fingerprints.append(found)
+    if changed:
+        record = dataclasses.replace(record, events=kept)
+    return record, fingerprints
