@@ -238,3 +238,30 @@ async def test_verify_checks_the_alert_chain(warehouse: str) -> None:
                 await tx.rollback()
     finally:
         await conn.close()
+
+
+GAP_CASES = [
+    # (instances' last heartbeats in minutes after NOON, now in minutes, caught up, silent)
+    ({"a": 10, "b": 10}, 11, False, []),
+    ({"a": 10, "b": 4}, 11, False, ["b"]),  # b is 6 min behind its sibling: stream time
+    ({"a": 10, "b": 6}, 11, False, []),  # 4 min: within the 5 min gap
+    ({"a": 10, "b": 10}, 30, False, []),  # all silent, not caught up: a backlog, not a gap
+    ({"a": 10, "b": 10}, 30, True, ["a", "b"]),  # caught up and silent: the wall clock counts
+    ({"a": 10}, 14, True, []),
+]
+
+
+@pytest.mark.parametrize(("beats", "now", "caught_up", "silent"), GAP_CASES)
+def test_heartbeat_gaps(
+    beats: dict[str, int], now: int, caught_up: bool, silent: list[str]
+) -> None:
+    from ingest.alerts.health import Beat, gaps
+
+    rule = load_rules(None).by_name("heartbeat_gap")
+    found = gaps(
+        [Beat("c", name, NOON + timedelta(minutes=m)) for name, m in beats.items()],
+        rule,
+        now=NOON + timedelta(minutes=now),
+        caught_up=caught_up,
+    )
+    assert sorted(b.instance_id for b, _ in found) == silent

@@ -12,6 +12,16 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ingest.commands.options import add_log_argument
 
+SCENARIO_NAMES = (
+    "brute-force",
+    "password-spray",
+    "privilege-escalation",
+    "mass-export",
+    "off-hours-ddl",
+    "audit-tampering",
+    "stream-stopped",
+)
+
 if TYPE_CHECKING:
     from ingest.emulate.producer import EmulateReport, Progress
 
@@ -87,6 +97,13 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--seed", type=int, default=1, help="traffic seed (1)")
     parser.add_argument(
+        "--scenario",
+        choices=SCENARIO_NAMES,
+        help="inject an incident with known ground truth into paced normal Aurora PostgreSQL "
+        "traffic of --count events (20 events/s of log time from a Monday 09:00 UTC; the "
+        "incident 5 minutes in); docs/policies.md lists the alerts each must raise",
+    )
+    parser.add_argument(
         "--rotate-every", type=int, default=100, metavar="K", help="new data key every K records"
     )
     parser.add_argument(
@@ -131,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             rotate_every=args.rotate_every,
             heartbeat_every=args.heartbeat_every,
             processes=args.processes,
+            scenario=args.scenario,
         )
     except ConfigError as exc:
         print(f"das-ingest emulate: {exc}", file=sys.stderr)

@@ -116,6 +116,9 @@ class EmulateOptions:
     heartbeat_every: int = 20
     #: Encoder worker processes; 1 encodes in a thread of this process.
     processes: int = 1
+    #: An incident with known ground truth (ingest/emulate/scenarios.py) injected into paced
+    #: normal Aurora PostgreSQL traffic of ``count`` events; None: the plain traffic.
+    scenario: str | None = None
 
     def __post_init__(self) -> None:
         if not self.stream:
@@ -130,6 +133,10 @@ class EmulateOptions:
             (self.rotate_every < 1, "rotate-every must be >= 1"),
             (self.heartbeat_every < 0, "heartbeat-every must be >= 0"),
             (self.processes < 1, "processes must be >= 1"),
+            (
+                self.scenario is not None and self.scenario not in _scenario_names(),
+                f"scenario must be one of {', '.join(_scenario_names())}",
+            ),
             (self.engine not in ENGINES, f"engine must be one of {', '.join(ENGINES)}"),
             (self.pg_version not in PG_VERSIONS, "PostgreSQL record version must be 1.0 or 1.1"),
             (
@@ -153,7 +160,21 @@ class EmulateOptions:
         )
 
     def inner_records(self) -> Iterator[InnerRecord]:
+        if self.scenario is not None:
+            from ingest.emulate.scenarios import scenario
+
+            records, _ = scenario(
+                self.scenario, self.seed, count=self.count,
+                events_per_record=self.events_per_record, cluster_id=self.resource_id,
+            )  # fmt: skip
+            return iter(records)
         return self.traffic().records(self.events_per_record, self.count)
+
+
+def _scenario_names() -> tuple[str, ...]:
+    from ingest.emulate.scenarios import SCENARIOS
+
+    return SCENARIOS
 
 
 class DataKey(NamedTuple):
