@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ingest.commands.warehouse_admin",
     "ingest.commands.integrity",
     "ingest.commands.rules",
+    "ingest.commands.alerts",
     "ingest.emulate.cli",
     "ingest.commands.stack",
 )
