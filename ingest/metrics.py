@@ -39,6 +39,13 @@ class Metrics:
         )
         self.kms_calls = Counter("das_kms_calls", "KMS Decrypt calls", registry=r)
         self.kms_hits = Counter("das_kms_cache_hits", "Data keys served from the cache", registry=r)
+        self.kms_refused = Counter(
+            "das_kms_refused",
+            "Data keys refused for good: by a KMS call (answered_by=kms, once per data key and "
+            "context), or from the memory of that refusal (answered_by=cache, per record)",
+            ["answered_by"],
+            registry=r,
+        )
         self.lease_changes = Counter(
             "das_lease_changes",
             "Lease changes: taken, stolen, lost (to another worker), released (given back: "

@@ -1,9 +1,9 @@
--- Query fingerprints (issue 13) and chain version 3 (docs/integrity.md).
+-- Query fingerprints (issue 13) and policy drops in the integrity chain (docs/integrity.md).
 --
 -- Every statement event gets its fingerprint (the statement with literals, lists and comments
--- normalized away, ingest/decode/fingerprint.py) and a 64-bit hash of it. Both are part of the
--- event's encoding from chain version 3 on; events stored before keep NULL here and their
--- version 2 encoding. Nullable, no default: adding them rewrites nothing.
+-- normalized away, ingest/decode/fingerprint.py) and a 64-bit hash of it: a column group of
+-- the event's encoding, encoded only when set, so events stored before (NULL here) keep their
+-- encoding. Nullable, no default: adding them rewrites nothing.
 ALTER TABLE das.activity_events
     ADD COLUMN fingerprint      text,
     ADD COLUMN fingerprint_hash bigint;
@@ -16,12 +16,10 @@ COMMENT ON COLUMN das.activity_events.fingerprint_hash IS
 CREATE INDEX activity_events_fingerprint ON das.activity_events (fingerprint_hash, log_time)
     WHERE fingerprint_hash IS NOT NULL;
 
--- Per batch link (version 3 on), how many events each drop rule kept out of storage, so
--- verify tells dropped-by-policy from deleted and the counts are queryable.
-ALTER TABLE das.chain_links
-    ADD COLUMN dropped jsonb NOT NULL DEFAULT '{}',
-    DROP CONSTRAINT chain_links_version,
-    ADD CONSTRAINT chain_links_version CHECK (version IN (1, 2, 3));
+-- Per batch link, how many events each drop rule kept out of storage (a line of the link text
+-- when there were any), so verify tells dropped-by-policy from deleted and the counts are
+-- queryable.
+ALTER TABLE das.chain_links ADD COLUMN dropped jsonb NOT NULL DEFAULT '{}';
 
 -- One row per query pattern: how often, by whom, first and last seen.
 CREATE VIEW das.query_patterns AS

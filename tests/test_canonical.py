@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from ingest.decode import copyfmt
 from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
-from ingest.decode.fingerprint import of_statement
+from ingest.decode.fingerprint import fingerprint_hash, of_statement
 from ingest.decode.model import ActivityEvent, DecodedRecord
 from ingest.integrity.canonical import (
-    CHAIN_COLUMNS,
+    COLUMN_GROUPS,
     EVENT_COLUMNS,
     ZERO_HASH,
     LinkFields,
@@ -90,8 +90,8 @@ def test_numbers_times_and_fields() -> None:
 
 
 def documented_example() -> list[Any]:
-    """The example event of docs/integrity.md, as its values in EVENT_COLUMNS order."""
-    values: list[Any] = [None] * len(EVENT_COLUMNS)
+    """The example event of docs/integrity.md, as its 38 values in EVENT_COLUMNS order."""
+    values: list[Any] = [None] * 38
     named = {
         "cluster_id": "cluster-ABC",
         "record_version": "1.2",
@@ -129,19 +129,27 @@ def test_the_documented_example_encoding() -> None:
             "2026-11-25T12:00:00.000005Z",
         ]
     )  # fmt: skip
-    assert event_encoding(documented_example(), version=2) == expected.encode()
+    assert event_encoding(documented_example()) == expected.encode()
     digest = hashlib.sha256(expected.encode()).digest()
-    assert event_digest(documented_example(), version=2) == digest
-    # Version 3 appends the fingerprint and its hash: NULL here, as for any event without a
-    # statement, and an event written under version 2 keeps its version 2 encoding whatever
-    # is stored in the new columns.
-    assert event_encoding(documented_example(), 3) == (expected + "\t\\N\t\\N").encode()
-    with_print = documented_example()
-    with_print[EVENT_COLUMNS.index("fingerprint")] = "select ?"
-    with_print[EVENT_COLUMNS.index("fingerprint_hash")] = -42
-    assert event_encoding(with_print, 3) == (expected + "\tselect ?\t-42").encode()
-    assert event_encoding(with_print, 2) == expected.encode()
-    assert CHAIN_COLUMNS[3][: len(CHAIN_COLUMNS[2])] == CHAIN_COLUMNS[2]
+    assert event_digest(documented_example()) == digest
+
+
+def test_the_documented_fingerprint_encoding() -> None:
+    """docs/integrity.md, "Column groups": the fingerprint group is encoded only when set,
+    after the engine columns; trailing all-NULL groups are left out whatever the version."""
+    v2 = event_encoding(documented_example())
+    aurora = [*documented_example(), None, {}, None, None]
+    assert event_encoding([*aurora, None, None]) == event_encoding(aurora)
+    assert event_encoding([*aurora, "select ?", -42]) == v2 + b"\t\\N\t{}\t\\N\t\\N\tselect ?\t-42"
+    # a fingerprint on an event stored before the engine columns: the whole line
+    old_with_print = [*documented_example(), None, None, None, None, "select ?", -42]
+    assert event_encoding(old_with_print) == v2 + b"\t\\N\t\\N\t\\N\t\\N\tselect ?\t-42"
+    for version in (1, 2):
+        assert event_encoding(old_with_print, version) != event_encoding(
+            documented_example(), version
+        )
+    assert COLUMN_GROUPS[-1] == ("fingerprint", "fingerprint_hash")
+    assert EVENT_COLUMNS[-2:] == COLUMN_GROUPS[-1]
 
 
 def test_version_1_encoding_has_no_stream_name() -> None:
@@ -174,8 +182,6 @@ def test_the_documented_link_text() -> None:
         dead_letters=dead_letter_entries(
             [("49590338271490256608559692538361571095921575989136588899", b"not a record")]
         ),
-        dropped={"noise": 4},
-        version=2,
     )
     assert link.text() == "\n".join(
         (
@@ -194,13 +200,9 @@ def test_the_documented_link_text() -> None:
         )
     )
     assert link_hash(ZERO_HASH, link) == hashlib.sha256(ZERO_HASH + link.text().encode()).digest()
-    # Version 3 adds the events each drop rule removed, as canonical JSON, on a last line.
-    v3 = LinkFields(**{**link.__dict__, "version": 3, "dropped": {"z": 1, "noise": 4}})
-    assert v3.text().split("\n") == [
-        "das-chain-v3",
-        *link.text().split("\n")[1:],
-        '{"noise":4,"z":1}',
-    ]
+    # A link with events drop rules removed has them, as canonical JSON, on one more line.
+    dropping = LinkFields(**{**link.__dict__, "dropped": {"z": 1, "noise": 4}})
+    assert dropping.text().split("\n") == [*link.text().split("\n"), '{"noise":4,"z":1}']
     # Version 1 (before migration 0004): no created_at, no dead letters.
     old = LinkFields(**{**link.__dict__, "version": 1})
     assert old.text().split("\n") == [
@@ -266,8 +268,9 @@ def events(draw: st.DrawFn) -> tuple[ActivityEvent, DecodedRecord]:
 def test_the_writer_line_is_the_verifier_encoding(
     pair: tuple[ActivityEvent, DecodedRecord], sequence: int, stream: str
 ) -> None:
-    """The COPY line the decode processes write (and hash) is, byte for byte, the encoding
-    verify computes from the stored values."""
+    """The COPY line the decode processes write is, byte for byte, the encoding verify
+    computes from the stored values; without a fingerprint, once its two NULL fields are cut
+    (what decode_batch hashes)."""
     event, record = pair
     stamp = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
     data, count = copyfmt.encode_events([(record, "shardId-1", str(sequence))], stamp, stream)
@@ -277,12 +280,17 @@ def test_the_writer_line_is_the_verifier_encoding(
         event, record, stream, "shardId-1", str(sequence), stamp, of_statement(event.command_text)
     )
     assert values[EVENT_COLUMNS.index("stream_name")] == stream
-    assert data[:-1] == event_encoding(values)
+    line = data[:-1]
+    if values[-2] is None:
+        assert line.endswith(copyfmt.NULL_FINGERPRINT)
+        line = line[: -len(copyfmt.NULL_FINGERPRINT)]
+    assert line == event_encoding(values)
 
 
 def test_decode_batch_digests_each_event_line() -> None:
     """decode_batch's chain input is, per UTC day, the SHA-256 of each stored COPY line in
-    order: what verify recomputes from the rows."""
+    order (without the fingerprint fields when they are NULL): what verify recomputes from the
+    rows."""
     import orjson
 
     from tests.sealing import seal
@@ -306,6 +314,9 @@ def test_decode_batch_digests_each_event_line() -> None:
     assert out.failures == []
     assert out.event_count == 3
     lines = out.events.split(b"\n")[:-1]
+    assert lines[0].endswith(b"\tselect ?\t" + str(fingerprint_hash("select ?")).encode())
+    assert lines[1].endswith(copyfmt.NULL_FINGERPRINT)
+    lines[1:] = [line[: -len(copyfmt.NULL_FINGERPRINT)] for line in lines[1:]]
     by_day = {
         day: b"".join(hashlib.sha256(line).digest() for line in lines[i : i + 1])
         for day, i in (("2026-11-24", 0), ("2026-11-25", 1), ("none", 2))

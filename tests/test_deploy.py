@@ -6,7 +6,8 @@
   real CLI parser (the image's entrypoint is ``das-ingest``, i.e. ``ingest.cli:main``).
 - No credentials anywhere but LocalStack's documented test values.
 - The AWS region: ``AWS_REGION``, then ``AWS_DEFAULT_REGION``, then the profile.
-- ``deploy/iam-policy.json`` is least privilege: exactly what the ingester calls (both ways,
+- ``deploy/iam-policy.json`` (an Aurora cluster) and ``iam-policy-instance.json`` (an RDS DB
+  instance) are least privilege: exactly what the ingester calls (both ways,
   derived from the source), one region, account and stream, kms:Decrypt bound to the encryption
   context, and no policy in deploy/ that could start or stop the stream.
 - The Grafana dashboard queries only metrics and labels the ingester exports, and shows every
@@ -59,6 +60,7 @@ from ingest.cli import build_parser
 from ingest.devstack import HOST, LocalStack, free_port
 from ingest.emulate.producer import EmulateOptions, emulate
 from ingest.errors import ConfigError
+from ingest.kms import encryption_context
 from ingest.metrics import Metrics
 from ingest.warehouse.migrate import migrate
 from tests.cli_helpers import Result, das_ingest
@@ -73,6 +75,9 @@ DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "das-ingest.
 DASHBOARD_PROVIDER = DEPLOY / "grafana" / "provisioning" / "dashboards" / "das-ingest.yml"
 PROMETHEUS = DEPLOY / "prometheus.yml"
 IAM_POLICY = DEPLOY / "iam-policy.json"
+#: The same policy for an RDS for Oracle / RDS for SQL Server DB instance's stream.
+IAM_POLICY_INSTANCE = DEPLOY / "iam-policy-instance.json"
+INGESTER_POLICIES = (IAM_POLICY, IAM_POLICY_INSTANCE)
 INITDB_SQL = DEPLOY / "compose" / "initdb.sql"
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -477,8 +482,8 @@ def test_kubernetes_fleet() -> None:
 # IAM
 
 
-def _statements() -> list[dict[str, Any]]:
-    policy = json.loads(IAM_POLICY.read_text())
+def _statements(path: Path = IAM_POLICY) -> list[dict[str, Any]]:
+    policy = json.loads(path.read_text())
     assert policy["Version"] == "2012-10-17"
     statements = policy["Statement"]
     assert isinstance(statements, list)
@@ -489,10 +494,10 @@ def _listed(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else value
 
 
-def _allows(action: str) -> list[dict[str, Any]]:
+def _allows(action: str, path: Path = IAM_POLICY) -> list[dict[str, Any]]:
     return [
         s
-        for s in _statements()
+        for s in _statements(path)
         if s["Effect"] == "Allow"
         and any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in _listed(s["Action"]))
     ]
@@ -501,20 +506,34 @@ def _allows(action: str) -> list[dict[str, Any]]:
 ACTIVITY_STREAM_CONTROL = ("rds:StartActivityStream", "rds:StopActivityStream")
 
 
-def test_iam_policy_never_allows_controlling_the_activity_stream() -> None:
+@pytest.mark.parametrize("path", INGESTER_POLICIES, ids=lambda p: p.name)
+def test_iam_policy_never_allows_controlling_the_activity_stream(path: Path) -> None:
     for action in (*ACTIVITY_STREAM_CONTROL, "rds:ModifyActivityStream"):
-        assert not _allows(action), f"{action} must not be allowed"
+        assert not _allows(action, path), f"{action} must not be allowed"
         denies = [
             s
-            for s in _statements()
+            for s in _statements(path)
             if s["Effect"] == "Deny" and action in _listed(s["Action"]) and s["Resource"] == "*"
         ]
         assert denies, f"an explicit Deny of {action} on every resource"
 
 
-def test_iam_policy_is_least_privilege() -> None:
+@pytest.mark.parametrize(
+    ("path", "discovery", "context_key", "prefix"),
+    [
+        (IAM_POLICY, "rds:DescribeDBClusters", "aws:rds:dbc-id", "cluster-"),
+        (IAM_POLICY_INSTANCE, "rds:DescribeDBInstances", "aws:rds:db-id", "db-"),
+    ],
+    ids=["cluster", "instance"],
+)
+def test_iam_policy_is_least_privilege(
+    path: Path, discovery: str, context_key: str, prefix: str
+) -> None:
+    """The policy of an Aurora cluster's stream (iam-policy.json) and of an RDS DB instance's
+    (iam-policy-instance.json): the same calls, the discovery call and encryption context key
+    of their kind of resource."""
     allowed = sorted(
-        a for s in _statements() if s["Effect"] == "Allow" for a in _listed(s["Action"])
+        a for s in _statements(path) if s["Effect"] == "Allow" for a in _listed(s["Action"])
     )
     assert allowed == sorted(
         [
@@ -526,28 +545,35 @@ def test_iam_policy_is_least_privilege() -> None:
             "kms:DescribeKey",
             "kms:GenerateMac",
             "kms:Sign",
-            "rds:DescribeDBClusters",
+            discovery,
         ]
     )
     # Anchoring is allowed on the anchor key only, never on the stream's key.
-    (anchor,) = _allows("kms:GenerateMac")
-    (decrypt,) = _allows("kms:Decrypt")
+    (anchor,) = _allows("kms:GenerateMac", path)
+    (decrypt,) = _allows("kms:Decrypt", path)
     assert anchor["Resource"] != decrypt["Resource"]
     assert "anchor" in anchor["Resource"]
-    for statement in _statements():
+    for statement in _statements(path):
         if statement["Effect"] == "Allow":
             assert "*" not in _listed(statement["Action"])
             for resource in _listed(statement["Resource"]):
                 assert resource.startswith("arn:aws:"), resource
-    (kms,) = _allows("kms:Decrypt")
+    (kms,) = _allows("kms:Decrypt", path)
     assert _listed(kms["Action"]) == ["kms:Decrypt"]
     assert kms["Resource"].startswith("arn:aws:kms:")
     assert ":key/" in kms["Resource"]
-    context = kms["Condition"]["StringEquals"]["kms:EncryptionContext:aws:rds:dbc-id"]
-    assert context.startswith("cluster-")
-    # One stream: the activity stream of the cluster whose data keys may be decrypted.
-    (kinesis,) = _allows("kinesis:GetRecords")
+    (condition,) = kms["Condition"]["StringEquals"].items()
+    assert condition[0] == f"kms:EncryptionContext:{context_key}"
+    context = condition[1]
+    assert context.startswith(prefix)
+    # The key the ingester itself uses for such a resource id.
+    assert encryption_context(context) == {context_key: context}
+    # One stream: the activity stream of the resource whose data keys may be decrypted.
+    (kinesis,) = _allows("kinesis:GetRecords", path)
     assert _arn(kinesis["Resource"]).resource == f"stream/aws-rds-das-{context}"
+    (rds,) = _allows(discovery, path)
+    kind = "cluster" if discovery == "rds:DescribeDBClusters" else "db"
+    assert _arn(rds["Resource"]).resource.startswith(f"{kind}:")
 
 
 @dataclass(frozen=True)
@@ -568,7 +594,11 @@ def test_iam_policy_names_one_region_and_account() -> None:
     """Every resource the ingester may use is pinned to the documented example region and
     account (docs/operations.md says what to replace), never a wildcard."""
     resources = [
-        _arn(r) for s in _statements() if s["Effect"] == "Allow" for r in _listed(s["Resource"])
+        _arn(r)
+        for path in INGESTER_POLICIES
+        for s in _statements(path)
+        if s["Effect"] == "Allow"
+        for r in _listed(s["Resource"])
     ]
     assert {(a.region, a.account) for a in resources} == {("us-east-1", "111122223333")}
     for arn in resources:
@@ -627,8 +657,11 @@ def test_iam_policy_allows_nothing_the_ingester_does_not_call() -> None:
         called
     )
     assert "kinesis:DescribeStream" not in called
-    allowed = {a for s in _statements() if s["Effect"] == "Allow" for a in _listed(s["Action"])}
-    assert not allowed - called, f"allowed but never called: {sorted(allowed - called)}"
+    for path in INGESTER_POLICIES:
+        allowed = {
+            a for s in _statements(path) if s["Effect"] == "Allow" for a in _listed(s["Action"])
+        }
+        assert not allowed - called, f"{path.name}: allowed but never called: {allowed - called}"
 
 
 def test_no_policy_in_deploy_grants_starting_or_stopping_the_activity_stream() -> None:
@@ -637,7 +670,11 @@ def test_no_policy_in_deploy_grants_starting_or_stopping_the_activity_stream() -
         for path in sorted(DEPLOY.rglob("*.json"))
         if '"Statement"' in path.read_text()
     ]
-    assert {path.name for path, _ in policies} >= {"iam-policy.json", "iam-policy-auditor.json"}
+    assert {path.name for path, _ in policies} >= {
+        "iam-policy.json",
+        "iam-policy-instance.json",
+        "iam-policy-auditor.json",
+    }
     for path, policy in policies:
         for statement in policy["Statement"]:
             if statement["Effect"] != "Allow":
@@ -670,9 +707,19 @@ def test_iam_policy_covers_every_aws_call_of_the_ingester() -> None:
         for method in re.findall(r"\bawait\s+[\w.]*?(\w+)\(", path.read_text()):
             called |= operations.get(method, set())
     # A wrapper with an operation's name (KinesisReader.list_shards) only makes this stricter.
-    assert {"kinesis:GetRecords", "kms:Decrypt", "rds:DescribeDBClusters"} <= called
-    for action in sorted(called):
-        assert _allows(action), f"the ingester calls {action} but the policy does not allow it"
+    assert {
+        "kinesis:GetRecords",
+        "kms:Decrypt",
+        "rds:DescribeDBClusters",
+        "rds:DescribeDBInstances",
+    } <= called
+    # Discovery is per kind of resource: a cluster's policy has the cluster call, an
+    # instance's the instance call; everything else is in both.
+    only = {IAM_POLICY: "rds:DescribeDBInstances", IAM_POLICY_INSTANCE: "rds:DescribeDBClusters"}
+    for path in INGESTER_POLICIES:
+        for action in sorted(called - {only[path]}):
+            assert _allows(action, path), f"the ingester calls {action}; {path.name} must allow it"
+        assert not _allows(only[path], path)
 
 
 def test_the_auditor_policy_can_check_anchors_but_not_make_them() -> None:

@@ -39,6 +39,7 @@ from ingest.devstack import LocalStack
 from ingest.errors import KmsUnavailableError
 from ingest.kinesis import IteratorExpiredError, KinesisUnavailableError
 from ingest.kinesis import classify as classify_kinesis
+from ingest.kms import REFUSAL_MESSAGE
 from ingest.kms import classify as classify_kms
 from tests.cli_helpers import das_ingest
 from tests.faults import (
@@ -797,3 +798,67 @@ async def test_kms_refusals_are_dead_lettered_then_redriven_exactly_once(
     assert_exactly_once(await stored(pg_dsn), expected(good) + expected(foreign) + expected(later))
     needles = await stream_needles(stream, [good, foreign, later], [resource_id, other])
     assert_no_leaks({"right": first.output, "wrong": wrong.output}, needles)
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_a_wrong_resource_id_costs_one_kms_call_per_data_key(
+    stack: LocalStack, fleet: Fleet, pg_dsn: str
+) -> None:
+    """An RDS instance's stream (db-…, data keys under aws:rds:db-id) read with a wrong
+    --resource-id: KMS is asked once per distinct data key (counted at the KMS server's door,
+    through the proxy), not once per record; each refusal is logged once with its likely cause
+    and counted; status shows it; every record is dead-lettered, and re-driven after the fix."""
+    await migrated(pg_dsn)
+    resource_id = f"db-{secrets.token_hex(6).upper()}"
+    stream = f"aws-rds-das-{resource_id}"
+    opts = options(stream, count=600, shards=2, instances=2, rotate_every=20)
+    report = await produce(opts)
+    assert report.data_keys >= 3
+    assert report.records > 3 * report.data_keys  # records share data keys
+    async with FaultProxy.for_url(
+        stack.kms_endpoint, name="kms", http_faults=HttpFaults([])
+    ) as kms:
+        worker = await fleet.start(
+            "misconfigured",
+            stream,
+            pg_dsn,
+            "--processes",
+            "0",
+            "--metrics-port",
+            "0",
+            "--resource-id",
+            "db-WRONG",
+            env={"AWS_ENDPOINT_URL_KMS": kms.url},
+        )
+        port = await metrics_port(worker)
+
+        async def all_dead() -> bool:
+            return len(await dead_letters(pg_dsn)) == report.records
+
+        await wait_until(all_dead, deadline=90)
+        await asyncio.sleep(1.5)  # a coordinator cycle: KMS counters are synced once per cycle
+        _, text = await http_get(port, "/metrics")
+        worker.terminate()
+        assert await worker.wait(30) == 0
+        decrypt_calls = kms.stats.requests["Decrypt"]
+    assert decrypt_calls == report.data_keys
+    refused = metric_values(text, "das_kms_refused_total")
+    assert refused == {
+        '{answered_by="kms"}': float(report.data_keys),
+        '{answered_by="cache"}': float(report.records - report.data_keys),
+    }
+    logged = worker.logged(REFUSAL_MESSAGE)
+    assert len(logged) == report.data_keys
+    assert all(e["encryption_context"] == {"aws:rds:db-id": "db-WRONG"} for e in logged)
+    assert all("resource id" in e["likely_cause"] for e in logged)
+    status = await _status_json(pg_dsn, stream)
+    (refusal,) = status["kms_refusals"]
+    assert refusal["records"] == report.records
+    assert "InvalidCiphertextException" in refusal["error"]
+    assert "aws:rds:db-id" in refusal["error"]  # the likely cause, with the context key to use
+    redriven = await das_ingest(
+        "dead-letters", "retry", "--all", "--resource-id", resource_id, env={"DAS_DSN": pg_dsn}
+    )
+    assert redriven.returncode == 0, redriven.stderr
+    assert await dead_letters(pg_dsn) == []
+    assert_exactly_once(await stored(pg_dsn), expected(opts))

@@ -26,7 +26,6 @@ from ingest.emulate.traffic import EventKey, format_datetime
 from ingest.errors import ConfigError
 from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads, read_exported_anchors
 from ingest.integrity.canonical import (
-    CHAIN_COLUMNS,
     CHAIN_VERSION,
     EVENT_COLUMNS,
     EVENT_COLUMNS_V1,
@@ -1476,68 +1475,66 @@ async def test_upgrading_a_warehouse_of_several_streams(pg_dsn: str, tmp_path: P
     assert "1 events of 2024-03-01" in report.findings[0].detail
 
 
-# -- version 3: fingerprints appended to the encoding, dropped counts in the link -------------
+# -- the fingerprint group and dropped counts (migration 0015) ---------------------------------
 
 
 async def _insert_event(
-    conn: asyncpg.Connection, values: dict[str, Any], version: int = CHAIN_VERSION
+    conn: asyncpg.Connection, values: dict[str, Any], columns: tuple[str, ...] = EVENT_COLUMNS
 ) -> list[Any]:
-    """Insert one event; its values in EVENT_COLUMNS order (as far as ``version`` has them)."""
-    columns = list(values)
+    """Insert one event; its values in EVENT_COLUMNS order (of ``columns``, the rest None)."""
+    names = list(values)
     await conn.execute(
-        f"INSERT INTO das.activity_events ({', '.join(columns)}) "
-        f"VALUES ({', '.join(f'${i + 1}' for i in range(len(columns)))})",
+        f"INSERT INTO das.activity_events ({', '.join(names)}) "
+        f"VALUES ({', '.join(f'${i + 1}' for i in range(len(names)))})",
         *values.values(),
     )
     row = await conn.fetchrow(
-        f"SELECT {', '.join(CHAIN_COLUMNS[version])} FROM das.activity_events "
+        f"SELECT {', '.join(columns)} FROM das.activity_events "
         "WHERE shard_id = $1 AND sequence_number = $2",
         values["shard_id"],
         values["sequence_number"],
     )
     assert row is not None
-    out = list(row) + [None] * (len(EVENT_COLUMNS) - len(row))
-    extra = EVENT_COLUMNS.index("extra")
-    out[extra] = json.loads(out[extra])
-    return out
+    return stored_values([*row, *[None] * (len(EVENT_COLUMNS) - len(row))])
 
 
 async def _link(conn: asyncpg.Connection, link: LinkFields, prev: bytes) -> bytes:
     digest = link_hash(prev, link)
+    with_dropped = bool(link.dropped)
     await conn.execute(
         "INSERT INTO das.chain_links (stream_name, shard_id, link_no, kind, first_sequence, "
         "last_sequence, event_count, days, prev_hash, link_hash, created_at, dead_letters, "
-        "version" + (", dropped" if link.version >= 3 else "") + ") "
+        "version" + (", dropped" if with_dropped else "") + ") "
         "VALUES ($1, $2, $3, 'batch', $4::numeric, $5::numeric, $6, $7::jsonb, $8, $9, $10, "
-        "'[]', $11" + (", $12::jsonb" if link.version >= 3 else "") + ")",
+        "'[]', 2" + (", $11::jsonb" if with_dropped else "") + ")",
         link.stream, link.shard, link.link_no, link.first_sequence, link.last_sequence,
-        link.event_count, json.dumps(link.days), prev, digest, link.created_at, link.version,
-        *([json.dumps(dict(link.dropped))] if link.version >= 3 else []),
+        link.event_count, json.dumps(link.days), prev, digest, link.created_at,
+        *([json.dumps(dict(link.dropped))] if with_dropped else []),
     )  # fmt: skip
     return digest
 
 
-async def test_version_2_links_keep_verifying_beside_version_3_links(
+async def test_fingerprints_and_dropped_counts_extend_a_chain_begun_before_them(
     pg_dsn: str, tmp_path: Path
 ) -> None:
-    """A chain begun before migration 0015 (version 2 links, events without fingerprints)
-    continues with version 3 links (fingerprints in the encoding, dropped counts in the link
-    text): all of it verifies, and tampering with either new field is found."""
-    stream, shard = "aws-rds-das-cluster-V3", "shardId-000000000000"
+    """A chain begun before migration 0015 (events without fingerprint columns) continues with
+    fingerprinted events and a link counting dropped events: all of it verifies, and tampering
+    with either new field (or fingerprinting an old event) is found."""
+    stream, shard = "aws-rds-das-cluster-FP", "shardId-000000000000"
     base = {
         "log_time": datetime(2024, 3, 1, 10, tzinfo=UTC), "cluster_id": "c",
         "record_version": "1.1", "stream_name": stream, "shard_id": shard, "event_index": 0,
         "command_text": "SELECT 1", "ingested_at": datetime(2024, 3, 1, 10, 1, tzinfo=UTC),
+        "engine_native_audit_fields": "{}",
     }  # fmt: skip
     created = datetime(2024, 3, 1, 10, 2, tzinfo=UTC)
+    before = tuple(c for c in EVENT_COLUMNS if not c.startswith("fingerprint"))
 
     async def build(conn: asyncpg.Connection) -> None:
-        values = await _insert_event(conn, {**base, "sequence_number": 10}, version=2)
+        values = await _insert_event(conn, {**base, "sequence_number": 10}, before)
         digests = DayDigests()
-        digests.add("2024-03-01", event_digest(values, version=2))
-        link = LinkFields(
-            stream, shard, 1, "batch", "10", "10", 1, digests.summary(), created, (), version=2
-        )
+        digests.add("2024-03-01", event_digest(values))
+        link = LinkFields(stream, shard, 1, "batch", "10", "10", 1, digests.summary(), created)
         await _link(conn, link, ZERO_HASH)
         await conn.execute(
             "INSERT INTO das.leases (stream_name, shard_id, checkpoint) VALUES ($1, $2, '10')",
@@ -1555,10 +1552,10 @@ async def test_version_2_links_keep_verifying_beside_version_3_links(
             {**base, "sequence_number": 11, "fingerprint": "select ?", "fingerprint_hash": -7},
         )
         digests = DayDigests()
-        digests.add("2024-03-01", event_digest(values, version=3))
+        digests.add("2024-03-01", event_digest(values))
         link = LinkFields(
             stream, shard, 2, "batch", "11", "12", 1, digests.summary(), created, (),
-            dropped={"noise": 2}, version=3,
+            dropped={"noise": 2},
         )  # fmt: skip
         await _link(conn, link, bytes(prev))
         await conn.execute("UPDATE das.leases SET checkpoint = '12'")
@@ -1567,24 +1564,21 @@ async def test_version_2_links_keep_verifying_beside_version_3_links(
         assert (report.links, report.events) == (2, 2)
         dropped = await conn.fetch("SELECT rule, events FROM das.dropped_events")
         assert [(r["rule"], r["events"]) for r in dropped] == [("noise", 2)]
-        async with conn.transaction():
-            await conn.execute(
-                "UPDATE das.activity_events SET fingerprint = 'select 1' WHERE sequence_number = 11"
-            )
-            assert kinds(await verify_warehouse(conn, kms=None)) == ["altered"]
-            raise _Rollback
-    except _Rollback:
-        pass
-    try:
-        async with conn.transaction():
-            await conn.execute("UPDATE das.chain_links SET dropped = '{\"noise\": 0}'")
-            assert "link_altered" in kinds(await verify_warehouse(conn, kms=None))
-            raise _Rollback
-    except _Rollback:
-        pass
+        for statement, kind in (
+            ("UPDATE das.activity_events SET fingerprint = 'select 1' WHERE sequence_number = 11",
+             "altered"),
+            ("UPDATE das.activity_events SET fingerprint = NULL, fingerprint_hash = NULL "
+             "WHERE sequence_number = 11", "altered"),
+            ("UPDATE das.activity_events SET fingerprint = 'x', fingerprint_hash = 1 "
+             "WHERE sequence_number = 10", "altered"),
+            ("UPDATE das.chain_links SET dropped = '{}' WHERE link_no = 2", "link_altered"),
+        ):  # fmt: skip
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await conn.execute(statement)
+                assert kinds(await verify_warehouse(conn, kms=None)) == [kind], statement
+            finally:
+                await tx.rollback()
     finally:
         await conn.close()
-
-
-class _Rollback(Exception):
-    pass

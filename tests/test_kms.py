@@ -13,6 +13,7 @@ from botocore.exceptions import ClientError
 from ingest.aws import aws_client
 from ingest.errors import KmsError, KmsUnavailableError, Stage
 from ingest.kms import (
+    REFUSAL_MESSAGE,
     DataKeyCache,
     classify,
     encryption_context,
@@ -49,6 +50,9 @@ def test_resource_id_comes_from_the_stream_name() -> None:
     assert resource_id_from_stream("aws-rds-das-cluster-ABCD123456") == "cluster-ABCD123456"
     assert resource_id_from_stream("my-own-stream") == "my-own-stream"
     assert encryption_context("cluster-X") == {"aws:rds:dbc-id": "cluster-X"}
+    # RDS DB instances (RDS for Oracle, RDS for SQL Server) bind data keys to their DbiResourceId.
+    assert encryption_context("db-ABC123") == {"aws:rds:db-id": "db-ABC123"}
+    assert encryption_context("database-1") == {"aws:rds:dbc-id": "database-1"}
 
 
 async def test_decrypts_once_then_serves_from_the_cache(kms: Any) -> None:
@@ -88,6 +92,45 @@ async def test_wrong_context_is_permanent_and_remembered_briefly(kms: Any) -> No
     with pytest.raises(KmsError):
         await cache.get(blob, wrong)
     assert cache.stats.calls == 2
+
+
+async def test_refusals_are_bounded_logged_once_per_key_and_counted(
+    kms: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong resource id for an instance's stream (db-…, aws:rds:db-id): each refused data
+    key costs one KMS call and one log line naming the likely cause, however many records use
+    it; the memory of refusals is bounded (least recently used forgotten first)."""
+    clock = Clock()
+    right = encryption_context("db-RIGHT")
+    wrong = encryption_context("db-WRONG")
+    assert wrong == {"aws:rds:db-id": "db-WRONG"}
+    cache = DataKeyCache(kms, max_refused=2, negative_ttl_seconds=60, clock=clock)
+    blobs = [(await data_key(kms, right))[1] for _ in range(3)]
+    caplog.set_level("WARNING", logger="ingest")
+    for _ in range(50):  # 50 records sharing the first data key
+        with pytest.raises(KmsError):
+            await cache.get(blobs[0], wrong)
+    assert (cache.stats.calls, cache.stats.refused, cache.stats.refused_cached) == (1, 1, 49)
+    refusals = [r for r in caplog.records if r.getMessage() == REFUSAL_MESSAGE]
+    assert len(refusals) == 1
+    logged = refusals[0].__dict__
+    assert "resource id" in logged["likely_cause"]
+    assert logged["encryption_context"] == {"aws:rds:db-id": "db-WRONG"}
+    assert "InvalidCiphertextException" in logged["error"]
+    for blob in blobs[1:]:
+        with pytest.raises(KmsError):
+            await cache.get(blob, wrong)
+    assert cache.stats.calls == 3
+    assert cache.refused_keys == 2  # bounded: the first key's refusal was forgotten
+    with pytest.raises(KmsError):
+        await cache.get(blobs[0], wrong)
+    assert cache.stats.calls == 4
+    # ... but not logged a second time: once per key.
+    assert len([r for r in caplog.records if r.getMessage() == REFUSAL_MESSAGE]) == 3
+    # The right context still decrypts (a refusal never poisons another context).
+    assert len(await cache.get(blobs[0], right)) == 32
+    clock.now += 61
+    assert cache.refused_keys == 0
 
 
 async def test_entries_expire_and_the_cache_is_bounded(kms: Any) -> None:

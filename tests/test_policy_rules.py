@@ -64,6 +64,7 @@ MATCH_CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("{remote_host: 10.0.0.0/8}", {"remote_host": "localhost"}, False),
     ("{remote_host: localhost}", {"remote_host": "localhost"}, True),
     ("{engine: postgres}", {}, True),
+    ("{engine: postgresql}", {}, True),
     ("{engine: mysql}", {}, False),
     ("{class: DDL, command: [CREATE TABLE]}", {"class_": "DDL", "command": "CREATE TABLE"}, True),
     ("{database: shop, object: orders}", {"database_name": "shop", "object_name": "orders"}, True),
@@ -204,6 +205,14 @@ FIRES: list[tuple[str, str, dict[str, Any]]] = [
     ("brute_force_login", "mysql", {"command": "FAILED_CONNECT", "exit_code": "1045"}),
     ("brute_force_login", "oracle", {"command": "LOGON", "exit_code": "1017"}),
     ("brute_force_login", "sqlserver", {"command": "LOGIN FAILED"}),
+    # SQL Server's succeeded flag: 0 is a failure
+    ("brute_force_login", "sqlserver", {"command": "LOGIN SUCCEEDED", "exit_code": "0"}),
+    ("privilege_change", "sqlserver", {"command": "ADD MEMBER", "exit_code": "1"}),
+    (
+        "privilege_change",
+        "sqlserver",
+        {"command_text": "DENY SELECT ON t TO eve", "exit_code": "1"},
+    ),
     (
         "privilege_change",
         "postgres",
@@ -249,6 +258,9 @@ FIRES: list[tuple[str, str, dict[str, Any]]] = [
 SILENT: list[tuple[str, str, dict[str, Any]]] = [
     ("brute_force_login", "postgres", {"command": "CONNECT"}),
     ("brute_force_login", "mysql", {"command": "CONNECT", "exit_code": "0"}),
+    ("brute_force_login", "sqlserver", {"command": "LOGIN SUCCEEDED", "exit_code": "1"}),
+    ("brute_force_login", "oracle", {"command": "LOGON", "exit_code": "0"}),
+    ("privilege_change", "sqlserver", {"command": "GRANT", "exit_code": "0"}),  # refused
     ("privilege_change", "postgres", {"command_text": "SELECT grant_id FROM grants"}),
     ("privilege_change", "postgres", {"command_text": "GRANT x TO y", "error_message": "denied"}),
     ("audit_tampering", "postgres", {"command_text": "SET search_path TO public"}),

@@ -26,7 +26,8 @@ record's decrypted document instead. Errors go to stderr as "line N: STAGE: reas
 cause)", or "FILE: line N: ..." when reading files (N counts the lines of that file); the exit
 code is 1 if any line failed, else 0.
 
-KMS is called with the encryption context {"aws:rds:dbc-id": RESOURCE_ID}; AWS settings come
+KMS is called with the encryption context {"aws:rds:dbc-id": RESOURCE_ID} for an Aurora cluster
+(cluster-...), {"aws:rds:db-id": RESOURCE_ID} for an RDS DB instance (db-...); AWS settings come
 from the usual places (AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL_KMS, ...).
 
 example:
@@ -47,8 +48,8 @@ def add_parser(subparsers: Any) -> None:
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument(
         "--resource-id",
-        help="the cluster resource id (DbClusterResourceId, e.g. cluster-ABCD123456), "
-        "used as the KMS encryption context",
+        help="the resource id used as the KMS encryption context: an Aurora cluster's "
+        "DbClusterResourceId (cluster-ABCD123456) or an RDS instance's DbiResourceId (db-...)",
     )
     who.add_argument(
         "--stream",

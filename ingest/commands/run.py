@@ -29,6 +29,7 @@ example:
   das-ingest migrate --dsn postgresql://admin@db/audit
   das-ingest run --cluster my-aurora-cluster --dsn postgresql://ingester@db/audit \\
       --metrics-port 9108
+  das-ingest run --instance my-oracle-instance --dsn postgresql://ingester@db/audit
 """
 
 
@@ -52,11 +53,18 @@ def add_parser(subparsers: Any) -> None:
         help="Aurora DB cluster identifier: stream and resource id are discovered with "
         "rds:DescribeDBClusters [DAS_CLUSTER]",
     )
+    source.add_argument(
+        "--instance",
+        default=env_default("DAS_INSTANCE"),
+        help="RDS for Oracle or RDS for SQL Server DB instance identifier: stream and resource "
+        "id (DbiResourceId) are discovered with rds:DescribeDBInstances [DAS_INSTANCE]",
+    )
     parser.add_argument(
         "--resource-id",
         default=env_default("DAS_RESOURCE_ID"),
-        help="cluster resource id for the KMS encryption context (default: from the stream "
-        "name) [DAS_RESOURCE_ID]",
+        help="resource id for the KMS encryption context: cluster-... (Aurora, under "
+        "aws:rds:dbc-id) or db-... (RDS instance, under aws:rds:db-id) (default: from the "
+        "stream name) [DAS_RESOURCE_ID]",
     )
     add_dsn_argument(parser)
     parser.add_argument(
@@ -214,8 +222,10 @@ def run(args: argparse.Namespace) -> int:
     from ingest.runtime import run_async
 
     setup_logging(args.log_level)
-    if not args.stream and not args.cluster:
-        raise SystemExit("das-ingest run: give --stream NAME or --cluster ID (or $DAS_STREAM)")
+    if not args.stream and not args.cluster and not args.instance:
+        raise SystemExit(
+            "das-ingest run: give --stream NAME, --cluster ID or --instance ID (or $DAS_STREAM)"
+        )
     try:
         args.initial_checkpoint = initial_checkpoint(args.initial_position)
     except ValueError as exc:

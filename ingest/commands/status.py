@@ -65,6 +65,15 @@ async def gather(conn: Any, stream: str | None) -> dict[str, Any]:
         "WHERE $1::text IS NULL OR stream_name = $1 GROUP BY stage ORDER BY stage",
         stream,
     )
+    # Data keys KMS refused (wrong resource id or context, disabled or missing key): what the
+    # workers logged once per key, from the dead letters every worker of the fleet wrote.
+    refusals = await conn.fetch(
+        "SELECT stream_name, error, count(*) AS count, min(first_seen) AS oldest, "
+        "max(last_attempt) AS latest FROM das.dead_letters "
+        "WHERE stage = 'kms' AND ($1::text IS NULL OR stream_name = $1) "
+        "GROUP BY stream_name, error ORDER BY count(*) DESC, error LIMIT 10",
+        stream,
+    )
     estimate = await conn.fetchval(
         """
         SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint FROM pg_inherits i
@@ -119,6 +128,16 @@ async def gather(conn: Any, stream: str | None) -> dict[str, Any]:
         ],
         "dead_letters": [
             {"stage": r["stage"], "count": r["count"], "oldest": _iso(r["oldest"])} for r in dead
+        ],
+        "kms_refusals": [
+            {
+                "stream": r["stream_name"],
+                "error": r["error"],
+                "records": r["count"],
+                "oldest": _iso(r["oldest"]),
+                "latest": _iso(r["latest"]),
+            }
+            for r in refusals
         ],
         "events": int(estimate or 0),
     }
@@ -213,6 +232,12 @@ def print_tables(report: dict[str, Any]) -> None:
         ["stage", "count", "oldest"],
         [[d["stage"], d["count"], d["oldest"]] for d in report["dead_letters"]],
     )
+    if report["kms_refusals"]:
+        print("\nKMS REFUSALS (dead letters at stage kms; fix the cause, then re-drive them)")
+        _table(
+            ["stream", "records", "latest", "error (likely cause)"],
+            [[k["stream"], k["records"], k["latest"], k["error"]] for k in report["kms_refusals"]],
+        )
     print(f"\nevents stored: {report['events']}")
 
 

@@ -15,6 +15,7 @@ from ingest.aws import aws_client, error_code
 from ingest.consumer.shard import ShardSettings
 from ingest.consumer.worker import Worker, WorkerSettings
 from ingest.decode.batch import DecoderConfig
+from ingest.discovery import discover_cluster, discover_instance
 from ingest.errors import ConfigError
 from ingest.health import HealthServer
 from ingest.integrity.anchor import AnchorError
@@ -28,29 +29,6 @@ from ingest.warehouse.sink import init_connection
 
 log = logging.getLogger("ingest")
 T = TypeVar("T")
-
-
-async def discover(cluster: str) -> tuple[str, str]:
-    """(stream name, resource id) of an Aurora cluster's activity stream."""
-    async with aws_client("rds") as rds:
-        try:
-            response = await rds.describe_db_clusters(DBClusterIdentifier=cluster)
-        except Exception as exc:  # noqa: BLE001 - turned into a clear configuration error
-            code = error_code(exc) or type(exc).__name__
-            raise ConfigError(f"cannot describe DB cluster {cluster!r}: {code}") from None
-    clusters = response.get("DBClusters") or []
-    if not clusters:
-        raise ConfigError(f"DB cluster {cluster!r} not found")
-    info = clusters[0]
-    stream = info.get("ActivityStreamKinesisStreamName")
-    resource_id = info.get("DbClusterResourceId")
-    if not stream or not resource_id:
-        status = info.get("ActivityStreamStatus", "stopped")
-        raise ConfigError(
-            f"DB cluster {cluster!r} has no database activity stream (status: {status}); "
-            "start one with `aws rds start-activity-stream`"
-        )
-    return str(stream), str(resource_id)
 
 
 def worker_settings(args: argparse.Namespace, stream: str, resource_id: str) -> WorkerSettings:
@@ -109,7 +87,9 @@ class _Startup:
 
 async def serve(args: argparse.Namespace) -> int:
     if args.cluster:
-        stream, discovered_id = await discover(args.cluster)
+        stream, discovered_id = await discover_cluster(args.cluster)
+    elif getattr(args, "instance", None):
+        stream, discovered_id = await discover_instance(args.instance)
     else:
         stream, discovered_id = args.stream, resource_id_from_stream(args.stream)
     resource_id = args.resource_id or discovered_id

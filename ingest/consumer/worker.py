@@ -145,6 +145,7 @@ class Worker:
         self._partitions_due = 0.0
         self._idle_since: float | None = None
         self._kms_seen = (0, 0)
+        self._refused_seen = (0, 0)
         self.exit_reason = ""
 
     # -- public -------------------------------------------------------------------------
@@ -586,6 +587,10 @@ class Worker:
         self.metrics.kms_calls.inc(calls - self._kms_seen[0])
         self.metrics.kms_hits.inc(hits - self._kms_seen[1])
         self._kms_seen = (calls, hits)
+        refused, cached = self.keys.stats.refused, self.keys.stats.refused_cached
+        self.metrics.kms_refused.labels("kms").inc(refused - self._refused_seen[0])
+        self.metrics.kms_refused.labels("cache").inc(cached - self._refused_seen[1])
+        self._refused_seen = (refused, cached)
         self.metrics.queue_batches.set(self.budget.batches)
         self.metrics.queue_bytes.set(self.budget.bytes)
 

@@ -3,10 +3,10 @@
 The process pool returns one COPY-ready ``bytes`` per batch instead of thousands of row tuples:
 pickling tuples back to the parent costs about as much as producing them.
 
-Each line is also the event's canonical encoding for the integrity chain (version 2, see
-ingest/integrity/canonical.py and docs/integrity.md): times in canonical UTC text, JSON in
-canonical JSON. So the chain's digest of an event is one SHA-256 of its line, and the tests
-hold this fast encoder equal to the definition there.
+Each line is also the event's canonical encoding for the integrity chain (version 2, with the
+engine columns of migration 0006; see ingest/integrity/canonical.py and docs/integrity.md): times
+in canonical UTC text, JSON in canonical JSON. So the chain's digest of an event is one SHA-256
+of its line, and the tests hold this fast encoder equal to the definition there.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from ingest.decode.fingerprint import Fingerprint, of_statement
-from ingest.decode.model import FIELDS, ActivityEvent, DecodedRecord, Kind
+from ingest.decode.model import ENGINE_COLUMNS, FIELDS, ActivityEvent, DecodedRecord, Kind
 from ingest.integrity.canonical import (
     NULL,
     canonical_json,
@@ -41,9 +41,14 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "extra",
     "anomalies",
     "ingested_at",
+    *ENGINE_COLUMNS,
     "fingerprint",
     "fingerprint_hash",
 )
+
+#: How a line without a fingerprint ends: the encoding (the chain digest's input) is the line
+#: without it (trailing all-NULL column groups are not encoded, ingest/integrity/canonical.py).
+NULL_FINGERPRINT = b"\t\\N\t\\N"
 
 _FIELD_ATTRS = tuple(("class_" if f.column == "class" else f.column, f.kind) for f in FIELDS)
 _GET_FIELDS = operator.attrgetter(*(attr for attr, _ in _FIELD_ATTRS))
@@ -98,6 +103,15 @@ def event_line(
     anomalies = event.anomalies
     append(copy_array(anomalies) if anomalies else "{}")
     append(ingested_at)
+    # The engine columns (migration 0006). engine_native_audit_fields is never NULL: all four
+    # NULL is how verify tells an event stored before them (docs/integrity.md).
+    append(text(event.dbid))
+    native = event.engine_native_audit_fields
+    append(jsonb(native) if native else "{}")
+    append(text(event.statement_id_text))
+    append(jsonb(event.times_as_sent))
+    # The fingerprint (migration 0015): the last group, so a line ending in NULL_FINGERPRINT
+    # is encoded without it (docs/integrity.md).
     if fingerprint is None:
         append(NULL)
         append(NULL)

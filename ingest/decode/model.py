@@ -23,6 +23,7 @@ class Kind(Enum):
     INT = "int"  # 64-bit integer; numeric strings are accepted
     TIME = "time"  # "2019-05-24 00:39:49.940668+00" -> aware datetime
     LIST = "list"  # JSON array (paramList), stored as jsonb
+    OBJECT = "object"  # JSON object (engineNativeAuditFields), stored as jsonb
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +33,8 @@ class FieldSpec:
     kind: Kind
 
 
-#: Every field of both DAS field tables (Aurora PostgreSQL and Aurora MySQL), in column order.
+#: Every field of the Aurora PostgreSQL and Aurora MySQL field tables, in column order (the
+#: Oracle and SQL Server tables share them; their own fields are ENGINE_FIELDS).
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("class", "class", Kind.TEXT),
     FieldSpec("clientApplication", "client_application", Kind.TEXT),
@@ -66,7 +68,31 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("transactionId", "transaction_id", Kind.TEXT),
 )
 
-FIELDS_BY_WIRE: dict[str, FieldSpec] = {f.wire: f for f in FIELDS}
+#: Fields of the RDS for Oracle (1.3) and RDS for SQL Server (1.4) tables that the Aurora ones
+#: lack. Their columns come after ``ingested_at`` (see ENGINE_COLUMNS).
+ENGINE_FIELDS: tuple[FieldSpec, ...] = (
+    # Oracle's DBID: documented as a number, sent as a string in AWS's own example
+    # ("0123456789", leading zero): text keeps either exactly as sent.
+    FieldSpec("dbid", "dbid", Kind.TEXT),
+    # Oracle UNIFIED_AUDIT_TRAIL columns (UPPERCASE keys), SQL Server fn_get_audit_file
+    # columns (snake_case keys); an empty object unless the stream was started with
+    # --engine-native-audit-fields-included.
+    FieldSpec("engineNativeAuditFields", "engine_native_audit_fields", Kind.OBJECT),
+)
+
+#: The columns added for the RDS engines (migration 0006), in COPY order after ``ingested_at``:
+#: the two fields above, then ``statement_id_text`` (a statementId that is not a 64-bit integer,
+#: as sent: SQL Server's ``0x…`` sequence_group_id) and ``times_as_sent`` (the original text of
+#: a logTime/startTime/endTime whose precision a timestamptz cannot hold, e.g. SQL Server's
+#: seven fraction digits).
+ENGINE_COLUMNS: tuple[str, ...] = (
+    "dbid",
+    "engine_native_audit_fields",
+    "statement_id_text",
+    "times_as_sent",
+)
+
+FIELDS_BY_WIRE: dict[str, FieldSpec] = {f.wire: f for f in (*FIELDS, *ENGINE_FIELDS)}
 
 #: Wire fields that are consumed structurally and never stored in ``extra``.
 STRUCTURAL_FIELDS = frozenset({"type"})
@@ -113,6 +139,12 @@ class ActivityEvent:
     transaction_id: str | None = None
     extra: dict[str, JsonValue] = field(default_factory=dict)
     anomalies: tuple[str, ...] = ()
+    dbid: str | None = None
+    #: Never None for an event das-ingest decodes (``{}`` when the engine sent none): rows
+    #: stored before migration 0006 are the only ones with NULL here (docs/integrity.md).
+    engine_native_audit_fields: dict[str, JsonValue] = field(default_factory=dict)
+    statement_id_text: str | None = None
+    times_as_sent: dict[str, str] | None = None
 
     def column(self, name: str) -> Any:
         """The value of SQL column ``name`` (``class`` maps to ``class_``)."""
@@ -125,6 +157,8 @@ class ActivityEvent:
             out[spec.column] = self.column(spec.column)
         out["extra"] = self.extra
         out["anomalies"] = list(self.anomalies)
+        for name in ENGINE_COLUMNS:
+            out[name] = getattr(self, name)
         return out
 
 

@@ -206,7 +206,7 @@ _ATTRS: dict[str, tuple[str, Kind]] = {
     wire: ("class_" if spec.column == "class" else spec.column, spec.kind)
     for wire, spec in FIELDS_BY_WIRE.items()
 }
-_TEXT, _INT = Kind.TEXT, Kind.INT
+_TEXT, _INT, _TIME = Kind.TEXT, Kind.INT, Kind.TIME
 
 
 def normalize_event(
@@ -221,6 +221,7 @@ def normalize_event(
         anomalies.append(f"type:{type_problem}")
         if "type" in item:
             extra["type"] = item["type"]
+    times_as_sent: dict[str, str] = {}
     low, high = _INT64
     for wire, raw in item.items():
         spec = _ATTRS.get(wire)
@@ -244,6 +245,15 @@ def normalize_event(
         converted, problem = _convert(kind, raw)
         if problem is None:
             values[attr] = converted
+            if kind is _TIME and _fraction_digits(raw) > _MICROSECOND_DIGITS:
+                # SQL Server's seven fraction digits: the column holds microseconds, the
+                # original keeps the rest (no anomaly: a documented shape).
+                times_as_sent[wire] = raw
+        elif problem == "type" and wire == "statementId" and type(raw) is str:
+            # SQL Server's statementId is a hex sequence_group_id ("0x38eaf4…"): stored as sent.
+            values["statement_id_text"], flag = sanitize_text(raw)
+            if flag:
+                anomalies.append(f"{wire}:{flag}")
         elif problem in ("nul", "utf8", "bignum"):
             values[attr] = converted
             anomalies.append(f"{wire}:{problem}")
@@ -255,7 +265,28 @@ def normalize_event(
     param_list = values.get("param_list")
     if param_list is not None:
         values["param_list"] = _sanitize_list(param_list, anomalies)
+    native = values.get("engine_native_audit_fields")
+    if native:
+        values["engine_native_audit_fields"] = sanitize_json(
+            native, "engineNativeAuditFields", anomalies
+        )
+    if times_as_sent:
+        values["times_as_sent"] = times_as_sent
     return ActivityEvent(event_index=index, extra=extra, anomalies=tuple(anomalies), **values)
+
+
+_MICROSECOND_DIGITS = 6
+
+
+def _fraction_digits(text: str) -> int:
+    """Digits after the decimal point of a DAS time ('...:59.9422268+00' -> 7)."""
+    dot = text.find(".")
+    if dot < 0:
+        return 0
+    end = dot + 1
+    while end < len(text) and text[end].isdigit():
+        end += 1
+    return end - dot - 1
 
 
 def _sanitize_list(items: list[Any], anomalies: list[str]) -> list[Any]:
@@ -303,6 +334,8 @@ def _convert(kind: Kind, raw: Any) -> tuple[Any, str | None]:
             return None, "type"
         stamp = parse_time(raw)
         return (stamp, None) if stamp is not None else (None, "time")
+    if kind is Kind.OBJECT:
+        return (raw, None) if isinstance(raw, dict) else (None, "type")
     # Kind.LIST
     if isinstance(raw, list):
         return raw, None

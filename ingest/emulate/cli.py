@@ -41,7 +41,8 @@ local stack, point the SDK at it with AWS_ENDPOINT_URL_KINESIS and AWS_ENDPOINT_
 KMS key is created first: meant for local stacks; on AWS that is a billable key that stays.
 
 Data keys come from KMS GenerateDataKey with encryption context
-{"aws:rds:dbc-id": RESOURCE_ID}; RESOURCE_ID defaults to the stream name without "aws-rds-das-".
+{"aws:rds:dbc-id": RESOURCE_ID} (an Aurora cluster, cluster-...) or {"aws:rds:db-id": RESOURCE_ID}
+(an RDS DB instance, db-...); RESOURCE_ID defaults to the stream name without "aws-rds-das-".
 Encryption (ECDSA P-384 signed messages) costs about 2 ms per record: use --processes to spread
 it over cores.
 

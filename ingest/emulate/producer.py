@@ -91,7 +91,8 @@ class EmulateError(IngestError):
 class EmulateOptions:
     """What to produce, and where. ``resource_id`` defaults to the stream name without
     ``aws-rds-das-``, which is what Aurora names the stream after and what KMS binds data keys
-    to (encryption context ``{"aws:rds:dbc-id": resource_id}``)."""
+    to (encryption context ``{"aws:rds:dbc-id": "cluster-…"}`` for an Aurora cluster,
+    ``{"aws:rds:db-id": "db-…"}`` for an RDS DB instance)."""
 
     stream: str
     resource_id: str = ""
@@ -385,7 +386,8 @@ async def create_kms_key(kms: Any) -> str:
 
 
 async def generate_data_key(kms: Any, key_id: str, resource_id: str) -> DataKey:
-    """A data key bound to the cluster like Aurora's: context {"aws:rds:dbc-id": id}."""
+    """A data key bound to the resource as RDS binds it: context {"aws:rds:dbc-id": id} for a
+    cluster, {"aws:rds:db-id": id} for a DB instance (``db-…``)."""
     try:
         response = await kms.generate_data_key(
             KeyId=key_id, KeySpec="AES_256", EncryptionContext=encryption_context(resource_id)

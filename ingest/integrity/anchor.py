@@ -17,7 +17,7 @@ import orjson
 
 from ingest.aws import error_code
 from ingest.errors import ConfigError, IngestError, KmsUnavailableError
-from ingest.integrity.canonical import ANCHOR_VERSION, anchor_message
+from ingest.integrity.canonical import CHAIN_VERSION, anchor_message
 from ingest.kms import classify as classify_kms_error
 from ingest.warehouse.db import Conn
 
@@ -54,7 +54,7 @@ class Anchor:
     key_id: str
     algorithm: str
     signature: bytes
-    version: int = ANCHOR_VERSION
+    version: int = CHAIN_VERSION
 
     def message(self) -> bytes:
         return anchor_message(

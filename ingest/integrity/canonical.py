@@ -17,7 +17,8 @@ from typing import Any
 
 import orjson
 
-#: Columns of das.activity_events in the order of an event's encoding in chain version 2.
+#: The columns of das.activity_events before migration 0006, in the order of an event's
+#: encoding (chain version 2): the order das-ingest COPYs them in.
 EVENT_COLUMNS_V2: tuple[str, ...] = (
     "cluster_id", "instance_id", "record_version", "stream_name", "shard_id", "sequence_number",
     "event_index", "class", "client_application", "command", "command_text", "database_name",
@@ -27,6 +28,26 @@ EVENT_COLUMNS_V2: tuple[str, ...] = (
     "session_id", "start_time", "statement_id", "substatement_id", "transaction_id", "extra",
     "anomalies", "ingested_at",
 )  # fmt: skip
+#: The engine columns migration 0006 added (RDS for Oracle and RDS for SQL Server), after
+#: ingested_at. das-ingest never stores an event with all four NULL from then on
+#: (engine_native_audit_fields is at least {}), so NULL in all four marks an event stored
+#: before: its encoding is its first 38 fields, as it was when its link was written.
+ENGINE_COLUMNS: tuple[str, ...] = (
+    "dbid", "engine_native_audit_fields", "statement_id_text", "times_as_sent",
+)  # fmt: skip
+#: The query fingerprint of a statement event and its hash (migration 0015,
+#: ingest/decode/fingerprint.py), after the engine columns; NULL for an event without a
+#: statement.
+FINGERPRINT_COLUMNS: tuple[str, ...] = ("fingerprint", "fingerprint_hash")
+#: Groups of columns appended after the version 2 columns, one per migration, in order. An
+#: event's encoding is its COPY line without the trailing groups whose values are all NULL:
+#: so an event stored before a group existed keeps the encoding its link was computed from,
+#: and a group whose values are all NULL adds nothing (a later value put into it shows as
+#: altered). Adding a column is one more group here, one migration, and nothing for the events
+#: already stored.
+COLUMN_GROUPS: tuple[tuple[str, ...], ...] = (ENGINE_COLUMNS, FINGERPRINT_COLUMNS)
+#: Every column of das.activity_events in encoding (and COPY) order.
+EVENT_COLUMNS: tuple[str, ...] = EVENT_COLUMNS_V2 + tuple(c for g in COLUMN_GROUPS for c in g)
 #: The columns of chain version 1 (links written before migration 0004), in its order.
 EVENT_COLUMNS_V1: tuple[str, ...] = (
     "log_time", "cluster_id", "instance_id", "record_version", "shard_id", "sequence_number",
@@ -37,28 +58,19 @@ EVENT_COLUMNS_V1: tuple[str, ...] = (
     "start_time", "statement_id", "substatement_id", "transaction_id", "extra", "anomalies",
     "ingested_at",
 )  # fmt: skip
-#: The columns each chain version's event encoding covers, in order (versions 2 and later: an
-#: event's COPY text line). A new column is a new version whose list is the previous one plus
-#: the column at the end: events covered by older links keep their encoding (the new column is
-#: NULL for them and not part of it), COPY writes the newest list, and verify reads the newest
-#: list and encodes each event by the version of the link covering it.
-CHAIN_COLUMNS: dict[int, tuple[str, ...]] = {
-    2: EVENT_COLUMNS_V2,
-    # query fingerprints (migrations/0015_policies.sql); links also record dropped events
-    3: (*EVENT_COLUMNS_V2, "fingerprint", "fingerprint_hash"),
-}
-#: The version of the links and anchors das-ingest writes.
-CHAIN_VERSION = max(CHAIN_COLUMNS)
-#: Columns of das.activity_events in the order das-ingest COPYs them (ingest.decode.copyfmt,
-#: held equal by the tests) and ``verify`` reads them: the newest version's.
-EVENT_COLUMNS: tuple[str, ...] = CHAIN_COLUMNS[CHAIN_VERSION]
 #: Where each version 1 column sits in EVENT_COLUMNS.
 V1_POSITIONS = tuple(EVENT_COLUMNS.index(c) for c in EVENT_COLUMNS_V1)
-#: Anchors have no new field after version 2: a version 3 link is anchored by a version 2
-#: anchor message.
-ANCHOR_VERSION = 2
+#: The version of the links and anchors das-ingest writes.
+CHAIN_VERSION = 2
 TIME_COLUMNS = frozenset({"log_time", "end_time", "start_time", "ingested_at"})
-JSON_COLUMNS = frozenset({"param_list", "extra", "anomalies"})
+JSON_COLUMNS = frozenset(
+    {"param_list", "extra", "anomalies", "engine_native_audit_fields", "times_as_sent"}
+)
+_V2_WIDTH = len(EVENT_COLUMNS_V2)
+#: (first, end) positions of each column group in EVENT_COLUMNS.
+_GROUP_BOUNDS = tuple(
+    (EVENT_COLUMNS.index(g[0]), EVENT_COLUMNS.index(g[0]) + len(g)) for g in COLUMN_GROUPS
+)
 #: COPY text format's NULL.
 NULL = "\\N"
 
@@ -169,12 +181,30 @@ def copy_field(column: str, value: Any) -> str:
     return copy_escape(value)
 
 
-def event_line(values: Sequence[Any], version: int = CHAIN_VERSION) -> str:
-    """An event's encoding in chain ``version`` (2 or later, as text): its COPY text line, the
-    :func:`copy_field` of its values in ``CHAIN_COLUMNS[version]`` order joined by tabs, no
-    newline. ``values`` are in :data:`EVENT_COLUMNS` order (the newest list: a prefix of it is
-    each older version's)."""
-    columns = CHAIN_COLUMNS[version]
+def has_engine_values(values: Sequence[Any]) -> bool:
+    """Whether any engine column (:data:`ENGINE_COLUMNS`) of an event's values is set."""
+    return any(v is not None for v in values[_V2_WIDTH : _V2_WIDTH + len(ENGINE_COLUMNS)])
+
+
+def encoded_width(values: Sequence[Any]) -> int:
+    """How many of an event's values (in :data:`EVENT_COLUMNS` order; or only its first 38)
+    its encoding has: all of them but the trailing :data:`COLUMN_GROUPS` that are all NULL."""
+    width = min(len(values), len(EVENT_COLUMNS))
+    for start, _end in reversed(_GROUP_BOUNDS):
+        if start >= width:
+            continue
+        if any(v is not None for v in values[start:width]):
+            return width
+        width = start
+    return width
+
+
+def event_line(values: Sequence[Any]) -> str:
+    """An event's version 2 encoding (as text): its COPY text line, the :func:`copy_field` of
+    its values in :data:`EVENT_COLUMNS` order joined by tabs, no newline, without the trailing
+    column groups that are all NULL (:data:`COLUMN_GROUPS`): an event stored before migration
+    0006 (or given as its 38 values of :data:`EVENT_COLUMNS_V2`) is its first 38 fields."""
+    columns = EVENT_COLUMNS[: encoded_width(values)]
     return "\t".join(copy_field(c, v) for c, v in zip(columns, values[: len(columns)], strict=True))
 
 
@@ -191,13 +221,15 @@ def canonical_value(column: str, value: Any) -> Any:
     return value
 
 
-def event_encoding(values: Sequence[Any], version: int = CHAIN_VERSION) -> bytes:
-    """The canonical encoding of an event given its values in :data:`EVENT_COLUMNS` order:
-    version 2 and later, its COPY text line (:func:`event_line`) as UTF-8; version 1, the
-    canonical JSON array of the :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no
-    stream_name)."""
-    if version >= 2:
-        return event_line(values, version).encode()
+def event_encoding(values: Sequence[Any], version: int = 2) -> bytes:
+    """The canonical encoding of an event given its values in :data:`EVENT_COLUMNS` order (or
+    its 38 :data:`EVENT_COLUMNS_V2` values): version 2, its COPY text line
+    (:func:`event_line`) as UTF-8; version 1, the canonical JSON array of the
+    :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no stream_name). An event with a
+    value in a later column group is its full line under either version: no link written before
+    migration 0006 covered one, so such a value under an older link shows as altered."""
+    if version >= 2 or encoded_width(values) > _V2_WIDTH:
+        return event_line(values).encode()
     row = [
         canonical_value(c, values[i]) for c, i in zip(EVENT_COLUMNS_V1, V1_POSITIONS, strict=True)
     ]
@@ -273,7 +305,7 @@ class LinkFields:
     #: version 2 only: :func:`dead_letter_entries` of the records dead-lettered (batch) or
     #: re-driven (redrive)
     dead_letters: Sequence[Mapping[str, str]] = ()
-    #: version 3 on: per drop rule, how many events of the covered records it removed
+    #: per drop rule, how many events of the covered records it kept out of storage
     dropped: Mapping[str, int] = field(default_factory=dict)
     version: int = CHAIN_VERSION
 
@@ -285,14 +317,16 @@ class LinkFields:
         ]  # fmt: skip
         if self.version == 1:
             lines.append(canonical_json(self.days))
-        elif self.version in CHAIN_COLUMNS:
+        elif self.version == 2:
             if self.created_at is None:
-                raise ValueError(f"a version {self.version} link has a created_at")
+                raise ValueError("a version 2 link has a created_at")
             lines.extend(
                 (canonical_time(self.created_at), canonical_json(self.days),
                  canonical_json(list(self.dead_letters)))
             )  # fmt: skip
-            if self.version >= 3:
+            # Events drop rules kept out of storage (policies, migration 0015): one more line,
+            # only when there were any, so links without drops keep their text.
+            if self.dropped:
                 lines.append(canonical_json(dict(self.dropped)))
         else:
             raise ValueError(f"unknown chain version {self.version}")
@@ -320,7 +354,7 @@ def anchor_message(
     *,
     key_id: str = "",
     algorithm: str = "",
-    version: int = ANCHOR_VERSION,
+    version: int = CHAIN_VERSION,
 ) -> bytes:
     """What an anchor's MAC or signature authenticates; version 2 also names the key (as the
     ARN KMS gives for it) and the algorithm."""
@@ -360,5 +394,6 @@ def stored_event_values(
         event.server_host, event.server_type, event.server_version, event.service_name,
         event.session_id, event.start_time, event.statement_id, event.substatement_id,
         event.transaction_id, extra, list(event.anomalies), ingested_at,
-        *(fingerprint if fingerprint is not None else (None, None)),
+        event.dbid, event.engine_native_audit_fields or {}, event.statement_id_text,
+        event.times_as_sent, *(fingerprint if fingerprint is not None else (None, None)),
     ]  # fmt: skip

@@ -651,7 +651,9 @@ async def _check_dead_letters(
 
 
 _JSON_POSITIONS = tuple(
-    i for i, column in enumerate(EVENT_COLUMNS) if column in ("param_list", "extra")
+    i
+    for i, column in enumerate(EVENT_COLUMNS)
+    if column in ("param_list", "extra", "engine_native_audit_fields", "times_as_sent")
 )
 
 

@@ -28,7 +28,7 @@ FAILED_LOGIN_COMMANDS = [
 LOGIN_COMMANDS = ["CONNECT", "LOGIN", "LOGON", "LOGIN SUCCEEDED"]
 
 PRIVILEGE_PATTERN = (
-    r"^(grant|revoke|(create|alter|drop) (role|user|login)\b|rename user|set default role"
+    r"^(grant|revoke|deny|(create|alter|drop) (role|user|login)\b|rename user|set default role"
     r"|alter (server )?role \S+ (add|drop) member"
     r"|(exec|execute) (sys\.)?sp_(add|drop)(srv)?rolemember|(exec|execute) (sys\.)?sp_grantlogin)"
 )
@@ -79,15 +79,24 @@ def builtin_specs(change_window: Mapping[str, Any] | None = None) -> dict[str, d
                 "any": [
                     {"fingerprint": {"regex": PRIVILEGE_PATTERN}},
                     {
+                        # Oracle ACTION_NAME and SQL Server audit action names
                         "command": [
                             "GRANT",
                             "REVOKE",
+                            "DENY",
                             "CREATE ROLE",
                             "ALTER ROLE",
                             "DROP ROLE",
                             "CREATE USER",
                             "ALTER USER",
                             "DROP USER",
+                            "CREATE LOGIN",
+                            "ALTER LOGIN",
+                            "DROP LOGIN",
+                            "ADD MEMBER",
+                            "DROP MEMBER",
+                            "ADD ROLE MEMBER",
+                            "DROP ROLE MEMBER",
                         ]
                     },
                 ],

@@ -28,7 +28,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from ingest.policy.subject import GROUP_FIELDS, NUMBER_FIELDS, TEXT_FIELDS, Subject
+from ingest.policy.subject import (
+    ENGINE_ALIASES,
+    GROUP_FIELDS,
+    NUMBER_FIELDS,
+    TEXT_FIELDS,
+    Subject,
+)
 
 KINDS = ("match", "threshold", "first_seen", "stream_health")
 ACTIONS = ("alert", "redact", "drop")
@@ -392,13 +398,15 @@ def _fingerprint_hash(want: int) -> Predicate:
 
 
 def _in_test(values: list[Any], exact: bool) -> Callable[[str], bool]:
+    if exact:  # engines, with their aliases
+        values = [ENGINE_ALIASES.get(str(v), v) for v in values]
     wanted = frozenset(str(v) if exact else str(v).lower() for v in values)
     if exact:
         return wanted.__contains__
     return lambda value: value.lower() in wanted
 
 
-_ENGINES = ("postgres", "mysql", "oracle", "sqlserver")
+_ENGINES = ("postgresql", "postgres", "mysql", "oracle", "sqlserver")
 _WHERE_KEYS = (*TEXT_FIELDS, *NUMBER_FIELDS, "failed", "time", "fingerprint_hash", "any")
 
 _RULE_KEYS = frozenset(

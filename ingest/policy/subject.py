@@ -13,23 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ingest.decode.engines import engine_of, event_failed
 from ingest.decode.fingerprint import Fingerprint
 from ingest.decode.model import ActivityEvent, DecodedRecord
 
-#: DAS record versions by engine (docs: Aurora PostgreSQL 1.0/1.1, Aurora MySQL 1.2, RDS for
-#: Oracle 1.3, RDS for SQL Server 1.4).
-ENGINE_BY_VERSION = {
-    "1.0": "postgres",
-    "1.1": "postgres",
-    "1.2": "mysql",
-    "1.3": "oracle",
-    "1.4": "sqlserver",
-}
-ENGINES = ("postgres", "mysql", "oracle", "sqlserver")
-
-#: Exit codes that mean success: PostgreSQL "00000" or null, MySQL "0", Oracle "0", SQL Server
-#: "1" (its ``succeeded`` flag) is normalized by the engines' decode; "" everywhere.
-SUCCESS_CODES = frozenset({"", "0", "00000"})
+#: The engines (ingest/decode/engines.py: from the record version, else serverType); rules may
+#: also write "postgres".
+ENGINES = ("postgresql", "mysql", "oracle", "sqlserver")
+ENGINE_ALIASES = {"postgres": "postgresql"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +34,10 @@ class Subject:
 
     @property
     def failed(self) -> bool:
+        """Failed, as each engine says it (Oracle RETURN_CODE, SQL Server succeeded = 0, an
+        SQLSTATE or error number for Aurora): the warehouse's das.event_failed."""
         event = self.event
-        if event.error_message:
-            return True
-        return (event.exit_code or "") not in SUCCESS_CODES
+        return event_failed(self.record.record_version, event.error_message, event.exit_code)
 
     @property
     def time(self) -> datetime | None:
@@ -56,9 +47,8 @@ class Subject:
 def subject(
     event: ActivityEvent, record: DecodedRecord, fingerprint: Fingerprint | None
 ) -> Subject:
-    return Subject(
-        event, record, ENGINE_BY_VERSION.get(record.record_version, "unknown"), fingerprint
-    )
+    engine = engine_of(record.record_version, event.server_type) or "unknown"
+    return Subject(event, record, engine, fingerprint)
 
 
 def _fingerprint_text(s: Subject) -> str | None:
