@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 NODE_DIR := tools/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: help setup demo test test-fast lint bench soak clean
+.PHONY: help setup demo stack test test-fast lint bench soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade 'pip>=24'
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@# The development package das_dev (local stack, demo) is not part of the wheel, so the
+	@# editable install does not map it: link it into the virtualenv, importable from anywhere.
+	$(BIN)/python -c 'import os, sysconfig; link = os.path.join(sysconfig.get_paths()["purelib"], "das_dev"); os.path.lexists(link) or os.symlink(os.path.abspath("das_dev"), link)'
 	touch $@
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
@@ -30,7 +33,10 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	touch $@
 
 demo: setup  ## start a local stack, emulate Aurora traffic, ingest it, show the warehouse
-	$(BIN)/python -m ingest.demo
+	$(BIN)/python -m das_dev.demo
+
+stack: setup  ## run the local stack in the foreground, print its variables; Ctrl-C stops it
+	$(BIN)/python -m das_dev.devstack
 
 test: setup lint  ## lint, then the whole test suite against the local stack
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -38,7 +44,7 @@ test: setup lint  ## lint, then the whole test suite against the local stack
 test-fast: setup  ## the test suite without lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-LINT_PATHS := ingest tests $(wildcard bench)
+LINT_PATHS := ingest das_dev tests $(wildcard bench)
 
 lint: setup  ## ruff and strict mypy
 	$(BIN)/ruff check $(LINT_PATHS)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from bench import decode, e2e, procs, workload
 from bench.reference import ReferenceResult, run_reference
 from bench.report import Table, num, ratio, spread
+from das_dev.devstack import LocalStack, install_signal_handlers
 from ingest.aws import aws_client
-from ingest.devstack import LocalStack, install_signal_handlers
 from ingest.emulate.producer import create_kms_key
 
 RSS_LIMIT = 400 * 1024 * 1024

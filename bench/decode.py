@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from ingest.decode import copyfmt
-from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
+from ingest.decode.batch import BatchInput, DecoderConfig, KeyedRecord, decode_batch
 from ingest.decode.correlate import StatementRangeBuilder
 from ingest.decode.envelope import read_envelope
 from ingest.decode.esdk import EsdkDecryptor
@@ -104,7 +104,7 @@ def measure(events_per_record: int, records: int, repeat: int) -> DecodeResult:
     s["normalize"], decoded = _best(lambda p: normalize(*p), pairs, repeat)
     s["COPY"], _ = _best(_copy_encode, decoded, repeat)
 
-    items = [(i, str(i + 1), data, key) for i, data in enumerate(raw)]
+    items = [KeyedRecord(i, str(i + 1), data, key) for i, data in enumerate(raw)]
     for name, config in CONFIGS.items():
         batch = BatchInput("shardId-000000000000", items, config, stream_name=BENCH_STREAM)
         decode_batch(batch)  # warm: decryptor construction, imports

@@ -32,7 +32,7 @@ import orjson
 
 from bench import procs
 from bench.workload import Workload, put_batch
-from ingest.devstack import LocalStack, free_port
+from das_dev.devstack import LocalStack, free_port
 from ingest.emulate.producer import Entry
 from ingest.warehouse.migrate import migrate
 

@@ -77,7 +77,7 @@ def main() -> None:
     if args.dsn:
         asyncio.run(measure(args.dsn, args.events, args.rate, rules))
         return
-    from ingest.devstack import PostgresCluster
+    from das_dev.devstack import PostgresCluster
 
     with PostgresCluster() as cluster:
         asyncio.run(measure(cluster.dsn, args.events, args.rate, rules))

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from ingest.devstack import LocalStack
+from das_dev.devstack import LocalStack
 from ingest.emulate.producer import EmulateOptions, Progress, emulate
 from ingest.emulate.traffic import EventKey
 from tests.faults import (

@@ -2,30 +2,43 @@
 
 Each command lives in its own module that exposes ``add_parser(subparsers)``; the parser sets
 ``func`` to a callable taking the parsed ``argparse.Namespace`` and returning an exit code.
-Command modules import their heavy dependencies inside ``func`` so ``--help`` stays quick.
+The command modules are imported here, statically, so readers and tools can follow them; each
+imports its heavy dependencies (asyncio, the AWS SDK, asyncpg, the consumer) inside ``func``,
+so ``--help`` stays quick.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ingest import __version__
+from ingest.commands import (
+    alerts,
+    decrypt,
+    integrity,
+    migrate,
+    rules,
+    run,
+    status,
+    warehouse_admin,
+)
+from ingest.commands.options import ArgumentParser
+from ingest.emulate import cli as emulate
 
-#: Modules that contribute commands, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = (
-    "ingest.commands.run",
-    "ingest.commands.status",
-    "ingest.commands.migrate",
-    "ingest.commands.decrypt",
-    "ingest.commands.warehouse_admin",
-    "ingest.commands.integrity",
-    "ingest.commands.rules",
-    "ingest.commands.alerts",
-    "ingest.emulate.cli",
-    "ingest.commands.stack",
+#: What adds each command to the parser, in the order ``--help`` lists them.
+COMMANDS: tuple[Callable[[Any], None], ...] = (
+    run.add_parser,
+    status.add_parser,
+    migrate.add_parser,
+    decrypt.add_parser,
+    warehouse_admin.add_parser,
+    integrity.add_parser,
+    rules.add_parser,
+    alerts.add_parser,
+    emulate.add_parser,
 )
 
 DESCRIPTION = """\
@@ -39,8 +52,6 @@ PG* variables.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ingest.commands.options import ArgumentParser
-
     parser = ArgumentParser(
         prog="das-ingest",
         description=DESCRIPTION,
@@ -48,14 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"das-ingest {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.add_parser(subparsers)
+    for add_parser in COMMANDS:
+        add_parser(subparsers)
     return parser
 
 

@@ -7,15 +7,15 @@ from datetime import datetime
 from typing import Any
 
 from ingest.aws import error_code
-from ingest.errors import ConfigError, IngestError
-from ingest.warehouse.leases import (
+from ingest.checkpoint import (
     AT_TIMESTAMP_PREFIX,
     LATEST,
     SHARD_END,
     TRIM_HORIZON,
-    ShardInfo,
     is_sequence_number,
 )
+from ingest.errors import ConfigError, IngestError
+from ingest.lease import ShardInfo
 
 THROTTLING_CODES = frozenset(
     {
@@ -41,9 +41,8 @@ class KinesisUnavailableError(KinesisError):
 
 
 class IteratorExpiredError(KinesisError):
-    """Shard iterators live 5 minutes: get a fresh one from the last checkpoint."""
-
-    retriable = True
+    """Shard iterators live 5 minutes: get a fresh one from the last checkpoint. Not retriable
+    as such (the same call fails again): the fetcher renews the iterator instead."""
 
 
 class StreamNotFoundError(KinesisError, ConfigError):
@@ -149,6 +148,21 @@ class KinesisReader:
             next_iterator=response.get("NextShardIterator"),
             millis_behind_latest=response.get("MillisBehindLatest"),
         )
+
+
+async def check_stream(client: Any, stream: str) -> bool:
+    """That ``stream`` exists (DescribeStreamSummary): a ConfigError if not, or if Kinesis
+    refuses the call; KinesisUnavailableError when Kinesis cannot answer now."""
+    try:
+        await client.describe_stream_summary(StreamName=stream)
+    except Exception as exc:  # noqa: BLE001 - classified right here
+        error = classify(exc)
+        if error.retriable:
+            raise error from None
+        if isinstance(error, StreamNotFoundError):
+            raise ConfigError(f"Kinesis stream {stream!r} not found") from None
+        raise ConfigError(f"cannot describe Kinesis stream {stream!r}: {error}") from None
+    return True
 
 
 def _shard_info(shard: dict[str, Any]) -> ShardInfo:

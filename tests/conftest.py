@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from ingest.devstack import LocalStack
+from das_dev.devstack import LocalStack
 from tests.fleet import Fleet
 
 _STRAY_AWS_VARIABLES = (

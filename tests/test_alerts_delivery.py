@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from das_dev.devstack import LocalStack
 from ingest.alerts.notifiers import (
     AlertmanagerNotifier,
     SnsNotifier,
@@ -34,7 +35,6 @@ from ingest.alerts.notifiers import (
 from ingest.alerts.outbox import Deliverer, DeliveryMetrics, DeliverySettings
 from ingest.alerts.store import record_policy
 from ingest.decode.model import ActivityEvent, DecodedRecord
-from ingest.devstack import LocalStack
 from ingest.errors import ConfigError
 from ingest.policy.evaluate import Policy, PolicyOutput
 from ingest.policy.rules import load_rules

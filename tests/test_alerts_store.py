@@ -10,10 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ingest.alerts.chain import AlertFields, alert_hash
 from ingest.alerts.store import record_policy
 from ingest.decode.fingerprint import of_statement
 from ingest.decode.model import ActivityEvent, DecodedRecord
+from ingest.integrity.alerts import AlertFields, alert_hash
 from ingest.integrity.canonical import ZERO_HASH
 from ingest.policy.evaluate import Policy, PolicyOutput
 from ingest.policy.rules import load_rules

@@ -11,6 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingest.copytext import _canonical_json
 from ingest.decode import copyfmt
 from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
 from ingest.decode.fingerprint import fingerprint_hash, of_statement
@@ -20,7 +21,6 @@ from ingest.integrity.canonical import (
     EVENT_COLUMNS,
     ZERO_HASH,
     LinkFields,
-    _canonical_json,
     anchor_message,
     canonical_json,
     canonical_number,
@@ -113,7 +113,7 @@ def documented_example() -> list[Any]:
 
 
 def test_the_columns_are_the_copy_columns() -> None:
-    assert EVENT_COLUMNS == copyfmt.EVENT_COLUMNS
+    assert EVENT_COLUMNS == copyfmt.LINE_COLUMNS
 
 
 def test_the_documented_example_encoding() -> None:

@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 from ingest.aws import aws_client
+from ingest.consumer.redrive import redrive
 from ingest.decode.batch import DecoderConfig
 from ingest.kms import DataKeyCache, encryption_context
-from ingest.warehouse.deadletters import list_dead_letters, redrive
+from ingest.warehouse.deadletters import list_dead_letters
 from ingest.warehouse.sink import DeadLetter
 from tests.cli_helpers import das_ingest
 from tests.sealing import outer_record, seal_payload

@@ -28,8 +28,8 @@ import boto3  # type: ignore[import-untyped]
 import pytest
 from botocore.exceptions import ClientError
 
-from ingest import devstack
-from ingest.devstack import HOST, LocalStack, PostgresCluster, StackError
+from das_dev import devstack
+from das_dev.devstack import HOST, LocalStack, PostgresCluster, StackError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -302,7 +302,7 @@ def test_failed_startup_stops_the_servers_already_started() -> None:
 
 _CHILD = """
 import json, os, sys, time
-from ingest.devstack import LocalStack, install_signal_handlers
+from das_dev.devstack import LocalStack, install_signal_handlers
 
 def report(stack):
     info = {"pid": os.getpid(), "pids": stack.pids(), "workdir": str(stack.workdir)}
@@ -394,7 +394,7 @@ def _alive(pid: int) -> bool:
 def test_stack_command_prints_exports_and_stops_on_sigterm(tmp_path: Path) -> None:
     with (tmp_path / "stderr").open("w+") as stderr:
         child = subprocess.Popen(
-            [sys.executable, "-m", "ingest.devstack", "--services", "kinesis"],
+            [sys.executable, "-m", "das_dev.devstack", "--services", "kinesis"],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=stderr,

@@ -17,7 +17,7 @@ import boto3
 import pytest
 from aiohttp import web
 
-from ingest.devstack import HOST
+from das_dev.devstack import HOST
 from tests.cli_helpers import das_ingest
 from tests.fleet import Fleet, assert_exactly_once, expected, migrated, options, produce, stored
 

@@ -278,7 +278,7 @@ def test_the_engine_columns_follow_ingested_at_everywhere() -> None:
     assert EVENT_COLUMNS[:width] == EVENT_COLUMNS_V2 + ENGINE_COLUMNS
     assert EVENT_COLUMNS[width:] == ("fingerprint", "fingerprint_hash")
     assert ENGINE_COLUMNS == MODEL_ENGINE_COLUMNS
-    assert copyfmt.EVENT_COLUMNS == EVENT_COLUMNS
+    assert copyfmt.LINE_COLUMNS == EVENT_COLUMNS
 
 
 def test_the_documented_engine_columns_encoding() -> None:

@@ -35,7 +35,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from ingest.devstack import LocalStack
+from das_dev.devstack import LocalStack
 from ingest.errors import KmsUnavailableError
 from ingest.kinesis import IteratorExpiredError, KinesisUnavailableError
 from ingest.kinesis import classify as classify_kinesis

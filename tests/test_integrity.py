@@ -19,9 +19,9 @@ import asyncpg
 import boto3
 import pytest
 
+from das_dev.devstack import LocalStack
 from ingest.aws import aws_client
 from ingest.decode.batch import BatchInput, decode_batch
-from ingest.devstack import LocalStack
 from ingest.emulate.traffic import EventKey, format_datetime
 from ingest.errors import ConfigError
 from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads, read_exported_anchors
@@ -37,9 +37,10 @@ from ingest.integrity.canonical import (
     link_hash,
 )
 from ingest.integrity.verify import Report, stored_values, verify_warehouse
-from ingest.warehouse.leases import LeaseStore, ShardInfo
+from ingest.lease import LeaseToken, ShardInfo
+from ingest.warehouse.leases import LeaseStore
 from ingest.warehouse.retention import apply_retention
-from ingest.warehouse.sink import CopyUnit, LeaseToken, Sink
+from ingest.warehouse.sink import CopyUnit, Sink
 from tests.cli_helpers import das_ingest
 from tests.fleet import (
     Fleet,

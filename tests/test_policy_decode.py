@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import orjson
 
-from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, decode_batch
+from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig
 from ingest.decode.fingerprint import of_statement
+from ingest.policy.hook import decode_with_policy
 from tests.sealing import seal
 
 KEY = bytes(range(32))
@@ -32,7 +33,7 @@ def _batch(config: DecoderConfig) -> tuple[BatchOutput, str]:
         {"type": "DatabaseActivityMonitoringRecord", "clusterId": "c", "instanceId": "i",
          "databaseActivityEventList": events}
     )  # fmt: skip
-    out = decode_batch(
+    out = decode_with_policy(
         BatchInput("shardId-1", [(0, "7", seal(doc, KEY, "1.1"), KEY)], config, stream_name="s")
     )
     assert out.failures == []

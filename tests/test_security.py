@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from das_dev.devstack import HOST, LocalStack, PostgresCluster, free_port, unprivileged_user
 from ingest.consumer.failures import describe
-from ingest.devstack import HOST, LocalStack, PostgresCluster, free_port, unprivileged_user
 from ingest.emulate.traffic import MARKER_PREFIX
 from tests.cli_helpers import Result, das_ingest
 from tests.fleet import (

@@ -10,9 +10,10 @@ import asyncpg
 import orjson
 
 from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, decode_batch
-from ingest.warehouse.leases import Lease, LeaseStore, ShardInfo
+from ingest.lease import Lease, LeaseToken, ShardInfo
+from ingest.warehouse.leases import LeaseStore
 from ingest.warehouse.migrate import migrate
-from ingest.warehouse.sink import CopyUnit, DeadLetter, LeaseToken, Sink, init_connection
+from ingest.warehouse.sink import CopyUnit, DeadLetter, Sink, init_connection
 from tests.sealing import seal
 
 KEY = os.urandom(32)

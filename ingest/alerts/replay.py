@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import orjson
 
@@ -21,10 +22,19 @@ from ingest.alerts.store import record_policy
 from ingest.decode.batch import HeartbeatRow
 from ingest.decode.fingerprint import of_statement
 from ingest.decode.normalize import decode_payload
-from ingest.emulate.traffic import InnerRecord
 from ingest.policy.evaluate import Policy, PolicyOutput
 from ingest.warehouse.db import Conn
 from ingest.warehouse.sink import upsert_heartbeats
+
+
+class InnerRecord(Protocol):
+    """A plaintext DAS document and its record version (ingest.emulate.traffic.InnerRecord)."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def doc(self) -> dict[str, Any]: ...
 
 
 @dataclass

@@ -11,7 +11,7 @@ sightings). Here, in the batch's commit transaction:
    rule's learning period, makes a candidate;
 3. candidates are inserted into ``das.alerts`` with their identity (rule, group key, window)
    unique: a batch evaluated again after a crash or a lease takeover finds its alerts there
-   and adds none. Each new alert extends the alert chain (ingest.alerts.chain).
+   and adds none. Each new alert extends the alert chain (ingest.integrity.alerts).
 
 Because all of it commits or rolls back with the batch's events, counters count every stored
 batch exactly once and an alert exists iff its events were stored.
@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from ingest.alerts.chain import LOCK_KEY, AlertFields, alert_hash
+from ingest.integrity.alerts import LOCK_KEY, AlertFields, alert_hash
 from ingest.integrity.canonical import ZERO_HASH
 from ingest.policy.evaluate import (
     BUCKETS,

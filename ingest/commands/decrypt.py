@@ -139,7 +139,7 @@ async def _decrypt_all(args: argparse.Namespace, resource_id: str) -> int:
     from ingest.aws import aws_client
     from ingest.decode import decode_envelope, read_envelope
     from ingest.decode.decryptors import make_decryptor
-    from ingest.errors import DecodeError, KmsUnavailableError
+    from ingest.errors import DecodeError
     from ingest.kms import DataKeyCache, encryption_context
     from ingest.retry import Backoff, retry
 
@@ -161,7 +161,6 @@ async def _decrypt_all(args: argparse.Namespace, resource_id: str) -> int:
                 blob = envelope.key_blob()
                 data_key = await retry(
                     lambda blob=blob: cache.get(blob, context),  # type: ignore[misc]
-                    is_transient=lambda e: isinstance(e, KmsUnavailableError),
                     backoff=Backoff(base=0.2, cap=2.0),
                     max_attempts=5,
                 )

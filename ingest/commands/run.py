@@ -7,7 +7,7 @@ import argparse
 import os
 import socket
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ingest.commands.decrypt import add_decryptor_arguments
 from ingest.commands.options import (
@@ -16,6 +16,9 @@ from ingest.commands.options import (
     available_cpus,
     env_default,
 )
+
+if TYPE_CHECKING:
+    from ingest.consumer.service import ServeSettings
 
 EPILOG = """\
 Every option can also be set by the environment variable in brackets; AWS settings come from
@@ -240,4 +243,55 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("das-ingest run: --db-command-timeout must be >= 0, --unready-after > 0")
     from ingest.consumer.service import serve
 
-    return run_async(serve(args))
+    return run_async(serve(serve_settings(args)))
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The frozen settings of ``run`` from its parsed, validated options."""
+    from ingest.consumer.committer import CommitSettings
+    from ingest.consumer.fetcher import FetchSettings
+    from ingest.consumer.service import ServeSettings
+    from ingest.consumer.shard import ShardSettings
+    from ingest.consumer.worker import WorkerSettings
+    from ingest.decode.batch import DecoderConfig
+
+    processes = args.processes
+    chain = not args.no_integrity_chain
+    worker = WorkerSettings(
+        stream_name=args.stream or "",
+        resource_id=args.resource_id or "",
+        worker_id=args.worker_id,
+        initial_position=args.initial_checkpoint,
+        lease_seconds=args.lease_seconds,
+        shard_sync_seconds=args.shard_sync_seconds,
+        anchor_key_id=args.anchor_key_id,
+        anchor_seconds=args.anchor_seconds,
+        chain=chain,
+        stop_when_idle=args.stop_when_idle,
+        unready_after=args.unready_after,
+        shutdown_deadline=args.shutdown_deadline,
+        processes=processes,
+        queue_batches=args.queue_batches or max(2, 2 * processes),
+        queue_bytes=args.queue_mb * 1024 * 1024,
+        shard=ShardSettings(
+            fetch=FetchSettings(max_records=args.max_records),
+            commit=CommitSettings(
+                decoder=DecoderConfig(
+                    decryptor=args.decryptor,
+                    verify_signatures=not args.skip_signature_verification,
+                    max_decompressed=args.max_decompressed_mb * 1024 * 1024,
+                    chain=chain,
+                ),
+            ),
+        ),
+    )
+    return ServeSettings(
+        worker=worker,
+        cluster=args.cluster,
+        instance=args.instance,
+        resource_id=args.resource_id,
+        dsn=args.dsn,
+        db_pool_size=args.db_pool_size,
+        db_command_timeout=args.db_command_timeout or None,
+        metrics_port=args.metrics_port,
+    )

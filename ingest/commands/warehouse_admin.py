@@ -132,10 +132,10 @@ def _retry_dead_letters(args: argparse.Namespace) -> int:
 
 async def _do_retry(args: argparse.Namespace) -> int:
     from ingest.aws import aws_client
+    from ingest.consumer.redrive import redrive
     from ingest.decode.batch import DecoderConfig, decryptor_for
     from ingest.kms import DataKeyCache
     from ingest.warehouse.db import connect, resolve_dsn
-    from ingest.warehouse.deadletters import redrive
 
     decoder = DecoderConfig(
         decryptor=args.decryptor,

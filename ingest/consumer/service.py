@@ -1,29 +1,29 @@
-"""Wiring for ``das-ingest run``: settings, AWS clients, the database pool, signals, health."""
+"""Wiring for ``das-ingest run``: AWS clients, the database pool, signals, health.
+
+Its settings are frozen dataclasses (:class:`ServeSettings`) that ``ingest.commands.run`` builds
+from the command line; nothing in ``ingest.consumer`` sees an argparse Namespace.
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
-from ingest.aws import aws_client, error_code
-from ingest.consumer.shard import ShardSettings
+from ingest.aws import aws_client
 from ingest.consumer.worker import Worker, WorkerSettings
-from ingest.decode.batch import DecoderConfig
 from ingest.discovery import discover_cluster, discover_instance
 from ingest.errors import ConfigError
 from ingest.health import HealthServer
-from ingest.integrity.anchor import AnchorError
-from ingest.kinesis import KinesisUnavailableError, classify
+from ingest.kinesis import check_stream
 from ingest.kms import resource_id_from_stream
 from ingest.metrics import Metrics
-from ingest.retry import Backoff
-from ingest.warehouse.db import WarehouseUnavailableError, create_pool, redact, resolve_dsn
+from ingest.retry import Backoff, RetryStopped, retry
+from ingest.warehouse.db import close_pool, create_pool, redact, resolve_dsn
 from ingest.warehouse.migrate import require_current_schema
 from ingest.warehouse.sink import init_connection
 
@@ -31,34 +31,24 @@ log = logging.getLogger("ingest")
 T = TypeVar("T")
 
 
-def worker_settings(args: argparse.Namespace, stream: str, resource_id: str) -> WorkerSettings:
-    processes = args.processes
-    return WorkerSettings(
-        stream_name=stream,
-        resource_id=resource_id,
-        worker_id=args.worker_id,
-        initial_position=args.initial_checkpoint,
-        lease_seconds=args.lease_seconds,
-        shard_sync_seconds=args.shard_sync_seconds,
-        anchor_key_id=args.anchor_key_id,
-        anchor_seconds=args.anchor_seconds,
-        chain=not args.no_integrity_chain,
-        stop_when_idle=args.stop_when_idle,
-        unready_after=args.unready_after,
-        shutdown_deadline=args.shutdown_deadline,
-        processes=processes,
-        queue_batches=args.queue_batches or max(2, 2 * processes),
-        queue_bytes=args.queue_mb * 1024 * 1024,
-        shard=ShardSettings(
-            max_records=args.max_records,
-            decoder=DecoderConfig(
-                decryptor=args.decryptor,
-                verify_signatures=not args.skip_signature_verification,
-                max_decompressed=args.max_decompressed_mb * 1024 * 1024,
-                chain=not args.no_integrity_chain,
-            ),
-        ),
-    )
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything ``das-ingest run`` needs besides the environment (AWS, PG* variables)."""
+
+    #: the worker's settings; its stream_name and resource_id are those given, or empty when
+    #: ``cluster`` is given (then they are discovered)
+    worker: WorkerSettings
+    #: an Aurora cluster whose stream and resource id are discovered (None: worker.stream_name)
+    cluster: str | None = None
+    #: an RDS for Oracle or SQL Server DB instance whose stream and resource id are discovered
+    instance: str | None = None
+    #: the encryption context's resource id when given explicitly (None: from the stream)
+    resource_id: str | None = None
+    dsn: str | None = None
+    db_pool_size: int = 16
+    #: seconds a warehouse statement or connection attempt may take (None: no limit)
+    db_command_timeout: float | None = 20.0
+    metrics_port: int | None = None
 
 
 class _Startup:
@@ -85,31 +75,33 @@ class _Startup:
             self.worker.request_stop(reason)
 
 
-async def serve(args: argparse.Namespace) -> int:
-    if args.cluster:
-        stream, discovered_id = await discover_cluster(args.cluster)
-    elif getattr(args, "instance", None):
-        stream, discovered_id = await discover_instance(args.instance)
+async def serve(serve_settings: ServeSettings) -> int:
+    if serve_settings.cluster:
+        stream, discovered_id = await discover_cluster(serve_settings.cluster)
+    elif serve_settings.instance:
+        stream, discovered_id = await discover_instance(serve_settings.instance)
     else:
-        stream, discovered_id = args.stream, resource_id_from_stream(args.stream)
-    resource_id = args.resource_id or discovered_id
-    settings = worker_settings(args, stream, resource_id)
+        stream = serve_settings.worker.stream_name
+        discovered_id = resource_id_from_stream(stream)
+    resource_id = serve_settings.resource_id or discovered_id
+    settings = replace(serve_settings.worker, stream_name=stream, resource_id=resource_id)
     # Fail fast on a bad decryptor choice, before touching anything.
     from ingest.decode.batch import decryptor_for
 
-    decryptor_for(settings.shard.decoder)
-    dsn = resolve_dsn(args.dsn)
+    decryptor_for(settings.shard.commit.decoder)
+    dsn = resolve_dsn(serve_settings.dsn)
     metrics = Metrics()
     startup = _Startup(settings.lease_seconds)
     _install_signals(startup)
     health: HealthServer | None = None
-    if args.metrics_port is not None:
+    port = serve_settings.metrics_port
+    if port is not None:
         health = HealthServer(metrics, alive=startup.alive, ready=startup.ready)
         try:
-            await health.start(args.metrics_port)
+            await health.start(port)
         except OSError as exc:
             raise ConfigError(
-                f"cannot serve /metrics on port {args.metrics_port}: {exc.strerror or exc}"
+                f"cannot serve /metrics on port {port}: {exc.strerror or exc}"
             ) from None
         log.info("serving /metrics, /healthz, /readyz", extra={"port": health.port})
     started = time.monotonic()
@@ -120,9 +112,9 @@ async def serve(args: argparse.Namespace) -> int:
             lambda: create_pool(
                 dsn,
                 min_size=2,
-                max_size=args.db_pool_size,
+                max_size=serve_settings.db_pool_size,
                 init=init_connection,
-                command_timeout=args.db_command_timeout or None,
+                command_timeout=serve_settings.db_command_timeout,
             ),
         )
         if db is None:
@@ -130,7 +122,7 @@ async def serve(args: argparse.Namespace) -> int:
         try:
             async with db.acquire() as conn:
                 await require_current_schema(conn)
-            pool_size = 8 + 2 * args.db_pool_size
+            pool_size = 8 + 2 * serve_settings.db_pool_size
             async with (
                 aws_client("kinesis") as kinesis,
                 # The shard consumers' client: botocore's own retries would bypass the pacing of
@@ -139,7 +131,7 @@ async def serve(args: argparse.Namespace) -> int:
                 aws_client("kms") as kms,
             ):
                 if not await _until_reachable(
-                    startup, "kinesis", lambda: _check_stream(kinesis, stream)
+                    startup, "kinesis", lambda: check_stream(kinesis, stream)
                 ):
                     return 0
                 worker = Worker(
@@ -185,22 +177,11 @@ async def serve(args: argparse.Namespace) -> int:
                     },
                 )
         finally:
-            await _close(db, args.db_command_timeout or 30.0)
+            await close_pool(db, serve_settings.db_command_timeout or 30.0)
     finally:
         if health is not None:
             await health.stop()
     return 0
-
-
-async def _close(db: Any, seconds: float) -> None:
-    """Close the pool gracefully, or abort its connections if the warehouse does not answer
-    (a stalled connection must not keep a stopping worker alive)."""
-    try:
-        async with asyncio.timeout(seconds):
-            await db.close()
-    except (TimeoutError, OSError) as exc:
-        log.warning("warehouse connections aborted at exit", extra={"error": type(exc).__name__})
-        db.terminate()
 
 
 def _sample(metrics: Metrics, name: str) -> int:
@@ -212,35 +193,23 @@ async def _until_reachable(
 ) -> T | None:
     """Retry ``attempt`` while it fails transiently (unreachable, restarting); None if stopped
     meanwhile. Configuration errors (refused login, unknown stream) propagate at once."""
-    backoff = Backoff(base=0.5, cap=15.0)
-    failures = 0
-    while not startup.stop.is_set():
+
+    def on_retry(error: BaseException, _attempt: int, delay: float) -> None:
         startup.turned = time.monotonic()
-        try:
-            return await attempt()
-        except (WarehouseUnavailableError, KinesisUnavailableError, AnchorError) as exc:
-            delay = backoff.delay(failures)
-            failures += 1
-            log.warning(
-                f"{what} unreachable at startup; retrying",
-                extra={"error": str(exc)[:200], "delay": round(delay, 3)},
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(startup.stop.wait(), delay)
-    return None
+        log.warning(
+            f"{what} unreachable at startup; retrying",
+            extra={"error": str(error)[:200], "delay": round(delay, 3)},
+        )
 
-
-async def _check_stream(kinesis: Any, stream: str) -> bool:
+    if startup.stop.is_set():
+        return None
+    startup.turned = time.monotonic()
     try:
-        await kinesis.describe_stream_summary(StreamName=stream)
-    except Exception as exc:  # noqa: BLE001 - classified right here
-        error = classify(exc)
-        if isinstance(error, KinesisUnavailableError):
-            raise error from None
-        if error_code(exc) == "ResourceNotFoundException":
-            raise ConfigError(f"Kinesis stream {stream!r} not found") from None
-        raise ConfigError(f"cannot describe Kinesis stream {stream!r}: {error}") from None
-    return True
+        return await retry(
+            attempt, backoff=Backoff(base=0.5, cap=15.0), stop=startup.stop, on_retry=on_retry
+        )
+    except RetryStopped:
+        return None
 
 
 def _install_signals(startup: _Startup) -> None:

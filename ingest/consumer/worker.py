@@ -1,27 +1,21 @@
 """The worker: a lease renewer, a lease coordinator and a supervisor of shard consumers.
 
-Three routines run side by side, supervised together (one that crashes ends the worker, after
-a graceful shutdown, instead of leaving it half alive):
+Three routines run side by side (consumer.loops: one shape, supervised together, so one that
+crashes ends the worker, after a graceful shutdown, instead of leaving it half alive):
 
-- the **renewer**, every ``lease_seconds / 3``: records that this worker is alive and renews the
-  leases it holds. A lease it could not renew is lost: its consumer is told so and stops (its
-  commits would be refused anyway). It runs on its own so that slow calls of the coordinator
-  (ListShards from a slow Kinesis, partition DDL waiting for a lock) never delay a renewal past
-  the lease period;
+- the **renewer** (consumer.renewer), every ``lease_seconds / 3``: records that this worker is
+  alive and renews the leases it holds; a lease it could not renew is lost, and its consumer is
+  told so;
 - the **coordinator**, every ``lease_seconds / 3``:
   1. reaps consumers that ended: SHARD_END releases the lease for good (children become
      eligible), a crash or a stop releases it so it is retried, LEASE_LOST just forgets it;
   2. refreshes the shard list (periodically, and at once after a SHARD_END);
-  3. balances: takes expired or free eligible leases up to its fair share
-     ceil(eligible / live workers), and when none is free steals one from the most loaded
-     worker above that share;
+  3. balances (consumer.balance, a pure plan): takes expired or free eligible leases up to its
+     fair share ceil(eligible / live workers), and when none is free steals one from the most
+     loaded worker above that share;
   4. starts a consumer per newly held lease: the supervisor keeps ``dict[shard_id, Task]``
      reconciled with the leases held, and one shard failing never touches the others;
-- the **health watch**, four times a second: the worker is ready (``/readyz``, ``das_ready``)
-  when its coordinator cycles work (none yet, or failing for longer than ``unready_after``, is
-  not ready; one failed cycle is not) and no dependency is unhealthy (a call to Kinesis, KMS or
-  PostgreSQL failing or hanging for longer than ``unready_after``: see DependencyHealth);
-  changes are logged.
+- the **health watch**, four times a second, publishes readiness (consumer.readiness).
 
 Shutdown has two phases (arq's shape): stop taking work and let every consumer commit the batch
 in hand, up to a deadline, while the renewer keeps the leases; then cancel what is left, release
@@ -33,8 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import random
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -43,20 +35,24 @@ from typing import Any
 
 import asyncpg
 
+from ingest.consumer.balance import plan_balance
 from ingest.consumer.budget import WorkBudget
-from ingest.consumer.dependencies import DEPENDENCIES, DependencyHealth
+from ingest.consumer.dependencies import DependencyHealth
 from ingest.consumer.failures import describe
+from ingest.consumer.loops import run_loop, supervise
 from ingest.consumer.pool import DecodePool
+from ingest.consumer.readiness import Readiness
+from ingest.consumer.renewer import LeaseRenewer
 from ingest.consumer.shard import ShardConsumer, ShardSettings, State
 from ingest.errors import ConfigError
 from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads
-from ingest.kinesis import KinesisReader, KinesisUnavailableError
+from ingest.kinesis import KinesisReader
 from ingest.kms import DataKeyCache, encryption_context
+from ingest.lease import Lease, LeaseToken
 from ingest.metrics import Metrics
 from ingest.retry import Backoff
-from ingest.warehouse.db import is_transient
-from ingest.warehouse.leases import Lease, LeaseStore
-from ingest.warehouse.sink import LeaseToken, Sink
+from ingest.warehouse.leases import LeaseStore
+from ingest.warehouse.sink import Sink
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +90,21 @@ class _Running:
     consumer: ShardConsumer
     task: asyncio.Task[State]
 
+    @property
+    def counter(self) -> int:
+        return self.consumer.lease.lease_counter
+
+    @property
+    def ended(self) -> bool:
+        return self.task.done()
+
+    @property
+    def lost(self) -> bool:
+        return self.consumer.lost
+
+    def lose(self) -> None:
+        self.consumer.lose()
+
 
 class Worker:
     def __init__(
@@ -124,21 +135,21 @@ class Worker:
         self.budget = WorkBudget(max_batches=settings.queue_batches, max_bytes=settings.queue_bytes)
         self.pool = DecodePool(settings.processes, self.budget)
         self.health = DependencyHealth(unready_after=settings.unready_after)
+        self.readiness = Readiness(self.health, self.metrics, unready_after=settings.unready_after)
         # das_ready is /readyz, computed when scraped, so the two never disagree.
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self.running: dict[str, _Running] = {}
+        self.renewer = LeaseRenewer(
+            self.leases,
+            worker_id=settings.worker_id,
+            lease_seconds=settings.lease_seconds,
+            health=self.health,
+            held=lambda: self.running,
+            ready=lambda: self.ready,
+        )
         self.last_cycle = 0.0
         #: monotonic time of the coordinator loop's last turn, successful or not (liveness)
         self.last_turn = time.monotonic()
-        #: monotonic time of the last successful renewal
-        self.last_renewal = 0.0
-        #: a coordinator cycle has worked; since when cycles have been failing (None: they work)
-        self._cycled = False
-        self._failing_since: float | None = None
-        self._stopping = False
-        self._was_ready = False
-        self._live: list[str] = []
-        self._heartbeat_done = asyncio.Event()
         self._releasing: set[asyncio.Task[bool]] = set()
         self._stop = asyncio.Event()
         self._sync_due = 0.0
@@ -163,24 +174,26 @@ class Worker:
     @property
     def ready(self) -> bool:
         """Coordinator cycles work, no dependency is unhealthy, not stopping."""
-        return self._coordinating() and not self._stopping and not self.health.unhealthy()
+        return self.readiness.ready
 
-    def _coordinating(self) -> bool:
-        """A cycle has worked, and cycles have not been failing for longer than the grace
-        (one failed cycle, say a connection reset, is retried at once and is no outage)."""
-        if not self._cycled:
-            return False
-        failing = self._failing_since
-        return failing is None or time.monotonic() - failing <= self.settings.unready_after
+    @property
+    def last_renewal(self) -> float:
+        """Monotonic time of the last successful renewal."""
+        return self.renewer.last_renewal
 
     async def run(self) -> None:
         """Run until stopped (signal or --stop-when-idle); always shuts down gracefully."""
-        warming = asyncio.ensure_future(self.pool.warm(self.settings.shard.decoder))
-        renewer = asyncio.ensure_future(self._renew_loop())
-        watch = asyncio.ensure_future(self._watch_loop())
+        interval = self.settings.lease_seconds / 3
+        warming = asyncio.ensure_future(self.pool.warm(self.settings.shard.commit.decoder))
+        renewer = asyncio.ensure_future(
+            run_loop("renewer", self.renewer.renew, every=interval, on_error=self._renewal_failed)
+        )
+        watch = asyncio.ensure_future(run_loop("health watch", self._watch, every=WATCH_SECONDS))
         coordinator = asyncio.ensure_future(self._coordinate())
         try:
-            await self._supervise(coordinator, {"renewer": renewer, "health watch": watch})
+            await supervise(
+                ("coordinator", coordinator), {"renewer": renewer, "health watch": watch}
+            )
         finally:
             for task in (coordinator, warming, watch):
                 if not task.done():
@@ -188,73 +201,40 @@ class Worker:
             await asyncio.gather(coordinator, warming, watch, return_exceptions=True)
             await self._shutdown(renewer)
 
-    # -- supervision --------------------------------------------------------------------
-
-    async def _supervise(
-        self, coordinator: asyncio.Future[None], background: dict[str, asyncio.Future[None]]
-    ) -> None:
-        """Wait for the coordinator to finish (stop requested) or for anything to crash.
-        Background routines run until cancelled: one that ends by itself has failed."""
-        names = {task: name for name, task in background.items()}
-        waiting: set[asyncio.Future[None]] = {coordinator, *background.values()}
-        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if coordinator in done:
-            coordinator.result()  # its failure, if any, is the worker's
-            return
-        for task in done:
-            if task.cancelled():
-                raise asyncio.CancelledError
-            exc = task.exception()
-            log.error(
-                "worker routine failed; stopping",
-                extra={"routine": names[task], "error": describe(exc) if exc else "returned"},
-            )
-            self.exit_reason = f"{names[task]} failed"
-            if exc is not None:
-                raise exc
-            raise RuntimeError(f"the {names[task]} ended by itself")
-
     # -- the coordinator ----------------------------------------------------------------
 
     async def _coordinate(self) -> None:
         interval = self.settings.lease_seconds / 3
-        backoff = Backoff(base=0.2, cap=interval)
-        failures = 0
         # Balance with this worker's own heartbeat (and the fleet it sees) on record.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._heartbeat_done.wait(), interval)
-        while not self._stop.is_set():
-            self.last_turn = time.monotonic()
-            try:
-                await self._cycle()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not (is_transient(exc) or isinstance(exc, KinesisUnavailableError)):
-                    log.exception("coordinator failed; stopping", extra={"error": describe(exc)})
-                    raise
-                # Database or Kinesis unreachable: keep trying, no crash loop; not ready if it
-                # lasts.
-                if self._failing_since is None:
-                    self._failing_since = time.monotonic()
-                self.metrics.retries.labels("coordinator").inc()
-                delay = backoff.delay(failures)
-                failures += 1
-                log.warning(
-                    "coordinator cycle failed; retrying",
-                    extra={"error": describe(exc), "delay": delay},
-                )
-                await self._sleep(delay)
-                continue
-            failures = 0
-            self._cycled = True
-            self._failing_since = None
-            self._publish_readiness()
-            self.last_cycle = time.monotonic()
-            if self._idle_done():
-                self.request_stop("idle")
-                break
-            await self._sleep(interval)
+            await asyncio.wait_for(self.renewer.heartbeat_done.wait(), interval)
+        await run_loop(
+            "coordinator",
+            self._turn,
+            every=interval,
+            stop=self._stop,
+            backoff=Backoff(base=0.2, cap=interval),
+            on_error=self._cycle_failed,
+            from_start=False,
+        )
+
+    async def _turn(self) -> None:
+        self.last_turn = time.monotonic()
+        await self._cycle()
+        self.readiness.cycle_worked()
+        self.readiness.publish()
+        self.last_cycle = time.monotonic()
+        if self._idle_done():
+            self.request_stop("idle")
+
+    def _cycle_failed(self, error: BaseException, delay: float) -> None:
+        # Database or Kinesis unreachable: keep trying, no crash loop; not ready if it lasts.
+        self.last_turn = time.monotonic()
+        self.readiness.cycle_failed()
+        self.metrics.retries.labels("coordinator").inc()
+        log.warning(
+            "coordinator cycle failed; retrying", extra={"error": describe(error), "delay": delay}
+        )
 
     async def _cycle(self) -> None:
         outstanding = self.health.outstanding
@@ -274,7 +254,7 @@ class Worker:
             with outstanding("postgres"):
                 await self.sink.ensure_partitions({today + timedelta(days=d) for d in range(3)})
             self._partitions_due = now + 3600
-        live = self._live
+        live = self.renewer.live
         with outstanding("postgres"):
             eligible = await self.leases.eligible_leases()
             await self._balance(eligible, live)
@@ -301,81 +281,15 @@ class Worker:
             self.metrics.anchors.inc(len(made))
             log.info("anchored chain heads", extra={"count": len(made)})
 
-    # -- the renewer --------------------------------------------------------------------
+    # -- the renewer and the health watch -----------------------------------------------
 
-    async def _renew_loop(self) -> None:
-        interval = self.settings.lease_seconds / 3
-        while True:
-            started = time.monotonic()
-            try:
-                await self._renew()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                # The commits of the leases it holds are fenced all the same; keep trying.
-                self.metrics.retries.labels("renewal").inc()
-                log.warning("lease renewal failed; retrying", extra={"error": describe(exc)})
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+    def _renewal_failed(self, error: BaseException, _delay: float) -> None:
+        # The commits of the leases it holds are fenced all the same; keep trying.
+        self.metrics.retries.labels("renewal").inc()
+        log.warning("lease renewal failed; retrying", extra={"error": describe(error)})
 
-    async def _renew(self) -> None:
-        me = self.settings.worker_id
-        with self.health.outstanding("postgres"):
-            self._live = await self.leases.heartbeat_worker(me, ready=self.ready)
-            self._heartbeat_done.set()
-            held = {
-                shard_id: run.consumer.lease.lease_counter
-                for shard_id, run in self.running.items()
-                if not run.task.done()
-            }
-            renewed = await self.leases.renew(me, held)
-        # Renewed within the lease period, a lease cannot have expired: another worker stole it
-        # to balance the fleet (routine). Otherwise this worker was too slow to keep it.
-        expired = time.monotonic() - self.last_renewal >= self.settings.lease_seconds
-        self.last_renewal = time.monotonic()
-        for shard_id, counter in held.items():
-            if shard_id in renewed:
-                continue
-            run = self.running.get(shard_id)
-            if run is None or run.task.done() or run.consumer.lease.lease_counter != counter:
-                continue  # ended or released meanwhile: not a loss
-            if not run.consumer.lost:
-                log.log(
-                    logging.WARNING if expired else logging.INFO,
-                    "lease lost at renewal",
-                    extra={
-                        "shard": shard_id,
-                        "counter": counter,
-                        "reason": "expired" if expired else "taken by another worker (balancing)",
-                    },
-                )
-            run.consumer.lose()
-
-    # -- readiness ------------------------------------------------------------------------
-
-    async def _watch_loop(self) -> None:
-        while True:
-            self._publish_readiness()
-            await asyncio.sleep(WATCH_SECONDS)
-
-    def _publish_readiness(self) -> None:
-        down = self.health.check()
-        for dependency in DEPENDENCIES:
-            self.metrics.dependency_healthy.labels(dependency).set(0 if dependency in down else 1)
-        coordinating = self._coordinating()
-        ready = coordinating and not self._stopping and not down
-        if ready != self._was_ready:
-            self._was_ready = ready
-            reasons = [*down]
-            if not coordinating:
-                reasons.append("coordinator")
-            if self._stopping:
-                reasons.append("stopping")
-            if ready:
-                log.info("ready")
-            else:
-                log.warning("not ready", extra={"reasons": reasons})
+    async def _watch(self) -> None:
+        self.readiness.publish()
 
     # -- consumers ------------------------------------------------------------------------
 
@@ -387,7 +301,7 @@ class Worker:
                 continue
             del self.running[shard_id]
             self.metrics.forget_shard(shard_id)  # its lag is no longer ours to report
-            finished = not run.task.cancelled() and run.consumer.status.state is State.SHARD_END
+            finished = not run.task.cancelled() and run.consumer.state is State.SHARD_END
             if self._account(run):
                 # A closed shard's chain is complete: anchor its head before letting go
                 # (periodic anchoring only covers the shards still held).
@@ -445,42 +359,22 @@ class Worker:
         if self._stop.is_set():
             return
         me = self.settings.worker_id
-        workers = max(1, len(set(live) | {me}))
-        target = math.ceil(len(eligible) / workers)
-        if self.settings.max_leases is not None:
-            target = min(target, self.settings.max_leases)
-        mine = [
-            lease for lease, _ in eligible if lease.owner == me and lease.shard_id in self.running
-        ]
-        need = target - len(mine)
-        if need <= 0:
-            return
-        free = [
-            lease for lease, expired in eligible if expired and lease.shard_id not in self.running
-        ]
-        random.shuffle(free)  # workers starting together should not all race for one lease
-        taken = 0
-        for lease in free[:need]:
+        plan = plan_balance(
+            eligible,
+            me=me,
+            live=live,
+            running=self.running.keys(),
+            max_leases=self.settings.max_leases,
+        )
+        for lease in plan.take:
             got = await self.leases.take(lease, me)
             if got is not None:
                 self.metrics.lease_changes.labels("taken").inc()
                 self._start(got)
-                taken += 1
-        if taken or free:
-            return
-        counts: dict[str, list[Lease]] = {}
-        for lease, expired in eligible:
-            if not expired and lease.owner and lease.owner != me:
-                counts.setdefault(lease.owner, []).append(lease)
-        if not counts:
-            return
-        victim, theirs = max(counts.items(), key=lambda item: (len(item[1]), item[0]))
-        # As in the KCL: steal when the most loaded holds more than the target, or holds the
-        # target while we are short by more than one ((2, 2, 0) with target 2 is not balanced).
-        if len(theirs) >= (target if need > 1 else target + 1):
-            got = await self.leases.take(random.choice(theirs), me)  # noqa: S311
+        if plan.steal is not None:
+            got = await self.leases.take(plan.steal, me)
             if got is not None:
-                log.info("stole lease", extra={"shard": got.shard_id, "from": victim})
+                log.info("stole lease", extra={"shard": got.shard_id, "from": plan.victim})
                 self.metrics.lease_changes.labels("stolen").inc()
                 self._start(got)
 
@@ -500,6 +394,7 @@ class Worker:
             metrics=self.metrics,
             settings=self.settings.shard,
             health=self.health,
+            parents=lease.parent_shard_ids,
         )
         task = asyncio.ensure_future(consumer.run())
         self.running[lease.shard_id] = _Running(consumer, task)
@@ -540,12 +435,8 @@ class Worker:
 
     # -- shutdown -----------------------------------------------------------------------
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
-
     async def _shutdown(self, renewer: asyncio.Future[None]) -> None:
-        self._stopping = True
+        self.readiness.stopping = True
         for run in self.running.values():
             run.consumer.stop()
         tasks = [r.task for r in self.running.values()]

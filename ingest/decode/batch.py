@@ -5,6 +5,10 @@ gets back one :class:`BatchOutput`: the events as one COPY buffer, the range of 
 MySQL statement events the warehouse must merge, heartbeats, the days the events fall on, and the
 records that failed with their stage.
 One bytes object per batch is far cheaper to move between processes than row tuples.
+
+Each decoded record also gets a :class:`RecordSpan`: where its COPY lines and its chain digests
+sit in the output. When the warehouse refuses a batch, the consumer stores it record by record
+from these slices (:meth:`BatchOutput.record_units`) instead of decoding it again.
 """
 
 from __future__ import annotations
@@ -13,17 +17,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from hashlib import sha256
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from ingest.decode import copyfmt
 from ingest.decode.correlate import StatementRange, StatementRangeBuilder
+from ingest.decode.envelope import Envelope, read_envelope
 from ingest.decode.fingerprint import Fingerprint, of_statement
 from ingest.decode.gunzip import DEFAULT_MAX_DECOMPRESSED
-from ingest.decode.model import DecodedRecord
-from ingest.decode.pipeline import Decryptor, decode_record
+from ingest.decode.model import ActivityEvent, DecodedRecord
+from ingest.decode.pipeline import Decryptor, decode_envelope
+from ingest.digests import DayDigests, utc_date
 from ingest.errors import DecodeError
-from ingest.integrity.canonical import DayDigests, utc_date
-from ingest.policy.evaluate import Policy, PolicyOutput, policy_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,18 +37,31 @@ class DecoderConfig:
     max_decompressed: int = DEFAULT_MAX_DECOMPRESSED
     #: compute the events' digests for the integrity chain (off with --no-integrity-chain)
     chain: bool = True
-    #: evaluate the policy rules (the built-in pack and ``rules``, see ingest/policy)
+    #: evaluate the policy rules (the built-in pack and ``rules``): the pool decodes with
+    #: ingest.policy.hook.decode_with_policy, which compiles them once per process
     policy: bool = True
-    #: the rules file's text (None: the built-in pack alone); compiled once per process
+    #: the rules file's text (None: the built-in pack alone)
     rules: str | None = None
     builtin_rules: bool = True
+
+
+class KeyedRecord(NamedTuple):
+    """A Kinesis record with its plaintext data key, ready to decode (a named tuple: it crosses
+    the process pool as compactly as a plain one)."""
+
+    #: where it is in the page or chunk it came from (Failure.index and spans refer to it)
+    position: int
+    sequence_number: str
+    #: the record's bytes, or its envelope already parsed (the consumer parses it once, in the
+    #: event loop, for the key blob; the pool then does not parse it again)
+    record: bytes | Envelope
+    data_key: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class BatchInput:
     shard_id: str
-    #: (index in the Kinesis batch, sequence number, record bytes, plaintext data key)
-    records: list[tuple[int, str, bytes, bytes]]
+    records: list[KeyedRecord]
     config: DecoderConfig = DecoderConfig()
     #: the stream the records were read from: stored with every event (shard ids repeat
     #: across streams)
@@ -68,6 +85,31 @@ class HeartbeatRow:
     fields: dict[str, Any]
 
 
+class RecordSpan(NamedTuple):
+    """Where one decoded record's rows sit in its BatchOutput."""
+
+    position: int
+    sequence_number: str
+    #: its COPY lines: ``events[start:end]``
+    start: int
+    end: int
+    #: whether it holds MySQL statement candidates (see correlate.StatementRange)
+    statements: bool
+    #: its chain digests: ``chain[day][start:end]`` for each (day, start, end)
+    chain: tuple[tuple[str, int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRows:
+    """One record's share of a BatchOutput: what per-record storage COPYs."""
+
+    position: int
+    sequence_number: str
+    events: bytes
+    statements: StatementRange | None
+    chain: dict[str, bytes]
+
+
 @dataclass(slots=True)
 class BatchOutput:
     events: bytes = b""
@@ -85,9 +127,27 @@ class BatchOutput:
     chain: dict[str, bytes] = field(default_factory=dict)
     #: Undecodable NULL-time events go to the default partition; counted for metrics.
     undated_events: int = 0
-    #: What the events mean for the policy rules (tallies, sightings, drops), or None when
-    #: policies are off.
-    policy: PolicyOutput | None = None
+    #: One span per decoded record, in input order.
+    spans: list[RecordSpan] = field(default_factory=list)
+    shard_id: str = ""
+    #: What the events mean for the policy rules (an ingest.policy PolicyOutput: tallies,
+    #: sightings, drops), or None when no policy ran.
+    policy: Any = None
+
+    def record_rows(self) -> list[RecordRows]:
+        """The output cut record by record (slices: nothing is decoded again)."""
+        return [
+            RecordRows(
+                span.position,
+                span.sequence_number,
+                self.events[span.start : span.end],
+                StatementRange(self.shard_id, span.sequence_number, span.sequence_number)
+                if span.statements
+                else None,
+                {day: self.chain[day][start:end] for day, start, end in span.chain},
+            )
+            for span in self.spans
+        ]
 
 
 _decryptors: dict[tuple[str, bool], Decryptor] = {}
@@ -105,7 +165,24 @@ def decryptor_for(config: DecoderConfig) -> Decryptor:
     return found
 
 
-def decode_batch(batch: BatchInput) -> BatchOutput:
+class EventPolicy(Protocol):
+    """Policy rules run beside normalize (ingest.policy.evaluate.Policy; the decode layer only
+    knows this shape). ``evaluate`` records what an event means for the rules in ``output`` and
+    returns the event to store (redacted, maybe) or None to drop it."""
+
+    def new_output(self) -> Any: ...
+
+    def evaluate(
+        self,
+        event: ActivityEvent,
+        record: DecodedRecord,
+        fingerprint: Fingerprint | None,
+        ref: tuple[str, int],
+        output: Any,
+    ) -> ActivityEvent | None: ...
+
+
+def decode_batch(batch: BatchInput, policy: EventPolicy | None = None) -> BatchOutput:
     """Decode every record; COPY-encode each one as soon as it is decoded.
 
     Encoding record by record keeps only one record's event objects alive at a time (a page
@@ -121,21 +198,27 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
     digests = DayDigests()
     ingested_at = datetime.now(UTC)
     chain = batch.config.chain
-    policy = (
-        policy_for(batch.config.rules, batch.config.builtin_rules) if batch.config.policy else None
-    )
+    out.shard_id = shard_id
+    size = 0
     if policy is not None:
-        out.policy = PolicyOutput()
+        out.policy = policy.new_output()
     for index, sequence_number, raw, data_key in batch.records:
         try:
-            record = decode_record(raw, data_key, decryptor, max_decompressed=max_decompressed)
+            envelope = raw if isinstance(raw, Envelope) else read_envelope(raw)
+            record = decode_envelope(
+                envelope, data_key, decryptor, max_decompressed=max_decompressed
+            )
         except DecodeError as exc:
             out.failures.append(Failure(index, exc.stage.value, str(exc), exc.retriable))
             continue
         out.records_decoded += 1
         fingerprints: list[Fingerprint | None] | None = None
-        if record.events and policy is not None and out.policy is not None:
+        if record.events and policy is not None:
             record, fingerprints = _apply_policy(policy, record, sequence_number, out.policy)
+        start = size
+        statement_records = statements.records
+        #: day -> where this record's digests start in digests.by_day[day]
+        day_starts: dict[str, int] = {}
         if record.events:
             data, count = copyfmt.encode_events(
                 ((record, shard_id, sequence_number),),
@@ -144,6 +227,7 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
                 fingerprints,
             )
             chunks.append(data)
+            size += len(data)
             out.event_count += count
             statements.add(record, sequence_number)
             # Every event's day, whatever the chain switch: the sink creates these partitions
@@ -160,6 +244,8 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
                     out.days.add(event_date)
                     day = event_date.isoformat()
                 if lines is not None:
+                    if day not in day_starts:
+                        day_starts[day] = len(digests.by_day.get(day, b""))
                     line = lines[n]
                     if line.endswith(copyfmt.NULL_FINGERPRINT):
                         # no fingerprint: not part of the encoding (docs/integrity.md)
@@ -175,6 +261,16 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
                     beat.fields,
                 )
             )
+        out.spans.append(
+            RecordSpan(
+                index,
+                sequence_number,
+                start,
+                size,
+                statements.records > statement_records,
+                tuple((day, at, len(digests.by_day[day])) for day, at in day_starts.items()),
+            )
+        )
     out.events = b"".join(chunks)
     out.chain = digests.packed()
     out.statements = statements.build()
@@ -183,7 +279,7 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
 
 
 def _apply_policy(
-    policy: Policy, record: DecodedRecord, sequence_number: str, out: PolicyOutput
+    policy: EventPolicy, record: DecodedRecord, sequence_number: str, out: Any
 ) -> tuple[DecodedRecord, list[Fingerprint | None]]:
     """Evaluate the rules on a record's events: the record with dropped events removed and
     redacted ones rewritten, and the fingerprints of the events kept (taken before

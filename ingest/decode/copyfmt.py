@@ -4,9 +4,10 @@ The process pool returns one COPY-ready ``bytes`` per batch instead of thousands
 pickling tuples back to the parent costs about as much as producing them.
 
 Each line is also the event's canonical encoding for the integrity chain (version 2, with the
-engine columns of migration 0006; see ingest/integrity/canonical.py and docs/integrity.md): times
-in canonical UTC text, JSON in canonical JSON. So the chain's digest of an event is one SHA-256
-of its line, and the tests hold this fast encoder equal to the definition there.
+engine columns of migration 0006; see ingest/copytext.py, ingest/integrity/canonical.py and
+docs/integrity.md): times in canonical UTC text, JSON in canonical JSON. So the chain's digest of
+an event is one SHA-256 of its line, and the tests hold this fast encoder equal to the
+definition there.
 """
 
 from __future__ import annotations
@@ -16,20 +17,15 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from ingest.copytext import NULL, canonical_json, canonical_time, copy_array, copy_escape
 from ingest.decode.fingerprint import Fingerprint, of_statement
 from ingest.decode.model import ENGINE_COLUMNS, FIELDS, ActivityEvent, DecodedRecord, Kind
-from ingest.integrity.canonical import (
-    NULL,
-    canonical_json,
-    canonical_time,
-    copy_array,
-    copy_escape,
-)
 
-#: Columns of das.activity_events that COPY fills, in order. ingested_at is set by the
-#: decoder (the time it decoded the batch), so the integrity chain can cover it too; the
-#: statement's fingerprint (ingest.decode.fingerprint) comes last (chain version 3).
-EVENT_COLUMNS: tuple[str, ...] = (
+#: The columns :func:`event_line` writes, in order: the record's leading columns, the model's
+#: FIELDS, extra, anomalies, ingested_at, the model's ENGINE_COLUMNS, then the statement's
+#: fingerprint and its hash. It must be ingest.copytext.EVENT_COLUMNS, the order the sink
+#: COPYs in and the chain encodes in (held equal by the tests).
+LINE_COLUMNS: tuple[str, ...] = (
     "cluster_id",
     "instance_id",
     "record_version",

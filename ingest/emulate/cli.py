@@ -37,8 +37,9 @@ test can check that every event arrived exactly once.
 EPILOG = """\
 AWS settings come from the usual places (AWS_REGION, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...). For a
 local stack, point the SDK at it with AWS_ENDPOINT_URL_KINESIS and AWS_ENDPOINT_URL_KMS
-(`python -m ingest.devstack` starts one and prints them). Without --kms-key-id a new symmetric
-KMS key is created first: meant for local stacks; on AWS that is a billable key that stays.
+(`make stack` in a checkout of das-ingest starts one and prints them). Without --kms-key-id a
+new symmetric KMS key is created first: meant for local stacks; on AWS that is a billable key
+that stays.
 
 Data keys come from KMS GenerateDataKey with encryption context
 {"aws:rds:dbc-id": RESOURCE_ID} (an Aurora cluster, cluster-...) or {"aws:rds:db-id": RESOURCE_ID}

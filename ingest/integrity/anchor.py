@@ -16,10 +16,10 @@ from typing import Any
 import orjson
 
 from ingest.aws import error_code
+from ingest.conn import Conn
 from ingest.errors import ConfigError, IngestError, KmsUnavailableError
 from ingest.integrity.canonical import CHAIN_VERSION, anchor_message
 from ingest.kms import classify as classify_kms_error
-from ingest.warehouse.db import Conn
 
 #: KMS algorithms we use, by key spec family.
 HMAC_ALGORITHMS = {

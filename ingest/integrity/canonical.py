@@ -3,7 +3,8 @@
 The same functions run twice: in the decode pool, on the values about to be stored (so a
 batch's digests cost the warehouse nothing), and in ``verify``, on the values read back from
 the warehouse. Both sides encode *values*, never a database's text output, so the encoding is
-defined here and in the documentation alone.
+defined here (with the COPY text primitives of ``ingest.copytext`` and the day digests of
+``ingest.digests``, re-exported below) and in the documentation alone.
 """
 
 from __future__ import annotations
@@ -11,43 +12,24 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
-from decimal import Decimal
+from datetime import datetime
 from typing import Any
 
-import orjson
+from ingest.copytext import COLUMN_GROUPS as COLUMN_GROUPS
+from ingest.copytext import ENGINE_COLUMNS as ENGINE_COLUMNS
+from ingest.copytext import EVENT_COLUMNS as EVENT_COLUMNS
+from ingest.copytext import EVENT_COLUMNS_V2 as EVENT_COLUMNS_V2
+from ingest.copytext import NULL as NULL
+from ingest.copytext import canonical_json as canonical_json
+from ingest.copytext import canonical_number as canonical_number
+from ingest.copytext import canonical_time as canonical_time
+from ingest.copytext import copy_array as copy_array
+from ingest.copytext import copy_escape as copy_escape
+from ingest.digests import DIGEST_SIZE as DIGEST_SIZE
+from ingest.digests import DayDigests as DayDigests
+from ingest.digests import event_day as event_day
+from ingest.digests import utc_date as utc_date
 
-#: The columns of das.activity_events before migration 0006, in the order of an event's
-#: encoding (chain version 2): the order das-ingest COPYs them in.
-EVENT_COLUMNS_V2: tuple[str, ...] = (
-    "cluster_id", "instance_id", "record_version", "stream_name", "shard_id", "sequence_number",
-    "event_index", "class", "client_application", "command", "command_text", "database_name",
-    "db_protocol", "db_user_name", "end_time", "error_message", "exit_code", "log_time",
-    "net_protocol", "object_name", "object_type", "param_list", "pid", "remote_host",
-    "remote_port", "row_count", "server_host", "server_type", "server_version", "service_name",
-    "session_id", "start_time", "statement_id", "substatement_id", "transaction_id", "extra",
-    "anomalies", "ingested_at",
-)  # fmt: skip
-#: The engine columns migration 0006 added (RDS for Oracle and RDS for SQL Server), after
-#: ingested_at. das-ingest never stores an event with all four NULL from then on
-#: (engine_native_audit_fields is at least {}), so NULL in all four marks an event stored
-#: before: its encoding is its first 38 fields, as it was when its link was written.
-ENGINE_COLUMNS: tuple[str, ...] = (
-    "dbid", "engine_native_audit_fields", "statement_id_text", "times_as_sent",
-)  # fmt: skip
-#: The query fingerprint of a statement event and its hash (migration 0015,
-#: ingest/decode/fingerprint.py), after the engine columns; NULL for an event without a
-#: statement.
-FINGERPRINT_COLUMNS: tuple[str, ...] = ("fingerprint", "fingerprint_hash")
-#: Groups of columns appended after the version 2 columns, one per migration, in order. An
-#: event's encoding is its COPY line without the trailing groups whose values are all NULL:
-#: so an event stored before a group existed keeps the encoding its link was computed from,
-#: and a group whose values are all NULL adds nothing (a later value put into it shows as
-#: altered). Adding a column is one more group here, one migration, and nothing for the events
-#: already stored.
-COLUMN_GROUPS: tuple[tuple[str, ...], ...] = (ENGINE_COLUMNS, FINGERPRINT_COLUMNS)
-#: Every column of das.activity_events in encoding (and COPY) order.
-EVENT_COLUMNS: tuple[str, ...] = EVENT_COLUMNS_V2 + tuple(c for g in COLUMN_GROUPS for c in g)
 #: The columns of chain version 1 (links written before migration 0004), in its order.
 EVENT_COLUMNS_V1: tuple[str, ...] = (
     "log_time", "cluster_id", "instance_id", "record_version", "shard_id", "sequence_number",
@@ -71,97 +53,7 @@ _V2_WIDTH = len(EVENT_COLUMNS_V2)
 _GROUP_BOUNDS = tuple(
     (EVENT_COLUMNS.index(g[0]), EVENT_COLUMNS.index(g[0]) + len(g)) for g in COLUMN_GROUPS
 )
-#: COPY text format's NULL.
-NULL = "\\N"
-
 ZERO_HASH = bytes(32)
-DIGEST_SIZE = 32
-
-
-def canonical_time(stamp: datetime) -> str:
-    """UTC, ``YYYY-MM-DDTHH:MM:SS.ffffffZ``: always four year digits and six fraction digits."""
-    t = stamp if stamp.tzinfo is UTC else stamp.astimezone(UTC)
-    # isoformat pads the year to four digits, writes six fraction digits with this timespec,
-    # and ends a UTC time in "+00:00".
-    return t.isoformat(timespec="microseconds")[:-6] + "Z"
-
-
-def canonical_number(value: int | float | Decimal) -> str:
-    """Plain decimal notation, no exponent; integers without a fraction; no negative zero.
-
-    Integers and floats that are equal print alike only if their decimal texts are: 100 is
-    "100" but 100.0 is "100.0", as their JSON texts differ.
-    """
-    if isinstance(value, bool):
-        raise TypeError("booleans are not numbers here")
-    if isinstance(value, int):
-        return str(value)
-    number = Decimal(repr(value)) if isinstance(value, float) else value
-    if number.is_zero():
-        number = abs(number)
-    return format(number, "f")
-
-
-def _floatless(value: Any) -> bool:
-    """True if ``value`` holds no float (and no Decimal) anywhere: then orjson with sorted keys
-    writes exactly the canonical JSON (UTF-8 byte order is code point order)."""
-    if isinstance(value, float | Decimal):
-        return False
-    if isinstance(value, dict):
-        return all(_floatless(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return all(_floatless(v) for v in value)
-    return True
-
-
-def canonical_json(value: Any) -> str:
-    """JSON with object keys sorted by their UTF-8 bytes, no whitespace, strings escaped as
-    JSON requires and nothing more (\\" \\\\ \\b \\f \\n \\r \\t, \\u00XX for other control
-    characters, everything else as UTF-8), numbers by :func:`canonical_number`."""
-    if not value and isinstance(value, dict):
-        return "{}"
-    if isinstance(value, dict | list) and _floatless(value):
-        try:
-            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-        except orjson.JSONEncodeError:  # an integer beyond 64 bits: the general path
-            pass
-    return _canonical_json(value)
-
-
-def _canonical_json(value: Any) -> str:
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return orjson.dumps(value).decode()
-    if isinstance(value, int | float | Decimal):
-        return canonical_number(value)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_canonical_json(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = sorted(value.items(), key=lambda kv: kv[0].encode())
-        return "{" + ",".join(f"{_canonical_json(k)}:{_canonical_json(v)}" for k, v in items) + "}"
-    raise TypeError(f"not a JSON value: {type(value).__name__}")
-
-
-def copy_escape(text: str) -> str:
-    """Escape text for PostgreSQL's COPY text format: backslash, tab, newline, carriage return."""
-    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
-        text = text.replace("\\", "\\\\").replace("\t", "\\t")
-        return text.replace("\n", "\\n").replace("\r", "\\r")
-    return text
-
-
-def copy_array(values: Sequence[str]) -> str:
-    """A text[] in COPY text: ``{}``, or every element double-quoted with ``\\`` and ``"``
-    backslash-escaped, comma-separated in braces, then COPY-escaped."""
-    if not values:
-        return "{}"
-    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
-    return copy_escape("{" + ",".join(quoted) + "}")
 
 
 def copy_field(column: str, value: Any) -> str:
@@ -225,7 +117,7 @@ def event_encoding(values: Sequence[Any], version: int = 2) -> bytes:
     """The canonical encoding of an event given its values in :data:`EVENT_COLUMNS` order (or
     its 38 :data:`EVENT_COLUMNS_V2` values): version 2, its COPY text line
     (:func:`event_line`) as UTF-8; version 1, the canonical JSON array of the
-    :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no stream_name). An event with a
+    :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no stream_name). An event with an
     value in a later column group is its full line under either version: no link written before
     migration 0006 covered one, so such a value under an older link shows as altered."""
     if version >= 2 or encoded_width(values) > _V2_WIDTH:
@@ -236,56 +128,9 @@ def event_encoding(values: Sequence[Any], version: int = 2) -> bytes:
     return canonical_json(row).encode()
 
 
-def event_digest(values: Sequence[Any], version: int = CHAIN_VERSION) -> bytes:
+def event_digest(values: Sequence[Any], version: int = 2) -> bytes:
     """SHA-256 of the canonical encoding of an event given its values in EVENT_COLUMNS order."""
     return hashlib.sha256(event_encoding(values, version)).digest()
-
-
-def utc_date(stamp: datetime) -> date:
-    """The UTC date of a time (a naive time is taken as UTC)."""
-    offset = stamp.utcoffset()
-    return (stamp - offset).date() if offset else stamp.date()
-
-
-def event_day(log_time: datetime | None) -> str:
-    """The UTC day of an event (the unit retention removes), or "none"."""
-    if log_time is None:
-        return "none"
-    return utc_date(log_time).isoformat()  # YYYY-MM-DD, the year padded to four digits
-
-
-class DayDigests:
-    """Event digests grouped by UTC day, in the order they are added (sequence order)."""
-
-    def __init__(self) -> None:
-        self.by_day: dict[str, bytearray] = {}
-
-    def add(self, day: str, digest: bytes) -> None:
-        digests = self.by_day.get(day)
-        if digests is None:
-            self.by_day[day] = bytearray(digest)
-        else:
-            digests.extend(digest)
-
-    def extend(self, chains: Iterable[Mapping[str, bytes]]) -> None:
-        for chain in chains:
-            for day, digests in chain.items():
-                self.by_day.setdefault(day, bytearray()).extend(digests)
-
-    def packed(self) -> dict[str, bytes]:
-        """What crosses the process pool: day -> concatenated 32-byte digests."""
-        return {day: bytes(digests) for day, digests in self.by_day.items()}
-
-    def summary(self) -> dict[str, dict[str, Any]]:
-        """The link's ``days``: count and SHA-256 of the concatenated digests, per day."""
-        return {
-            day: {"n": len(digests) // DIGEST_SIZE, "sha256": hashlib.sha256(digests).hexdigest()}
-            for day, digests in sorted(self.by_day.items())
-        }
-
-    @property
-    def count(self) -> int:
-        return sum(len(d) // DIGEST_SIZE for d in self.by_day.values())
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import orjson
 
+from ingest.conn import Conn
 from ingest.integrity.canonical import (
     CHAIN_VERSION,
     ZERO_HASH,
@@ -21,7 +22,6 @@ from ingest.integrity.canonical import (
     dead_letter_entries,
     link_hash,
 )
-from ingest.warehouse.db import Conn
 
 LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('das.chain:' || $1 || ':' || $2, 0))"
 

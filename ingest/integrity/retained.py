@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from ingest.warehouse.db import Conn
+from ingest.conn import Conn
 
 #: A retention record may be this far ahead of the verifier's clock (clock skew).
 FUTURE_TOLERANCE = timedelta(minutes=10)

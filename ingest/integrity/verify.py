@@ -17,9 +17,10 @@ from typing import Any
 
 import orjson
 
-from ingest.alerts.chain import check_rows
 from ingest.aws import error_code
+from ingest.conn import Conn
 from ingest.errors import ConfigError
+from ingest.integrity.alerts import check_rows
 from ingest.integrity.anchor import (
     Anchor,
     AnchorError,
@@ -36,7 +37,6 @@ from ingest.integrity.canonical import (
     link_hash,
 )
 from ingest.integrity.retained import RetentionLedger, RetentionRecord, parse_day
-from ingest.warehouse.db import Conn
 
 #: Exit codes of `das-ingest verify`.
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNCHECKED = 0, 1, 3
@@ -306,7 +306,7 @@ async def verify_warehouse(
 
 
 async def _check_alerts(conn: Conn, report: Report) -> None:
-    """The alert chain (migrations/0016, ingest/alerts/chain.py), when the warehouse has one."""
+    """The alert chain (migrations/0016, ingest/integrity/alerts.py), when the warehouse has one."""
     if not await conn.fetchval("SELECT to_regclass('das.alerts') IS NOT NULL"):
         return
     rows = await conn.fetch("SELECT *, events::text AS events FROM das.alerts ORDER BY id")

@@ -147,6 +147,9 @@ class Policy:
         self.dropping = tuple(r for r in rules.rules if r.action == "drop")
         self.redacting = tuple(r for r in rules.rules if r.action == "redact")
 
+    def new_output(self) -> PolicyOutput:
+        return PolicyOutput()
+
     def evaluate(
         self,
         event: ActivityEvent,

@@ -1,5 +1,11 @@
 """Connecting to the warehouse, and which database errors are transient.
 
+This is the warehouse's error adapter: :func:`warehouse_call` turns the asyncpg and network
+errors that go away by themselves into :class:`WarehouseUnavailableError` (retriable), so the
+retry loops ask the error's class (``retriable``) and know no asyncpg exception. Other database
+errors pass unchanged (a refused row: not retried), but a missing privilege becomes
+:class:`WarehousePermissionError`, a configuration error.
+
 The DSN comes from ``--dsn``, else ``DAS_DSN``, else libpq's ``PG*`` variables (asyncpg reads
 PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE, PGPASSFILE...). Passwords are never
 printed: use :func:`redact` for anything that shows a DSN.
@@ -8,27 +14,32 @@ printed: use :func:`redact` for anything that shows a DSN.
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import os
 import re
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
+from ingest.conn import Conn as Conn
 from ingest.errors import ConfigError, IngestError
 
-#: A plain connection or one borrowed from a pool.
-Conn = asyncpg.Connection | PoolConnectionProxy
-
 SCHEMA = "das"
+
+log = logging.getLogger(__name__)
 
 
 class WarehouseUnavailableError(IngestError):
     """The warehouse cannot be reached right now (down, restarting, network): retry."""
 
     retriable = True
+
+
+class WarehousePermissionError(ConfigError):
+    """The warehouse refused a statement for want of a privilege: the role must change."""
 
 
 def resolve_dsn(cli_value: str | None) -> str | None:
@@ -68,6 +79,49 @@ def is_transient(exc: BaseException) -> bool:
         | asyncio.TimeoutError
         | asyncpg.InterfaceError  # "connection is closed", "connection was lost"
         | asyncpg.exceptions.ConnectionDoesNotExistError,
+    )
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def unavailable(exc: BaseException) -> WarehouseUnavailableError:
+    """The retriable error for a transient ``exc``, described by class and SQLSTATE (a
+    database message can quote row values) or by the network error's own text."""
+    if isinstance(exc, asyncpg.PostgresError):
+        what = f"{type(exc).__name__} (SQLSTATE {exc.sqlstate})"
+    elif isinstance(exc, OSError | TimeoutError) and str(exc):
+        what = f"{type(exc).__name__}: {exc}"
+    else:
+        what = type(exc).__name__
+    return WarehouseUnavailableError(f"warehouse unavailable: {what}"[:300])
+
+
+def warehouse_call(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Decorates an adapter method: transient failures leave it as WarehouseUnavailableError."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise permission_denied(exc) from exc
+        except Exception as exc:
+            if is_transient(exc):
+                raise unavailable(exc) from exc
+            raise
+
+    return call
+
+
+def permission_denied(exc: asyncpg.InsufficientPrivilegeError) -> WarehousePermissionError:
+    """Which privilege is missing, and what to do about it (the least-privilege roles)."""
+    return WarehousePermissionError(
+        f"permission denied in the warehouse: {exc} (run this command as a role that may; see "
+        "docs/operations.md, 'The warehouse: owner, ingest and analyst')"
     )
 
 
@@ -150,3 +204,14 @@ async def create_pool(
         raise
     assert pool is not None
     return pool
+
+
+async def close_pool(db: asyncpg.Pool, seconds: float) -> None:
+    """Close the pool gracefully, or abort its connections if the warehouse does not answer
+    (a stalled connection must not keep a stopping worker alive)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await db.close()
+    except (TimeoutError, OSError) as exc:
+        log.warning("warehouse connections aborted at exit", extra={"error": type(exc).__name__})
+        db.terminate()

@@ -1,32 +1,24 @@
-"""Dead letters: listing them, and re-driving them after a fix.
+"""Dead letters in the warehouse: listing them, and the statements of a re-drive.
 
-A re-drive decodes the kept raw record again (KMS, decrypt, decompress, parse, normalize) and,
-on success, stores its events and removes the dead letter in ONE transaction. A record that
-fails again stays, with the new stage and reason and one more attempt. Re-drives run as the
-schema owner (the ingest role cannot delete dead letters).
+A re-drive (``ingest.consumer.redrive``) prepares the kept raw record as the consumer does and,
+on success, stores its events and removes the dead letter in ONE transaction
+(:func:`store_redriven`). A record that fails again stays, with the new stage and reason and
+one more attempt (:func:`failed_again`). Re-drives run as the schema owner (the ingest role
+cannot delete dead letters).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
-from ingest.decode.envelope import read_envelope
-from ingest.errors import DecodeError
+from ingest.decode.batch import HeartbeatRow
 from ingest.integrity.canonical import DayDigests
 from ingest.integrity.chain import extend_chain
-from ingest.kms import DataKeyCache, encryption_context, resource_id_from_stream
 from ingest.warehouse.db import Conn
-from ingest.warehouse.sink import (
-    CopyUnit,
-    copy_unit,
-    ensure_day_partitions,
-    init_connection,
-    upsert_heartbeats,
-)
+from ingest.warehouse.sink import CopyUnit, store_units
 
 
 @dataclass(frozen=True)
@@ -75,96 +67,74 @@ async def list_dead_letters(
     return [DeadLetterRow(**dict(r)) for r in rows]
 
 
-@dataclass
-class RedriveReport:
-    stored: list[int] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)
-    events: int = 0
+@dataclass(frozen=True)
+class KeptRecord:
+    """A dead letter's record, as a re-drive reads it."""
+
+    id: int
+    stream_name: str
+    shard_id: str
+    sequence_number: str
+    partition_key: str | None
+    arrival_time: datetime | None
+    raw: bytes
 
 
-async def redrive(
+async def dead_letter_ids(conn: Conn, stage: str | None) -> list[int]:
+    """The ids of every dead letter, or of those of ``stage``, in order."""
+    rows = await conn.fetch(
+        "SELECT id FROM das.dead_letters WHERE $1::text IS NULL OR stage = $1 ORDER BY id", stage
+    )
+    return [r["id"] for r in rows]
+
+
+async def kept_record(conn: Conn, letter_id: int) -> KeptRecord | None:
+    row = await conn.fetchrow(
+        "SELECT stream_name, shard_id, sequence_number::text AS seq, partition_key, "
+        "arrival_time, raw FROM das.dead_letters WHERE id = $1",
+        letter_id,
+    )
+    if row is None:
+        return None
+    return KeptRecord(
+        letter_id,
+        row["stream_name"],
+        row["shard_id"],
+        row["seq"],
+        row["partition_key"],
+        row["arrival_time"],
+        bytes(row["raw"]),
+    )
+
+
+async def store_redriven(
     conn: Conn,
-    ids: Sequence[int] | None,
-    keys: DataKeyCache,
-    *,
-    decoder: DecoderConfig,
-    resource_id: str | None = None,
-    stage: str | None = None,
-) -> RedriveReport:
-    """Re-drive the dead letters ``ids`` (all, or those of ``stage``, when None)."""
-    await init_connection(conn)
-    if ids is None:
-        ids = [
-            r["id"]
-            for r in await conn.fetch(
-                "SELECT id FROM das.dead_letters WHERE $1::text IS NULL OR stage = $1 ORDER BY id",
-                stage,
-            )
-        ]
-    report = RedriveReport()
-    for letter_id in ids:
-        row = await conn.fetchrow(
-            "SELECT stream_name, shard_id, sequence_number::text AS seq, raw "
-            "FROM das.dead_letters WHERE id = $1",
-            letter_id,
+    kept: KeptRecord,
+    units: Sequence[CopyUnit],
+    heartbeats: Sequence[HeartbeatRow],
+) -> None:
+    """Store a re-driven record's rows (as the consumer's commit does), extend its shard's
+    chain with a ``redrive`` link, and delete the dead letter: one transaction."""
+    async with conn.transaction():
+        await store_units(conn, kept.stream_name, kept.shard_id, units, heartbeats=heartbeats)
+        digests = DayDigests()
+        digests.extend(unit.chain for unit in units)
+        await extend_chain(
+            conn,
+            kept.stream_name,
+            kept.shard_id,
+            kept.sequence_number,
+            kept.sequence_number,
+            digests,
+            "redrive",
+            # The chain records which dead letter this was: `verify` holds every
+            # dead-lettered record to still be here, or to have been re-driven so.
+            dead_letters=[(kept.sequence_number, kept.raw)],
         )
-        if row is None:
-            report.failed[letter_id] = "no such dead letter"
-            continue
-        context = encryption_context(resource_id or resource_id_from_stream(row["stream_name"]))
-        raw = bytes(row["raw"])
-        try:
-            envelope = read_envelope(raw)
-            data_key = await keys.get(envelope.key_blob(), context)
-        except DecodeError as exc:
-            await _failed_again(conn, letter_id, exc.stage.value, str(exc))
-            report.failed[letter_id] = str(exc)
-            continue
-        output = decode_batch(
-            BatchInput(
-                row["shard_id"],
-                [(0, row["seq"], raw, data_key)],
-                decoder,
-                stream_name=row["stream_name"],
-            )
-        )
-        if output.failures:
-            failure = output.failures[0]
-            await _failed_again(conn, letter_id, failure.stage, failure.error)
-            report.failed[letter_id] = failure.error
-            continue
-        await ensure_day_partitions(conn, output.days)
-        async with conn.transaction():
-            await copy_unit(
-                conn,
-                CopyUnit(output.events, output.statements, chain=output.chain),
-                row["stream_name"],
-            )
-            if output.heartbeats:
-                await upsert_heartbeats(
-                    conn, row["stream_name"], row["shard_id"], output.heartbeats
-                )
-            digests = DayDigests()
-            digests.extend([output.chain])
-            await extend_chain(
-                conn,
-                row["stream_name"],
-                row["shard_id"],
-                row["seq"],
-                row["seq"],
-                digests,
-                "redrive",
-                # The chain records which dead letter this was: `verify` holds every
-                # dead-lettered record to still be here, or to have been re-driven so.
-                dead_letters=[(row["seq"], raw)],
-            )
-            await conn.execute("DELETE FROM das.dead_letters WHERE id = $1", letter_id)
-        report.stored.append(letter_id)
-        report.events += output.event_count
-    return report
+        await conn.execute("DELETE FROM das.dead_letters WHERE id = $1", kept.id)
 
 
-async def _failed_again(conn: Conn, letter_id: int, stage: str, error: str) -> None:
+async def failed_again(conn: Conn, letter_id: int, stage: str, error: str) -> None:
     await conn.execute(
         "UPDATE das.dead_letters SET attempts = attempts + 1, last_attempt = now(), "
         "stage = $2, error = $3 WHERE id = $1",

@@ -5,61 +5,21 @@ counter, and the counter changes whenever ownership changes (take, steal, releas
 that lost a lease can never renew it, checkpoint it or write rows under it. Expiry uses the
 database's clock (``now()``): the one clock every worker shares.
 
-Checkpoints are sequence numbers or the sentinels below. A child shard (after a split or merge)
-is eligible only once every parent's checkpoint is SHARD_END, so records of one partition key are
-read in order across resharding.
+Checkpoints are sequence numbers or the sentinels of ``ingest.checkpoint``. A child shard (after
+a split or merge) is eligible only once every parent's checkpoint is SHARD_END, so records of one
+partition key are read in order across resharding. The values (Lease, ShardInfo) live in
+``ingest.lease``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 
 import asyncpg
 
-TRIM_HORIZON = "TRIM_HORIZON"
-LATEST = "LATEST"
-SHARD_END = "SHARD_END"
-AT_TIMESTAMP_PREFIX = "AT_TIMESTAMP:"
-SENTINELS = (TRIM_HORIZON, LATEST, SHARD_END)
-
-
-def is_sequence_number(checkpoint: str) -> bool:
-    return checkpoint.isdigit()
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    stream_name: str
-    shard_id: str
-    owner: str | None
-    lease_counter: int
-    expires_at: datetime | None
-    checkpoint: str
-    parent_shard_ids: tuple[str, ...]
-
-    @classmethod
-    def from_row(cls, row: asyncpg.Record) -> Lease:
-        return cls(
-            stream_name=row["stream_name"],
-            shard_id=row["shard_id"],
-            owner=row["owner"],
-            lease_counter=row["lease_counter"],
-            expires_at=row["expires_at"],
-            checkpoint=row["checkpoint"],
-            parent_shard_ids=tuple(row["parent_shard_ids"] or ()),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class ShardInfo:
-    shard_id: str
-    parent_shard_ids: tuple[str, ...]
-    hash_key_start: int | None = None
-    hash_key_end: int | None = None
-    closed: bool = False
-
+from ingest.checkpoint import TRIM_HORIZON
+from ingest.lease import Lease, ShardInfo
+from ingest.warehouse.db import warehouse_call
 
 _COLUMNS = "stream_name, shard_id, owner, lease_counter, expires_at, checkpoint, parent_shard_ids"
 
@@ -79,6 +39,7 @@ class LeaseStore:
         self.stream_name = stream_name
         self.lease_seconds = lease_seconds
 
+    @warehouse_call
     async def sync_shards(self, shards: Sequence[ShardInfo], initial_checkpoint: str) -> int:
         """Create lease rows for shards we have not seen. Children of shards we already had
         leases for start at TRIM_HORIZON, so nothing written after a reshard is skipped; every
@@ -117,6 +78,7 @@ class LeaseStore:
         )
         return len(rows)
 
+    @warehouse_call
     async def all_leases(self) -> list[Lease]:
         rows = await self._pool.fetch(
             f"SELECT {_COLUMNS} FROM das.leases WHERE stream_name = $1 ORDER BY shard_id",
@@ -124,6 +86,7 @@ class LeaseStore:
         )
         return [Lease.from_row(r) for r in rows]
 
+    @warehouse_call
     async def heartbeat_worker(self, worker_id: str, *, ready: bool) -> list[str]:
         """Record that ``worker_id`` is alive; returns the ids of all live workers."""
         async with self._pool.acquire() as conn:
@@ -148,6 +111,7 @@ class LeaseStore:
             )
         return [r["worker_id"] for r in rows]
 
+    @warehouse_call
     async def deregister_worker(self, worker_id: str) -> None:
         await self._pool.execute(
             "DELETE FROM das.workers WHERE stream_name = $1 AND worker_id = $2",
@@ -155,6 +119,7 @@ class LeaseStore:
             worker_id,
         )
 
+    @warehouse_call
     async def eligible_leases(self) -> list[tuple[Lease, bool]]:
         """Unfinished leases whose parents are finished, with whether each has expired."""
         rows = await self._pool.fetch(
@@ -169,6 +134,7 @@ class LeaseStore:
         )
         return [(Lease.from_row(r), bool(r["expired"])) for r in rows]
 
+    @warehouse_call
     async def take(self, lease: Lease, owner: str) -> Lease | None:
         """Take (or steal) ``lease`` as seen; None if someone changed it in between."""
         row = await self._pool.fetchrow(
@@ -188,6 +154,7 @@ class LeaseStore:
         )
         return Lease.from_row(row) if row else None
 
+    @warehouse_call
     async def renew(self, owner: str, held: dict[str, int]) -> set[str]:
         """Extend every lease ``owner`` still holds at the given counters; returns those."""
         if not held:
@@ -209,6 +176,7 @@ class LeaseStore:
         )
         return {r["shard_id"] for r in rows}
 
+    @warehouse_call
     async def release(self, owner: str, shard_id: str, counter: int) -> bool:
         """Give the lease back (graceful stop, or after SHARD_END) so others take it at once."""
         status = await self._pool.execute(
@@ -224,6 +192,7 @@ class LeaseStore:
         )
         return bool(status == "UPDATE 1")
 
+    @warehouse_call
     async def checkpoint_of(self, shard_id: str) -> str | None:
         value = await self._pool.fetchval(
             "SELECT checkpoint FROM das.leases WHERE stream_name = $1 AND shard_id = $2",

@@ -20,15 +20,16 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 import orjson
 
+from ingest.checkpoint import SHARD_END
+from ingest.copytext import EVENT_COLUMNS
 from ingest.decode.batch import HeartbeatRow
-from ingest.decode.copyfmt import EVENT_COLUMNS
 from ingest.decode.correlate import StatementRange
 from ingest.decode.normalize import sanitize_text
 from ingest.errors import IngestError
 from ingest.integrity.canonical import DayDigests
 from ingest.integrity.chain import extend_chain
-from ingest.warehouse.db import Conn, is_transient
-from ingest.warehouse.leases import SHARD_END
+from ingest.lease import LeaseToken
+from ingest.warehouse.db import Conn, is_transient, warehouse_call
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +74,6 @@ PARTITION_WINDOW = (30, 2)
 
 class LeaseLostError(IngestError):
     """The lease changed hands (or the checkpoint moved) since we read it: write nothing."""
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseToken:
-    """What a commit must still match: the lease as this worker holds it."""
-
-    stream_name: str
-    shard_id: str
-    owner: str
-    lease_counter: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +124,7 @@ class Sink:
         self._window = partition_window
         self._partition_lock = asyncio.Lock()
 
+    @warehouse_call
     async def ensure_partitions(self, days: set[date] | Sequence[date]) -> None:
         """Create the day partitions rows are about to need (outside the batch transaction, so
         DDL locks are short). Days outside the window go to the default partition."""
@@ -141,6 +133,7 @@ class Sink:
         async with self._partition_lock, self._pool.acquire() as conn:
             await ensure_day_partitions(conn, days, self._window, self._known_days)
 
+    @warehouse_call
     async def commit(
         self,
         lease: LeaseToken,
@@ -173,36 +166,17 @@ class Sink:
                 raise LeaseLostError(
                     f"lease on {lease.shard_id} lost or checkpoint moved; batch not written"
                 )
-            failed: list[DeadLetter] = []
-            stored: list[CopyUnit] = []
-            for unit in units:
-                if not per_record:
-                    await copy_unit(conn, unit, lease.stream_name)
-                    stored.append(unit)
-                    continue
-                try:
-                    async with conn.transaction():  # a savepoint per record
-                        await copy_unit(conn, unit, lease.stream_name)
-                    stored.append(unit)
-                except asyncpg.PostgresError as exc:
-                    if unit.on_store_error is None or is_transient(exc):
-                        raise
-                    letter = unit.on_store_error
-                    failed.append(
-                        DeadLetter(
-                            letter.sequence_number,
-                            letter.partition_key,
-                            letter.arrival_time,
-                            "store",
-                            f"store: {type(exc).__name__} (SQLSTATE {exc.sqlstate})",
-                            letter.raw,
-                        )
-                    )
+            stored, failed = await store_units(
+                conn,
+                lease.stream_name,
+                lease.shard_id,
+                units,
+                heartbeats=heartbeats,
+                per_record=per_record,
+            )
             letters = [*dead_letters, *failed]
             if letters:
                 await insert_dead_letters(conn, lease.stream_name, lease.shard_id, letters)
-            if heartbeats:
-                await upsert_heartbeats(conn, lease.stream_name, lease.shard_id, heartbeats)
             if sequence_range is not None and self._chain:
                 digests = DayDigests()
                 digests.extend(unit.chain for unit in stored)
@@ -219,6 +193,49 @@ class Sink:
             result.dead_letters = len(letters)
             result.store_failures = failed
         return result
+
+
+async def store_units(
+    conn: Conn,
+    stream_name: str,
+    shard_id: str,
+    units: Sequence[CopyUnit],
+    *,
+    heartbeats: Sequence[HeartbeatRow] = (),
+    per_record: bool = False,
+) -> tuple[list[CopyUnit], list[DeadLetter]]:
+    """COPY the units and upsert the heartbeats, inside the caller's transaction: the rows of
+    a consumer's commit and of a dead-letter re-drive. In ``per_record`` mode each unit has a
+    savepoint, and a unit PostgreSQL refuses becomes its ``on_store_error`` dead letter
+    (stage ``store``) instead of failing the rest. Returns (stored units, refused letters)."""
+    failed: list[DeadLetter] = []
+    stored: list[CopyUnit] = []
+    for unit in units:
+        if not per_record:
+            await copy_unit(conn, unit, stream_name)
+            stored.append(unit)
+            continue
+        try:
+            async with conn.transaction():  # a savepoint per record
+                await copy_unit(conn, unit, stream_name)
+            stored.append(unit)
+        except asyncpg.PostgresError as exc:
+            if unit.on_store_error is None or is_transient(exc):
+                raise
+            letter = unit.on_store_error
+            failed.append(
+                DeadLetter(
+                    letter.sequence_number,
+                    letter.partition_key,
+                    letter.arrival_time,
+                    "store",
+                    f"store: {type(exc).__name__} (SQLSTATE {exc.sqlstate})",
+                    letter.raw,
+                )
+            )
+    if heartbeats:
+        await upsert_heartbeats(conn, stream_name, shard_id, heartbeats)
+    return stored, failed
 
 
 async def record_end(

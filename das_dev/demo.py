@@ -115,7 +115,7 @@ QUERIES: list[tuple[str, str]] = [
 
 
 def main() -> int:
-    from ingest.devstack import LocalStack, install_signal_handlers
+    from das_dev.devstack import LocalStack, install_signal_handlers
 
     install_signal_handlers()
     started = time.monotonic()

@@ -33,7 +33,8 @@ from typing import Any
 
 import orjson
 
-from ingest.integrity.canonical import ZERO_HASH, canonical_json, canonical_time
+from ingest.copytext import canonical_json, canonical_time
+from ingest.integrity.canonical import ZERO_HASH
 
 LOCK_KEY = "das.alerts"
 

@@ -1102,13 +1102,14 @@ class LocalStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``das-ingest stack``: run the local stack in the foreground until Ctrl-C or SIGTERM.
+    """``make stack`` (``python -m das_dev.devstack``): run the local stack in the foreground
+    until Ctrl-C or SIGTERM.
 
-    ``eval "$(das-ingest stack)"`` cannot work (the command does not return), so the variables
+    ``eval "$(make -s stack)"`` cannot work (the command does not return), so the variables
     are printed for copying into another shell, or for ``source <(... | head -n N)``.
     """
     parser = argparse.ArgumentParser(
-        prog="das-ingest stack",
+        prog="python -m das_dev.devstack",
         description="Start kinesalite, moto (KMS, RDS) and PostgreSQL on 127.0.0.1 until Ctrl-C.",
     )
     parser.add_argument(
@@ -1143,7 +1144,7 @@ def main(argv: list[str] | None = None) -> int:
         print("local stack stopped", file=sys.stderr)
         return 0
     except (StackError, ValueError) as exc:
-        print(f"das-ingest stack: {exc}", file=sys.stderr)
+        print(f"das_dev.devstack: {exc}", file=sys.stderr)
         return 1
 
 
