@@ -419,3 +419,20 @@ def test_rules_list_shows_the_effective_rules(tmp_path: Path) -> None:
     mass = next(r for r in rows if r["name"] == "mass_read")
     assert (mass["count"], mass["single"], mass["window"]) == (5000, 10_000, "10m")
     assert rows[-1] == {"name": "noise", "kind": "match", "action": "drop", "builtin": False}
+
+
+def test_merging_outputs_leaves_them_unchanged() -> None:
+    """A commit retried after a transient fault merges the same outputs again."""
+    policy = policy_for(None)
+    failures = [
+        ev(command="AUTH FAILURE", exit_code="28P01", log_time=NOON + timedelta(seconds=i))
+        for i in range(3)
+    ]
+    a, b = run(policy, *failures[:2]), run(policy, failures[2])
+    for _ in range(2):
+        merged = PolicyOutput()
+        merged.merge(a)
+        merged.merge(b)
+        amounts = {k[1]: t.amount for k, t in merged.tallies.items() if k[0] == "brute_force_login"}
+        assert amounts == {"user=alice": 3, "remote_host=10.1.2.3": 3}
+    assert sum(t.amount for t in a.tallies.values() if True) == 4  # untouched: 2 per group

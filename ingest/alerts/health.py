@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from ingest.alerts.store import Candidate, insert_alerts
+from ingest.conn import Conn
 from ingest.policy.rules import Rule, RuleSet
-from ingest.warehouse.db import Conn
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from ingest.conn import Conn
 from ingest.integrity.alerts import LOCK_KEY, AlertFields, alert_hash
 from ingest.integrity.canonical import ZERO_HASH
 from ingest.policy.evaluate import (
@@ -40,7 +41,6 @@ from ingest.policy.evaluate import (
     window_start,
 )
 from ingest.policy.rules import Rule, RuleSet
-from ingest.warehouse.db import Conn
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,22 @@ def _duration(value: timedelta) -> str:
         if seconds and seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+class PolicyRecorder:
+    """What the sink calls in a batch's transaction (ingest.warehouse.sink.PolicyRecorder)."""
+
+    def __init__(self, rules: RuleSet) -> None:
+        self.rules = rules
+
+    async def record(
+        self, conn: Conn, outputs: Sequence[PolicyOutput], stream: str, shard: str
+    ) -> dict[str, int]:
+        merged = PolicyOutput()
+        for output in outputs:
+            merged.merge(output)
+        await record_policy(conn, merged, self.rules, stream, shard)
+        return dict(merged.dropped)
 
 
 async def record_policy(

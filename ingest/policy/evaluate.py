@@ -80,10 +80,14 @@ class PolicyOutput:
     redacted: int = 0
 
     def merge(self, other: PolicyOutput) -> None:
+        """Add ``other`` to this output (``other`` is left as it was: a commit that is retried
+        merges the same outputs again)."""
         for key, tally in other.tallies.items():
             mine = self.tallies.get(key)
             if mine is None:
-                self.tallies[key] = tally
+                self.tallies[key] = dataclasses.replace(
+                    tally, refs=list(tally.refs), fields=dict(tally.fields)
+                )
             else:
                 _add_tally(mine, tally)
         for skey, seen in other.sightings.items():
