@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from ingest.alerts.store import PolicyRecorder
 from ingest.consumer.budget import WorkBudget
 from ingest.consumer.committer import ChunkPreparer, KeySource
 from ingest.consumer.failures import describe
@@ -21,6 +22,7 @@ from ingest.consumer.pool import DecodePool
 from ingest.decode.batch import DecoderConfig
 from ingest.kinesis import KinesisRecord
 from ingest.kms import encryption_context, resource_id_from_stream
+from ingest.policy.rules import RuleSet
 from ingest.retry import Backoff, retry
 from ingest.warehouse.db import Conn
 from ingest.warehouse.deadletters import (
@@ -67,6 +69,7 @@ async def redrive(
     decoder: DecoderConfig,
     resource_id: str | None = None,
     stage: str | None = None,
+    rules: RuleSet | None = None,
 ) -> RedriveReport:
     """Re-drive the dead letters ``ids`` (all, or those of ``stage``, when None)."""
     await init_connection(conn)
@@ -101,7 +104,14 @@ async def redrive(
             continue
         (output,) = chunk.outputs
         await ensure_day_partitions(conn, output.days)
-        await store_redriven(conn, kept, chunk.units, output.heartbeats)
+        await store_redriven(
+            conn,
+            kept,
+            chunk.units,
+            output.heartbeats,
+            policy=PolicyRecorder(rules) if rules is not None else None,
+            policy_outputs=[output.policy] if output.policy is not None else [],
+        )
         report.stored.append(letter_id)
         report.events += output.event_count
     return report

@@ -114,7 +114,7 @@ def _add_tally(mine: Tally, other: Tally) -> None:
 def bucket_of(stamp: datetime, window: timedelta) -> int:
     """The bucket number of a time for a window (buckets of window / BUCKETS since 1970)."""
     width = window.total_seconds() / BUCKETS
-    return int((stamp - _EPOCH).total_seconds() // width) if width > 0 else 0
+    return int(stamp.timestamp() // width) if width > 0 else 0
 
 
 def bucket_start(bucket: int, window: timedelta) -> datetime:
@@ -133,6 +133,12 @@ def group_key(keys: tuple[str, ...], s: Subject) -> tuple[str, dict[str, Any]] |
     event without a user cannot be counted for "one user")."""
     if not keys:
         return "*", {}
+    if len(keys) == 1:
+        (name,) = keys
+        one = field_value(s, name)
+        if one is None or one == "":
+            return None
+        return f"{name}={one}", {name: one}
     values: dict[str, Any] = {}
     for key in keys:
         value = field_value(s, key)

@@ -263,10 +263,7 @@ class _Compiler:
             except re.error as exc:
                 self.error(path, f"{key}: bad regular expression: {exc}")
                 return None
-            search = pattern.search
-
-            def test(value: str) -> bool:
-                return search(value) is not None
+            test = _memo(pattern.search)
 
         elif op == "prefix":
             prefix = str(arg).lower()
@@ -365,6 +362,26 @@ class _Compiler:
     zone: ZoneInfo = ZoneInfo("UTC")
 
 
+#: Distinct values a regular expression's answers are remembered for (per predicate): the same
+#: fingerprints, users and commands come back all the time, a search costs microseconds.
+MEMO_SIZE = 4096
+
+
+def _memo(search: Callable[[str], Any]) -> Callable[[str], bool]:
+    seen: dict[str, bool] = {}
+
+    def test(value: str) -> bool:
+        found = seen.get(value)
+        if found is None:
+            found = search(value) is not None
+            if len(seen) >= MEMO_SIZE:
+                seen.clear()
+            seen[value] = found
+        return found
+
+    return test
+
+
 def _within(t: time, start: time, end: time) -> bool:
     if start <= end:
         return start <= t < end
@@ -375,18 +392,33 @@ def _always(_s: Subject) -> bool:
     return True
 
 
+# The combinators are closures of fixed arity for the common sizes: they run for every event,
+# and a generator expression per call costs more than the predicates it combines.
+
+
 def _all_of(preds: list[Predicate]) -> Predicate:
     if not preds:
         return _always
     if len(preds) == 1:
         return preds[0]
-    items = tuple(preds)
-    return lambda s: all(p(s) for p in items)
+    if len(preds) == 2:
+        a, b = preds
+        return lambda s: a(s) and b(s)
+    if len(preds) == 3:
+        a, b, c = preds
+        return lambda s: a(s) and b(s) and c(s)
+    first, rest = preds[0], _all_of(preds[1:])
+    return lambda s: first(s) and rest(s)
 
 
 def _any_of(preds: list[Predicate]) -> Predicate:
-    items = tuple(preds)
-    return lambda s: any(p(s) for p in items)
+    if len(preds) == 1:
+        return preds[0]
+    if len(preds) == 2:
+        a, b = preds
+        return lambda s: a(s) or b(s)
+    first, rest = preds[0], _any_of(preds[1:])
+    return lambda s: first(s) or rest(s)
 
 
 def _failed(want: bool) -> Predicate:
