@@ -265,3 +265,21 @@ def test_heartbeat_gaps(
         caught_up=caught_up,
     )
     assert sorted(b.instance_id for b, _ in found) == silent
+
+
+async def test_counters_no_window_reaches_are_pruned(warehouse: str) -> None:
+    from ingest.alerts.store import prune_counters
+
+    old = evaluate(BRUTE, [failed_login("a", 0)])
+    recent = evaluate(BRUTE, [failed_login("b", 3600)])  # an hour later: 60 one-minute windows
+    await commit(warehouse, BRUTE, old)
+    await commit(warehouse, BRUTE, recent)
+    conn = await asyncpg.connect(warehouse)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM das.policy_counters") == 4
+        assert await prune_counters(conn) == 2  # user=a and its host, an hour back
+        left = await conn.fetch("SELECT group_key FROM das.policy_counters ORDER BY group_key")
+        assert [r["group_key"] for r in left] == ["remote_host=10.1.2.3", "user=b"]
+        assert await prune_counters(conn) == 0
+    finally:
+        await conn.close()

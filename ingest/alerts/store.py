@@ -334,3 +334,21 @@ async def insert_alerts(
                 extra={"rule": fields.rule, "severity": fields.severity, "alert_id": new_id},
             )
     return ids
+
+
+#: Buckets of a rule older than this many windows before its newest are no longer read.
+KEEP_WINDOWS = 4
+
+PRUNE_COUNTERS = """
+DELETE FROM das.policy_counters c
+USING (SELECT rule, max(bucket) AS newest FROM das.policy_counters GROUP BY rule) AS n
+WHERE c.rule = n.rule AND c.bucket < n.newest - $1::bigint
+"""
+
+
+async def prune_counters(conn: Conn) -> int:
+    """Delete threshold counters no window can reach any more (older than KEEP_WINDOWS windows
+    before their rule's newest bucket, in event time: a backlog read late keeps its own);
+    returns how many."""
+    status = await conn.execute(PRUNE_COUNTERS, KEEP_WINDOWS * BUCKETS)
+    return int(status.split()[-1])

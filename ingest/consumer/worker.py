@@ -38,7 +38,7 @@ import asyncpg
 from ingest.alerts.health import check_heartbeats
 from ingest.alerts.notifiers import parse_notifier
 from ingest.alerts.outbox import Deliverer, DeliveryMetrics
-from ingest.alerts.store import PolicyRecorder
+from ingest.alerts.store import PolicyRecorder, prune_counters
 from ingest.consumer.balance import plan_balance
 from ingest.consumer.budget import WorkBudget
 from ingest.consumer.dependencies import DependencyHealth
@@ -67,6 +67,8 @@ WATCH_SECONDS = 0.25
 #: A shard this close to the tip of its stream (MillisBehindLatest) counts as caught up for
 #: the stream health rules.
 CAUGHT_UP_MS = 10_000
+#: Seconds between two prunings of the threshold counters no window reads any more.
+PRUNE_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ class Worker:
         self._kms_seen = (0, 0)
         self._refused_seen = (0, 0)
         self.exit_reason = ""
+        self._prune_due = 0.0
 
     # -- public -------------------------------------------------------------------------
 
@@ -339,6 +342,9 @@ class Worker:
                     await check_heartbeats(
                         conn, self.rules, now=datetime.now(UTC), caught_up=caught_up
                     )
+                    if time.monotonic() >= self._prune_due:
+                        self._prune_due = time.monotonic() + PRUNE_SECONDS
+                        await prune_counters(conn)
             await self.deliverer.run_once()
         except (asyncpg.PostgresError, OSError) as exc:
             log.warning("alerts round failed; next round retries", extra={"error": describe(exc)})
