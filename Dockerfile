@@ -26,9 +26,19 @@ RUN /opt/das-ingest/bin/pip install -c constraints.txt . \
 
 # --- runtime ------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
+# OCI labels: say which code an image runs. Release builds pass the commit and the repository:
+#   docker build --build-arg REVISION="$(git rev-parse HEAD)" \
+#     --build-arg SOURCE="$(git remote get-url origin)" -t das-ingest .
+# VERSION is the package version (pyproject.toml; a test keeps them equal).
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=unknown
 LABEL org.opencontainers.image.title="das-ingest" \
       org.opencontainers.image.description="Exactly-once consumer for Aurora Database Activity Streams into a PostgreSQL audit warehouse" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}"
 # A fixed numeric uid/gid so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 RUN groupadd --system --gid 10001 das \
     && useradd --system --uid 10001 --gid das --no-create-home --home-dir /nonexistent \
@@ -38,6 +48,7 @@ COPY --from=build /opt/das-ingest /opt/das-ingest
 # start of `das-ingest run` read them from $DAS_MIGRATIONS_DIR.
 COPY migrations /usr/share/das-ingest/migrations
 COPY deploy/docker/healthcheck.py /usr/local/lib/das-ingest/healthcheck.py
+COPY LICENSE /usr/share/doc/das-ingest/LICENSE
 ENV PATH=/opt/das-ingest/bin:$PATH \
     DAS_MIGRATIONS_DIR=/usr/share/das-ingest/migrations \
     PYTHONUNBUFFERED=1 \
@@ -46,8 +57,9 @@ USER 10001:10001
 # /metrics, /healthz and /readyz when `run` is given --metrics-port (9108 by convention).
 EXPOSE 9108
 # GET /healthz on the --metrics-port of `das-ingest run` (or $DAS_METRICS_PORT); passes for
-# commands without a health endpoint (migrate, emulate, a run without a metrics port). The start
-# period covers startup: the endpoint comes up after the warehouse and the stream were checked.
+# commands without a health endpoint (migrate, emulate, a run without a metrics port). `run`
+# serves it first, before it reaches the warehouse (which it retries while unreachable), so the
+# start period only covers the interpreter's start.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python3", "-I", "/usr/local/lib/das-ingest/healthcheck.py"]
 ENTRYPOINT ["das-ingest"]

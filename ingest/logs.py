@@ -75,9 +75,33 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def setup_logging(level: str = "info", *, stream: object = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
-    handler.setFormatter(JsonFormatter())
+class TextFormatter(logging.Formatter):
+    """One line for people at a terminal: time, level, message, then the same allow-listed
+    fields as the JSON lines, as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.gmtime(record.created))
+        fields = " ".join(
+            f"{key}={record.__dict__[key]}"
+            for key in sorted(ALLOWED_EXTRA)
+            if key in record.__dict__
+        )
+        line = f"{stamp} {record.levelname.lower():<7} {record.getMessage()}"
+        if record.exc_info and record.exc_info[0] is not None:
+            fields = f"{fields} exception={record.exc_info[0].__name__}".strip()
+        return f"{line}  {fields}" if fields else line
+
+
+#: --log-format choices; "auto" is text when stderr is a terminal, else JSON.
+LOG_FORMATS = ("auto", "text", "json")
+
+
+def setup_logging(level: str = "info", fmt: str = "json", *, stream: object = None) -> None:
+    out = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "text" if getattr(out, "isatty", lambda: False)() else "json"
+    handler = logging.StreamHandler(out)  # type: ignore[arg-type]
+    handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,17 +1,40 @@
-"""Prometheus metrics of the ingester. Names are prefixed ``das_``; no label carries SQL or keys."""
+"""Prometheus metrics of the ingester, by Prometheus's conventions: names prefixed ``das_``,
+base units (seconds, bytes) in the names, a ``stream`` label on every per-shard series (shard ids
+repeat across streams), ``das_build_info``, and the process metrics. No label carries SQL or keys.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import platform
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from ingest import __version__
 
 
 class Metrics:
-    """One registry per worker, so tests can run several workers in one process."""
+    """One registry per worker, so tests can run several workers in one process.
 
-    def __init__(self) -> None:
+    ``stream`` is the Kinesis stream the worker consumes: the value of the ``stream`` label of
+    its per-shard and per-stream series.
+    """
+
+    def __init__(self, stream: str = "") -> None:
+        self.stream = stream
         r = self.registry = CollectorRegistry()
+        # process_* (CPU seconds, resident memory, open fds, start time) and python_info.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Gauge(
+            "das_build_info",
+            "Always 1; the labels say which das-ingest runs",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
         self.events = Counter(
             "das_events_ingested", "Events committed to the warehouse", registry=r
         )
@@ -21,14 +44,50 @@ class Metrics:
             registry=r,
         )
         self.heartbeats = Counter("das_heartbeats", "Heartbeat events seen", registry=r)
-        self.batches = Counter("das_batches_committed", "Batches committed", ["shard"], registry=r)
+        self.batches = Counter(
+            "das_batches_committed", "Batches committed", ["stream", "shard"], registry=r
+        )
         self.dead_letters = Counter(
             "das_dead_letters", "Records sent to the dead-letter table", ["stage"], registry=r
         )
-        self.lag_ms = Gauge(
-            "das_shard_lag_milliseconds",
-            "MillisBehindLatest of the last GetRecords",
-            ["shard"],
+        self.lag = Gauge(
+            "das_shard_lag_seconds",
+            "How far the shard's reader is behind the stream's tip (MillisBehindLatest of the "
+            "last GetRecords, in seconds)",
+            ["stream", "shard"],
+            registry=r,
+        )
+        # From the warehouse, refreshed when scraped (see ingest.warehouse.gauges): every worker
+        # of a stream reports the same values, so aggregate them with max().
+        self.shards = Gauge(
+            "das_stream_shards",
+            "Shards of the stream known to the lease table, by state (open: not finished)",
+            ["stream", "state"],
+            registry=r,
+        )
+        self.unanchored_age = Gauge(
+            "das_chain_unanchored_age_seconds",
+            "Age of the oldest chain link of the stream that no anchor covers yet (0: none)",
+            ["stream"],
+            registry=r,
+        )
+        self.verify_exit_code = Gauge(
+            "das_verify_last_exit_code",
+            "Exit code of the last `das-ingest verify` of the stream (0 clean, 1 findings, "
+            "3 anchors unchecked); absent until one ran",
+            ["stream"],
+            registry=r,
+        )
+        self.verify_findings = Gauge(
+            "das_verify_last_findings",
+            "Findings of the last `das-ingest verify` of the stream",
+            ["stream"],
+            registry=r,
+        )
+        self.verify_time = Gauge(
+            "das_verify_last_run_timestamp_seconds",
+            "When the last `das-ingest verify` of the stream finished (Unix time)",
+            ["stream"],
             registry=r,
         )
         self.queue_batches = Gauge(
@@ -81,7 +140,13 @@ class Metrics:
             if sample.name.endswith("_total")
         }
 
+    def observe_lag(self, shard_id: str, millis_behind: int) -> None:
+        self.lag.labels(self.stream, shard_id).set(millis_behind / 1000)
+
+    def count_batch(self, shard_id: str) -> None:
+        self.batches.labels(self.stream, shard_id).inc()
+
     def forget_shard(self, shard_id: str) -> None:
         """Drop per-shard series of a shard this worker no longer holds."""
         with contextlib.suppress(KeyError):
-            self.lag_ms.remove(shard_id)
+            self.lag.remove(self.stream, shard_id)

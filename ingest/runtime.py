@@ -10,6 +10,8 @@ from typing import Any
 import asyncpg
 
 from ingest.errors import ConfigError, IngestError
+from ingest.exitcodes import FAILURE, UNAVAILABLE, USAGE
+from ingest.warehouse.db import WarehouseUnavailableError, is_transient
 
 
 def run_async(main: Coroutine[Any, Any, int]) -> int:
@@ -24,10 +26,21 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
         return runner(main)
     except ConfigError as exc:
         print(f"das-ingest: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return USAGE
+    except WarehouseUnavailableError as exc:
+        print(f"das-ingest: warehouse unavailable: {exc}", file=sys.stderr)
+        return UNAVAILABLE
     except IngestError as exc:
         print(f"das-ingest: {exc}", file=sys.stderr)
-        return 1
+        return FAILURE
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError) as exc:
+        # A command run against a database `migrate` never set up (or an older schema).
+        print(
+            f"das-ingest: the warehouse schema is not migrated ({exc}): run `das-ingest migrate` "
+            "as the schema owner first",
+            file=sys.stderr,
+        )
+        return USAGE
     except asyncpg.InsufficientPrivilegeError as exc:
         # The least-privilege roles at work: say which privilege is missing, not a traceback.
         print(
@@ -35,4 +48,10 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
             "that may; see docs/operations.md, 'The warehouse: owner, ingest and analyst')",
             file=sys.stderr,
         )
-        return 2
+        return USAGE
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        if not is_transient(exc):
+            raise
+        # The warehouse went away while the command ran (restart, failover, network).
+        print(f"das-ingest: warehouse unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return UNAVAILABLE

@@ -41,6 +41,7 @@ import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -64,6 +65,7 @@ from ingest.kms import encryption_context
 from ingest.metrics import Metrics
 from ingest.warehouse.migrate import migrate
 from tests.cli_helpers import Result, das_ingest
+from tests.grafana_sql import expand
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -124,8 +126,12 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def kubernetes_object(kind: str) -> dict[str, Any]:
-    matches = [d for d in load_yaml_documents(KUBERNETES) if d.get("kind") == kind]
+def kubernetes_object(kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [
+        d
+        for d in load_yaml_documents(KUBERNETES)
+        if d.get("kind") == kind and name in (None, d["metadata"]["name"])
+    ]
     assert len(matches) == 1, f"expected one {kind} in {KUBERNETES}, found {len(matches)}"
     return matches[0]
 
@@ -314,6 +320,26 @@ def test_the_image_entrypoint_is_the_cli_that_was_parsed() -> None:
     allowed = (ROOT / ".dockerignore").read_text().splitlines()
     for needed in ("!ingest/", "!migrations/", "!deploy/docker/healthcheck.py", "!README.md"):
         assert needed in allowed
+    assert "!LICENSE" in allowed
+    assert re.search(r"^COPY LICENSE /usr/share/doc/das-ingest/LICENSE$", text, re.MULTILINE)
+
+
+def test_the_image_carries_oci_labels_for_source_version_and_revision() -> None:
+    text = DOCKERFILE.read_text()
+    runtime = text[text.rindex("\nFROM ") :]  # labels of the final stage are the image's
+    labels = dict(re.findall(r"org\.opencontainers\.image\.([a-z]+)=\"([^\"]*)\"", runtime))
+    assert labels["source"] == "${SOURCE}"
+    assert labels["version"] == "${VERSION}"
+    assert labels["revision"] == "${REVISION}"
+    assert labels["licenses"] == "Apache-2.0"
+    defaults = dict(re.findall(r"^ARG ([A-Z]+)=(\S+)$", runtime, re.MULTILINE))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert defaults["VERSION"] == project["version"]
+    assert project["license"] == "Apache-2.0"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text
+    assert "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
 
 
 def test_least_privilege_roles_in_the_compose_setup(services: dict[str, dict[str, Any]]) -> None:
@@ -461,7 +487,7 @@ def test_kubernetes_fleet() -> None:
     assert container["resources"]["requests"]["cpu"] == "2"
     assert pod["securityContext"]["runAsNonRoot"] is True
 
-    account = kubernetes_object("ServiceAccount")
+    account = kubernetes_object("ServiceAccount", "das-ingest")
     assert pod["serviceAccountName"] == account["metadata"]["name"]
     assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith(
         "arn:aws:iam::"
@@ -762,6 +788,15 @@ def exported_metrics() -> Exported:
         names = frozenset(value._labelnames)
         for suffix in suffixes[str(value._type)]:
             labels[value._name + suffix] = names | ({"le"} if suffix == "_bucket" else set())
+    # The standard process collectors' samples (process_*, python_info), without labels.
+    standard = {
+        s.name: frozenset(s.labels)
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name.startswith(("process_", "python_"))
+    }
+    assert "process_resident_memory_bytes" in standard
+    labels.update(standard)
     registered = {s.name for family in metrics.registry.collect() for s in family.samples}
     assert registered <= set(labels), "every unlabelled sample is known"
     return Exported(frozenset(labels), labels)
@@ -781,7 +816,7 @@ def prometheus_queries() -> list[str]:
         target["expr"]
         for panel in dashboard_panels()
         for target in panel.get("targets", [])
-        if target.get("datasource", panel.get("datasource", {})).get("uid") == "prometheus"
+        if target.get("datasource", panel.get("datasource", {})).get("uid") == "${datasource}"
     ]
 
 
@@ -794,7 +829,7 @@ def sql_queries() -> list[str]:
     ]
 
 
-_METRIC = re.compile(r"\b(das_[a-z_]+)\b")
+_METRIC = re.compile(r"\b((?:das|process|python)_[a-z_]+)\b")
 _GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 _MATCHER = re.compile(r"\{([^}]*)\}")
 
@@ -819,7 +854,7 @@ def test_dashboard_queries_only_what_the_ingester_exports() -> None:
     assert {
         "das_events_ingested_total",
         "das_records_ingested_total",
-        "das_shard_lag_milliseconds",
+        "das_shard_lag_seconds",
         "das_kms_cache_hits_total",
         "das_kms_calls_total",
         "das_dead_letters_total",
@@ -907,12 +942,25 @@ def test_dashboard_is_wired_to_the_provisioned_sources(services: dict[str, dict[
     panels = dashboard_panels()
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
-    provisioned = {d["uid"] for d in load_yaml(DATASOURCES)["datasources"]}
+    provisioned = {d["uid"]: d["type"] for d in load_yaml(DATASOURCES)["datasources"]}
+    # No uid is hard-coded: panels name a datasource variable, whose default is the provisioned
+    # source (an import into another Grafana picks its own), and per-stream panels the stream.
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    for name in ("datasource", "warehouse"):
+        variable = variables[name]
+        assert variable["type"] == "datasource"
+        assert provisioned[variable["current"]["value"]] == variable["query"], name
+    assert variables["stream"]["includeAll"] is True
     for panel in panels:
         if panel["type"] == "row":
             continue
-        assert panel["datasource"]["uid"] in provisioned, panel["title"]
+        assert panel["datasource"]["uid"] in {"${datasource}", "${warehouse}"}, panel["title"]
         assert panel["targets"], panel["title"]
+    for expr in prometheus_queries():
+        if re.search(
+            r"das_(shard_lag_seconds|batches_committed|stream_shards|verify_|chain_un)", expr
+        ):
+            assert 'stream=~"$stream"' in expr, expr
     # Prometheus scrapes the compose service on the ingester's metrics port, as job das-ingest.
     (job,) = load_yaml(PROMETHEUS)["scrape_configs"]
     assert job["job_name"] == "das-ingest"
@@ -951,6 +999,8 @@ def test_operations_guide_documents_every_flag_of_every_command() -> None:
             continue  # a group such as dead-letters: its actions have the flags
         section = _section(doc, command)
         for action in parser._actions:
+            if action.help == argparse.SUPPRESS:
+                continue  # a former spelling, listed once under "Renamed options"
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help":
                     assert f"`{flag}" in section, f"{command}: {flag} is not documented"
@@ -1432,7 +1482,7 @@ async def test_the_compose_setup_end_to_end(
     assert created.returncode == 0, failed("kinesis-stream", created)
 
     ingester_env = box("ingester").env
-    shutdown_deadline = float(option(box("ingester").argv, "--shutdown-deadline") or 0)
+    shutdown_deadline = float(option(box("ingester").argv, "--shutdown-deadline-seconds") or 0)
     assert shutdown_deadline > 0
     replicas = int(services["ingester"]["deploy"]["replicas"])
     assert replicas == 2
@@ -1503,7 +1553,9 @@ async def test_the_compose_setup_end_to_end(
             "SELECT DISTINCT shard_id FROM das.chain_links WHERE stream_name = $1", DEMO_STREAM
         )
         # Grafana's SQL panels, as the analyst login
-        results = [await analyst.fetch(sql) for sql in sql_queries()]
+        # (the time picker's range: wide enough for every emulated event)
+        picked = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+        results = [await analyst.fetch(expand(sql, *picked)) for sql in sql_queries()]
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await analyst.execute("DELETE FROM das.activity_events")
     finally:

@@ -700,9 +700,10 @@ def assert_runtime_metrics(text: str, *, shards: int) -> None:
     batches = metric_values(text, "das_batches_committed_total")
     assert len(batches) == shards, batches
     assert all(n > 0 for n in batches.values()), batches
-    lag = metric_values(text, "das_shard_lag_milliseconds")
+    lag = metric_values(text, "das_shard_lag_seconds")
     assert len(lag) == shards, lag
-    assert all(ms >= 0 for ms in lag.values()), lag
+    assert all(seconds >= 0 for seconds in lag.values()), lag
+    assert all('stream="' in labels for labels in [*lag, *batches]), (lag, batches)
     assert "" in metric_values(text, "das_queue_batches")
     assert "" in metric_values(text, "das_queue_bytes")
     assert metric_values(text, "das_kms_calls_total")[""] > 0

@@ -19,12 +19,12 @@ LIST_KEYS = (
 def add_notify_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--notify",
-        action="append",
+        action=_AppendOverVariable,
         metavar="KIND=TARGET",
-        default=None,
+        default=env_default("DAS_NOTIFY", None),
         help="deliver alerts to a notifier (repeatable): webhook=URL, slack=URL, "
-        "alertmanager=URL, sns=TOPIC_ARN, syslog=tcp://HOST:PORT or tls://HOST:PORT "
-        "[DAS_NOTIFY, space separated]",
+        "alertmanager=URL, sns=TOPIC_ARN, syslog=tcp://HOST:PORT or tls://HOST:PORT; the "
+        "variable holds them space separated [DAS_NOTIFY]",
     )
     parser.add_argument(
         "--syslog-cafile",
@@ -33,12 +33,28 @@ def add_notify_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def notifier_specs(args: argparse.Namespace) -> list[str]:
-    import os
+class _AppendOverVariable(argparse.Action):
+    """Repeatable; the flags given replace the variable's list (the default) instead of adding
+    to it."""
 
-    if args.notify:
-        return list(args.notify)
-    return os.environ.get("DAS_NOTIFY", "").split()
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, None)
+        items = list(current) if isinstance(current, list) else []
+        items.append(values)
+        setattr(namespace, self.dest, items)
+
+
+def notifier_specs(args: argparse.Namespace) -> list[str]:
+    """The notifiers of --notify (repeated) or DAS_NOTIFY (space separated)."""
+    if isinstance(args.notify, str):
+        return args.notify.split()
+    return list(args.notify or [])
 
 
 def add_parser(subparsers: Any) -> None:
@@ -53,7 +69,7 @@ def add_parser(subparsers: Any) -> None:
     listing = sub.add_parser("list", help="alerts, newest first")
     listing.add_argument("--since", help="created at or after: ISO time or an age (2h, 7d)")
     listing.add_argument("--rule", help="only this rule")
-    listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (default: 100)")
     listing.add_argument("--json", action="store_true", help="JSON lines: " + ", ".join(LIST_KEYS))
     add_dsn_argument(listing)
     add_log_argument(listing)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
-from ingest.commands.options import add_log_argument
+from ingest.commands.options import add_hidden_alias, add_log_argument, env_default, env_flag
 
 EPILOG = """\
 input: one Kinesis record per line, exactly as it sits in the stream (the outer JSON document
@@ -71,21 +71,27 @@ def add_decryptor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decryptor",
         choices=("lean", "esdk"),
-        default="lean",
-        help="lean: the built-in verified decryptor (default); esdk: the AWS Encryption SDK",
+        default=env_default("DAS_DECRYPTOR", "lean"),
+        help="lean: the built-in verified decryptor; esdk: the AWS Encryption SDK "
+        "(default: lean) [DAS_DECRYPTOR]",
     )
     parser.add_argument(
         "--skip-signature-verification",
         action="store_true",
-        help="do not verify the messages' ECDSA signatures (see README: what it protects)",
+        default=env_flag("DAS_SKIP_SIGNATURE_VERIFICATION"),
+        help="do not verify the messages' ECDSA signatures (see README: what it protects) "
+        "[DAS_SKIP_SIGNATURE_VERIFICATION]",
     )
     parser.add_argument(
-        "--max-decompressed-mb",
+        "--max-decompressed-mib",
+        dest="max_decompressed_mb",
         type=int,
-        default=64,
-        metavar="MB",
-        help="refuse payloads that decompress to more than this (default: 64)",
+        default=env_default("DAS_MAX_DECOMPRESSED_MIB", 64),
+        metavar="MIB",
+        help="refuse payloads that decompress to more than this many MiB (default: 64) "
+        "[DAS_MAX_DECOMPRESSED_MIB]",
     )
+    add_hidden_alias(parser, "--max-decompressed-mb", dest="max_decompressed_mb", type=int)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,12 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
+from ingest.commands.options import (
+    add_dsn_argument,
+    add_hidden_alias,
+    add_log_argument,
+    env_default,
+)
 
 VERIFY_EPILOG = """\
 verify recomputes every event's digest from the stored rows (trusting no function or digest
@@ -38,7 +43,9 @@ def add_parser(subparsers: Any) -> None:
         epilog=VERIFY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verify.add_argument("--stream", default=env_default("DAS_STREAM"), help="only this stream")
+    verify.add_argument(
+        "--stream", default=env_default("DAS_STREAM"), help="only this stream [DAS_STREAM]"
+    )
     verify.add_argument(
         "--shard", action="append", dest="shards", metavar="SHARD", help="only this shard (repeat)"
     )
@@ -64,10 +71,10 @@ def add_parser(subparsers: Any) -> None:
     verify.add_argument(
         "--max-unanchored-seconds",
         type=float,
-        default=None,
-        metavar="S",
+        default=env_default("DAS_MAX_UNANCHORED_SECONDS"),
+        metavar="SECONDS",
         help="with --anchor-key-id: an unanchored tail older than this is a finding "
-        "(default: twice DAS_ANCHOR_SECONDS, i.e. 600)",
+        "(default: twice $DAS_ANCHOR_SECONDS, i.e. 600) [DAS_MAX_UNANCHORED_SECONDS]",
     )
     verify.add_argument(
         "--anchors",
@@ -96,11 +103,16 @@ def add_parser(subparsers: Any) -> None:
         "JSON lines, for safekeeping outside the warehouse.",
     )
     anchor.add_argument(
-        "--key-id",
+        "--anchor-key-id",
+        dest="key_id",
         default=env_default("DAS_ANCHOR_KEY_ID"),
+        metavar="KEY",
         help="KMS key id, ARN or alias to anchor with [DAS_ANCHOR_KEY_ID]",
     )
-    anchor.add_argument("--stream", default=env_default("DAS_STREAM"), help="only this stream")
+    add_hidden_alias(anchor, "--key-id", dest="key_id")
+    anchor.add_argument(
+        "--stream", default=env_default("DAS_STREAM"), help="only this stream [DAS_STREAM]"
+    )
     anchor.add_argument(
         "--export", metavar="FILE", help="write every anchor as JSON lines to FILE ('-': stdout)"
     )
@@ -112,6 +124,7 @@ def add_parser(subparsers: Any) -> None:
 def _verify(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
+    from ingest.exitcodes import UsageError
     from ingest.warehouse.retention import parse_keep
 
     since = None
@@ -119,7 +132,7 @@ def _verify(args: argparse.Namespace) -> int:
         try:
             since = datetime.fromisoformat(args.since.replace("Z", "+00:00"))
         except ValueError:
-            raise SystemExit(f"das-ingest verify: --since {args.since!r} is not ISO 8601") from None
+            raise UsageError(f"--since {args.since!r} is not ISO 8601") from None
         if since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
     keep = None
@@ -127,13 +140,13 @@ def _verify(args: argparse.Namespace) -> int:
         try:
             keep = parse_keep(args.retention_keep)
         except ValueError as exc:
-            raise SystemExit(f"das-ingest verify: --retention-keep: {exc}") from None
+            raise UsageError(f"--retention-keep: {exc}") from None
     seconds = args.max_unanchored_seconds
     if seconds is None:
         try:
             seconds = 2 * float(env_default("DAS_ANCHOR_SECONDS", "300"))
         except ValueError:
-            raise SystemExit("das-ingest verify: DAS_ANCHOR_SECONDS is not a number") from None
+            raise UsageError("DAS_ANCHOR_SECONDS is not a number") from None
     from ingest.runtime import run_async
 
     return run_async(_do_verify(args, since, keep, timedelta(seconds=seconds)))
@@ -149,12 +162,14 @@ async def _do_verify(
     from ingest.aws import aws_client
     from ingest.integrity.anchor import read_exported_anchors
     from ingest.integrity.verify import verify_warehouse
+    from ingest.progress import Progress
     from ingest.warehouse.db import connect, resolve_dsn
 
     exported = read_exported_anchors(args.anchors) if args.anchors else None
     conn = await connect(resolve_dsn(args.dsn))
     try:
         async with contextlib.AsyncExitStack() as stack:
+            progress = stack.enter_context(Progress("verify: chains checked", unit="chains"))
             kms = None if args.no_anchors else await stack.enter_async_context(aws_client("kms"))
             report = await verify_warehouse(
                 conn,
@@ -166,7 +181,10 @@ async def _do_verify(
                 exported_anchors=exported,
                 max_unanchored_age=max_unanchored,
                 retention_keep=keep,
+                progress=progress,
             )
+        if not args.shards:
+            await _record_run(conn, args.stream, report)
     finally:
         await conn.close()
     if args.json:
@@ -174,6 +192,24 @@ async def _do_verify(
     else:
         _print_report(report)
     return report.exit_code
+
+
+async def _record_run(conn: Any, stream: str | None, report: Any) -> None:
+    """Record the outcome in das.verify_runs, which the workers export as metrics (alerts on
+    a verify that found something or stopped running). A role that may not is warned about."""
+    import asyncpg
+
+    try:
+        await conn.execute(
+            "SELECT das.record_verify_run($1, $2::smallint, $3, $4, $5)",
+            stream,
+            report.exit_code,
+            len(report.findings),
+            report.links,
+            report.events,
+        )
+    except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedFunctionError) as exc:
+        print(f"das-ingest verify: the outcome was not recorded: {exc}", file=sys.stderr)
 
 
 def _print_report(report: Any) -> None:
@@ -215,8 +251,10 @@ def _print_report(report: Any) -> None:
 
 
 def _anchor(args: argparse.Namespace) -> int:
+    from ingest.exitcodes import UsageError
+
     if not args.key_id and not args.export:
-        raise SystemExit("das-ingest anchor: give --key-id (to anchor) and/or --export FILE")
+        raise UsageError("give --anchor-key-id (to anchor) and/or --export FILE")
     from ingest.runtime import run_async
 
     return run_async(_do_anchor(args))

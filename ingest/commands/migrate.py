@@ -19,12 +19,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--ingest-role",
         default=env_default("DAS_INGEST_ROLE", "das_ingest"),
-        help="append-only role for the ingester (default: das_ingest)",
+        help="append-only role for the ingester (default: das_ingest) [DAS_INGEST_ROLE]",
     )
     parser.add_argument(
         "--analyst-role",
         default=env_default("DAS_ANALYST_ROLE", "das_analyst"),
-        help="read-only role for analysts (default: das_analyst)",
+        help="read-only role for analysts (default: das_analyst) [DAS_ANALYST_ROLE]",
     )
     parser.add_argument(
         "--no-roles",

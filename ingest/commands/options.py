@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 
 class EnvText(str):
@@ -40,6 +40,10 @@ class ArgumentParser(argparse.ArgumentParser):
     Subcommand parsers are of the same class (``add_subparsers`` uses the parent's).
     """
 
+    def error(self, message: str) -> NoReturn:
+        """One line naming the cause (not argparse's usage block), exit 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
     def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
         variable = arg_string.variable if isinstance(arg_string, EnvText) else None
         try:
@@ -73,19 +77,62 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
+def add_hidden_alias(parser: Any, old: str, *, dest: str, **kwargs: Any) -> None:
+    """``old``, a former spelling of an option, still accepted but not shown in ``--help``
+    (the new spelling's default applies when neither is given)."""
+    parser.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
 def add_dsn_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dsn",
-        default=None,
+        default=env_default("DAS_DSN"),
         help="warehouse DSN, e.g. postgresql://user@host/db (default: libpq's PG* variables); "
         "passwords are better kept in PGPASSWORD or ~/.pgpass [DAS_DSN]",
     )
+    parser.add_argument(
+        "--dsn-secret",
+        default=env_default("DAS_DSN_SECRET"),
+        metavar="ARN",
+        help="read the warehouse DSN from this AWS Secrets Manager secret: a DSN, or the JSON "
+        "of an RDS secret (host, port, username, password, dbname) [DAS_DSN_SECRET]",
+    )
+    parser.add_argument(
+        "--iam-auth",
+        action="store_true",
+        default=env_flag("DAS_IAM_AUTH"),
+        help="log in with RDS IAM database authentication: a token from the standard AWS "
+        "credentials, renewed before it expires, over sslmode=verify-full [DAS_IAM_AUTH]",
+    )
 
 
-def add_log_argument(parser: argparse.ArgumentParser) -> None:
+def env_flag(name: str) -> bool:
+    """A boolean option's default from ``$name``: 1, true, yes or on (any case) are true."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_log_argument(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    """--log-level and --log-format, given before the command or after it (after wins).
+
+    Their parsed default is None (a command's default would overwrite the value given before
+    the command): the CLI resolves them, then the variables, then info and auto.
+    """
+    prefix = "global_" if top_level else ""
     parser.add_argument(
         "--log-level",
-        default=env_default("DAS_LOG_LEVEL", "info"),
-        choices=("debug", "info", "warning", "error"),
-        help="log level of the JSON logs on stderr (default: info) [DAS_LOG_LEVEL]",
+        dest=f"{prefix}log_level",
+        default=None if top_level else env_default("DAS_LOG_LEVEL"),
+        choices=LOG_LEVELS,
+        help="log level of the logs on stderr (default: info) [DAS_LOG_LEVEL]",
+    )
+    parser.add_argument(
+        "--log-format",
+        dest=f"{prefix}log_format",
+        default=None if top_level else env_default("DAS_LOG_FORMAT"),
+        choices=("auto", "text", "json"),
+        help="text for people, json (one JSON object per line) for machines (default: auto, "
+        "text on a terminal, else json) [DAS_LOG_FORMAT]",
     )

@@ -8,7 +8,7 @@ import sys
 from datetime import timedelta
 from typing import Any
 
-from ingest.commands.options import env_default
+from ingest.commands.options import env_default, env_flag
 
 
 def add_rules_argument(parser: argparse.ArgumentParser) -> None:
@@ -16,13 +16,14 @@ def add_rules_argument(parser: argparse.ArgumentParser) -> None:
         "--rules",
         metavar="FILE",
         default=env_default("DAS_RULES", None),
-        help="policy rules file (YAML, see docs/policies.md; env DAS_RULES); the built-in "
-        "pack is on without it",
+        help="policy rules file (YAML, see docs/policies.md); the built-in pack is on without "
+        "it [DAS_RULES]",
     )
     parser.add_argument(
         "--no-builtin-rules",
         action="store_true",
-        help="evaluate only the rules of --rules, without the built-in pack",
+        default=env_flag("DAS_NO_BUILTIN_RULES"),
+        help="evaluate only the rules of --rules, without the built-in pack [DAS_NO_BUILTIN_RULES]",
     )
 
 

@@ -15,9 +15,11 @@ from ingest.commands.alerts import add_notify_argument, notifier_specs
 from ingest.commands.decrypt import add_decryptor_arguments
 from ingest.commands.options import (
     add_dsn_argument,
+    add_hidden_alias,
     add_log_argument,
     available_cpus,
     env_default,
+    env_flag,
 )
 from ingest.commands.rules import add_rules_argument
 
@@ -100,14 +102,16 @@ def add_parser(subparsers: Any) -> None:
         help="serve /metrics, /healthz and /readyz on this port [DAS_METRICS_PORT]",
     )
     parser.add_argument(
-        "--stop-when-idle",
+        "--stop-when-idle-seconds",
+        dest="stop_when_idle",
         type=float,
-        default=env_default("DAS_STOP_WHEN_IDLE", None),
+        default=env_default("DAS_STOP_WHEN_IDLE_SECONDS", env_default("DAS_STOP_WHEN_IDLE")),
         metavar="SECONDS",
         help="exit 0 once every shard this worker holds has been caught up and empty for this "
         "long and every other shard is held by a live worker (backfills, tests) "
-        "[DAS_STOP_WHEN_IDLE]",
+        "[DAS_STOP_WHEN_IDLE_SECONDS]",
     )
+    add_hidden_alias(parser, "--stop-when-idle", dest="stop_when_idle", type=float)
     tuning = parser.add_argument_group("tuning")
     tuning.add_argument(
         "--lease-seconds",
@@ -137,11 +141,14 @@ def add_parser(subparsers: Any) -> None:
         "[DAS_QUEUE_BATCHES]",
     )
     tuning.add_argument(
-        "--queue-mb",
+        "--queue-mib",
+        dest="queue_mib",
         type=int,
-        default=env_default("DAS_QUEUE_MB", 64),
-        help="megabytes of records in or waiting for the decode pool (default: 64) [DAS_QUEUE_MB]",
+        default=env_default("DAS_QUEUE_MIB", env_default("DAS_QUEUE_MB", 64)),
+        metavar="MIB",
+        help="MiB of records in or waiting for the decode pool (default: 64) [DAS_QUEUE_MIB]",
     )
+    add_hidden_alias(tuning, "--queue-mb", dest="queue_mib", type=int)
     tuning.add_argument(
         "--db-pool-size",
         type=int,
@@ -149,29 +156,41 @@ def add_parser(subparsers: Any) -> None:
         help="warehouse connections, at least 2 (default: 16) [DAS_DB_POOL_SIZE]",
     )
     tuning.add_argument(
-        "--db-command-timeout",
+        "--db-command-timeout-seconds",
+        dest="db_command_timeout",
         type=float,
-        default=env_default("DAS_DB_COMMAND_TIMEOUT", 20.0),
+        default=env_default(
+            "DAS_DB_COMMAND_TIMEOUT_SECONDS", env_default("DAS_DB_COMMAND_TIMEOUT", 20.0)
+        ),
         metavar="SECONDS",
         help="a warehouse statement or connection attempt that takes longer fails and is "
         "retried, so a stalled connection cannot hang the worker; 0 for none (default: 20) "
-        "[DAS_DB_COMMAND_TIMEOUT]",
+        "[DAS_DB_COMMAND_TIMEOUT_SECONDS]",
     )
+    add_hidden_alias(tuning, "--db-command-timeout", dest="db_command_timeout", type=float)
     tuning.add_argument(
-        "--unready-after",
+        "--unready-after-seconds",
+        dest="unready_after",
         type=float,
-        default=env_default("DAS_UNREADY_AFTER", 5.0),
+        default=env_default("DAS_UNREADY_AFTER_SECONDS", env_default("DAS_UNREADY_AFTER", 5.0)),
         metavar="SECONDS",
         help="report not ready (/readyz, das_ready) while a call to Kinesis, KMS or the "
-        "warehouse has been failing or hanging this long (default: 5) [DAS_UNREADY_AFTER]",
+        "warehouse has been failing or hanging this long (default: 5) "
+        "[DAS_UNREADY_AFTER_SECONDS]",
     )
+    add_hidden_alias(tuning, "--unready-after", dest="unready_after", type=float)
     tuning.add_argument(
-        "--shutdown-deadline",
+        "--shutdown-deadline-seconds",
+        dest="shutdown_deadline",
         type=float,
-        default=env_default("DAS_SHUTDOWN_DEADLINE", 20.0),
-        help="seconds to drain in-flight batches on SIGTERM before cancelling (default: 20) "
-        "[DAS_SHUTDOWN_DEADLINE]",
+        default=env_default(
+            "DAS_SHUTDOWN_DEADLINE_SECONDS", env_default("DAS_SHUTDOWN_DEADLINE", 20.0)
+        ),
+        metavar="SECONDS",
+        help="how long to drain in-flight batches on SIGTERM before cancelling (default: 20) "
+        "[DAS_SHUTDOWN_DEADLINE_SECONDS]",
     )
+    add_hidden_alias(tuning, "--shutdown-deadline", dest="shutdown_deadline", type=float)
     integrity = parser.add_argument_group("integrity (see docs/integrity.md)")
     integrity.add_argument(
         "--anchor-key-id",
@@ -199,7 +218,9 @@ def add_parser(subparsers: Any) -> None:
     policies.add_argument(
         "--no-policies",
         action="store_true",
-        help="evaluate no rule at all: no alert, no redaction, no drop (fingerprints stay)",
+        default=env_flag("DAS_NO_POLICIES"),
+        help="evaluate no rule at all: no alert, no redaction, no drop (fingerprints stay) "
+        "[DAS_NO_POLICIES]",
     )
     add_notify_argument(policies)
     add_decryptor_arguments(parser)
@@ -235,26 +256,25 @@ def initial_checkpoint(position: str, now: datetime | None = None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ingest.exitcodes import UsageError
     from ingest.logs import setup_logging
     from ingest.runtime import run_async
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     if not args.stream and not args.cluster and not args.instance:
-        raise SystemExit(
-            "das-ingest run: give --stream NAME, --cluster ID or --instance ID (or $DAS_STREAM)"
-        )
+        raise UsageError("give --stream NAME, --cluster ID or --instance ID (or $DAS_STREAM)")
     try:
         args.initial_checkpoint = initial_checkpoint(args.initial_position)
     except ValueError as exc:
-        raise SystemExit(f"das-ingest run: {exc}") from None
+        raise UsageError(f"{exc}") from None
     if args.processes < 0:
-        raise SystemExit("das-ingest run: --processes must be 0 or more")
+        raise UsageError("--processes must be 0 or more")
     if args.db_pool_size < 2:
-        raise SystemExit("das-ingest run: --db-pool-size must be at least 2")
+        raise UsageError("--db-pool-size must be at least 2")
     if args.lease_seconds <= 0 or args.shutdown_deadline < 0:
-        raise SystemExit("das-ingest run: --lease-seconds must be > 0, --shutdown-deadline >= 0")
+        raise UsageError("--lease-seconds must be > 0, --shutdown-deadline-seconds >= 0")
     if args.db_command_timeout < 0 or args.unready_after <= 0:
-        raise SystemExit("das-ingest run: --db-command-timeout must be >= 0, --unready-after > 0")
+        raise UsageError("--db-command-timeout-seconds must be >= 0, --unready-after-seconds > 0")
     args.rules_text = _rules_text(args)
     _check_notifiers(args)
     from ingest.consumer.service import serve
@@ -292,12 +312,13 @@ def _usage(message: str) -> NoReturn:
 def _check_notifiers(args: argparse.Namespace) -> None:
     from ingest.alerts.notifiers import parse_notifier
     from ingest.errors import ConfigError
+    from ingest.exitcodes import UsageError
 
     for spec in notifier_specs(args):
         try:
             parse_notifier(spec)
         except ConfigError as exc:
-            _usage(f"das-ingest run: --notify: {exc}")
+            raise UsageError(f"--notify: {exc}") from None
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
@@ -326,7 +347,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         shutdown_deadline=args.shutdown_deadline,
         processes=processes,
         queue_batches=args.queue_batches or max(2, 2 * processes),
-        queue_bytes=args.queue_mb * 1024 * 1024,
+        queue_bytes=args.queue_mib * 1024 * 1024,
         shard=ShardSettings(
             fetch=FetchSettings(max_records=args.max_records),
             commit=CommitSettings(

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ingest.commands.decrypt import add_decryptor_arguments
-from ingest.commands.options import add_dsn_argument, add_log_argument
+from ingest.commands.options import (
+    add_dsn_argument,
+    add_hidden_alias,
+    add_log_argument,
+    env_default,
+    env_flag,
+)
 from ingest.commands.rules import add_rules_argument
 
 
@@ -23,7 +29,14 @@ def add_parser(subparsers: Any) -> None:
         "old rows of the default partition. Every drop is recorded in das.retention_log, so "
         "rows that left by retention can be told from rows that vanished.",
     )
-    retention.add_argument("--keep", required=True, help="retention period: 90d, 12w or 36h")
+    retention.add_argument(
+        "--retention-keep",
+        dest="keep",
+        default=env_default("DAS_RETENTION_KEEP"),
+        metavar="PERIOD",
+        help="retention period: 90d, 12w or 36h (required) [DAS_RETENTION_KEEP]",
+    )
+    add_hidden_alias(retention, "--keep", dest="keep")
     retention.add_argument("--dry-run", action="store_true", help="show what would be dropped")
     add_dsn_argument(retention)
     add_log_argument(retention)
@@ -40,7 +53,7 @@ def add_parser(subparsers: Any) -> None:
     actions = dead.add_subparsers(title="actions", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="list dead letters")
     listing.add_argument("--stage", help="only this stage (json, kms, decrypt, ...)")
-    listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (default: 100)")
     listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     add_dsn_argument(listing)
     add_log_argument(listing)
@@ -51,15 +64,18 @@ def add_parser(subparsers: Any) -> None:
     which.add_argument("--stage", help="every dead letter of this stage")
     which.add_argument("--all", action="store_true", help="every dead letter")
     retry.add_argument(
-        "--resource-id", help="encryption context resource id (default: from the stream name)"
+        "--resource-id",
+        default=env_default("DAS_RESOURCE_ID"),
+        help="encryption context resource id (default: from the stream name) [DAS_RESOURCE_ID]",
     )
     add_decryptor_arguments(retry)
     add_rules_argument(retry)
     retry.add_argument(
         "--no-policies",
         action="store_true",
+        default=env_flag("DAS_NO_POLICIES"),
         help="evaluate no policy rule (run's rules must apply to re-driven events too: the "
-        "redaction and drop rules above all)",
+        "redaction and drop rules above all) [DAS_NO_POLICIES]",
     )
     add_dsn_argument(retry)
     add_log_argument(retry)
@@ -69,7 +85,16 @@ def add_parser(subparsers: Any) -> None:
         "rebuild-statements",
         help="recompute das.statements (MySQL MAIN/AUX) from the stored events",
         description="das.statements is derived from das.activity_events; this recomputes it "
-        "in one transaction (for example after restoring events from a backup).",
+        "(for example after restoring events from a backup) in batches, each its own short "
+        "transaction, so it runs beside live workers without stalling them. While it runs, "
+        "das.statements is incomplete.",
+    )
+    rebuild.add_argument(
+        "--batch-events",
+        type=int,
+        default=env_default("DAS_BATCH_EVENTS", 10_000),
+        metavar="N",
+        help="events merged (and rows emptied) per transaction (default: 10000) [DAS_BATCH_EVENTS]",
     )
     add_dsn_argument(rebuild)
     add_log_argument(rebuild)
@@ -77,22 +102,27 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _retention(args: argparse.Namespace) -> int:
+    from ingest.exitcodes import UsageError
     from ingest.warehouse.retention import parse_keep
 
+    if args.keep is None:
+        raise UsageError("give --retention-keep PERIOD (or $DAS_RETENTION_KEEP)")
     try:
         keep = parse_keep(args.keep)
     except ValueError as exc:
-        raise SystemExit(f"das-ingest retention: {exc}") from None
+        raise UsageError(str(exc)) from None
     return _run(_do_retention(args, keep))
 
 
 async def _do_retention(args: argparse.Namespace, keep: Any) -> int:
+    from ingest.progress import Progress
     from ingest.warehouse.db import connect, resolve_dsn
     from ingest.warehouse.retention import apply_retention
 
     conn = await connect(resolve_dsn(args.dsn))
     try:
-        actions = await apply_retention(conn, keep, dry_run=args.dry_run)
+        with Progress("retention: partitions", unit="partitions") as progress:
+            actions = await apply_retention(conn, keep, dry_run=args.dry_run, progress=progress)
     finally:
         await conn.close()
     verb = "would drop" if args.dry_run else "dropped"
@@ -145,6 +175,7 @@ async def _do_retry(args: argparse.Namespace) -> int:
     from ingest.decode.batch import DecoderConfig, decryptor_for
     from ingest.kms import DataKeyCache
     from ingest.policy.rules import RulesError, load_rules
+    from ingest.progress import Progress
     from ingest.warehouse.db import connect, resolve_dsn
 
     rules_text = None
@@ -188,15 +219,17 @@ async def _do_retry(args: argparse.Namespace) -> int:
                 )
                 return 1
         async with aws_client("kms") as kms:
-            report = await redrive(
-                conn,
-                args.ids,
-                DataKeyCache(kms),
-                decoder=decoder,
-                resource_id=args.resource_id,
-                stage=None if args.all else args.stage,
-                rules=rules,
-            )
+            with Progress("dead-letters retry", unit="dead letters") as progress:
+                report = await redrive(
+                    conn,
+                    args.ids,
+                    DataKeyCache(kms),
+                    decoder=decoder,
+                    resource_id=args.resource_id,
+                    stage=None if args.all else args.stage,
+                    rules=rules,
+                    progress=progress,
+                )
     finally:
         await conn.close()
     for letter_id in report.stored:
@@ -208,18 +241,36 @@ async def _do_retry(args: argparse.Namespace) -> int:
 
 
 def _rebuild(args: argparse.Namespace) -> int:
+    from ingest.exitcodes import UsageError
+
+    if args.batch_events < 1:
+        raise UsageError("--batch-events must be at least 1")
     return _run(_do_rebuild(args))
 
 
 async def _do_rebuild(args: argparse.Namespace) -> int:
+    from ingest.progress import Progress
     from ingest.warehouse.db import connect, resolve_dsn
     from ingest.warehouse.statements import rebuild_statements
 
     conn = await connect(resolve_dsn(args.dsn))
+    bars: dict[str, Progress] = {}
+
+    def progress(phase: str, done: int, total: int | None) -> None:
+        if phase == "merged" and "emptied" in bars:
+            bars.pop("emptied").close()
+        bar = bars.get(phase)
+        if bar is None:
+            label = "rows deleted" if phase == "emptied" else "events merged"
+            bar = bars[phase] = Progress(f"rebuild-statements: {label}", total=total, unit="")
+        bar.update(done)
+
     try:
-        rows = await rebuild_statements(conn)
+        rows = await rebuild_statements(conn, batch=args.batch_events, progress=progress)
     finally:
         await conn.close()
+    for bar in bars.values():
+        bar.close()
     print(f"das.statements rebuilt: {rows} statements")
     return 0
 

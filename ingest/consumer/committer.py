@@ -286,7 +286,7 @@ class ShardCommitter:
             self._metrics.events.inc(output.event_count)
             self._metrics.heartbeats.inc(len(output.heartbeats))
         self._metrics.records.inc(len(chunk.records))
-        self._metrics.batches.labels(self.shard_id).inc()
+        self._metrics.count_batch(self.shard_id)
         for dead in chunk.letters:
             self._metrics.dead_letters.labels(dead.stage).inc()
             log_dead_letter(self.shard_id, dead)

@@ -157,7 +157,7 @@ class ShardFetcher:
         status = self._status
         status.lag_ms = page.millis_behind_latest
         if page.millis_behind_latest is not None:
-            self._metrics.lag_ms.labels(self.shard_id).set(page.millis_behind_latest)
+            self._metrics.observe_lag(self.shard_id, page.millis_behind_latest)
         caught_up = not page.records and (page.millis_behind_latest or 0) == 0
         if caught_up and page.next_iterator is not None:
             if status.idle_since is None:

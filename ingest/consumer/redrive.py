@@ -10,7 +10,7 @@ fails again stays, with the new stage and reason and one more attempt.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -23,6 +23,7 @@ from ingest.decode.batch import DecoderConfig
 from ingest.kinesis import KinesisRecord
 from ingest.kms import encryption_context, resource_id_from_stream
 from ingest.policy.rules import RuleSet
+from ingest.progress import Progress
 from ingest.retry import Backoff, retry
 from ingest.warehouse.db import Conn
 from ingest.warehouse.deadletters import (
@@ -61,6 +62,14 @@ async def _transient(op: Callable[[], Awaitable[T]], target: str) -> T:
     )
 
 
+def _counted(ids: Sequence[int], progress: Progress | None) -> Iterator[int]:
+    """``ids``, each counted once the loop body for it is done (``continue`` included)."""
+    for letter_id in ids:
+        yield letter_id
+        if progress is not None:
+            progress.update()
+
+
 async def redrive(
     conn: Conn,
     ids: Sequence[int] | None,
@@ -70,15 +79,19 @@ async def redrive(
     resource_id: str | None = None,
     stage: str | None = None,
     rules: RuleSet | None = None,
+    progress: Progress | None = None,
 ) -> RedriveReport:
-    """Re-drive the dead letters ``ids`` (all, or those of ``stage``, when None)."""
+    """Re-drive the dead letters ``ids`` (all, or those of ``stage``, when None);
+    ``progress`` counts them."""
     await init_connection(conn)
     if ids is None:
         ids = await dead_letter_ids(conn, stage)
     # Decoded here, in this process: a re-drive is a few records, not a stream.
     pool = DecodePool(0, WorkBudget(max_batches=1, max_bytes=1 << 30))
     report = RedriveReport()
-    for letter_id in ids:
+    if progress is not None:
+        progress.set_total(len(ids))
+    for letter_id in _counted(ids, progress):
         kept = await kept_record(conn, letter_id)
         if kept is None:
             report.failed[letter_id] = "no such dead letter"

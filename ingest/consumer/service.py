@@ -24,6 +24,7 @@ from ingest.kms import resource_id_from_stream
 from ingest.metrics import Metrics
 from ingest.retry import Backoff, RetryStopped, retry
 from ingest.warehouse.db import close_pool, create_pool, redact, resolve_dsn
+from ingest.warehouse.gauges import WarehouseGauges
 from ingest.warehouse.migrate import require_current_schema
 from ingest.warehouse.sink import init_connection
 
@@ -36,7 +37,7 @@ class ServeSettings:
     """Everything ``das-ingest run`` needs besides the environment (AWS, PG* variables)."""
 
     #: the worker's settings; its stream_name and resource_id are those given, or empty when
-    #: ``cluster`` is given (then they are discovered)
+    #: ``cluster`` or ``instance`` is given (then they are discovered)
     worker: WorkerSettings
     #: an Aurora cluster whose stream and resource id are discovered (None: worker.stream_name)
     cluster: str | None = None
@@ -90,7 +91,7 @@ async def serve(serve_settings: ServeSettings) -> int:
 
     decryptor_for(settings.shard.commit.decoder)
     dsn = resolve_dsn(serve_settings.dsn)
-    metrics = Metrics()
+    metrics = Metrics(stream)
     startup = _Startup(settings.lease_seconds)
     _install_signals(startup)
     health: HealthServer | None = None
@@ -119,6 +120,8 @@ async def serve(serve_settings: ServeSettings) -> int:
         )
         if db is None:
             return 0
+        if health is not None:
+            health.before_scrape = WarehouseGauges(db, metrics).refresh
         try:
             async with db.acquire() as conn:
                 await require_current_schema(conn)

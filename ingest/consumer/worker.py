@@ -137,7 +137,7 @@ class Worker:
         GetRecords): it should make no retries of its own, so that every GetRecords attempt is
         paced (see ShardConsumer); by default ``kinesis_client``."""
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(settings.stream_name)
         self.leases = LeaseStore(db, settings.stream_name, lease_seconds=settings.lease_seconds)
         decoder = settings.shard.commit.decoder
         #: the policy rules, compiled here too: the sink records what the decode processes
@@ -207,11 +207,6 @@ class Worker:
     def ready(self) -> bool:
         """Coordinator cycles work, no dependency is unhealthy, not stopping."""
         return self.readiness.ready
-
-    @property
-    def last_renewal(self) -> float:
-        """Monotonic time of the last successful renewal."""
-        return self.renewer.last_renewal
 
     async def run(self) -> None:
         """Run until stopped (signal or --stop-when-idle); always shuts down gracefully."""

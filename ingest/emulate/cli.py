@@ -72,32 +72,50 @@ def add_parser(subparsers: Any) -> None:
         "--create-stream", action="store_true", help="create the stream if it does not exist"
     )
     parser.add_argument(
-        "--shards", type=int, default=1, metavar="N", help="shards of a created stream (1)"
+        "--shards", type=int, default=1, metavar="N", help="shards of a created stream (default: 1)"
     )
     parser.add_argument(
         "--kms-key-id", help="KMS key for the data keys (default: create one; local stacks only)"
     )
     parser.add_argument(
-        "--engine", choices=("postgres", "mysql", "both"), default="both", help="(both)"
+        "--engine",
+        choices=("postgres", "mysql", "both"),
+        default="both",
+        help="engines to emulate (default: both)",
     )
     parser.add_argument(
         "--instances",
         type=int,
         default=2,
         metavar="N",
-        help="DB instances, one partition key each; 'both' alternates engines (2)",
+        help="DB instances, one partition key each; 'both' alternates engines (default: 2)",
     )
     parser.add_argument(
-        "--pg-version", choices=("1.0", "1.1"), default="1.1", help="PostgreSQL record version"
+        "--pg-version",
+        choices=("1.0", "1.1"),
+        default="1.1",
+        help="PostgreSQL record version (default: 1.1)",
     )
-    parser.add_argument("--events-per-record", type=int, default=10, metavar="N", help="(10)")
     parser.add_argument(
-        "--rate", type=float, default=0.0, help="record events per second; 0 = no limit (0)"
+        "--events-per-record",
+        type=int,
+        default=10,
+        metavar="N",
+        help="events per record (default: 10)",
     )
     parser.add_argument(
-        "--count", type=int, default=1000, help="record events to produce, heartbeats aside"
+        "--rate",
+        type=float,
+        default=0.0,
+        help="record events per second; 0 = no limit (default: 0)",
     )
-    parser.add_argument("--seed", type=int, default=1, help="traffic seed (1)")
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=1000,
+        help="record events to produce, heartbeats aside (default: 1000)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="traffic seed (default: 1)")
     parser.add_argument(
         "--scenario",
         choices=SCENARIO_NAMES,
@@ -106,23 +124,27 @@ def add_parser(subparsers: Any) -> None:
         "incident 5 minutes in); docs/policies.md lists the alerts each must raise",
     )
     parser.add_argument(
-        "--rotate-every", type=int, default=100, metavar="K", help="new data key every K records"
+        "--rotate-every",
+        type=int,
+        default=100,
+        metavar="K",
+        help="new data key every K records (default: 100)",
     )
     parser.add_argument(
         "--heartbeat-every",
         type=int,
         default=20,
         metavar="K",
-        help="heartbeat record after every K records of an instance; 0 = none (20)",
+        help="heartbeat record after every K records of an instance; 0 = none (default: 20)",
     )
     parser.add_argument(
-        "--processes", type=int, default=1, metavar="N", help="encoder processes (1)"
+        "--processes", type=int, default=1, metavar="N", help="encoder processes (default: 1)"
     )
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="progress on stderr: a bar on a terminal, else a line every few seconds",
+        help="progress on stderr: a bar on a terminal, else a line every few seconds (default: on)",
     )
     add_log_argument(parser)
     parser.set_defaults(func=run)

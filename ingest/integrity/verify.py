@@ -37,6 +37,7 @@ from ingest.integrity.canonical import (
     link_hash,
 )
 from ingest.integrity.retained import RetentionLedger, RetentionRecord, parse_day
+from ingest.progress import Progress
 
 #: Exit codes of `das-ingest verify`.
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNCHECKED = 0, 1, 3
@@ -230,8 +231,9 @@ async def verify_warehouse(
     exported_anchors: list[Anchor] | None = None,
     max_unanchored_age: timedelta | None = None,
     retention_keep: timedelta | None = None,
+    progress: Progress | None = None,
 ) -> Report:
-    """Verify the chains (all, or of ``stream`` / ``shards``).
+    """Verify the chains (all, or of ``stream`` / ``shards``); ``progress`` counts chains.
 
     ``anchor_key_id`` pins the anchor key; with it, a chain whose unanchored tail is older than
     ``max_unanchored_age`` is a finding. ``exported_anchors`` (``anchor --export``) must all
@@ -278,6 +280,8 @@ async def verify_warehouse(
         )
     )
     retained: set[str] = set()
+    if progress is not None:
+        progress.set_total(len(chains))
     for s, shard in sorted(chains):
         links = await _links(conn, s, shard)
         report.chains += 1
@@ -297,6 +301,8 @@ async def verify_warehouse(
                 now,
                 max_unanchored_age if anchor_key_id else None,
             )
+        if progress is not None:
+            progress.update()
     report.anchors_skipped = kms is None
     if stream is None and shards is None:
         await _check_unchained(conn, report)

@@ -126,15 +126,34 @@ def permission_denied(exc: asyncpg.InsufficientPrivilegeError) -> WarehousePermi
 
 
 async def connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
-    """One connection, with configuration problems turned into a clear ConfigError."""
+    """One connection, with configuration problems turned into a clear ConfigError (the
+    login from Secrets Manager or IAM authentication when so configured: see auth.py)."""
+    dsn, kwargs = await _with_auth(dsn, kwargs)
     try:
         return await asyncpg.connect(dsn, **kwargs)
     except asyncpg.InvalidAuthorizationSpecificationError as exc:
         raise ConfigError(f"the warehouse refused the login ({redact(dsn)}): {exc}") from None
     except asyncpg.InvalidCatalogNameError as exc:
         raise ConfigError(f"the warehouse database does not exist ({redact(dsn)}): {exc}") from None
+    except asyncpg.InvalidPasswordError as exc:
+        raise ConfigError(f"the warehouse refused the password ({redact(dsn)}): {exc}") from None
+    except (asyncpg.ClientConfigurationError, ValueError) as exc:
+        # asyncpg's DSN parser: a wrong scheme, a port that is not a number, an unknown option.
+        raise ConfigError(f"invalid warehouse DSN {redact(dsn)}: {exc}") from None
     except (TimeoutError, OSError) as exc:
-        raise ConfigError(f"cannot reach the warehouse at {redact(dsn)}: {exc}") from None
+        raise WarehouseUnavailableError(
+            f"cannot reach the warehouse at {redact(dsn)}: {exc}"
+        ) from None
+
+
+async def _with_auth(dsn: str | None, kwargs: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    from ingest.warehouse.auth import SecretUnavailableError, connect_args
+
+    try:
+        dsn, extra = await connect_args(dsn)
+    except SecretUnavailableError as exc:
+        raise WarehouseUnavailableError(str(exc)) from None
+    return dsn, {**extra, **kwargs}
 
 
 #: TCP keepalive probing of our warehouse connections: a server that vanished without a FIN or
@@ -183,6 +202,7 @@ async def create_pool(
         if init is not None:
             await init(conn)
 
+    dsn, kwargs = await _with_auth(dsn, kwargs)
     if command_timeout is not None:
         kwargs.setdefault("timeout", command_timeout)  # asyncpg's connect timeout (default 60 s)
     try:

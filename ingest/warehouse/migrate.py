@@ -78,10 +78,10 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
             raise ConfigError(f"migration file {path.name} is not named NNNN_name.sql")
         found.append(Migration(int(match[1]), match[2], path.read_text()))
     versions = [m.version for m in found]
-    # Each branch of the project owns a range of numbers, so gaps are expected; a number
-    # used twice is not.
-    if len(set(versions)) != len(versions) or not found or versions[0] != 1:
-        raise ConfigError(f"migration versions must be unique and start at 1, found {versions}")
+    # Each branch of development numbers its migrations in its own range, so gaps are fine;
+    # a version twice is not (the sort above makes them ascending).
+    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
+        raise ConfigError(f"migration versions must be distinct and from 1, found {versions}")
     return found
 
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
+from ingest.progress import Progress
 from ingest.warehouse.db import Conn
 
 _PARTITION = re.compile(r"^activity_events_p(\d{8})$")
@@ -68,7 +69,12 @@ async def day_partitions(conn: Conn) -> list[Partition]:
 
 
 async def apply_retention(
-    conn: Conn, keep: timedelta, *, now: datetime | None = None, dry_run: bool = False
+    conn: Conn,
+    keep: timedelta,
+    *,
+    now: datetime | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
 ) -> list[RetentionAction]:
     # Retention removes whole UTC days, the unit the integrity chain accounts for. The log
     # records the time and period the cutoff came from: `verify` recomputes it.
@@ -76,9 +82,10 @@ async def apply_retention(
     moment = basis - keep
     cutoff = datetime.combine(moment.astimezone(UTC).date(), time(), tzinfo=UTC)
     actions: list[RetentionAction] = []
-    for part in await day_partitions(conn):
-        if part.end > cutoff:
-            continue
+    due = [part for part in await day_partitions(conn) if part.end <= cutoff]
+    if progress is not None:
+        progress.set_total(len(due) + 1)  # the day partitions, then the default partition
+    for part in due:
         async with conn.transaction():
             rows = int(await conn.fetchval(f'SELECT count(*) FROM das."{part.name}"'))
             if not dry_run:
@@ -88,6 +95,8 @@ async def apply_retention(
                 await conn.execute(f'DROP TABLE das."{part.name}"')
                 await _log(conn, part.name, part.start, part.end, rows, basis, keep)
         actions.append(RetentionAction(part.name, part.start, part.end, rows))
+        if progress is not None:
+            progress.update()
     async with conn.transaction():
         if dry_run:
             rows = int(
@@ -107,6 +116,8 @@ async def apply_retention(
         if not dry_run:
             # The derived statements table follows its events.
             await conn.execute("DELETE FROM das.statements WHERE log_time < $1", cutoff)
+    if progress is not None:
+        progress.update()
     return actions
 
 

@@ -31,7 +31,7 @@ POLICY_STATE = (
     "das.policy_counters", "das.policy_seen", "das.policy_rule_start", "das.alert_outbox",
 )  # fmt: skip
 #: Tables the ingest role reads.
-READ = ("das.schema_migrations", "das.privileged_users")
+READ = ("das.schema_migrations", "das.privileged_users", "das.verify_runs")
 #: Functions the ingest role calls: they run as the schema owner (SECURITY DEFINER).
 FUNCTIONS = (
     "das.ensure_partition(date)",
@@ -71,6 +71,17 @@ async def apply_grants(conn: Conn, roles: RoleNames) -> None:
     functions = ", ".join(
         [f for f in FUNCTIONS if await conn.fetchval("SELECT to_regprocedure($1)", f)]
     )
+    read = ", ".join([t for t in READ if await conn.fetchval("SELECT to_regclass($1)", t)])
+    record_verify = "das.record_verify_run(text, smallint, integer, bigint, bigint)"
+    verify_grants = (
+        [
+            # verify records its outcome (das.verify_runs) through this function only.
+            f"REVOKE ALL ON FUNCTION {record_verify} FROM PUBLIC",
+            f"GRANT EXECUTE ON FUNCTION {record_verify} TO {analyst}",
+        ]
+        if await conn.fetchval("SELECT to_regprocedure($1)", record_verify)
+        else []
+    )
     statements = [
         f"GRANT USAGE ON SCHEMA das TO {ingest}, {analyst}",
         # Start from nothing so a re-run also takes back anything granted by hand.
@@ -78,11 +89,12 @@ async def apply_grants(conn: Conn, roles: RoleNames) -> None:
         f"GRANT INSERT ON {', '.join(APPEND_ONLY)} TO {ingest}",
         f"GRANT SELECT, INSERT, UPDATE ON {', '.join(MAINTAINED)} TO {ingest}",
         f"GRANT DELETE ON das.workers TO {ingest}",
-        f"GRANT SELECT ON {', '.join(READ)} TO {ingest}",
+        f"GRANT SELECT ON {read} TO {ingest}",
         # The integrity chain and its anchors: appended by workers, never changed.
         f"GRANT SELECT, INSERT ON das.chain_links, das.chain_anchors TO {ingest}",
         f"REVOKE ALL ON FUNCTION {functions} FROM PUBLIC",
         f"GRANT EXECUTE ON FUNCTION {functions} TO {ingest}",
+        *verify_grants,
         f"REVOKE ALL ON ALL TABLES IN SCHEMA das FROM {analyst}",
         f"GRANT SELECT ON ALL TABLES IN SCHEMA das TO {analyst}",
         # Partitions created later by ensure_partition (owned by the schema owner) stay readable.

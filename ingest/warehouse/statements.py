@@ -1,18 +1,32 @@
-"""Rebuilding ``das.statements`` (derived, not chained) from the stored events.
+"""Rebuilding ``das.statements`` (derived, not chained) from the stored events, in batches that
+never block ingestion.
 
 The incremental path (Sink, after each unit's COPY) and this rebuild run the same function,
-``das.merge_statements`` (migrations/0005): the rebuild empties the table and merges every
-shard's whole range of sequence numbers. The merge is associative and merging an event twice
-changes nothing, so both give exactly the same rows.
+``das.merge_statements`` (migrations/0005). The merge is associative and merging an event twice
+changes nothing, which is what lets the rebuild run beside live workers, each step its own short
+transaction taking only row locks:
+
+1. Empty the table, ``batch`` rows per transaction. A worker's merge that lands meanwhile is
+   either deleted (its events were committed before that delete, so step 2 sees them) or
+   comes after the last delete (it stays, and merging its events again changes nothing).
+2. Read each shard's range of statement events (after the deletes: it covers every event whose
+   merge may have been deleted), and merge it again, ``batch`` events per transaction. Events
+   committed later are merged by their workers.
+
+So the result is exactly what an idle rebuild gives. While it runs, das.statements is
+incomplete (readers see fewer statements than there are); it was consistent but stalled every
+ingest commit when the rebuild held an EXCLUSIVE lock for its whole run.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from ingest.warehouse.db import Conn
 from ingest.warehouse.sink import MERGE_STATEMENTS
 
 SHARD_RANGES = """
-SELECT stream_name, shard_id,
+SELECT stream_name, shard_id, count(*) AS events,
        min(sequence_number)::text AS first, max(sequence_number)::text AS last
 FROM das.activity_events
 WHERE das.is_statement_event(class, command, statement_id)
@@ -20,19 +34,53 @@ GROUP BY stream_name, shard_id
 ORDER BY stream_name, shard_id
 """
 
+#: Up to ``batch`` rows of das.statements, deleted.
+DELETE_BATCH = """
+DELETE FROM das.statements
+WHERE ctid = ANY(ARRAY(SELECT ctid FROM das.statements LIMIT $1))
+"""
 
-async def rebuild_statements(conn: Conn) -> int:
-    """Recompute das.statements from das.activity_events in one transaction; returns rows."""
-    async with conn.transaction():
-        await conn.execute("LOCK TABLE das.statements IN EXCLUSIVE MODE")
-        await conn.execute("DELETE FROM das.statements")
-        for shard in await conn.fetch(SHARD_RANGES):
-            await conn.execute(
-                MERGE_STATEMENTS,
-                shard["stream_name"],
-                shard["shard_id"],
-                shard["first"],
-                shard["last"],
-            )
-        count = await conn.fetchval("SELECT count(*) FROM das.statements")
-    return int(count)
+#: The sequence number at which a batch of ``$4`` statement events starting at ``$3`` ends.
+BATCH_END = """
+SELECT sequence_number::text FROM das.activity_events
+WHERE stream_name = $1 AND shard_id = $2 AND sequence_number >= $3::text::numeric
+  AND das.is_statement_event(class, command, statement_id)
+ORDER BY sequence_number OFFSET $4 - 1 LIMIT 1
+"""
+
+#: Default events (and rows) per transaction.
+BATCH = 10_000
+
+#: Called with (phase, amount done since the last call, total of the phase or None).
+ProgressCallback = Callable[[str, int, int | None], None]
+
+
+async def rebuild_statements(
+    conn: Conn, *, batch: int = BATCH, progress: ProgressCallback | None = None
+) -> int:
+    """Recompute das.statements from das.activity_events; returns its rows at the end."""
+    report = progress or (lambda phase, done, total: None)
+    while True:
+        status = await conn.execute(DELETE_BATCH, batch)
+        deleted = int(status.split()[-1])
+        report("emptied", deleted, None)
+        if deleted < batch:
+            break
+    shards = await conn.fetch(SHARD_RANGES)
+    total = sum(int(s["events"]) for s in shards)
+    for shard in shards:
+        stream, shard_id, last = shard["stream_name"], shard["shard_id"], shard["last"]
+        first = shard["first"]
+        left = int(shard["events"])
+        while True:
+            end = await conn.fetchval(BATCH_END, stream, shard_id, first, batch)
+            if end is None or int(end) >= int(last):
+                end = last
+            await conn.execute(MERGE_STATEMENTS, stream, shard_id, first, end)
+            step = left if end == last else min(batch, left)
+            left -= step
+            report("merged", step, total)
+            if end == last:
+                break
+            first = str(int(end) + 1)
+    return int(await conn.fetchval("SELECT count(*) FROM das.statements"))

@@ -1,0 +1,106 @@
+"""The "Audit overview" Grafana dashboard (deploy/grafana/dashboards/das-audit.json): every
+panel query runs as the analyst on a warehouse with several day partitions, filters by the time
+picker, and its plan (EXPLAIN) reads no day partition outside the selected days."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from tests.fleet import migrated
+from tests.grafana_sql import expand
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "das-audit.json"
+
+#: Seven days of partitions; the time picker selects the middle two.
+FIRST_DAY = datetime(2026, 11, 20, tzinfo=UTC)
+DAYS = 7
+SELECTED = (FIRST_DAY + timedelta(days=3), FIRST_DAY + timedelta(days=5) - timedelta(seconds=1))
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["rawSql"]) for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def relations(plan: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(plan, dict):
+        if "Relation Name" in plan:
+            found.add(plan["Relation Name"])
+        for value in plan.values():
+            found |= relations(value)
+    elif isinstance(plan, list):
+        for value in plan:
+            found |= relations(value)
+    return found
+
+
+def test_the_dashboard_covers_the_audit_questions_and_is_provisioned() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["title"] == "Audit overview"
+    sources = {p["datasource"]["uid"] for p in dashboard["panels"]}
+    assert sources == {"${warehouse}"}  # no hard-coded uid
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["type"] == "datasource"
+    text = " ".join(sql for _, sql in panel_queries())
+    for view in (
+        "das.failed_logins",
+        "das.ddl_changes",
+        "das.privileged_activity",
+        "das.failed_statements",
+        "das.dead_letters",
+        "object_name",
+        "db_user_name",
+    ):
+        assert view in text, view
+    for title, sql in panel_queries():
+        assert "$__timeFilter(" in sql, f"{title}: not bounded by the time picker"
+
+
+async def test_every_panel_reads_only_the_selected_days(pg_dsn: str) -> None:
+    await migrated(pg_dsn)
+    owner = await asyncpg.connect(pg_dsn)
+    analyst = f"a_{secrets.token_hex(4)}"
+    try:
+        last = FIRST_DAY + timedelta(days=DAYS - 1)
+        await owner.execute("SELECT das.ensure_partitions($1, $2)", FIRST_DAY.date(), last.date())
+        await owner.execute(f"CREATE ROLE {analyst} LOGIN IN ROLE das_analyst")
+    finally:
+        await owner.close()
+    days = [(FIRST_DAY + timedelta(days=d)).strftime("%Y%m%d") for d in range(DAYS)]
+    partitions = {f"activity_events_p{day}" for day in days} | {"activity_events_default"}
+    wanted = {f"activity_events_p{d.strftime('%Y%m%d')}" for d in (SELECTED[0], SELECTED[1])}
+    assert len(wanted) == 2
+    conn = await asyncpg.connect(
+        pg_dsn.replace("postgresql://postgres@", f"postgresql://{analyst}@")
+    )
+    try:
+        for title, sql in panel_queries():
+            query = expand(sql, *SELECTED)
+            await conn.fetch(query)  # runs as the analyst
+            plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}"))
+            read = relations(plan)
+            outside = (read & partitions) - wanted
+            assert not outside, f"{title}: reads {sorted(outside)} outside the selected days"
+            if (
+                "activity_events" in query
+                or "das.failed" in query
+                or "das.ddl" in query
+                or ("das.privileged" in query)
+            ):
+                assert read & wanted, f"{title}: reads no partition of the selected days"
+    finally:
+        await conn.close()
+        owner = await asyncpg.connect(pg_dsn)
+        try:
+            await owner.execute(f"DROP OWNED BY {analyst}")
+            await owner.execute(f"DROP ROLE {analyst}")
+        finally:
+            await owner.close()
