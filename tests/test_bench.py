@@ -78,13 +78,19 @@ def test_quick_bench_prints_every_row() -> None:
     stages = _table(tables, "Decode, one process")
     assert [r["events/record"] for r in stages] == list(SIZES)
     for row in stages:
-        assert len(row) == 9
+        assert len(row) == 11  # events/record and ten stages (fingerprint and policy included)
         assert all(_number(c) > 0 for c in row.values()), row
 
     rates = _table(tables, "Decode throughput")
     assert [r["events/record"] for r in rates] == list(SIZES)
     for row in rates:
-        assert set(row) == {"events/record", "lean verified", "lean unverified", "esdk"}
+        assert set(row) == {
+            "events/record",
+            "lean verified",
+            "lean unverified",
+            "esdk",
+            "lean verified + policy pack",
+        }
         assert all(_number(c) > 0 for c in row.values()), row
 
     e2e = _table(tables, "End to end")
