@@ -39,7 +39,7 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
 	touch $@
 
-demo: setup  ## start a local stack, emulate Aurora traffic, ingest it, show the warehouse
+demo: setup  ## start a local stack, emulate the four engines' traffic, ingest it, show the warehouse
 	$(BIN)/python -m das_dev.demo
 
 stack: setup  ## run the local stack in the foreground, print its variables; Ctrl-C stops it

@@ -4,6 +4,7 @@ reference consumer, KMS calls, memory, latency; ``--quick`` is a smoke run (< 60
     python -m bench                      # the full table (about 5 minutes on 2 cores)
     python -m bench --quick              # the same rows, tiny sizes
     python -m bench --backlog 1000000    # also: peak RSS while 1M events drain (< 400 MB)
+    python -m bench --archive-events 1000000   # also: archive a day of 1M events to S3
     python -m bench --worker-arg=--some-flag   # also: das-ingest run with extra flags
 
 See README "Performance" for what each number means.
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bench import decode, e2e, procs, workload
+from bench.archive import run_archive_bench
 from bench.reference import ReferenceResult, run_reference
 from bench.report import Table, num, ratio, spread
 from das_dev.devstack import LocalStack, install_signal_handlers
@@ -89,6 +91,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the backlog is also drained with das-ingest run --max-records N (default: 100)",
     )
     parser.add_argument(
+        "--archive-events",
+        type=int,
+        default=None,
+        metavar="EVENTS",
+        help="also archive a day of EVENTS events to Parquet on S3: rows/s, bytes per event "
+        "against PostgreSQL, peak RSS < 400 MB (quick: 2000; default: off; the issue's check "
+        "is --archive-events 1000000)",
+    )
+    parser.add_argument(
+        "--archive-only",
+        action="store_true",
+        help="run only the archive section (with --archive-events)",
+    )
+    parser.add_argument(
         "--worker-arg",
         action="append",
         default=[],
@@ -119,6 +135,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.latency_seconds = args.latency_seconds or (2.0 if quick else 15.0)
     if args.backlog is None:
         args.backlog = 5_000 if quick else 0
+    if args.archive_events is None:
+        args.archive_events = 2_000 if quick else 0
+    if args.archive_only and not args.archive_events:
+        parser.error("--archive-only needs --archive-events N")
     return args
 
 
@@ -226,9 +246,21 @@ def decode_tables(args: argparse.Namespace) -> list[Table]:
         print(f"  decode {size}/record: {found.records} records measured", file=sys.stderr)
     stages.notes.append(
         "envelope: outer JSON + base64; COPY: events to COPY text (MySQL statements are merged "
-        "in the warehouse)."
+        "in the warehouse). Records of the signed suite 0x0378."
     )
-    return [stages, rates]
+    size = 10 if 10 in args.sizes else args.sizes[0]
+    suites = Table(
+        f"Decrypt per Encryption SDK suite, {size} events/record: microseconds per message "
+        f"(best of {args.repeat})",
+        ["suite", *decode.SUITE_DECRYPTORS],
+    )
+    for label, micros in decode.measure_suites(size, args.decode_records, args.repeat).items():
+        suites.add(label, *(num(us, 1) for us in micros))
+    suites.notes.append(
+        "Aurora MySQL reports 0x0378; a captured Aurora PostgreSQL record uses 0x0178 (no "
+        "signature to verify, so 'lean verified' costs what 'lean unverified' does)."
+    )
+    return [stages, rates, suites]
 
 
 async def measure_e2e(
@@ -412,14 +444,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
     ]
     print("\n".join(header), flush=True)
+    if args.archive_only:
+        with LocalStack() as stack:
+            os.environ.update(stack.env())
+            archived = asyncio.run(run_archive_bench(stack, args.archive_events))
+        print(archived.table.render() + "\n")
+        print("### Checks\n")
+        print("\n".join(archived.checks))
+        return 0 if archived.ok else 1
     tables = decode_tables(args)
     for t in tables:
         print(t.render() + "\n", flush=True)
     with LocalStack() as stack:
         os.environ.update(stack.env())
         results = asyncio.run(run_all(stack, args))
+        if args.archive_events:
+            archived = asyncio.run(run_archive_bench(stack, args.archive_events))
+            results.checks += archived.checks
+            results.ok &= archived.ok
     print(results.e2e.render() + "\n")
     print(results.latency.render() + "\n")
+    if args.archive_events:
+        print(archived.table.render() + "\n")
     print("### Checks\n")
     print("\n".join(results.checks))
     load = "load avg {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())

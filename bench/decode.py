@@ -27,6 +27,7 @@ from ingest.decode.gunzip import gunzip
 from ingest.decode.lean import LeanDecryptor
 from ingest.decode.model import DecodedRecord
 from ingest.decode.normalize import normalize, parse_payload
+from ingest.emulate.encoder import SIGNED_SUITE, UNSIGNED_SUITE
 from ingest.emulate.producer import DataKey, EmulateOptions, build_records
 from ingest.policy.evaluate import Policy, PolicyOutput, policy_for
 from ingest.policy.hook import decode_with_policy
@@ -84,7 +85,44 @@ def _best(fn: Callable[[T], U], inputs: Sequence[T], repeat: int) -> tuple[float
     return best / len(inputs) * 1e6, out
 
 
+#: The Encryption SDK suites of the wild: Aurora MySQL's signed one, Aurora PostgreSQL's unsigned.
+SUITES: dict[str, int] = {
+    "0x0378 (signed, ECDSA P-384)": SIGNED_SUITE,
+    "0x0178 (unsigned)": UNSIGNED_SUITE,
+}
+#: Decryptors timed per suite.
+SUITE_DECRYPTORS = ("lean verified", "lean unverified", "esdk")
+
+
+def measure_suites(events_per_record: int, records: int, repeat: int) -> dict[str, list[float]]:
+    """Suite -> microseconds per message (best pass) of each of :data:`SUITE_DECRYPTORS`, for
+    the same records sealed in each suite."""
+    key = os.urandom(32)
+    out: dict[str, list[float]] = {}
+    for label, suite in SUITES.items():
+        opts = EmulateOptions(
+            stream="aws-rds-das-cluster-BENCH",
+            events_per_record=events_per_record,
+            count=records * events_per_record,
+            rotate_every=1_000_000,
+            heartbeat_every=0,
+            suite=suite,
+        )
+        messages = [
+            read_envelope(r.data).payload()
+            for r in build_records(opts, lambda _n: DataKey(key, b"blob"))
+        ]
+        openers = (LeanDecryptor(), LeanDecryptor(verify_signatures=False), EsdkDecryptor())
+        out[label] = [
+            _best(lambda m, o=opener: o.decrypt(m, key), messages, repeat)[0]  # type: ignore[misc]
+            for opener in openers
+        ]
+    return out
+
+
 def measure(events_per_record: int, records: int, repeat: int) -> DecodeResult:
+    """The pipeline's stages and decode_batch, on records of the signed suite 0x0378 (the
+    dearer one; :func:`measure_suites` compares the two)."""
     key = os.urandom(32)
     opts = EmulateOptions(
         stream="aws-rds-das-cluster-BENCH",
@@ -92,6 +130,7 @@ def measure(events_per_record: int, records: int, repeat: int) -> DecodeResult:
         count=records * events_per_record,
         rotate_every=1_000_000,
         heartbeat_every=0,
+        suite=SIGNED_SUITE,
     )
     built = build_records(opts, lambda _n: DataKey(key, b"blob"))
     raw = [r.data for r in built]

@@ -8,6 +8,10 @@ AES_256_GCM_IV12_TAG16_HKDF_SHA384_ECDSA_P384 (0x0378), message format 1, framed
 one EDK of the raw AES keyring "BC"/"DataKey", deterministic frame IVs, a signature of the
 SDK's static length (103 bytes, s negated when needed, as the SDK does).
 
+``FastEncryptor(suite=0x0178)`` writes the unsigned suite AES_256_GCM_IV12_TAG16_HKDF_SHA256
+instead (as a captured Aurora PostgreSQL record has): HKDF-SHA256, an empty encryption context,
+no signature.
+
 The one shortcut: one ECDSA signing key per encryptor (the SDK makes one per message). A
 decryptor cannot tell, and it costs the decryptor exactly as much: the public key travels in
 every message and both decryptors load and verify it per message (neither caches keys).
@@ -34,6 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SUITE_ID = 0x0378
+UNSIGNED_SUITE_ID = 0x0178
 FRAME_LENGTH = 4096
 SIGNATURE_LENGTH = 103  # the SDK's static length for P-384 signatures
 _P384_ORDER = int(
@@ -60,9 +65,18 @@ class FastEncryptor:
     ``encode_payload`` (gzip level 6, outer JSON) works with it unchanged.
     """
 
-    def __init__(self, *, frame_length: int = FRAME_LENGTH) -> None:
+    def __init__(self, *, frame_length: int = FRAME_LENGTH, suite: int = SUITE_ID) -> None:
+        if suite not in (SUITE_ID, UNSIGNED_SUITE_ID):
+            raise ValueError(f"suite 0x{suite:04x} is not written here")
         self._frame_length = frame_length
+        self.suite = suite
+        self._signed = suite == SUITE_ID
+        self._hash = hashes.SHA384() if self._signed else hashes.SHA256()
         self._signing_key = ec.generate_private_key(ec.SECP384R1())
+        if not self._signed:
+            # The unsigned suite: an empty encryption context (its serialized length is 0).
+            self._context = b""
+            return
         point = self._signing_key.public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
         )
@@ -88,7 +102,7 @@ class FastEncryptor:
         wrap_iv = os.urandom(_IV_LEN)
         wrapped = AESGCM(data_key).encrypt(wrap_iv, content_data_key, self._context)
         provider_info = _KEY_NAME + struct.pack(">II", 128, _IV_LEN) + wrap_iv
-        suite = struct.pack(">H", SUITE_ID)
+        suite = struct.pack(">H", self.suite)
         header = b"".join(
             (
                 b"\x01\x80",
@@ -106,7 +120,7 @@ class FastEncryptor:
                 struct.pack(">BIBI", 0x02, 0, _IV_LEN, self._frame_length),
             )
         )
-        key = HKDF(hashes.SHA384(), 32, None, suite + message_id).derive(content_data_key)
+        key = HKDF(self._hash, 32, None, suite + message_id).derive(content_data_key)
         aead = AESGCM(key)
         header_iv = bytes(_IV_LEN)
         parts = [header, header_iv, aead.encrypt(header_iv, b"", header)]
@@ -130,6 +144,8 @@ class FastEncryptor:
         sealed = aead.encrypt(iv, view[pos:], aad)
         parts += (struct.pack(">II", 0xFFFFFFFF, sequence), iv, struct.pack(">I", rest), sealed)
         body = b"".join(parts)
+        if not self._signed:
+            return body
         signature = self._sign(hashlib.sha384(body).digest())
         return body + _u16(len(signature)) + signature
 

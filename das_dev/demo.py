@@ -2,8 +2,10 @@
 
 1. start kinesalite (Kinesis), moto (KMS) and a throwaway PostgreSQL on loopback ports;
 2. create the warehouse (`das-ingest migrate`) and a login for the append-only ingest role;
-3. emulate Aurora PostgreSQL and Aurora MySQL activity into an activity stream, encrypted the way
-   Aurora does it (KMS data keys, the Encryption SDK's signed suite, gzip);
+3. emulate the four engines' activity (Aurora PostgreSQL, Aurora MySQL, RDS for Oracle, RDS for
+   SQL Server; one instance each, in one stream for brevity: a real stream carries one engine)
+   into an activity stream, encrypted the way RDS does it (KMS data keys, the Encryption SDK's
+   suites, gzip);
 4. decrypt a few raw records with `das-ingest decrypt`;
 5. ingest the stream with a fleet of two workers (`das-ingest run`, the same command twice);
 6. show what the warehouse now knows, with the queries an auditor would run.
@@ -76,19 +78,19 @@ def _cell(value: Any) -> str:
 
 QUERIES: list[tuple[str, str]] = [
     (
-        "events by engine and class",
-        """SELECT server_type, class, count(*) AS events FROM das.activity_events
-           GROUP BY 1, 2 ORDER BY 1, 3 DESC""",
+        "events by engine and class (das.events)",
+        """SELECT engine, class, count(*) AS events, count(*) FILTER (WHERE failed) AS failed
+           FROM das.events GROUP BY 1, 2 ORDER BY 1, 3 DESC""",
     ),
     (
         "sessions with the most failed statements (das.sessions)",
-        """SELECT db_user_name, remote_host, server_type, statements, failed_statements, duration
-           FROM das.sessions ORDER BY failed_statements DESC, statements DESC LIMIT 5""",
+        """SELECT engine, db_user_name, remote_host, statements, failed_statements, duration
+           FROM das.sessions ORDER BY failed_statements DESC, statements DESC LIMIT 8""",
     ),
     (
         "failed logins (das.failed_logins)",
-        """SELECT db_user_name, remote_host, command, exit_code, count(*) AS attempts
-           FROM das.failed_logins GROUP BY 1, 2, 3, 4 ORDER BY attempts DESC LIMIT 5""",
+        """SELECT engine, db_user_name, command, exit_code, count(*) AS attempts
+           FROM das.failed_logins GROUP BY 1, 2, 3, 4 ORDER BY attempts DESC LIMIT 8""",
     ),
     (
         "latest failed statements (das.failed_statements)",
@@ -97,8 +99,14 @@ QUERIES: list[tuple[str, str]] = [
     ),
     (
         "schema changes (das.ddl_changes)",
-        """SELECT log_time, db_user_name, command, object_name, command_text
-           FROM das.ddl_changes ORDER BY log_time DESC LIMIT 5""",
+        """SELECT DISTINCT ON (engine) engine, log_time, db_user_name, command, object_name,
+                  command_text
+           FROM das.ddl_changes ORDER BY engine, log_time DESC""",
+    ),
+    (
+        "RDS for SQL Server statements split over several events, reassembled",
+        """SELECT statement_id, parts, command_text FROM das.sqlserver_statements
+           WHERE parts > 1 ORDER BY log_time DESC LIMIT 3""",
     ),
     (
         "Aurora MySQL statements correlated MAIN + AUX (das.statements)",
@@ -132,7 +140,10 @@ def main() -> int:
         asyncio.run(fetch(owner_dsn, "CREATE ROLE ingester LOGIN IN ROLE das_ingest"))
         print("created login 'ingester' in role das_ingest (INSERT only on the audit tables)")
 
-        say(f"emulating {EVENTS} events of Aurora PostgreSQL and Aurora MySQL activity")
+        say(
+            f"emulating {EVENTS} events of Aurora PostgreSQL, Aurora MySQL, RDS for Oracle "
+            "and RDS for SQL Server activity"
+        )
         das_ingest(
             "emulate",
             "--stream",
@@ -141,7 +152,7 @@ def main() -> int:
             "--shards",
             "2",
             "--engine",
-            "both",
+            "all",
             "--instances",
             "4",
             "--events-per-record",

@@ -743,7 +743,8 @@ def moto_server_argv() -> list[str]:
 
 
 class MotoServer(Server):
-    """moto in server mode: KMS for data keys, RDS for the DescribeDBClusters lookups."""
+    """moto in server mode: KMS for data keys, RDS for the DescribeDBClusters lookups, S3 for
+    the archive."""
 
     name = "kms"
 
@@ -1075,6 +1076,7 @@ class LocalStack:
         if self.kms is not None:
             env["AWS_ENDPOINT_URL_KMS"] = self.kms.endpoint
             env["AWS_ENDPOINT_URL_RDS"] = self.kms.endpoint
+            env["AWS_ENDPOINT_URL_S3"] = self.kms.endpoint  # the archive's bucket
         if self.postgres is not None:
             env["DAS_DSN"] = self.postgres.dsn
         return env

@@ -17,6 +17,7 @@ from typing import Any
 from ingest import __version__
 from ingest.commands import (
     alerts,
+    archive,
     decrypt,
     integrity,
     migrate,
@@ -37,6 +38,7 @@ COMMANDS: tuple[Callable[[Any], None], ...] = (
     decrypt.add_parser,
     warehouse_admin.add_parser,
     integrity.add_parser,
+    archive.add_parser,
     rules.add_parser,
     alerts.add_parser,
     emulate.add_parser,

@@ -61,7 +61,10 @@ async def stored(dsn: str, stream_shards: bool = False) -> list[EventKey]:
     try:
         rows = await conn.fetch(
             """
-            SELECT instance_id, pid, session_id, statement_id, substatement_id, class, log_time
+            SELECT instance_id, pid, session_id,
+                   coalesce(statement_id::text, statement_id_text) AS statement,
+                   statement_id_text IS NULL AS numeric_statement,
+                   substatement_id, class, log_time
             FROM das.activity_events ORDER BY ingested_at, sequence_number, event_index
             """
         )
@@ -72,7 +75,8 @@ async def stored(dsn: str, stream_shards: bool = False) -> list[EventKey]:
             r["instance_id"],
             r["pid"],
             r["session_id"],
-            r["statement_id"],
+            # SQL Server's hex statementId is text; every other engine's a number
+            int(r["statement"]) if r["numeric_statement"] and r["statement"] else r["statement"],
             r["substatement_id"],
             r["class"],
             format_datetime(r["log_time"]),

@@ -93,6 +93,12 @@ def test_quick_bench_prints_every_row() -> None:
         }
         assert all(_number(c) > 0 for c in row.values()), row
 
+    suites = _table(tables, "Decrypt per Encryption SDK suite")
+    assert [r["suite"] for r in suites] == ["0x0378 (signed, ECDSA P-384)", "0x0178 (unsigned)"]
+    for row in suites:
+        assert set(row) == {"suite", "lean verified", "lean unverified", "esdk"}
+        assert all(_number(row[c]) > 0 for c in ("lean verified", "lean unverified", "esdk"))
+
     e2e = _table(tables, "End to end")
     ours = ["das-ingest", "das-ingest --skip-signature-verification"]
     if any(r["consumer"] == "das-ingest --no-integrity-chain" for r in e2e):
@@ -121,6 +127,20 @@ def test_quick_bench_prints_every_row() -> None:
     assert len(latency) == 1
     p50, p99 = _number(latency[0]["p50 s"]), _number(latency[0]["p99 s"])
     assert 0 < p50 <= p99
+
+    archived = _table(tables, "Archive: one UTC day of 2,000 events")
+    assert [r["step"] for r in archived] == [
+        "fill the warehouse (decode + COPY + chain)",
+        "das-ingest archive (write, read back, verify)",
+        "das-ingest verify --archive",
+    ]
+    for row in archived[1:]:
+        assert int(row["events"].replace(",", "")) >= 1000
+        assert _number(row["events/s"]) > 0
+        assert 50 < _number(row["peak RSS MB"]) < 2000
+    per_event = re.search(r"Bytes per event: Parquet ([\d.]+) .* PostgreSQL ([\d.]+) ", out)
+    assert per_event, out
+    assert 0 < float(per_event[1]) < float(per_event[2])
 
     checks = out.split("### Checks", 1)[1]
     assert checks.count("at most one Decrypt per distinct data key: ok") == len(SIZES) * len(ours)

@@ -354,10 +354,12 @@ def test_keys_and_markers_count_every_event_once() -> None:
 
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="engine"):
-        Traffic(1, "oracle")  # type: ignore[arg-type]
+        Traffic(1, "db2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"1\.0 or 1\.1"):
         Traffic(1, pg_version="1.2")
     with pytest.raises(ValueError, match="instances"):
         Traffic(1, "both", instances=1)
+    with pytest.raises(ValueError, match="instances must be 4"):
+        Traffic(1, "all", instances=3)
     with pytest.raises(ValueError, match="events_per_record"):
         next(Traffic(1).records(0))

@@ -428,6 +428,7 @@ async def test_the_auditor_views_answer_for_oracle_and_sqlserver(pg_dsn: str) ->
         assert oracle["duration"].total_seconds() == 30 * 60
         assert oracle["failed_statements"] == 1  # ORA-00942
         assert sessions[("oracle", "3002")]["connected_at"] is None  # ORA-01017: no session
+        assert ("sqlserver", "0") not in sessions  # failed logins happen in no session
         mssql = sessions[("sqlserver", "55")]
         # login at 10:00:00.1234567 (microseconds kept), logout at 10:30
         assert mssql["duration"].total_seconds() == 30 * 60 - 0.123456

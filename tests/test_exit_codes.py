@@ -57,6 +57,14 @@ USAGE_ERRORS: list[tuple[list[str], dict[str, str], str]] = [
     (["alerts", "deliver"], {}, "no notifier"),
     (["alerts", "deliver", "--notify", "pager=x"], {}, "unknown notifier kind 'pager'"),
     (["run", "--stream", "s", "--notify", "webhook"], {}, "--notify: notifier 'webhook'"),
+    (["archive", "--to", "s3://bucket/p"], {}, "give --before"),
+    (["archive", "--before", "2024-03-01"], {"DAS_ARCHIVE_URL": ""}, "give --to"),
+    (
+        ["archive", "--to", "s3://bucket/p", "--before", "2024-03-01", "--max-file-mib", "0"],
+        {},
+        "--max-file-mib",
+    ),
+    (["verify", "--day", "2024-03-01"], {}, "--day needs --archive"),
 ]
 
 
@@ -104,6 +112,7 @@ def test_the_contract_is_in_the_top_level_help(capsys: pytest.CaptureFixture[str
         ["dead-letters", "list"],
         ["rebuild-statements"],
         ["retention", "--retention-keep", "90d", "--dry-run"],
+        ["archive", "--to", "s3://bucket/p", "--before", "2024-03-01"],
     ],
     ids=lambda argv: " ".join(argv),
 )

@@ -330,6 +330,12 @@ def hand_written_cases(s: Setup) -> list[Case]:
 
         return check
 
+    def untyped_clean(rows: list[asyncpg.Record]) -> None:
+        """A documented shape pushed to an extreme: stored as is, no anomaly."""
+        assert len(rows) == 1
+        assert list(rows[0]["anomalies"]) == []
+        assert rows[0]["log_time"] is not None
+
     return [
         # The outer document (no cryptography needed to reach it).
         Case("not json", b"\x00\xff\x10 definitely not json", "json"),
@@ -426,6 +432,40 @@ def hand_written_cases(s: Setup) -> list[Case]:
             huge,
         ),
         Case("unknown minor version", sealed(inner([event("y")]), key, version="1.9"), None, None),
+        # Hostile variants of the RDS for Oracle (1.3) and RDS for SQL Server (1.4) shapes.
+        Case(
+            "engine-native fields not an object",
+            sealed(inner([event("o", engineNativeAuditFields="DBID=1")]), key, version="1.3"),
+            None,
+            untyped("engineNativeAuditFields:type", {"engineNativeAuditFields": "DBID=1"}),
+        ),
+        Case(
+            "engine-native fields nested too deep",
+            sealed(inner([event("o", engineNativeAuditFields=nested)]), key, version="1.3"),
+            "normalize",
+        ),
+        Case(
+            "hex statementId with nul bytes",
+            sealed(inner([event("s", statementId="0x\u0000ff")]), key, version="1.4"),
+            None,
+            anomalies_include("statementId:nul"),
+        ),
+        Case(
+            "zone-less time that is no time",
+            sealed(inner([event("o", logTime="2021-13-45 99:99:99.1234567")]), key, version="1.3"),
+            None,
+            anomalies_include("logTime:time"),
+        ),
+        Case(
+            "time with twenty fraction digits",
+            sealed(
+                inner([event("s", logTime="2022-10-06 21:44:38.41206771234567890123+00")]),
+                key,
+                version="1.4",
+            ),
+            None,
+            untyped_clean,
+        ),
         Case(
             "unknown fields",
             sealed(inner([event("z", brandNew=[1, 2, {"x": None}])]), key),

@@ -17,10 +17,11 @@ PER_INVOCATION = {
     "status": {"--json", "--no-lag"},
     "migrate": {"--no-roles", "--check"},
     "decrypt": {"--resource-id", "--stream", "--include-heartbeats", "--raw"},
-    "retention": {"--dry-run"},
+    "retention": {"--dry-run", "--no-archive"},
     "dead-letters list": {"--stage", "--limit", "--json"},
     "dead-letters retry": {"--id", "--stage", "--all"},
-    "verify": {"--shard", "--since", "--json", "--no-anchors", "--anchors"},
+    "verify": {"--shard", "--since", "--json", "--no-anchors", "--anchors", "--archive", "--day"},
+    "archive": {"--before", "--athena-ddl", "--athena-table"},
     "anchor": {"--export"},
     # only to measure the chain's cost; never a deployment setting
     "run": {"--no-integrity-chain"},

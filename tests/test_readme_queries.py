@@ -156,3 +156,53 @@ async def test_views_classify_failures_sessions_and_logins(pg_dsn: str) -> None:
         assert row["failed_statements"] == 1
     finally:
         await pool.close()
+
+
+async def test_readme_queries_answer_for_oracle_and_sqlserver(pg_dsn: str) -> None:
+    """The README's per-engine examples, as the analyst, on RDS for Oracle and RDS for SQL
+    Server activity built from the field tables: each finds what it promises."""
+    from tests.rds_examples import (
+        ORACLE_INSTANCE,
+        SQLSERVER_INSTANCE,
+        inner_document,
+        oracle_events,
+        sqlserver_events,
+    )
+
+    pool = await migrated_pool(pg_dsn)
+    try:
+        token, _ = await hold_lease(pool, "s", "w")
+        oracle = [(str(n + 1), inner_document(ORACLE_INSTANCE, e)) for n, e in
+                  enumerate(oracle_events())]  # fmt: skip
+        await store(pool, token, batch("s", oracle, "1.3"), "TRIM_HORIZON", oracle[-1][0])
+        sqlserver = [(str(n + 100), inner_document(SQLSERVER_INSTANCE, e)) for n, e in
+                     enumerate(sqlserver_events())]  # fmt: skip
+        await store(pool, token, batch("s", sqlserver, "1.4"), oracle[-1][0], sqlserver[-1][0])
+        analyst = f"a_{secrets.token_hex(4)}"
+        await pool.execute(f"CREATE ROLE {analyst} LOGIN IN ROLE das_analyst")
+    finally:
+        await pool.close()
+    conn = await asyncpg.connect(
+        pg_dsn.replace("postgresql://postgres@", f"postgresql://{analyst}@")
+    )
+    try:
+        answers: dict[str, int] = {}
+        for query in readme_queries():
+            rows = await conn.fetch(query)
+            if any(f"engine = '{e}'" in query for e in ("oracle", "sqlserver")) or (
+                "das.sqlserver_statements" in query
+            ):
+                answers[query] = len(rows)
+        assert len(answers) == 5, "the README has two Oracle and three SQL Server examples"
+        expected = {
+            "exit_code = '1017'": 1,  # MALLORY's ORA-01017
+            "'CREATE USER', 'ALTER USER'": 2,  # the GRANT and SYS's ALTER USER
+            "FROM das.failed_logins\nWHERE engine = 'sqlserver'": 1,
+            "'ADD MEMBER', 'DROP MEMBER'": 2,
+            "FROM das.sqlserver_statements": 1,  # the statement split over three events
+        }
+        for needle, count in expected.items():
+            (query,) = [q for q in answers if needle in q]
+            assert answers[query] == count, query
+    finally:
+        await conn.close()

@@ -21,7 +21,13 @@ from ingest.emulate.producer import EmulateOptions
 from ingest.emulate.traffic import InnerRecord
 from ingest.errors import ConfigError
 from ingest.warehouse.leases import LeaseStore
-from ingest.warehouse.migrate import load_migrations, migrate, migrations_dir, schema_version
+from ingest.warehouse.migrate import (
+    load_migrations,
+    migrate,
+    migrations_dir,
+    require_current_schema,
+    schema_version,
+)
 from ingest.warehouse.retention import apply_retention, parse_keep
 from ingest.warehouse.sink import CopyUnit, DeadLetter, LeaseLostError, Sink
 from ingest.warehouse.statements import rebuild_statements
@@ -57,6 +63,38 @@ async def test_migrate_from_empty_then_again_is_a_no_op(pg_dsn: str) -> None:
         assert [r["version"] for r in rows] == known
         for table in ("activity_events", "statements", "dead_letters", "heartbeats", "leases"):
             assert await conn.fetchval("SELECT to_regclass($1)", f"das.{table}") is not None
+    finally:
+        await conn.close()
+
+
+def test_migration_numbers_may_have_gaps_but_not_repeat(tmp_path: Path) -> None:
+    """Each branch of work owns a range of numbers (docs: 0006-0009, 0010-0014, ...)."""
+    (tmp_path / "0001_a.sql").write_text("SELECT 1;")
+    (tmp_path / "0010_b.sql").write_text("SELECT 1;")
+    assert [m.version for m in load_migrations(tmp_path)] == [1, 10]
+    (tmp_path / "0010_c.sql").write_text("SELECT 1;")
+    with pytest.raises(ConfigError, match="distinct"):
+        load_migrations(tmp_path)
+
+
+async def test_a_lower_migration_that_arrives_later_is_applied_and_required(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A branch's migration (say 0006) can land after a higher one (0010) was applied: migrate
+    applies it then, and until it has, the schema is not current."""
+    everything = load_migrations()
+    lower = everything[-2]  # the highest but one: below the last, applied late here
+    for m in everything:
+        if m.version != lower.version:
+            (tmp_path / f"{m.version:04d}_{m.name}.sql").write_text(m.sql)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, directory=tmp_path)
+        with pytest.raises(ConfigError, match=f"migration {lower.version:04d} is not applied"):
+            await require_current_schema(conn)
+        report = await migrate(conn)
+        assert [m.version for m in report.applied] == [lower.version]
+        assert await require_current_schema(conn) == everything[-1].version
     finally:
         await conn.close()
 

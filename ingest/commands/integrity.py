@@ -27,6 +27,11 @@ key is then a finding, and so is an unanchored tail older than --max-unanchored-
 --anchors FILE (from `das-ingest anchor --export`, kept outside the warehouse) so that deleted
 anchors are found too.
 
+--archive s3://BUCKET/PREFIX verifies an archive written by `das-ingest archive` without the
+warehouse: each file's SHA-256, each event's digest recomputed from the Parquet values against
+the links in the day's manifest, the links' hashes up to the anchor, the anchor through KMS;
+findings name the stream, day, file and row.
+
 exit codes: 0 clean, 1 findings, 2 configuration error, 3 no other finding but KMS could not
 check the anchors (refused or unreachable).
 
@@ -90,6 +95,15 @@ def add_parser(subparsers: Any) -> None:
         "days is not believed (default: the period each record says it ran with) "
         "[DAS_RETENTION_KEEP]",
     )
+    verify.add_argument(
+        "--archive",
+        metavar="s3://BUCKET/PREFIX",
+        help="verify an archive (das-ingest archive) instead of the warehouse: every event's "
+        "digest from the Parquet files against the manifests' links and anchors",
+    )
+    verify.add_argument(
+        "--day", metavar="YYYY-MM-DD", help="with --archive: only this day (default: every day)"
+    )
     add_dsn_argument(verify)
     add_log_argument(verify)
     verify.set_defaults(func=_verify)
@@ -123,6 +137,11 @@ def add_parser(subparsers: Any) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     from datetime import timedelta
+
+    if args.archive or args.day:
+        from ingest.commands.archive import verify_archive_command
+
+        return verify_archive_command(args)
 
     from ingest.exitcodes import UsageError
     from ingest.warehouse.retention import parse_keep
@@ -231,6 +250,12 @@ def _print_report(report: Any) -> None:
     if report.retained_days:
         days = report.retained_days
         print(f"removed by retention (recorded): {len(days)} days, {days[0]} .. {days[-1]}")
+    if report.archived_days:
+        days = sorted(report.archived_days)
+        print(
+            f"of which archived before removal: {len(days)} days, {days[0]} .. {days[-1]} "
+            "(check them with verify --archive)"
+        )
     for tail in report.unanchored:
         print(
             f"unanchored tail: {tail['stream']} {tail['shard']} links {tail['first_link']}.."

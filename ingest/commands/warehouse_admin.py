@@ -27,7 +27,10 @@ def add_parser(subparsers: Any) -> None:
         help="drop day partitions older than the retention period (logged)",
         description="Drop whole day partitions of das.activity_events older than --keep, and "
         "old rows of the default partition. Every drop is recorded in das.retention_log, so "
-        "rows that left by retention can be told from rows that vanished.",
+        "rows that left by retention can be told from rows that vanished. A day is dropped "
+        "only once `das-ingest archive` has archived and verified it (every stream's events "
+        "of the day); the record names the archive's manifests. Exit 1 when a day had to "
+        "stay for want of an archive.",
     )
     retention.add_argument(
         "--retention-keep",
@@ -38,6 +41,11 @@ def add_parser(subparsers: Any) -> None:
     )
     add_hidden_alias(retention, "--keep", dest="keep")
     retention.add_argument("--dry-run", action="store_true", help="show what would be dropped")
+    retention.add_argument(
+        "--no-archive",
+        action="store_true",
+        help="drop days whether or not they were archived (they are gone for good)",
+    )
     add_dsn_argument(retention)
     add_log_argument(retention)
     retention.set_defaults(func=_retention)
@@ -122,16 +130,31 @@ async def _do_retention(args: argparse.Namespace, keep: Any) -> int:
     conn = await connect(resolve_dsn(args.dsn))
     try:
         with Progress("retention: partitions", unit="partitions") as progress:
-            actions = await apply_retention(conn, keep, dry_run=args.dry_run, progress=progress)
+            actions = await apply_retention(
+                conn,
+                keep,
+                dry_run=args.dry_run,
+                progress=progress,
+                require_archive=not args.no_archive,
+            )
     finally:
         await conn.close()
     verb = "would drop" if args.dry_run else "dropped"
+    refused = 0
     for action in actions:
         span = f"{action.range_start or '-inf'} .. {action.range_end}"
-        print(f"{verb} {action.partition} ({span}): {action.rows} rows")
+        if action.refused is not None:
+            refused += 1
+            print(f"kept {action.partition} ({span}): {action.refused}")
+            continue
+        where = ""
+        if action.archive:
+            manifests = sorted({entry["manifest"] for entry in action.archive})
+            where = f", archived in {', '.join(manifests)}"
+        print(f"{verb} {action.partition} ({span}): {action.rows} rows{where}")
     if not actions:
         print("nothing older than the retention period")
-    return 0
+    return 1 if refused else 0
 
 
 def _list_dead_letters(args: argparse.Namespace) -> int:

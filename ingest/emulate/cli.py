@@ -26,12 +26,13 @@ if TYPE_CHECKING:
     from ingest.emulate.producer import EmulateReport, Progress
 
 DESCRIPTION = """\
-Produce a Database Activity Stream the way Aurora does: seeded, realistic Aurora PostgreSQL
-(record versions 1.0/1.1) and Aurora MySQL (1.2) activity (sessions, DML, DDL, roles, failed
-logins, MySQL MAIN/AUX pairs in any order, heartbeats), gzip-compressed, encrypted with the AWS
-Encryption SDK under a KMS data key bound to the cluster resource id, and put into Kinesis with
-one partition key per DB instance. The same seed always yields the same events, so a consumer
-test can check that every event arrived exactly once.
+Produce a Database Activity Stream the way RDS does: seeded, realistic Aurora PostgreSQL
+(record versions 1.0/1.1), Aurora MySQL (1.2), RDS for Oracle (1.3) and RDS for SQL Server (1.4)
+activity (sessions, DML, DDL, grants, failed logins, MySQL MAIN/AUX pairs in any order, Oracle
+audit classes, SQL Server split records, heartbeats), gzip-compressed, encrypted with the AWS
+Encryption SDK under a KMS data key bound to the resource id (a db-... id for the RDS engines),
+and put into Kinesis with one partition key per DB instance. The same seed always yields the
+same events, so a consumer test can check that every event arrived exactly once.
 """
 
 EPILOG = """\
@@ -57,7 +58,7 @@ examples:
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "emulate",
-        help="put emulated, encrypted Aurora activity records into a Kinesis stream",
+        help="put emulated, encrypted DAS records of the four engines into a Kinesis stream",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,8 +66,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--stream", required=True, help="Kinesis stream (aws-rds-das-<id>)")
     parser.add_argument(
         "--resource-id",
-        help="cluster resource id for the KMS encryption context and clusterId "
-        "(default: the stream name without aws-rds-das-)",
+        help="resource id for the KMS encryption context (cluster-... or, for an RDS instance, "
+        "db-...) and the Aurora engines' clusterId (default: the stream name without "
+        "aws-rds-das-)",
     )
     parser.add_argument(
         "--create-stream", action="store_true", help="create the stream if it does not exist"
@@ -79,16 +81,24 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--engine",
-        choices=("postgres", "mysql", "both"),
+        choices=("postgres", "mysql", "oracle", "sqlserver", "both", "all"),
         default="both",
-        help="engines to emulate (default: both)",
+        help="Aurora PostgreSQL, Aurora MySQL, RDS for Oracle, RDS for SQL Server; both: the "
+        "two Aurora engines, all: the four, alternating by instance (default: both)",
+    )
+    parser.add_argument(
+        "--engine-native-audit-fields",
+        action="store_true",
+        help="Oracle and SQL Server: fill engineNativeAuditFields, as a stream started with "
+        "--engine-native-audit-fields-included does (default: off, {})",
     )
     parser.add_argument(
         "--instances",
         type=int,
         default=2,
         metavar="N",
-        help="DB instances, one partition key each; 'both' alternates engines (default: 2)",
+        help="DB instances, one partition key each; 'both' and 'all' alternate engines "
+        "(default: 2)",
     )
     parser.add_argument(
         "--pg-version",
@@ -141,6 +151,14 @@ def add_parser(subparsers: Any) -> None:
         "--processes", type=int, default=1, metavar="N", help="encoder processes (default: 1)"
     )
     parser.add_argument(
+        "--suite",
+        choices=("auto", "0x0178", "0x0378"),
+        default="auto",
+        help="Encryption SDK algorithm suite: 0x0178 (AES-256-GCM, HKDF-SHA256, unsigned, empty "
+        "ESDK context), 0x0378 (HKDF-SHA384, ECDSA P-384 signed); auto: as seen in the wild, "
+        "0x0178 for PostgreSQL, 0x0378 for the other engines (default: auto)",
+    )
+    parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -173,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
             heartbeat_every=args.heartbeat_every,
             processes=args.processes,
             scenario=args.scenario,
+            suite=None if args.suite == "auto" else int(args.suite, 16),
+            native_fields=args.engine_native_audit_fields,
         )
     except ConfigError as exc:
         print(f"das-ingest emulate: {exc}", file=sys.stderr)

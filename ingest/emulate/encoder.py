@@ -7,10 +7,13 @@ inner document --orjson--> JSON --gzip--> Encryption SDK message --base64--> out
 
 The message is what Aurora writes and what the consumer must open: one encrypted data key
 wrapped by a raw AES-256-GCM master key, provider "BC", key id "DataKey" (the plaintext KMS data
-key), algorithm suite AES_256_GCM_IV12_TAG16_HKDF_SHA384_ECDSA_P384 (0x0378: non-committing,
-signed), framed with 4096-byte frames. The SDK refuses to *encrypt* with a non-committing suite
-except under ``FORBID_ENCRYPT_ALLOW_DECRYPT``, so that is the policy here (the consumer decrypts
-with ``REQUIRE_ENCRYPT_ALLOW_DECRYPT``).
+key), framed with 4096-byte frames, in one of the two algorithm suites seen in the wild
+(:data:`SUITES`): AES_256_GCM_IV12_TAG16_HKDF_SHA384_ECDSA_P384 (0x0378: non-committing,
+signed; Aurora MySQL reports it, and its ESDK encryption context holds only the signature's
+public key) or AES_256_GCM_IV12_TAG16_HKDF_SHA256 (0x0178: non-committing, unsigned, with an
+empty ESDK encryption context, as a captured Aurora PostgreSQL record has). The SDK refuses to
+*encrypt* with a non-committing suite except under ``FORBID_ENCRYPT_ALLOW_DECRYPT``, so that is
+the policy here (the consumer decrypts with ``REQUIRE_ENCRYPT_ALLOW_DECRYPT``).
 
 :func:`encode_batch` is what producer worker processes run: plain bytes in and out, and one
 encryptor per process, so nothing heavy crosses the process boundary.
@@ -32,7 +35,22 @@ from aws_encryption_sdk.identifiers import Algorithm
 from ingest.decode.esdk import DataKeyProvider
 
 OUTER_TYPE = "DatabaseActivityMonitoringRecords"
-ALGORITHM = Algorithm.AES_256_GCM_IV12_TAG16_HKDF_SHA384_ECDSA_P384
+#: Algorithm suite ids as the message header carries them.
+SIGNED_SUITE = 0x0378
+UNSIGNED_SUITE = 0x0178
+SUITES: dict[int, Algorithm] = {
+    SIGNED_SUITE: Algorithm.AES_256_GCM_IV12_TAG16_HKDF_SHA384_ECDSA_P384,
+    UNSIGNED_SUITE: Algorithm.AES_256_GCM_IV12_TAG16_HKDF_SHA256,
+}
+ALGORITHM = SUITES[SIGNED_SUITE]
+
+
+def default_suite(record_version: str) -> int:
+    """The suite of the wild for a record version: Aurora PostgreSQL (1.0, 1.1) 0x0178, Aurora
+    MySQL (1.2) 0x0378. The RDS engines (1.3, 1.4) are not documented either way: signed."""
+    return UNSIGNED_SUITE if record_version in ("1.0", "1.1") else SIGNED_SUITE
+
+
 FRAME_LENGTH = 4096
 #: zlib's default level: what a stock gzip stream (JVM, Go, Python) writes when nobody tunes it.
 GZIP_LEVEL = 6
@@ -51,10 +69,12 @@ class EsdkEncryptor:
     so a small LRU keeps the current few warm.
     """
 
-    def __init__(self, *, provider_cache_size: int = 16) -> None:
+    def __init__(self, *, provider_cache_size: int = 16, suite: int = SIGNED_SUITE) -> None:
         self._client = aws_encryption_sdk.EncryptionSDKClient(
             commitment_policy=CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT
         )
+        self.suite = suite
+        self._algorithm = SUITES[suite]
         self._providers: OrderedDict[bytes, DataKeyProvider] = OrderedDict()
         self._cache_size = provider_cache_size
 
@@ -74,7 +94,7 @@ class EsdkEncryptor:
         message, _header = self._client.encrypt(
             source=plaintext,
             key_provider=self._provider(data_key),
-            algorithm=ALGORITHM,
+            algorithm=self._algorithm,
             frame_length=FRAME_LENGTH,
         )
         return bytes(message)
@@ -121,20 +141,29 @@ class EncodeItem(NamedTuple):
     version: str
     data_key_plaintext: bytes
     data_key_blob: bytes
+    suite: int = SIGNED_SUITE
 
 
-_worker_encryptor: EsdkEncryptor | None = None
+#: One encryptor per suite per worker process, by design.
+_worker_encryptors: dict[int, EsdkEncryptor] = {}
+
+
+def encryptor_for(suite: int, cache: dict[int, EsdkEncryptor]) -> EsdkEncryptor:
+    encryptor = cache.get(suite)
+    if encryptor is None:
+        encryptor = cache[suite] = EsdkEncryptor(suite=suite)
+    return encryptor
 
 
 def encode_batch(items: Sequence[EncodeItem]) -> list[bytes]:
-    """Encode many records with this process's encryptor (the process-pool entry point)."""
-    global _worker_encryptor  # one encryptor per worker process, by design
-    if _worker_encryptor is None:
-        _worker_encryptor = EsdkEncryptor()
-    encryptor = _worker_encryptor
+    """Encode many records with this process's encryptors (the process-pool entry point)."""
     return [
         encode_payload(
-            item.inner_json, item.version, item.data_key_plaintext, item.data_key_blob, encryptor
+            item.inner_json,
+            item.version,
+            item.data_key_plaintext,
+            item.data_key_blob,
+            encryptor_for(item.suite, _worker_encryptors),
         )
         for item in items
     ]

@@ -43,7 +43,15 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ingest.aws import aws_client, error_code
-from ingest.emulate.encoder import EncodeItem, EsdkEncryptor, encode_batch, encode_payload
+from ingest.emulate.encoder import (
+    SUITES,
+    EncodeItem,
+    EsdkEncryptor,
+    default_suite,
+    encode_batch,
+    encode_payload,
+    encryptor_for,
+)
 from ingest.emulate.traffic import (
     ENGINES,
     MAX_INSTANCES,
@@ -51,6 +59,7 @@ from ingest.emulate.traffic import (
     Engine,
     InnerRecord,
     Traffic,
+    min_instances,
 )
 from ingest.errors import ConfigError, IngestError
 from ingest.kms import encryption_context, resource_id_from_stream
@@ -117,6 +126,12 @@ class EmulateOptions:
     heartbeat_every: int = 20
     #: Encoder worker processes; 1 encodes in a thread of this process.
     processes: int = 1
+    #: RDS for Oracle / SQL Server: engineNativeAuditFields filled, as with
+    #: --engine-native-audit-fields-included (else {}).
+    native_fields: bool = False
+    #: Encryption SDK algorithm suite; None: as in the wild per engine (PostgreSQL 0x0178,
+    #: MySQL 0x0378; see ingest.emulate.encoder.default_suite).
+    suite: int | None = None
     #: An incident with known ground truth (ingest/emulate/scenarios.py) injected into paced
     #: normal Aurora PostgreSQL traffic of ``count`` events; None: the plain traffic.
     scenario: str | None = None
@@ -138,11 +153,15 @@ class EmulateOptions:
                 self.scenario is not None and self.scenario not in _scenario_names(),
                 f"scenario must be one of {', '.join(_scenario_names())}",
             ),
+            (
+                self.suite is not None and self.suite not in SUITES,
+                f"suite must be one of {', '.join(f'0x{s:04x}' for s in SUITES)}",
+            ),
             (self.engine not in ENGINES, f"engine must be one of {', '.join(ENGINES)}"),
             (self.pg_version not in PG_VERSIONS, "PostgreSQL record version must be 1.0 or 1.1"),
             (
-                not (2 if self.engine == "both" else 1) <= self.instances <= MAX_INSTANCES,
-                f"instances must be 1..{MAX_INSTANCES} (at least 2 for engine 'both')",
+                not min_instances(self.engine) <= self.instances <= MAX_INSTANCES,
+                f"instances must be 1..{MAX_INSTANCES} (at least 2 for engine 'both', 4 for 'all')",
             ),
         ]
         for failed, message in problems:
@@ -158,6 +177,7 @@ class EmulateOptions:
             instances=self.instances,
             pg_version=self.pg_version,
             heartbeat_every=self.heartbeat_every,
+            native_fields=self.native_fields,
         )
 
     def inner_records(self) -> Iterator[InnerRecord]:
@@ -170,6 +190,10 @@ class EmulateOptions:
             )  # fmt: skip
             return iter(records)
         return self.traffic().records(self.events_per_record, self.count)
+
+    def suite_for(self, record_version: str) -> int:
+        """The algorithm suite of a record of ``record_version``."""
+        return self.suite if self.suite is not None else default_suite(record_version)
 
 
 def _scenario_names() -> tuple[str, ...]:
@@ -235,13 +259,14 @@ def build_records(options: EmulateOptions, data_keys: Callable[[int], DataKey]) 
     ``data_keys(n)`` supplies the n-th data key (0, 1, ...), asked for at the same records as
     :func:`emulate` asks KMS: the first, then every ``rotate_every``.
     """
-    encryptor = EsdkEncryptor()
+    encryptors: dict[int, EsdkEncryptor] = {}
     out: list[RawRecord] = []
     key: DataKey | None = None
     for index, inner in enumerate(options.inner_records()):
         if index % options.rotate_every == 0:
             key = data_keys(index // options.rotate_every)
         assert key is not None
+        encryptor = encryptor_for(options.suite_for(inner.version), encryptors)
         data = encode_payload(
             orjson.dumps(inner.doc), inner.version, key.plaintext, key.blob, encryptor
         )
@@ -474,7 +499,13 @@ class _Run:
                     assert key is not None
                     index += 1
                     items.append(
-                        EncodeItem(orjson.dumps(inner.doc), inner.version, key.plaintext, key.blob)
+                        EncodeItem(
+                            orjson.dumps(inner.doc),
+                            inner.version,
+                            key.plaintext,
+                            key.blob,
+                            self.options.suite_for(inner.version),
+                        )
                     )
                 inflight.append((loop.run_in_executor(self.pool, encode_batch, items), chunk))
                 while len(inflight) >= max_inflight:

@@ -26,6 +26,10 @@ Aurora MySQL (record version 1.2)
     says the opposite; we follow the data). AUX events are emitted before MAIN, after it, around
     it, or only after the instance's next statement, so they also land in the next record.
 
+RDS for Oracle (1.3) and RDS for SQL Server (1.4)
+    See :mod:`ingest.emulate.rds` (``engine="oracle"``, ``"sqlserver"``; ``"all"`` alternates the
+    four engines by instance).
+
 One record carries the events of one instance, as Aurora's do. Idle instances send
 heartbeat-only records (``{"type": "heartbeat", "logTime": ...}``) every ``heartbeat_every``
 records of that instance.
@@ -55,23 +59,41 @@ Partition key
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 import string
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
 
-Engine = Literal["postgres", "mysql", "both"]
-ENGINES: tuple[Engine, ...] = ("postgres", "mysql", "both")
+# The shared machinery, re-exported: tests and the producer know these names from here.
+from ingest.emulate.instance import INNER_TYPE as INNER_TYPE
+from ingest.emulate.instance import MARKER_PREFIX as MARKER_PREFIX
+from ingest.emulate.instance import InnerRecord as InnerRecord
+from ingest.emulate.instance import _Counter, _Instance
+from ingest.emulate.instance import format_time as format_time
+from ingest.emulate.instance import marker as marker
+from ingest.emulate.rds import OracleInstance, SqlServerInstance
+
+Engine = Literal["postgres", "mysql", "oracle", "sqlserver", "both", "all"]
+#: One engine, "both" (Aurora PostgreSQL and MySQL instances alternate) or "all" (the four
+#: engines in turn: a test and demo convenience, a real stream carries one engine).
+ENGINES: tuple[Engine, ...] = ("postgres", "mysql", "oracle", "sqlserver", "both", "all")
+SingleEngine = Literal["postgres", "mysql", "oracle", "sqlserver"]
+_MIXES: dict[str, tuple[SingleEngine, ...]] = {
+    "both": ("postgres", "mysql"),
+    "all": ("postgres", "mysql", "oracle", "sqlserver"),
+}
+
+
+def min_instances(engine: Engine) -> int:
+    """Instances needed for every engine of ``engine`` to have one."""
+    return len(_MIXES.get(engine, ("x",)))
+
+
 PG_VERSIONS = ("1.0", "1.1")
 MYSQL_VERSION = "1.2"
-
-INNER_TYPE = "DatabaseActivityMonitoringRecord"
-MARKER_PREFIX = "das-emulator"
 
 #: The traffic starts at a fixed instant (plus a seeded offset) so a seed always means the same
 #: bytes; 2024-03-01 00:00:00 UTC.
@@ -82,51 +104,17 @@ MAX_INSTANCES = 64
 
 
 class EventKey(NamedTuple):
-    """Identifies one record event; unique across everything one :class:`Traffic` generates."""
+    """Identifies one record event; unique across everything one :class:`Traffic` generates.
+    ``statement_id`` is SQL Server's hex text; times are in one form whatever the engine sent
+    (no zone: UTC; a seventh fraction digit dropped, as the warehouse's column does)."""
 
     instance_id: str
-    pid: int
+    pid: int | None
     session_id: str
-    statement_id: int
-    substatement_id: int
+    statement_id: int | str | None
+    substatement_id: int | None
     class_: str
     log_time: str
-
-
-@dataclass(frozen=True, slots=True)
-class InnerRecord:
-    """The plaintext of one Kinesis record, before gzip and encryption."""
-
-    version: str
-    doc: dict[str, Any]
-    partition_key: str
-    record_events: int
-    heartbeats: int
-
-    @property
-    def instance_id(self) -> str:
-        return str(self.doc["instanceId"])
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = self.doc["databaseActivityEventList"]
-        return events
-
-
-def marker(seed: int, n: int) -> str:
-    """The SQL comment that tags statement ``n`` of the traffic generated with ``seed``."""
-    return f"/* {MARKER_PREFIX}:{seed}:{n} */"
-
-
-def format_time(epoch_us: int) -> str:
-    """Microseconds since the epoch as DAS writes times: '2019-05-24 00:39:49.940668+00'."""
-    seconds, micros = divmod(epoch_us, 1_000_000)
-    return f"{_format_seconds(seconds)}.{micros:06d}+00"
-
-
-@functools.lru_cache(maxsize=64)
-def _format_seconds(seconds: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
 
 def format_datetime(stamp: datetime) -> str:
@@ -134,26 +122,38 @@ def format_datetime(stamp: datetime) -> str:
     return format_time(int(stamp.timestamp()) * 1_000_000 + stamp.microsecond)
 
 
+def key_time(text: str) -> str:
+    """A wire time in :func:`format_time`'s form: Oracle's zone-less UTC time gets "+00", SQL
+    Server's seventh fraction digit goes (as the timestamptz column drops it)."""
+    body, _, _zone = text.partition("+")
+    head, _, fraction = body.partition(".")
+    return f"{head}.{fraction[:6].ljust(6, '0')}+00"
+
+
 def event_key(instance_id: str, event: Mapping[str, Any]) -> EventKey:
     """The :class:`EventKey` of a generated (wire-format) record event."""
+    session = event["sessionId"]
     return EventKey(
         instance_id,
         event["pid"],
-        event["sessionId"],
+        session if isinstance(session, str) else str(session),
         event["statementId"],
         event["substatementId"],
         event["class"],
-        event["logTime"],
+        key_time(event["logTime"]),
     )
 
 
 def decoded_event_key(instance_id: str | None, event: Any) -> EventKey:
     """The :class:`EventKey` of a decoded ``ingest.decode.ActivityEvent``."""
+    statement = event.statement_id
+    if statement is None:
+        statement = getattr(event, "statement_id_text", None)
     return EventKey(
         instance_id or "",
         event.pid,
         event.session_id,
-        event.statement_id,
+        statement,
         event.substatement_id,
         event.class_,
         format_datetime(event.log_time),
@@ -183,14 +183,16 @@ class Traffic:
         instances: int = 2,
         pg_version: str = "1.1",
         heartbeat_every: int = 20,
+        native_fields: bool = False,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         if pg_version not in PG_VERSIONS:
             raise ValueError(f"PostgreSQL record version must be 1.0 or 1.1, not {pg_version!r}")
-        if not (2 if engine == "both" else 1) <= instances <= MAX_INSTANCES:
+        if not min_instances(engine) <= instances <= MAX_INSTANCES:
             raise ValueError(
-                f"instances must be 1..{MAX_INSTANCES} (2.. for both), not {instances}"
+                f"instances must be {min_instances(engine)}..{MAX_INSTANCES} for engine "
+                f"{engine!r}, not {instances}"
             )
         if heartbeat_every < 0:
             raise ValueError("heartbeat_every must be >= 0 (0: no heartbeats)")
@@ -198,15 +200,19 @@ class Traffic:
         self.engine: Engine = engine
         self.pg_version = pg_version
         self.heartbeat_every = heartbeat_every
+        #: RDS engines: engineNativeAuditFields filled (the stream was started with
+        #: --engine-native-audit-fields-included), else {}.
+        self.native_fields = native_fields
         self.instance_count = instances
         rng = random.Random(f"ids:{seed}")  # noqa: S311 - reproducible, not secret
         self.cluster_id = cluster_id or "cluster-" + _resource_suffix(rng)
         self.instance_ids = [_instance_id(rng, i, instances) for i in range(instances)]
 
-    def engine_of(self, index: int) -> Literal["postgres", "mysql"]:
-        if self.engine == "both":
-            return "postgres" if index % 2 == 0 else "mysql"
-        return self.engine
+    def engine_of(self, index: int) -> SingleEngine:
+        mix = _MIXES.get(self.engine)
+        if mix is not None:
+            return mix[index % len(mix)]
+        return self.engine  # type: ignore[return-value]  # a single engine
 
     def records(self, events_per_record: int, count: int | None = None) -> Iterator[InnerRecord]:
         """Records of ``events_per_record`` record events (plus heartbeat-only records).
@@ -220,9 +226,15 @@ class Traffic:
         rng = random.Random(f"traffic:{self.seed}")  # noqa: S311 - reproducible
         counter = _Counter()
         start_us = _BASE_EPOCH_US + rng.randrange(86_400) * 1_000_000
+        classes: dict[SingleEngine, type[_Instance]] = {
+            "postgres": _PostgresInstance,
+            "mysql": _MySqlInstance,
+            "oracle": OracleInstance,
+            "sqlserver": SqlServerInstance,
+        }
         instances: list[_Instance] = []
         for index, instance_id in enumerate(self.instance_ids):
-            cls = _PostgresInstance if self.engine_of(index) == "postgres" else _MySqlInstance
+            cls = classes[self.engine_of(index)]
             instances.append(
                 cls(
                     cluster_id=self.cluster_id,
@@ -234,9 +246,10 @@ class Traffic:
                     counter=counter,
                     pg_version=self.pg_version,
                     # The first instance of each engine is its cluster's writer.
-                    writer=index < (2 if self.engine == "both" else 1),
+                    writer=index < min_instances(self.engine),
                 )
             )
+            instances[-1].native_fields = self.native_fields
         emitted = 0
         while count is None or emitted < count:
             instance = rng.choice(instances)
@@ -270,101 +283,6 @@ def hash_key(partition_key: str) -> int:
     """The 128-bit hash key Kinesis maps a partition key to (MD5, big-endian)."""
     digest = hashlib.md5(partition_key.encode(), usedforsecurity=False).digest()
     return int.from_bytes(digest, "big")
-
-
-class _Counter:
-    """Statement marker numbers, shared by all instances of one traffic."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def next(self) -> int:
-        self.value += 1
-        return self.value
-
-
-# --- shared instance machinery -----------------------------------------------------------------
-
-
-class _Instance:
-    version: str
-
-    def __init__(
-        self,
-        *,
-        cluster_id: str,
-        instance_id: str,
-        index: int,
-        rng: random.Random,
-        start_us: int,
-        seed: int,
-        counter: _Counter,
-        pg_version: str,
-        writer: bool,
-    ) -> None:
-        self.cluster_id = cluster_id
-        self.writer = writer
-        self.instance_id = instance_id
-        self.index = index
-        self.rng = rng
-        self.now_us = start_us
-        self.seed = seed
-        self.counter = counter
-        self.pg_version = pg_version
-        self.since_heartbeat = 0
-        self.buffer: list[dict[str, Any]] = []
-        # Events held back to be emitted after the instance's next statement (late AUX).
-        self.deferred: list[dict[str, Any]] = []
-
-    def tick(self, low: int = 1, high: int = 400) -> int:
-        """Advance the clock by low..high µs (low >= 1 keeps every logTime unique)."""
-        self.now_us += self.rng.randint(low, high)
-        return self.now_us
-
-    def marked(self, sql: str) -> str:
-        return f"{marker(self.seed, self.counter.next())} {sql}"
-
-    def take(self, n: int) -> list[dict[str, Any]]:
-        while len(self.buffer) < n:
-            group, late = self.next_group()
-            self.buffer.extend(group)
-            if self.deferred:
-                self.buffer.extend(self.deferred)
-                self.deferred = []
-            self.deferred.extend(late)
-        out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return out
-
-    def next_group(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The next events in emission order, and events to emit after the next group."""
-        raise NotImplementedError
-
-    def record(self, events: list[dict[str, Any]]) -> InnerRecord:
-        doc = {
-            "type": INNER_TYPE,
-            "clusterId": self.cluster_id,
-            "instanceId": self.instance_id,
-            "databaseActivityEventList": events,
-        }
-        return InnerRecord(self.version, doc, self.instance_id, len(events), 0)
-
-    def heartbeat_record(self) -> InnerRecord:
-        # An idle spell: nothing to report for a few seconds, then a sign of life.
-        self.tick(1_000_000, 5_000_000)
-        heartbeat = {"type": "heartbeat", "logTime": format_time(self.now_us)}
-        doc = {
-            "type": INNER_TYPE,
-            "clusterId": self.cluster_id,
-            "instanceId": self.instance_id,
-            "databaseActivityEventList": [heartbeat],
-        }
-        return InnerRecord(self.version, doc, self.instance_id, 0, 1)
-
-    def client_ip(self) -> str:
-        return f"10.{self.rng.randint(0, 3)}.{self.rng.randint(0, 255)}.{self.rng.randint(2, 254)}"
-
-    def port(self) -> str:
-        return str(self.rng.randint(1024, 65535))
 
 
 @dataclass(slots=True)

@@ -57,6 +57,12 @@ class RetentionRecord:
     problem: str | None = None
     #: events of the chains this record accounts for
     claimed: int = 0
+    #: where the days it removed were archived (das-ingest archive), None: not archived
+    archive: list[dict[str, Any]] | None = None
+
+    def archived_at(self, day: str) -> list[str]:
+        """The manifests the record names for ``day``."""
+        return [str(a.get("manifest")) for a in self.archive or () if a.get("day") == day]
 
     def covers(self, day: date) -> bool:
         lo = day_start(day)
@@ -97,8 +103,8 @@ class RetentionLedger:
         cls, conn: Conn, *, policy_keep: timedelta | None, now: datetime
     ) -> RetentionLedger:
         rows = await conn.fetch(
-            "SELECT id, partition_name, range_start, range_end, rows_removed, removed_at, keep "
-            "FROM das.retention_log"
+            "SELECT id, partition_name, range_start, range_end, rows_removed, removed_at, keep, "
+            "archive::text AS archive FROM das.retention_log"
         )
         ledger = cls(
             [
@@ -110,6 +116,7 @@ class RetentionLedger:
                     r["rows_removed"],
                     r["removed_at"],
                     r["keep"],
+                    archive=orjson.loads(r["archive"]) if r["archive"] else None,
                 )
                 for r in rows
             ],
@@ -124,8 +131,14 @@ class RetentionLedger:
     def _static_rules(self) -> None:
         for record in self.records:
             keep = self.policy_keep or record.keep
+            archived = sum(int(a.get("rows", 0)) for a in record.archive or ())
             if record.end is None:
                 record.problem = "it names no end of the range it removed"
+            elif record.archive is not None and archived != record.rows:
+                record.problem = (
+                    f"it says {record.rows} rows were removed, but the archives it names hold "
+                    f"{archived}"
+                )
             elif record.removed_at > self.now + FUTURE_TOLERANCE:
                 record.problem = "its removal time lies in the future"
             elif keep is not None:

@@ -75,6 +75,8 @@ class Report:
     #: per chain with links after its last valid anchor: shard, first/last unanchored link
     unanchored: list[dict[str, Any]] = field(default_factory=list)
     retained_days: list[str] = field(default_factory=list)
+    #: days retention removed after archiving them: day -> the manifests its record names
+    archived_days: dict[str, list[str]] = field(default_factory=dict)
     anchors_skipped: bool = False
     #: the key every anchor must be made with (its ARN), or None: not pinned
     anchor_key: str | None = None
@@ -106,6 +108,7 @@ class Report:
             "anchor_key": self.anchor_key,
             "unanchored_tail": self.unanchored,
             "retained_days": self.retained_days,
+            "archived_days": self.archived_days,
             "findings": [asdict(f) for f in self.findings],
             "hint": REBUILD_HINT if self.findings else None,
         }
@@ -527,6 +530,10 @@ async def _check_events(
             record, doubt = claims.get((link.link_no, day), (None, None))
             if record is not None and doubt is None:
                 retained.add(day)
+                if record.archive is not None:
+                    report.archived_days[day] = sorted(
+                        {*report.archived_days.get(day, ()), *record.archived_at(day)}
+                    )
                 if found is not None:
                     _add(report, "inserted", stream, shard, link, day,
                          f"{found.n} events on {day}, which retention removed")  # fmt: skip

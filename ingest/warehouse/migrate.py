@@ -95,12 +95,20 @@ async def schema_version(conn: Conn) -> int:
 
 async def require_current_schema(conn: Conn) -> int:
     """For workers: refuse to run against a schema older or newer than this code."""
-    latest = load_migrations()[-1].version
+    known = [m.version for m in load_migrations()]
+    latest = known[-1]
     current = await schema_version(conn)
-    if current < latest:
+    applied: set[int] = set()
+    if current:
+        rows = await conn.fetch("SELECT version FROM das.schema_migrations")
+        applied = {int(r["version"]) for r in rows}
+    # With numbers in ranges, a lower migration can arrive after a higher one was applied.
+    missing = [v for v in known if v not in applied]
+    if current < latest or missing:
         raise ConfigError(
-            f"the warehouse schema is at version {current}, this das-ingest needs {latest}: "
-            "run `das-ingest migrate` first"
+            f"the warehouse schema is at version {current}, this das-ingest needs {latest}"
+            + (f" (migration {missing[0]:04d} is not applied)" if current >= latest else "")
+            + ": run `das-ingest migrate` first"
         )
     if current > latest:
         raise ConfigError(

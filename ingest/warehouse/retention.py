@@ -3,6 +3,11 @@ in ``das.retention_log`` so that disappearing rows can be told apart from tamper
 
 Rows of the default partition (no log_time, or outside the partition window) older than the
 cutoff are deleted and recorded the same way. Run as the schema owner, never as the ingest role.
+
+With ``require_archive`` (the command's default) a day is removed only when every stream with
+events on it has a verified archive of exactly those events (das.archived_days, written by
+``das-ingest archive``); the record then names each manifest and its SHA-256. The first day that
+is not archived stops retention there: it removes days oldest first, as ``verify`` expects.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import orjson
 
 from ingest.progress import Progress
 from ingest.warehouse.db import Conn
@@ -50,6 +58,10 @@ class RetentionAction:
     range_start: datetime | None
     range_end: datetime | None
     rows: int
+    #: where the removed days were archived (one entry per stream and day), None: not archived
+    archive: list[dict[str, Any]] | None = None
+    #: why the day was NOT removed (the action is a refusal), None: removed
+    refused: str | None = None
 
 
 async def day_partitions(conn: Conn) -> list[Partition]:
@@ -75,17 +87,25 @@ async def apply_retention(
     now: datetime | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    require_archive: bool = False,
 ) -> list[RetentionAction]:
     # Retention removes whole UTC days, the unit the integrity chain accounts for. The log
     # records the time and period the cutoff came from: `verify` recomputes it.
     basis = now or datetime.now(UTC)
     moment = basis - keep
     cutoff = datetime.combine(moment.astimezone(UTC).date(), time(), tzinfo=UTC)
+    partitions = [p for p in await day_partitions(conn) if p.end <= cutoff]
     actions: list[RetentionAction] = []
-    due = [part for part in await day_partitions(conn) if part.end <= cutoff]
+    archived: dict[date, list[dict[str, Any]]] = {}
+    if require_archive:
+        cutoff, refusal = await _plan_archived(conn, partitions, cutoff, archived)
+        if refusal is not None:
+            actions.append(refusal)
+    due = [part for part in partitions if part.end <= cutoff]
     if progress is not None:
         progress.set_total(len(due) + 1)  # the day partitions, then the default partition
     for part in due:
+        archive = archived.get(part.day) if require_archive else None
         async with conn.transaction():
             rows = int(await conn.fetchval(f'SELECT count(*) FROM das."{part.name}"'))
             if not dry_run:
@@ -93,11 +113,20 @@ async def apply_retention(
                     f'ALTER TABLE das.activity_events DETACH PARTITION das."{part.name}"'
                 )
                 await conn.execute(f'DROP TABLE das."{part.name}"')
-                await _log(conn, part.name, part.start, part.end, rows, basis, keep)
-        actions.append(RetentionAction(part.name, part.start, part.end, rows))
+                await _log(conn, part.name, part.start, part.end, rows, basis, keep, archive)
+        actions.append(RetentionAction(part.name, part.start, part.end, rows, archive))
         if progress is not None:
             progress.update()
     async with conn.transaction():
+        archive = None
+        if require_archive:
+            archive = [
+                entry
+                for day, entries in sorted(archived.items())
+                if datetime.combine(day, time(), tzinfo=UTC) < cutoff
+                and all(day != p.day for p in partitions)
+                for entry in entries
+            ]
         if dry_run:
             rows = int(
                 await conn.fetchval(
@@ -110,15 +139,101 @@ async def apply_retention(
             )
             rows = int(status.split()[-1])
             if rows:
-                await _log(conn, "activity_events_default", None, cutoff, rows, basis, keep)
+                await _log(
+                    conn, "activity_events_default", None, cutoff, rows, basis, keep, archive
+                )
         if rows:
-            actions.append(RetentionAction("activity_events_default", None, cutoff, rows))
+            actions.append(RetentionAction("activity_events_default", None, cutoff, rows, archive))
         if not dry_run:
             # The derived statements table follows its events.
             await conn.execute("DELETE FROM das.statements WHERE log_time < $1", cutoff)
     if progress is not None:
         progress.update()
-    return actions
+    return sorted(actions, key=lambda a: a.refused is not None)
+
+
+async def _plan_archived(
+    conn: Conn,
+    partitions: list[Partition],
+    cutoff: datetime,
+    archived: dict[date, list[dict[str, Any]]],
+) -> tuple[datetime, RetentionAction | None]:
+    """Check the days retention would remove, oldest first, against das.archived_days; fill
+    ``archived`` with the entries of the days that may go. Returns the cutoff lowered to the
+    first day that may not (retention keeps the oldest-first order ``verify`` holds it to) and
+    the refusal for that day."""
+    held: dict[date, list[tuple[str, date, int]]] = {}
+    source: dict[date, str] = {}
+    for part in partitions:
+        counts = await conn.fetch(
+            f'SELECT stream_name, count(*) AS n FROM das."{part.name}" GROUP BY 1'
+        )
+        held[part.day] = [(r["stream_name"], part.day, r["n"]) for r in counts]
+        source[part.day] = part.name
+    for r in await conn.fetch(
+        """
+        SELECT stream_name, (log_time AT TIME ZONE 'UTC')::date AS day, count(*) AS n
+        FROM das.activity_events_default WHERE log_time < $1 GROUP BY 1, 2
+        """,
+        cutoff,
+    ):
+        held.setdefault(r["day"], []).append((r["stream_name"], r["day"], r["n"]))
+        source.setdefault(r["day"], "activity_events_default")
+    for day in sorted(held):
+        entries, refused = await _archived(conn, held[day])
+        if refused is not None:
+            start = datetime.combine(day, time(), tzinfo=UTC)
+            rows = sum(n for _, _, n in held[day])
+            refusal = RetentionAction(
+                source[day], start, start + timedelta(days=1), rows, refused=refused
+            )
+            return start, refusal
+        archived[day] = entries
+    return cutoff, None
+
+
+async def _archived(
+    conn: Conn, held: list[tuple[str, date, int]]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The archive entries for these (stream, day, events held) triples, or why one of them
+    may not be removed (not archived, or archived with other events)."""
+    entries: list[dict[str, Any]] = []
+    for stream, day, n in sorted(held, key=lambda x: (x[1], x[0])):
+        row = await conn.fetchrow(
+            """
+            SELECT manifest, manifest_sha256, rows FROM das.archived_days
+            WHERE stream_name = $1 AND day = $2 AND rows = $3
+            ORDER BY verified_at DESC LIMIT 1
+            """,
+            stream,
+            day,
+            n,
+        )
+        if row is None:
+            other = await conn.fetchval(
+                "SELECT rows FROM das.archived_days WHERE stream_name = $1 AND day = $2 "
+                "ORDER BY verified_at DESC LIMIT 1",
+                stream,
+                day,
+            )
+            why = (
+                f"{stream} {day} has {n} events but its verified archive has {other}: archive "
+                "the day again"
+                if other is not None
+                else f"{stream} {day} is not archived and verified: run `das-ingest archive` "
+                "first (or retention --no-archive to drop it without)"
+            )
+            return entries, why
+        entries.append(
+            {
+                "stream": stream,
+                "day": day.isoformat(),
+                "manifest": row["manifest"],
+                "manifest_sha256": row["manifest_sha256"],
+                "rows": n,
+            }
+        )
+    return entries, None
 
 
 async def _log(
@@ -129,15 +244,19 @@ async def _log(
     rows: int,
     removed_at: datetime,
     keep: timedelta,
+    archive: list[dict[str, Any]] | None = None,
 ) -> None:
+    if archive is None:
+        await conn.execute(
+            "INSERT INTO das.retention_log "
+            "(partition_name, range_start, range_end, rows_removed, removed_at, keep) "
+            "VALUES ($1, $2, $3, $4, $5, $6)",
+            name, start, end, rows, removed_at, keep,
+        )  # fmt: skip
+        return
     await conn.execute(
         "INSERT INTO das.retention_log "
-        "(partition_name, range_start, range_end, rows_removed, removed_at, keep) "
-        "VALUES ($1, $2, $3, $4, $5, $6)",
-        name,
-        start,
-        end,
-        rows,
-        removed_at,
-        keep,
-    )
+        "(partition_name, range_start, range_end, rows_removed, removed_at, keep, archive) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
+        name, start, end, rows, removed_at, keep, orjson.dumps(archive).decode(),
+    )  # fmt: skip
