@@ -270,6 +270,21 @@ async def insert_alerts(
     conn: Conn, candidates: Sequence[Candidate], stream: str | None, shard: str | None
 ) -> list[int]:
     """Insert the candidates whose identity is new, extending the alert chain."""
+    # Most candidates of a busy group are alerts raised already (a threshold stays reached
+    # for the rest of its window): leave those out before taking the chain's lock, which
+    # every alert-raising commit of the fleet waits for.
+    existing = await conn.fetch(
+        "SELECT rule, group_key, window_start FROM das.alerts "
+        "WHERE (rule, group_key, window_start) IN "
+        "(SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]))",
+        [c.rule.name for c in candidates],
+        [c.group_key for c in candidates],
+        [c.window_start for c in candidates],
+    )
+    known = {(r["rule"], r["group_key"], r["window_start"]) for r in existing}
+    candidates = [c for c in candidates if (c.rule.name, c.group_key, c.window_start) not in known]
+    if not candidates:
+        return []
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", LOCK_KEY)
     head = await conn.fetchrow(HEAD)
     assert head is not None
