@@ -553,6 +553,27 @@ async def test_a_part_left_from_other_events_is_not_kept(archive: Archive) -> No
     assert "delete the day's directory" in day1.detail
 
 
+async def test_a_day_whose_links_are_not_anchored_waits_for_its_anchor(archive: Archive) -> None:
+    await archive.pool.execute(
+        "DELETE FROM das.chain_anchors WHERE shard_id = 'shardId-000000000001'"
+    )
+    result = await das_ingest(
+        "archive", "--to", archive.url, "--before", BEFORE, "--anchor-key-id", archive.key_id,
+        env={"DAS_DSN": archive.dsn},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    # Shard 1 has events on both days; the far day is shard 0's alone.
+    assert f"{STREAM} {FAR}: archived" in result.stdout
+    for day in (DAY1, DAY2):
+        assert f"{STREAM} {day}: skipped: the links of {STREAM} shardId-000000000001" in (
+            result.stdout
+        )
+    assert "run `das-ingest anchor`" in result.stdout
+    assert "1 of 3 days archived and verified" in result.stdout
+    keys = set(archive.objects())
+    assert not [k for k in keys if "/day=2024-03-0" in k]  # nothing written for them
+
+
 async def test_a_day_another_run_is_archiving_is_left_to_it(archive: Archive) -> None:
     from ingest.archive.export import DAY_LOCK
 

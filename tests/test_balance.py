@@ -116,3 +116,27 @@ def test_the_stolen_lease_is_one_of_the_victims_chosen_at_random() -> None:
         is not None
     }
     assert len(stolen) > 1
+
+
+def test_a_shard_whose_lost_consumer_still_runs_is_never_stolen_back() -> None:
+    # "a" lost shard-0 to "b" (its consumer is still ending, not reaped yet) and is short by
+    # one: it may steal shard-1, never shard-0 -- the worker would start a second consumer of
+    # the shard and drop the first one, uncounted.
+    eligible = fleet("bb")
+    stolen = {
+        plan.steal.shard_id
+        for seed in range(50)
+        if (
+            plan := plan_balance(
+                eligible, me="a", live="ab", running={"shard-0"}, rng=random.Random(seed)
+            )
+        ).steal
+        is not None
+    }
+    assert stolen == {"shard-1"}
+
+
+def test_no_steal_when_every_lease_of_the_victim_is_a_shard_we_still_run() -> None:
+    eligible = fleet("bbbb")
+    running = {"shard-0", "shard-1", "shard-2", "shard-3"}
+    assert plan_balance(eligible, me="a", live="ab", running=running) == BalancePlan()

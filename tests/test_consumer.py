@@ -101,13 +101,20 @@ async def test_workers_started_with_the_same_command_share_a_stream_evenly(
     stream = new_stream()
     first = options(stream, count=200, rate=0)
     await produce(first)  # the stream exists before the workers start
-    # The exact same command for every worker: no --worker-id, so each is host:pid.
+    # The exact same command for every worker: no --worker-id, so each is host:pid. Decoding in
+    # a pool process keeps the main loop (lease renewal) responsive on a loaded machine: with
+    # --processes 0 a renewal could wait behind decoding for longer than --lease-seconds 3, and
+    # a lease that expires changes hands without a steal.
     command = (
         "run", "--stream", stream, "--dsn", pg_dsn, "--lease-seconds", "3",
-        "--shard-sync-seconds", "2", "--shutdown-deadline", "10", "--processes", "0",
+        "--shard-sync-seconds", "2", "--shutdown-deadline", "10", "--processes", "1",
         "--stop-when-idle", "3",
     )  # fmt: skip
-    more = options(stream, count=8000, seed=8, create_stream=False, rate=500)
+    # The traffic must outlast the balancing and the stability check below: once it ends, the
+    # workers stop when idle and release their leases (a legitimate change of owners). On a
+    # loaded machine (load ~10 on 2 CPUs) a worker process took up to 18 s to start and the
+    # fleet settled up to 38 s after the traffic began; 24000 events take 48 s or more.
+    more = options(stream, count=24000, seed=8, create_stream=False, rate=500)
     producing = asyncio.ensure_future(produce(more))
     fleet_: dict[str, WorkerProcess] = {}
 

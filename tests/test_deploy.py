@@ -10,6 +10,9 @@
   instance) are least privilege: exactly what the ingester calls (both ways,
   derived from the source), one region, account and stream, kms:Decrypt bound to the encryption
   context, and no policy in deploy/ that could start or stop the stream.
+- ``deploy/iam-policy-warehouse-auth.json`` (optional, for ``--dsn-secret`` and ``--iam-auth``)
+  allows exactly the calls that code path makes, found in the source the same way: one
+  secret, its key only through Secrets Manager for that secret, one database login.
 - The Grafana dashboard queries only metrics and labels the ingester exports, and shows every
   metric (or says why not).
 - docs/operations.md documents every flag of every command, every DAS_* variable, every
@@ -30,6 +33,7 @@ import ast
 import asyncio
 import contextlib
 import fnmatch
+import inspect
 import json
 import os
 import re
@@ -80,6 +84,8 @@ IAM_POLICY = DEPLOY / "iam-policy.json"
 #: The same policy for an RDS for Oracle / RDS for SQL Server DB instance's stream.
 IAM_POLICY_INSTANCE = DEPLOY / "iam-policy-instance.json"
 INGESTER_POLICIES = (IAM_POLICY, IAM_POLICY_INSTANCE)
+#: Optional, for whichever role logs in with --dsn-secret and/or --iam-auth.
+IAM_POLICY_WAREHOUSE_AUTH = DEPLOY / "iam-policy-warehouse-auth.json"
 INITDB_SQL = DEPLOY / "compose" / "initdb.sql"
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -700,6 +706,7 @@ def test_no_policy_in_deploy_grants_starting_or_stopping_the_activity_stream() -
         "iam-policy.json",
         "iam-policy-instance.json",
         "iam-policy-auditor.json",
+        "iam-policy-warehouse-auth.json",
     }
     for path, policy in policies:
         for statement in policy["Statement"]:
@@ -746,6 +753,105 @@ def test_iam_policy_covers_every_aws_call_of_the_ingester() -> None:
         for action in sorted(called - {only[path]}):
             assert _allows(action, path), f"the ingester calls {action}; {path.name} must allow it"
         assert not _allows(only[path], path)
+
+
+#: Client methods that are not API operations but sign a request locally, and the IAM action
+#: the signed request is then authorized with.
+PRESIGNERS = {("rds", "generate_db_auth_token"): "rds-db:connect"}
+
+
+def aws_calls_of_the_warehouse_login() -> dict[str, set[Path]]:
+    """``service:Action`` of every Secrets Manager call and RDS IAM token the code makes, and
+    where: awaited calls with keyword arguments only, each a member of the operation's input
+    (or of the presigner's signature), as :func:`aws_calls_of_the_ingester` finds the
+    ingester's."""
+    session = botocore.session.get_session()
+    by_method: dict[str, list[tuple[str, frozenset[str]]]] = {}
+    model = session.get_service_model("secretsmanager")
+    for name in model.operation_names:
+        shape = model.operation_model(name).input_shape
+        members = frozenset(shape.members) if shape is not None else frozenset()
+        by_method.setdefault(xform_name(name), []).append((f"secretsmanager:{name}", members))
+    rds = session.create_client(
+        "rds", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    for (service, method), action in PRESIGNERS.items():
+        assert service == "rds"
+        # A presigner, not an operation: the operation scans cannot see it.
+        assert method not in {xform_name(n) for n in rds.meta.service_model.operation_names}
+        parameters = inspect.signature(getattr(rds, method)).parameters
+        by_method.setdefault(method, []).append((action, frozenset(parameters)))
+    found: dict[str, set[Path]] = {}
+    for path in sorted((ROOT / "ingest").rglob("*.py")):
+        if "emulate" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Await) and isinstance(node.value, ast.Call)):
+                continue
+            call = node.value
+            if not isinstance(call.func, ast.Attribute) or call.args:
+                continue
+            keywords = {k.arg for k in call.keywords}
+            for action, members in by_method.get(call.func.attr, []):
+                if keywords and keywords - {None} <= members:
+                    found.setdefault(action, set()).add(path.relative_to(ROOT))
+    return found
+
+
+def test_the_warehouse_auth_policy_allows_exactly_what_dsn_secret_and_iam_auth_call() -> None:
+    """--dsn-secret and --iam-auth are optional, so their permissions are a policy of their own
+    (attached beside the role's other policy): exactly the calls that code path makes, on one
+    secret and one database login."""
+    found = aws_calls_of_the_warehouse_login()
+    # The scan finds what is known to be there (and so can tell).
+    assert {"secretsmanager:GetSecretValue", "rds-db:connect"} <= set(found)
+    # All of it is the warehouse login's code path, which this policy is for.
+    assert set().union(*found.values()) == {Path("ingest/warehouse/auth.py")}
+    statements = _statements(IAM_POLICY_WAREHOUSE_AUTH)
+    assert all(s["Effect"] == "Allow" for s in statements)
+    direct = [s for s in statements if "Condition" not in s]
+    assert {a for s in direct for a in _listed(s["Action"])} == set(found)
+    for statement in statements:
+        # One action on one resource, never a wildcard, in the documented region and account.
+        (action,) = _listed(statement["Action"])
+        (resource,) = _listed(statement["Resource"])
+        assert "*" not in resource
+        assert "?" not in resource
+        arn = _arn(resource)
+        assert (arn.region, arn.account) == ("us-east-1", "111122223333"), resource
+    (secret,) = _allows("secretsmanager:GetSecretValue", IAM_POLICY_WAREHOUSE_AUTH)
+    secret_arn = _arn(secret["Resource"])
+    # The full ARN of one secret, its random suffix included (a name prefix would match more).
+    assert re.fullmatch(r"secret:[\w/+=.@-]+-[A-Za-z0-9]{6}", secret_arn.resource), secret_arn
+    # The one indirect call: Secrets Manager decrypts a secret under a customer managed key
+    # with the caller's kms:Decrypt, for that secret only and only through Secrets Manager.
+    (decrypt,) = [s for s in statements if "Condition" in s]
+    assert _listed(decrypt["Action"]) == ["kms:Decrypt"]
+    assert _arn(decrypt["Resource"]).resource.startswith("key/")
+    assert decrypt["Condition"] == {
+        "StringEquals": {
+            "kms:ViaService": f"secretsmanager.{secret_arn.region}.amazonaws.com",
+            "kms:EncryptionContext:SecretARN": secret["Resource"],
+        }
+    }
+    # Not the activity stream's key.
+    (stream_key,) = _allows("kms:Decrypt", IAM_POLICY)
+    assert decrypt["Resource"] != stream_key["Resource"]
+    # One login on one database: dbuser:<DbiResourceId or cluster resource id>/<login>.
+    (connect,) = _allows("rds-db:connect", IAM_POLICY_WAREHOUSE_AUTH)
+    match = re.fullmatch(
+        r"dbuser:((?:db|cluster)-[A-Z0-9]+)/([a-z_][a-z0-9_]*)", _arn(connect["Resource"]).resource
+    )
+    assert match, connect["Resource"]
+    # The warehouse is not the audited cluster (its DBAs must not reach it).
+    (audited,) = stream_key["Condition"]["StringEquals"].values()
+    assert match[1] != audited
+    # The ingester's own policies stay without these: they are for who opts in.
+    for path in INGESTER_POLICIES:
+        for action in found:
+            assert not _allows(action, path), f"{path.name} allows {action}"
+    doc = OPERATIONS.read_text()
+    assert "deploy/iam-policy-warehouse-auth.json" in doc
 
 
 def test_the_auditor_policy_can_check_anchors_but_not_make_them() -> None:

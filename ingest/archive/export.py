@@ -269,6 +269,12 @@ async def _export(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         now: datetime = await conn.fetchval("SELECT now()")
         evidence = await _evidence(conn, stream, day)
+        for shard, (_, anchor) in sorted(evidence.items()):
+            if anchor is None:  # before anything is written: the next run starts clean
+                raise ArchiveError(
+                    f"the links of {stream} {shard} up to {day} are not anchored yet: run "
+                    "`das-ingest anchor` (or let the workers anchor), then archive again"
+                )
         manifest = Manifest(stream, day, now, [c.as_json() for c in columns.columns])
         cursor = conn.cursor(
             f"""
@@ -311,11 +317,6 @@ async def _export(
     for shard, (links, anchor) in evidence.items():
         if shard not in rows_by_shard:
             continue  # links that list the day, whose events are elsewhere (verify says where)
-        if anchor is None:
-            raise ArchiveError(
-                f"the links of {stream} {shard} up to {day} are not anchored yet: run "
-                "`das-ingest anchor` (or let the workers anchor), then archive again"
-            )
         manifest.shards[shard] = ShardEvidence(rows_by_shard[shard], links, anchor)
     return manifest
 

@@ -91,7 +91,7 @@ def add_parser(subparsers: Any) -> None:
         "--max-file-mib",
         type=int,
         default=env_default("DAS_ARCHIVE_MAX_FILE_MIB", 256),
-        metavar="MB",
+        metavar="MIB",
         help="start a new Parquet file once one reaches this size (default: 256) "
         "[DAS_ARCHIVE_MAX_FILE_MIB]",
     )

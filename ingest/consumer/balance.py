@@ -5,7 +5,9 @@ Like the KCL's lease taker: a worker's fair share is ceil(eligible leases / live
 order so workers starting together do not all race for the same one. Only when none is free
 does it steal: one lease of the most loaded other worker, when that worker holds more than the
 share, or holds the share while we are short by more than one ((2, 2, 0) with a share of 2 is
-not balanced). The I/O -- reading the leases, taking them -- stays with the worker.
+not balanced) -- never a lease of a shard it still runs a consumer for (one that lost its lease
+and has not ended yet): one consumer per shard and worker. The I/O -- reading the leases,
+taking them -- stays with the worker.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def plan_balance(
     if not counts:
         return BalancePlan()
     victim, theirs = max(counts.items(), key=lambda item: (len(item[1]), item[0]))
-    if len(theirs) >= (target if need > 1 else target + 1):
-        return BalancePlan(steal=choose.choice(theirs), victim=victim)
+    # Never one whose previous consumer of ours is still running (it lost the lease and has
+    # not been reaped yet): the worker runs one consumer per shard.
+    stealable = [lease for lease in theirs if lease.shard_id not in running]
+    if stealable and len(theirs) >= (target if need > 1 else target + 1):
+        return BalancePlan(steal=choose.choice(stealable), victim=victim)
     return BalancePlan()
