@@ -52,6 +52,11 @@ USAGE_ERRORS: list[tuple[list[str], dict[str, str], str]] = [
     (["decrypt"], {}, "one of the arguments --resource-id --stream is required"),
     (["emulate"], {}, "--stream"),
     (["status", "--log-level", "loud"], {}, "invalid choice"),
+    (["rules", "check", "/nonexistent/rules.yaml"], {}, "cannot read /nonexistent/rules.yaml"),
+    (["alerts", "list", "--since", "yesterday"], {}, "neither an ISO time nor an age"),
+    (["alerts", "deliver"], {}, "no notifier"),
+    (["alerts", "deliver", "--notify", "pager=x"], {}, "unknown notifier kind 'pager'"),
+    (["run", "--stream", "s", "--notify", "webhook"], {}, "--notify: notifier 'webhook'"),
     (["archive", "--to", "s3://bucket/p"], {}, "give --before"),
     (["archive", "--before", "2024-03-01"], {"DAS_ARCHIVE_URL": ""}, "give --to"),
     (
