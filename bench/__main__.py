@@ -34,6 +34,7 @@ from ingest.emulate.producer import create_kms_key
 RSS_LIMIT = 400 * 1024 * 1024
 SKIP_SIGNATURES = "--skip-signature-verification"
 NO_CHAIN = "--no-integrity-chain"
+NO_POLICIES = "--no-policies"
 _STRAY_AWS_VARIABLES = (
     "AWS_PROFILE",
     "AWS_DEFAULT_PROFILE",
@@ -120,6 +121,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-skip-sig", action="store_true", help=f"skip the {SKIP_SIGNATURES} runs"
     )
+    parser.add_argument(
+        "--no-policies-off",
+        action="store_true",
+        help=f"skip the {NO_POLICIES} runs (the built-in rule pack's cost; skipped by --quick)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args.sizes = [int(x) for x in str(args.events_per_record).split(",") if x.strip()]
@@ -165,6 +171,9 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     if not (args.quick or args.no_chain_off) and NO_CHAIN in _run_help():
         # The integrity chain is on by default; this row is its cost.
         found.append(Variant(f"das-ingest {NO_CHAIN}", [NO_CHAIN]))
+    if not (args.quick or args.no_policies_off) and NO_POLICIES in _run_help():
+        # The built-in policy pack is on by default; this row is its cost.
+        found.append(Variant(f"das-ingest {NO_POLICIES}", [NO_POLICIES]))
     if args.worker_arg:
         found.append(Variant("das-ingest " + " ".join(args.worker_arg), list(args.worker_arg)))
     return found
@@ -191,6 +200,30 @@ def chain_overhead(size: int, runs: dict[str, list[e2e.WorkerRun]]) -> tuple[str
         f"- Integrity chain cost, {size}/record: (no-chain - chain) / no-chain end-to-end "
         f"events/s = {cost:.1%} ({with_chain:,.0f} with, {without:,.0f} without), limit "
         f"{CHAIN_OVERHEAD_LIMIT:.0%}: {'ok' if good else 'FAILED'}"
+    ), good
+
+
+#: The built-in policy pack may cost at most this share of the end-to-end rate (issue 13).
+POLICY_OVERHEAD_LIMIT = 0.10
+
+
+def policy_overhead(size: int, runs: dict[str, list[e2e.WorkerRun]]) -> tuple[str, bool] | None:
+    """The Checks line for the policy pack's cost: (off - on) / off of the median end-to-end
+    events/s, ok under 10%; None without both rows."""
+    with_pack = runs.get("das-ingest")
+    without_pack = runs.get(f"das-ingest {NO_POLICIES}")
+    if not with_pack or not without_pack:
+        return None
+    on = statistics.median(r.events_per_second for r in with_pack)
+    off = statistics.median(r.events_per_second for r in without_pack)
+    if off <= 0:
+        return f"- Policy pack cost, {size}/record: {NO_POLICIES} rate: FAILED", False
+    cost = (off - on) / off
+    good = cost < POLICY_OVERHEAD_LIMIT
+    return (
+        f"- Policy pack cost, {size}/record: (off - on) / off end-to-end events/s = "
+        f"{cost:.1%} ({on:,.0f} with the built-in pack, {off:,.0f} with {NO_POLICIES}), "
+        f"limit {POLICY_OVERHEAD_LIMIT:.0%}: {'ok' if good else 'FAILED'}"
     ), good
 
 
@@ -351,11 +384,11 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
                 await _ceiling_rows(
                     stack, args, results, kinesis, kms, key_id, size, work, runs["das-ingest"]
                 )
-            overhead = chain_overhead(size, runs)
-            if overhead is not None:
-                line, good = overhead
-                results.ok &= good
-                results.checks.append(line)
+            for overhead in (chain_overhead(size, runs), policy_overhead(size, runs)):
+                if overhead is not None:
+                    line, good = overhead
+                    results.ok &= good
+                    results.checks.append(line)
             if reference:
                 table.add(
                     size,

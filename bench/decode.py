@@ -22,12 +22,15 @@ from ingest.decode.batch import BatchInput, DecoderConfig, KeyedRecord, decode_b
 from ingest.decode.correlate import StatementRangeBuilder
 from ingest.decode.envelope import read_envelope
 from ingest.decode.esdk import EsdkDecryptor
+from ingest.decode.fingerprint import fingerprint, fingerprint_hash
 from ingest.decode.gunzip import gunzip
 from ingest.decode.lean import LeanDecryptor
 from ingest.decode.model import DecodedRecord
 from ingest.decode.normalize import normalize, parse_payload
 from ingest.emulate.encoder import SIGNED_SUITE, UNSIGNED_SUITE
 from ingest.emulate.producer import DataKey, EmulateOptions, build_records
+from ingest.policy.evaluate import Policy, PolicyOutput, policy_for
+from ingest.policy.hook import decode_with_policy
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -44,6 +47,8 @@ STAGES = (
     "gunzip",
     "parse",
     "normalize",
+    "fingerprint",
+    "policy",
     "COPY",
 )
 #: decode_batch configurations (events/s).
@@ -51,7 +56,11 @@ CONFIGS: dict[str, DecoderConfig] = {
     "lean verified": DecoderConfig("lean", verify_signatures=True),
     "lean unverified": DecoderConfig("lean", verify_signatures=False),
     "esdk": DecoderConfig("esdk"),
+    # the others run without the rules, to compare: decode_batch alone
+    "lean verified + policy pack": DecoderConfig("lean", verify_signatures=True),
 }
+#: Configurations decoded as the pool does by default: with the built-in rule pack.
+WITH_POLICY = frozenset({"lean verified + policy pack"})
 
 
 @dataclass
@@ -141,20 +150,46 @@ def measure(events_per_record: int, records: int, repeat: int) -> DecodeResult:
     s["parse"], docs = _best(parse_payload, inners, repeat)
     pairs = list(zip(docs, (e.version for e in envelopes), strict=True))
     s["normalize"], decoded = _best(lambda p: normalize(*p), pairs, repeat)
+    # uncached (the pool caches by text; the emulator's texts are unique anyway)
+    s["fingerprint"], _ = _best(
+        lambda r: [fingerprint(e.command_text) for e in r.events if e.command_text],
+        decoded,
+        repeat,
+    )
+    policy = policy_for(None)
+    # the rules alone: the fingerprints (the stage before) are taken outside the timing
+    prints = [(r, [_print(e.command_text) for e in r.events]) for r in decoded]
+    s["policy"], _ = _best(lambda p: _evaluate(policy, *p), prints, repeat)
     s["COPY"], _ = _best(_copy_encode, decoded, repeat)
 
     items = [KeyedRecord(i, str(i + 1), data, key) for i, data in enumerate(raw)]
     for name, config in CONFIGS.items():
         batch = BatchInput("shardId-000000000000", items, config, stream_name=BENCH_STREAM)
-        decode_batch(batch)  # warm: decryptor construction, imports
+        run = decode_with_policy if name in WITH_POLICY else decode_batch
+        run(batch)  # warm: decryptor construction, imports, the rules
         rates = []
         for _ in range(repeat):
             started = time.perf_counter()
-            out = decode_batch(batch)
+            out = run(batch)
             rates.append(out.event_count / (time.perf_counter() - started))
             assert not out.failures, out.failures[:1]
         result.events_per_second[name] = rates
     return result
+
+
+def _print(text: str | None) -> tuple[str, int] | None:
+    found = fingerprint(text) if text else ""
+    return (found, fingerprint_hash(found)) if found else None
+
+
+def _evaluate(
+    policy: Policy, record: DecodedRecord, prints: list[tuple[str, int] | None]
+) -> PolicyOutput:
+    """The built-in pack on a record's events, given their fingerprints."""
+    out = PolicyOutput()
+    for event, found in zip(record.events, prints, strict=True):
+        policy.evaluate(event, record, found, ("1", event.event_index), out)
+    return out
 
 
 def _copy_encode(record: DecodedRecord) -> Any:

@@ -15,7 +15,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ingest import __version__
-from ingest.commands import archive, decrypt, integrity, migrate, run, status, warehouse_admin
+from ingest.commands import (
+    alerts,
+    archive,
+    decrypt,
+    integrity,
+    migrate,
+    rules,
+    run,
+    status,
+    warehouse_admin,
+)
 from ingest.commands.options import ArgumentParser, add_log_argument
 from ingest.emulate import cli as emulate
 from ingest.exitcodes import EXIT_CODES
@@ -29,6 +39,8 @@ COMMANDS: tuple[Callable[[Any], None], ...] = (
     warehouse_admin.add_parser,
     integrity.add_parser,
     archive.add_parser,
+    rules.add_parser,
+    alerts.add_parser,
     emulate.add_parser,
 )
 

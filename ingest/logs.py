@@ -48,6 +48,11 @@ ALLOWED_EXTRA = frozenset(
         "key_digest",
         "encryption_context",
         "remembered_seconds",
+        "rule",
+        "severity",
+        "alert_id",
+        "notifier",
+        "attempts",
     }
 )
 

@@ -5,10 +5,12 @@ mid-archive completed by a re-run; retention that drops only archived days."""
 from __future__ import annotations
 
 import hashlib
+import http.server
 import io
 import json
 import secrets
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -21,22 +23,30 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from botocore.exceptions import (
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
 
-from das_dev.devstack import LocalStack
+from das_dev.devstack import LocalStack, free_port
 from ingest.archive.check import DIGEST_PREFIX, ArchiveReport, locate, verify_archive
 from ingest.archive.columns import Columns, athena_ddl
 from ingest.archive.export import ArchiveSettings, archive_days, days_before
 from ingest.archive.location import ArchiveLocation
 from ingest.archive.manifest import Manifest
-from ingest.aws import aws_client
+from ingest.archive.s3 import S3ConfigError, S3Error, S3UnavailableError, classify
+from ingest.aws import aws_client, error_code
 from ingest.decode.batch import BatchInput, KeyedRecord, decode_batch
+from ingest.errors import ConfigError
 from ingest.integrity.anchor import AnchorKey, anchor_heads
 from ingest.integrity.canonical import EVENT_COLUMNS
 from ingest.integrity.verify import AnchorChecker, stored_values, verify_warehouse
 from ingest.lease import LeaseToken, ShardInfo
 from ingest.warehouse.leases import LeaseStore
 from ingest.warehouse.sink import CopyUnit, Sink
-from tests.cli_helpers import das_ingest
+from tests.cli_helpers import Result, das_ingest
 from tests.rds_examples import (
     ORACLE_INSTANCE,
     SQLSERVER_INSTANCE,
@@ -513,7 +523,8 @@ class _CrashAfter:
 
 async def test_a_crash_mid_archive_is_completed_by_a_rerun(archive: Archive) -> None:
     async with aws_client("s3") as s3:
-        with pytest.raises(ConnectionResetError):
+        # A connection reset is S3 unavailable: the command exits 3 and a re-run completes.
+        with pytest.raises(S3UnavailableError):
             await _archive(archive, s3=_CrashAfter(s3, 3), max_file_rows=4)
     # FAR was archived; DAY1 has part 0 and no manifest; the failed upload was aborted.
     keys = set(archive.objects())
@@ -540,7 +551,7 @@ async def test_a_crash_mid_archive_is_completed_by_a_rerun(archive: Archive) -> 
 
 async def test_a_part_left_from_other_events_is_not_kept(archive: Archive) -> None:
     async with aws_client("s3") as s3:
-        with pytest.raises(ConnectionResetError):
+        with pytest.raises(S3UnavailableError):
             await _archive(archive, s3=_CrashAfter(s3, 3), max_file_rows=4)
     # The day changed in the warehouse since its first part was written.
     await archive.pool.execute(
@@ -711,14 +722,131 @@ async def test_an_unmigrated_warehouse_is_a_one_line_configuration_error(pg_dsn:
     assert "Traceback" not in result.stderr
 
 
-async def test_an_unreachable_s3_is_a_one_line_error(archive: Archive) -> None:
+def _one_line(result: Result, code: int, cause: str) -> None:
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert cause in line, line
+
+
+async def test_an_unreachable_s3_is_a_dependency_unavailable(archive: Archive) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
     result = await das_ingest(
         "archive", "--to", archive.url, "--before", BEFORE,
-        env={"DAS_DSN": archive.dsn, "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"},
+        env={"DAS_DSN": archive.dsn, "AWS_ENDPOINT_URL_S3": closed},
     )  # fmt: skip
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert f"cannot use bucket {archive.bucket}" in result.stderr
-    assert "Traceback" not in result.stderr
+    _one_line(result, 3, "S3 unavailable (S3 unreachable (EndpointConnectionError))")
+    assert "run it again" in result.stderr
+    verified = await das_ingest(
+        "verify", "--archive", archive.url, env={"AWS_ENDPOINT_URL_S3": closed}
+    )
+    _one_line(verified, 3, "S3 unavailable")
+    # Nothing was recorded as archived.
+    assert await archive.pool.fetchval("SELECT count(*) FROM das.archived_days") == 0
+
+
+async def test_a_missing_bucket_is_a_configuration_error(archive: Archive) -> None:
+    missing = f"archive-missing-{secrets.token_hex(4)}"
+    result = await das_ingest(
+        "archive", "--to", f"s3://{missing}/das", "--before", BEFORE, env={"DAS_DSN": archive.dsn}
+    )
+    _one_line(result, 2, f"cannot use bucket {missing}: 404")
+    verified = await das_ingest("verify", "--archive", f"s3://{missing}/das")
+    _one_line(verified, 2, f"cannot use bucket {missing}: 404")
+
+
+class _FailingS3(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint whose bucket exists (HeadBucket answers 200) but that answers every other
+    request 503 SlowDown: S3 throttling a run after it started, beyond botocore's retries."""
+
+    def _slow_down(self) -> None:
+        body = b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
+        self.send_response(503)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        if self.path.strip("/").count("/") == 0 and "?" not in self.path:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self._slow_down()
+
+    def do_GET(self) -> None:
+        self._slow_down()
+
+    do_PUT = do_POST = do_DELETE = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def throttling_s3() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingS3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_s3_throttling_mid_run_is_a_dependency_unavailable(
+    archive: Archive, throttling_s3: str
+) -> None:
+    result = await das_ingest(
+        "archive", "--to", archive.url, "--before", BEFORE,
+        env={"DAS_DSN": archive.dsn, "AWS_ENDPOINT_URL_S3": throttling_s3},
+    )  # fmt: skip
+    _one_line(result, 3, "S3 unavailable (S3 503)")
+    verified = await das_ingest(
+        "verify", "--archive", archive.url, env={"AWS_ENDPOINT_URL_S3": throttling_s3}
+    )
+    _one_line(verified, 3, "S3 unavailable")
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "PutObject",
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (_client_error("SlowDown", 503), S3UnavailableError),
+        (_client_error("InternalError", 500), S3UnavailableError),
+        (_client_error("ServiceUnavailable", 503), S3UnavailableError),
+        (_client_error("503", 503), S3UnavailableError),  # a HEAD answer has no body
+        (_client_error("SomethingNew", 502), S3UnavailableError),  # any 5xx
+        (_client_error("RequestTimeout", 400), S3UnavailableError),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), S3UnavailableError),
+        (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), S3UnavailableError),
+        (ConnectionResetError("reset"), S3UnavailableError),
+        (_client_error("NoSuchBucket", 404), S3ConfigError),
+        (_client_error("AccessDenied", 403), S3ConfigError),
+        (_client_error("403", 403), S3ConfigError),
+        (_client_error("InvalidAccessKeyId", 403), S3ConfigError),
+        (_client_error("PermanentRedirect", 301), S3ConfigError),
+        (NoCredentialsError(), S3ConfigError),
+        (_client_error("InvalidPart", 400), S3Error),
+    ],
+    ids=lambda v: (
+        v.__name__ if isinstance(v, type) else type(v).__name__ + str(error_code(v) or "")
+    ),
+)
+def test_s3_errors_are_classified_by_class_and_code(error: Exception, kind: type) -> None:
+    got = classify(error)
+    assert type(got) is kind, got
+    assert got.retriable is (kind is S3UnavailableError)
+    assert isinstance(got, ConfigError) is (kind is S3ConfigError)
 
 
 def test_columns_come_from_the_chain_s_column_list() -> None:

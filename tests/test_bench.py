@@ -78,13 +78,19 @@ def test_quick_bench_prints_every_row() -> None:
     stages = _table(tables, "Decode, one process")
     assert [r["events/record"] for r in stages] == list(SIZES)
     for row in stages:
-        assert len(row) == 9
+        assert len(row) == 11  # events/record and ten stages (fingerprint and policy included)
         assert all(_number(c) > 0 for c in row.values()), row
 
     rates = _table(tables, "Decode throughput")
     assert [r["events/record"] for r in rates] == list(SIZES)
     for row in rates:
-        assert set(row) == {"events/record", "lean verified", "lean unverified", "esdk"}
+        assert set(row) == {
+            "events/record",
+            "lean verified",
+            "lean unverified",
+            "esdk",
+            "lean verified + policy pack",
+        }
         assert all(_number(c) > 0 for c in row.values()), row
 
     suites = _table(tables, "Decrypt per Encryption SDK suite")
@@ -236,3 +242,24 @@ def test_the_chain_cost_check_compares_median_rates() -> None:
     assert dear[1] is False  # the median, 890: 11%
     assert "11.0%" in dear[0]
     assert dear[0].endswith("FAILED")
+
+
+def test_the_policy_pack_cost_check_compares_median_rates() -> None:
+    from bench.__main__ import NO_POLICIES, policy_overhead
+    from bench.e2e import WorkerRun
+
+    def run(events_per_second: float) -> WorkerRun:
+        return WorkerRun(int(events_per_second), 1, 1.0, 0.1, 0.0, 0, None, 0)
+
+    assert policy_overhead(10, {"das-ingest": [run(950)]}) is None
+    off = f"das-ingest {NO_POLICIES}"
+    cheap = policy_overhead(10, {"das-ingest": [run(930)], off: [run(1000)]})
+    assert cheap is not None
+    assert cheap == (
+        "- Policy pack cost, 10/record: (off - on) / off end-to-end events/s = 7.0% (930 with "
+        f"the built-in pack, 1,000 with {NO_POLICIES}), limit 10%: ok",
+        True,
+    )
+    dear = policy_overhead(10, {"das-ingest": [run(800), run(880), run(990)], off: [run(1000)]})
+    assert dear is not None
+    assert dear[1] is False  # the median, 880: 12%

@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 from ingest.copytext import _canonical_json
 from ingest.decode import copyfmt
 from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
+from ingest.decode.fingerprint import fingerprint_hash, of_statement
 from ingest.decode.model import ActivityEvent, DecodedRecord
 from ingest.integrity.canonical import (
+    COLUMN_GROUPS,
     EVENT_COLUMNS,
     ZERO_HASH,
     LinkFields,
@@ -132,6 +134,24 @@ def test_the_documented_example_encoding() -> None:
     assert event_digest(documented_example()) == digest
 
 
+def test_the_documented_fingerprint_encoding() -> None:
+    """docs/integrity.md, "Column groups": the fingerprint group is encoded only when set,
+    after the engine columns; trailing all-NULL groups are left out whatever the version."""
+    v2 = event_encoding(documented_example())
+    aurora = [*documented_example(), None, {}, None, None]
+    assert event_encoding([*aurora, None, None]) == event_encoding(aurora)
+    assert event_encoding([*aurora, "select ?", -42]) == v2 + b"\t\\N\t{}\t\\N\t\\N\tselect ?\t-42"
+    # a fingerprint on an event stored before the engine columns: the whole line
+    old_with_print = [*documented_example(), None, None, None, None, "select ?", -42]
+    assert event_encoding(old_with_print) == v2 + b"\t\\N\t\\N\t\\N\t\\N\tselect ?\t-42"
+    for version in (1, 2):
+        assert event_encoding(old_with_print, version) != event_encoding(
+            documented_example(), version
+        )
+    assert COLUMN_GROUPS[-1] == ("fingerprint", "fingerprint_hash")
+    assert EVENT_COLUMNS[-2:] == COLUMN_GROUPS[-1]
+
+
 def test_version_1_encoding_has_no_stream_name() -> None:
     """Links written before migration 0004 (version 1) encode the same event without it."""
     assert (
@@ -180,6 +200,9 @@ def test_the_documented_link_text() -> None:
         )
     )
     assert link_hash(ZERO_HASH, link) == hashlib.sha256(ZERO_HASH + link.text().encode()).digest()
+    # A link with events drop rules removed has them, as canonical JSON, on one more line.
+    dropping = LinkFields(**{**link.__dict__, "dropped": {"z": 1, "noise": 4}})
+    assert dropping.text().split("\n") == [*link.text().split("\n"), '{"noise":4,"z":1}']
     # Version 1 (before migration 0004): no created_at, no dead letters.
     old = LinkFields(**{**link.__dict__, "version": 1})
     assert old.text().split("\n") == [
@@ -245,21 +268,29 @@ def events(draw: st.DrawFn) -> tuple[ActivityEvent, DecodedRecord]:
 def test_the_writer_line_is_the_verifier_encoding(
     pair: tuple[ActivityEvent, DecodedRecord], sequence: int, stream: str
 ) -> None:
-    """The COPY line the decode processes write (and hash) is, byte for byte, the encoding
-    verify computes from the stored values."""
+    """The COPY line the decode processes write is, byte for byte, the encoding verify
+    computes from the stored values; without a fingerprint, once its two NULL fields are cut
+    (what decode_batch hashes)."""
     event, record = pair
     stamp = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
     data, count = copyfmt.encode_events([(record, "shardId-1", str(sequence))], stamp, stream)
     assert count == 1
     assert data.endswith(b"\n")
-    values = stored_event_values(event, record, stream, "shardId-1", str(sequence), stamp)
+    values = stored_event_values(
+        event, record, stream, "shardId-1", str(sequence), stamp, of_statement(event.command_text)
+    )
     assert values[EVENT_COLUMNS.index("stream_name")] == stream
-    assert data[:-1] == event_encoding(values)
+    line = data[:-1]
+    if values[-2] is None:
+        assert line.endswith(copyfmt.NULL_FINGERPRINT)
+        line = line[: -len(copyfmt.NULL_FINGERPRINT)]
+    assert line == event_encoding(values)
 
 
 def test_decode_batch_digests_each_event_line() -> None:
     """decode_batch's chain input is, per UTC day, the SHA-256 of each stored COPY line in
-    order: what verify recomputes from the rows."""
+    order (without the fingerprint fields when they are NULL): what verify recomputes from the
+    rows."""
     import orjson
 
     from tests.sealing import seal
@@ -283,6 +314,9 @@ def test_decode_batch_digests_each_event_line() -> None:
     assert out.failures == []
     assert out.event_count == 3
     lines = out.events.split(b"\n")[:-1]
+    assert lines[0].endswith(b"\tselect ?\t" + str(fingerprint_hash("select ?")).encode())
+    assert lines[1].endswith(copyfmt.NULL_FINGERPRINT)
+    lines[1:] = [line[: -len(copyfmt.NULL_FINGERPRINT)] for line in lines[1:]]
     by_day = {
         day: b"".join(hashlib.sha256(line).digest() for line in lines[i : i + 1])
         for day, i in (("2026-11-24", 0), ("2026-11-25", 1), ("none", 2))

@@ -112,3 +112,60 @@ async def test_a_missing_privilege_is_a_one_line_error(pg_dsn: str) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "permission denied in the warehouse" in result.stderr
+
+
+async def test_a_redrive_applies_the_policy_rules(pg_dsn: str, aws_env: dict[str, str]) -> None:
+    """Re-driven events get what run's rules do: redaction before storage, drops counted in
+    the redrive link, alerts."""
+    from ingest.policy.rules import load_rules
+
+    rules_text = (
+        "rules:\n"
+        "  - {name: pii, where: {database: hr}, action: redact}\n"
+        "  - {name: noise, where: {user: rdsadmin}, action: drop}\n"
+    )
+    async with aws_client("kms") as kms:
+        key_id = (await kms.create_key())["KeyMetadata"]["KeyId"]
+        data_key = await kms.generate_data_key(
+            KeyId=key_id, KeySpec="AES_256", EncryptionContext=encryption_context(RESOURCE_ID)
+        )
+    events = [
+        {"type": "record", "command": "SELECT", "databaseName": "hr", "dbUserName": "alice",
+         "commandText": "SELECT * FROM people WHERE ssn = '123-45-6789'",
+         "logTime": "2026-11-25 12:00:00+00"},
+        {"type": "record", "command": "SELECT", "dbUserName": "rdsadmin", "commandText": "select 1",
+         "logTime": "2026-11-25 12:00:01+00"},
+        {"type": "record", "command": "GRANT", "dbUserName": "eve", "exitCode": "00000",
+         "commandText": "GRANT ALL ON payroll TO eve", "logTime": "2026-11-25 12:00:02+00"},
+    ]  # fmt: skip
+    raw = outer_record(
+        seal_payload(inner(*events), data_key["Plaintext"]), data_key["CiphertextBlob"], "1.1"
+    )
+    pool = await migrated_pool(pg_dsn)
+    try:
+        await dead_lettered(
+            pool, "shardId-000000000007", [DeadLetter("1", "pk", None, "kms", "kms: x", raw)]
+        )
+        async with pool.acquire() as conn, aws_client("kms") as kms:
+            report = await redrive(
+                conn,
+                None,
+                DataKeyCache(kms),
+                decoder=DecoderConfig("esdk", rules=rules_text),
+                rules=load_rules(rules_text),
+            )
+        assert report.events == 2
+        texts = [r[0] for r in await pool.fetch("SELECT command_text FROM das.activity_events")]
+        assert sorted(texts) == [
+            "GRANT ALL ON payroll TO eve",
+            "SELECT * FROM people WHERE ssn = ?",
+        ]
+        link = await pool.fetchrow(
+            "SELECT kind, dropped::text AS dropped FROM das.chain_links ORDER BY link_no DESC"
+        )
+        assert link is not None
+        assert (link["kind"], json.loads(link["dropped"])) == ("redrive", {"noise": 1})
+        alerts = await pool.fetch("SELECT rule, group_key FROM das.alerts")
+        assert [tuple(a) for a in alerts] == [("privilege_change", "user=eve,instance=db-1")]
+    finally:
+        await pool.close()

@@ -13,20 +13,26 @@ from ingest import exitcodes
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [
     ROOT / "docs" / "operations.md",
+    ROOT / "docs" / "archive.md",
     ROOT / "README.md",
     ROOT / "Dockerfile",
     ROOT / "docker-compose.yml",
     *sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml")),
 ]
 
-#: Claims the startup sequence once had: the endpoints came up after the warehouse check, and
-#: an unreachable warehouse at startup exited 2.
+#: Claims the texts once made: the endpoints came up after the warehouse check, an unreachable
+#: warehouse at startup exited 2, and an unreachable S3 was a configuration error (archive).
 STALE = [
     r"nothing listens",
     r"comes? up (only )?(after|once) the warehouse",
     r"starts after the warehouse",
     r"unreachable warehouse at startup, no AWS region",
     r"an unreachable warehouse, a refused login or a missing schema is a\s+configuration error",
+    # archive and verify --archive: an unreachable S3 once exited 2 (the bucket check counted
+    # any error as configuration) and an S3 error mid-run exited 1; both are exit 3 now.
+    r"refused or\s+unreachable \(`HeadBucket`\)",
+    r"S3 or the\s+bucket unusable",
+    r"Interrupted by an S3 or\s+network error",
 ]
 
 

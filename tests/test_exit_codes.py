@@ -52,6 +52,11 @@ USAGE_ERRORS: list[tuple[list[str], dict[str, str], str]] = [
     (["decrypt"], {}, "one of the arguments --resource-id --stream is required"),
     (["emulate"], {}, "--stream"),
     (["status", "--log-level", "loud"], {}, "invalid choice"),
+    (["rules", "check", "/nonexistent/rules.yaml"], {}, "cannot read /nonexistent/rules.yaml"),
+    (["alerts", "list", "--since", "yesterday"], {}, "neither an ISO time nor an age"),
+    (["alerts", "deliver"], {}, "no notifier"),
+    (["alerts", "deliver", "--notify", "pager=x"], {}, "unknown notifier kind 'pager'"),
+    (["run", "--stream", "s", "--notify", "webhook"], {}, "--notify: notifier 'webhook'"),
     (["archive", "--to", "s3://bucket/p"], {}, "give --before"),
     (["archive", "--before", "2024-03-01"], {"DAS_ARCHIVE_URL": ""}, "give --to"),
     (
@@ -140,3 +145,28 @@ async def test_migrate_check_on_an_unmigrated_warehouse_says_pending(pg_dsn: str
     result = await das_ingest("migrate", "--check", env={**CLEAN_ENV, "DAS_DSN": pg_dsn})
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_an_unreachable_s3_exits_3() -> None:
+    """S3 (here a closed port) that cannot answer is a dependency unavailable, not a
+    configuration error: the same command may well succeed later."""
+    env = {
+        **CLEAN_ENV,
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}",
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
+    result = await das_ingest(
+        "verify", "--archive", "s3://audit-archive/das", "--no-anchors", env=env
+    )
+    assert_one_line(result, UNAVAILABLE, "S3 unavailable (S3 unreachable")
+
+
+async def test_a_missing_bucket_exits_2(stack: LocalStack) -> None:
+    """The real (moto) S3 answers that the bucket does not exist: a configuration error."""
+    env = {**CLEAN_ENV, **stack.env()}
+    result = await das_ingest(
+        "verify", "--archive", "s3://no-such-archive-bucket/das", "--no-anchors", env=env
+    )
+    assert_one_line(result, USAGE, "cannot use bucket no-such-archive-bucket: 404")

@@ -26,6 +26,7 @@ from ingest.emulate.traffic import EventKey, format_datetime
 from ingest.errors import ConfigError
 from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads, read_exported_anchors
 from ingest.integrity.canonical import (
+    CHAIN_VERSION,
     EVENT_COLUMNS,
     EVENT_COLUMNS_V1,
     ZERO_HASH,
@@ -343,7 +344,7 @@ async def test_everything_is_chained_with_its_stream_and_dead_letters(warehouse:
         streams = await conn.fetch("SELECT DISTINCT stream_name FROM das.activity_events")
         assert [r["stream_name"] for r in streams] == [warehouse.stream]
         assert {r["version"] for r in await conn.fetch("SELECT version FROM das.chain_links")} == {
-            2
+            CHAIN_VERSION
         }
         letters = await conn.fetch(
             "SELECT kind, e->>'sequence_number' AS seq, e->>'sha256' AS sha256 "
@@ -1388,15 +1389,17 @@ async def _legacy_chain(
     )
 
 
-async def _upgraded(dsn: str, tmp_path: Path, build: Any) -> tuple[list[str], Report]:
-    """Migrate to the schema before 0004, ``build`` the legacy data, migrate to the end;
-    returns the migration's warnings and verify's report."""
+async def _upgraded(
+    dsn: str, tmp_path: Path, build: Any, before_version: int = 4
+) -> tuple[list[str], Report]:
+    """Migrate to the schema before ``before_version``, ``build`` the legacy data, migrate to
+    the end; returns the migration's warnings and verify's report."""
     from ingest.warehouse.migrate import load_migrations, migrate, migrations_dir
 
     before = tmp_path / "migrations"
     before.mkdir()
     for migration in load_migrations():
-        if migration.version < 4:
+        if migration.version < before_version:
             name = f"{migration.version:04d}_{migration.name}.sql"
             (before / name).write_text((migrations_dir() / name).read_text())
     conn = await asyncpg.connect(dsn)
@@ -1471,3 +1474,112 @@ async def test_upgrading_a_warehouse_of_several_streams(pg_dsn: str, tmp_path: P
     assert kinds(report) == ["inserted"]
     assert report.findings[0].stream == b
     assert "1 events of 2024-03-01" in report.findings[0].detail
+
+
+# -- the fingerprint group and dropped counts (migration 0015) ---------------------------------
+
+
+async def _insert_event(
+    conn: asyncpg.Connection, values: dict[str, Any], columns: tuple[str, ...] = EVENT_COLUMNS
+) -> list[Any]:
+    """Insert one event; its values in EVENT_COLUMNS order (of ``columns``, the rest None)."""
+    names = list(values)
+    await conn.execute(
+        f"INSERT INTO das.activity_events ({', '.join(names)}) "
+        f"VALUES ({', '.join(f'${i + 1}' for i in range(len(names)))})",
+        *values.values(),
+    )
+    row = await conn.fetchrow(
+        f"SELECT {', '.join(columns)} FROM das.activity_events "
+        "WHERE shard_id = $1 AND sequence_number = $2",
+        values["shard_id"],
+        values["sequence_number"],
+    )
+    assert row is not None
+    return stored_values([*row, *[None] * (len(EVENT_COLUMNS) - len(row))])
+
+
+async def _link(conn: asyncpg.Connection, link: LinkFields, prev: bytes) -> bytes:
+    digest = link_hash(prev, link)
+    with_dropped = bool(link.dropped)
+    await conn.execute(
+        "INSERT INTO das.chain_links (stream_name, shard_id, link_no, kind, first_sequence, "
+        "last_sequence, event_count, days, prev_hash, link_hash, created_at, dead_letters, "
+        "version" + (", dropped" if with_dropped else "") + ") "
+        "VALUES ($1, $2, $3, 'batch', $4::numeric, $5::numeric, $6, $7::jsonb, $8, $9, $10, "
+        "'[]', 2" + (", $11::jsonb" if with_dropped else "") + ")",
+        link.stream, link.shard, link.link_no, link.first_sequence, link.last_sequence,
+        link.event_count, json.dumps(link.days), prev, digest, link.created_at,
+        *([json.dumps(dict(link.dropped))] if with_dropped else []),
+    )  # fmt: skip
+    return digest
+
+
+async def test_fingerprints_and_dropped_counts_extend_a_chain_begun_before_them(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A chain begun before migration 0015 (events without fingerprint columns) continues with
+    fingerprinted events and a link counting dropped events: all of it verifies, and tampering
+    with either new field (or fingerprinting an old event) is found."""
+    stream, shard = "aws-rds-das-cluster-FP", "shardId-000000000000"
+    base = {
+        "log_time": datetime(2024, 3, 1, 10, tzinfo=UTC), "cluster_id": "c",
+        "record_version": "1.1", "stream_name": stream, "shard_id": shard, "event_index": 0,
+        "command_text": "SELECT 1", "ingested_at": datetime(2024, 3, 1, 10, 1, tzinfo=UTC),
+        "engine_native_audit_fields": "{}",
+    }  # fmt: skip
+    created = datetime(2024, 3, 1, 10, 2, tzinfo=UTC)
+    before = tuple(c for c in EVENT_COLUMNS if not c.startswith("fingerprint"))
+
+    async def build(conn: asyncpg.Connection) -> None:
+        values = await _insert_event(conn, {**base, "sequence_number": 10}, before)
+        digests = DayDigests()
+        digests.add("2024-03-01", event_digest(values))
+        link = LinkFields(stream, shard, 1, "batch", "10", "10", 1, digests.summary(), created)
+        await _link(conn, link, ZERO_HASH)
+        await conn.execute(
+            "INSERT INTO das.leases (stream_name, shard_id, checkpoint) VALUES ($1, $2, '10')",
+            stream,
+            shard,
+        )
+
+    _, report = await _upgraded(pg_dsn, tmp_path, build, before_version=15)
+    assert report.clean, report.findings
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        prev = await conn.fetchval("SELECT link_hash FROM das.chain_links WHERE link_no = 1")
+        values = await _insert_event(
+            conn,
+            {**base, "sequence_number": 11, "fingerprint": "select ?", "fingerprint_hash": -7},
+        )
+        digests = DayDigests()
+        digests.add("2024-03-01", event_digest(values))
+        link = LinkFields(
+            stream, shard, 2, "batch", "11", "12", 1, digests.summary(), created, (),
+            dropped={"noise": 2},
+        )  # fmt: skip
+        await _link(conn, link, bytes(prev))
+        await conn.execute("UPDATE das.leases SET checkpoint = '12'")
+        report = await verify_warehouse(conn, kms=None)
+        assert report.clean, report.findings
+        assert (report.links, report.events) == (2, 2)
+        dropped = await conn.fetch("SELECT rule, events FROM das.dropped_events")
+        assert [(r["rule"], r["events"]) for r in dropped] == [("noise", 2)]
+        for statement, kind in (
+            ("UPDATE das.activity_events SET fingerprint = 'select 1' WHERE sequence_number = 11",
+             "altered"),
+            ("UPDATE das.activity_events SET fingerprint = NULL, fingerprint_hash = NULL "
+             "WHERE sequence_number = 11", "altered"),
+            ("UPDATE das.activity_events SET fingerprint = 'x', fingerprint_hash = 1 "
+             "WHERE sequence_number = 10", "altered"),
+            ("UPDATE das.chain_links SET dropped = '{}' WHERE link_no = 2", "link_altered"),
+        ):  # fmt: skip
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await conn.execute(statement)
+                assert kinds(await verify_warehouse(conn, kms=None)) == [kind], statement
+            finally:
+                await tx.rollback()
+    finally:
+        await conn.close()

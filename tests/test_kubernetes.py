@@ -104,6 +104,29 @@ def test_jobs_run_commands_the_cli_parses_as_the_right_login() -> None:
     assert "DAS_ANCHOR_KEY_ID" in {e["name"] for e in verify["env"]}
 
 
+#: Seconds between two runs of a cron schedule, for the shapes the CronJobs use.
+def schedule_period(schedule: str) -> int:
+    minute, hour, day, month, weekday = schedule.split()
+    assert minute.isdigit(), schedule
+    assert (day, month, weekday) == ("*", "*", "*"), schedule
+    return 3600 if hour == "*" else 86400
+
+
+def test_every_cronjob_run_ends_before_the_next_one_is_due() -> None:
+    """With concurrencyPolicy Forbid, a run hung on a connection that never answers would hold
+    back every later run: each Job has a deadline (retries included) shorter than its period."""
+    objects = by_kind(render(KUBERNETES))
+    cronjobs = {name: obj for (kind, name), obj in objects.items() if kind == "CronJob"}
+    assert cronjobs
+    for name, cronjob in cronjobs.items():
+        job = cronjob["spec"]["jobTemplate"]["spec"]
+        deadline = job.get("activeDeadlineSeconds")
+        assert isinstance(deadline, int), f"{name}: no activeDeadlineSeconds"
+        assert deadline > 0, name
+        period = schedule_period(cronjob["spec"]["schedule"])
+        assert deadline < period, (name, deadline, period)
+
+
 def daily_minute(schedule: str) -> int:
     """The minute of the day a daily cron schedule ("M H * * *") fires at."""
     minute, hour, *rest = schedule.split()

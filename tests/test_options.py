@@ -26,6 +26,10 @@ PER_INVOCATION = {
     # only to measure the chain's cost; never a deployment setting
     "run": {"--no-integrity-chain"},
     "stack": {"--services"},
+    "rules list": {"--json"},
+    "alerts list": {"--since", "--rule", "--limit", "--json"},
+    "alerts ack": {"--note"},
+    "alerts deliver": {"--once"},
 }
 #: The emulator is a developer's and a benchmark's tool, configured per run.
 NO_VARIABLES = {"emulate"}
@@ -34,6 +38,8 @@ MINIMAL_ARGV = {
     "decrypt": ["--stream", "aws-rds-das-cluster-X"],
     "dead-letters retry": ["--all"],
     "emulate": ["--stream", "s"],
+    "alerts show": ["1"],
+    "alerts ack": ["1"],
 }
 
 

@@ -259,6 +259,7 @@ class FakeSink:
         heartbeats: Sequence[HeartbeatRow] = (),
         per_record: bool = False,
         sequence_range: tuple[str, str] | None = None,
+        policy_outputs: Sequence[Any] = (),
     ) -> CommitResult:
         self.attempts += 1
         self.started.set()

@@ -61,7 +61,9 @@ CREATE EXTERNAL TABLE IF NOT EXISTS das_archive (
   `dbid` string,
   `engine_native_audit_fields` string,
   `statement_id_text` string,
-  `times_as_sent` string
+  `times_as_sent` string,
+  `fingerprint` string,
+  `fingerprint_hash` bigint
 )
 PARTITIONED BY (`stream` string, `day` string)
 STORED AS PARQUET

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Coroutine
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -28,8 +29,10 @@ AWS_REGION, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL_KMS). The caller needs s3:PutO
 s3:GetObject, s3:ListBucket, s3:AbortMultipartUpload (and s3:PutObjectRetention with Object
 Lock, kms:GenerateDataKey with SSE-KMS) and kms:VerifyMac / kms:Verify on the anchor key.
 
-exit codes: 0 every day archived and verified, 1 a day was skipped or failed verification,
-2 usage or configuration error.
+exit codes: 0 every day archived and verified; 1 a day was skipped or failed verification;
+2 usage or configuration error (no such bucket, access denied, a bad --to); 3 S3 unavailable
+(unreachable, throttling or 5xx after botocore's retries: run it again, it completes what is
+missing) or the warehouse unreachable.
 """
 
 
@@ -165,7 +168,27 @@ def _archive(args: argparse.Namespace) -> int:
     write = WriteOptions(args.object_lock_mode, retain, args.sse_kms_key_id)
     from ingest.runtime import run_async
 
-    return run_async(_do_archive(args, location, bound, write))
+    work = _do_archive(args, location, bound, write)
+    return run_async(_s3_unavailable_exits_3("archive", work, "it completes what is missing"))
+
+
+async def _s3_unavailable_exits_3(
+    command: str, work: Coroutine[Any, Any, int], rerun: str = ""
+) -> int:
+    """S3 unreachable, throttling or failing (after botocore's retries): one line, exit 3.
+    Whatever was complete stays: the same command may well succeed later."""
+    from ingest.archive.s3 import S3UnavailableError
+    from ingest.exitcodes import UNAVAILABLE
+
+    try:
+        return await work
+    except S3UnavailableError as exc:
+        print(
+            f"das-ingest {command}: S3 unavailable ({exc}): run it again later"
+            + (f"; {rerun}" if rerun else ""),
+            file=sys.stderr,
+        )
+        return UNAVAILABLE
 
 
 async def _do_archive(
@@ -173,11 +196,10 @@ async def _do_archive(
 ) -> int:
     import contextlib
 
-    from botocore.exceptions import BotoCoreError, ClientError
-
     from ingest.archive.columns import Columns, athena_ddl
     from ingest.archive.export import ArchiveSettings, archive_days, days_before
-    from ingest.aws import aws_client, error_code
+    from ingest.archive.s3 import check_bucket
+    from ingest.aws import aws_client
     from ingest.errors import IngestError
     from ingest.integrity.verify import AnchorChecker
     from ingest.progress import Progress
@@ -203,17 +225,17 @@ async def _do_archive(
             s3 = await stack.enter_async_context(aws_client("s3"))
             kms = await stack.enter_async_context(aws_client("kms"))
             checker = AnchorChecker(kms, args.anchor_key_id)
-            await _bucket_exists(s3, location)
+            await check_bucket(s3, location.bucket)
             try:
                 results = await archive_days(
                     conn, s3, settings, days, checker=checker, progress=progress,
                     verified=verified,
                 )  # fmt: skip
-            except (BotoCoreError, ClientError, OSError) as exc:
-                # botocore retried already; whatever was complete stays, a re-run does the rest
-                code = error_code(exc) or type(exc).__name__
+            except OSError as exc:
+                # A local file (the Parquet being written): S3's errors are classified in
+                # ingest/archive/s3.py. Whatever was complete stays, a re-run does the rest.
                 raise IngestError(
-                    f"archive interrupted by an S3 or network error ({code}): run it again to "
+                    f"archive interrupted: {type(exc).__name__}: {exc}: run it again to "
                     "complete what is missing"
                 ) from None
     finally:
@@ -232,17 +254,6 @@ async def _do_archive(
         print(line)
     print(f"{len(results) - failed} of {len(results)} days archived and verified in {location.url}")
     return 1 if failed else 0
-
-
-async def _bucket_exists(s3: Any, location: Any) -> None:
-    from ingest.aws import error_code
-    from ingest.errors import ConfigError
-
-    try:
-        await s3.head_bucket(Bucket=location.bucket)
-    except Exception as exc:  # noqa: BLE001 - any refusal: the bucket cannot be used
-        code = error_code(exc) or type(exc).__name__
-        raise ConfigError(f"cannot use bucket {location.bucket}: {code}") from None
 
 
 def verify_archive_command(args: argparse.Namespace) -> int:
@@ -284,7 +295,7 @@ def verify_archive_command(args: argparse.Namespace) -> int:
             return 2
     from ingest.runtime import run_async
 
-    return run_async(_do_verify_archive(args, location, day))
+    return run_async(_s3_unavailable_exits_3("verify", _do_verify_archive(args, location, day)))
 
 
 async def _do_verify_archive(args: argparse.Namespace, location: Any, day: date | None) -> int:
@@ -293,6 +304,7 @@ async def _do_verify_archive(args: argparse.Namespace, location: Any, day: date 
     import orjson
 
     from ingest.archive.check import verify_archive
+    from ingest.archive.s3 import check_bucket
     from ingest.aws import aws_client
     from ingest.integrity.anchor import AnchorError
     from ingest.integrity.verify import AnchorChecker
@@ -301,7 +313,7 @@ async def _do_verify_archive(args: argparse.Namespace, location: Any, day: date 
     async with contextlib.AsyncExitStack() as stack:
         progress = stack.enter_context(Progress("verify --archive: events", unit="events"))
         s3 = await stack.enter_async_context(aws_client("s3"))
-        await _bucket_exists(s3, location)
+        await check_bucket(s3, location.bucket)
         checker = None
         if not args.no_anchors:
             kms = await stack.enter_async_context(aws_client("kms"))

@@ -43,8 +43,9 @@ warehouse: each file's SHA-256, each event's digest recomputed from the Parquet 
 the links in the day's manifest, the links' hashes up to the anchor, the anchor through KMS;
 findings name the stream, day, file and row.
 
-exit codes: 0 clean, 1 findings, 2 configuration error, 3 no other finding but KMS could not
-check the anchors (refused or unreachable).
+exit codes: 0 clean, 1 findings, 2 configuration error (with --archive: the bucket missing or
+refused), 3 no other finding but KMS could not check the anchors (refused or unreachable); with
+--archive also S3 unreachable, throttling or failing (5xx).
 
 das.statements is derived from the chained events and not chained itself: after restoring or
 repairing events, rebuild it with `das-ingest rebuild-statements`.

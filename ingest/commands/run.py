@@ -4,11 +4,14 @@ share the stream through leases in the warehouse."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
+import sys
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from ingest.commands.alerts import add_notify_argument, notifier_specs
 from ingest.commands.decrypt import add_decryptor_arguments
 from ingest.commands.options import (
     add_dsn_argument,
@@ -16,7 +19,9 @@ from ingest.commands.options import (
     add_log_argument,
     available_cpus,
     env_default,
+    env_flag,
 )
+from ingest.commands.rules import add_rules_argument
 
 if TYPE_CHECKING:
     from ingest.consumer.service import ServeSettings
@@ -206,6 +211,18 @@ def add_parser(subparsers: Any) -> None:
         help="do not extend the hash chains (only to measure their cost: `verify` then "
         "reports every event stored meanwhile as inserted)",
     )
+    policies = parser.add_argument_group(
+        "policies", "detection rules, alerts, redaction and noise filtering (docs/policies.md)"
+    )
+    add_rules_argument(policies)
+    policies.add_argument(
+        "--no-policies",
+        action="store_true",
+        default=env_flag("DAS_NO_POLICIES"),
+        help="evaluate no rule at all: no alert, no redaction, no drop (fingerprints stay) "
+        "[DAS_NO_POLICIES]",
+    )
+    add_notify_argument(policies)
     add_decryptor_arguments(parser)
     add_log_argument(parser)
     parser.set_defaults(func=run)
@@ -258,9 +275,50 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--lease-seconds must be > 0, --shutdown-deadline-seconds >= 0")
     if args.db_command_timeout < 0 or args.unready_after <= 0:
         raise UsageError("--db-command-timeout-seconds must be >= 0, --unready-after-seconds > 0")
+    args.rules_text = _rules_text(args)
+    _check_notifiers(args)
     from ingest.consumer.service import serve
 
     return run_async(serve(serve_settings(args)))
+
+
+def _rules_text(args: argparse.Namespace) -> str | None:
+    """The rules file's text, validated here so a bad file stops run at once (exit 2, every
+    error with its line) instead of in a decode process."""
+    from ingest.policy.rules import RulesError, load_rules
+
+    if args.no_policies:
+        return None
+    text = None
+    if args.rules:
+        try:
+            with open(args.rules, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            _usage(f"das-ingest run: cannot read --rules {args.rules}: {exc.strerror}")
+    try:
+        load_rules(text, args.rules or "rules", builtins=not args.no_builtin_rules)
+    except RulesError as exc:
+        _usage("\n".join(exc.errors))
+    return text
+
+
+def _usage(message: str) -> NoReturn:
+    """A usage error: its message on stderr, exit 2."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_notifiers(args: argparse.Namespace) -> None:
+    from ingest.alerts.notifiers import parse_notifier
+    from ingest.errors import ConfigError
+    from ingest.exitcodes import UsageError
+
+    for spec in notifier_specs(args):
+        try:
+            parse_notifier(spec)
+        except ConfigError as exc:
+            raise UsageError(f"--notify: {exc}") from None
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
@@ -298,9 +356,17 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
                     verify_signatures=not args.skip_signature_verification,
                     max_decompressed=args.max_decompressed_mb * 1024 * 1024,
                     chain=chain,
+                    policy=not args.no_policies,
+                    rules=getattr(args, "rules_text", None),
+                    builtin_rules=not args.no_builtin_rules,
                 ),
             ),
         ),
+    )
+    worker = dataclasses.replace(
+        worker,
+        notify=tuple(notifier_specs(args)),
+        syslog_cafile=args.syslog_cafile,
     )
     return ServeSettings(
         worker=worker,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from ingest.commands.decrypt import add_decryptor_arguments
@@ -15,7 +16,9 @@ from ingest.commands.options import (
     add_hidden_alias,
     add_log_argument,
     env_default,
+    env_flag,
 )
+from ingest.commands.rules import add_rules_argument
 
 
 def add_parser(subparsers: Any) -> None:
@@ -74,6 +77,14 @@ def add_parser(subparsers: Any) -> None:
         help="encryption context resource id (default: from the stream name) [DAS_RESOURCE_ID]",
     )
     add_decryptor_arguments(retry)
+    add_rules_argument(retry)
+    retry.add_argument(
+        "--no-policies",
+        action="store_true",
+        default=env_flag("DAS_NO_POLICIES"),
+        help="evaluate no policy rule (run's rules must apply to re-driven events too: the "
+        "redaction and drop rules above all) [DAS_NO_POLICIES]",
+    )
     add_dsn_argument(retry)
     add_log_argument(retry)
     retry.set_defaults(func=_retry_dead_letters)
@@ -186,13 +197,32 @@ async def _do_retry(args: argparse.Namespace) -> int:
     from ingest.consumer.redrive import redrive
     from ingest.decode.batch import DecoderConfig, decryptor_for
     from ingest.kms import DataKeyCache
+    from ingest.policy.rules import RulesError, load_rules
     from ingest.progress import Progress
     from ingest.warehouse.db import connect, resolve_dsn
 
+    rules_text = None
+    if args.rules and not args.no_policies:
+        try:
+            rules_text = Path(args.rules).read_text(encoding="utf-8")  # noqa: ASYNC240 - once
+        except OSError as exc:
+            print(f"das-ingest dead-letters retry: cannot read {args.rules}: {exc.strerror}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    try:
+        rules = None if args.no_policies else load_rules(
+            rules_text, args.rules or "rules", builtins=not args.no_builtin_rules
+        )  # fmt: skip
+    except RulesError as exc:
+        print("\n".join(exc.errors), file=sys.stderr)
+        return 2
     decoder = DecoderConfig(
         decryptor=args.decryptor,
         verify_signatures=not args.skip_signature_verification,
         max_decompressed=args.max_decompressed_mb << 20,
+        policy=not args.no_policies,
+        rules=rules_text,
+        builtin_rules=not args.no_builtin_rules,
     )
     decryptor_for(decoder)
     conn = await connect(resolve_dsn(args.dsn))
@@ -220,6 +250,7 @@ async def _do_retry(args: argparse.Namespace) -> int:
                     decoder=decoder,
                     resource_id=args.resource_id,
                     stage=None if args.all else args.stage,
+                    rules=rules,
                     progress=progress,
                 )
     finally:

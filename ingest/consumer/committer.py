@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Protocol
+from typing import Any, Protocol
 
 from ingest.checkpoint import SHARD_END, is_after
 from ingest.consumer.dependencies import DependencyHealth
@@ -97,6 +97,7 @@ class CommitSink(Protocol):
         heartbeats: Sequence[HeartbeatRow] = (),
         per_record: bool = False,
         sequence_range: tuple[str, str] | None = None,
+        policy_outputs: Sequence[Any] = (),
     ) -> CommitResult: ...
 
 
@@ -359,6 +360,9 @@ class ShardCommitter:
                             if records
                             else None
                         ),
+                        # what every decoded event means for the policy rules, also in
+                        # per-record mode (detection sees a record the warehouse refused)
+                        policy_outputs=[o.policy for o in chunk.outputs if o.policy is not None],
                     )
                 )
             except LeaseLostError:

@@ -23,10 +23,10 @@ from ingest.decode.batch import (
     BatchInput,
     BatchOutput,
     DecoderConfig,
-    decode_batch,
     decryptor_for,
 )
 from ingest.errors import IngestError
+from ingest.policy.hook import decode_with_policy
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ class DecodePool:
         processes: int,
         budget: WorkBudget,
         *,
-        decode: Callable[[BatchInput], BatchOutput] = decode_batch,
+        # decode_batch with the policy rules beside normalize (DecoderConfig.policy)
+        decode: Callable[[BatchInput], BatchOutput] = decode_with_policy,
     ) -> None:
         self.processes = processes
         self.budget = budget

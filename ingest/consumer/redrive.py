@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from ingest.alerts.store import PolicyRecorder
 from ingest.consumer.budget import WorkBudget
 from ingest.consumer.committer import ChunkPreparer, KeySource
 from ingest.consumer.failures import describe
@@ -21,6 +22,7 @@ from ingest.consumer.pool import DecodePool
 from ingest.decode.batch import DecoderConfig
 from ingest.kinesis import KinesisRecord
 from ingest.kms import encryption_context, resource_id_from_stream
+from ingest.policy.rules import RuleSet
 from ingest.progress import Progress
 from ingest.retry import Backoff, retry
 from ingest.warehouse.db import Conn
@@ -76,6 +78,7 @@ async def redrive(
     decoder: DecoderConfig,
     resource_id: str | None = None,
     stage: str | None = None,
+    rules: RuleSet | None = None,
     progress: Progress | None = None,
 ) -> RedriveReport:
     """Re-drive the dead letters ``ids`` (all, or those of ``stage``, when None);
@@ -114,7 +117,14 @@ async def redrive(
             continue
         (output,) = chunk.outputs
         await ensure_day_partitions(conn, output.days)
-        await store_redriven(conn, kept, chunk.units, output.heartbeats)
+        await store_redriven(
+            conn,
+            kept,
+            chunk.units,
+            output.heartbeats,
+            policy=PolicyRecorder(rules) if rules is not None else None,
+            policy_outputs=[output.policy] if output.policy is not None else [],
+        )
         report.stored.append(letter_id)
         report.events += output.event_count
     return report

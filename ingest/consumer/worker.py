@@ -35,6 +35,10 @@ from typing import Any
 
 import asyncpg
 
+from ingest.alerts.health import check_heartbeats
+from ingest.alerts.notifiers import parse_notifier
+from ingest.alerts.outbox import Deliverer, DeliveryMetrics
+from ingest.alerts.store import PolicyRecorder, prune_counters
 from ingest.consumer.balance import plan_balance
 from ingest.consumer.budget import WorkBudget
 from ingest.consumer.dependencies import DependencyHealth
@@ -50,6 +54,7 @@ from ingest.kinesis import KinesisReader
 from ingest.kms import DataKeyCache, encryption_context
 from ingest.lease import Lease, LeaseToken
 from ingest.metrics import Metrics
+from ingest.policy.rules import load_rules
 from ingest.retry import Backoff
 from ingest.warehouse.leases import LeaseStore
 from ingest.warehouse.sink import Sink
@@ -58,6 +63,12 @@ log = logging.getLogger(__name__)
 
 #: How often readiness is re-evaluated (and das_ready updated).
 WATCH_SECONDS = 0.25
+
+#: A shard this close to the tip of its stream (MillisBehindLatest) counts as caught up for
+#: the stream health rules.
+CAUGHT_UP_MS = 10_000
+#: Seconds between two prunings of the threshold counters no window reads any more.
+PRUNE_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,11 @@ class WorkerSettings:
     #: a dependency whose call has been failing or hanging this long makes the worker unready
     unready_after: float = 5.0
     shard: ShardSettings = field(default_factory=ShardSettings)
+    #: alert notifiers, KIND=TARGET (ingest.alerts.notifiers); delivered in the background
+    notify: tuple[str, ...] = ()
+    syslog_cafile: str | None = None
+    #: seconds between two rounds of stream health checks and alert delivery
+    alerts_seconds: float = 5.0
 
 
 @dataclass
@@ -123,7 +139,22 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or Metrics(settings.stream_name)
         self.leases = LeaseStore(db, settings.stream_name, lease_seconds=settings.lease_seconds)
-        self.sink = Sink(db, chain=settings.chain)
+        decoder = settings.shard.commit.decoder
+        #: the policy rules, compiled here too: the sink records what the decode processes
+        #: found for them in each batch's transaction (alerts commit with their events)
+        self.rules = (
+            load_rules(decoder.rules, builtins=decoder.builtin_rules) if decoder.policy else None
+        )
+        self.sink = Sink(
+            db,
+            chain=settings.chain,
+            policy=PolicyRecorder(self.rules) if self.rules is not None else None,
+        )
+        self.deliverer = Deliverer(
+            db,
+            [parse_notifier(n, syslog_cafile=settings.syslog_cafile) for n in settings.notify],
+            metrics=DeliveryMetrics(self.metrics.registry),
+        )
         self._db = db
         self.anchor_key = (
             AnchorKey(kms_client, settings.anchor_key_id) if settings.anchor_key_id else None
@@ -160,6 +191,7 @@ class Worker:
         self._kms_seen = (0, 0)
         self._refused_seen = (0, 0)
         self.exit_reason = ""
+        self._prune_due = 0.0
 
     # -- public -------------------------------------------------------------------------
 
@@ -186,16 +218,22 @@ class Worker:
             run_loop("renewer", self.renewer.renew, every=interval, on_error=self._renewal_failed)
         )
         watch = asyncio.ensure_future(run_loop("health watch", self._watch, every=WATCH_SECONDS))
+        alerts = asyncio.ensure_future(
+            run_loop("alerts", self._alerts, every=self.settings.alerts_seconds)
+        )
         coordinator = asyncio.ensure_future(self._coordinate())
         try:
             await supervise(
-                ("coordinator", coordinator), {"renewer": renewer, "health watch": watch}
+                ("coordinator", coordinator),
+                {"renewer": renewer, "health watch": watch, "alerts": alerts},
             )
         finally:
-            for task in (coordinator, warming, watch):
+            for task in (coordinator, warming, watch, alerts):
                 if not task.done():
                     task.cancel()
-            await asyncio.gather(coordinator, warming, watch, return_exceptions=True)
+            await asyncio.gather(coordinator, warming, watch, alerts, return_exceptions=True)
+            for notifier in self.deliverer.notifiers.values():
+                await notifier.close()
             await self._shutdown(renewer)
 
     # -- the coordinator ----------------------------------------------------------------
@@ -292,6 +330,26 @@ class Worker:
         # last commit, not up to two cycles later.
         if self._idle_done():
             self.request_stop("idle")
+
+    async def _alerts(self) -> None:
+        """Stream health rules and alert delivery. Never a reason to stop ingesting: a
+        warehouse or notifier fault is logged and the next round tries again."""
+        try:
+            if self.rules is not None:
+                lags = [run.consumer.status.lag_ms for run in self.running.values()]
+                caught_up = bool(lags) and all(
+                    lag is not None and lag < CAUGHT_UP_MS for lag in lags
+                )
+                async with self._db.acquire() as conn:
+                    await check_heartbeats(
+                        conn, self.rules, now=datetime.now(UTC), caught_up=caught_up
+                    )
+                    if time.monotonic() >= self._prune_due:
+                        self._prune_due = time.monotonic() + PRUNE_SECONDS
+                        await prune_counters(conn)
+            await self.deliverer.run_once()
+        except (asyncpg.PostgresError, OSError) as exc:
+            log.warning("alerts round failed; next round retries", extra={"error": describe(exc)})
 
     # -- consumers ------------------------------------------------------------------------
 

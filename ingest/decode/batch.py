@@ -13,15 +13,18 @@ from these slices (:meth:`BatchOutput.record_units`) instead of decoding it agai
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from hashlib import sha256
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from ingest.decode import copyfmt
 from ingest.decode.correlate import StatementRange, StatementRangeBuilder
 from ingest.decode.envelope import Envelope, read_envelope
+from ingest.decode.fingerprint import Fingerprint, of_statement
 from ingest.decode.gunzip import DEFAULT_MAX_DECOMPRESSED
+from ingest.decode.model import ActivityEvent, DecodedRecord
 from ingest.decode.pipeline import Decryptor, decode_envelope
 from ingest.digests import DayDigests, utc_date
 from ingest.errors import DecodeError
@@ -34,6 +37,12 @@ class DecoderConfig:
     max_decompressed: int = DEFAULT_MAX_DECOMPRESSED
     #: compute the events' digests for the integrity chain (off with --no-integrity-chain)
     chain: bool = True
+    #: evaluate the policy rules (the built-in pack and ``rules``): the pool decodes with
+    #: ingest.policy.hook.decode_with_policy, which compiles them once per process
+    policy: bool = True
+    #: the rules file's text (None: the built-in pack alone)
+    rules: str | None = None
+    builtin_rules: bool = True
 
 
 class KeyedRecord(NamedTuple):
@@ -121,6 +130,9 @@ class BatchOutput:
     #: One span per decoded record, in input order.
     spans: list[RecordSpan] = field(default_factory=list)
     shard_id: str = ""
+    #: What the events mean for the policy rules (an ingest.policy PolicyOutput: tallies,
+    #: sightings, drops), or None when no policy ran.
+    policy: Any = None
 
     def record_rows(self) -> list[RecordRows]:
         """The output cut record by record (slices: nothing is decoded again)."""
@@ -153,7 +165,24 @@ def decryptor_for(config: DecoderConfig) -> Decryptor:
     return found
 
 
-def decode_batch(batch: BatchInput) -> BatchOutput:
+class EventPolicy(Protocol):
+    """Policy rules run beside normalize (ingest.policy.evaluate.Policy; the decode layer only
+    knows this shape). ``evaluate`` records what an event means for the rules in ``output`` and
+    returns the event to store (redacted, maybe) or None to drop it."""
+
+    def new_output(self) -> Any: ...
+
+    def evaluate(
+        self,
+        event: ActivityEvent,
+        record: DecodedRecord,
+        fingerprint: Fingerprint | None,
+        ref: tuple[str, int],
+        output: Any,
+    ) -> ActivityEvent | None: ...
+
+
+def decode_batch(batch: BatchInput, policy: EventPolicy | None = None) -> BatchOutput:
     """Decode every record; COPY-encode each one as soon as it is decoded.
 
     Encoding record by record keeps only one record's event objects alive at a time (a page
@@ -171,6 +200,8 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
     chain = batch.config.chain
     out.shard_id = shard_id
     size = 0
+    if policy is not None:
+        out.policy = policy.new_output()
     for index, sequence_number, raw, data_key in batch.records:
         try:
             envelope = raw if isinstance(raw, Envelope) else read_envelope(raw)
@@ -181,13 +212,19 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
             out.failures.append(Failure(index, exc.stage.value, str(exc), exc.retriable))
             continue
         out.records_decoded += 1
+        fingerprints: list[Fingerprint | None] | None = None
+        if record.events and policy is not None:
+            record, fingerprints = _apply_policy(policy, record, sequence_number, out.policy)
         start = size
         statement_records = statements.records
         #: day -> where this record's digests start in digests.by_day[day]
         day_starts: dict[str, int] = {}
         if record.events:
             data, count = copyfmt.encode_events(
-                ((record, shard_id, sequence_number),), ingested_at, batch.stream_name
+                ((record, shard_id, sequence_number),),
+                ingested_at,
+                batch.stream_name,
+                fingerprints,
             )
             chunks.append(data)
             size += len(data)
@@ -209,7 +246,11 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
                 if lines is not None:
                     if day not in day_starts:
                         day_starts[day] = len(digests.by_day.get(day, b""))
-                    digests.add(day, sha256(lines[n]).digest())
+                    line = lines[n]
+                    if line.endswith(copyfmt.NULL_FINGERPRINT):
+                        # no fingerprint: not part of the encoding (docs/integrity.md)
+                        line = line[: -len(copyfmt.NULL_FINGERPRINT)]
+                    digests.add(day, sha256(line).digest())
         for beat in record.heartbeats:
             out.heartbeats.append(
                 HeartbeatRow(
@@ -235,3 +276,26 @@ def decode_batch(batch: BatchInput) -> BatchOutput:
     out.statements = statements.build()
     out.statement_records = statements.records
     return out
+
+
+def _apply_policy(
+    policy: EventPolicy, record: DecodedRecord, sequence_number: str, out: Any
+) -> tuple[DecodedRecord, list[Fingerprint | None]]:
+    """Evaluate the rules on a record's events: the record with dropped events removed and
+    redacted ones rewritten, and the fingerprints of the events kept (taken before
+    redaction)."""
+    kept = []
+    fingerprints: list[Fingerprint | None] = []
+    changed = False
+    for event in record.events:
+        found = of_statement(event.command_text)
+        stored = policy.evaluate(event, record, found, (sequence_number, event.event_index), out)
+        if stored is None:
+            changed = True
+            continue
+        changed = changed or stored is not event
+        kept.append(stored)
+        fingerprints.append(found)
+    if changed:
+        record = dataclasses.replace(record, events=kept)
+    return record, fingerprints

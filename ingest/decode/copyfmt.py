@@ -13,17 +13,18 @@ definition there.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from ingest.copytext import NULL, canonical_json, canonical_time, copy_array, copy_escape
+from ingest.decode.fingerprint import Fingerprint, of_statement
 from ingest.decode.model import ENGINE_COLUMNS, FIELDS, ActivityEvent, DecodedRecord, Kind
 
 #: The columns :func:`event_line` writes, in order: the record's leading columns, the model's
-#: FIELDS, extra, anomalies, ingested_at, then the model's ENGINE_COLUMNS. It must be
-#: ingest.copytext.EVENT_COLUMNS, the order the sink COPYs in and the chain encodes in (held
-#: equal by the tests).
+#: FIELDS, extra, anomalies, ingested_at, the model's ENGINE_COLUMNS, then the statement's
+#: fingerprint and its hash. It must be ingest.copytext.EVENT_COLUMNS, the order the sink
+#: COPYs in and the chain encodes in (held equal by the tests).
 LINE_COLUMNS: tuple[str, ...] = (
     "cluster_id",
     "instance_id",
@@ -37,7 +38,13 @@ LINE_COLUMNS: tuple[str, ...] = (
     "anomalies",
     "ingested_at",
     *ENGINE_COLUMNS,
+    "fingerprint",
+    "fingerprint_hash",
 )
+
+#: How a line without a fingerprint ends: the encoding (the chain digest's input) is the line
+#: without it (trailing all-NULL column groups are not encoded, ingest/integrity/canonical.py).
+NULL_FINGERPRINT = b"\t\\N\t\\N"
 
 _FIELD_ATTRS = tuple(("class_" if f.column == "class" else f.column, f.kind) for f in FIELDS)
 _GET_FIELDS = operator.attrgetter(*(attr for attr, _ in _FIELD_ATTRS))
@@ -61,9 +68,11 @@ def event_line(
     sequence_number: str,
     prefix: str | None = None,
     ingested_at: str = NULL,
+    fingerprint: Fingerprint | None = None,
 ) -> str:
     """One COPY line for ``event``. ``prefix`` caches the record-level leading columns;
-    ``ingested_at`` is the decode time's canonical text (NULL would violate its NOT NULL)."""
+    ``ingested_at`` is the decode time's canonical text (NULL would violate its NOT NULL);
+    ``fingerprint`` is its statement's (computed before any redaction of the text)."""
     if prefix is None:
         prefix = record_prefix(record, stream_name, shard_id, sequence_number)
     cols = [prefix, str(event.event_index)]
@@ -97,6 +106,14 @@ def event_line(
     append(jsonb(native) if native else "{}")
     append(text(event.statement_id_text))
     append(jsonb(event.times_as_sent))
+    # The fingerprint (migration 0015): the last group, so a line ending in NULL_FINGERPRINT
+    # is encoded without it (docs/integrity.md).
+    if fingerprint is None:
+        append(NULL)
+        append(NULL)
+    else:
+        append(text(fingerprint[0]))
+        append(str(fingerprint[1]))
     return "\t".join(cols)
 
 
@@ -119,19 +136,27 @@ def encode_events(
     records: Iterable[tuple[DecodedRecord, str, str]],
     ingested_at: datetime,
     stream_name: str,
+    fingerprints: Sequence[Fingerprint | None] | None = None,
 ) -> tuple[bytes, int]:
     """COPY payload for (record, shard_id, sequence_number) triples of the stream
-    ``stream_name``; returns (data, row count)."""
+    ``stream_name``; returns (data, row count). ``fingerprints`` (one per event of all the
+    records, in order) are the statements' fingerprints when the caller has them already
+    (taken before redaction); else they are computed from each event's text."""
     lines: list[str] = []
     stamp = canonical_time(ingested_at)
+    n = 0
     for record, shard_id, sequence_number in records:
         if not record.events:
             continue
         prefix = record_prefix(record, stream_name, shard_id, sequence_number)
-        lines.extend(
-            event_line(event, record, stream_name, shard_id, sequence_number, prefix, stamp)
-            for event in record.events
-        )
+        for event in record.events:
+            found = of_statement(event.command_text) if fingerprints is None else fingerprints[n]
+            n += 1
+            lines.append(
+                event_line(
+                    event, record, stream_name, shard_id, sequence_number, prefix, stamp, found
+                )
+            )
     if not lines:
         return b"", 0
     lines.append("")

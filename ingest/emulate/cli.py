@@ -12,6 +12,16 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ingest.commands.options import add_log_argument
 
+SCENARIO_NAMES = (
+    "brute-force",
+    "password-spray",
+    "privilege-escalation",
+    "mass-export",
+    "off-hours-ddl",
+    "audit-tampering",
+    "stream-stopped",
+)
+
 if TYPE_CHECKING:
     from ingest.emulate.producer import EmulateReport, Progress
 
@@ -117,6 +127,13 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--seed", type=int, default=1, help="traffic seed (default: 1)")
     parser.add_argument(
+        "--scenario",
+        choices=SCENARIO_NAMES,
+        help="inject an incident with known ground truth into paced normal Aurora PostgreSQL "
+        "traffic of --count events (20 events/s of log time from a Monday 09:00 UTC; the "
+        "incident 5 minutes in); docs/policies.md lists the alerts each must raise",
+    )
+    parser.add_argument(
         "--rotate-every",
         type=int,
         default=100,
@@ -173,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             rotate_every=args.rotate_every,
             heartbeat_every=args.heartbeat_every,
             processes=args.processes,
+            scenario=args.scenario,
             suite=None if args.suite == "auto" else int(args.suite, 16),
             native_fields=args.engine_native_audit_fields,
         )

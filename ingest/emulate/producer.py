@@ -132,6 +132,9 @@ class EmulateOptions:
     #: Encryption SDK algorithm suite; None: as in the wild per engine (PostgreSQL 0x0178,
     #: MySQL 0x0378; see ingest.emulate.encoder.default_suite).
     suite: int | None = None
+    #: An incident with known ground truth (ingest/emulate/scenarios.py) injected into paced
+    #: normal Aurora PostgreSQL traffic of ``count`` events; None: the plain traffic.
+    scenario: str | None = None
 
     def __post_init__(self) -> None:
         if not self.stream:
@@ -146,6 +149,10 @@ class EmulateOptions:
             (self.rotate_every < 1, "rotate-every must be >= 1"),
             (self.heartbeat_every < 0, "heartbeat-every must be >= 0"),
             (self.processes < 1, "processes must be >= 1"),
+            (
+                self.scenario is not None and self.scenario not in _scenario_names(),
+                f"scenario must be one of {', '.join(_scenario_names())}",
+            ),
             (
                 self.suite is not None and self.suite not in SUITES,
                 f"suite must be one of {', '.join(f'0x{s:04x}' for s in SUITES)}",
@@ -174,11 +181,25 @@ class EmulateOptions:
         )
 
     def inner_records(self) -> Iterator[InnerRecord]:
+        if self.scenario is not None:
+            from ingest.emulate.scenarios import scenario
+
+            records, _ = scenario(
+                self.scenario, self.seed, count=self.count,
+                events_per_record=self.events_per_record, cluster_id=self.resource_id,
+            )  # fmt: skip
+            return iter(records)
         return self.traffic().records(self.events_per_record, self.count)
 
     def suite_for(self, record_version: str) -> int:
         """The algorithm suite of a record of ``record_version``."""
         return self.suite if self.suite is not None else default_suite(record_version)
+
+
+def _scenario_names() -> tuple[str, ...]:
+    from ingest.emulate.scenarios import SCENARIOS
+
+    return SCENARIOS
 
 
 class DataKey(NamedTuple):

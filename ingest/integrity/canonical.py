@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ingest.copytext import COLUMN_GROUPS as COLUMN_GROUPS
 from ingest.copytext import ENGINE_COLUMNS as ENGINE_COLUMNS
 from ingest.copytext import EVENT_COLUMNS as EVENT_COLUMNS
 from ingest.copytext import EVENT_COLUMNS_V2 as EVENT_COLUMNS_V2
@@ -48,6 +49,10 @@ JSON_COLUMNS = frozenset(
     {"param_list", "extra", "anomalies", "engine_native_audit_fields", "times_as_sent"}
 )
 _V2_WIDTH = len(EVENT_COLUMNS_V2)
+#: (first, end) positions of each column group in EVENT_COLUMNS.
+_GROUP_BOUNDS = tuple(
+    (EVENT_COLUMNS.index(g[0]), EVENT_COLUMNS.index(g[0]) + len(g)) for g in COLUMN_GROUPS
+)
 ZERO_HASH = bytes(32)
 
 
@@ -85,22 +90,34 @@ def _plain_field(value: Any) -> str:
 
 #: The column encoders in EVENT_COLUMNS order, chosen once (verify encodes every stored event).
 _ENCODERS = tuple(field_encoder(c) for c in EVENT_COLUMNS)
-_ENCODERS_V2 = _ENCODERS[:_V2_WIDTH]
 
 
 def has_engine_values(values: Sequence[Any]) -> bool:
     """Whether any engine column (:data:`ENGINE_COLUMNS`) of an event's values is set."""
-    return any(v is not None for v in values[_V2_WIDTH:])
+    return any(v is not None for v in values[_V2_WIDTH : _V2_WIDTH + len(ENGINE_COLUMNS)])
+
+
+def encoded_width(values: Sequence[Any]) -> int:
+    """How many of an event's values (in :data:`EVENT_COLUMNS` order; or only its first 38)
+    its encoding has: all of them but the trailing :data:`COLUMN_GROUPS` that are all NULL."""
+    width = min(len(values), len(EVENT_COLUMNS))
+    for start, _end in reversed(_GROUP_BOUNDS):
+        if start >= width:
+            continue
+        if any(v is not None for v in values[start:width]):
+            return width
+        width = start
+    return width
 
 
 def event_line(values: Sequence[Any]) -> str:
     """An event's version 2 encoding (as text): its COPY text line, the :func:`copy_field` of
-    its values in :data:`EVENT_COLUMNS` order joined by tabs, no newline. An event whose
-    engine columns are all NULL (stored before migration 0006; or given as its 38 values of
-    :data:`EVENT_COLUMNS_V2`) is its first 38 fields."""
-    encoders = _ENCODERS if has_engine_values(values) else _ENCODERS_V2
+    its values in :data:`EVENT_COLUMNS` order joined by tabs, no newline, without the trailing
+    column groups that are all NULL (:data:`COLUMN_GROUPS`): an event stored before migration
+    0006 (or given as its 38 values of :data:`EVENT_COLUMNS_V2`) is its first 38 fields."""
+    width = encoded_width(values)
     return "\t".join(
-        NULL if v is None else f(v) for f, v in zip(encoders, values[: len(encoders)], strict=True)
+        NULL if v is None else f(v) for f, v in zip(_ENCODERS[:width], values[:width], strict=True)
     )
 
 
@@ -122,9 +139,9 @@ def event_encoding(values: Sequence[Any], version: int = 2) -> bytes:
     its 38 :data:`EVENT_COLUMNS_V2` values): version 2, its COPY text line
     (:func:`event_line`) as UTF-8; version 1, the canonical JSON array of the
     :func:`canonical_value` of its :data:`EVENT_COLUMNS_V1` (no stream_name). An event with an
-    engine column set is its full line under either version: no link written before migration
-    0006 covered one, so such a value under an older link shows as altered."""
-    if version >= 2 or has_engine_values(values):
+    value in a later column group is its full line under either version: no link written before
+    migration 0006 covered one, so such a value under an older link shows as altered."""
+    if version >= 2 or encoded_width(values) > _V2_WIDTH:
         return event_line(values).encode()
     row = [
         canonical_value(c, values[i]) for c, i in zip(EVENT_COLUMNS_V1, V1_POSITIONS, strict=True)
@@ -154,6 +171,8 @@ class LinkFields:
     #: version 2 only: :func:`dead_letter_entries` of the records dead-lettered (batch) or
     #: re-driven (redrive)
     dead_letters: Sequence[Mapping[str, str]] = ()
+    #: per drop rule, how many events of the covered records it kept out of storage
+    dropped: Mapping[str, int] = field(default_factory=dict)
     version: int = CHAIN_VERSION
 
     def text(self) -> str:
@@ -171,6 +190,10 @@ class LinkFields:
                 (canonical_time(self.created_at), canonical_json(self.days),
                  canonical_json(list(self.dead_letters)))
             )  # fmt: skip
+            # Events drop rules kept out of storage (policies, migration 0015): one more line,
+            # only when there were any, so links without drops keep their text.
+            if self.dropped:
+                lines.append(canonical_json(dict(self.dropped)))
         else:
             raise ValueError(f"unknown chain version {self.version}")
         return "\n".join(lines)
@@ -219,9 +242,11 @@ def stored_event_values(
     shard_id: str,
     sequence_number: str,
     ingested_at: datetime,
+    fingerprint: tuple[str, int] | None = None,
 ) -> list[Any]:
     """The column values, in :data:`EVENT_COLUMNS` order, that COPY stores for a decoded
-    ``event`` of ``record`` (an ``ingest.decode`` ActivityEvent and DecodedRecord)."""
+    ``event`` of ``record`` (an ``ingest.decode`` ActivityEvent and DecodedRecord), with its
+    statement's fingerprint (ingest.decode.fingerprint) when it has one."""
     extra = event.extra
     if record.record_extra:
         extra = {**extra, "_record": record.record_extra}
@@ -236,5 +261,5 @@ def stored_event_values(
         event.session_id, event.start_time, event.statement_id, event.substatement_id,
         event.transaction_id, extra, list(event.anomalies), ingested_at,
         event.dbid, event.engine_native_audit_fields or {}, event.statement_id_text,
-        event.times_as_sent,
+        event.times_as_sent, *(fingerprint if fingerprint is not None else (None, None)),
     ]  # fmt: skip

@@ -9,7 +9,7 @@ and dead-letter re-drives), so the chain never forks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import orjson
 
@@ -45,11 +45,13 @@ async def extend_chain(
     digests: DayDigests,
     kind: str = "batch",
     dead_letters: Sequence[tuple[str, bytes]] = (),
+    dropped: Mapping[str, int] | None = None,
 ) -> int:
     """Append the link over [first_sequence, last_sequence]; returns its number.
 
     ``dead_letters`` are (sequence number, raw record) of the records of the range that were
     dead-lettered instead of stored (a batch), or of the dead letter re-driven (a redrive).
+    ``dropped`` counts, per drop rule, the events of the range a policy kept out of storage.
     """
     await conn.execute(LOCK, stream, shard)
     head = await conn.fetchrow(HEAD, stream, shard)
@@ -67,14 +69,15 @@ async def extend_chain(
         days=digests.summary(),
         created_at=head["now"],
         dead_letters=dead_letter_entries(dead_letters),
+        dropped=dict(sorted((dropped or {}).items())),
     )
     await conn.execute(
         """
         INSERT INTO das.chain_links (stream_name, shard_id, link_no, kind, first_sequence,
                                      last_sequence, event_count, days, prev_hash, link_hash,
-                                     created_at, dead_letters, version)
+                                     created_at, dead_letters, version, dropped)
         VALUES ($1, $2, $3, $4, $5::numeric, $6::numeric, $7, $8::jsonb, $9, $10, $11,
-                $12::jsonb, $13)
+                $12::jsonb, $13, $14::jsonb)
         """,
         stream,
         shard,
@@ -89,5 +92,6 @@ async def extend_chain(
         link.created_at,
         orjson.dumps(list(link.dead_letters)).decode(),
         CHAIN_VERSION,
+        orjson.dumps(link.dropped).decode(),
     )
     return link_no

@@ -29,6 +29,7 @@ import orjson
 from ingest.aws import error_code
 from ingest.conn import Conn
 from ingest.errors import ConfigError
+from ingest.integrity.alerts import check_rows
 from ingest.integrity.anchor import (
     Anchor,
     AnchorError,
@@ -66,7 +67,8 @@ class Finding:
     #: altered | deleted | inserted | reordered | link_altered | chain_broken | links_missing
     #: | truncated | anchor_invalid | anchor_mismatch | anchor_missing | anchor_unexpected_key
     #: | anchor_unchecked | unanchored | dead_letter_missing | dead_letter_altered
-    #: | retention_invalid | progress_invalid (docs/integrity.md)
+    #: | retention_invalid | progress_invalid (docs/integrity.md) | alert_altered
+    #: | alert_chain_broken (docs/policies.md)
     kind: str
     stream: str
     shard: str
@@ -104,6 +106,8 @@ class Report:
     progress_recorded: list[dict[str, Any]] = field(default_factory=list)
     #: why progress could not be recorded (KMS refused the verify key's GenerateMac)
     progress_error: str | None = None
+    #: alerts whose chain was checked
+    alerts: int = 0
 
     @property
     def clean(self) -> bool:
@@ -158,6 +162,7 @@ class _Link:
     created_at: datetime
     version: int
     dead_letters: list[dict[str, str]]
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -393,6 +398,7 @@ async def verify_warehouse(
     report.anchors_skipped = kms is None
     if stream is None and shards is None:
         await _check_unchained(conn, report)
+        await _check_alerts(conn, report)
     report.retained_days = sorted(retained)
     return report
 
@@ -580,6 +586,16 @@ async def _record(
     )  # fmt: skip
 
 
+async def _check_alerts(conn: Conn, report: Report) -> None:
+    """The alert chain (migrations/0016, ingest/integrity/alerts.py), when the warehouse has one."""
+    if not await conn.fetchval("SELECT to_regclass('das.alerts') IS NOT NULL"):
+        return
+    rows = await conn.fetch("SELECT *, events::text AS events FROM das.alerts ORDER BY id")
+    report.alerts = len(rows)
+    for alert_id, kind, detail in check_rows(rows):
+        report.findings.append(Finding(kind, "-", "-", f"alert {alert_id}: {detail}"))
+
+
 def _merge_anchors(report: Report, stored: list[Anchor], exported: list[Anchor]) -> list[Anchor]:
     """The warehouse's anchors plus exported ones it lost; each lost one is a finding."""
     have = {a.identity for a in stored}
@@ -652,7 +668,7 @@ async def _links(
         f"""
         SELECT link_no, kind, first_sequence::text AS first_text, last_sequence::text AS last_text,
                event_count, days::text AS days_text, prev_hash, link_hash, created_at, version,
-               dead_letters::text AS letters_text
+               dead_letters::text AS letters_text, dropped::text AS dropped_text
         FROM das.chain_links WHERE stream_name = $1 AND shard_id = $2 {where} ORDER BY link_no
         """,
         *arguments,
@@ -672,6 +688,7 @@ async def _links(
             created_at=r["created_at"],
             version=r["version"],
             dead_letters=orjson.loads(r["letters_text"]),
+            dropped=orjson.loads(r["dropped_text"]),
         )
         for r in rows
     ]
@@ -709,6 +726,7 @@ def _check_links(
             days=link.days,
             created_at=link.created_at,
             dead_letters=link.dead_letters,
+            dropped=link.dropped,
             version=link.version,
         )
         if link_hash(link.prev_hash, fields) != link.link_hash:

@@ -9,7 +9,7 @@ cannot delete dead letters).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,7 +18,7 @@ from ingest.decode.batch import HeartbeatRow
 from ingest.integrity.canonical import DayDigests
 from ingest.integrity.chain import extend_chain
 from ingest.warehouse.db import Conn
-from ingest.warehouse.sink import CopyUnit, store_units
+from ingest.warehouse.sink import CopyUnit, PolicyRecorder, store_units
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,18 @@ async def store_redriven(
     kept: KeptRecord,
     units: Sequence[CopyUnit],
     heartbeats: Sequence[HeartbeatRow],
+    *,
+    policy: PolicyRecorder | None = None,
+    policy_outputs: Sequence[Any] = (),
 ) -> None:
-    """Store a re-driven record's rows (as the consumer's commit does), extend its shard's
-    chain with a ``redrive`` link, and delete the dead letter: one transaction."""
+    """Store a re-driven record's rows (as the consumer's commit does), record what they mean
+    for the policy rules (alerts, and the events drop rules removed, in the link), extend its
+    shard's chain with a ``redrive`` link, and delete the dead letter: one transaction."""
     async with conn.transaction():
         await store_units(conn, kept.stream_name, kept.shard_id, units, heartbeats=heartbeats)
+        dropped: Mapping[str, int] = {}
+        if policy is not None and policy_outputs:
+            dropped = await policy.record(conn, policy_outputs, kept.stream_name, kept.shard_id)
         digests = DayDigests()
         digests.extend(unit.chain for unit in units)
         await extend_chain(
@@ -130,6 +137,7 @@ async def store_redriven(
             # The chain records which dead letter this was: `verify` holds every
             # dead-lettered record to still be here, or to have been re-driven so.
             dead_letters=[(kept.sequence_number, kept.raw)],
+            dropped=dropped,
         )
         await conn.execute("DELETE FROM das.dead_letters WHERE id = $1", kept.id)
 

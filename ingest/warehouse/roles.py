@@ -29,6 +29,10 @@ _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 APPEND_ONLY = ("das.activity_events", "das.dead_letters")
 #: Bookkeeping tables the ingest role maintains.
 MAINTAINED = ("das.heartbeats", "das.leases", "das.workers")
+#: Policy state and delivery (migrations/0016): maintained by the ingest role, when present.
+POLICY_STATE = (
+    "das.policy_counters", "das.policy_seen", "das.policy_rule_start", "das.alert_outbox",
+)  # fmt: skip
 #: Tables the ingest role reads.
 READ = ("das.schema_migrations", "das.privileged_users", "das.verify_runs")
 #: Functions the ingest role calls: they run as the schema owner (SECURITY DEFINER).
@@ -103,6 +107,13 @@ async def apply_grants(conn: Conn, roles: RoleNames) -> None:
         f"GRANT SELECT ON ALL TABLES IN SCHEMA das TO {verifier}",
         f"ALTER DEFAULT PRIVILEGES IN SCHEMA das GRANT SELECT ON TABLES TO {verifier}",
     ]
+    if await conn.fetchval("SELECT to_regclass('das.alerts') IS NOT NULL"):
+        statements[-3:-3] = [
+            # Alerts: appended with their events (and read for the alert chain's head), never
+            # changed; acknowledgements are rows of their own.
+            f"GRANT SELECT, INSERT ON das.alerts, das.alert_acks TO {ingest}",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(POLICY_STATE)} TO {ingest}",
+        ]
     if await conn.fetchval("SELECT to_regclass('das.verify_progress')"):
         statements.append(f"GRANT INSERT, UPDATE, DELETE ON das.verify_progress TO {verifier}")
     for statement in statements:

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
@@ -105,6 +106,16 @@ class CommitResult:
     store_failures: list[DeadLetter] = field(default_factory=list)
 
 
+class PolicyRecorder(Protocol):
+    """Records what a batch's events mean for the policy rules (ingest.alerts.store), in the
+    batch's transaction: shared window and first-seen state, alerts. Returns, per drop rule, how
+    many events the batch's records lost to it (for the chain link)."""
+
+    async def record(
+        self, conn: Conn, outputs: Sequence[Any], stream: str, shard: str
+    ) -> Mapping[str, int]: ...
+
+
 async def init_connection(conn: Conn) -> None:
     """Pool ``init``. Nothing to set up any more (MySQL statements used to be staged in a
     session temp table); kept so pools and re-drives keep one place for per-connection setup."""
@@ -117,9 +128,11 @@ class Sink:
         *,
         partition_window: tuple[int, int] = PARTITION_WINDOW,
         chain: bool = True,
+        policy: PolicyRecorder | None = None,
     ) -> None:
         self._pool = pool
         self._chain = chain
+        self._policy = policy
         self._known_days: set[date] = set()
         self._window = partition_window
         self._partition_lock = asyncio.Lock()
@@ -145,11 +158,15 @@ class Sink:
         heartbeats: Sequence[HeartbeatRow] = (),
         per_record: bool = False,
         sequence_range: tuple[str, str] | None = None,
+        policy_outputs: Sequence[Any] = (),
     ) -> CommitResult:
         """One transaction. Raises LeaseLostError (nothing written) or the database error.
 
         ``sequence_range`` (first and last sequence number of the batch's records) extends the
         shard's hash chain with a link over the events just stored, in the same transaction.
+        ``policy_outputs`` (the decode outputs' policy results) go to the policy recorder in
+        the same transaction too: alerts commit with their events, and the link records the
+        events drop rules removed.
         """
         result = CommitResult()
         async with self._pool.acquire() as conn, conn.transaction():
@@ -177,6 +194,11 @@ class Sink:
             letters = [*dead_letters, *failed]
             if letters:
                 await insert_dead_letters(conn, lease.stream_name, lease.shard_id, letters)
+            dropped: Mapping[str, int] = {}
+            if self._policy is not None and policy_outputs:
+                dropped = await self._policy.record(
+                    conn, policy_outputs, lease.stream_name, lease.shard_id
+                )
             if sequence_range is not None and self._chain:
                 digests = DayDigests()
                 digests.extend(unit.chain for unit in stored)
@@ -187,6 +209,7 @@ class Sink:
                     *sequence_range,
                     digests,
                     dead_letters=[(d.sequence_number, d.raw) for d in letters],
+                    dropped=dropped,
                 )
             if new_checkpoint == SHARD_END:
                 await record_end(conn, lease, previous_checkpoint, sequence_range)

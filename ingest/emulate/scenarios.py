@@ -1,0 +1,291 @@
+"""Attacks with known ground truth, injected into normal traffic (pure: no I/O, no clock).
+
+``normal(...)`` is the emulator's traffic (ingest/emulate/traffic.py) paced like a working
+database: events spread evenly at ``rate`` events per second from ``start`` (a Monday, 09:00
+UTC, inside the default change window), instead of the generator's microseconds apart. The
+generator fails about 3% of its logins, a rate no production database sees (it exists to
+exercise the decoder); normal traffic keeps one in ``FAILED_LOGIN_KEEP`` of them, so wrong
+passwords still happen, about one every minute or two at the default rate.
+
+``scenario(name, ...)`` is that traffic with one incident injected at ``INCIDENT_AT`` into it
+(time-aligned so its alerts' identities are known), and :data:`GROUND_TRUTH` says which
+alerts the built-in pack must raise for it: rule, group key, severity, count.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ingest.emulate.traffic import INNER_TYPE, Engine, InnerRecord, Traffic, format_time
+
+SCENARIOS = (
+    "brute-force",
+    "password-spray",
+    "privilege-escalation",
+    "mass-export",
+    "off-hours-ddl",
+    "audit-tampering",
+    "stream-stopped",
+)
+#: Monday 2026-11-23 09:00:00 UTC.
+NORMAL_START = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+#: The incident starts this long into the traffic (aligned to a minute, plus 5 s).
+INCIDENT_AT = timedelta(minutes=5, seconds=5)
+FAILED_LOGIN_KEEP = 50
+FAILED_LOGINS = frozenset({"AUTH FAILURE", "FAILED_CONNECT"})
+ATTACKER_HOST = "203.0.113.7"
+SPRAY_HOST = "198.51.100.9"
+
+
+@dataclass(frozen=True)
+class Expected:
+    rule: str
+    group_key: str
+    severity: str
+    #: the alert's event_count at least (events, or rows for mass_read): a threshold's window
+    #: may also hold background events of the same group
+    count: int
+
+
+def _us(stamp: datetime) -> int:
+    return int(stamp.timestamp()) * 1_000_000 + stamp.microsecond
+
+
+def _parse_us(text: str) -> int:
+    stamp = datetime.strptime(text[:26], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
+    return _us(stamp)
+
+
+def normal(
+    seed: int = 1,
+    engine: Engine = "both",
+    *,
+    instances: int = 2,
+    count: int = 10_000,
+    events_per_record: int = 10,
+    rate: float = 20.0,
+    start: datetime = NORMAL_START,
+    heartbeat_every: int = 20,
+    cluster_id: str | None = None,
+    stop_instance_after: timedelta | None = None,
+) -> Iterator[InnerRecord]:
+    """The generator's records with their events re-timed to ``rate`` events per second from
+    ``start`` (heartbeats every few seconds of that clock), and most failed logins removed.
+    ``stop_instance_after``: the last instance goes silent (no events, no heartbeats) that long
+    after ``start``, as when its activity stream is stopped."""
+    traffic = Traffic(
+        seed, engine, instances=instances, heartbeat_every=heartbeat_every, cluster_id=cluster_id
+    )
+    step = int(1_000_000 / rate)
+    clock = _us(start)
+    stop_us = None if stop_instance_after is None else _us(start + stop_instance_after)
+    silent = traffic.instance_ids[-1]
+    failures = itertools.count()
+    last_beat: dict[str, int] = {}
+    for record in traffic.records(events_per_record, count):
+        kept: list[dict[str, Any]] = []
+        for event in record.events:
+            if event.get("type") == "heartbeat":
+                event = {**event, "logTime": format_time(clock)}
+                kept.append(event)
+                continue
+            if event.get("command") in FAILED_LOGINS and next(failures) % FAILED_LOGIN_KEEP:
+                continue
+            clock += step
+            kept.append(_retimed(event, clock))
+        if not kept:
+            continue
+        instance = record.instance_id
+        if stop_us is not None and instance == silent and clock >= stop_us:
+            continue
+        beats = [e for e in kept if e.get("type") == "heartbeat"]
+        if beats and clock - last_beat.get(instance, 0) < 5_000_000:
+            continue  # at most one heartbeat every 5 s of the paced clock, like Aurora
+        if beats:
+            last_beat[instance] = clock
+        doc = {**record.doc, "databaseActivityEventList": kept}
+        yield InnerRecord(
+            record.version, doc, record.partition_key, len(kept) - len(beats), len(beats)
+        )
+
+
+def _retimed(event: dict[str, Any], log_us: int) -> dict[str, Any]:
+    out = dict(event)
+    old = _parse_us(event["logTime"])
+    out["logTime"] = format_time(log_us)
+    for key in ("startTime", "endTime"):
+        value = event.get(key)
+        if isinstance(value, str) and value:
+            out[key] = format_time(log_us + (_parse_us(value) - old))
+    return out
+
+
+def _pg_event(at_us: int, user: str, host: str, command: str, **fields: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": "record",
+        "class": fields.pop("class_", "MISC"),
+        "clientApplication": "psql",
+        "command": command,
+        "commandText": None,
+        "databaseName": "shop",
+        "dbProtocol": "Postgres 3.0",
+        "dbUserName": user,
+        "errorMessage": None,
+        "exitCode": None,
+        "logTime": format_time(at_us),
+        "netProtocol": "TCP",
+        "objectName": None,
+        "objectType": None,
+        "paramList": [],
+        "pid": 4242,
+        "remoteHost": host,
+        "remotePort": "50000",
+        "rowCount": None,
+        "serverHost": "172.31.9.9",
+        "serverType": "PostgreSQL",
+        "serverVersion": "2.3.1",
+        "serviceName": "Amazon Aurora PostgreSQL-Compatible edition",
+        "sessionId": "6a1b2c3d.1092",
+        "startTime": format_time(at_us - 500),
+        "statementId": 1,
+        "substatementId": 1,
+        "transactionId": None,
+    }
+    event.update(fields)
+    return event
+
+
+def incident(name: str, at: datetime) -> tuple[list[list[dict[str, Any]]], list[Expected]]:
+    """The incident's events (in records, PostgreSQL-shaped) and the alerts it must raise."""
+    t = _us(at)
+    second = 1_000_000
+    if name == "brute-force":
+        events = [
+            _pg_event(t + i * second, "admin", ATTACKER_HOST, "AUTH FAILURE",
+                      exitCode="28P01",
+                      errorMessage='password authentication failed for user "admin"')
+            for i in range(20)
+        ]  # fmt: skip
+        return [events[:10], events[10:]], [
+            Expected("brute_force_login", "user=admin", "high", 5),
+            Expected("brute_force_login", f"remote_host={ATTACKER_HOST}", "high", 5),
+        ]
+    if name == "password-spray":
+        users = [f"user{i:02d}" for i in range(12)]
+        events = [
+            _pg_event(t + i * 3 * second, user, SPRAY_HOST, "AUTH FAILURE", exitCode="28P01",
+                      errorMessage=f'password authentication failed for user "{user}"')
+            for i, user in enumerate(users)
+        ]  # fmt: skip
+        return [events], [Expected("brute_force_login", f"remote_host={SPRAY_HOST}", "high", 5)]
+    if name == "privilege-escalation":
+        events = [
+            _pg_event(t, "intruder", ATTACKER_HOST, "CONNECT", exitCode=None),
+            _pg_event(t + second, "intruder", ATTACKER_HOST, "GRANT", class_="ROLE",
+                      commandText="GRANT rds_superuser TO intruder", statementId=2),
+            _pg_event(t + 2 * second, "intruder", ATTACKER_HOST, "ALTER ROLE", class_="ROLE",
+                      commandText="ALTER ROLE intruder CREATEROLE", statementId=3),
+        ]  # fmt: skip
+        return [events], []  # group key needs the instance: filled in by scenario()
+    if name == "mass-export":
+        events = [
+            _pg_event(t, "exfil", ATTACKER_HOST, "SELECT", class_="READ",
+                      commandText="SELECT * FROM public.customers", rowCount=250_000,
+                      objectName="public.customers", objectType="TABLE"),
+        ]  # fmt: skip
+        return [events], [
+            Expected("mass_read", "user=exfil", "high", 250_000),
+            Expected("mass_read", "user=exfil,statement", "high", 250_000),
+        ]
+    if name == "off-hours-ddl":
+        # Saturday 03:00 UTC, whatever the traffic's own clock says.
+        night = _us(datetime(2026, 11, 28, 3, 0, tzinfo=UTC))
+        events = [
+            _pg_event(night, "night_owl", "10.2.3.4", "DROP TABLE", class_="DDL",
+                      commandText="DROP TABLE public.orders_archive"),
+        ]  # fmt: skip
+        return [events], []
+    if name == "audit-tampering":
+        events = [
+            _pg_event(t, "intruder", ATTACKER_HOST, "ALTER SYSTEM", class_="MISC",
+                      commandText="ALTER SYSTEM SET log_statement = 'none'"),
+            _pg_event(t + second, "intruder", ATTACKER_HOST, "SET", class_="MISC",
+                      commandText="SET pgaudit.log = 'none'", statementId=2),
+        ]  # fmt: skip
+        return [events], []
+    if name == "stream-stopped":
+        return [], []
+    raise ValueError(f"unknown scenario {name!r} ({', '.join(SCENARIOS)})")
+
+
+def scenario(
+    name: str | None,
+    seed: int = 1,
+    *,
+    count: int = 40_000,
+    events_per_record: int = 10,
+    rate: float = 20.0,
+    start: datetime = NORMAL_START,
+    cluster_id: str | None = None,
+) -> tuple[list[InnerRecord], list[Expected]]:
+    """Normal PostgreSQL traffic of ``count`` events with the incident ``name`` injected
+    ``INCIDENT_AT`` after ``start``; the alerts the built-in pack must raise for it (beyond
+    what the same traffic without the incident raises). ``name`` None: the traffic alone."""
+    if name is None:
+        traffic = Traffic(seed, "postgres", instances=2, cluster_id=cluster_id)
+        return list(
+            normal(seed, "postgres", instances=2, count=count, events_per_record=events_per_record,
+                   rate=rate, start=start, cluster_id=traffic.cluster_id)
+        ), []  # fmt: skip
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r} ({', '.join(SCENARIOS)})")
+    at = start + INCIDENT_AT
+    traffic = Traffic(seed, "postgres", instances=2, cluster_id=cluster_id)
+    victim = traffic.instance_ids[0]
+    stop = at - start if name == "stream-stopped" else None
+    base = list(
+        normal(seed, "postgres", instances=2, count=count, events_per_record=events_per_record,
+               rate=rate, start=start, cluster_id=traffic.cluster_id, stop_instance_after=stop)
+    )  # fmt: skip
+    chunks, expected = incident(name, at)
+    if name in ("privilege-escalation", "audit-tampering", "off-hours-ddl"):
+        rule = {
+            "privilege-escalation": ("privilege_change", "high"),
+            "audit-tampering": ("audit_tampering", "critical"),
+            "off-hours-ddl": ("off_hours_ddl", "medium"),
+        }[name]
+        user = chunks[0][-1]["dbUserName"]
+        matching = 1 if name == "off-hours-ddl" else 2
+        expected = [Expected(rule[0], f"user={user},instance={victim}", rule[1], matching)]
+    if name == "stream-stopped":
+        expected = [Expected("heartbeat_gap", f"instance={traffic.instance_ids[-1]}", "high", 1)]
+    injected = [
+        InnerRecord(
+            "1.1",
+            {"type": INNER_TYPE, "clusterId": traffic.cluster_id, "instanceId": victim,
+             "databaseActivityEventList": chunk},
+            victim, len(chunk), 0,
+        )
+        for chunk in chunks
+    ]  # fmt: skip
+    # Insert the incident where the traffic's clock passes it, on the victim's partition key.
+    at_us = _us(at)
+    out: list[InnerRecord] = []
+    pending = list(injected)
+    for record in base:
+        if pending and _first_time(record) >= at_us:
+            out.extend(pending)
+            pending = []
+        out.append(record)
+    out.extend(pending)
+    return out, expected
+
+
+def _first_time(record: InnerRecord) -> int:
+    for event in record.events:
+        return _parse_us(event["logTime"])
+    return 0
