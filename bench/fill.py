@@ -121,7 +121,11 @@ def _encode(shard: str, items: list[tuple[str, bytes, str]], ingested_at: dateti
             else:
                 days.add(utc_date(event.log_time))
                 day = utc_date(event.log_time).isoformat()
-            digests.add(day, sha256(lines[k]).digest())
+            line = lines[k]
+            if line.endswith(copyfmt.NULL_FINGERPRINT):
+                # no fingerprint (no policy): not part of the encoding, as in decode_batch
+                line = line[: -len(copyfmt.NULL_FINGERPRINT)]
+            digests.add(day, sha256(line).digest())
     return Batch(
         shard,
         items[0][0],
