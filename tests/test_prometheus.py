@@ -12,6 +12,7 @@ from typing import Any
 import yaml  # type: ignore[import-untyped]
 from prometheus_client.metrics import MetricWrapperBase
 
+from ingest.alerts.outbox import DeliveryMetrics
 from ingest.metrics import Metrics
 from tests.deploy_tools import run_tool
 
@@ -62,7 +63,15 @@ def test_the_prometheus_rule_carries_the_same_groups() -> None:
 
 def test_alerts_use_only_exported_metrics() -> None:
     metrics = Metrics("s")
-    families = {str(v._name) for v in vars(metrics).values() if isinstance(v, MetricWrapperBase)}
+    # The worker registers the alert delivery metrics on the same registry (worker.py).
+    delivery = DeliveryMetrics(metrics.registry)
+    families = {
+        str(v._name)
+        for source in (metrics, delivery)
+        for v in vars(source).values()
+        if isinstance(v, MetricWrapperBase)
+    }
+    assert "das_alert_delivery_failures" in families
     for rule in rules():
         for name in re.findall(r"\b(das_[a-z_]+)\b", rule["expr"]):
             assert name.removesuffix("_total") in families, f"{rule['alert']}: {name}"
