@@ -61,12 +61,12 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from das_dev.devstack import HOST, LocalStack, free_port
+from ingest.alerts.outbox import DeliveryMetrics
 from ingest.aws import aws_client
 from ingest.cli import build_parser
 from ingest.emulate.producer import EmulateOptions, emulate
 from ingest.errors import ConfigError
 from ingest.kms import encryption_context
-from ingest.alerts.outbox import DeliveryMetrics
 from ingest.metrics import Metrics
 from ingest.warehouse.migrate import migrate
 from tests.cli_helpers import Result, das_ingest
