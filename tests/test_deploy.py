@@ -61,6 +61,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from das_dev.devstack import HOST, LocalStack, free_port
+from ingest.alerts.outbox import DeliveryMetrics
 from ingest.aws import aws_client
 from ingest.cli import build_parser
 from ingest.emulate.producer import EmulateOptions, emulate
@@ -895,17 +896,29 @@ class Exported:
     labels: Mapping[str, frozenset[str]]
 
 
-def exported_metrics() -> Exported:
+def worker_metrics() -> tuple[Metrics, list[MetricWrapperBase]]:
+    """A worker's registry and every metric on it: ingest/metrics.py's and the alert delivery
+    metrics the worker registers on the same registry (ingest/consumer/worker.py)."""
     metrics = Metrics()
+    delivery = DeliveryMetrics(metrics.registry)
+    wrappers = [
+        value
+        for source in (metrics, delivery)
+        for value in vars(source).values()
+        if isinstance(value, MetricWrapperBase)
+    ]
+    return metrics, wrappers
+
+
+def exported_metrics() -> Exported:
+    metrics, wrappers = worker_metrics()
     suffixes = {
         "counter": ("_total", "_created"),
         "gauge": ("",),
         "histogram": ("_bucket", "_count", "_sum", "_created"),
     }
     labels: dict[str, frozenset[str]] = {}
-    for value in vars(metrics).values():
-        if not isinstance(value, MetricWrapperBase):
-            continue
+    for value in wrappers:
         names = frozenset(value._labelnames)
         for suffix in suffixes[str(value._type)]:
             labels[value._name + suffix] = names | ({"le"} if suffix == "_bucket" else set())
@@ -995,18 +1008,17 @@ NOT_ON_THE_DASHBOARD: dict[str, str] = {}
 
 def metric_families() -> dict[str, str]:
     """Each metric the ingester defines, by family name, with its type."""
-    metrics = Metrics()
-    return {
-        str(value._name): str(value._type)
-        for value in vars(metrics).values()
-        if isinstance(value, MetricWrapperBase)
-    }
+    _, wrappers = worker_metrics()
+    return {str(value._name): str(value._type) for value in wrappers}
 
 
 def test_every_metric_is_on_the_dashboard_or_left_out_for_a_reason() -> None:
     exported = exported_metrics()
     families = metric_families()
     assert "das_chain_anchors" in families
+    assert {"das_alerts_delivered", "das_alert_delivery_failures", "das_alerts_pending"} <= set(
+        families
+    )
     used = {name for expr in prometheus_queries() for name in _METRIC.findall(expr)}
     for family in families:
         samples = {name for name in exported.names if name.startswith(family)}

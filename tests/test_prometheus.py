@@ -7,11 +7,13 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml  # type: ignore[import-untyped]
 from prometheus_client.metrics import MetricWrapperBase
 
+from ingest.alerts.notifiers import WebhookNotifier
+from ingest.alerts.outbox import Deliverer, DeliveryMetrics
 from ingest.metrics import Metrics
 from tests.deploy_tools import run_tool
 
@@ -62,7 +64,15 @@ def test_the_prometheus_rule_carries_the_same_groups() -> None:
 
 def test_alerts_use_only_exported_metrics() -> None:
     metrics = Metrics("s")
-    families = {str(v._name) for v in vars(metrics).values() if isinstance(v, MetricWrapperBase)}
+    # The worker registers the alert delivery metrics on the same registry (worker.py).
+    delivery = DeliveryMetrics(metrics.registry)
+    families = {
+        str(v._name)
+        for source in (metrics, delivery)
+        for v in vars(source).values()
+        if isinstance(v, MetricWrapperBase)
+    }
+    assert "das_alert_delivery_failures" in families
     for rule in rules():
         for name in re.findall(r"\b(das_[a-z_]+)\b", rule["expr"]):
             assert name.removesuffix("_total") in families, f"{rule['alert']}: {name}"
@@ -72,3 +82,20 @@ def test_the_operations_guide_describes_every_alert() -> None:
     doc = OPERATIONS.read_text()
     for rule in rules():
         assert f"`{rule['alert']}`" in doc, f"{rule['alert']} is not in docs/operations.md"
+
+
+def test_delivery_series_start_at_zero_so_a_first_failure_is_alerted() -> None:
+    # DasIngestAlertDeliveryFailing uses increase(): a series born at 1 shows no increase, so
+    # each notifier's counters must exist at 0 before its first attempt.
+    metrics = Metrics("s")
+    notifier = WebhookNotifier("https://hooks.example.com/das")
+    Deliverer(cast(Any, None), [notifier], metrics=DeliveryMetrics(metrics.registry))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+    }
+    n = ("notifier", notifier.name)
+    assert samples[("das_alerts_delivered_total", (n,))] == 0
+    assert samples[("das_alert_delivery_failures_total", (("final", "false"), n))] == 0
+    assert samples[("das_alert_delivery_failures_total", (("final", "true"), n))] == 0

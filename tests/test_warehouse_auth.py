@@ -23,6 +23,7 @@ from ingest.warehouse.auth import (
     rds_token,
 )
 from tests.cli_helpers import das_ingest
+from tests.fleet import migrated
 
 # -- Secrets Manager ----------------------------------------------------------------------
 
@@ -64,6 +65,22 @@ async def test_migrate_and_status_with_the_dsn_from_a_secret(
     )
     assert status.returncode == 0, status.stderr
     assert '"events": 0' in status.stdout
+
+
+async def test_alerts_deliver_takes_the_dsn_from_the_secret(
+    pg_dsn: str, secrets_env: dict[str, str]
+) -> None:
+    # alerts deliver opens a pool, not a connection: it must log in the same way. The PG*
+    # variables point nowhere, so only the secret's DSN can reach the warehouse.
+    await migrated(pg_dsn)
+    arn = put_secret(secrets_env, pg_dsn)
+    env = {**secrets_env, "DAS_DSN": "", "PGHOST": "/nonexistent", "PGPORT": "1"}
+    result = await das_ingest(
+        "alerts", "deliver", "--once", "--notify", "webhook=http://127.0.0.1:9/hook",
+        "--dsn-secret", arn, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "deliveries attempted" in result.stdout
 
 
 async def test_an_unknown_secret_is_a_one_line_configuration_error(

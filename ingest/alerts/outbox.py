@@ -130,6 +130,12 @@ class Deliverer:
         self.notifiers = {n.name: n for n in notifiers}
         self.settings = settings
         self.metrics = metrics or DeliveryMetrics()
+        # Every notifier's series exist from the start at 0: Prometheus' increase() cannot see
+        # a counter's first step, so a first failure (or give-up) would otherwise go unalerted.
+        for name in self.notifiers:
+            self.metrics.delivered.labels(name)
+            self.metrics.failures.labels(name, "false")
+            self.metrics.failures.labels(name, "true")
 
     async def run_once(self) -> int:
         """One enqueue-claim-send round; returns how many sends were attempted."""

@@ -267,12 +267,11 @@ async def _do_deliver(args: argparse.Namespace, notifiers: list[Any]) -> int:
     import asyncio
     import signal
 
-    import asyncpg
-
     from ingest.alerts.outbox import Deliverer
-    from ingest.warehouse.db import resolve_dsn
+    from ingest.warehouse.db import create_pool, resolve_dsn
 
-    pool = await asyncpg.create_pool(resolve_dsn(args.dsn), min_size=1, max_size=2)
+    # The warehouse's pool: --dsn-secret and --iam-auth apply, keepalives are on.
+    pool = await create_pool(resolve_dsn(args.dsn), min_size=1, max_size=2)
     try:
         deliverer = Deliverer(pool, notifiers)
         if args.once:
