@@ -40,6 +40,7 @@ MINIMAL_ARGV = {
     "emulate": ["--stream", "s"],
     "alerts show": ["1"],
     "alerts ack": ["1"],
+    "rules check": ["rules.yml"],
 }
 
 

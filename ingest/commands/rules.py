@@ -8,7 +8,7 @@ import sys
 from datetime import timedelta
 from typing import Any
 
-from ingest.commands.options import env_default, env_flag
+from ingest.commands.options import add_log_argument, env_default, env_flag
 
 
 def add_rules_argument(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +42,7 @@ def add_parser(subparsers: Any) -> None:
         "FILE:LINE: message and exit 2, else print how many rules are in effect and exit 0.",
     )
     check.add_argument("file", metavar="FILE")
+    add_log_argument(check)
     check.set_defaults(func=_check)
     listing = sub.add_parser(
         "list",
@@ -51,6 +52,7 @@ def add_parser(subparsers: Any) -> None:
     )
     add_rules_argument(listing)
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_log_argument(listing)
     listing.set_defaults(func=_list)
     parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
 
