@@ -10,7 +10,7 @@ NODE_DIR := tools/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 PROMTOOL := /usr/bin/promtool
 
-.PHONY: help setup demo stack test test-fast lint bench soak clean
+.PHONY: help setup demo stack test test-fast lint bench bench-scale soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -60,6 +60,9 @@ lint: setup  ## ruff and strict mypy
 
 bench: setup  ## benchmarks on the local stack (see README "Performance")
 	$(BIN)/python -m bench
+
+bench-scale: setup  ## cost as the warehouse grows; SIZES=0,5M,20M (default 0,1M,3M) -> docs/performance.md
+	$(BIN)/python -m bench.scale --sizes $${SIZES:-0,1M,3M}
 
 soak: setup  ## long fault-injection run; MINUTES=N (default 10)
 	$(BIN)/python -m bench.soak --minutes $${MINUTES:-10}

@@ -22,8 +22,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bench import decode, e2e, procs, workload
+from bench import ceiling, decode, e2e, procs, workload
 from bench.archive import run_archive_bench
+from bench.encoder import SUITE_ID, UNSIGNED_SUITE_ID
 from bench.reference import ReferenceResult, run_reference
 from bench.report import Table, num, ratio, spread
 from das_dev.devstack import LocalStack, install_signal_handlers
@@ -148,10 +149,17 @@ class Variant:
     flags: list[str]
 
 
+#: Record sizes whose steady rate is compared with the decode-pool ceiling, for both suites.
+CEILING_SIZES = (1, 10)
+#: The issue's target: end-to-end steady rate at least this share of the ceiling.
+CEILING_TARGET = 0.85
+
+
 @dataclass
 class Results:
     e2e: Table
     latency: Table
+    ceiling: Table
     checks: list[str] = field(default_factory=list)
     ok: bool = True
 
@@ -309,7 +317,12 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
         "Latency, put -> committed row, at a steady rate (10 events/record)",
         ["events/record", "rate events/s", "records", "p50 s", "p99 s", "max s", "peak RSS MB"],
     )
-    results = Results(table, latency_table)
+    ceiling_table = Table(
+        f"Steady state vs the ceiling: the decode pool alone ({args.processes} processes, no "
+        "Kinesis, no warehouse) and das-ingest run end to end",
+        ["events/record", "suite", "ceiling events/s", "steady events/s", "% of ceiling"],
+    )
+    results = Results(table, latency_table, ceiling_table)
     variant_list = variants(args)
     async with aws_client("kinesis") as kinesis, aws_client("kms") as kms:
         key_id = await create_kms_key(kms)
@@ -366,6 +379,10 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
                 results.checks.append(
                     f"- KMS, {size}/record, {label}: at most one Decrypt per distinct data key: "
                     f"{'ok' if good else 'FAILED'} ({worst} calls, {work.data_keys} data keys)"
+                )
+            if size in CEILING_SIZES and "das-ingest" in runs:
+                await _ceiling_rows(
+                    stack, args, results, kinesis, kms, key_id, size, work, runs["das-ingest"]
                 )
             for overhead in (chain_overhead(size, runs), policy_overhead(size, runs)):
                 if overhead is not None:
@@ -431,6 +448,42 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
     return results
 
 
+async def _ceiling_rows(
+    stack: LocalStack,
+    args: argparse.Namespace,
+    results: Results,
+    kinesis: object,
+    kms: object,
+    key_id: str,
+    size: int,
+    signed: workload.Workload,
+    signed_runs: list[e2e.WorkerRun],
+) -> None:
+    """Both suites at ``size`` events/record: the signed workload's runs are at hand; the
+    unsigned one (Aurora PostgreSQL's 0x0178) is built, put and run here."""
+    stream = f"aws-rds-das-cluster-BENCHU{size:03d}"
+    await workload.create_stream(kinesis, stream)
+    unsigned = await workload.build(
+        kms, key_id, stream, size, args.records * size, seed=size, suite=UNSIGNED_SUITE_ID
+    )
+    await workload.put(kinesis, unsigned)
+    unsigned_runs = [
+        await e2e.run_worker(stack, unsigned, processes=args.processes)
+        for _ in range(args.e2e_repeat)
+    ]
+    for work, runs in ((signed, signed_runs), (unsigned, unsigned_runs)):
+        top = await ceiling.decode_pool_rate(work, args.processes)
+        steady = statistics.median(r.steady_events_per_second for r in runs)
+        share = steady / top if top else 0.0
+        results.ceiling.add(size, f"{work.suite:#06x}", num(top), num(steady), f"{share:.0%}")
+        results.checks.append(
+            f"- Steady state, {size}/record, suite {work.suite:#06x}: {share:.0%} of the "
+            f"decode-pool ceiling ({steady:,.0f} of {top:,.0f} events/s), target "
+            f"{CEILING_TARGET:.0%}: {'ok' if share >= CEILING_TARGET else 'below target'}"
+        )
+    assert signed.suite == SUITE_ID
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     install_signal_handlers()
@@ -464,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.ok &= archived.ok
     print(results.e2e.render() + "\n")
     print(results.latency.render() + "\n")
+    print(results.ceiling.render() + "\n")
     if args.archive_events:
         print(archived.table.render() + "\n")
     print("### Checks\n")

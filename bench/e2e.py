@@ -92,8 +92,11 @@ async def drop_database(stack: LocalStack, dsn: str) -> None:
 class _Worker:
     """A `das-ingest run` subprocess with its stderr read, RSS sampled and /metrics scraped."""
 
-    def __init__(self, process: asyncio.subprocess.Process, metrics_port: int) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, metrics_port: int, stream: str = ""
+    ) -> None:
         self.process = process
+        self.stream = stream
         self.metrics_port = metrics_port
         self.lines: list[str] = []
         self.peak_rss = 0
@@ -131,7 +134,7 @@ class _Worker:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        return cls(process, port)
+        return cls(process, port, stream)
 
     async def _read(self) -> None:
         assert self.process.stderr is not None
@@ -212,6 +215,7 @@ async def run_worker(
     worker_args: Sequence[str] = (),
     processes: int = 2,
     limit_seconds: float = 1800.0,
+    dsn: str | None = None,
 ) -> WorkerRun:
     """`das-ingest run` over the filled stream into a fresh database, until every shard's
     checkpoint reached the last record put; then SIGTERM.
@@ -223,9 +227,13 @@ async def run_worker(
     Not ``--stop-when-idle``: it counts a shard as idle as soon as the prefetched next page
     comes back empty, while the page in hand may still be decoding; on a big backlog the worker
     then stops before it stored everything (see README "Performance").
+
+    ``dsn``: into this (migrated, possibly full) warehouse instead of a fresh database; only
+    the workload's stream is counted, and the database is kept.
     """
     last_put = _last_sequence_numbers(workload)
-    dsn = await fresh_database(stack)
+    keep = dsn is not None
+    dsn = dsn or await fresh_database(stack)
     try:
         started = time.time()
         worker = await _Worker.start(workload.stream, dsn, list(worker_args), processes)
@@ -244,17 +252,21 @@ async def run_worker(
                 SELECT count(*) AS n,
                        extract(epoch FROM min(ingested_at)) AS first,
                        extract(epoch FROM max(ingested_at)) AS last
-                FROM das.activity_events
-                """
+                FROM das.activity_events WHERE stream_name = $1
+                """,
+                workload.stream,
             )
             first_batch = await conn.fetchval(
-                "SELECT count(*) FROM das.activity_events WHERE ingested_at = "
-                "(SELECT min(ingested_at) FROM das.activity_events)"
+                "SELECT count(*) FROM das.activity_events WHERE stream_name = $1 AND "
+                "ingested_at = (SELECT min(ingested_at) FROM das.activity_events "
+                "WHERE stream_name = $1)",
+                workload.stream,
             )
         finally:
             await conn.close()
     finally:
-        await drop_database(stack, dsn)
+        if not keep:
+            await drop_database(stack, dsn)
     assert row is not None
     events = int(row["n"])
     if code != 0 or events != workload.events:
@@ -293,7 +305,10 @@ async def _until_checkpointed(
     conn = await asyncpg.connect(dsn)
     try:
         while True:
-            rows = await conn.fetch("SELECT shard_id, checkpoint FROM das.leases")
+            rows = await conn.fetch(
+                "SELECT shard_id, checkpoint FROM das.leases WHERE stream_name = $1",
+                worker.stream,
+            )
             done = {
                 r["shard_id"]
                 for r in rows
@@ -332,20 +347,28 @@ async def run_latency(
     worker_args: Sequence[str] = (),
     processes: int = 2,
     limit_seconds: float = 600.0,
+    dsn: str | None = None,
 ) -> LatencyRun:
     """Put ``workload`` at ``rate`` events/s while a worker runs; latency = put -> committed.
 
     The put time is taken just before the record's PutRecords call is sent; the commit time is
     the ``ingested_at`` of its rows (when the decoder encoded the batch, just before its
-    transaction). Records are put in ticks of 50 ms.
+    transaction). Records are put in ticks of 50 ms. ``dsn``: as for :func:`run_worker`.
     """
-    dsn = await fresh_database(stack)
+    keep = dsn is not None
+    dsn = dsn or await fresh_database(stack)
     worker = await _Worker.start(workload.stream, dsn, list(worker_args), processes)
     try:
         conn = await asyncpg.connect(dsn)
         try:
             deadline = time.monotonic() + 60
-            while await conn.fetchval("SELECT count(*) FROM das.leases WHERE owner = 'bench'") < 4:
+            while (
+                await conn.fetchval(
+                    "SELECT count(*) FROM das.leases WHERE owner = 'bench' AND stream_name = $1",
+                    workload.stream,
+                )
+                < 4
+            ):
                 if time.monotonic() > deadline or worker.process.returncode is not None:
                     raise RuntimeError(
                         "the worker did not take the leases:\n" + "\n".join(worker.lines[-10:])
@@ -354,7 +377,13 @@ async def run_latency(
             await asyncio.sleep(1.0)  # consumers get their iterators and start polling
             await _paced_put(kinesis, workload, rate)
             deadline = time.monotonic() + limit_seconds
-            while await conn.fetchval("SELECT count(*) FROM das.activity_events") < workload.events:
+            while (
+                await conn.fetchval(
+                    "SELECT count(*) FROM das.activity_events WHERE stream_name = $1",
+                    workload.stream,
+                )
+                < workload.events
+            ):
                 if time.monotonic() > deadline or worker.process.returncode is not None:
                     raise RuntimeError("latency run did not store every event")
                 await asyncio.sleep(0.5)
@@ -362,8 +391,9 @@ async def run_latency(
                 """
                 SELECT shard_id, sequence_number::text AS seq,
                        extract(epoch FROM min(ingested_at)) AS at
-                FROM das.activity_events GROUP BY 1, 2
-                """
+                FROM das.activity_events WHERE stream_name = $1 GROUP BY 1, 2
+                """,
+                workload.stream,
             )
         finally:
             await conn.close()
@@ -371,7 +401,8 @@ async def run_latency(
         await worker.wait(60)
     finally:
         worker.kill()
-        await drop_database(stack, dsn)
+        if not keep:
+            await drop_database(stack, dsn)
     latencies = sorted(float(r["at"]) - workload.put_times[(r["shard_id"], r["seq"])] for r in rows)
     return LatencyRun(
         rate=rate,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from bench.encoder import FastEncryptor
+from bench.encoder import SUITE_ID, FastEncryptor
 from ingest.emulate.encoder import EncodeItem, encode_payload
 from ingest.emulate.producer import (
     MAX_BATCH_BYTES,
@@ -37,15 +37,15 @@ CHUNK = 50
 #: Below this many records, spawning encoder processes costs more than it saves.
 PARALLEL_FROM = 400
 
-_encryptor: FastEncryptor | None = None
+_encryptors: dict[int, FastEncryptor] = {}
 
 
-def _encode_chunk(items: Sequence[EncodeItem]) -> list[bytes]:
-    """Process-pool entry point: one FastEncryptor per process."""
-    global _encryptor  # one signing key per process, by design
-    if _encryptor is None:
-        _encryptor = FastEncryptor()
-    encryptor = _encryptor
+def _encode_chunk(items: Sequence[EncodeItem], suite: int = SUITE_ID) -> list[bytes]:
+    """Process-pool entry point: one FastEncryptor per process and suite."""
+    # one signing key per process, by design
+    encryptor = _encryptors.get(suite)
+    if encryptor is None:
+        encryptor = _encryptors[suite] = FastEncryptor(suite=suite)
     return [
         encode_payload(i.inner_json, i.version, i.data_key_plaintext, i.data_key_blob, encryptor)
         for i in items
@@ -63,6 +63,9 @@ class Workload:
     put_seconds: float = 0.0
     #: (shard id, sequence number) -> time.time() when its PutRecords call was sent.
     put_times: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: each entry's plaintext data key (what KMS would return), for the decode-pool ceiling
+    plaintext_keys: list[bytes] = field(default_factory=list)
+    suite: int = SUITE_ID
 
     @property
     def records(self) -> int:
@@ -95,6 +98,7 @@ async def build(
     *,
     seed: int = 1,
     processes: int = 2,
+    suite: int = SUITE_ID,
 ) -> Workload:
     """Generate and seal the records of ``events`` record events (heartbeat records extra)."""
     started = time.perf_counter()
@@ -120,10 +124,10 @@ async def build(
             processes, mp_context=multiprocessing.get_context("spawn")
         ) as pool:
             sealed = await asyncio.gather(
-                *(loop.run_in_executor(pool, _encode_chunk, c) for c in chunks)
+                *(loop.run_in_executor(pool, _encode_chunk, c, suite) for c in chunks)
             )
     else:
-        sealed = [_encode_chunk(c) for c in chunks]
+        sealed = [_encode_chunk(c, suite) for c in chunks]
     entries = [
         Entry(data, r.partition_key, r.record_events, r.heartbeats)
         for data, r in zip((d for chunk in sealed for d in chunk), inner, strict=True)
@@ -135,6 +139,8 @@ async def build(
         entries=entries,
         data_keys=len(keys),
         build_seconds=time.perf_counter() - started,
+        plaintext_keys=[keys[i // opts.rotate_every].plaintext for i in range(len(inner))],
+        suite=suite,
     )
 
 

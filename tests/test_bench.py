@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench.encoder import SIGNATURE_LENGTH, FastEncryptor
+from bench.encoder import SIGNATURE_LENGTH, UNSIGNED_SUITE_ID, FastEncryptor
 from ingest.decode import decode_record
 from ingest.decode.esdk import EsdkDecryptor
 from ingest.decode.lean import LeanDecryptor
@@ -128,6 +128,14 @@ def test_quick_bench_prints_every_row() -> None:
     p50, p99 = _number(latency[0]["p50 s"]), _number(latency[0]["p99 s"])
     assert 0 < p50 <= p99
 
+    ceiling = _table(tables, "Steady state vs the ceiling")
+    assert [(r["events/record"], r["suite"]) for r in ceiling] == [
+        (size, suite) for size in ("1", "10") for suite in ("0x0378", "0x0178")
+    ]
+    for row in ceiling:
+        assert _number(row["ceiling events/s"]) > 0
+        assert _number(row["steady events/s"]) > 0
+        assert row["% of ceiling"].endswith("%")
     archived = _table(tables, "Archive: one UTC day of 2,000 events")
     assert [r["step"] for r in archived] == [
         "fill the warehouse (decode + COPY + chain)",
@@ -175,6 +183,20 @@ def test_fast_encoder_messages_open_with_both_decryptors(size: int) -> None:
     assert EsdkDecryptor().decrypt(message, KEY) == plaintext
     # The SDK's fixed-length footer: u16 length, then the 103-byte DER signature.
     assert message[-SIGNATURE_LENGTH - 2 : -SIGNATURE_LENGTH] == SIGNATURE_LENGTH.to_bytes(2, "big")
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 3 * 4096 + 5])
+def test_fast_encoder_writes_the_unsigned_suite_of_aurora_postgresql(size: int) -> None:
+    plaintext = os.urandom(size)
+    message = FastEncryptor(suite=UNSIGNED_SUITE_ID).encrypt(plaintext, KEY)
+    assert message[2:4] == b"\x01\x78"  # suite 0x0178
+    assert message[20:22] == b"\x00\x00"  # an empty encryption context, as Aurora sends
+    assert LeanDecryptor().decrypt(message, KEY) == plaintext
+    assert EsdkDecryptor().decrypt(message, KEY) == plaintext
+    tampered = bytearray(message)
+    tampered[-1] ^= 0x01  # the last tag: AES-GCM notices, with no signature to lean on
+    with pytest.raises(DecryptError):
+        LeanDecryptor().decrypt(bytes(tampered), KEY)
 
 
 def test_fast_encoder_signatures_are_real() -> None:

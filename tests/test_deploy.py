@@ -856,17 +856,32 @@ def test_the_warehouse_auth_policy_allows_exactly_what_dsn_secret_and_iam_auth_c
 
 
 def test_the_auditor_policy_can_check_anchors_but_not_make_them() -> None:
+    """On the anchor key the auditors may only check (VerifyMac, Verify), never anchor
+    (GenerateMac, Sign: denied); they may decrypt nothing. Their only MAC key is the verify key,
+    for das.verify_progress (docs/integrity.md, "Incremental verify")."""
     policy = json.loads((ROOT / "deploy" / "iam-policy-auditor.json").read_text())
-    allowed = {
-        a for s in policy["Statement"] if s["Effect"] == "Allow" for a in _listed(s["Action"])
-    }
-    denied = {a for s in policy["Statement"] if s["Effect"] == "Deny" for a in _listed(s["Action"])}
+
+    def on(effect: str, resource: str) -> set[str]:
+        return {
+            a
+            for s in policy["Statement"]
+            if s["Effect"] == effect and s["Resource"] in (resource, "*")
+            for a in _listed(s["Action"])
+        }
+
+    resources = {s["Resource"] for s in policy["Statement"]} - {"*"}
+    anchor_key = next(r for r in resources if "anchor-key" in r)
+    verify_key = next(r for r in resources if "verify-key" in r)
     source = (ROOT / "ingest" / "integrity" / "verify.py").read_text()
     assert "verify_mac(" in source
     assert "kms.verify(" in source
-    assert {"kms:VerifyMac", "kms:Verify", "kms:DescribeKey"} <= allowed
-    assert {"kms:GenerateMac", "kms:Sign", "kms:Decrypt"} <= denied
-    assert not allowed & denied
+    assert {"kms:VerifyMac", "kms:Verify", "kms:DescribeKey"} <= on("Allow", anchor_key)
+    assert {"kms:GenerateMac", "kms:Sign", "kms:Decrypt"} <= on("Deny", anchor_key)
+    assert not on("Allow", anchor_key) & on("Deny", anchor_key)
+    assert {"kms:GenerateMac", "kms:VerifyMac"} <= on("Allow", verify_key)
+    assert "kms:Decrypt" in on("Deny", verify_key)
+    assert not on("Allow", verify_key) & on("Deny", verify_key)
+    assert resources == {anchor_key, verify_key}
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,10 @@ async def test_migrate_from_empty_then_again_is_a_no_op(pg_dsn: str) -> None:
     try:
         assert await schema_version(conn) == 0
         first = await migrate(conn)
+        # every migration, in numeric order (the numbering may have gaps: ranges per branch)
         known = [m.version for m in load_migrations()]
+        assert known == sorted(known)
+        assert known[:5] == [1, 2, 3, 4, 5]
         latest = known[-1]
         assert [m.version for m in first.applied] == known
         assert await schema_version(conn) == latest
@@ -960,3 +963,21 @@ async def test_concurrent_partition_creation_is_safe(pg_dsn: str) -> None:
                 await c.close()
     finally:
         await pool.close()
+
+
+async def test_a_warehouse_missing_a_migration_below_the_newest_is_not_current(
+    pg_dsn: str,
+) -> None:
+    """Migrations are numbered in ranges with gaps; one merged later with a lower number than
+    the newest applied one is still pending, and workers refuse to run until it is applied."""
+    from ingest.warehouse.migrate import require_current_schema
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn)
+        assert await require_current_schema(conn) == load_migrations()[-1].version
+        await conn.execute("DELETE FROM das.schema_migrations WHERE version = 3")
+        with pytest.raises(ConfigError, match="migration 0003 is not applied"):
+            await require_current_schema(conn)
+    finally:
+        await conn.close()

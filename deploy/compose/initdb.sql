@@ -5,6 +5,8 @@
 --                retention, dead-letter re-drives. Not a superuser, no CREATEROLE.
 --   das_ingest   NOLOGIN group role: append-only ingest (privileges granted by migrate)
 --   das_analyst  NOLOGIN group role: read-only (privileges granted by migrate)
+--   das_verifier NOLOGIN group role: auditors running verify (reads all, writes only
+--                das.verify_progress; privileges granted by migrate)
 --   ingester     the login `das-ingest run` uses: a member of das_ingest, nothing else
 --   analyst      the login Grafana, `das-ingest status` and people use: a member of das_analyst
 --
@@ -15,6 +17,7 @@
 CREATE ROLE das_owner LOGIN;
 CREATE ROLE das_ingest NOLOGIN;
 CREATE ROLE das_analyst NOLOGIN;
+CREATE ROLE das_verifier NOLOGIN;
 CREATE ROLE ingester LOGIN IN ROLE das_ingest;
 CREATE ROLE analyst LOGIN IN ROLE das_analyst;
 CREATE DATABASE audit OWNER das_owner;
@@ -22,3 +25,4 @@ CREATE DATABASE audit OWNER das_owner;
 REVOKE ALL ON DATABASE audit FROM PUBLIC;
 GRANT CONNECT ON DATABASE audit TO das_ingest;
 GRANT CONNECT ON DATABASE audit TO das_analyst;
+GRANT CONNECT ON DATABASE audit TO das_verifier;

@@ -27,6 +27,17 @@ key is then a finding, and so is an unanchored tail older than --max-unanchored-
 --anchors FILE (from `das-ingest anchor --export`, kept outside the warehouse) so that deleted
 anchors are found too.
 
+Incremental verify: with --verify-key-id (a KMS HMAC key that only the auditors may use:
+GenerateMac and VerifyMac; never the ingester or the warehouse's administrators) and the pinned
+--anchor-key-id, verify records in das.verify_progress how far each clean chain was verified
+(up to its newest valid anchor), MACed with that key. The next run is then routine: per chain it
+recomputes the links and events added since, plus --sample older links chosen at random
+(--seed makes the choice reproducible; the report gives the seed it used), so its cost follows
+what is new. A recorded point is believed only if its MAC checks out and a valid anchor still
+vouches for the link it names; otherwise that is a PROGRESS_INVALID finding and the chain is
+verified in full. --full recomputes everything (run it periodically: tampering with events that
+were already verified is found by --full, or by a sample that happens to hit it).
+
 --archive s3://BUCKET/PREFIX verifies an archive written by `das-ingest archive` without the
 warehouse: each file's SHA-256, each event's digest recomputed from the Parquet values against
 the links in the day's manifest, the links' hashes up to the anchor, the anchor through KMS;
@@ -60,6 +71,32 @@ def add_parser(subparsers: Any) -> None:
         metavar="ISO",
         help="only recompute the events of links created since this time (chain "
         "continuity and anchors are always checked in full)",
+    )
+    verify.add_argument(
+        "--full",
+        action="store_true",
+        help="recompute every chain from its start, whatever progress was recorded",
+    )
+    verify.add_argument(
+        "--verify-key-id",
+        default=env_default("DAS_VERIFY_KEY_ID"),
+        metavar="KEY",
+        help="KMS key (HMAC or SIGN_VERIFY) only the auditors may use: record and check "
+        "how far each chain was verified, for incremental runs [DAS_VERIFY_KEY_ID]",
+    )
+    verify.add_argument(
+        "--sample",
+        type=_count,
+        default=16,
+        metavar="N",
+        help="older links a routine run recomputes per chain, chosen at random (default: 16)",
+    )
+    verify.add_argument(
+        "--seed",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="the seed of the sample (default: random; the report names it)",
     )
     verify.add_argument("--json", action="store_true", help="a JSON report on stdout")
     verify.add_argument(
@@ -136,6 +173,16 @@ def add_parser(subparsers: Any) -> None:
     anchor.set_defaults(func=_anchor)
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
 def _verify(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
@@ -201,6 +248,10 @@ async def _do_verify(
                 exported_anchors=exported,
                 max_unanchored_age=max_unanchored,
                 retention_keep=keep,
+                routine=not args.full,
+                verify_key_id=args.verify_key_id,
+                sample=args.sample,
+                seed=args.seed,
                 progress=progress,
             )
         if not args.shards:
@@ -248,6 +299,21 @@ def _print_report(report: Any) -> None:
             "anchor key NOT pinned (give --anchor-key-id): each anchor was checked with the "
             "key it names"
         )
+    if report.mode == "routine":
+        print(
+            f"routine run: {report.routine_chains} chains from their recorded progress, "
+            f"{report.sampled_links} older links sampled (seed {report.sample_seed}); "
+            "--full recomputes everything"
+        )
+    elif report.full_because:
+        print(f"full run ({report.full_because})")
+    for point in report.progress_recorded:
+        print(
+            f"progress recorded: {point['stream']} {point['shard']} verified up to link "
+            f"{point['link']}"
+        )
+    if report.progress_error:
+        print(f"progress NOT recorded: {report.progress_error}")
     if report.retained_days:
         days = report.retained_days
         print(f"removed by retention (recorded): {len(days)} days, {days[0]} .. {days[-1]}")

@@ -13,7 +13,7 @@ def add_parser(subparsers: Any) -> None:
         "migrate",
         help="create or upgrade the audit warehouse schema (idempotent)",
         description="Apply the SQL migrations in order, record them, and (re)grant the "
-        "ingest and analyst roles. Safe to run again and from several workers at once.",
+        "ingest, analyst and verifier roles. Safe to run again and from several workers at once.",
     )
     add_dsn_argument(parser)
     parser.add_argument(
@@ -25,6 +25,12 @@ def add_parser(subparsers: Any) -> None:
         "--analyst-role",
         default=env_default("DAS_ANALYST_ROLE", "das_analyst"),
         help="read-only role for analysts (default: das_analyst) [DAS_ANALYST_ROLE]",
+    )
+    parser.add_argument(
+        "--verifier-role",
+        default=env_default("DAS_VERIFIER_ROLE", "das_verifier"),
+        help="role for auditors running verify: reads everything, writes only "
+        "das.verify_progress (default: das_verifier)",
     )
     parser.add_argument(
         "--no-roles",
@@ -52,7 +58,11 @@ async def _migrate(args: argparse.Namespace) -> int:
     from ingest.warehouse.roles import RoleNames
 
     dsn = resolve_dsn(args.dsn)
-    roles = None if args.no_roles else RoleNames(args.ingest_role, args.analyst_role)
+    roles = (
+        None
+        if args.no_roles
+        else RoleNames(args.ingest_role, args.analyst_role, args.verifier_role)
+    )
     conn = await connect(dsn)
     try:
         if args.check:

@@ -186,6 +186,8 @@ class Worker:
         self._sync_due = 0.0
         self._partitions_due = 0.0
         self._idle_since: float | None = None
+        #: the last cycle found every shard held by a live worker (idleness needs it)
+        self._everything_owned = False
         self._kms_seen = (0, 0)
         self._refused_seen = (0, 0)
         self.exit_reason = ""
@@ -323,6 +325,11 @@ class Worker:
 
     async def _watch(self) -> None:
         self.readiness.publish()
+        # Idleness is checked here, every WATCH_SECONDS, not once per coordinator cycle
+        # (lease_seconds / 3): --stop-when-idle N then stops within N + WATCH_SECONDS of the
+        # last commit, not up to two cycles later.
+        if self._idle_done():
+            self.request_stop("idle")
 
     async def _alerts(self) -> None:
         """Stream health rules and alert delivery. Never a reason to stop ingesting: a
@@ -466,21 +473,30 @@ class Worker:
     def _update_idle(self, eligible: list[tuple[Lease, bool]], live: list[str]) -> None:
         # Held by a live worker: an unexpired lease whose owner heartbeats in das.workers.
         alive = set(live) | {self.settings.worker_id}
-        everything_owned = all(not expired and lease.owner in alive for lease, expired in eligible)
-        held_idle = all(r.consumer.idle_since is not None for r in self.running.values())
-        if everything_owned and held_idle:
+        # ``eligible`` was read before this cycle balanced: a lease it has just taken counts
+        # as owned now (else a worker that took every lease would wait a whole cycle more).
+        everything_owned = all(
+            (not expired and lease.owner in alive) or lease.shard_id in self.running
+            for lease, expired in eligible
+        )
+        self._everything_owned = everything_owned
+        if everything_owned and not self.running:
             if self._idle_since is None:
                 self._idle_since = time.monotonic()
         else:
             self._idle_since = None
 
     def _idle_done(self) -> bool:
+        """Every shard is owned (as of the last cycle) and each consumer this worker runs has
+        been caught up and empty for ``stop_when_idle`` seconds (counted by the consumer from
+        its last commit or first empty page); a worker running none, for that long since the
+        cycle that found everything owned."""
         wait = self.settings.stop_when_idle
-        if wait is None or self._idle_since is None:
+        if wait is None or not self._everything_owned:
             return False
         now = time.monotonic()
-        if now - self._idle_since < wait:
-            return False
+        if not self.running:
+            return self._idle_since is not None and now - self._idle_since >= wait
         return all(
             (since := r.consumer.idle_since) is not None and now - since >= wait
             for r in self.running.values()

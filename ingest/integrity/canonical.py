@@ -10,7 +10,7 @@ defined here (with the COPY text primitives of ``ingest.copytext`` and the day d
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -60,17 +60,36 @@ def copy_field(column: str, value: Any) -> str:
     """The COPY text of one column's value: the version 2 encoding's field."""
     if value is None:
         return NULL
+    return field_encoder(column)(value)
+
+
+def field_encoder(column: str) -> Callable[[Any], str]:
+    """The function giving the COPY text of a column's (non-NULL) value."""
     if column in TIME_COLUMNS:
-        return canonical_time(value)
+        return canonical_time
     if column == "sequence_number":
-        return value if isinstance(value, str) else str(int(value))
+        return _sequence_field
     if column == "anomalies":
-        return copy_array(value)
+        return copy_array
     if column in JSON_COLUMNS:
-        return copy_escape(canonical_json(value))
-    if isinstance(value, int):
-        return str(value)
-    return copy_escape(value)
+        return _json_field
+    return _plain_field
+
+
+def _sequence_field(value: Any) -> str:
+    return value if isinstance(value, str) else str(int(value))
+
+
+def _json_field(value: Any) -> str:
+    return copy_escape(canonical_json(value))
+
+
+def _plain_field(value: Any) -> str:
+    return str(value) if isinstance(value, int) else copy_escape(value)
+
+
+#: The column encoders in EVENT_COLUMNS order, chosen once (verify encodes every stored event).
+_ENCODERS = tuple(field_encoder(c) for c in EVENT_COLUMNS)
 
 
 def has_engine_values(values: Sequence[Any]) -> bool:
@@ -96,8 +115,10 @@ def event_line(values: Sequence[Any]) -> str:
     its values in :data:`EVENT_COLUMNS` order joined by tabs, no newline, without the trailing
     column groups that are all NULL (:data:`COLUMN_GROUPS`): an event stored before migration
     0006 (or given as its 38 values of :data:`EVENT_COLUMNS_V2`) is its first 38 fields."""
-    columns = EVENT_COLUMNS[: encoded_width(values)]
-    return "\t".join(copy_field(c, v) for c, v in zip(columns, values[: len(columns)], strict=True))
+    width = encoded_width(values)
+    return "\t".join(
+        NULL if v is None else f(v) for f, v in zip(_ENCODERS[:width], values[:width], strict=True)
+    )
 
 
 def canonical_value(column: str, value: Any) -> Any:

@@ -4,17 +4,26 @@ anchors through KMS, and say precisely what was altered, deleted, inserted or re
 Nothing stored in the database is trusted for the recomputation: not its functions, not the
 links' own digests. Only whole UTC days that a believable das.retention_log record accounts
 for may legitimately vanish (see :mod:`ingest.integrity.retained`).
+
+A *routine* run (``routine=True`` with a pinned anchor key and a verify key) starts each chain
+from the point a previous run recorded in das.verify_progress, once that claim is believed
+(:mod:`ingest.integrity.progress`): it recomputes the links written since, the events stored
+after the verified part, and a random sample of older links. A full run recomputes everything.
+Either records how far it got when a chain verified clean up to a valid anchor.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import random
+import secrets
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
+import asyncpg
 import orjson
 
 from ingest.aws import error_code
@@ -24,6 +33,7 @@ from ingest.integrity.alerts import check_rows
 from ingest.integrity.anchor import (
     Anchor,
     AnchorError,
+    AnchorKey,
     KeyInfo,
     describe_anchor_key,
     load_anchors,
@@ -36,11 +46,15 @@ from ingest.integrity.canonical import (
     event_digest,
     link_hash,
 )
+from ingest.integrity.progress import VerifiedPoint, load_progress, record_progress
 from ingest.integrity.retained import RetentionLedger, RetentionRecord, parse_day
 from ingest.progress import Progress
 
 #: Exit codes of `das-ingest verify`.
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNCHECKED = 0, 1, 3
+
+#: Older links a routine run recomputes per chain, besides everything new.
+DEFAULT_SAMPLE = 16
 
 REBUILD_HINT = (
     "das.statements is derived from the chained events and not chained itself: once the "
@@ -53,8 +67,8 @@ class Finding:
     #: altered | deleted | inserted | reordered | link_altered | chain_broken | links_missing
     #: | truncated | anchor_invalid | anchor_mismatch | anchor_missing | anchor_unexpected_key
     #: | anchor_unchecked | unanchored | dead_letter_missing | dead_letter_altered
-    #: | retention_invalid (docs/integrity.md) | alert_altered | alert_chain_broken
-    #: (docs/policies.md)
+    #: | retention_invalid | progress_invalid (docs/integrity.md) | alert_altered
+    #: | alert_chain_broken (docs/policies.md)
     kind: str
     stream: str
     shard: str
@@ -80,6 +94,18 @@ class Report:
     anchors_skipped: bool = False
     #: the key every anchor must be made with (its ARN), or None: not pinned
     anchor_key: str | None = None
+    #: "full", or "routine" (chains with a believed progress claim start from it)
+    mode: str = "full"
+    #: why a routine run was not possible (then every chain was verified in full)
+    full_because: str | None = None
+    #: chains verified from their recorded progress, and the older links sampled in them
+    routine_chains: int = 0
+    sampled_links: int = 0
+    sample_seed: int | None = None
+    #: chains whose progress this run recorded (stream, shard, link)
+    progress_recorded: list[dict[str, Any]] = field(default_factory=list)
+    #: why progress could not be recorded (KMS refused the verify key's GenerateMac)
+    progress_error: str | None = None
     #: alerts whose chain was checked
     alerts: int = 0
 
@@ -106,6 +132,13 @@ class Report:
             "anchors_checked": self.anchors_checked,
             "anchors_skipped": self.anchors_skipped,
             "anchor_key": self.anchor_key,
+            "mode": self.mode,
+            "full_because": self.full_because,
+            "routine_chains": self.routine_chains,
+            "sampled_links": self.sampled_links,
+            "sample_seed": self.sample_seed,
+            "progress_recorded": self.progress_recorded,
+            "progress_error": self.progress_error,
             "unanchored_tail": self.unanchored,
             "retained_days": self.retained_days,
             "archived_days": self.archived_days,
@@ -144,6 +177,18 @@ class _Tally:
 _REFUTED = ("KMSInvalidMacException", "KMSInvalidSignatureException")
 
 
+class Signed(Protocol):
+    """Something MACed or signed with a KMS key: an anchor, a progress claim."""
+
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def algorithm(self) -> str: ...
+    @property
+    def signature(self) -> bytes: ...
+    def message(self) -> bytes: ...
+
+
 @dataclass
 class AnchorChecker:
     """Checks anchors through KMS. With ``expected_key`` (``verify --anchor-key-id``) the key is
@@ -158,6 +203,9 @@ class AnchorChecker:
     _arns: dict[str, str | None] = field(default_factory=dict)
     _failures: int = 0
     _last_error: str = ""
+    #: verdicts already given, by (message, signature): a routine run asks about its
+    #: starting anchor twice
+    _verdicts: dict[tuple[bytes, bytes], str] = field(default_factory=dict)
 
     async def prepare(self) -> KeyInfo | None:
         """Describe the expected key: AnchorError if KMS refuses (nothing can be checked)."""
@@ -169,9 +217,15 @@ class AnchorChecker:
             raise AnchorError(str(exc)) from None
         return self._expected
 
-    async def check(self, anchor: Anchor) -> str:
+    async def check(self, anchor: Signed) -> str:
         """One of "valid", "invalid" (KMS refutes it) or "unexpected_key"; AnchorError when
         KMS could not answer (refused, unreachable)."""
+        memo = (anchor.message(), anchor.signature)
+        if memo not in self._verdicts:
+            self._verdicts[memo] = await self._check(anchor)
+        return self._verdicts[memo]
+
+    async def _check(self, anchor: Signed) -> str:
         if self._failures >= self.give_up_after:
             raise AnchorError(f"{self._last_error}; KMS not asked again")
         key_id, algorithm = anchor.key_id, anchor.algorithm
@@ -234,6 +288,10 @@ async def verify_warehouse(
     exported_anchors: list[Anchor] | None = None,
     max_unanchored_age: timedelta | None = None,
     retention_keep: timedelta | None = None,
+    routine: bool = False,
+    verify_key_id: str | None = None,
+    sample: int = DEFAULT_SAMPLE,
+    seed: int | None = None,
     progress: Progress | None = None,
 ) -> Report:
     """Verify the chains (all, or of ``stream`` / ``shards``); ``progress`` counts chains.
@@ -241,6 +299,11 @@ async def verify_warehouse(
     ``anchor_key_id`` pins the anchor key; with it, a chain whose unanchored tail is older than
     ``max_unanchored_age`` is a finding. ``exported_anchors`` (``anchor --export``) must all
     still be in the warehouse. ``retention_keep`` is the retention policy.
+
+    ``verify_key_id`` (a KMS key only the auditors may MAC or sign with) lets this run record
+    how far each clean chain was verified; with it and the pinned anchor key, ``routine`` starts
+    each chain from its recorded, believed progress and recomputes only what is new plus
+    ``sample`` older links per chain (chosen with ``seed``; random when None).
     """
     report = Report()
     now: datetime = await conn.fetchval("SELECT now()")
@@ -276,6 +339,14 @@ async def verify_warehouse(
     for anchor in _merge_anchors(report, stored_anchors, exported):
         anchors[(anchor.stream_name, anchor.shard_id)].append(anchor)
     checker = await _prepare_checker(report, kms, anchor_key_id)
+    keeper = await _prepare_keeper(report, kms, checker, anchor_key_id, verify_key_id, since)
+    claims: dict[tuple[str, str], VerifiedPoint] = {}
+    if routine and keeper is not None:
+        report.mode = "routine"
+        claims = await load_progress(conn, stream, shards)
+    elif routine:
+        report.full_because = report.full_because or "a routine run needs --anchor-key-id"
+    report.sample_seed = seed if seed is not None else secrets.randbits(32)
     # Events stored before migration 0004 that it could not attribute to a stream.
     unattributed = bool(
         await conn.fetchval(
@@ -286,24 +357,42 @@ async def verify_warehouse(
     if progress is not None:
         progress.set_total(len(chains))
     for s, shard in sorted(chains):
-        links = await _links(conn, s, shard)
+        before = len(report.findings)
+        chain_anchors = anchors.get((s, shard), [])
+        claim = claims.get((s, shard))
+        start = None
+        if claim is not None and keeper is not None and checker is not None:
+            start = await _believe(conn, report, keeper, checker, claim, chain_anchors)
+        if start is None:
+            scope = _Scope.full(await _links(conn, s, shard), since)
+        else:
+            picked = sampled_link_numbers(report.sample_seed, s, shard, start.link_no, sample)
+            scope = await _routine_scope(conn, s, shard, start, picked)
+            report.routine_chains += 1
+            report.sampled_links += len(scope.sampled)
+            chain_anchors = [a for a in chain_anchors if a.link_no >= start.link_no]
+        links = scope.links
         report.chains += 1
         report.links += len(links)
-        _check_links(report, s, shard, links)
-        await _check_events(conn, report, s, shard, links, retention, since, retained, unattributed)
+        _check_links(report, s, shard, scope.walked, scope.after)
+        _check_link_hashes(report, s, shard, scope.sampled)
+        await _check_events(conn, report, s, shard, scope, retention, retained, unattributed)
         await _check_dead_letters(conn, report, s, shard, links)
-        await _check_checkpoint(conn, report, s, shard, links)
+        await _check_checkpoint(conn, report, s, shard, scope.end)
+        last_good = 0
         if kms is not None:
-            await _check_anchors(
+            last_good = await _check_anchors(
                 report,
                 checker,
                 s,
                 shard,
                 links,
-                anchors.get((s, shard), []),
+                chain_anchors,
                 now,
                 max_unanchored_age if anchor_key_id else None,
             )
+        if keeper is not None and len(report.findings) == before:
+            await _record(conn, report, keeper, s, shard, scope, start, last_good)
         if progress is not None:
             progress.update()
     report.anchors_skipped = kms is None
@@ -312,6 +401,189 @@ async def verify_warehouse(
         await _check_alerts(conn, report)
     report.retained_days = sorted(retained)
     return report
+
+
+@dataclass
+class _Scope:
+    """What one chain's check covers: the links loaded, those walked link by link from a known
+    predecessor, those sampled, the sequence ranges whose events are recomputed, and the
+    links those events are held to."""
+
+    links: list[_Link]
+    walked: list[_Link]
+    #: (link_no, link_hash) the walk starts after; (0, ZERO_HASH) from the chain's start
+    after: tuple[int, bytes]
+    checked: list[_Link]
+    sampled: list[_Link]
+    #: [first, last] (last None: no bound) sequence ranges whose events are recomputed
+    ranges: list[tuple[int, int | None]]
+    #: the last sequence number the chain's batches reach
+    end: int | None
+
+    @classmethod
+    def full(cls, links: list[_Link], since: datetime | None) -> _Scope:
+        checked = [link for link in links if since is None or link.created_at >= since]
+        ranges: list[tuple[int, int | None]] = (
+            [(min(link.first for link in checked), None)] if checked else []
+        )
+        batches = [link for link in links if link.kind == "batch"]
+        end = batches[-1].last if batches else None
+        return cls(links, links, (0, ZERO_HASH), checked, [], ranges, end)
+
+
+async def _prepare_keeper(
+    report: Report,
+    kms: Any | None,
+    checker: AnchorChecker | None,
+    anchor_key_id: str | None,
+    verify_key_id: str | None,
+    since: datetime | None,
+) -> _Keeper | None:
+    """The verify key, when progress can be recorded and believed: it needs KMS, the pinned
+    anchor key (a claim is held to a valid anchor) and a whole run (not --since)."""
+    if verify_key_id is None:
+        report.full_because = "no verify key (--verify-key-id): progress is not recorded"
+        return None
+    if kms is None or checker is None or anchor_key_id is None:
+        report.full_because = "progress needs the anchors checked with the pinned anchor key"
+        return None
+    if since is not None:
+        report.full_because = "--since selects links by time"
+        return None
+    keeper = _Keeper(AnchorKey(kms, verify_key_id), AnchorChecker(kms, verify_key_id))
+    try:
+        await keeper.checker.prepare()
+    except AnchorError as exc:
+        report.full_because = f"the verify key cannot be used: {exc}"
+        return None
+    return keeper
+
+
+@dataclass
+class _Keeper:
+    key: AnchorKey
+    checker: AnchorChecker
+
+
+async def _believe(
+    conn: Conn,
+    report: Report,
+    keeper: _Keeper,
+    checker: AnchorChecker,
+    claim: VerifiedPoint,
+    anchors: list[Anchor],
+) -> VerifiedPoint | None:
+    """The claim, if its MAC checks out with the verify key and a valid anchor still vouches for
+    the link it names with the hash it names; else a finding (or, when KMS cannot answer, a
+    full run) and None."""
+
+    def invalid(detail: str) -> None:
+        report.findings.append(
+            Finding("progress_invalid", claim.stream_name, claim.shard_id,
+                    f"the recorded verify progress (link {claim.link_no}, "
+                    f"{claim.verified_at.isoformat()}) {detail}: verified in full",
+                    claim.link_no)
+        )  # fmt: skip
+
+    try:
+        verdict = await keeper.checker.check(claim)
+        if verdict != "valid":
+            invalid("is not MACed with the verify key (forged or altered)")
+            return None
+        stored = await conn.fetchval(
+            "SELECT link_hash FROM das.chain_links "
+            "WHERE stream_name = $1 AND shard_id = $2 AND link_no = $3",
+            claim.stream_name,
+            claim.shard_id,
+            claim.link_no,
+        )
+        if stored is None or bytes(stored) != claim.link_hash:
+            invalid(f"names link {claim.link_no} with a hash it no longer has")
+            return None
+        for anchor in anchors:
+            if (
+                anchor.link_no == claim.link_no
+                and anchor.link_hash == claim.link_hash
+                and await checker.check(anchor) == "valid"
+            ):
+                return claim
+        invalid(f"names link {claim.link_no}, which no valid anchor vouches for")
+    except AnchorError:
+        pass  # KMS cannot answer now: the anchors' check reports it; verify in full
+    return None
+
+
+def sampled_link_numbers(seed: int, stream: str, shard: str, up_to: int, n: int) -> list[int]:
+    """The ``n`` links among 1..``up_to`` a routine run with ``seed`` recomputes in a chain."""
+    # Reproducible from the reported seed; unpredictable (secrets) unless one is given.
+    rng = random.Random(f"{seed}/{stream}/{shard}")  # noqa: S311
+    return sorted(rng.sample(range(1, up_to + 1), min(n, up_to)))
+
+
+async def _routine_scope(
+    conn: Conn, stream: str, shard: str, start: VerifiedPoint, picked: list[int]
+) -> _Scope:
+    """From the believed progress: the links after it, every redrive link (they cover sequence
+    numbers inside batches), the batches the new redrives fall in, and the ``picked`` older
+    links."""
+    verified_end = int(start.last_sequence)
+    newer = await _links(conn, stream, shard, after=start.link_no - 1)
+    extra = await _links(conn, stream, shard, numbers=picked, redrives=True)
+    new_redrives = [x for x in newer if x.kind == "redrive" and x.link_no > start.link_no]
+    if new_redrives:
+        extra += await _links(
+            conn, stream, shard, covering=[x.first_text for x in new_redrives if
+                                           x.first <= verified_end]
+        )  # fmt: skip
+    by_no = {x.link_no: x for x in [*extra, *newer]}
+    links = [by_no[n] for n in sorted(by_no)]
+    walked = [x for x in newer if x.link_no > start.link_no]
+    sampled = [by_no[n] for n in picked if n in by_no]
+    ranges: list[tuple[int, int | None]] = [(verified_end + 1, None)]
+    ranges += [(x.first, x.last) for x in sampled]
+    ranges += [(x.first, x.first) for x in new_redrives]
+    batches = [x.last for x in walked if x.kind == "batch"]
+    end = max([verified_end, *batches])
+    checked = sorted({x.link_no: x for x in [*walked, *sampled]}.values(), key=lambda x: x.link_no)
+    return _Scope(links, walked, (start.link_no, start.link_hash), checked, sampled, ranges, end)
+
+
+async def _record(
+    conn: Conn,
+    report: Report,
+    keeper: _Keeper,
+    stream: str,
+    shard: str,
+    scope: _Scope,
+    start: VerifiedPoint | None,
+    last_good: int,
+) -> None:
+    """Record that the chain verified clean up to its newest valid anchor."""
+    if last_good == 0 or (start is not None and last_good <= start.link_no):
+        return
+    by_no = {x.link_no: x for x in scope.links}
+    link = by_no.get(last_good)
+    if link is None:
+        return
+    lasts = [x.last for x in scope.walked if x.kind == "batch" and x.link_no <= last_good]
+    if start is not None:
+        lasts.append(int(start.last_sequence))
+    try:
+        progress = await record_progress(
+            conn, keeper.key, stream, shard, last_good, link.link_hash, str(max(lasts, default=0))
+        )
+    except AnchorError as exc:
+        report.progress_error = str(exc)
+        return
+    except asyncpg.InsufficientPrivilegeError:
+        report.progress_error = (
+            "this login may not write das.verify_progress (grant it das_verifier)"
+        )
+        return
+    report.progress_recorded.append(
+        {"stream": stream, "shard": shard, "link": progress.link_no,
+         "last_sequence": progress.last_sequence}
+    )  # fmt: skip
 
 
 async def _check_alerts(conn: Conn, report: Report) -> None:
@@ -363,16 +635,43 @@ async def _prepare_checker(
     return checker
 
 
-async def _links(conn: Conn, stream: str, shard: str) -> list[_Link]:
+async def _links(
+    conn: Conn,
+    stream: str,
+    shard: str,
+    *,
+    after: int | None = None,
+    numbers: list[int] | None = None,
+    redrives: bool = False,
+    covering: list[str] | None = None,
+) -> list[_Link]:
+    """All of the chain's links; or those after link ``after``; or those numbered ``numbers``
+    (and, with ``redrives``, every redrive link); or the batches covering ``covering``."""
+    where = ""
+    if after is not None:
+        where = "AND link_no > $3"
+    elif numbers is not None:
+        where = "AND (link_no = ANY ($3::bigint[]) OR ($4 AND kind = 'redrive'))"
+    elif covering is not None:
+        where = (
+            "AND kind = 'batch' AND EXISTS (SELECT 1 FROM unnest($3::numeric[]) AS c (seq) "
+            "WHERE c.seq BETWEEN first_sequence AND last_sequence)"
+        )
+    arguments: list[Any] = [stream, shard]
+    if after is not None:
+        arguments.append(after)
+    elif numbers is not None:
+        arguments += [numbers, redrives]
+    elif covering is not None:
+        arguments.append(covering)
     rows = await conn.fetch(
-        """
+        f"""
         SELECT link_no, kind, first_sequence::text AS first_text, last_sequence::text AS last_text,
                event_count, days::text AS days_text, prev_hash, link_hash, created_at, version,
                dead_letters::text AS letters_text, dropped::text AS dropped_text
-        FROM das.chain_links WHERE stream_name = $1 AND shard_id = $2 ORDER BY link_no
+        FROM das.chain_links WHERE stream_name = $1 AND shard_id = $2 {where} ORDER BY link_no
         """,
-        stream,
-        shard,
+        *arguments,
     )
     return [
         _Link(
@@ -395,8 +694,16 @@ async def _links(conn: Conn, stream: str, shard: str) -> list[_Link]:
     ]
 
 
-def _check_links(report: Report, stream: str, shard: str, links: list[_Link]) -> None:
-    previous: _Link | None = None
+def _check_links(
+    report: Report,
+    stream: str,
+    shard: str,
+    links: list[_Link],
+    after: tuple[int, bytes] = (0, ZERO_HASH),
+) -> None:
+    """The links, one after another from ``after`` (link number and hash of the link before
+    the first: (0, zero hash) from the chain's start)."""
+    previous_no, previous_hash = after
     last_batch: _Link | None = None
     for link in links:
 
@@ -405,7 +712,7 @@ def _check_links(report: Report, stream: str, shard: str, links: list[_Link]) ->
                 Finding(kind, stream, shard, detail, link.link_no, link.first_text, link.last_text)
             )
 
-        expected_no = 1 if previous is None else previous.link_no + 1
+        expected_no = previous_no + 1
         if link.link_no != expected_no:
             finding("links_missing", f"links {expected_no}..{link.link_no - 1} are missing")
         fields = LinkFields(
@@ -424,8 +731,7 @@ def _check_links(report: Report, stream: str, shard: str, links: list[_Link]) ->
         )
         if link_hash(link.prev_hash, fields) != link.link_hash:
             finding("link_altered", "the link's fields do not hash to its stored link_hash")
-        want_prev = ZERO_HASH if previous is None else previous.link_hash
-        if link.prev_hash != want_prev:
+        if link.prev_hash != previous_hash:
             finding(
                 "chain_broken",
                 "prev_hash does not match the previous link: links were "
@@ -442,7 +748,33 @@ def _check_links(report: Report, stream: str, shard: str, links: list[_Link]) ->
                     f"{last_batch.link_no} ({last_batch.last_text})",
                 )
             last_batch = link
-        previous = link
+        previous_no, previous_hash = link.link_no, link.link_hash
+
+
+def _check_link_hashes(report: Report, stream: str, shard: str, links: list[_Link]) -> None:
+    """Sampled older links, each on its own: its fields hash to its link_hash and its days add
+    up (its place in the chain was verified by the run that recorded the progress)."""
+    for link in links:
+        fields = LinkFields(
+            stream=stream,
+            shard=shard,
+            link_no=link.link_no,
+            kind=link.kind,
+            first_sequence=link.first_text,
+            last_sequence=link.last_text,
+            event_count=link.event_count,
+            days=link.days,
+            created_at=link.created_at,
+            dead_letters=link.dead_letters,
+            version=link.version,
+        )
+        declared = sum(int(d.get("n", 0)) for d in link.days.values())
+        if link_hash(link.prev_hash, fields) != link.link_hash or declared != link.event_count:
+            report.findings.append(
+                Finding("link_altered", stream, shard,
+                        "the link's fields do not hash to its stored link_hash (sampled)",
+                        link.link_no, link.first_text, link.last_text)
+            )  # fmt: skip
 
 
 class _Coverage:
@@ -467,48 +799,49 @@ async def _check_events(
     report: Report,
     stream: str,
     shard: str,
-    links: list[_Link],
+    scope: _Scope,
     retention: RetentionLedger,
-    since: datetime | None,
     retained: set[str],
     unattributed: bool,
 ) -> None:
-    checked = [link for link in links if since is None or link.created_at >= since]
-    if not checked:
+    checked = scope.checked
+    if not scope.ranges:
         return
-    coverage = _Coverage(links)
-    low = min(link.first for link in checked)
+    coverage = _Coverage(scope.links)
     tallies: dict[tuple[int, str], _Tally] = defaultdict(_Tally)
     outside: list[int] = []
     # One stream's events come in index order; unattributed ones ('') join them only when
     # there are any (the IN list would cost a sort of the whole chain).
     streams = "stream_name IN ($1, '')" if unattributed else "stream_name = $1"
     async with conn.transaction():
-        cursor = conn.cursor(
-            f"""
-            SELECT {", ".join(EVENT_COLUMNS)}
-            FROM das.activity_events
-            WHERE {streams} AND shard_id = $2 AND sequence_number >= $3::numeric
-            ORDER BY sequence_number, event_index, stream_name
-            """,
-            stream,
-            shard,
-            str(low),
-            prefetch=2000,
-        )
-        async for row in cursor:
-            report.events += 1
-            seq = int(row["sequence_number"])
-            link = coverage.link(seq)
-            if link is None:
-                outside.append(seq)
-                continue
-            digest = event_digest(stored_values(row), link.version)
-            tally = tallies[(link.link_no, event_day(row["log_time"]))]
-            tally.n += 1
-            tally.digest.update(digest)
-            tally.first_seq = seq if tally.first_seq is None else tally.first_seq
-            tally.last_seq = seq
+        for low, high in _merged(scope.ranges):
+            cursor = conn.cursor(
+                f"""
+                SELECT {", ".join(EVENT_COLUMNS)}
+                FROM das.activity_events
+                WHERE {streams} AND shard_id = $2 AND sequence_number >= $3::numeric
+                  AND ($4::numeric IS NULL OR sequence_number <= $4::numeric)
+                ORDER BY sequence_number, event_index, stream_name
+                """,
+                stream,
+                shard,
+                str(low),
+                None if high is None else str(high),
+                prefetch=2000,
+            )
+            async for row in cursor:
+                report.events += 1
+                seq = int(row["sequence_number"])
+                link = coverage.link(seq)
+                if link is None:
+                    outside.append(seq)
+                    continue
+                digest = event_digest(stored_values(row), link.version)
+                tally = tallies[(link.link_no, event_day(row["log_time"]))]
+                tally.n += 1
+                tally.digest.update(digest)
+                tally.first_seq = seq if tally.first_seq is None else tally.first_seq
+                tally.last_seq = seq
     if outside:
         report.findings.append(
             Finding(
@@ -561,6 +894,20 @@ async def _check_events(
             link = next(x for x in checked if x.link_no == link_no)
             _add(report, "inserted", stream, shard, link, day,
                  f"{found.n} events of {day} that the link does not list")  # fmt: skip
+
+
+def _merged(ranges: list[tuple[int, int | None]]) -> list[tuple[int, int | None]]:
+    """Sequence ranges, overlapping ones joined, in order (an end of None: unbounded)."""
+    merged: list[tuple[int, int | None]] = []
+    for low, high in sorted(ranges):
+        if merged:
+            last_low, last_high = merged[-1]
+            if last_high is None or low <= last_high + 1:
+                if last_high is not None and (high is None or high > last_high):
+                    merged[-1] = (last_low, high)
+                continue
+        merged.append((low, high))
+    return merged
 
 
 def _retention_claims(
@@ -688,7 +1035,7 @@ def _add(
 
 
 async def _check_checkpoint(
-    conn: Conn, report: Report, stream: str, shard: str, links: list[_Link]
+    conn: Conn, report: Report, stream: str, shard: str, end: int | None
 ) -> None:
     """The chain reaches what the lease says was read: the checkpoint of an open shard, the
     last sequence number of a closed one."""
@@ -705,8 +1052,6 @@ async def _check_checkpoint(
         reached, what = lease["end_sequence"], "closed, its last record being"
     else:
         reached, what = checkpoint, "checkpointed at"
-    batches = [link for link in links if link.kind == "batch"]
-    end = batches[-1].last if batches else None
     if isinstance(reached, str) and reached.isdigit() and (end is None or int(reached) > end):
         report.findings.append(
             Finding(
@@ -730,9 +1075,11 @@ async def _check_anchors(
     anchors: list[Anchor],
     now: datetime,
     max_age: timedelta | None,
-) -> None:
+) -> int:
+    """Check the chain's anchors; returns the newest link a valid anchor vouches for (0:
+    none)."""
     if checker is None:
-        return  # KMS refused the expected key: reported once, nothing here can be checked
+        return 0  # KMS refused the expected key: reported once, nothing here can be checked
     by_no = {link.link_no: link for link in links}
     last_good = 0
     unchecked: list[str] = []
@@ -779,8 +1126,10 @@ async def _check_anchors(
                     f"KMS could not check {len(unchecked)} anchors ({unchecked[0]})")
         )  # fmt: skip
     tail = [link for link in links if link.link_no > last_good]
+    if unchecked:
+        last_good = 0  # not a point to record progress at
     if not tail:
-        return
+        return last_good
     report.unanchored.append(
         {
             "stream": stream,
@@ -807,22 +1156,47 @@ async def _check_anchors(
                 tail[-1].last_text,
             )
         )
+    return last_good
+
+
+# The distinct (stream, shard) pairs of the events, one index probe per pair and partition (a
+# skip scan of the provenance index), not a scan of the table: its cost does not grow with the
+# number of events.
+_PAIRS = """
+WITH RECURSIVE pairs (stream_name, shard_id) AS (
+    (SELECT stream_name, shard_id FROM das.activity_events
+     ORDER BY stream_name, shard_id LIMIT 1)
+    UNION ALL
+    SELECT n.stream_name, n.shard_id FROM pairs p CROSS JOIN LATERAL (
+        SELECT e.stream_name, e.shard_id FROM das.activity_events e
+        WHERE (e.stream_name, e.shard_id) > (p.stream_name, p.shard_id)
+        ORDER BY e.stream_name, e.shard_id LIMIT 1
+    ) AS n
+)
+SELECT p.stream_name, p.shard_id FROM pairs p
+WHERE NOT EXISTS (SELECT 1 FROM das.chain_links l
+                  WHERE l.shard_id = p.shard_id
+                    AND (l.stream_name = p.stream_name OR p.stream_name = ''))
+"""
 
 
 async def _check_unchained(conn: Conn, report: Report) -> None:
     """Events of (stream, shard) pairs that have no chain at all."""
-    rows = await conn.fetch(
-        """
-        SELECT e.stream_name, e.shard_id, count(*) AS n, min(e.sequence_number)::text AS lo,
-               max(e.sequence_number)::text AS hi
-        FROM das.activity_events e
-        WHERE NOT EXISTS (SELECT 1 FROM das.chain_links l
-                          WHERE l.shard_id = e.shard_id
-                            AND (l.stream_name = e.stream_name OR e.stream_name = ''))
-        GROUP BY e.stream_name, e.shard_id
-        """
-    )
+    rows = [
+        await conn.fetchrow(
+            """
+            SELECT stream_name, shard_id, count(*) AS n, min(sequence_number)::text AS lo,
+                   max(sequence_number)::text AS hi
+            FROM das.activity_events WHERE stream_name = $1 AND shard_id = $2
+            GROUP BY stream_name, shard_id
+            """,
+            pair["stream_name"],
+            pair["shard_id"],
+        )
+        for pair in await conn.fetch(_PAIRS)
+    ]
     for r in rows:
+        assert r is not None  # the pair came from these events
         report.findings.append(
             Finding(
                 "inserted",

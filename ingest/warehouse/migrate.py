@@ -77,6 +77,8 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
         if not match:
             raise ConfigError(f"migration file {path.name} is not named NNNN_name.sql")
         found.append(Migration(int(match[1]), match[2], path.read_text()))
+    # Gaps are fine (each branch of development numbers its migrations in its own range); the
+    # runner applies every missing one, in numeric order.
     versions = [m.version for m in found]
     # Each branch of development numbers its migrations in its own range, so gaps are fine;
     # a version twice is not (the sort above makes them ascending).

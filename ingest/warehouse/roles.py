@@ -5,6 +5,9 @@
   privilege on das.statements at all: it merges the statements of the events it stored, and
   creates day partitions, only through SECURITY DEFINER functions (which run as the owner).
 - the **analyst** role reads everything in schema ``das`` and writes nothing.
+- the **verifier** role (auditors running ``das-ingest verify``) reads everything and writes
+  only ``das.verify_progress``, how far each chain was verified (MACed with a key only the
+  auditors may use: see docs/integrity.md, "Incremental verify").
 
 Both are NOLOGIN group roles: grant them to login users (``GRANT das_ingest TO ingester``).
 The migrating user owns the schema; keep it for migrations, retention and dead-letter re-drives.
@@ -44,9 +47,10 @@ FUNCTIONS = (
 class RoleNames:
     ingest: str = "das_ingest"
     analyst: str = "das_analyst"
+    verifier: str = "das_verifier"
 
     def __post_init__(self) -> None:
-        for name in (self.ingest, self.analyst):
+        for name in (self.ingest, self.analyst, self.verifier):
             if not _IDENT.match(name):
                 raise ConfigError(
                     f"role name {name!r} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)"
@@ -55,7 +59,7 @@ class RoleNames:
 
 async def apply_grants(conn: Conn, roles: RoleNames) -> None:
     """Idempotent: create the roles if missing and (re)state exactly their privileges."""
-    for role in (roles.ingest, roles.analyst):
+    for role in (roles.ingest, roles.analyst, roles.verifier):
         exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
         if not exists:
             try:
@@ -65,7 +69,7 @@ async def apply_grants(conn: Conn, roles: RoleNames) -> None:
                     f"cannot create role {role}: the migrating user needs CREATEROLE "
                     "(or create the roles yourself, or pass --no-roles)"
                 ) from None
-    ingest, analyst = roles.ingest, roles.analyst
+    ingest, analyst, verifier = roles.ingest, roles.analyst, roles.verifier
     # Only the functions this schema has (a warehouse migrated to an older version lacks the
     # newer ones).
     functions = ", ".join(
@@ -77,13 +81,13 @@ async def apply_grants(conn: Conn, roles: RoleNames) -> None:
         [
             # verify records its outcome (das.verify_runs) through this function only.
             f"REVOKE ALL ON FUNCTION {record_verify} FROM PUBLIC",
-            f"GRANT EXECUTE ON FUNCTION {record_verify} TO {analyst}",
+            f"GRANT EXECUTE ON FUNCTION {record_verify} TO {analyst}, {verifier}",
         ]
         if await conn.fetchval("SELECT to_regprocedure($1)", record_verify)
         else []
     )
     statements = [
-        f"GRANT USAGE ON SCHEMA das TO {ingest}, {analyst}",
+        f"GRANT USAGE ON SCHEMA das TO {ingest}, {analyst}, {verifier}",
         # Start from nothing so a re-run also takes back anything granted by hand.
         f"REVOKE ALL ON ALL TABLES IN SCHEMA das FROM {ingest}",
         f"GRANT INSERT ON {', '.join(APPEND_ONLY)} TO {ingest}",
@@ -99,6 +103,9 @@ async def apply_grants(conn: Conn, roles: RoleNames) -> None:
         f"GRANT SELECT ON ALL TABLES IN SCHEMA das TO {analyst}",
         # Partitions created later by ensure_partition (owned by the schema owner) stay readable.
         f"ALTER DEFAULT PRIVILEGES IN SCHEMA das GRANT SELECT ON TABLES TO {analyst}",
+        f"REVOKE ALL ON ALL TABLES IN SCHEMA das FROM {verifier}",
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA das TO {verifier}",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA das GRANT SELECT ON TABLES TO {verifier}",
     ]
     if await conn.fetchval("SELECT to_regclass('das.alerts') IS NOT NULL"):
         statements[-3:-3] = [
@@ -107,5 +114,7 @@ async def apply_grants(conn: Conn, roles: RoleNames) -> None:
             f"GRANT SELECT, INSERT ON das.alerts, das.alert_acks TO {ingest}",
             f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(POLICY_STATE)} TO {ingest}",
         ]
+    if await conn.fetchval("SELECT to_regclass('das.verify_progress')"):
+        statements.append(f"GRANT INSERT, UPDATE, DELETE ON das.verify_progress TO {verifier}")
     for statement in statements:
         await conn.execute(statement)

@@ -1,0 +1,791 @@
+"""``make bench-scale`` = ``python -m bench.scale``: what each operation costs as the warehouse
+grows. One warehouse is filled step by step (:mod:`bench.fill`: the decode layer's COPY lines
+and real chain links over ``--days`` day partitions) to each of ``--sizes``; at each size:
+
+- ingest end to end (``das-ingest run`` from kinesalite into this warehouse, a new stream each
+  time): events/s, spawn -> first commit, and p99 put -> commit at a steady rate;
+- every README example query and every auditor view on a typical filter (one day, one user,
+  one object): median latency and the plan (partitions scanned, indexes, sequential scans);
+- ``status``, ``dead-letters list``, ``rebuild-statements`` and the fill's commit per batch
+  (COPY + statements merge + link);
+- ``verify --full`` (events/s, peak RSS) and a routine ``verify`` after a small addition;
+- ``retention`` dropping the oldest day.
+
+    python -m bench.scale --sizes 0,1M,3M          # writes docs/performance.md and its charts
+    python -m bench.scale --quick                  # smoke run, tiny sizes, no files written
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench import e2e, procs, workload
+from bench.fill import STREAM as FILL_STREAM
+from bench.fill import Filler, Task, encode_task
+from bench.report import Table, num
+from das_dev.devstack import LocalStack, install_signal_handlers
+from ingest.aws import aws_client
+from ingest.emulate import traffic
+from ingest.emulate.producer import create_kms_key
+from ingest.integrity.anchor import AnchorKey, anchor_heads
+from ingest.integrity.canonical import EVENT_COLUMNS
+
+ROOT = Path(__file__).resolve().parent.parent
+_STRAY_AWS_VARIABLES = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+)
+
+
+def parse_size(text: str) -> int:
+    """'0', '500k', '5M', '1.5M', '20000' -> events."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 0, 500k, 5M)")
+    factor = {"": 1, "k": 1_000, "m": 1_000_000}[match.group(2).lower()]
+    return int(float(match.group(1)) * factor)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scale", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--sizes",
+        default="0,1M,3M",
+        help="warehouse sizes in events, increasing (default 0,1M,3M; e.g. 0,5M,20M)",
+    )
+    parser.add_argument("--days", type=int, default=30, help="day partitions to fill (30)")
+    parser.add_argument("--processes", type=int, default=2, help="das-ingest run --processes")
+    parser.add_argument(
+        "--ingest-events", type=int, default=30_000, help="events of each ingest run (30000)"
+    )
+    parser.add_argument(
+        "--latency-rate", type=float, default=1500.0, help="events/s of the latency run"
+    )
+    parser.add_argument(
+        "--latency-seconds", type=float, default=10.0, help="seconds of paced puts (10)"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each query (median)")
+    parser.add_argument(
+        "--sample", type=int, default=16, help="verify --sample of the routine runs (16)"
+    )
+    parser.add_argument(
+        "--output",
+        default=str(ROOT / "docs" / "performance.md"),
+        help="the Markdown report (charts beside it, in performance/); '-' for stdout only",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, no files")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.days, args.ingest_events = "0,20k", 4, 2000
+        args.latency_seconds, args.latency_rate, args.repeat = 2.0, 500.0, 1
+        args.sample = 2
+        args.output = "-"
+    try:
+        args.size_list = [parse_size(s) for s in str(args.sizes).split(",") if s.strip()]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if args.size_list != sorted(args.size_list) or not args.size_list:
+        parser.error("--sizes must be increasing, e.g. 0,5M,20M")
+    if args.days < 2:
+        parser.error("--days must be at least 2 (retention drops one)")
+    return args
+
+
+# -- queries ----------------------------------------------------------------------------------
+
+
+def readme_queries() -> list[tuple[str, str]]:
+    """The README's SQL examples, named by the sentence above each block."""
+    text = (ROOT / "README.md").read_text()
+    found = []
+    for match in re.finditer(r"([^\n]+)\n\n```sql\n(.*?)```", text, re.S):
+        title = match.group(1).strip().rstrip(":")
+        for i, query in enumerate(q.strip() for q in match.group(2).split(";")):
+            if query:
+                found.append((f"README: {title[:48]}{' ' + str(i + 1) if i else ''}", query))
+    return found
+
+
+#: Auditor views and tables on a typical filter: one day, one user, one object.
+TYPICAL = [
+    (
+        "sessions: one day",
+        "SELECT * FROM das.sessions WHERE connected_at >= :day AND connected_at < :day_end "
+        "ORDER BY connected_at DESC LIMIT 50",
+    ),
+    (
+        "sessions_between: one day",
+        "SELECT * FROM das.sessions_between(:day, :day_end) WHERE connected_at IS NOT NULL "
+        "ORDER BY connected_at DESC LIMIT 50",
+    ),
+    (
+        "sessions: one user, one day",
+        "SELECT * FROM das.sessions WHERE db_user_name = 'alice' AND connected_at >= :day "
+        "AND connected_at < :day_end",
+    ),
+    (
+        "failed_logins: one day",
+        "SELECT * FROM das.failed_logins WHERE log_time >= :day AND log_time < :day_end",
+    ),
+    (
+        "failed_statements: one user, one day",
+        "SELECT * FROM das.failed_statements WHERE db_user_name = 'alice' "
+        "AND log_time >= :day AND log_time < :day_end",
+    ),
+    (
+        "failed_statements: newest 100",
+        "SELECT * FROM das.failed_statements ORDER BY log_time DESC LIMIT 100",
+    ),
+    (
+        "ddl_changes: one day",
+        "SELECT * FROM das.ddl_changes WHERE log_time >= :day AND log_time < :day_end",
+    ),
+    (
+        "privileged_activity: one user, one day",
+        "SELECT * FROM das.privileged_activity WHERE db_user_name = 'rdsadmin' "
+        "AND log_time >= :day AND log_time < :day_end",
+    ),
+    (
+        "events: one object, one day",
+        "SELECT * FROM das.activity_events WHERE object_name = 'orders' "
+        "AND log_time >= :day AND log_time < :day_end",
+    ),
+    (
+        "events: one user, one day",
+        "SELECT * FROM das.activity_events WHERE db_user_name = 'alice' "
+        "AND log_time >= :day AND log_time < :day_end",
+    ),
+    (
+        "events: one session, one day",
+        "SELECT * FROM das.activity_events WHERE cluster_id = 'cluster-SCALEFILL' "
+        "AND instance_id = :instance AND session_id = :session "
+        "AND log_time >= :day AND log_time < :day_end ORDER BY log_time",
+    ),
+    (
+        "statements: one user, one day",
+        "SELECT * FROM das.statements WHERE db_user_name = 'alice' "
+        "AND log_time >= :day AND log_time < :day_end",
+    ),
+]
+
+
+@dataclass
+class QueryResult:
+    name: str
+    seconds: float
+    rows: int
+    partitions: int
+    of_partitions: int
+    seq_scans: list[str]
+    indexes: list[str]
+
+    @property
+    def plan(self) -> str:
+        parts = [f"{self.partitions}/{self.of_partitions} partitions"]
+        if self.indexes:
+            parts.append("index " + ", ".join(sorted(set(self.indexes))[:3]))
+        if self.seq_scans:
+            parts.append(f"SEQ SCAN x{len(self.seq_scans)}")
+        return "; ".join(parts)
+
+
+def _walk(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes.extend(_walk(child))
+    return nodes
+
+
+async def run_query(
+    conn: asyncpg.Connection,
+    name: str,
+    sql: str,
+    repeat: int,
+    partitions: int,
+    parents: dict[str, str],
+) -> QueryResult:
+    explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+    plan = json.loads(explained)[0]["Plan"]
+    nodes = _walk(plan)
+    scanned = {
+        n["Relation Name"]
+        for n in nodes
+        if str(n.get("Relation Name", "")).startswith("activity_events_p")
+    }
+    # A sequential scan of a whole day partition (not of a tiny table, nor a one-row default).
+    seq = [
+        n["Relation Name"]
+        for n in nodes
+        if n.get("Node Type") == "Seq Scan"
+        and str(n.get("Relation Name", "")).startswith(("activity_events_p", "statements"))
+    ]
+    indexes = [parents.get(n["Index Name"], n["Index Name"]) for n in nodes if "Index Name" in n]
+    times, rows = [], 0
+    for _ in range(repeat):
+        began = time.perf_counter()
+        rows = len(await conn.fetch(sql))
+        times.append(time.perf_counter() - began)
+    return QueryResult(name, statistics.median(times), rows, len(scanned), partitions, seq, indexes)
+
+
+# -- one size -------------------------------------------------------------------------------
+
+
+@dataclass
+class SizeResult:
+    size: int
+    events: int
+    table_mb: float
+    index_mb: float
+    fill_events_per_second: float
+    commit_ms: float
+    ingest_events_per_second: float = 0.0
+    ingest_steady: float = 0.0
+    first_commit_seconds: float = 0.0
+    p99: float = 0.0
+    p50: float = 0.0
+    queries: list[QueryResult] = field(default_factory=list)
+    commands: dict[str, float] = field(default_factory=dict)
+    verify_full_seconds: float = 0.0
+    verify_full_events: int = 0
+    verify_full_rss_mb: float = 0.0
+    verify_routine_seconds: float = 0.0
+    verify_routine_events: int = 0
+    retention_seconds: float = 0.0
+
+
+async def _cli(*args: str, env: dict[str, str], check: bool = True) -> tuple[float, int, str, int]:
+    """Run das-ingest; (seconds, peak RSS of the process tree, stdout, exit code)."""
+    began = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ingest",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+    peak = 0
+
+    async def sample() -> None:
+        nonlocal peak
+        while process.returncode is None:
+            peak = max(peak, procs.tree_rss_bytes(process.pid))
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.ensure_future(sample())
+    out, err = await process.communicate()
+    sampler.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sampler
+    seconds = time.perf_counter() - began
+    code = process.returncode or 0
+    if check and code not in (0,):
+        raise RuntimeError(f"das-ingest {' '.join(args)} exited {code}: {err.decode()[-2000:]}")
+    return seconds, peak, out.decode(), code
+
+
+async def measure_size(
+    stack: LocalStack,
+    args: argparse.Namespace,
+    dsn: str,
+    filler: Filler,
+    size: int,
+    kinesis: Any,
+    kms: Any,
+    keys: tuple[str, str],
+    work: workload.Workload,
+    latency_work: workload.Workload,
+) -> SizeResult:
+    anchor_key, verify_key = keys
+    env = {"DAS_DSN": dsn}
+    began = time.perf_counter()
+    await filler.fill_to(size)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ANALYZE das.activity_events")
+        await conn.execute("ANALYZE das.statements")
+        sizes = await conn.fetchrow(
+            """
+            SELECT coalesce(sum(pg_table_size(c.oid)), 0) AS t,
+                   coalesce(sum(pg_indexes_size(c.oid)), 0) AS i
+            FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
+            WHERE h.inhparent = 'das.activity_events'::regclass
+            """
+        )
+        events = int(await conn.fetchval("SELECT count(*) FROM das.activity_events"))
+    finally:
+        await conn.close()
+    assert sizes is not None
+    stats = filler.stats
+    result = SizeResult(
+        size=size,
+        events=events,
+        table_mb=sizes["t"] / 2**20,
+        index_mb=sizes["i"] / 2**20,
+        fill_events_per_second=stats.events / stats.seconds if stats.seconds else 0.0,
+        commit_ms=1000 * statistics.median(stats.commit_seconds) if stats.commit_seconds else 0.0,
+    )
+    print(f"  size {size:,}: {events:,} events ({time.perf_counter() - began:.0f}s)", flush=True)
+
+    # Ingest end to end, a new stream each size (the same sealed records).
+    suffix = f"S{size}"
+    for job in (work, latency_work):
+        job.stream = f"{job.stream.rsplit('-', 1)[0]}-{suffix}{'L' if job is latency_work else ''}"
+        job.put_times.clear()
+        await workload.create_stream(kinesis, job.stream)
+    await workload.put(kinesis, work)
+    # The records' data keys name the cluster they were built for, not this size's stream.
+    run = await e2e.run_worker(
+        stack,
+        work,
+        worker_args=["--resource-id", work.resource_id],
+        processes=args.processes,
+        dsn=dsn,
+    )
+    result.ingest_events_per_second = run.events_per_second
+    result.ingest_steady = run.steady_events_per_second
+    result.first_commit_seconds = run.first_commit_seconds
+    latency = await e2e.run_latency(
+        stack,
+        kinesis,
+        latency_work,
+        rate=args.latency_rate,
+        worker_args=["--resource-id", latency_work.resource_id],
+        processes=args.processes,
+        dsn=dsn,
+    )
+    result.p50, result.p99 = latency.p50, latency.p99
+    print(f"  ingest {run.events_per_second:,.0f} events/s, p99 {latency.p99:.3f}s", flush=True)
+
+    # Queries.
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ANALYZE das.activity_events")
+        newest = await conn.fetchval(
+            "SELECT max(log_time) FROM das.activity_events WHERE stream_name = $1", FILL_STREAM
+        )
+        partitions = int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'das.activity_events'::regclass"
+            )
+        )
+        now = newest or datetime.now(UTC)
+        day = datetime.combine(now.date(), datetime.min.time(), tzinfo=UTC) - timedelta(days=1)
+        session = await conn.fetchrow(
+            "SELECT instance_id, session_id FROM das.activity_events WHERE stream_name = $1 "
+            "AND session_id IS NOT NULL AND log_time >= $2 AND log_time < $3 LIMIT 1",
+            FILL_STREAM,
+            day + timedelta(hours=12),
+            day + timedelta(days=1),
+        )
+        values = {
+            ":day_end": f"'{(day + timedelta(days=1)).isoformat()}'::timestamptz",
+            ":day": f"'{day.isoformat()}'::timestamptz",
+            ":instance": f"'{session['instance_id']}'" if session else "''",
+            ":session": f"'{session['session_id']}'" if session else "''",
+            "now()": f"'{now.isoformat()}'::timestamptz",
+        }
+        # Partition indexes by the index of das.activity_events they belong to.
+        parents = {
+            r["child"]: r["parent"]
+            for r in await conn.fetch(
+                "SELECT c.relname AS child, p.relname AS parent FROM pg_inherits h "
+                "JOIN pg_class c ON c.oid = h.inhrelid JOIN pg_class p ON p.oid = h.inhparent "
+                "WHERE p.relkind = 'I'"
+            )
+        }
+        for name, sql in [*readme_queries(), *TYPICAL]:
+            for key, value in values.items():
+                sql = sql.replace(key, value)
+            result.queries.append(
+                await run_query(conn, name, sql, args.repeat, partitions, parents)
+            )
+    finally:
+        await conn.close()
+    slow = [q for q in result.queries if q.seconds > 1.0 or q.seq_scans]
+    print(f"  {len(result.queries)} queries, {len(slow)} slow or scanning", flush=True)
+
+    # Commands.
+    baseline, *_ = await _cli("--version", env=env, check=False)
+    result.commands["interpreter start"] = baseline
+    for label, command in (
+        ("status", ("status", "--json", "--no-lag")),
+        ("dead-letters list", ("dead-letters", "list", "--limit", "100")),
+        ("rebuild-statements (all)", ("rebuild-statements",)),
+    ):
+        seconds, *_ = await _cli(*command, env=env)
+        result.commands[label] = seconds
+
+    # Verify: full, then routine after a small addition.
+    async with aws_client("kms") as kms_client:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for (stream,) in await conn.fetch("SELECT DISTINCT stream_name FROM das.chain_links"):
+                await anchor_heads(conn, AnchorKey(kms_client, anchor_key), stream)
+        finally:
+            await conn.close()
+    flags = ("--anchor-key-id", anchor_key, "--verify-key-id", verify_key, "--json")
+    seconds, peak, out, _ = await _cli("verify", "--full", *flags, env=env, check=False)
+    report = json.loads(out)
+    if not report["clean"]:
+        raise RuntimeError(f"verify --full found something: {report['findings'][:3]}")
+    result.verify_full_seconds, result.verify_full_rss_mb = seconds, peak / 2**20
+    result.verify_full_events = int(report["events"])
+    await filler.fill_to(filler.stats.events + max(1000, args.ingest_events // 3), progress=False)
+    async with aws_client("kms") as kms_client:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await anchor_heads(conn, AnchorKey(kms_client, anchor_key), FILL_STREAM)
+        finally:
+            await conn.close()
+    seconds, _, out, _ = await _cli(
+        "verify", "--sample", str(args.sample), *flags, env=env, check=False
+    )
+    report = json.loads(out)
+    if not report["clean"] or report["mode"] != "routine":
+        raise RuntimeError(f"routine verify: {report['mode']} {report['findings'][:3]}")
+    result.verify_routine_seconds = seconds
+    result.verify_routine_events = int(report["events"])
+    print(
+        f"  verify full {result.verify_full_seconds:.1f}s, routine "
+        f"{result.verify_routine_seconds:.1f}s",
+        flush=True,
+    )
+
+    # Retention: drop exactly the oldest day.
+    conn = await asyncpg.connect(dsn)
+    try:
+        oldest = await conn.fetchval(
+            "SELECT min(to_date(substr(c.relname, 18), 'YYYYMMDD')) FROM pg_inherits h "
+            "JOIN pg_class c ON c.oid = h.inhrelid "
+            "WHERE h.inhparent = 'das.activity_events'::regclass "
+            "AND c.relname ~ '^activity_events_p'"
+        )
+        now_db = await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+    cutoff = datetime.combine(oldest + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+    keep_hours = max(1, math.floor((now_db - cutoff).total_seconds() / 3600))
+    # --no-archive: the archive (and its cost) is not what this measures (see docs/archive.md).
+    seconds, _, out, _ = await _cli(
+        "retention", "--retention-keep", f"{keep_hours}h", "--no-archive", env=env
+    )
+    result.retention_seconds = seconds
+    filler.drop_day(oldest)
+    return result
+
+
+# -- what each index costs the COPY ----------------------------------------------------------
+
+
+async def index_costs(dsn: str, events: int, repeat: int) -> Table:
+    """COPY the same ``events`` events (the fill's COPY lines) into a scratch copy of the events
+    table: without indexes, with each index of das.activity_events alone, and with all."""
+    day = datetime.now(UTC).date()
+    batches = await asyncio.get_running_loop().run_in_executor(
+        None, encode_task, Task(day, 424242, events, 10**30)
+    )
+    payload = b"".join(b.events for b in batches)
+    count = sum(b.count for b in batches)
+    conn = await asyncpg.connect(dsn)
+    try:
+        definitions = [
+            (r["indexname"], r["indexdef"])
+            for r in await conn.fetch(
+                "SELECT indexname, indexdef FROM pg_indexes "
+                "WHERE schemaname = 'das' AND tablename = 'activity_events' ORDER BY indexname"
+            )
+        ]
+        await conn.execute("DROP TABLE IF EXISTS public.bench_copy")
+        await conn.execute(
+            "CREATE TABLE public.bench_copy (LIKE das.activity_events INCLUDING DEFAULTS)"
+        )
+        configs = [("no index", []), *((n, [d]) for n, d in definitions)]
+        configs.append(("all indexes", [d for _, d in definitions]))
+        # Rounds interleave the configurations, so a burst of load on the shared machine hits
+        # them alike; each one's best round is the least disturbed.
+        times: dict[str, list[float]] = {label: [] for label, _ in configs}
+        for _ in range(repeat):
+            for label, ddl in configs:
+                await conn.execute("DROP TABLE public.bench_copy")
+                await conn.execute(
+                    "CREATE TABLE public.bench_copy (LIKE das.activity_events INCLUDING DEFAULTS)"
+                )
+                for i, definition in enumerate(ddl):
+                    statement = re.sub(
+                        r"^CREATE (UNIQUE )?INDEX \S+ ON (ONLY )?das\.activity_events ",
+                        rf"CREATE \1INDEX bench_copy_{i} ON public.bench_copy ",
+                        definition,
+                    )
+                    await conn.execute(statement)
+                await conn.execute("CHECKPOINT")
+                began = time.perf_counter()
+                await conn.copy_to_table(
+                    "bench_copy",
+                    schema_name="public",
+                    source=memoryview(payload),  # type: ignore[arg-type]
+                    columns=list(EVENT_COLUMNS),
+                    format="text",
+                )
+                times[label].append(time.perf_counter() - began)
+        best = {label: min(found) for label, found in times.items()}
+        sizes = {
+            r["indexname"]: r["bytes"]
+            for r in await conn.fetch(
+                "SELECT p.relname AS indexname, sum(pg_relation_size(h.inhrelid)) AS bytes "
+                "FROM pg_inherits h JOIN pg_class p ON p.oid = h.inhparent "
+                "WHERE p.relkind = 'I' AND p.relnamespace = 'das'::regnamespace "
+                "GROUP BY p.relname"
+            )
+        }
+        await conn.execute("DROP TABLE public.bench_copy")
+    finally:
+        await conn.close()
+    base = best["no index"]
+    table = Table(
+        f"COPY of {count:,} events into an empty table, per index (best of {repeat} "
+        "interleaved rounds)",
+        ["indexes", "events/s", "ms added per 1000 events", "cost vs no index",
+         "size in the warehouse MB"],
+    )  # fmt: skip
+    for label, seconds in best.items():
+        table.add(
+            label,
+            num(count / seconds),
+            "-" if label == "no index" else num((seconds - base) / count * 1e6, 2),
+            "-" if label == "no index" else f"{(seconds - base) / base:+.0%}",
+            num(sizes.get(label, 0) / 2**20, 1) if label in sizes else "-",
+        )
+    table.notes.append(
+        "The cost of each index alone: the time the COPY takes with it, minus without any. "
+        "The provenance index is what makes a stored event unique (exactly once): it stays."
+    )
+    return table
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def tables(results: list[SizeResult]) -> list[Table]:
+    sizes = [f"{r.events:,}" for r in results]
+    main = Table(
+        "Cost against warehouse size",
+        ["events stored", "table MB", "indexes MB", "fill events/s", "commit ms/batch",
+         "ingest events/s", "steady events/s", "spawn -> 1st commit s", "p50 s", "p99 s",
+         "verify --full s", "verify events/s", "verify RSS MB", "routine verify s",
+         "routine events", "retention 1 day s"],
+    )  # fmt: skip
+    for r in results:
+        main.add(
+            f"{r.events:,}",
+            num(r.table_mb),
+            num(r.index_mb),
+            num(r.fill_events_per_second),
+            num(r.commit_ms, 1),
+            num(r.ingest_events_per_second),
+            num(r.ingest_steady),
+            num(r.first_commit_seconds, 2),
+            f"{r.p50:.3f}",
+            f"{r.p99:.3f}",
+            num(r.verify_full_seconds, 1),
+            num(r.verify_full_events / r.verify_full_seconds if r.verify_full_seconds else 0),
+            num(r.verify_full_rss_mb),
+            num(r.verify_routine_seconds, 1),
+            f"{r.verify_routine_events:,}",
+            num(r.retention_seconds, 2),
+        )
+    main.notes.append(
+        "CLI times (verify, retention) include starting the interpreter (see the commands "
+        "table). commit ms/batch: the fill's Sink.commit of one link (COPY of ~1000 events, the "
+        "statements merge, the chain link), median of the last fill step."
+    )
+    commands = Table("Commands, seconds (wall, CLI)", ["command", *sizes])
+    for label in results[0].commands:
+        commands.add(label, *(num(r.commands.get(label, 0.0), 2) for r in results))
+    queries = Table(
+        "Queries: median ms, and the plan at the largest size",
+        ["query", *sizes, "rows", "plan (largest)"],
+    )
+    for i, q in enumerate(results[-1].queries):
+        queries.add(
+            q.name,
+            *(num(r.queries[i].seconds * 1000, 1) for r in results),
+            f"{q.rows:,}",
+            q.plan,
+        )
+    queries.notes.append(
+        "now() in the README's queries is the newest fill event's log_time; 'one day' is the "
+        "day before it. partitions: day partitions of das.activity_events the plan touched."
+    )
+    return [main, commands, queries]
+
+
+def charts(results: list[SizeResult], directory: Path) -> list[str]:
+    import matplotlib  # a dev dependency, only for the report
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    xs = [r.events / 1e6 for r in results]
+    made = []
+
+    def save(name: str, title: str, series: dict[str, list[float]], unit: str) -> None:
+        many = len(series) > 6
+        fig, ax = plt.subplots(figsize=(12, 6) if many else (7, 4))
+        for label, ys in series.items():
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel("events stored (millions)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        if many:  # latencies over orders of magnitude; the legend beside the plot
+            ax.set_yscale("log")
+            ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+        else:
+            ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=100)
+        plt.close(fig)
+        made.append(name)
+
+    save(
+        "ingest.png",
+        "Ingest end to end",
+        {
+            "events/s": [r.ingest_events_per_second for r in results],
+            "steady events/s": [r.ingest_steady for r in results],
+            "fill events/s": [r.fill_events_per_second for r in results],
+        },
+        "events/s",
+    )
+    save(
+        "latency.png",
+        "put -> commit latency and start-up",
+        {
+            "p50 s": [r.p50 for r in results],
+            "p99 s": [r.p99 for r in results],
+            "spawn -> first commit s": [r.first_commit_seconds for r in results],
+        },
+        "seconds",
+    )
+    save(
+        "queries.png",
+        "README queries and auditor views",
+        {
+            q.name: [r.queries[i].seconds * 1000 for r in results]
+            for i, q in enumerate(results[-1].queries)
+        },
+        "ms (median)",
+    )
+    save(
+        "operations.png",
+        "verify, retention, commands",
+        {
+            "verify --full s": [r.verify_full_seconds for r in results],
+            "routine verify s": [r.verify_routine_seconds for r in results],
+            "retention 1 day s": [r.retention_seconds for r in results],
+            **{
+                f"{label} s": [r.commands.get(label, 0.0) for r in results]
+                for label in results[0].commands
+            },
+        },
+        "seconds",
+    )
+    return made
+
+
+async def run_all(stack: LocalStack, args: argparse.Namespace) -> tuple[list[SizeResult], Table]:
+    # Today is the newest day partition; the ingest runs' traffic is today's too, so their rows
+    # land in it (as a live stream's do), not in the default partition.
+    today = datetime.now(UTC).date()
+    traffic._BASE_EPOCH_US = int(
+        datetime(today.year, today.month, today.day, tzinfo=UTC).timestamp() * 1e6
+    )
+    dsn = await e2e.fresh_database(stack)
+    filler = Filler(dsn, days=args.days, last_day=today, processes=args.processes)
+    results = []
+    try:
+        async with aws_client("kinesis") as kinesis, aws_client("kms") as kms:
+            key_id = await create_kms_key(kms)
+            anchor_key = (await kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC"))[
+                "KeyMetadata"
+            ]["KeyId"]
+            verify_key = (await kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC"))[
+                "KeyMetadata"
+            ]["KeyId"]
+            stream = "aws-rds-das-cluster-SCALEINGEST"
+            work = await workload.build(kms, key_id, stream, 10, args.ingest_events, seed=10)
+            latency_events = int(args.latency_rate * args.latency_seconds)
+            latency_work = await workload.build(
+                kms, key_id, "aws-rds-das-cluster-SCALELAT", 10, latency_events, seed=11
+            )
+            keys = (anchor_key, verify_key)
+            for size in args.size_list:
+                found = await measure_size(
+                    stack, args, dsn, filler, size, kinesis, kms, keys, work, latency_work
+                )
+                results.append(found)
+            costs = await index_costs(dsn, 5_000 if args.quick else 100_000, args.repeat)
+    finally:
+        await filler.close()
+        await e2e.drop_database(stack, dsn)
+    return results, costs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_signal_handlers()
+    for stray in _STRAY_AWS_VARIABLES:
+        os.environ.pop(stray, None)
+    began = time.monotonic()
+    with LocalStack() as stack:
+        os.environ.update(stack.env())
+        results, costs = asyncio.run(run_all(stack, args))
+    load = "load avg {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    lines = [
+        "# Performance as the warehouse grows",
+        "",
+        f"`python -m bench.scale --sizes {args.sizes} --days {args.days}` "
+        f"(`make bench-scale`), {datetime.now(UTC):%Y-%m-%d}.",
+        "",
+        f"Machine: {procs.machine()}; finished in {time.monotonic() - began:.0f}s ({load}).",
+        "",
+    ]
+    rendered = [t.render() for t in [*tables(results), costs]]
+    if args.output != "-":
+        output = Path(args.output)
+        names = charts(results, output.parent / "performance")
+        lines += [*(f"![{n}](performance/{n})" for n in names), ""]
+    text = "\n".join(lines) + "\n" + "\n\n".join(rendered) + "\n"
+    print(text)
+    if args.output != "-":
+        Path(args.output).write_text(text)
+        print(f"written to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
