@@ -20,7 +20,16 @@ PER_INVOCATION = {
     "retention": {"--dry-run", "--no-archive"},
     "dead-letters list": {"--stage", "--limit", "--json"},
     "dead-letters retry": {"--id", "--stage", "--all"},
-    "verify": {"--shard", "--since", "--json", "--no-anchors", "--anchors", "--archive", "--day"},
+    "verify": {
+        "--shard",
+        "--since",
+        "--json",
+        "--no-anchors",
+        "--anchors",
+        "--archive",
+        "--day",
+        "--seed",
+    },
     "archive": {"--before", "--athena-ddl", "--athena-table"},
     "anchor": {"--export"},
     # only to measure the chain's cost; never a deployment setting
@@ -81,6 +90,9 @@ def sample(action: argparse.Action) -> tuple[str, object]:
         return "7", 7
     if action.type is float:
         return "7.5", 7.5
+    if callable(action.type) and action.type is not str:
+        # a converter of the command's own (a count, a size): a whole number it accepts
+        return "7", action.type("7")
     return "from-the-environment", "from-the-environment"
 
 

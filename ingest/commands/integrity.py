@@ -12,6 +12,7 @@ from ingest.commands.options import (
     add_hidden_alias,
     add_log_argument,
     env_default,
+    env_flag,
 )
 
 VERIFY_EPILOG = """\
@@ -75,7 +76,9 @@ def add_parser(subparsers: Any) -> None:
     verify.add_argument(
         "--full",
         action="store_true",
-        help="recompute every chain from its start, whatever progress was recorded",
+        default=env_flag("DAS_VERIFY_FULL"),
+        help="recompute every chain from its start, whatever progress was recorded "
+        "[DAS_VERIFY_FULL]",
     )
     verify.add_argument(
         "--verify-key-id",
@@ -87,9 +90,10 @@ def add_parser(subparsers: Any) -> None:
     verify.add_argument(
         "--sample",
         type=_count,
-        default=16,
+        default=env_default("DAS_VERIFY_SAMPLE", 16),
         metavar="N",
-        help="older links a routine run recomputes per chain, chosen at random (default: 16)",
+        help="older links a routine run recomputes per chain, chosen at random (default: 16) "
+        "[DAS_VERIFY_SAMPLE]",
     )
     verify.add_argument(
         "--seed",

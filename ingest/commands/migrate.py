@@ -30,7 +30,7 @@ def add_parser(subparsers: Any) -> None:
         "--verifier-role",
         default=env_default("DAS_VERIFIER_ROLE", "das_verifier"),
         help="role for auditors running verify: reads everything, writes only "
-        "das.verify_progress (default: das_verifier)",
+        "das.verify_progress (default: das_verifier) [DAS_VERIFIER_ROLE]",
     )
     parser.add_argument(
         "--no-roles",
