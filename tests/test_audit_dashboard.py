@@ -5,6 +5,7 @@ picker, and its plan (EXPLAIN) reads no day partition outside the selected days.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +22,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "das-audit.json"
 #: Seven days of partitions; the time picker selects the middle two.
 FIRST_DAY = datetime(2026, 11, 20, tzinfo=UTC)
 DAYS = 7
+#: The streams picked in the stream variable.
+STREAMS = ("aws-rds-das-cluster-A", "aws-rds-das-db-B")
 SELECTED = (FIRST_DAY + timedelta(days=3), FIRST_DAY + timedelta(days=5) - timedelta(seconds=1))
 
 
@@ -74,8 +77,14 @@ def test_the_dashboard_covers_the_audit_questions_and_is_provisioned() -> None:
     assert dashboard["title"] == "Audit overview"
     sources = {p["datasource"]["uid"] for p in dashboard["panels"]}
     assert sources == {"${warehouse}"}  # no hard-coded uid
-    (variable,) = dashboard["templating"]["list"]
-    assert variable["type"] == "datasource"
+    source, stream = dashboard["templating"]["list"]
+    assert source["type"] == "datasource"
+    # the stream variable reads the warehouse, many streams at once (several clusters may
+    # share one warehouse), and every panel is cut by it
+    assert stream["name"] == "stream"
+    assert stream["datasource"]["uid"] == "${warehouse}"
+    assert stream["multi"] is True
+    assert stream["includeAll"] is True
     text = " ".join(sql for _, sql in panel_queries())
     for view in (
         "das.failed_logins",
@@ -90,6 +99,7 @@ def test_the_dashboard_covers_the_audit_questions_and_is_provisioned() -> None:
         assert view in text, view
     for title, sql in panel_queries():
         assert "$__timeFilter(" in sql, f"{title}: not bounded by the time picker"
+        assert re.search(r"\b(\w+\.)?stream_name IN \(\$stream\)", sql), f"{title}: no stream"
 
 
 async def test_every_panel_reads_only_the_selected_days(pg_dsn: str) -> None:
@@ -110,8 +120,14 @@ async def test_every_panel_reads_only_the_selected_days(pg_dsn: str) -> None:
         pg_dsn.replace("postgresql://postgres@", f"postgresql://{analyst}@")
     )
     try:
+        (variable,) = [
+            v
+            for v in json.loads(DASHBOARD.read_text())["templating"]["list"]
+            if v["name"] == "stream"
+        ]
+        await conn.fetch(variable["query"])  # the stream picker works for the analyst too
         for title, sql in panel_queries():
-            query = expand(sql, *SELECTED)
+            query = expand(sql, *SELECTED, streams=STREAMS)
             await conn.fetch(query)  # runs as the analyst
             plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}"))
             read = relations(plan)
@@ -155,7 +171,9 @@ async def test_the_alerts_panel_reads_das_alerts_through_its_created_at_index(pg
         async with conn.transaction():
             await conn.execute("SET LOCAL enable_seqscan = off")
             plan = json.loads(
-                await conn.fetchval(f"EXPLAIN (FORMAT JSON) {expand(sql, *SELECTED)}")
+                await conn.fetchval(
+                    f"EXPLAIN (FORMAT JSON) {expand(sql, *SELECTED, streams=STREAMS)}"
+                )
             )
         (alerts,) = [n for n in scans(plan) if n["Relation Name"] == "alerts"]
         assert alerts["Node Type"] in {"Index Scan", "Index Only Scan", "Bitmap Heap Scan"}, alerts

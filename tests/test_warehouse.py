@@ -270,6 +270,7 @@ async def test_main_and_aux_correlate_in_every_arrival_order(pg_dsn: str, role: 
             assert row["command_text"] == f"UPDATE t1, t2 SET a = 1 /* {statement_id} */"
             assert row["row_count"] == 3
             assert row["db_user_name"] == "master"
+            assert row["stream_name"] == STREAM  # set by the merge (migration 0026)
             assert row["log_time"] == datetime(2020, 5, 22, 18, 7, 12, 250221, tzinfo=UTC)
             aux = orjson.loads(row["aux"])
             assert sorted(a["object_name"] for a in aux) == ["t1", "t2"]
