@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ingest.copytext import _canonical_json
 from ingest.decode import copyfmt
-from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
+from ingest.decode.batch import BatchInput, DecoderConfig, KeyedRecord, decode_batch
 from ingest.decode.fingerprint import fingerprint_hash, of_statement
 from ingest.decode.model import ActivityEvent, DecodedRecord
 from ingest.integrity.canonical import (
@@ -309,7 +309,9 @@ def test_decode_batch_digests_each_event_line() -> None:
     )  # fmt: skip
     raw = seal(doc, key, "1.1")
     out = decode_batch(
-        BatchInput("shardId-1", [(0, "7", raw, key)], DecoderConfig("esdk"), stream_name="s")
+        BatchInput(
+            "shardId-1", [KeyedRecord(0, "7", raw, key)], DecoderConfig("esdk"), stream_name="s"
+        )
     )
     assert out.failures == []
     assert out.event_count == 3

@@ -26,7 +26,7 @@ SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Text PostgreSQL can store as is (no NUL, no lone surrogates): round trips unchanged.
 clean_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
     max_size=40,
 )
 stamps = st.datetimes(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ def t(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
 
 
-PG = {
+PG: dict[str, Any] = {
     "server_version": "2.3.1",
     "server_type": "PostgreSQL",
     "service_name": "Amazon Aurora PostgreSQL-Compatible edition",

@@ -55,7 +55,7 @@ import asyncpg
 import botocore.session
 import jsonschema  # type: ignore[import-untyped]
 import pytest
-import yaml  # type: ignore[import-untyped]
+import yaml
 from botocore import xform_name
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
@@ -1569,12 +1569,6 @@ async def init_compose_postgres(cluster: LocalStack) -> str:
         await admin.close()
     parts = urlsplit(cluster.dsn)
     return f"{parts.hostname}:{parts.port}"
-
-
-def _dsn(base: str, *, user: str, database: str, port: int | None = None) -> str:
-    parts = urlsplit(base)
-    netloc = f"{user}@{parts.hostname}:{port or parts.port}"
-    return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, parts.fragment))
 
 
 async def test_the_compose_setup_end_to_end(

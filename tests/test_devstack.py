@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import boto3  # type: ignore[import-untyped]
+import boto3
 import pytest
 from botocore.exceptions import ClientError
 
@@ -269,6 +269,7 @@ async def test_binaries_the_server_user_cannot_reach_are_copied_where_it_can(
             assert str(await conn.fetchval("select version()")).startswith("PostgreSQL ")
         finally:
             await conn.close()
+        assert pg.workdir is not None
         assert pg.bindir.is_relative_to(pg.workdir)  # the copy, removed with the cluster
         workdir = pg.workdir
     assert workdir is not None

@@ -8,7 +8,7 @@ import math
 from collections import Counter, defaultdict
 from typing import Any
 
-import boto3  # type: ignore[import-untyped]
+import boto3
 import pytest
 from botocore.exceptions import ClientError
 

@@ -33,7 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
+from ingest.decode.batch import BatchInput, DecoderConfig, KeyedRecord, decode_batch
 from ingest.decode.envelope import read_envelope
 from ingest.errors import DecodeError, Stage
 from ingest.kms import encryption_context
@@ -725,7 +725,9 @@ def predict(raw: bytes, key: DataKey) -> tuple[str | None, int]:
 
 def decoded_alone(raw: bytes, data_key: bytes) -> tuple[str | None, int]:
     """(stage or None, events) of decoding this one record in a batch of its own."""
-    out = decode_batch(BatchInput("s", [(0, "1", raw, data_key)], DecoderConfig(), stream_name="s"))
+    out = decode_batch(
+        BatchInput("s", [KeyedRecord(0, "1", raw, data_key)], DecoderConfig(), stream_name="s")
+    )
     if out.failures:
         return out.failures[0].stage, 0
     return None, out.event_count
@@ -806,21 +808,21 @@ def test_decode_batch_never_raises_and_fails_exactly_the_hostile_records(
 ) -> None:
     """A batch fails exactly the records that fail alone, whatever surrounds them, and never
     raises; good records keep every event (the key field is the parent's business: KMS)."""
-    batch: list[tuple[int, str, bytes, bytes]] = []
+    batch: list[KeyedRecord] = []
     want_events = 0
     want_failed: set[int] = set()
     for index, (kind, arg) in enumerate(items):
         if kind == "good":
-            batch.append((index, str(index), PURE_GOOD[arg], PURE_KEY.plaintext))
+            batch.append(KeyedRecord(index, str(index), PURE_GOOD[arg], PURE_KEY.plaintext))
             want_events += arg + 1
         elif kind == "key":
             # A good record with a wrong (maybe not even 32-byte) data key.
-            batch.append((index, str(index), PURE_GOOD[0], arg))
+            batch.append(KeyedRecord(index, str(index), PURE_GOOD[0], arg))
             want_failed.add(index)
         else:
             raw = apply_mutation(arg, PURE_KEY)
             stage, events = decoded_alone(raw, PURE_KEY.plaintext)
-            batch.append((index, str(index), raw, PURE_KEY.plaintext))
+            batch.append(KeyedRecord(index, str(index), raw, PURE_KEY.plaintext))
             if stage is None:
                 want_events += events
             else:

@@ -21,7 +21,8 @@ import pytest
 
 from das_dev.devstack import LocalStack
 from ingest.aws import aws_client
-from ingest.decode.batch import BatchInput, decode_batch
+from ingest.conn import Conn
+from ingest.decode.batch import BatchInput, KeyedRecord, decode_batch
 from ingest.emulate.traffic import EventKey, format_datetime
 from ingest.errors import ConfigError
 from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads, read_exported_anchors
@@ -257,13 +258,13 @@ async def _at_least(dsn: str, n: int) -> bool:
     return await committed_events(dsn) >= n
 
 
-async def verify_in(conn: asyncpg.Connection, **options: Any) -> Report:
+async def verify_in(conn: Conn, **options: Any) -> Report:
     async with aws_client("kms") as kms:
         return await verify_warehouse(conn, kms=kms, **options)
 
 
 @contextlib.asynccontextmanager
-async def rolled_back_in(conn: asyncpg.Connection) -> AsyncIterator[None]:
+async def rolled_back_in(conn: Conn) -> AsyncIterator[None]:
     """A transaction on ``conn`` that is rolled back afterwards."""
     transaction = conn.transaction()
     await transaction.start()
@@ -351,6 +352,7 @@ async def test_everything_is_chained_with_its_stream_and_dead_letters(warehouse:
             "FROM das.chain_links, jsonb_array_elements(dead_letters) e"
         )
         kept = await conn.fetchrow("SELECT sequence_number::text AS seq, raw FROM das.dead_letters")
+        assert kept is not None
     finally:
         await conn.close()
     # The batch links list both records that were dead-lettered; the re-drive names the one
@@ -525,6 +527,7 @@ async def test_truncated_newest_links_are_reported(warehouse: Warehouse) -> None
         "SELECT max(link_no) AS n FROM das.chain_links WHERE shard_id = $1 AND kind = 'batch'",
         shard,
     )
+    assert head is not None
     keep_to = head["n"] - 2
     # A re-drive among the removed links leaves its dead-lettered record unaccounted for.
     redrive_removed = await conn.fetchval(
@@ -664,7 +667,7 @@ async def test_awkward_values_verify_clean(pg_dsn: str, aws_env: dict[str, str])
     pool = await migrated_pool(pg_dsn)
     try:
         token, _ = await hold_lease(pool, "s", "w")
-        events = [
+        events: list[dict[str, Any]] = [
             {
                 "type": "record",
                 "logTime": "2024-03-01 10:00:00.5+05:30",
@@ -685,7 +688,9 @@ async def test_awkward_values_verify_clean(pg_dsn: str, aws_env: dict[str, str])
             },
             {"type": "record"},
         ]
-        items = [(i, str(100 + i), seal(inner(e), KEY), KEY) for i, e in enumerate(events)]
+        items = [
+            KeyedRecord(i, str(100 + i), seal(inner(e), KEY), KEY) for i, e in enumerate(events)
+        ]
         output = decode_batch(BatchInput("s", items, ESDK, stream_name=STREAM))
         assert output.failures == []
         sink = Sink(pool)
@@ -922,6 +927,7 @@ async def test_since_recomputes_only_the_newer_links(warehouse: Warehouse) -> No
             row["shard_id"],
             row["sequence_number"],
         )
+        assert link is not None
         later = await conn.fetchval(
             "SELECT min(created_at) FROM das.chain_links WHERE created_at > $1", link["created_at"]
         )
@@ -998,6 +1004,7 @@ async def test_a_forged_dead_letter_and_its_redrive_are_reported(warehouse: Ware
             "SELECT shard_id, first_sequence FROM das.chain_links WHERE kind = 'batch' "
             "AND first_sequence < last_sequence ORDER BY link_no LIMIT 1"
         )
+        assert link is not None
         await conn.execute(
             "INSERT INTO das.dead_letters (stream_name, shard_id, sequence_number, stage, error, "
             "raw) VALUES ($1, $2, $3, 'kms', 'forged', 'x')",
@@ -1081,7 +1088,8 @@ async def _commit_events(
     """Store one event per record, sequence numbers from ``first``, as a worker would (one
     batch, one link); returns the new checkpoint."""
     items = [
-        (i, str(first + i), seal(inner(e, cluster=cluster), KEY), KEY) for i, e in enumerate(events)
+        KeyedRecord(i, str(first + i), seal(inner(e, cluster=cluster), KEY), KEY)
+        for i, e in enumerate(events)
     ]
     output = decode_batch(BatchInput(token.shard_id, items, ESDK, stream_name=token.stream_name))
     assert output.failures == []
@@ -1221,11 +1229,13 @@ async def test_a_closed_shard_is_anchored_and_held_to_its_last_record(
             "WHERE shard_id = $1",
             parent,
         )
+        assert lease is not None
         head = await conn.fetchrow(
             "SELECT max(link_no) AS n, max(last_sequence)::text AS last FROM das.chain_links "
             "WHERE shard_id = $1",
             parent,
         )
+        assert head is not None
         anchored = await conn.fetchval(
             "SELECT max(link_no) FROM das.chain_anchors WHERE shard_id = $1", parent
         )

@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from ingest.archive.location import ArchiveLocation
 from ingest.cli import build_parser

@@ -123,7 +123,16 @@ async def test_a_plain_install_of_the_wheel_runs_without_the_dev_tooling(
     das_ingest = env_dir / "bin" / "das-ingest"
     install = await asyncio.to_thread(
         subprocess.run,
-        [python, "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), str(wheel)],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "-c",
+            str(ROOT / "constraints.txt"),
+            str(wheel),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig
+from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, KeyedRecord
 from ingest.decode.fingerprint import of_statement
 from ingest.policy.hook import decode_with_policy
 from tests.sealing import seal
@@ -34,7 +34,9 @@ def _batch(config: DecoderConfig) -> tuple[BatchOutput, str]:
          "databaseActivityEventList": events}
     )  # fmt: skip
     out = decode_with_policy(
-        BatchInput("shardId-1", [(0, "7", seal(doc, KEY, "1.1"), KEY)], config, stream_name="s")
+        BatchInput(
+            "shardId-1", [KeyedRecord(0, "7", seal(doc, KEY, "1.1"), KEY)], config, stream_name="s"
+        )
     )
     assert out.failures == []
     return out, out.events.decode()

@@ -10,7 +10,7 @@ import pytest
 
 from ingest.consumer.budget import WorkBudget
 from ingest.consumer.pool import DecodePool, DecoderCrashedError
-from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, decode_batch
+from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, KeyedRecord, decode_batch
 from tests.sealing import seal
 from tests.warehouse_helpers import KEY, inner
 
@@ -19,17 +19,17 @@ CONFIG = DecoderConfig(decryptor="esdk")
 
 def crashing_decode(batch: BatchInput) -> BatchOutput:
     """decode_batch, except that a record containing POISON kills the process."""
-    if any(b"POISON" in raw for _, _, raw, _ in batch.records):
+    if any(isinstance(raw, bytes) and b"POISON" in raw for _, _, raw, _ in batch.records):
         os._exit(3)
     return decode_batch(batch)
 
 
-def record(index: int, text: str) -> tuple[int, str, bytes, bytes]:
+def record(index: int, text: str) -> KeyedRecord:
     payload = inner({"type": "record", "command": "SELECT", "commandText": text})
-    return (index, str(index + 1), seal(payload, KEY), KEY)
+    return KeyedRecord(index, str(index + 1), seal(payload, KEY), KEY)
 
 
-POISON = (9, "10", b'{"POISON": true}', KEY)
+POISON = KeyedRecord(9, "10", b'{"POISON": true}', KEY)
 
 
 async def test_a_poison_record_is_isolated_and_the_pool_recovers() -> None:

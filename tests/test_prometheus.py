@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any, cast
 
-import yaml  # type: ignore[import-untyped]
+import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from ingest.alerts.notifiers import WebhookNotifier

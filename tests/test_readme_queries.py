@@ -9,7 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
-from ingest.decode.batch import BatchInput, decode_batch
+from ingest.decode.batch import BatchInput, KeyedRecord, decode_batch
 from tests.sealing import seal
 from tests.seed_examples import SEED_EXAMPLES
 from tests.warehouse_helpers import (
@@ -38,7 +38,7 @@ async def test_readme_queries_run_as_the_analyst(pg_dsn: str) -> None:
     try:
         token, _ = await hold_lease(pool, "s", "w")
         items = [
-            (i, str(i + 1), seal(doc.encode(), KEY, version), KEY)
+            KeyedRecord(i, str(i + 1), seal(doc.encode(), KEY, version), KEY)
             for i, (version, doc) in enumerate(SEED_EXAMPLES.values())
         ]
         output = decode_batch(BatchInput("s", items, ESDK, stream_name=STREAM))
@@ -150,6 +150,7 @@ async def test_views_classify_failures_sessions_and_logins(pg_dsn: str) -> None:
         logins = await pool.fetch("SELECT db_user_name FROM das.failed_logins")
         assert [r["db_user_name"] for r in logins] == ["mallory"]
         row = await pool.fetchrow("SELECT * FROM das.sessions WHERE session_id = 'abc.1'")
+        assert row is not None
         assert row["db_user_name"] == "alice"
         assert row["duration"].total_seconds() == 300
         assert row["statements"] == 4

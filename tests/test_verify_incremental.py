@@ -15,6 +15,7 @@ import pytest
 
 from das_dev.devstack import LocalStack
 from ingest.aws import aws_client
+from ingest.conn import Conn
 from ingest.integrity.anchor import AnchorKey, anchor_heads
 from ingest.integrity.verify import Report, sampled_link_numbers, verify_warehouse
 from ingest.warehouse.migrate import migrate
@@ -76,7 +77,7 @@ class Chains:
         async with aws_client("kms") as kms, self.pool.acquire() as conn:
             await anchor_heads(conn, AnchorKey(kms, self.anchor_key), STREAM)
 
-    async def verify(self, conn: asyncpg.Connection, **options: Any) -> Report:
+    async def verify(self, conn: Conn, **options: Any) -> Report:
         async with aws_client("kms") as kms:
             return await verify_warehouse(
                 conn,
@@ -119,7 +120,7 @@ def kinds(report: Report) -> list[str]:
     return sorted({f.kind for f in report.findings})
 
 
-async def alter_event(conn: asyncpg.Connection, shard: str, link_no: int) -> None:
+async def alter_event(conn: Conn, shard: str, link_no: int) -> None:
     """Change one stored value of an event that link ``link_no`` of ``shard`` covers."""
     bounds = await conn.fetchrow(
         "SELECT first_sequence, last_sequence FROM das.chain_links "
@@ -128,6 +129,7 @@ async def alter_event(conn: asyncpg.Connection, shard: str, link_no: int) -> Non
         shard,
         link_no,
     )
+    assert bounds is not None
     changed = await conn.execute(
         "UPDATE das.activity_events SET command_text = 'select 0' "
         "WHERE stream_name = $1 AND shard_id = $2 AND sequence_number = $3",
@@ -219,6 +221,7 @@ async def test_a_forged_progress_record_is_found(chains: Chains) -> None:
             "WHERE shard_id = $1 ORDER BY link_no DESC LIMIT 1",
             SHARDS[0],
         )
+        assert head is not None
         await conn.execute(
             "INSERT INTO das.verify_progress VALUES ($1, $2, $3, $4, $5, now(), $6, "
             "'HMAC_SHA_256', $7, 1)",

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.decode.batch import BatchInput, DecoderConfig, decode_batch
+from ingest.decode.batch import BatchInput, DecoderConfig, KeyedRecord, decode_batch
 from ingest.decode.normalize import unescape_text
 from ingest.emulate.producer import EmulateOptions
 from ingest.emulate.traffic import InnerRecord
@@ -151,7 +151,7 @@ async def test_every_seed_example_is_stored_with_every_value(pg_dsn: str) -> Non
         items = []
         for i, name in enumerate(names):
             version, doc = SEED_EXAMPLES[name]
-            items.append((i, str(1000 + i), seal(doc.encode(), KEY, version), KEY))
+            items.append(KeyedRecord(i, str(1000 + i), seal(doc.encode(), KEY, version), KEY))
         output = decode_batch(BatchInput("shardId-000000000000", items, ESDK, stream_name=STREAM))
         assert output.failures == []
         await store(pool, token, output, "TRIM_HORIZON", str(1000 + len(names) - 1))
@@ -426,6 +426,7 @@ async def test_the_earliest_main_of_a_key_wins_in_any_arrival_order(pg_dsn: str)
             await store(pool, token, batch("s", [(str(n), inner(event))]), checkpoint, str(n))
             checkpoint = str(n)
         row = await pool.fetchrow("SELECT command_text, main_sequence_number FROM das.statements")
+        assert row is not None
         assert tuple(row) == ("earliest", 3)
         before = await statements_table(pool)
         async with pool.acquire() as conn:
@@ -509,7 +510,7 @@ async def test_rebuild_statements_equals_the_incremental_merge(pg_dsn: str) -> N
             while at < len(sealed):
                 chunk = sealed[at : at + next(sizes)]
                 at += len(chunk)
-                items = [(i, seq, raw, KEY) for i, (seq, raw) in enumerate(chunk)]
+                items = [KeyedRecord(i, seq, raw, KEY) for i, (seq, raw) in enumerate(chunk)]
                 output = decode_batch(BatchInput(shard, items, ESDK, stream_name=STREAM))
                 assert output.failures == []
                 await store(pool, token, output, checkpoint, chunk[-1][0])
@@ -756,6 +757,7 @@ async def test_dead_letters_and_heartbeats_commit_with_the_batch(pg_dsn: str) ->
         assert [(b["instance_id"], b["seq"]) for b in beats] == [("db-1", "2"), ("db-2", "3")]
         assert beats[0]["log_time"] == datetime(2020, 1, 1, 0, 0, 3, tzinfo=UTC)
         dead = await pool.fetchrow("SELECT * FROM das.dead_letters")
+        assert dead is not None
         assert dead["stage"] == "json"
         assert bytes(dead["raw"]) == b"garbage"
         assert dead["sequence_number"] == 4
@@ -853,7 +855,9 @@ async def test_one_record_over_two_past_days_lands_in_both_days_partitions(
     )
     config = DecoderConfig(decryptor="esdk", chain=chain)
     output = decode_batch(
-        BatchInput("s", [(0, "1", seal(doc, KEY, "1.2"), KEY)], config, stream_name=STREAM)
+        BatchInput(
+            "s", [KeyedRecord(0, "1", seal(doc, KEY, "1.2"), KEY)], config, stream_name=STREAM
+        )
     )
     assert output.failures == []
     assert output.days == {five.date(), three.date()}

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, decode_batch
+from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, KeyedRecord, decode_batch
 from ingest.lease import Lease, LeaseToken, ShardInfo
 from ingest.warehouse.leases import LeaseStore
 from ingest.warehouse.migrate import migrate
@@ -50,7 +50,9 @@ def batch(
     stream: str = STREAM,
 ) -> BatchOutput:
     """Decode (sequence number, inner document) pairs as the process pool would."""
-    items = [(i, seq, seal(doc, KEY, version), KEY) for i, (seq, doc) in enumerate(records)]
+    items = [
+        KeyedRecord(i, seq, seal(doc, KEY, version), KEY) for i, (seq, doc) in enumerate(records)
+    ]
     return decode_batch(BatchInput(shard_id, items, ESDK, stream_name=stream))
 
 
