@@ -38,14 +38,11 @@ from ingest.archive.location import ArchiveLocation
 from ingest.archive.manifest import Manifest
 from ingest.archive.s3 import S3ConfigError, S3Error, S3UnavailableError, classify
 from ingest.aws import aws_client, error_code
-from ingest.decode.batch import BatchInput, KeyedRecord, decode_batch
 from ingest.errors import ConfigError
 from ingest.integrity.anchor import AnchorKey, anchor_heads
 from ingest.integrity.canonical import EVENT_COLUMNS
 from ingest.integrity.verify import AnchorChecker, stored_values, verify_warehouse
-from ingest.lease import LeaseToken, ShardInfo
-from ingest.warehouse.leases import LeaseStore
-from ingest.warehouse.sink import CopyUnit, Sink
+from ingest.lease import LeaseToken
 from tests.cli_helpers import Result, das_ingest
 from tests.rds_examples import (
     ORACLE_INSTANCE,
@@ -55,7 +52,7 @@ from tests.rds_examples import (
     sqlserver_event,
 )
 from tests.sealing import seal
-from tests.warehouse_helpers import ESDK, KEY, STREAM, migrated_pool
+from tests.warehouse_helpers import KEY, STREAM, commit_sealed, hold_lease, migrated_pool
 
 DAY1, DAY2 = date(2024, 3, 1), date(2024, 3, 2)
 FAR = date(999, 12, 31)
@@ -113,15 +110,6 @@ class Archive:
         return self.location.day_dir(stream, day) + name
 
 
-async def _lease_on(pool: asyncpg.Pool, stream: str, shard: str) -> LeaseToken:
-    store = LeaseStore(pool, stream, lease_seconds=30)
-    await store.sync_shards([ShardInfo(shard, ())], "TRIM_HORIZON")
-    current = {lease.shard_id: lease for lease in await store.all_leases()}[shard]
-    taken = await store.take(current, "w")
-    assert taken is not None
-    return LeaseToken(stream, shard, "w", taken.lease_counter)
-
-
 async def _commit(
     pool: asyncpg.Pool,
     token: LeaseToken,
@@ -143,20 +131,7 @@ async def _commit(
         for e in events
     ]  # fmt: skip
     records = sealed if sealed is not None else [seal(doc, KEY) for doc in documents]
-    items = [KeyedRecord(i, str(first + i), raw, KEY) for i, raw in enumerate(records)]
-    output = decode_batch(BatchInput(token.shard_id, items, ESDK, stream_name=token.stream_name))
-    assert output.failures == []
-    sink = Sink(pool)
-    await sink.ensure_partitions(output.days)
-    last = str(first + len(items) - 1)
-    await sink.commit(
-        token,
-        previous_checkpoint=previous,
-        new_checkpoint=last,
-        units=[CopyUnit(output.events, output.statements, chain=output.chain)],
-        sequence_range=(str(first), last),
-    )
-    return last
+    return await commit_sealed(pool, token, records, first, previous)
 
 
 def _plain(day: date, n: int, tag: str) -> list[dict[str, Any]]:
@@ -183,8 +158,8 @@ async def archive(
         async with pool.acquire() as conn:
             for d in (DAY1, DAY2):  # outside the on-demand window: made by hand
                 await conn.execute("SELECT das.ensure_partition($1)", d)
-        a = await _lease_on(pool, STREAM, "shardId-000000000000")
-        b = await _lease_on(pool, STREAM, "shardId-000000000001")
+        a = (await hold_lease(pool, "shardId-000000000000", "w", STREAM))[0]
+        b = (await hold_lease(pool, "shardId-000000000001", "w", STREAM))[0]
         last_a = await _commit(pool, a, AWKWARD, 100, "TRIM_HORIZON")
         last_a = await _commit(pool, a, _plain(DAY1, 7, "a"), 200, last_a)
         last_b = await _commit(

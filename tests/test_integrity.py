@@ -38,8 +38,7 @@ from ingest.integrity.canonical import (
     link_hash,
 )
 from ingest.integrity.verify import Report, stored_values, verify_warehouse
-from ingest.lease import LeaseToken, ShardInfo
-from ingest.warehouse.leases import LeaseStore
+from ingest.lease import LeaseToken
 from ingest.warehouse.retention import apply_retention
 from ingest.warehouse.sink import CopyUnit, Sink
 from tests.cli_helpers import das_ingest
@@ -55,7 +54,15 @@ from tests.fleet import (
     wait_until,
 )
 from tests.sealing import outer_record, seal, seal_payload
-from tests.warehouse_helpers import ESDK, KEY, STREAM, inner, migrated_pool
+from tests.warehouse_helpers import (
+    ESDK,
+    KEY,
+    STREAM,
+    commit_sealed,
+    hold_lease,
+    inner,
+    migrated_pool,
+)
 
 EVENT_DAY = date(2024, 3, 1)  # the emulator's traffic starts on this day
 
@@ -659,10 +666,8 @@ async def test_awkward_values_verify_clean(pg_dsn: str, aws_env: dict[str, str])
     """The digests computed from the values about to be stored equal those recomputed from
     what PostgreSQL gives back, for values whose text PostgreSQL normalizes (jsonb key order
     and numbers, time zones, escaped text)."""
-    from ingest.decode.batch import BatchInput, decode_batch
-    from ingest.warehouse.sink import CopyUnit, Sink
     from tests.sealing import seal
-    from tests.warehouse_helpers import ESDK, KEY, STREAM, hold_lease, migrated_pool
+    from tests.warehouse_helpers import KEY, STREAM, hold_lease, migrated_pool
 
     pool = await migrated_pool(pg_dsn)
     try:
@@ -1067,15 +1072,6 @@ async def test_legitimate_retention_verifies_clean_under_its_policy(warehouse: W
 # -- several streams in one warehouse ----------------------------------------------------------
 
 
-async def _lease_on(pool: asyncpg.Pool, stream: str, shard: str) -> LeaseToken:
-    store = LeaseStore(pool, stream, lease_seconds=30)
-    await store.sync_shards([ShardInfo(shard, ())], "TRIM_HORIZON")
-    current = {lease.shard_id: lease for lease in await store.all_leases()}[shard]
-    taken = await store.take(current, "w")
-    assert taken is not None
-    return LeaseToken(stream, shard, "w", taken.lease_counter)
-
-
 async def _commit_events(
     pool: asyncpg.Pool,
     token: LeaseToken,
@@ -1087,23 +1083,8 @@ async def _commit_events(
 ) -> str:
     """Store one event per record, sequence numbers from ``first``, as a worker would (one
     batch, one link); returns the new checkpoint."""
-    items = [
-        KeyedRecord(i, str(first + i), seal(inner(e, cluster=cluster), KEY), KEY)
-        for i, e in enumerate(events)
-    ]
-    output = decode_batch(BatchInput(token.shard_id, items, ESDK, stream_name=token.stream_name))
-    assert output.failures == []
-    sink = Sink(pool)
-    await sink.ensure_partitions(output.days)
-    last = str(first + len(events) - 1)
-    await sink.commit(
-        token,
-        previous_checkpoint=previous,
-        new_checkpoint=last,
-        units=[CopyUnit(output.events, output.statements, chain=output.chain)],
-        sequence_range=(str(first), last),
-    )
-    return last
+    records = [seal(inner(e, cluster=cluster), KEY) for e in events]
+    return await commit_sealed(pool, token, records, first, previous)
 
 
 async def test_two_streams_share_shard_ids_and_sequence_numbers(
@@ -1120,7 +1101,7 @@ async def test_two_streams_share_shard_ids_and_sequence_numbers(
     ]
     try:
         for stream in streams:
-            await _commit_events(pool, await _lease_on(pool, stream, shard), events, 100)
+            await _commit_events(pool, (await hold_lease(pool, shard, "w", stream))[0], events, 100)
         async with pool.acquire() as conn:
             counts = {
                 r["stream_name"]: r["n"]
@@ -1289,7 +1270,7 @@ async def test_retention_must_remove_the_oldest_days_first(
         async with pool.acquire() as conn:
             for d in (first, second):  # outside the on-demand window: made by hand
                 await conn.execute("SELECT das.ensure_partition($1)", d)
-        token = await _lease_on(pool, STREAM, "shardId-000000000000")
+        token = (await hold_lease(pool, "shardId-000000000000", "w", STREAM))[0]
         events = [
             # a day before: in the default partition (no partition for it)
             {"type": "record", "logTime": "2024-02-01 08:00:00+00", "commandText": "a"},

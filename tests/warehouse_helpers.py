@@ -85,6 +85,27 @@ async def store(
     )
 
 
+async def commit_sealed(
+    pool: asyncpg.Pool, token: LeaseToken, records: Sequence[bytes], first: int, previous: str
+) -> str:
+    """Commit sealed ``records`` (sequence numbers from ``first``) as a worker would: one
+    batch, one link, the sequence range recorded; returns the new checkpoint."""
+    items = [KeyedRecord(i, str(first + i), raw, KEY) for i, raw in enumerate(records)]
+    output = decode_batch(BatchInput(token.shard_id, items, ESDK, stream_name=token.stream_name))
+    assert output.failures == []
+    sink = Sink(pool)
+    await sink.ensure_partitions(output.days)
+    last = str(first + len(items) - 1)
+    await sink.commit(
+        token,
+        previous_checkpoint=previous,
+        new_checkpoint=last,
+        units=[CopyUnit(output.events, output.statements, chain=output.chain)],
+        sequence_range=(str(first), last),
+    )
+    return last
+
+
 async def dead_lettered(
     pool: asyncpg.Pool, shard_id: str, letters: Sequence[DeadLetter]
 ) -> dict[str, int]:
