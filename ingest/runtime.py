@@ -32,7 +32,9 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
         return UNAVAILABLE
     except IngestError as exc:
         print(f"das-ingest: {exc}", file=sys.stderr)
-        return FAILURE
+        # A retriable error that reached the top (KMS, Kinesis, S3, Secrets Manager unreachable
+        # or throttling after the retries): a dependency was unavailable, not a failure.
+        return UNAVAILABLE if exc.retriable else FAILURE
     except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError) as exc:
         # A command run against a database `migrate` never set up (or an older schema).
         print(

@@ -10,7 +10,10 @@ import pytest
 
 from das_dev.devstack import LocalStack, free_port
 from ingest.cli import build_parser
-from ingest.exitcodes import EXIT_CODES, UNAVAILABLE, USAGE
+from ingest.errors import IngestError, KmsError, KmsUnavailableError
+from ingest.exitcodes import EXIT_CODES, FAILURE, UNAVAILABLE, USAGE
+from ingest.kinesis import KinesisUnavailableError
+from ingest.runtime import run_async
 from tests.cli_helpers import Result, das_ingest
 
 #: Variables that would otherwise fill in what a case leaves out (env_default treats "" as unset).
@@ -170,3 +173,28 @@ async def test_a_missing_bucket_exits_2(stack: LocalStack) -> None:
         "verify", "--archive", "s3://no-such-archive-bucket/das", "--no-anchors", env=env
     )
     assert_one_line(result, USAGE, "cannot use bucket no-such-archive-bucket: 404")
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (KmsUnavailableError("KMS throttled: ThrottlingException"), UNAVAILABLE),
+        (KinesisUnavailableError("Kinesis unreachable: EndpointConnectionError"), UNAVAILABLE),
+        (KmsError("AccessDeniedException"), FAILURE),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else str(v),
+)
+def test_a_retriable_error_reaching_the_top_is_a_dependency_unavailable(
+    error: IngestError, code: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever command lets a retriable error through (a dependency unreachable or throttling
+    after its retries) exits 3, not 1: the same command may well succeed later."""
+
+    async def fails() -> int:
+        raise error
+
+    assert run_async(fails()) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert str(error) in err
+    assert "Traceback" not in err
