@@ -240,6 +240,76 @@ async def test_verify_checks_the_alert_chain(warehouse: str) -> None:
         await conn.close()
 
 
+async def test_the_alert_chain_head_is_anchored_with_kms(
+    warehouse: str, aws_env: dict[str, str]
+) -> None:
+    """Hash links alone cannot show the newest alerts removed, nor a whole chain rewritten
+    consistently (by whoever may write das.alerts); an anchor of its head can."""
+    from ingest.aws import aws_client
+    from ingest.integrity.alerts import ANCHOR_STREAM
+    from ingest.integrity.anchor import AnchorKey, anchor_alert_head
+    from ingest.integrity.verify import verify_warehouse
+
+    out = evaluate(BRUTE, [failed_login(u, i) for u in ("a", "b") for i in range(5)])
+    await commit(warehouse, BRUTE, out)
+    conn = await asyncpg.connect(warehouse)
+    try:
+        async with aws_client("kms") as kms:
+            key_id = (await kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC"))[
+                "KeyMetadata"
+            ]["KeyId"]
+            key = AnchorKey(kms, key_id)
+            anchor = await anchor_alert_head(conn, key)
+            assert anchor is not None
+            assert (anchor.stream_name, anchor.link_no) == (ANCHOR_STREAM, 3)
+            assert await anchor_alert_head(conn, key) is None  # the head is anchored already
+            report = await verify_warehouse(conn, kms=kms, anchor_key_id=key_id)
+            assert report.clean, report.findings
+            assert (report.alerts, report.anchors_checked) == (3, 1)
+
+            async def rewrite_consistently() -> None:
+                """Change the first alert and rehash every alert after it."""
+                await conn.execute("UPDATE das.alerts SET severity = 'low' WHERE id = 1")
+                prev = ZERO_HASH
+                for r in await conn.fetch(
+                    "SELECT *, events::text AS events FROM das.alerts ORDER BY id"
+                ):
+                    fields = AlertFields(
+                        r["rule"], r["severity"], r["title"], r["group_key"], r["window_start"],
+                        r["first_event_time"], r["last_event_time"], r["event_count"],
+                        r["created_at"], r["stream_name"], r["shard_id"], r["cluster_id"],
+                        r["instance_id"], __import__("json").loads(r["events"]),
+                    )  # fmt: skip
+                    new = alert_hash(prev, fields)
+                    await conn.execute(
+                        "UPDATE das.alerts SET prev_hash = $1, alert_hash = $2 WHERE id = $3",
+                        prev,
+                        new,
+                        r["id"],
+                    )
+                    prev = new
+
+            async def remove_newest() -> None:
+                await conn.execute("DELETE FROM das.alerts WHERE id = 3")
+
+            for tamper, kind in (
+                (remove_newest, "truncated"),
+                (rewrite_consistently, "anchor_mismatch"),
+            ):
+                tx = conn.transaction()
+                await tx.start()
+                try:
+                    await tamper()
+                    # The hash links still agree: only the anchor tells.
+                    assert (await verify_warehouse(conn, kms=None)).clean
+                    report = await verify_warehouse(conn, kms=kms, anchor_key_id=key_id)
+                    assert [(f.kind, f.stream) for f in report.findings] == [(kind, ANCHOR_STREAM)]
+                finally:
+                    await tx.rollback()
+    finally:
+        await conn.close()
+
+
 GAP_CASES = [
     # (instances' last heartbeats in minutes after NOON, now in minutes, caught up, silent)
     ({"a": 10, "b": 10}, 11, False, []),

@@ -25,7 +25,14 @@ from ingest.conn import Conn
 from ingest.decode.batch import BatchInput, KeyedRecord, decode_batch
 from ingest.emulate.traffic import EventKey, format_datetime
 from ingest.errors import ConfigError
-from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads, read_exported_anchors
+from ingest.integrity.alerts import ANCHOR_SHARD, ANCHOR_STREAM
+from ingest.integrity.anchor import (
+    AnchorError,
+    AnchorKey,
+    anchor_alert_head,
+    anchor_heads,
+    read_exported_anchors,
+)
 from ingest.integrity.canonical import (
     CHAIN_VERSION,
     EVENT_COLUMNS,
@@ -242,7 +249,9 @@ async def _anchors_per_shard(dsn: str) -> dict[str, int]:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT shard_id, count(*) AS n FROM das.chain_anchors GROUP BY shard_id"
+            "SELECT shard_id, count(*) AS n FROM das.chain_anchors WHERE stream_name <> $1 "
+            "GROUP BY shard_id",
+            ANCHOR_STREAM,  # the alert chain's anchors: not a shard's
         )
         return {r["shard_id"]: r["n"] for r in rows}
     finally:
@@ -726,10 +735,11 @@ async def test_deleted_anchors_are_found_with_the_exported_copy(warehouse: Wareh
         # Without the safe copy, deleting every anchor only grows the unanchored tail ...
         blind = await verify_in(conn)
         assert blind.clean, blind.findings
-        assert {t["shard"] for t in blind.unanchored} == {
-            "shardId-000000000000",
-            "shardId-000000000001",
-        }
+        alerts = await conn.fetchval("SELECT count(*) FROM das.alerts")
+        assert {(t["stream"], t["shard"]) for t in blind.unanchored} == {
+            (warehouse.stream, "shardId-000000000000"),
+            (warehouse.stream, "shardId-000000000001"),
+        } | ({(ANCHOR_STREAM, ANCHOR_SHARD)} if alerts else set())
         # ... with it, each deleted anchor is a finding, and the anchors still count.
         report = await verify_in(conn, exported_anchors=exported)
     assert kinds(report) == ["anchor_missing"]
@@ -875,8 +885,13 @@ async def test_asymmetric_anchors_sign_and_verify(warehouse: Warehouse, stack: L
     signing = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
     async with rolled_back(warehouse) as conn, aws_client("kms") as client:
         await conn.execute("DELETE FROM das.chain_anchors")
-        made = await anchor_heads(conn, AnchorKey(client, signing["KeyId"]), warehouse.stream)
-        assert len(made) == 2
+        key = AnchorKey(client, signing["KeyId"])
+        made = await anchor_heads(conn, key, warehouse.stream)
+        alert_head = await anchor_alert_head(conn, key)
+        if alert_head is not None:
+            made.append(alert_head)
+        alerts = await conn.fetchval("SELECT count(*) FROM das.alerts")
+        assert len(made) == 2 + (alerts > 0)
         assert {a.algorithm for a in made} == {"ECDSA_SHA_256"}
         assert {a.key_id for a in made} == {signing["Arn"]}
         good = await verify_in(conn, anchor_key_id=signing["KeyId"])
@@ -886,7 +901,7 @@ async def test_asymmetric_anchors_sign_and_verify(warehouse: Warehouse, stack: L
         )
         bad = await verify_in(conn, anchor_key_id=signing["KeyId"])
     assert good.clean, good.findings
-    assert good.anchors_checked == 2
+    assert good.anchors_checked == len(made)
     assert good.unanchored == []
     assert kinds(bad) == ["anchor_invalid"]
 

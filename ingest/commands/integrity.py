@@ -360,7 +360,7 @@ async def _do_anchor(args: argparse.Namespace) -> int:
     import orjson
 
     from ingest.aws import aws_client
-    from ingest.integrity.anchor import AnchorKey, anchor_heads, load_anchors
+    from ingest.integrity.anchor import AnchorKey, anchor_alert_head, anchor_heads, load_anchors
     from ingest.warehouse.db import connect, resolve_dsn
 
     conn = await connect(resolve_dsn(args.dsn))
@@ -381,7 +381,12 @@ async def _do_anchor(args: argparse.Namespace) -> int:
                 made = 0
                 for stream in streams:
                     made += len(await anchor_heads(conn, key, stream))
-            print(f"anchored {made} chain heads", file=sys.stderr)
+                alerts = await anchor_alert_head(conn, key)
+            print(
+                f"anchored {made} chain heads"
+                + (" and the alert chain's head" if alerts is not None else ""),
+                file=sys.stderr,
+            )
         if args.export:
             lines = [
                 orjson.dumps(a.as_json()) + b"\n" for a in await load_anchors(conn, args.stream)

@@ -49,7 +49,7 @@ from ingest.consumer.readiness import Readiness
 from ingest.consumer.renewer import LeaseRenewer
 from ingest.consumer.shard import ShardConsumer, ShardSettings, State
 from ingest.errors import ConfigError
-from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_heads
+from ingest.integrity.anchor import AnchorError, AnchorKey, anchor_alert_head, anchor_heads
 from ingest.kinesis import KinesisReader
 from ingest.kms import DataKeyCache, encryption_context
 from ingest.lease import Lease, LeaseToken
@@ -305,7 +305,12 @@ class Worker:
             return
         try:
             async with self._db.acquire() as conn:
-                made = await anchor_heads(conn, self.anchor_key, self.settings.stream_name, shards)
+                heads = await anchor_heads(conn, self.anchor_key, self.settings.stream_name, shards)
+                made = len(heads)
+                # The alert chain is the fleet's, not a shard's: any worker may anchor its head
+                # (two at once anchor the same head twice, which verify accepts).
+                if await anchor_alert_head(conn, self.anchor_key) is not None:
+                    made += 1
         except (AnchorError, ConfigError) as exc:
             # KMS unavailable, or the key refused since startup (disabled, policy changed): the
             # links stay unanchored until a later try succeeds; nothing is lost, ingest goes on.
@@ -313,8 +318,8 @@ class Worker:
             log.warning("could not anchor chain heads", extra={"error": describe(exc)})
             return
         if made:
-            self.metrics.anchors.inc(len(made))
-            log.info("anchored chain heads", extra={"count": len(made)})
+            self.metrics.anchors.inc(made)
+            log.info("anchored chain heads", extra={"count": made})
 
     # -- the renewer and the health watch -----------------------------------------------
 

@@ -20,7 +20,9 @@ The alert text is these lines joined with ``\\n``::
 
 and ``alert_hash = SHA-256(prev_hash || UTF-8 alert text)``, where ``prev_hash`` is the
 previous alert's (by id) ``alert_hash``, or 32 zero bytes for the first. Writers take one
-advisory lock, so the chain never forks; ``verify`` walks it in id order.
+advisory lock, so the chain never forks; ``verify`` walks it in id order. Its head is anchored
+with KMS as the shard chains' are (``ANCHOR_STREAM``), so neither removing the newest alerts nor
+rewriting the whole chain consistently goes unnoticed.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ from ingest.copytext import canonical_json, canonical_time
 from ingest.integrity.canonical import ZERO_HASH
 
 LOCK_KEY = "das.alerts"
+
+#: The alert chain's head is anchored like a shard chain's (das.chain_anchors, exported by
+#: ``anchor --export``), under this pseudo stream and shard: the link number is the alert's id,
+#: the link hash its ``alert_hash``. A colon cannot occur in a Kinesis stream name, so no
+#: stream's chain can be taken for it.
+ANCHOR_STREAM = "das:alerts"
+ANCHOR_SHARD = "-"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import orjson
 from ingest.aws import error_code
 from ingest.conn import Conn
 from ingest.errors import ConfigError, IngestError, KmsUnavailableError
+from ingest.integrity.alerts import ANCHOR_SHARD, ANCHOR_STREAM
 from ingest.integrity.canonical import CHAIN_VERSION, anchor_message
 from ingest.kms import classify as classify_kms_error
 
@@ -208,47 +209,62 @@ async def anchor_heads(
     )
     made: list[Anchor] = []
     for head in heads:
-        done = await conn.fetchval(
-            "SELECT 1 FROM das.chain_anchors WHERE stream_name = $1 AND shard_id = $2 "
-            "AND link_no = $3 AND link_hash = $4",
-            stream,
-            head["shard_id"],
-            head["link_no"],
-            head["link_hash"],
+        anchor = await _anchor_head(
+            conn, key, stream, head["shard_id"], head["link_no"], bytes(head["link_hash"])
         )
-        if done:
-            continue
-        info = await key.info()
-        # Microsecond precision: what the database stores and the message carries.
-        unsigned = Anchor(
-            stream,
-            head["shard_id"],
-            head["link_no"],
-            bytes(head["link_hash"]),
-            datetime.now(UTC),
-            info.arn,
-            info.algorithm,
-            b"",
-        )
-        anchor = replace(unsigned, signature=await key.sign(unsigned.message()))
-        await conn.execute(
-            """
-            INSERT INTO das.chain_anchors (stream_name, shard_id, link_no, link_hash,
-                                           anchored_at, key_id, algorithm, signature, version)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            """,
-            anchor.stream_name,
-            anchor.shard_id,
-            anchor.link_no,
-            anchor.link_hash,
-            anchor.anchored_at,
-            anchor.key_id,
-            anchor.algorithm,
-            anchor.signature,
-            anchor.version,
-        )
-        made.append(anchor)
+        if anchor is not None:
+            made.append(anchor)
     return made
+
+
+async def anchor_alert_head(conn: Conn, key: AnchorKey) -> Anchor | None:
+    """Anchor the newest alert (its id and ``alert_hash``: the alert chain's head), unless it is
+    anchored already or there is no alert. Returns the new anchor."""
+    head = await conn.fetchrow("SELECT id, alert_hash FROM das.alerts ORDER BY id DESC LIMIT 1")
+    if head is None:
+        return None
+    return await _anchor_head(
+        conn, key, ANCHOR_STREAM, ANCHOR_SHARD, head["id"], bytes(head["alert_hash"])
+    )
+
+
+async def _anchor_head(
+    conn: Conn, key: AnchorKey, stream: str, shard: str, link_no: int, link_hash: bytes
+) -> Anchor | None:
+    """MAC or sign one chain head and store the anchor; None when it is anchored already."""
+    done = await conn.fetchval(
+        "SELECT 1 FROM das.chain_anchors WHERE stream_name = $1 AND shard_id = $2 "
+        "AND link_no = $3 AND link_hash = $4",
+        stream,
+        shard,
+        link_no,
+        link_hash,
+    )
+    if done:
+        return None
+    info = await key.info()
+    # Microsecond precision: what the database stores and the message carries.
+    unsigned = Anchor(
+        stream, shard, link_no, link_hash, datetime.now(UTC), info.arn, info.algorithm, b""
+    )
+    anchor = replace(unsigned, signature=await key.sign(unsigned.message()))
+    await conn.execute(
+        """
+        INSERT INTO das.chain_anchors (stream_name, shard_id, link_no, link_hash,
+                                       anchored_at, key_id, algorithm, signature, version)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        """,
+        anchor.stream_name,
+        anchor.shard_id,
+        anchor.link_no,
+        anchor.link_hash,
+        anchor.anchored_at,
+        anchor.key_id,
+        anchor.algorithm,
+        anchor.signature,
+        anchor.version,
+    )
+    return anchor
 
 
 async def load_anchors(conn: Conn, stream: str | None = None) -> list[Anchor]:

@@ -29,7 +29,7 @@ import orjson
 from ingest.aws import error_code
 from ingest.conn import Conn
 from ingest.errors import ConfigError
-from ingest.integrity.alerts import check_rows
+from ingest.integrity.alerts import ANCHOR_SHARD, ANCHOR_STREAM, check_rows
 from ingest.integrity.anchor import (
     Anchor,
     AnchorError,
@@ -39,6 +39,7 @@ from ingest.integrity.anchor import (
     load_anchors,
 )
 from ingest.integrity.canonical import (
+    CHAIN_VERSION,
     EVENT_COLUMNS,
     ZERO_HASH,
     LinkFields,
@@ -60,6 +61,10 @@ REBUILD_HINT = (
     "das.statements is derived from the chained events and not chained itself: once the "
     "events are restored or repaired, rebuild it with `das-ingest rebuild-statements`."
 )
+
+
+#: The alert chain among the anchors (ingest/integrity/alerts.py).
+ALERT_CHAIN = (ANCHOR_STREAM, ANCHOR_SHARD)
 
 
 @dataclass(frozen=True)
@@ -334,6 +339,7 @@ async def verify_warehouse(
             shards,
         )
     } | {(a.stream_name, a.shard_id) for a in exported}
+    chains.discard(ALERT_CHAIN)  # the alert chain's anchors: checked with the alerts
     stored_anchors = await load_anchors(conn, stream)
     anchors: dict[tuple[str, str], list[Anchor]] = defaultdict(list)
     for anchor in _merge_anchors(report, stored_anchors, exported):
@@ -398,7 +404,14 @@ async def verify_warehouse(
     report.anchors_skipped = kms is None
     if stream is None and shards is None:
         await _check_unchained(conn, report)
-        await _check_alerts(conn, report)
+        await _check_alerts(
+            conn,
+            report,
+            checker if kms is not None else None,
+            anchors.get(ALERT_CHAIN, []),
+            now,
+            max_unanchored_age if anchor_key_id else None,
+        )
     report.retained_days = sorted(retained)
     return report
 
@@ -586,14 +599,33 @@ async def _record(
     )  # fmt: skip
 
 
-async def _check_alerts(conn: Conn, report: Report) -> None:
-    """The alert chain (migrations/0016, ingest/integrity/alerts.py), when the warehouse has one."""
+async def _check_alerts(
+    conn: Conn,
+    report: Report,
+    checker: AnchorChecker | None,
+    anchors: list[Anchor],
+    now: datetime,
+    max_age: timedelta | None,
+) -> None:
+    """The alert chain (migrations/0016, ingest/integrity/alerts.py), when the warehouse has
+    one: every alert's hash and link, then its anchors (``checker`` None: KMS not asked) as a
+    shard chain's, an alert being a link (its id the link number)."""
     if not await conn.fetchval("SELECT to_regclass('das.alerts') IS NOT NULL"):
         return
     rows = await conn.fetch("SELECT *, events::text AS events FROM das.alerts ORDER BY id")
     report.alerts = len(rows)
     for alert_id, kind, detail in check_rows(rows):
         report.findings.append(Finding(kind, "-", "-", f"alert {alert_id}: {detail}"))
+    if checker is None:
+        return
+    links = [
+        _Link(
+            r["id"], "alert", r["id"], r["id"], str(r["id"]), str(r["id"]), 1, {},
+            bytes(r["prev_hash"]), bytes(r["alert_hash"]), r["created_at"], CHAIN_VERSION, [],
+        )
+        for r in rows
+    ]  # fmt: skip
+    await _check_anchors(report, checker, *ALERT_CHAIN, links, anchors, now, max_age)
 
 
 def _merge_anchors(report: Report, stored: list[Anchor], exported: list[Anchor]) -> list[Anchor]:
