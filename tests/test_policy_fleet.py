@@ -19,6 +19,7 @@ import asyncio
 import re
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,66 @@ async def test_every_event_rule_fires_once_on_its_incident_across_a_fleet_with_a
         await conn.close()
     assert report.clean, report.findings
     assert report.alerts == len(alerts)
+
+
+GAP_RULES = """
+builtins:
+  heartbeat_gap: {gap: 3m}
+"""
+GAP_COUNT = 14_000  # 700 s of log time
+
+
+async def test_a_stopped_stream_raises_one_heartbeat_gap_also_after_a_takeover(
+    pg_dsn: str, fleet: Fleet, tmp_path: Path
+) -> None:
+    await migrated(pg_dsn)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(GAP_RULES)
+    stream = new_stream()
+    # A live stream: its 700 s of log time end now. The last instance stops 305 s in, so it
+    # has been silent for about 400 s (of stream time and of wall clock); its sibling sends
+    # until the end, so it stays within the 3 min gap for as long as this test runs.
+    start = datetime.now(UTC) - timedelta(seconds=GAP_COUNT / 20)
+    opts = options(stream, scenario="stream-stopped", count=GAP_COUNT, shards=2, instances=2,
+                   seed=SEED, start=start)  # fmt: skip
+    _, truth = scenario("stream-stopped", SEED, count=100)
+    instances = Traffic(SEED, "postgres", instances=2).instance_ids
+    assert [(e.rule, e.group_key) for e in truth] == [
+        ("heartbeat_gap", f"instance={instances[-1]}")
+    ]
+    await produce(opts)
+    extra = ("--rules", str(rules), "--processes", "1", "--log-level", "debug")
+    # Small pages: several rounds of the health check while the shards are still being read,
+    # when an instance's last stored heartbeat is not its last one.
+    first = await fleet.start("first", stream, pg_dsn, *extra, "--max-records", "25")
+
+    async def gaps() -> list[asyncpg.Record]:
+        return await fetch(
+            pg_dsn,
+            "SELECT group_key, severity, instance_id, window_start FROM das.alerts "
+            "WHERE rule = 'heartbeat_gap'",
+        )
+
+    async def raised() -> bool:
+        return bool(await gaps())
+
+    await wait_until(raised, deadline=60)
+    alert = await gaps()
+    assert [(a["group_key"], a["severity"], a["instance_id"]) for a in alert] == [
+        (f"instance={instances[-1]}", "high", instances[-1])
+    ]
+    # Another worker takes the shards over from a SIGKILLed one, and judges the same silence.
+    second = await fleet.start("second", stream, pg_dsn, *extra)
+    first.kill()
+    await first.process.wait()
+
+    async def judged_twice_with_every_shard() -> bool:
+        held = await leases(pg_dsn, stream)
+        checks = [e for e in second.logged("stream health checked") if e.get("shards") == 2]
+        return all(owner == "second" for owner, _ in held.values()) and len(checks) >= 2
+
+    await wait_until(judged_twice_with_every_shard, deadline=60)
+    second.terminate()
+    assert await second.wait(30) == 0
+    # The same one alert: none for the instance still sending, none more for the silent one.
+    assert await gaps() == alert

@@ -342,8 +342,12 @@ class Worker:
                 }
                 async with self._db.acquire() as conn:
                     if tip:
-                        await check_heartbeats(
+                        raised = await check_heartbeats(
                             conn, self.rules, now=datetime.now(UTC), caught_up=True, shards=tip
+                        )
+                        log.debug(
+                            "stream health checked",
+                            extra={"shards": len(tip), "count": len(raised)},
                         )
                     if time.monotonic() >= self._prune_due:
                         self._prune_due = time.monotonic() + PRUNE_SECONDS
