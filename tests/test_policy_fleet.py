@@ -266,3 +266,45 @@ async def test_a_stopped_stream_raises_one_heartbeat_gap_also_after_a_takeover(
     assert await second.wait(30) == 0
     # The same one alert: none for the instance still sending, none more for the silent one.
     assert await gaps() == alert
+
+
+async def test_two_workers_committing_halves_of_an_incident_at_once_raise_its_alert(
+    pg_dsn: str,
+) -> None:
+    """Two instances of a cluster (two shards, two workers) each see part of a brute force in
+    the same window, and commit at the same moment: the second transaction must count the
+    first's failures, or neither reaches the threshold and the alert is lost for good."""
+    from ingest.alerts.store import record_policy
+    from ingest.policy.evaluate import Policy
+    from ingest.policy.rules import load_rules
+    from tests.test_alerts_store import evaluate, failed_login
+
+    await migrated(pg_dsn)
+    policy = Policy(load_rules(None))
+    # 3 failures in the window's first bucket on one shard, 2 in later buckets on the other.
+    first = evaluate(policy, [failed_login("mallory", s) for s in (0, 2, 4)])
+    second = evaluate(policy, [failed_login("mallory", s) for s in (20, 30)], first_seq=10)
+    a = await asyncpg.connect(pg_dsn)
+    b = await asyncpg.connect(pg_dsn)
+    try:
+        tx = a.transaction()
+        await tx.start()
+        assert await record_policy(a, first, policy.rules, "stream-A", "shardId-0") == []
+
+        async def other_worker() -> list[int]:
+            async with b.transaction():
+                return await record_policy(b, second, policy.rules, "stream-A", "shardId-1")
+
+        concurrent = asyncio.ensure_future(other_worker())
+        await asyncio.sleep(0.5)  # the other worker's batch reaches its policy state meanwhile
+        await tx.commit()
+        raised = await asyncio.wait_for(concurrent, 30)
+        rows = await a.fetch("SELECT rule, group_key, event_count FROM das.alerts ORDER BY id")
+    finally:
+        await a.close()
+        await b.close()
+    assert len(raised) == 2
+    assert sorted((r["rule"], r["group_key"], r["event_count"]) for r in rows) == [
+        ("brute_force_login", "remote_host=10.1.2.3", 5),
+        ("brute_force_login", "user=mallory", 5),
+    ]
