@@ -235,9 +235,12 @@ def scenario_names(name: str) -> list[str]:
 
 
 def _ground_truth(
-    name: str, chunks: list[list[dict[str, Any]]], expected: list[Expected], traffic: Traffic
+    name: str,
+    chunks: list[list[dict[str, Any]]],
+    expected: list[Expected],
+    traffic: Traffic,
+    victim: str,
 ) -> list[Expected]:
-    victim = traffic.instance_ids[0]
     if name in ("privilege-escalation", "audit-tampering", "off-hours-ddl"):
         rule = {
             "privilege-escalation": ("privilege_change", "high"),
@@ -268,7 +271,8 @@ def scenario(
 
     ``name`` may join several incidents with commas ("brute-force,mass-export"): all are
     injected at ``INCIDENT_AT``, one after another, each in a session of its own (pid 4242,
-    4243, ...); their actors differ, so the ground truth is the union of theirs."""
+    4243, ...), on the two instances in turn (the first on the first, as when alone); their
+    actors differ, so the ground truth is the union of theirs."""
     if name is None:
         traffic = Traffic(seed, "postgres", instances=2, cluster_id=cluster_id)
         return list(
@@ -278,20 +282,20 @@ def scenario(
     names = scenario_names(name)
     at = start + INCIDENT_AT
     traffic = Traffic(seed, "postgres", instances=2, cluster_id=cluster_id)
-    victim = traffic.instance_ids[0]
     stop = at - start if "stream-stopped" in names else None
     base = list(
         normal(seed, "postgres", instances=2, count=count, events_per_record=events_per_record,
                rate=rate, start=start, cluster_id=traffic.cluster_id, stop_instance_after=stop)
     )  # fmt: skip
-    chunks: list[list[dict[str, Any]]] = []
+    chunks: list[tuple[str, list[dict[str, Any]]]] = []
     expected: list[Expected] = []
     for index, one in enumerate(names):
+        victim = traffic.instance_ids[index % len(traffic.instance_ids)]
         own, truth = incident(one, at)
         if index:
             own = [[{**e, "pid": e["pid"] + index} for e in chunk] for chunk in own]
-        chunks.extend(own)
-        expected.extend(_ground_truth(one, own, truth, traffic))
+        chunks.extend((victim, chunk) for chunk in own)
+        expected.extend(_ground_truth(one, own, truth, traffic, victim))
     injected = [
         InnerRecord(
             "1.1",
@@ -299,7 +303,7 @@ def scenario(
              "databaseActivityEventList": chunk},
             victim, len(chunk), 0,
         )
-        for chunk in chunks
+        for victim, chunk in chunks
     ]  # fmt: skip
     # Insert the incident where the traffic's clock passes it, on the victim's partition key.
     at_us = _us(at)
