@@ -1,10 +1,11 @@
 """Every built-in rule's ground truth through a fleet of live ``das-ingest run`` workers.
 
-One 2-shard stream carries every event incident of ingest/emulate/scenarios.py at once, on both
-instances (their actors differ, so their ground truths are disjoint) inside normal traffic; two workers
-read it, one is SIGKILLed mid-ingest (it has committed part of a shard, not all of it), a third
-starts. Each rule must fire exactly its expected alerts (rule, group key, severity, count), once,
-name no incident actor in any other alert, and the webhook must receive every alert exactly once.
+One 2-shard stream carries every event incident of ingest/emulate/scenarios.py at once, on
+both instances (their actors differ, so their ground truths are disjoint) inside normal
+traffic; two workers read it, one is SIGKILLed mid-ingest (it has committed part of a shard,
+not all of it), a third starts. Each rule must fire exactly its expected alerts (rule, group
+key, severity, count), once, name no incident actor in any other alert, and the webhook must
+receive every alert exactly once.
 ``stream-stopped`` runs through live workers too: one instance's heartbeats stop, and
 ``heartbeat_gap`` raises one alert for it (none for the instance still sending), also after the
 worker that raised it is SIGKILLed and another takes its shards over.
