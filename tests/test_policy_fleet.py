@@ -335,3 +335,34 @@ async def test_two_workers_committing_halves_of_an_incident_at_once_raise_its_al
         ("brute_force_login", "remote_host=10.1.2.3", 5),
         ("brute_force_login", "user=mallory", 5),
     ]
+
+
+@pytest.mark.parametrize("split", [None, 53, 60, 63, 66])
+async def test_an_incident_across_a_window_boundary_alerts_once_however_it_is_batched(
+    pg_dsn: str, split: int | None
+) -> None:
+    """20 failed logins from 12:00:50 to 12:01:09: one alert per group whether one batch holds
+    them or a crash, a takeover or a page size splits them (a worker that takes a shard over
+    re-reads its records in batches of its own)."""
+    from ingest.alerts.store import record_policy
+    from ingest.policy.evaluate import Policy
+    from ingest.policy.rules import load_rules
+    from tests.test_alerts_store import NOON, evaluate, failed_login
+
+    await migrated(pg_dsn)
+    policy = Policy(load_rules(None))
+    seconds = list(range(50, 70))
+    parts = [seconds] if split is None else [seconds[: split - 50], seconds[split - 50 :]]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        for n, part in enumerate(parts):
+            out = evaluate(policy, [failed_login("mallory", s) for s in part], first_seq=100 * n)
+            async with conn.transaction():
+                await record_policy(conn, out, policy.rules, "stream-A", "shardId-0")
+        rows = await conn.fetch("SELECT group_key, window_start FROM das.alerts ORDER BY 1")
+    finally:
+        await conn.close()
+    assert [(r["group_key"], r["window_start"]) for r in rows] == [
+        ("remote_host=10.1.2.3", NOON),
+        ("user=mallory", NOON),
+    ]

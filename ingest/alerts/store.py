@@ -199,26 +199,29 @@ async def _thresholds(
     sums = await conn.fetch(
         WINDOW_SUMS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], BUCKETS
     )
-    # Per group, the earliest bucket of this batch whose window reaches the threshold.
-    fired: dict[tuple[str, str], Any] = {}
+    # An alert's window is the one holding the first event its sliding sum counts: a burst
+    # across a window boundary is one alert however it was batched (a crash or a takeover
+    # re-reads records in batches of their own), while an attack going on for longer raises
+    # one per window it fills on its own. Per identity, the earliest bucket that reaches it.
+    fired: dict[tuple[str, str, datetime], Any] = {}
     for row in sorted(sums, key=lambda r: (r["rule"], r["group_key"], r["bucket"])):
         rule = by_name[row["rule"]]
-        if row["amount"] >= rule.count and (row["rule"], row["group_key"]) not in fired:
-            fired[(row["rule"], row["group_key"])] = row
+        if row["amount"] < rule.count:
+            continue
+        trigger = row["first_time"] or bucket_start(row["bucket"] - BUCKETS + 1, rule.window)
+        fired.setdefault((row["rule"], row["group_key"], window_start(trigger, rule.window)), row)
     refs: dict[tuple[str, str], list[EventRef]] = defaultdict(list)
     fields: dict[tuple[str, str], dict[str, Any]] = {}
     for (name, key, _bucket), tally in sorted(tallies.items()):
         refs[(name, key)].extend(tally.refs)
         fields.setdefault((name, key), tally.fields)
     out: list[Candidate] = []
-    for (name, key), row in fired.items():
+    for (name, key, start), row in fired.items():
         rule = by_name[name]
-        trigger = row["last_time"] or bucket_start(row["bucket"], rule.window)
         out.append(
             Candidate(
-                rule, key, window_start(trigger, rule.window), row["first_time"],
-                row["last_time"], int(row["amount"]), fields[(name, key)],
-                refs[(name, key)][:MAX_REFS],
+                rule, key, start, row["first_time"], row["last_time"], int(row["amount"]),
+                fields[(name, key)], refs[(name, key)][:MAX_REFS],
             )
         )  # fmt: skip
     # One statement over a rule's single-event limit alerts on its own (mass_read: >= 10,000
