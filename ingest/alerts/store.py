@@ -6,7 +6,9 @@ sightings). Here, in the batch's commit transaction:
 
 1. the tallies are added to ``das.policy_counters`` (sorted, so two workers updating the same
    groups never deadlock), and each touched group's sum over the last window is read back: a
-   threshold reached makes an alert candidate (a match rule is a threshold of 1);
+   threshold reached makes an alert candidate (a match rule is a threshold of 1). A lock per
+   group (``GROUP_LOCKS``) makes a concurrent batch of the same group wait for this one, so
+   its sum counts both;
 2. sightings are inserted into ``das.policy_seen``; a value the fleet had not seen, after the
    rule's learning period, makes a candidate;
 3. candidates are inserted into ``das.alerts`` with their identity (rule, group key, window)
@@ -57,6 +59,19 @@ ON CONFLICT (rule, group_key, bucket) DO UPDATE SET
     events = c.events + EXCLUDED.events,
     first_time = least(c.first_time, EXCLUDED.first_time),
     last_time = greatest(c.last_time, EXCLUDED.last_time)
+"""
+
+# One transaction-scoped lock per (rule, group) a batch counts for, taken in one order (by
+# the lock's number) before its counters: a second worker's batch for the same group waits
+# for the first to commit, then its window sum sees both. Without it two batches adding to
+# different buckets of one window at the same moment each see only their own part, and an
+# incident split between two shards may never reach its threshold.
+GROUP_LOCKS = """
+SELECT pg_advisory_xact_lock(k) FROM (
+    SELECT DISTINCT hashtextextended(rule || chr(31) || group_key, 31) AS k
+    FROM unnest($1::text[], $2::text[]) AS t(rule, group_key)
+    ORDER BY 1
+) AS s
 """
 
 WINDOW_SUMS = """
@@ -170,6 +185,7 @@ async def _thresholds(
     if not keys:
         return []
     rows = [tallies[k] for k in keys]
+    await conn.execute(GROUP_LOCKS, [k[0] for k in keys], [k[1] for k in keys])
     await conn.execute(
         UPSERT_COUNTERS,
         [k[0] for k in keys],
@@ -183,26 +199,29 @@ async def _thresholds(
     sums = await conn.fetch(
         WINDOW_SUMS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], BUCKETS
     )
-    # Per group, the earliest bucket of this batch whose window reaches the threshold.
-    fired: dict[tuple[str, str], Any] = {}
+    # An alert's window is the one holding the first event its sliding sum counts: a burst
+    # across a window boundary is one alert however it was batched (a crash or a takeover
+    # re-reads records in batches of their own), while an attack going on for longer raises
+    # one per window it fills on its own. Per identity, the earliest bucket that reaches it.
+    fired: dict[tuple[str, str, datetime], Any] = {}
     for row in sorted(sums, key=lambda r: (r["rule"], r["group_key"], r["bucket"])):
         rule = by_name[row["rule"]]
-        if row["amount"] >= rule.count and (row["rule"], row["group_key"]) not in fired:
-            fired[(row["rule"], row["group_key"])] = row
+        if row["amount"] < rule.count:
+            continue
+        trigger = row["first_time"] or bucket_start(row["bucket"] - BUCKETS + 1, rule.window)
+        fired.setdefault((row["rule"], row["group_key"], window_start(trigger, rule.window)), row)
     refs: dict[tuple[str, str], list[EventRef]] = defaultdict(list)
     fields: dict[tuple[str, str], dict[str, Any]] = {}
     for (name, key, _bucket), tally in sorted(tallies.items()):
         refs[(name, key)].extend(tally.refs)
         fields.setdefault((name, key), tally.fields)
     out: list[Candidate] = []
-    for (name, key), row in fired.items():
+    for (name, key, start), row in fired.items():
         rule = by_name[name]
-        trigger = row["last_time"] or bucket_start(row["bucket"], rule.window)
         out.append(
             Candidate(
-                rule, key, window_start(trigger, rule.window), row["first_time"],
-                row["last_time"], int(row["amount"]), fields[(name, key)],
-                refs[(name, key)][:MAX_REFS],
+                rule, key, start, row["first_time"], row["last_time"], int(row["amount"]),
+                fields[(name, key)], refs[(name, key)][:MAX_REFS],
             )
         )  # fmt: skip
     # One statement over a rule's single-event limit alerts on its own (mass_read: >= 10,000

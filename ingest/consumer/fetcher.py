@@ -46,6 +46,10 @@ class ShardStatus:
     lag_ms: int | None = None
     #: a page is being decoded and committed
     busy: bool = False
+    #: the sequence number of the last record fetched (None: none yet), and whether the last
+    #: page was full (more records wait, whatever MillisBehindLatest says)
+    fetched: str | None = None
+    full: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,9 @@ class ShardFetcher:
     def _note_progress(self, page: RecordsPage) -> None:
         status = self._status
         status.lag_ms = page.millis_behind_latest
+        status.full = len(page.records) >= self._settings.max_records
+        if page.records:
+            status.fetched = page.records[-1].sequence_number
         if page.millis_behind_latest is not None:
             self._metrics.observe_lag(self.shard_id, page.millis_behind_latest)
         caught_up = not page.records and (page.millis_behind_latest or 0) == 0

@@ -51,7 +51,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
-from ingest.checkpoint import SHARD_END
+from ingest.checkpoint import SHARD_END, is_after
 from ingest.consumer.committer import (
     CheckpointSource,
     CommitOutcome,
@@ -77,6 +77,11 @@ from ingest.retry import Backoff, RetryStopped
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+#: A shard this close to the tip of its stream (MillisBehindLatest) counts as caught up for
+#: the stream health rules.
+CAUGHT_UP_MS = 10_000
 
 
 class State(enum.Enum):
@@ -188,6 +193,21 @@ class ShardConsumer:
     def idle_since(self) -> float | None:
         """Since when the shard is caught up and empty with nothing in hand; None if busy."""
         return None if self.status.busy else self.status.idle_since
+
+    @property
+    def caught_up(self) -> bool:
+        """Read to the tip (the last page neither full nor more than ``CAUGHT_UP_MS`` behind)
+        and everything fetched committed: what the shard carried so far is in the warehouse,
+        so the stream health rules may judge the instances whose heartbeats it carries."""
+        s = self.status
+        return (
+            self.state is State.PROCESSING
+            and not self._stop.is_set()
+            and s.lag_ms is not None
+            and s.lag_ms < CAUGHT_UP_MS
+            and not s.full
+            and (s.fetched is None or not is_after(s.fetched, s.checkpoint))
+        )
 
     # -- the machine ----------------------------------------------------------------------
 

@@ -64,9 +64,6 @@ log = logging.getLogger(__name__)
 #: How often readiness is re-evaluated (and das_ready updated).
 WATCH_SECONDS = 0.25
 
-#: A shard this close to the tip of its stream (MillisBehindLatest) counts as caught up for
-#: the stream health rules.
-CAUGHT_UP_MS = 10_000
 #: Seconds between two prunings of the threshold counters no window reads any more.
 PRUNE_SECONDS = 600.0
 
@@ -341,14 +338,22 @@ class Worker:
         warehouse or notifier fault is logged and the next round tries again."""
         try:
             if self.rules is not None:
-                lags = [run.consumer.status.lag_ms for run in self.running.values()]
-                caught_up = bool(lags) and all(
-                    lag is not None and lag < CAUGHT_UP_MS for lag in lags
-                )
+                # Only instances carried by shards we have read to the tip are judged (and
+                # against the wall clock too): see ingest.alerts.health.
+                tip = {
+                    (run.consumer.lease.stream_name, sid)
+                    for sid, run in self.running.items()
+                    if run.consumer.caught_up
+                }
                 async with self._db.acquire() as conn:
-                    await check_heartbeats(
-                        conn, self.rules, now=datetime.now(UTC), caught_up=caught_up
-                    )
+                    if tip:
+                        raised = await check_heartbeats(
+                            conn, self.rules, now=datetime.now(UTC), caught_up=True, shards=tip
+                        )
+                        log.debug(
+                            "stream health checked",
+                            extra={"shards": len(tip), "count": len(raised)},
+                        )
                     if time.monotonic() >= self._prune_due:
                         self._prune_due = time.monotonic() + PRUNE_SECONDS
                         await prune_counters(conn)

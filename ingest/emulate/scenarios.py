@@ -222,6 +222,39 @@ def incident(name: str, at: datetime) -> tuple[list[list[dict[str, Any]]], list[
     raise ValueError(f"unknown scenario {name!r} ({', '.join(SCENARIOS)})")
 
 
+def scenario_names(name: str) -> list[str]:
+    """The incidents of a scenario argument: one name, or several joined by commas (each
+    once); ValueError for an unknown or repeated one."""
+    names = [n.strip() for n in name.split(",")]
+    for n in names:
+        if n not in SCENARIOS:
+            raise ValueError(f"unknown scenario {n!r} ({', '.join(SCENARIOS)})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"scenario {name!r} names an incident twice")
+    return names
+
+
+def _ground_truth(
+    name: str,
+    chunks: list[list[dict[str, Any]]],
+    expected: list[Expected],
+    traffic: Traffic,
+    victim: str,
+) -> list[Expected]:
+    if name in ("privilege-escalation", "audit-tampering", "off-hours-ddl"):
+        rule = {
+            "privilege-escalation": ("privilege_change", "high"),
+            "audit-tampering": ("audit_tampering", "critical"),
+            "off-hours-ddl": ("off_hours_ddl", "medium"),
+        }[name]
+        user = chunks[0][-1]["dbUserName"]
+        matching = 1 if name == "off-hours-ddl" else 2
+        return [Expected(rule[0], f"user={user},instance={victim}", rule[1], matching)]
+    if name == "stream-stopped":
+        return [Expected("heartbeat_gap", f"instance={traffic.instance_ids[-1]}", "high", 1)]
+    return expected
+
+
 def scenario(
     name: str | None,
     seed: int = 1,
@@ -234,35 +267,35 @@ def scenario(
 ) -> tuple[list[InnerRecord], list[Expected]]:
     """Normal PostgreSQL traffic of ``count`` events with the incident ``name`` injected
     ``INCIDENT_AT`` after ``start``; the alerts the built-in pack must raise for it (beyond
-    what the same traffic without the incident raises). ``name`` None: the traffic alone."""
+    what the same traffic without the incident raises). ``name`` None: the traffic alone.
+
+    ``name`` may join several incidents with commas ("brute-force,mass-export"): all are
+    injected at ``INCIDENT_AT``, one after another, each in a session of its own (pid 4242,
+    4243, ...), on the two instances in turn (the first on the first, as when alone); their
+    actors differ, so the ground truth is the union of theirs."""
     if name is None:
         traffic = Traffic(seed, "postgres", instances=2, cluster_id=cluster_id)
         return list(
             normal(seed, "postgres", instances=2, count=count, events_per_record=events_per_record,
                    rate=rate, start=start, cluster_id=traffic.cluster_id)
         ), []  # fmt: skip
-    if name not in SCENARIOS:
-        raise ValueError(f"unknown scenario {name!r} ({', '.join(SCENARIOS)})")
+    names = scenario_names(name)
     at = start + INCIDENT_AT
     traffic = Traffic(seed, "postgres", instances=2, cluster_id=cluster_id)
-    victim = traffic.instance_ids[0]
-    stop = at - start if name == "stream-stopped" else None
+    stop = at - start if "stream-stopped" in names else None
     base = list(
         normal(seed, "postgres", instances=2, count=count, events_per_record=events_per_record,
                rate=rate, start=start, cluster_id=traffic.cluster_id, stop_instance_after=stop)
     )  # fmt: skip
-    chunks, expected = incident(name, at)
-    if name in ("privilege-escalation", "audit-tampering", "off-hours-ddl"):
-        rule = {
-            "privilege-escalation": ("privilege_change", "high"),
-            "audit-tampering": ("audit_tampering", "critical"),
-            "off-hours-ddl": ("off_hours_ddl", "medium"),
-        }[name]
-        user = chunks[0][-1]["dbUserName"]
-        matching = 1 if name == "off-hours-ddl" else 2
-        expected = [Expected(rule[0], f"user={user},instance={victim}", rule[1], matching)]
-    if name == "stream-stopped":
-        expected = [Expected("heartbeat_gap", f"instance={traffic.instance_ids[-1]}", "high", 1)]
+    chunks: list[tuple[str, list[dict[str, Any]]]] = []
+    expected: list[Expected] = []
+    for index, one in enumerate(names):
+        victim = traffic.instance_ids[index % len(traffic.instance_ids)]
+        own, truth = incident(one, at)
+        if index:
+            own = [[{**e, "pid": e["pid"] + index} for e in chunk] for chunk in own]
+        chunks.extend((victim, chunk) for chunk in own)
+        expected.extend(_ground_truth(one, own, truth, traffic, victim))
     injected = [
         InnerRecord(
             "1.1",
@@ -270,7 +303,7 @@ def scenario(
              "databaseActivityEventList": chunk},
             victim, len(chunk), 0,
         )
-        for chunk in chunks
+        for victim, chunk in chunks
     ]  # fmt: skip
     # Insert the incident where the traffic's clock passes it, on the victim's partition key.
     at_us = _us(at)
