@@ -8,8 +8,8 @@ them writers: ingest/emulate/traffic.py, an online shop's accounts, and
 ingest/emulate/scenarios.normal, paced at ``--rate`` events/s of log time in business hours and
 less at night and at weekends, most failed logins removed, a heartbeat per instance every 10 s)
 through the policy path into a fresh warehouse (a throwaway PostgreSQL unless --dsn), checking
-stream health after every batch as a caught-up worker would, then prints the alerts each rule
-raised, by severity.
+stream health after every batch (stream time), then prints the alerts each rule raised, by
+severity.
 
 It measures twice over the same traffic: the built-in pack as shipped, and the pack with the
 rules file a team running this shop would deploy (``--rules``, default
