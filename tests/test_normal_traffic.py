@@ -151,3 +151,29 @@ def test_heartbeats_every_10_s_from_every_instance_and_quiet_nights(
     per_hour = Counter(t.replace(minute=0, second=0, microsecond=0) for _, t, _ in events)
     monday = NORMAL_START.replace(hour=10)
     assert per_hour[monday] > 5 * per_hour[monday + timedelta(hours=17)]  # 10:00 vs 03:00
+
+
+def test_the_false_positive_bench_checks_the_target(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.policy_fp import TEAM_RULES, Result, checks
+    from ingest.policy.rules import load_rules
+
+    def result(
+        rules_text: str | None, span: timedelta, alerts: dict[tuple[str, str], int]
+    ) -> Result:
+        r = Result("run", load_rules(rules_text))
+        r.events, r.first = 1_045_299, NORMAL_START
+        r.last = NORMAL_START + span
+        r.counts.update(alerts)
+        return r
+
+    team = TEAM_RULES.read_text(encoding="utf-8")
+    week = timedelta(days=7)
+    assert checks(result(team, week, {("new_client_host", "low"): 8}), None)
+    assert "PASS  run: no critical or high" in capsys.readouterr().out
+    assert not checks(result(team, week, {("mass_read_batch_accounts", "high"): 1}), None)
+    assert "FAILED  run: no critical or high alerts on normal traffic: " in capsys.readouterr().out
+    # shorter than twice the learning period: new_client_host was not measured
+    assert not checks(result(team, timedelta(hours=30), {}), None)
+    assert "FAILED  run: log time 1 day, 6:00:00" in capsys.readouterr().out
+    # the pack as shipped is reported, not held to the target
+    assert checks(None, result(None, week, {("privilege_change", "high"): 12}))
