@@ -146,6 +146,8 @@ ERROR_CASES: list[tuple[str, str]] = [
         "4: redact: 'user' cannot be redacted",
     ),
     ("rules:\n  - name: a\n    where: {engine: db2}\n", "3: engine must be one of"),
+    ("rules:\n  - name: a\n    unless:\n      colour: red\n", "4: unknown field 'colour'"),
+    ("rules:\n  - name: a\n    where: {time: lunch}\n", "3: time takes"),
 ]
 
 
@@ -184,6 +186,55 @@ def test_the_builtin_pack_is_on_by_default_with_its_defaults() -> None:
     assert load_rules(None).by_name("mass_read").single == 10_000
     assert load_rules(None).by_name("heartbeat_gap").gap == timedelta(minutes=5)
     assert load_rules(None).by_name("new_client_host").learning == timedelta(days=1)
+
+
+TEAM = """
+change_window: {days: [mon, tue, wed, thu, fri], hours: "08:00-18:00"}
+builtins:
+  privilege_change:
+    unless: {user: deploy, remote_host: 10.9.0.0/24, time: change_window}
+"""
+GRANT = {"command_text": "GRANT SELECT ON t TO report_user", "class_": "ROLE"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "alerts"),
+    [
+        ({"db_user_name": "deploy", "remote_host": "10.9.0.12"}, False),  # the exempted job
+        ({"db_user_name": "alice", "remote_host": "10.9.0.12"}, True),  # someone else
+        ({"db_user_name": "deploy", "remote_host": "10.1.2.3"}, True),  # from elsewhere
+        # outside the file's window (08:00-18:00, not the default 07:00-19:00), at the weekend
+        ({"db_user_name": "deploy", "remote_host": "10.9.0.12",
+          "log_time": NOON.replace(hour=7, minute=30)}, True),
+        ({"db_user_name": "deploy", "remote_host": "10.9.0.12",
+          "log_time": NOON + timedelta(days=3)}, True),
+    ],
+)  # fmt: skip
+def test_unless_exempts_only_what_it_names_and_keeps_the_builtins_where(
+    fields: dict[str, Any], alerts: bool
+) -> None:
+    policy = Policy(load_rules(TEAM))
+    assert bool(run(policy, ev(**{**GRANT, **fields})).tallies) == alerts
+    # the built-in's own where still applies: a SELECT by anyone is no privilege change
+    assert not run(policy, ev(command_text="SELECT 1", db_user_name="alice")).tallies
+    # a later file replaces an exemption whole (it is a condition, never merged)
+    rule = load_rules("builtins:\n  privilege_change: {unless: {user: etl}}\n").by_name(
+        "privilege_change"
+    )
+    assert rule.spec["unless"] == {"user": "etl"}
+
+
+def test_time_change_window_is_the_files_window_or_the_default() -> None:
+    inside = {"log_time": NOON.replace(hour=7, minute=30)}  # Wednesday 07:30
+    default = only("rules: [{name: r, where: {time: change_window}}]")
+    narrow = only(
+        "change_window: {hours: '08:00-18:00'}\nrules: [{name: r, where: {time: change_window}}]"
+    )
+    outside = only("rules: [{name: r, where: {time: outside_change_window}}]")
+    assert run(default, ev(**inside)).tallies
+    assert not run(narrow, ev(**inside)).tallies
+    assert not run(outside, ev(**inside)).tallies
+    assert run(outside, ev(log_time=NOON + timedelta(days=3))).tallies  # Saturday
 
 
 def test_builtins_can_be_disabled_and_tuned() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,8 @@ class _Counter:
 class _Instance:
     version: str
     native_fields: bool = False
+    #: the paced time the caller re-times events to (µs), when it does: Traffic(wall_clock=...)
+    wall_clock: Callable[[], int] | None = None
 
     def __init__(
         self,

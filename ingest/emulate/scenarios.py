@@ -1,8 +1,11 @@
 """Attacks with known ground truth, injected into normal traffic (pure: no I/O, no clock).
 
 ``normal(...)`` is the emulator's traffic (ingest/emulate/traffic.py) paced like a working
-database: events spread evenly at ``rate`` events per second from ``start`` (a Monday, 09:00
-UTC, inside the default change window), instead of the generator's microseconds apart. The
+database: events spread at ``rate`` events per second in business hours (less in the evening,
+at night and at weekends: :func:`activity`) from ``start`` (a Monday, 09:00 UTC, inside the
+default change window), instead of the generator's microseconds apart, with a heartbeat from
+every instance every 10 s; the generator's schedule (migrations, the nightly ETL job, office
+hours) follows that clock. The
 generator fails about 3% of its logins, a rate no production database sees (it exists to
 exercise the decoder); normal traffic keeps one in ``FAILED_LOGIN_KEEP`` of them, so wrong
 passwords still happen, about one every minute or two at the default rate.
@@ -20,7 +23,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ingest.emulate.traffic import INNER_TYPE, Engine, InnerRecord, Traffic, format_time
+from ingest.emulate.rds import ORACLE_VERSION, SQLSERVER_VERSION
+from ingest.emulate.traffic import (
+    INNER_TYPE,
+    MYSQL_VERSION,
+    Engine,
+    InnerRecord,
+    Traffic,
+    format_time,
+)
 
 SCENARIOS = (
     "brute-force",
@@ -60,6 +71,25 @@ def _parse_us(text: str) -> int:
     return _us(stamp)
 
 
+#: A heartbeat from every instance this often (µs of the paced clock): DAS sends them every few
+#: seconds, busy or idle.
+HEARTBEAT_US = 10_000_000
+_WEEKDAY_OF_EPOCH = 3  # 1970-01-01 was a Thursday (Monday = 0)
+
+
+def activity(at_us: int) -> float:
+    """The share of the peak rate a working database sees at ``at_us`` (UTC): the whole rate on
+    weekdays 08:00-18:00, 40% in the early morning and evening (06:00-22:00), 10% at night,
+    15% in the daytime at weekends."""
+    day, second = divmod(at_us // 1_000_000, 86_400)
+    hour = second // 3_600
+    if (day + _WEEKDAY_OF_EPOCH) % 7 >= 5:
+        return 0.15 if 8 <= hour < 20 else 0.1
+    if 8 <= hour < 18:
+        return 1.0
+    return 0.4 if 6 <= hour < 22 else 0.1
+
+
 def normal(
     seed: int = 1,
     engine: Engine = "both",
@@ -69,48 +99,63 @@ def normal(
     events_per_record: int = 10,
     rate: float = 20.0,
     start: datetime = NORMAL_START,
-    heartbeat_every: int = 20,
+    daily: bool = True,
     cluster_id: str | None = None,
     stop_instance_after: timedelta | None = None,
 ) -> Iterator[InnerRecord]:
-    """The generator's records with their events re-timed to ``rate`` events per second from
-    ``start`` (heartbeats every few seconds of that clock), and most failed logins removed.
-    ``stop_instance_after``: the last instance goes silent (no events, no heartbeats) that long
-    after ``start``, as when its activity stream is stopped."""
-    traffic = Traffic(
-        seed, engine, instances=instances, heartbeat_every=heartbeat_every, cluster_id=cluster_id
-    )
-    step = int(1_000_000 / rate)
+    """The generator's records with their events re-timed from ``start``: ``rate`` events per
+    second at the busiest hours, less by :func:`activity` of the time of day and week (unless
+    ``daily`` is false: always ``rate``), most failed logins removed, and a heartbeat record
+    from every instance every 10 s of that clock. The generator follows the same clock for its
+    schedule (migrations in the deploy slot, the nightly ETL job, office hours:
+    ingest/emulate/traffic.py). ``stop_instance_after``: the last instance goes silent (no
+    events, no heartbeats) that long after ``start``, as when its activity stream is stopped."""
     clock = _us(start)
+
+    def wall_clock() -> int:
+        return clock
+
+    traffic = Traffic(
+        seed, engine, instances=instances, heartbeat_every=0, cluster_id=cluster_id,
+        wall_clock=wall_clock,
+    )  # fmt: skip
+    versions = {
+        "postgres": traffic.pg_version, "mysql": MYSQL_VERSION, "oracle": ORACLE_VERSION,
+        "sqlserver": SQLSERVER_VERSION,
+    }  # fmt: skip
+    version_of = {
+        instance: versions[traffic.engine_of(index)]
+        for index, instance in enumerate(traffic.instance_ids)
+    }
     stop_us = None if stop_instance_after is None else _us(start + stop_instance_after)
     silent = traffic.instance_ids[-1]
     failures = itertools.count()
-    last_beat: dict[str, int] = {}
+    last_beat = dict.fromkeys(traffic.instance_ids, clock)
     for record in traffic.records(events_per_record, count):
         kept: list[dict[str, Any]] = []
         for event in record.events:
-            if event.get("type") == "heartbeat":
-                event = {**event, "logTime": format_time(clock)}
-                kept.append(event)
-                continue
             if event.get("command") in FAILED_LOGINS and next(failures) % FAILED_LOGIN_KEEP:
                 continue
-            clock += step
+            clock += int(1_000_000 / (rate * (activity(clock) if daily else 1.0)))
             kept.append(_retimed(event, clock))
+        for instance, beat in last_beat.items():
+            while clock - beat >= HEARTBEAT_US:
+                beat += HEARTBEAT_US
+                if stop_us is not None and instance == silent and beat >= stop_us:
+                    continue
+                heartbeat = {"type": "heartbeat", "logTime": format_time(beat)}
+                doc = {
+                    "type": INNER_TYPE, "clusterId": traffic.cluster_id, "instanceId": instance,
+                    "databaseActivityEventList": [heartbeat],
+                }  # fmt: skip
+                yield InnerRecord(version_of[instance], doc, instance, 0, 1)
+            last_beat[instance] = beat
         if not kept:
             continue
-        instance = record.instance_id
-        if stop_us is not None and instance == silent and clock >= stop_us:
+        if stop_us is not None and record.instance_id == silent and clock >= stop_us:
             continue
-        beats = [e for e in kept if e.get("type") == "heartbeat"]
-        if beats and clock - last_beat.get(instance, 0) < 5_000_000:
-            continue  # at most one heartbeat every 5 s of the paced clock, like Aurora
-        if beats:
-            last_beat[instance] = clock
         doc = {**record.doc, "databaseActivityEventList": kept}
-        yield InnerRecord(
-            record.version, doc, record.partition_key, len(kept) - len(beats), len(beats)
-        )
+        yield InnerRecord(record.version, doc, record.partition_key, len(kept), 0)
 
 
 def _retimed(event: dict[str, Any], log_us: int) -> dict[str, Any]:

@@ -60,9 +60,10 @@ Partition key
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
@@ -184,6 +185,7 @@ class Traffic:
         pg_version: str = "1.1",
         heartbeat_every: int = 20,
         native_fields: bool = False,
+        wall_clock: Callable[[], int] | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -203,6 +205,10 @@ class Traffic:
         #: RDS engines: engineNativeAuditFields filled (the stream was started with
         #: --engine-native-audit-fields-included), else {}.
         self.native_fields = native_fields
+        #: The paced time (µs since the epoch) a record is produced at, when the caller re-times
+        #: the events (ingest/emulate/scenarios.normal): the Aurora instances' schedule (deploys,
+        #: nightly jobs, office hours) follows it. None: every activity at any time.
+        self.wall_clock = wall_clock
         self.instance_count = instances
         rng = random.Random(f"ids:{seed}")  # noqa: S311 - reproducible, not secret
         self.cluster_id = cluster_id or "cluster-" + _resource_suffix(rng)
@@ -250,6 +256,7 @@ class Traffic:
                 )
             )
             instances[-1].native_fields = self.native_fields
+            instances[-1].wall_clock = self.wall_clock
         emitted = 0
         while count is None or emitted < count:
             instance = rng.choice(instances)
@@ -297,25 +304,156 @@ class _Session:
     next_statement: int = 1
 
 
-# Users: privileged ones (Aurora's own rdsadmin, the cluster's master user) and applications.
+# --- who works on the emulated databases (both Aurora engines) ---------------------------------
+#
+# The traffic is a small shop's: an OLTP application, a reporting service, an ETL account, two
+# analysts, the DBA (the cluster's master user), Aurora's own rdsadmin, and a deploy account that
+# runs schema migrations. Each has its own statements, row counts, client hosts and hours, so
+# that what the detection rules see of "normal" is what a security team would see:
+#
+# - Application and service accounts never GRANT, ALTER ROLE or run DDL. Schema and privilege
+#   changes come from ``deploy`` (the migration tool, from the CI runners) in one migration run
+#   per weekday on each writer, inside the deploy slot (``DEPLOY_HOURS``, within the default
+#   change window). The ETL account's nightly job (``NIGHTLY_HOURS``) TRUNCATEs its staging
+#   table and exports the day's orders (tens of thousands of rows).
+# - Row counts are skewed: OLTP statements return 0, 1 or a page (at most 50), analysts up to a
+#   LIMIT of 5,000; the reporting service's dashboards a few dozen, and one query in 50 is a
+#   full report (median 2,000 rows, one in eleven of them over 10,000, at most 200,000).
+# - Every account connects from its own few hosts; one of the four application servers is
+#   replaced every day (a new address, as autoscaling does); the analysts come in through a VPN
+#   and connect (paced traffic only) on weekdays 07:00-20:00 UTC. Failed logins are people
+#   mistyping and an application server with a stale password, from their own hosts.
+#
+# Paced traffic (``Traffic(..., wall_clock=...)``, used by ingest/emulate/scenarios.normal) runs
+# the deploys, the nightly job and the office hours by that clock. The raw generator (no wall
+# clock: events microseconds apart, a test of the decoder) runs every kind of activity at any
+# time, the migrations and nightly jobs at random (about one group in 250 on a writer), so a
+# short stretch of it still holds every statement shape.
+
 _PRIVILEGED = ("rdsadmin", "master")
 _USERS = ("app_user", "report_user", "etl", "alice", "bob")
-_CLIENT_APPS: tuple[str | None, ...] = (
-    "psql",
-    "psql",
-    None,
-    "PostgreSQL JDBC Driver",
-    "pgAdmin 4 - DB:shop",
-)
+DEPLOY_USER = "deploy"
+#: The hours (UTC) a weekday's migration run starts in, and the nightly ETL job's.
+DEPLOY_HOURS = (10, 16)
+NIGHTLY_HOURS = (1, 4)
+#: The hours (UTC, weekdays) people connect in (paced traffic).
+OFFICE_HOURS = (7, 20)
+#: Chance per group, on a writer of the raw generator, of a migration run or a nightly job.
+RAW_JOB_CHANCE = 0.004
+_APP_SERVERS = ("10.0.1.11", "10.0.1.12", "10.0.1.13")  # and one replaced daily: app_host()
+_CI_RUNNERS = ("10.9.0.11", "10.9.0.12", "10.9.0.13")
+_ETL_HOSTS = ("10.0.2.30", "10.0.2.31")
+
+
+class _Persona(NamedTuple):
+    user: str
+    weight: int  # share of new sessions
+    hosts: tuple[str, ...]
+    apps: tuple[str | None, ...]  # PostgreSQL application_name (Aurora MySQL sends none)
+    office: bool = False  # a person: connects in office hours only (paced traffic)
+
+
+_PERSONAS: tuple[_Persona, ...] = (
+    _Persona("app_user", 12, _APP_SERVERS, ("PostgreSQL JDBC Driver",)),
+    _Persona("report_user", 1, ("10.0.2.20",), (None,)),
+    _Persona("etl", 1, _ETL_HOSTS, (None,)),
+    _Persona("alice", 1, ("10.8.0.21", "10.8.0.37", "10.8.0.52"),
+             ("psql", "pgAdmin 4 - DB:shop"), True),
+    _Persona("bob", 1, ("10.8.0.14", "10.8.0.29", "10.8.0.63"), ("psql",), True),
+    _Persona("master", 1, ("10.0.0.10",), ("psql",), True),
+    _Persona("rdsadmin", 3, ("172.31.3.195",), (None,)),
+)  # fmt: skip
+_BY_USER = {p.user: p for p in _PERSONAS}
+#: Who fails to log in: people mistyping, an application server with a stale password, each from
+#: its own hosts (the raw generator fails 3% of logins, paced traffic keeps one in 50 of those).
+_MISTYPING = ("alice", "bob", "master", "app_user")
+_DEPLOY = _Persona(DEPLOY_USER, 0, _CI_RUNNERS, ("psql",))
+
+
+def app_host(day: int) -> str:
+    """The address of the application server replaced on ``day`` (days since the epoch)."""
+    return f"10.0.1.{100 + day % 100}"
+
+
+def row_count(rng: random.Random, kind: str) -> int:
+    """Rows a statement of ``kind`` returns: a skewed distribution per workload."""
+    if kind == "key":  # a lookup by primary key
+        return 1 if rng.random() < 0.9 else 0
+    if kind == "page":  # an application's list, LIMIT 50
+        return min(50, int(rng.expovariate(1 / 4)))
+    if kind == "tiny":  # monitoring, catalog queries
+        return rng.randint(1, 5)
+    if kind == "sync":  # an incremental sync of recent changes
+        return min(2_000, int(rng.lognormvariate(math.log(50), 1.0)))
+    if kind == "adhoc":  # an analyst's query, LIMIT 5000
+        return min(5_000, int(rng.lognormvariate(math.log(20), 1.5)))
+    if kind == "report":  # dashboards (a few dozen rows); one in 50 a full report, long-tailed
+        if rng.random() < 0.98:
+            return min(200, int(rng.expovariate(1 / 20)))
+        return min(200_000, int(rng.lognormvariate(math.log(2_000), 1.2)))
+    if kind == "export":  # the nightly export of a day's orders
+        return rng.randint(20_000, 80_000)
+    raise ValueError(kind)
+
+
+_EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
+
+
+class _Aurora(_Instance):
+    """The schedule and the people, shared by both Aurora engines."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.jobs_run: set[tuple[str, int]] = set()
+
+    def wall_us(self) -> int:
+        return self.wall_clock() if self.wall_clock is not None else self.now_us
+
+    def due(self, job: str, hours: tuple[int, int], weekdays: bool) -> bool:
+        """Whether the writer runs ``job`` now: once a day (weekdays only if ``weekdays``) at a
+        seeded time within ``hours``; at random when there is no wall clock."""
+        if not self.writer:
+            return False
+        if self.wall_clock is None:
+            return self.rng.random() < RAW_JOB_CHANCE
+        day, second = divmod(self.wall_us() // 1_000_000, 86_400)
+        if (job, day) in self.jobs_run or (weekdays and (day + _EPOCH_WEEKDAY) % 7 >= 5):
+            return False
+        spread = (hours[1] - hours[0]) * 3_600 - 1_800  # starts at least 30 min before the end
+        draw = random.Random(f"{job}:{self.seed}:{self.index}:{day}")  # noqa: S311 - reproducible
+        start = hours[0] * 3_600 + draw.randrange(spread)
+        if not start <= second < hours[1] * 3_600:
+            return False
+        self.jobs_run.add((job, day))
+        return True
+
+    def office_open(self) -> bool:
+        if self.wall_clock is None:
+            return True
+        day, second = divmod(self.wall_us() // 1_000_000, 86_400)
+        weekday = (day + _EPOCH_WEEKDAY) % 7
+        return weekday < 5 and OFFICE_HOURS[0] * 3_600 <= second < OFFICE_HOURS[1] * 3_600
+
+    def persona(self) -> _Persona:
+        open_now = self.office_open()
+        choices = [p for p in _PERSONAS if open_now or not p.office]
+        return self.rng.choices(choices, [p.weight for p in choices])[0]
+
+    def host_of(self, persona: _Persona) -> str:
+        hosts = persona.hosts
+        if persona.user == "app_user":
+            hosts = (*hosts, app_host(self.wall_us() // 86_400_000_000))
+        return self.rng.choice(hosts)
 
 
 # --- Aurora PostgreSQL -------------------------------------------------------------------------
 
 
 class _PgStatement(NamedTuple):
-    """A statement template; ``rows``: "rows" returned, "zero" (DML reports 0) or None (null)."""
+    """A statement template; ``rows``: a :func:`row_count` kind, "zero" (DML reports 0) or None
+    (null)."""
 
-    weight: int  # reads dominate real traffic; DDL, roles and failures are the rare part
+    weight: int  # within its persona's mix
     class_: str
     command: str
     object_type: str | None
@@ -327,44 +465,116 @@ class _PgStatement(NamedTuple):
 
 
 _T = "TABLE"
-_PG_STATEMENTS: tuple[_PgStatement, ...] = (
-    _PgStatement(
-        8, "READ", "SELECT", _T, "public.my_table", "select * from my_table;", rows="rows"
+_PG_ORDERS_BY_CUSTOMER = _PgStatement(
+    10, "READ", "SELECT", _T, "public.orders",
+    "SELECT id, total FROM public.orders WHERE customer_id = $1", ("{customer}",), "page",
+)  # fmt: skip
+_PG_SET_PATH = _PgStatement(2, "MISC", "SET", None, None, "SET search_path TO public")
+_PG_NO_TABLE = _PgStatement(
+    1, "READ", "SELECT", _T, "public.no_such_table", "SELECT * FROM public.no_such_table",
+    failure=("42P01", 'relation "public.no_such_table" does not exist'),
+)  # fmt: skip
+_PG_BEGIN = _PgStatement(3, "MISC", "BEGIN", None, None, "BEGIN")
+_PG_COMMIT = _PgStatement(3, "MISC", "COMMIT", None, None, "COMMIT")
+#: What each user runs (besides function calls, which only the application makes).
+_PG_MIX: dict[str, tuple[_PgStatement, ...]] = {
+    "app_user": (
+        _PG_ORDERS_BY_CUSTOMER,
+        _PgStatement(
+            8, "READ", "SELECT", _T, "public.orders",
+            "SELECT id, total, note FROM public.orders WHERE id = $1", ("{order}",), "key",
+        ),
+        _PgStatement(
+            6, "WRITE", "INSERT", _T, "public.orders",
+            "INSERT INTO public.orders (customer_id, total, note) VALUES ($1, $2, $3)",
+            ("{customer}", "{amount}", "gift\twrap \\ \"fragile\" 💝"), "zero",
+        ),
+        _PgStatement(
+            4, "WRITE", "UPDATE", _T, "public.orders",
+            "UPDATE public.orders SET total = total * 1.1 WHERE id = $1", ("{order}",), "zero",
+        ),
+        _PG_SET_PATH, _PG_BEGIN, _PG_COMMIT,
+        _PgStatement(
+            1, "WRITE", "INSERT", _T, "public.orders",
+            "INSERT INTO public.orders (id, customer_id, total) VALUES (1, 1, 0)",
+            failure=("23505", 'duplicate key value violates unique constraint "orders_pkey"'),
+        ),
     ),
-    _PgStatement(
-        8, "READ", "SELECT", _T, "public.orders",
-        "SELECT id, total FROM public.orders WHERE customer_id = $1",
-        ("{customer}",), "rows",
+    "report_user": (
+        _PgStatement(
+            4, "READ", "SELECT", _T, "public.orders",
+            "SELECT o.id,\n\to.total,\n\to.note\nFROM public.orders o\n"
+            "WHERE o.note = 'it''s \"quoted\"'\n\tAND o.total > 10;",
+            rows="report",
+        ),
+        _PgStatement(
+            3, "READ", "SELECT", _T, "public.customers",
+            "SELECT * FROM public.customers WHERE name IN ('Zoë Ångström', '東京', '🚀 rocket')",
+            rows="report",
+        ),
+        _PgStatement(
+            1, "READ", "SELECT", _T, "public.orders",
+            "SELECT count(*) FROM public.orders o CROSS JOIN public.orders p",
+            failure=("57014", "canceling statement due to statement timeout"),
+        ),
     ),
-    _PgStatement(
-        3, "READ", "SELECT", _T, "public.orders",
-        "SELECT o.id,\n\to.total,\n\to.note\nFROM public.orders o\n"
-        "WHERE o.note = 'it''s \"quoted\"'\n\tAND o.total > 10;",
-        rows="rows",
+    "etl": (
+        _PgStatement(
+            4, "READ", "SELECT", _T, "public.orders",
+            "SELECT id, customer_id, total FROM public.orders "
+            "WHERE updated_at > now() - interval '5 minutes'",
+            rows="sync",
+        ),
+        _PgStatement(
+            2, "READ", "SELECT", _T, "public.files",
+            "SELECT * FROM public.files WHERE path LIKE E'C:\\\\temp\\\\%' OR name LIKE 'a\\_b%'",
+            rows="sync",
+        ),
+        _PgStatement(
+            2, "WRITE", "DELETE", _T, "public.sessions",
+            "DELETE FROM public.sessions WHERE expires_at < now()", rows="zero",
+        ),
     ),
-    _PgStatement(
-        3, "READ", "SELECT", _T, "public.customers",
-        "SELECT * FROM public.customers WHERE name IN ('Zoë Ångström', '東京', '🚀 rocket')",
-        rows="rows",
+    "people": (
+        _PgStatement(
+            4, "READ", "SELECT", _T, "public.my_table", "select * from my_table;", rows="adhoc"
+        ),
+        _PgStatement(
+            3, "READ", "SELECT", _T, "public.customers",
+            "SELECT * FROM public.customers WHERE name IN ('Zoë Ångström', '東京', '🚀 rocket')",
+            rows="adhoc",
+        ),
+        _PgStatement(
+            2, "READ", "SELECT", _T, "public.files",
+            "SELECT * FROM public.files WHERE path LIKE E'C:\\\\temp\\\\%' OR name LIKE 'a\\_b%'",
+            rows="adhoc",
+        ),
+        _PG_SET_PATH,
+        _PG_NO_TABLE,
+        _PgStatement(
+            1, "READ", "SELECT", None, None, "SELECT 1 / 0", failure=("22012", "division by zero")
+        ),
     ),
-    _PgStatement(
-        3, "READ", "SELECT", _T, "public.files",
-        "SELECT * FROM public.files WHERE path LIKE E'C:\\\\temp\\\\%' OR name LIKE 'a\\_b%'",
-        rows="rows",
+    "master": (
+        _PgStatement(
+            3, "READ", "SELECT", _T, "pg_catalog.pg_stat_activity",
+            "SELECT pid, usename, state, query FROM pg_stat_activity WHERE datname = 'shop'",
+            rows="tiny",
+        ),
+        _PG_NO_TABLE,
     ),
-    _PgStatement(
-        6, "WRITE", "INSERT", _T, "public.orders",
-        "INSERT INTO public.orders (customer_id, total, note) VALUES ($1, $2, $3)",
-        ("{customer}", "{amount}", "gift\twrap \\ \"fragile\" 💝"), "zero",
+    "rdsadmin": (
+        _PgStatement(
+            3, "READ", "SELECT", None, None, "SELECT pg_catalog.pg_is_in_recovery()", rows="tiny"
+        ),
+        _PgStatement(1, "MISC", "SET", None, None, "SET statement_timeout TO 60000"),
     ),
-    _PgStatement(
-        4, "WRITE", "UPDATE", _T, "public.orders",
-        "UPDATE public.orders SET total = total * 1.1 WHERE id = $1", ("{order}",), "zero",
-    ),
-    _PgStatement(
-        2, "WRITE", "DELETE", _T, "public.sessions",
-        "DELETE FROM public.sessions WHERE expires_at < now()", rows="zero",
-    ),
+}  # fmt: skip
+_PG_MIX["alice"] = _PG_MIX["bob"] = _PG_MIX.pop("people")
+_PG_WEIGHTS = {user: tuple(s.weight for s in mix) for user, mix in _PG_MIX.items()}
+#: A weekday's migration run by the deploy account (in one transaction).
+_PG_MIGRATION: tuple[_PgStatement, ...] = (
+    _PG_BEGIN,
     _PgStatement(
         1, "DDL", "CREATE TABLE", None, None,
         "create table my_table (id serial primary key, name varchar(32));",
@@ -377,32 +587,28 @@ _PG_STATEMENTS: tuple[_PgStatement, ...] = (
         1, "DDL", "CREATE INDEX", "INDEX", "public.orders_customer_idx",
         "CREATE INDEX IF NOT EXISTS orders_customer_idx ON public.orders (customer_id)",
     ),
-    _PgStatement(1, "ROLE", "ALTER ROLE", None, None, "ALTER ROLE report_user CONNECTION LIMIT 20"),
     _PgStatement(
         1, "ROLE", "GRANT", _T, "public.orders", "GRANT SELECT ON public.orders TO report_user"
     ),
-    _PgStatement(2, "MISC", "SET", None, None, "SET search_path TO public"),
-    _PgStatement(2, "MISC", "BEGIN", None, None, "BEGIN"),
-    _PgStatement(2, "MISC", "COMMIT", None, None, "COMMIT"),
+    _PgStatement(1, "ROLE", "ALTER ROLE", None, None, "ALTER ROLE report_user CONNECTION LIMIT 20"),
+    _PG_COMMIT,
+)  # fmt: skip
+#: The ETL account's nightly job: reload the staging table, export the day's orders.
+_PG_NIGHTLY: tuple[_PgStatement, ...] = (
     _PgStatement(
-        1, "READ", "SELECT", _T, "public.no_such_table", "SELECT * FROM public.no_such_table",
-        failure=("42P01", 'relation "public.no_such_table" does not exist'),
+        1, "DDL", "TRUNCATE TABLE", _T, "staging.orders_import",
+        "TRUNCATE TABLE staging.orders_import",
     ),
     _PgStatement(
-        1, "WRITE", "INSERT", _T, "public.orders",
-        "INSERT INTO public.orders (id, customer_id, total) VALUES (1, 1, 0)",
-        failure=("23505", 'duplicate key value violates unique constraint "orders_pkey"'),
+        1, "WRITE", "INSERT", _T, "staging.orders_import",
+        "INSERT INTO staging.orders_import SELECT * FROM public.orders "
+        "WHERE created_at >= current_date - 1", rows="zero",
     ),
     _PgStatement(
-        1, "READ", "SELECT", None, None, "SELECT 1 / 0", failure=("22012", "division by zero")
-    ),
-    _PgStatement(
-        1, "READ", "SELECT", _T, "public.orders",
-        "SELECT count(*) FROM public.orders o CROSS JOIN public.orders p",
-        failure=("57014", "canceling statement due to statement timeout"),
+        1, "READ", "COPY", _T, "staging.orders_import",
+        "COPY (SELECT * FROM staging.orders_import) TO STDOUT WITH (FORMAT csv)", rows="export",
     ),
 )  # fmt: skip
-_PG_WEIGHTS = tuple(statement.weight for statement in _PG_STATEMENTS)
 
 # A function call and the statements it runs (substatementId 2, 3, ...).
 _PG_FUNCTION_CALL = "SELECT public.refresh_totals($1)"
@@ -413,7 +619,7 @@ _PG_FUNCTION_BODY: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-class _PostgresInstance(_Instance):
+class _PostgresInstance(_Aurora):
     SERVER_VERSION = "2.3.1"
 
     def __init__(self, **kwargs: Any) -> None:
@@ -431,6 +637,10 @@ class _PostgresInstance(_Instance):
                 return pid
 
     def next_group(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        if self.due("migration", DEPLOY_HOURS, weekdays=True):
+            return self.job(_DEPLOY, _PG_MIGRATION), []
+        if self.due("nightly", NIGHTLY_HOURS, weekdays=False):
+            return self.job(_BY_USER["etl"], _PG_NIGHTLY), []
         roll = self.rng.random()
         if not self.sessions or (len(self.sessions) < 4 and roll < 0.08):
             return self.connect(), []
@@ -440,12 +650,13 @@ class _PostgresInstance(_Instance):
         if roll < 0.16 and session.next_statement > 2:
             self.sessions.remove(session)
             return [self.event(session, "MISC", "DISCONNECT", None, None, None)], []
-        if roll < 0.22:
+        if roll < 0.22 and session.user == "app_user":
             return self.function_call(session), []
-        spec = self.rng.choices(_PG_STATEMENTS, _PG_WEIGHTS)[0]
+        mix = _PG_MIX[session.user]
+        spec = self.rng.choices(mix, _PG_WEIGHTS[session.user])[0]
         return [self.statement(session, spec)], []
 
-    def new_session(self, user: str) -> _Session:
+    def new_session(self, user: str, persona: _Persona | None = None) -> _Session:
         pid = self.new_pid()
         epoch = self.now_us // 1_000_000
         privileged = user in _PRIVILEGED
@@ -454,19 +665,31 @@ class _PostgresInstance(_Instance):
             session_id=f"{epoch:x}.{pid:x}",
             user=user,
             database="postgres" if privileged else self.rng.choice(("shop", "analytics")),
-            remote_host="172.31.3.195" if user == "rdsadmin" else self.client_ip(),
+            # failed logins (typos, attackers) come from anywhere
+            remote_host=self.client_ip() if persona is None else self.host_of(persona),
             remote_port=self.port(),
-            client_application=self.rng.choice(_CLIENT_APPS),
+            client_application=self.rng.choice(
+                ("psql", None, "PostgreSQL JDBC Driver") if persona is None else persona.apps
+            ),
         )
 
     def connect(self) -> list[dict[str, Any]]:
-        user = self.rng.choice(_PRIVILEGED + _USERS + _USERS)
-        session = self.new_session(user)
+        persona = self.persona()
+        session = self.new_session(persona.user, persona)
         self.sessions.append(session)
         return [self.event(session, "MISC", "CONNECT", None, None, None)]
 
+    def job(self, persona: _Persona, statements: tuple[_PgStatement, ...]) -> list[dict[str, Any]]:
+        """A scheduled job: its own session, its statements, disconnect."""
+        session = self.new_session(persona.user, persona)
+        events = [self.event(session, "MISC", "CONNECT", None, None, None)]
+        events.extend(self.statement(session, spec) for spec in statements)
+        events.append(self.event(session, "MISC", "DISCONNECT", None, None, None))
+        return events
+
     def auth_failure(self) -> list[dict[str, Any]]:
-        session = self.new_session(self.rng.choice(("mallory", "admin", "app_user")))
+        persona = _BY_USER[self.rng.choice(_MISTYPING)]
+        session = self.new_session(persona.user, persona)
         failure = ("28P01", f'password authentication failed for user "{session.user}"')
         return [self.event(session, "MISC", "AUTH FAILURE", None, None, None, failure=failure)]
 
@@ -526,9 +749,9 @@ class _PostgresInstance(_Instance):
         return param
 
     def row_count(self, kind: str | None) -> int | None:
-        if kind == "rows":
-            return self.rng.choice((0, 1, 1, 2, 10, self.rng.randint(0, 5_000)))
-        return 0 if kind == "zero" else None
+        if kind is None:
+            return None
+        return 0 if kind == "zero" else row_count(self.rng, kind)
 
     def event(
         self,
@@ -593,68 +816,102 @@ class _PostgresInstance(_Instance):
 class _MySqlStatement(NamedTuple):
     """A statement template: the MAIN event's text and objects, and its AUX events."""
 
-    weight: int
+    weight: int  # within its persona's mix
     sql: str  # "{n}" is replaced by a small number
     objects: str  # MAIN objectName: comma-separated tables, "" when none
     aux: tuple[tuple[str, str], ...] = ()  # AUX (command, table), in logTime order
-    rows: bool = False  # a rowCount other than 0
+    rows: str | None = None  # a row_count() kind (rows returned or affected); None: 0
     write: bool = False  # gets a transaction id
     failure: tuple[str, str] | None = None  # (MySQL error code, message)
 
 
-_MYSQL_STATEMENTS: tuple[_MySqlStatement, ...] = (
-    _MySqlStatement(8, "SELECT * FROM test1 WHERE id < {n}", "test1", (("READ", "test1"),), True),
-    _MySqlStatement(
-        4,
-        "SELECT o.id, c.name\nFROM orders o\n\tJOIN customers c ON c.id = o.customer_id\n"
-        "WHERE c.name = 'O''Brien' OR c.name = \"Zoë\"",
-        "orders,customers", (("READ", "orders"), ("READ", "customers")), True,
+_MY_TEST1 = _MySqlStatement(
+    8, "SELECT * FROM test1 WHERE id < {n}", "test1", (("READ", "test1"),), "page"
+)
+_MY_CUSTOMERS = _MySqlStatement(
+    3, "SELECT * FROM customers WHERE city = '東京' AND note LIKE '%🚀%'",
+    "customers", (("READ", "customers"),), "report",
+)  # fmt: skip
+_MY_SHOW = _MySqlStatement(1, "SHOW VARIABLES LIKE 'aurora\\_%'", "", rows="tiny")
+_MY_NOPE = _MySqlStatement(
+    1, "SELECT * FROM nope", "nope", failure=("1146", "Table 'test.nope' doesn't exist")
+)
+_MY_AUTOCOMMIT = _MySqlStatement(2, "SET autocommit=1", "")
+_MYSQL_MIX: dict[str, tuple[_MySqlStatement, ...]] = {
+    "app_user": (
+        _MY_TEST1,
+        _MySqlStatement(
+            5,
+            "INSERT INTO orders (customer_id, total, note) VALUES ({n}, 12.50, 'C:\\\\temp\\\\x')",
+            "orders", (("WRITE", "orders"),), "key", True,
+        ),
+        _MySqlStatement(
+            2, "DELETE FROM sessions WHERE expires_at < NOW()",
+            "sessions", (("WRITE", "sessions"),), "page", True,
+        ),
+        _MY_AUTOCOMMIT,
     ),
-    _MySqlStatement(
-        3, "SELECT * FROM customers WHERE city = '東京' AND note LIKE '%🚀%'",
-        "customers", (("READ", "customers"),), True,
+    "report_user": (
+        _MySqlStatement(
+            4,
+            "SELECT o.id, c.name\nFROM orders o\n\tJOIN customers c ON c.id = o.customer_id\n"
+            "WHERE c.name = 'O''Brien' OR c.name = \"Zoë\"",
+            "orders,customers", (("READ", "orders"), ("READ", "customers")), "report",
+        ),
+        _MY_CUSTOMERS,
     ),
-    _MySqlStatement(
-        5, "INSERT INTO orders (customer_id, total, note) VALUES ({n}, 12.50, 'C:\\\\temp\\\\x')",
-        "orders", (("WRITE", "orders"),), True, True,
+    "etl": (
+        _MySqlStatement(
+            2,
+            "INSERT INTO orders_archive SELECT * FROM orders "
+            "WHERE created < NOW() - INTERVAL 1 YEAR",
+            "orders_archive,orders", (("WRITE", "orders_archive"), ("READ", "orders")), "sync",
+            True,
+        ),
+        _MySqlStatement(
+            2,
+            "UPDATE orders o JOIN customers c ON c.id = o.customer_id\n"
+            "SET o.total = o.total * 0.9 WHERE c.vip = 1 AND o.status = 'open'",
+            "orders,customers",
+            (("READ", "customers"), ("READ", "orders"), ("WRITE", "orders")), "sync", True,
+        ),
+        _MY_AUTOCOMMIT,
     ),
-    _MySqlStatement(
-        2,
-        "INSERT INTO orders_archive SELECT * FROM orders WHERE created < NOW() - INTERVAL 1 YEAR",
-        "orders_archive,orders", (("WRITE", "orders_archive"), ("READ", "orders")), True, True,
+    "people": (
+        _MySqlStatement(
+            4, "SELECT * FROM test1 WHERE id < {n}", "test1", (("READ", "test1"),), "adhoc"
+        ),
+        _MySqlStatement(
+            3, "SELECT * FROM customers WHERE city = '東京' AND note LIKE '%🚀%'",
+            "customers", (("READ", "customers"),), "adhoc",
+        ),
+        _MY_SHOW,
+        _MY_NOPE,
+        _MySqlStatement(
+            1, "SELEC * FROM test1", "",
+            failure=(
+                "1064",
+                "You have an error in your SQL syntax; check the manual that corresponds to your "
+                "MySQL server version for the right syntax to use near 'SELEC * FROM test1' at "
+                "line 1",
+            ),
+        ),
     ),
-    _MySqlStatement(
-        2,
-        "UPDATE orders o JOIN customers c ON c.id = o.customer_id\n"
-        "SET o.total = o.total * 0.9 WHERE c.vip = 1 AND o.status = 'open'",
-        "orders,customers",
-        (("READ", "customers"), ("READ", "orders"), ("WRITE", "orders")), True, True,
-    ),
-    _MySqlStatement(
-        2, "DELETE FROM sessions WHERE expires_at < NOW()",
-        "sessions", (("WRITE", "sessions"),), True, True,
-    ),
+    "master": (_MY_SHOW, _MY_NOPE),
+    "rdsadmin": (_MY_SHOW, _MY_AUTOCOMMIT),
+}  # fmt: skip
+_MYSQL_MIX["alice"] = _MYSQL_MIX["bob"] = _MYSQL_MIX.pop("people")
+_MYSQL_WEIGHTS = {user: tuple(s.weight for s in mix) for user, mix in _MYSQL_MIX.items()}
+#: A weekday's migration run by the deploy account.
+_MYSQL_MIGRATION: tuple[_MySqlStatement, ...] = (
     _MySqlStatement(1, "CREATE TABLE test1 (id INT)", "test1", (("CREATE", "test1"),)),
     _MySqlStatement(1, "DROP TABLE IF EXISTS tmp_import", "tmp_import", (("DROP", "tmp_import"),)),
     _MySqlStatement(
         1, "RENAME TABLE orders_new TO orders_v2",
         "orders_new,orders_v2", (("RENAME", "orders_new"), ("CREATE", "orders_v2")),
     ),
-    _MySqlStatement(2, "SET autocommit=1", ""),
-    _MySqlStatement(1, "SHOW VARIABLES LIKE 'aurora\\_%'", "", rows=True),
-    _MySqlStatement(
-        1, "SELECT * FROM nope", "nope", failure=("1146", "Table 'test.nope' doesn't exist")
-    ),
-    _MySqlStatement(
-        1, "SELEC * FROM test1", "",
-        failure=(
-            "1064",
-            "You have an error in your SQL syntax; check the manual that corresponds to your "
-            "MySQL server version for the right syntax to use near 'SELEC * FROM test1' at line 1",
-        ),
-    ),
+    _MySqlStatement(1, "GRANT SELECT ON shop.orders_v2 TO 'report_user'@'%'", "orders_v2"),
 )  # fmt: skip
-_MYSQL_WEIGHTS = tuple(statement.weight for statement in _MYSQL_STATEMENTS)
 
 
 def mysql_escape(sql: str) -> str:
@@ -662,7 +919,7 @@ def mysql_escape(sql: str) -> str:
     return sql.replace("\\", "\\\\").replace("'", "\\'").replace('"', '\\"')
 
 
-class _MySqlInstance(_Instance):
+class _MySqlInstance(_Aurora):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.version = MYSQL_VERSION
@@ -675,6 +932,8 @@ class _MySqlInstance(_Instance):
         self.sessions: list[_Session] = []
 
     def next_group(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        if self.due("migration", DEPLOY_HOURS, weekdays=True):
+            return self.migration()
         roll = self.rng.random()
         if not self.sessions or (len(self.sessions) < 4 and roll < 0.08):
             return self.connect(), []
@@ -684,28 +943,48 @@ class _MySqlInstance(_Instance):
         if roll < 0.16:
             self.sessions.remove(session)
             return [self.connection_event(session, "DISCONNECT")], []
-        return self.statement(session, self.rng.choices(_MYSQL_STATEMENTS, _MYSQL_WEIGHTS)[0])
+        mix = _MYSQL_MIX[session.user]
+        return self.statement(session, self.rng.choices(mix, _MYSQL_WEIGHTS[session.user])[0])
 
-    def new_session(self, user: str) -> _Session:
+    def new_session(self, user: str, persona: _Persona | None = None) -> _Session:
         session_id = str(self.next_session)
         self.next_session += self.rng.randint(1, 3)
+        if user == "rdsadmin":
+            host = "localhost"
+        else:  # failed logins (typos, attackers) come from anywhere
+            host = self.client_ip() if persona is None else self.host_of(persona)
         return _Session(
             pid=self.pid,
             session_id=session_id,
             user=user,
             database="" if user == "rdsadmin" else self.rng.choice(("test", "shop")),
-            remote_host="localhost" if user == "rdsadmin" else self.client_ip(),
+            remote_host=host,
             remote_port=self.port(),
             client_application=None,
         )
 
     def connect(self) -> list[dict[str, Any]]:
-        session = self.new_session(self.rng.choice(_PRIVILEGED + _USERS + _USERS))
+        persona = self.persona()
+        session = self.new_session(persona.user, persona)
         self.sessions.append(session)
         return [self.connection_event(session, "CONNECT")]
 
+    def migration(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The deploy account's migration run: its own session, its statements, disconnect."""
+        session = self.new_session(DEPLOY_USER, _DEPLOY)
+        events = [self.connection_event(session, "CONNECT")]
+        late: list[dict[str, Any]] = []
+        for spec in _MYSQL_MIGRATION:
+            now, late_now = self.statement(session, spec)
+            events.extend(now)
+            events.extend(late)  # a statement's late AUX events follow the next statement
+            late = late_now
+        events.append(self.connection_event(session, "DISCONNECT"))
+        return events, late
+
     def failed_connect(self) -> list[dict[str, Any]]:
-        session = self.new_session(self.rng.choice(("mallory", "root", "app_user")))
+        persona = _BY_USER[self.rng.choice(_MISTYPING)]
+        session = self.new_session(persona.user, persona)
         message = (
             f"Access denied for user '{session.user}'@'{session.remote_host}' (using password: YES)"
         )
@@ -770,7 +1049,7 @@ class _MySqlInstance(_Instance):
                 )
         rows = 0
         if spec.rows and failure is None:
-            rows = self.rng.choice((0, 1, 2, 3, self.rng.randint(0, 500)))
+            rows = row_count(self.rng, spec.rows)
         # MAIN is logged after its AUX events (seed: AUX logTime earlier than MAIN's), and its
         # endTime sits a microsecond either side of logTime, as in the seed's three examples.
         log = self.tick(2, 5_000)

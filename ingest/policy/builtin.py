@@ -26,6 +26,9 @@ FAILED_LOGIN_COMMANDS = [
     "AUTH FAILURE", "AUTHENTICATION FAILURE", "FAILED_CONNECT", "LOGIN FAILED", "LOGON FAILED",
 ]  # fmt: skip
 LOGIN_COMMANDS = ["CONNECT", "LOGIN", "LOGON", "LOGIN SUCCEEDED"]
+#: The change window when a rules file sets none (``off_hours_ddl``, ``time: change_window``).
+CHANGE_DAYS = ("mon", "tue", "wed", "thu", "fri")
+CHANGE_HOURS = "07:00-19:00"
 
 PRIVILEGE_PATTERN = (
     r"^(grant|revoke|deny|(create|alter|drop) (role|user|login)\b|rename user|set default role"
@@ -52,8 +55,8 @@ def builtin_specs(change_window: Mapping[str, Any] | None = None) -> dict[str, d
     """The built-in rules as specs, in evaluation order. ``change_window`` (days, hours) is the
     file's top-level setting, used by ``off_hours_ddl``."""
     window = dict(change_window or {})
-    days = window.get("days", ["mon", "tue", "wed", "thu", "fri"])
-    hours = window.get("hours", "07:00-19:00")
+    days = window.get("days", list(CHANGE_DAYS))
+    hours = window.get("hours", CHANGE_HOURS)
     return {
         "brute_force_login": {
             "name": "brute_force_login",

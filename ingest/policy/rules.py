@@ -318,8 +318,16 @@ class _Compiler:
         return test
 
     def time_predicate(self, cond: Any, path: tuple[Any, ...]) -> Predicate | None:
+        if cond in ("change_window", "outside_change_window"):
+            # The file's change window (the built-in default when the file names none).
+            key = "between" if cond == "change_window" else "outside"
+            cond = {key: self.change_window["hours"], "days": self.change_window["days"]}
         if not isinstance(cond, dict) or not set(cond) <= {"between", "outside", "days"}:
-            self.error(path, "time takes {between: 'HH:MM-HH:MM'} or {outside: ...}, and days")
+            self.error(
+                path,
+                "time takes {between: 'HH:MM-HH:MM'} or {outside: ...}, and days; or "
+                "change_window, outside_change_window",
+            )
             return None
         days = cond.get("days", list(DAYS))
         if not isinstance(days, list) or not all(d in DAYS for d in days):
@@ -360,6 +368,8 @@ class _Compiler:
         return time(min(a, 23), b if a < 24 else 59), time(min(c, 23), d if c < 24 else 59)
 
     zone: ZoneInfo = ZoneInfo("UTC")
+    #: the file's change window, its defaults filled in (``time: change_window``)
+    change_window: Mapping[str, Any] = {}
 
 
 #: Distinct values a regular expression's answers are remembered for (per predicate): the same
@@ -421,6 +431,10 @@ def _any_of(preds: list[Predicate]) -> Predicate:
     return lambda s: first(s) or rest(s)
 
 
+def _none_of(pred: Predicate) -> Predicate:
+    return lambda s: not pred(s)
+
+
 def _failed(want: bool) -> Predicate:
     return lambda s: s.failed == want
 
@@ -445,6 +459,7 @@ _RULE_KEYS = frozenset(
     {
         "name", "kind", "where", "action", "severity", "title", "group_by", "window", "count",
         "sum", "single", "value", "learning", "gap", "redact", "enabled", "description",
+        "unless",
     }
 )  # fmt: skip
 
@@ -500,6 +515,11 @@ def _compile_rule(c: _Compiler, spec: Any, path: tuple[Any, ...], builtin: bool)
     if kind in ("threshold", "first_seen", "match") and action == "alert" and not group_by:
         group_by = ((),)
     where = c.where(spec.get("where"), (*path, "where"))
+    if spec.get("unless") is not None:
+        # An exemption: events matching ``unless`` are not the rule's, whatever ``where`` says
+        # (a built-in keeps its own ``where`` and a team adds only what it expects).
+        exempt = c.where(spec["unless"], (*path, "unless"))
+        where = _all_of([where, _none_of(exempt)])
     if len(c.errors) > before:
         return None
     return Rule(
@@ -555,7 +575,8 @@ def _redact(c: _Compiler, spec: Any, action: str, path: tuple[Any, ...]) -> dict
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
-        if key == "where" or not isinstance(value, dict) or not isinstance(out.get(key), dict):
+        replace = key in ("where", "unless")  # conditions are replaced whole, never merged
+        if replace or not isinstance(value, dict) or not isinstance(out.get(key), dict):
             out[key] = value
         else:
             out[key] = _deep_merge(out[key], value)
@@ -564,7 +585,7 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 
 def load_rules(text: str | None, source: str = "rules", *, builtins: bool = True) -> RuleSet:
     """Compile a rules file (None or empty: the built-in pack alone, when ``builtins``)."""
-    from ingest.policy.builtin import builtin_specs
+    from ingest.policy.builtin import CHANGE_DAYS, CHANGE_HOURS, builtin_specs
 
     doc = _Doc(text or "", source)
     c = _Compiler(doc)
@@ -583,6 +604,10 @@ def load_rules(text: str | None, source: str = "rules", *, builtins: bool = True
     if not isinstance(window, dict) or not set(window) <= {"days", "hours"}:
         c.error(("change_window",), "change_window takes days and hours")
         window = {}
+    c.change_window = {
+        "days": window.get("days", list(CHANGE_DAYS)),
+        "hours": window.get("hours", CHANGE_HOURS),
+    }
     specs: list[tuple[dict[str, Any], tuple[Any, ...], bool]] = []
     tuning = top.get("builtins") or {}
     if not isinstance(tuning, dict):
