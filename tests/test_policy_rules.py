@@ -225,15 +225,15 @@ def test_unless_exempts_only_what_it_names_and_keeps_the_builtins_where(
 
 
 def test_time_change_window_is_the_files_window_or_the_default() -> None:
-    inside = {"log_time": NOON.replace(hour=7, minute=30)}  # Wednesday 07:30
+    inside = NOON.replace(hour=7, minute=30)  # Wednesday 07:30
     default = only("rules: [{name: r, where: {time: change_window}}]")
     narrow = only(
         "change_window: {hours: '08:00-18:00'}\nrules: [{name: r, where: {time: change_window}}]"
     )
     outside = only("rules: [{name: r, where: {time: outside_change_window}}]")
-    assert run(default, ev(**inside)).tallies
-    assert not run(narrow, ev(**inside)).tallies
-    assert not run(outside, ev(**inside)).tallies
+    assert run(default, ev(log_time=inside)).tallies
+    assert not run(narrow, ev(log_time=inside)).tallies
+    assert not run(outside, ev(log_time=inside)).tallies
     assert run(outside, ev(log_time=NOON + timedelta(days=3))).tallies  # Saturday
 
 
