@@ -35,11 +35,21 @@ _CONFIG: dict[str, Any] = {
 
 @asynccontextmanager
 async def aws_client(
-    service: str, *, max_pool_connections: int = 32, retries: bool = True
+    service: str,
+    *,
+    max_pool_connections: int = 32,
+    retries: bool = True,
+    fast_records: bool = False,
 ) -> AsyncIterator[Any]:
     """An aiobotocore client for ``service`` ("kinesis", "kms", "rds"). ``retries=False``: one
-    attempt per call, for callers that pace and retry every attempt themselves."""
+    attempt per call, for callers that pace and retry every attempt themselves.
+    ``fast_records``: GetRecords answers are parsed by ``ingest.records_parser`` (the same
+    result without botocore's per-field walk)."""
     session = get_session()
+    if fast_records:
+        from ingest.records_parser import RecordsParserFactory
+
+        session.register_component("response_parser_factory", RecordsParserFactory())
     settings = dict(_CONFIG)
     if not retries:
         settings["retries"] = {"mode": "standard", "total_max_attempts": 1}

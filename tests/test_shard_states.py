@@ -192,7 +192,7 @@ class FakeKeys:
     unavailable: int = 0
     calls: int = 0
 
-    async def get(self, blob: bytes, context: Mapping[str, str]) -> bytes:
+    async def get(self, blob: bytes, context: Mapping[str, str], *, uses: int = 1) -> bytes:
         self.calls += 1
         assert blob == b"blob"
         assert context == {"aws:rds:dbc-id": "cluster-TEST"}

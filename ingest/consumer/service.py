@@ -130,7 +130,9 @@ async def serve(serve_settings: ServeSettings) -> int:
                 aws_client("kinesis") as kinesis,
                 # The shard consumers' client: botocore's own retries would bypass the pacing of
                 # GetRecords (5 calls per second per shard); the consumers retry every attempt.
-                aws_client("kinesis", max_pool_connections=pool_size, retries=False) as records,
+                aws_client(
+                    "kinesis", max_pool_connections=pool_size, retries=False, fast_records=True
+                ) as records,
                 aws_client("kms") as kms,
             ):
                 if not await _until_reachable(
