@@ -71,11 +71,15 @@ async def test_every_member_is_parsed_as_botocore_parses_it() -> None:
     assert "PartitionKey" not in fast["Records"][3]
     assert "SomethingNew" not in fast["Records"][4]
     arrival = fast["Records"][5]["ApproximateArrivalTimestamp"]
-    assert arrival.utcoffset() is not None and arrival.timestamp() == 1_764_768_000
+    assert arrival.utcoffset() is not None
+    assert arrival.timestamp() == 1_764_768_000
 
 
 async def test_a_closed_shard_and_an_empty_page_are_parsed_alike() -> None:
-    for doc in ({"Records": [], "MillisBehindLatest": 0}, {"Records": [], "NextShardIterator": None}):
+    for doc in (
+        {"Records": [], "MillisBehindLatest": 0},
+        {"Records": [], "NextShardIterator": None},
+    ):
         stock, fast = await _both(orjson.dumps(doc))
         assert fast == stock
 
@@ -94,15 +98,13 @@ async def test_answers_the_fast_path_does_not_take_get_botocores_answer() -> Non
         for factory in (AioResponseParserFactory(), RecordsParserFactory()):
             try:
                 outcomes.append(await factory.create_parser("json").parse(response, OUTPUT))
-            except Exception as exc:  # noqa: BLE001 - compared below
+            except Exception as exc:
                 outcomes.append(type(exc))
         assert outcomes[0] == outcomes[1], doc
 
 
 async def test_an_error_answer_is_botocores_error() -> None:
-    body = orjson.dumps(
-        {"__type": "ExpiredIteratorException", "message": "Iterator expired"}
-    )
+    body = orjson.dumps({"__type": "ExpiredIteratorException", "message": "Iterator expired"})
     response = {"status_code": 400, "headers": {}, "body": body}
     stock = await AioResponseParserFactory().create_parser("json").parse(response, OUTPUT)
     fast = await RecordsParserFactory().create_parser("json").parse(response, OUTPUT)
@@ -138,7 +140,8 @@ async def test_a_kinesalite_page_reads_the_same_through_both_clients(
     assert [r.data for r in fast_page.records] == payloads
     assert fast_page.records == slow_page.records
     assert fast_page.millis_behind_latest == slow_page.millis_behind_latest
-    assert fast_page.next_iterator is not None and slow_page.next_iterator is not None
+    assert fast_page.next_iterator is not None
+    assert slow_page.next_iterator is not None
     for answer in (raw_slow, raw_fast):
         answer.pop("ResponseMetadata")
         answer.pop("NextShardIterator")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from ingest.aws import aws_client
+from ingest.consumer.pool import DecodePool
 from ingest.consumer.worker import Worker, WorkerSettings
 from ingest.discovery import discover_cluster, discover_instance
 from ingest.errors import ConfigError
@@ -76,7 +77,17 @@ class _Startup:
             self.worker.request_stop(reason)
 
 
-async def serve(serve_settings: ServeSettings) -> int:
+async def serve(serve_settings: ServeSettings, *, pool: DecodePool | None = None) -> int:
+    """Run the worker until stopped. ``pool``: the decode pool, already started (see
+    ``ingest.commands.run``); closed here in any case."""
+    try:
+        return await _serve(serve_settings, pool)
+    finally:
+        if pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, pool.close)
+
+
+async def _serve(serve_settings: ServeSettings, pool: DecodePool | None) -> int:
     if serve_settings.cluster:
         stream, discovered_id = await discover_cluster(serve_settings.cluster)
     elif serve_settings.instance:
@@ -146,6 +157,7 @@ async def serve(serve_settings: ServeSettings) -> int:
                     records_client=records,
                     kms_client=kms,
                     metrics=metrics,
+                    pool=pool,
                 )
                 # A key that cannot anchor (unknown, refused, not an HMAC or signing key) is a
                 # configuration error now, not a warning every --anchor-seconds. The key keeps
