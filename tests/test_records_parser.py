@@ -20,7 +20,7 @@ from aiobotocore.parsers import AioResponseParserFactory
 from botocore.session import get_session
 
 from das_dev.devstack import LocalStack
-from ingest.aws import aws_client
+from ingest.aws import aws_client, session
 from ingest.kinesis import KinesisReader
 from ingest.records_parser import RecordsJSONParser, RecordsParserFactory
 
@@ -117,7 +117,15 @@ async def test_a_kinesalite_page_reads_the_same_through_both_clients(
 ) -> None:
     stream = f"records-parser-{secrets.token_hex(4)}"
     payloads = [os.urandom(n) for n in (1, 100, 3000)] + [b'{"type": "x"}', b"\x00\xff" * 40]
-    async with aws_client("kinesis") as stock, aws_client("kinesis", fast_records=True) as fast:
+    shared = session()  # as the worker shares one between its clients
+    async with (
+        aws_client("kinesis", session=shared) as stock,
+        aws_client("kinesis", fast_records=True, session=shared) as fast,
+        aws_client("kinesis", session=shared) as after,
+    ):
+        # The fast parser is the records client's alone, on a shared session too.
+        parsers = [type(c._endpoint._response_parser_factory) for c in (stock, fast, after)]
+        assert parsers == [AioResponseParserFactory, RecordsParserFactory, AioResponseParserFactory]
         await stock.create_stream(StreamName=stream, ShardCount=1)
         for _ in range(100):
             summary = await stock.describe_stream_summary(StreamName=stream)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from ingest.aws import aws_client
+from ingest.aws import session as aws_session
 from ingest.consumer.pool import DecodePool
 from ingest.consumer.worker import Worker, WorkerSettings
 from ingest.discovery import discover_cluster, discover_instance
@@ -137,14 +138,19 @@ async def _serve(serve_settings: ServeSettings, pool: DecodePool | None) -> int:
             async with db.acquire() as conn:
                 await require_current_schema(conn)
             pool_size = 8 + 2 * serve_settings.db_pool_size
+            shared = aws_session()
             async with (
-                aws_client("kinesis") as kinesis,
+                aws_client("kinesis", session=shared) as kinesis,
                 # The shard consumers' client: botocore's own retries would bypass the pacing of
                 # GetRecords (5 calls per second per shard); the consumers retry every attempt.
                 aws_client(
-                    "kinesis", max_pool_connections=pool_size, retries=False, fast_records=True
+                    "kinesis",
+                    max_pool_connections=pool_size,
+                    retries=False,
+                    fast_records=True,
+                    session=shared,
                 ) as records,
-                aws_client("kms") as kms,
+                aws_client("kms", session=shared) as kms,
             ):
                 if not await _until_reachable(
                     startup, "kinesis", lambda: check_stream(kinesis, stream)
