@@ -98,10 +98,12 @@ async def _serve(serve_settings: ServeSettings, pool: DecodePool | None) -> int:
         discovered_id = resource_id_from_stream(stream)
     resource_id = serve_settings.resource_id or discovered_id
     settings = replace(serve_settings.worker, stream_name=stream, resource_id=resource_id)
-    # Fail fast on a bad decryptor choice, before touching anything.
-    from ingest.decode.batch import decryptor_for
+    # Fail fast on a bad decryptor choice, before touching anything (without loading one
+    # here: the decode processes do).
+    from ingest.decode.decryptors import check_decryptor
 
-    decryptor_for(settings.shard.commit.decoder)
+    decoder = settings.shard.commit.decoder
+    check_decryptor(decoder.decryptor, verify_signatures=decoder.verify_signatures)
     dsn = resolve_dsn(serve_settings.dsn)
     metrics = Metrics(stream)
     startup = _Startup(settings.lease_seconds)
