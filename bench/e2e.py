@@ -14,10 +14,10 @@ not counted.
 
 ``steady`` is the rate from the first commit to the last, start-up excluded: the events of the
 commits that started in that span, the last one excluded, over the span (start to start). A
-pipeline that commits B events every T seconds measures B/T whatever its first and last
-batches weigh; the span holds the decode of every batch it counts. (The earlier definition
-counted the last batch's events but timed only up to the start of its decode, which overstated
-short runs.)
+pipeline that commits B events every T seconds measures B/T; a last batch of any size does not
+change it, and a small first batch (the pipeline filling up) makes it read low, never high.
+(The earlier definition counted the last batch's events but timed only up to the start of its
+decode, which overstated short runs.)
 """
 
 from __future__ import annotations
