@@ -1,8 +1,10 @@
 """The ceiling of the machine for a workload: the decode pool alone, with as many processes as
 ``das-ingest run`` uses, no Kinesis and no warehouse.
 
-The pool runs what the worker's pool runs (``decode_batch``, the default decoder: the lean
-decryptor verifying signatures, the chain's digests) over the workload's records with their
+The pool runs what the worker's pool runs (``decode_with_policy``: ``decode_batch`` with the
+default decoder -- the lean decryptor verifying signatures, the chain's digests -- and the
+built-in policy pack beside normalize, as ``das-ingest run`` does by default) over the
+workload's records with their
 plaintext data keys (what the KMS cache hands the pool), and returns each batch's output to
 this process, pickled, as the worker's pool does. End-to-end steady rate / this = how much of
 the machine the rest (GetRecords, base64, KMS, queues, COPY, commits) leaves to decoding.
@@ -16,12 +18,15 @@ import multiprocessing
 import time
 
 from bench.workload import Workload
-from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, KeyedRecord, decode_batch
+from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig, KeyedRecord
 from ingest.decode.envelope import read_envelope
+from ingest.policy.hook import decode_with_policy
 
 
 def _warm(_: int) -> int:
-    """Import the decode layer in a worker process (not measured)."""
+    """Import the decode layer and compile the policy rules in a worker process (not
+    measured), as the worker's pool does while it takes its leases."""
+    decode_with_policy(BatchInput("warm", [], DecoderConfig(), stream_name="warm"))
     return len(DecoderConfig().decryptor)
 
 
@@ -53,7 +58,7 @@ async def decode_pool_rate(work: Workload, processes: int, records_per_batch: in
         for _ in range(2):
             began = time.perf_counter()
             outputs: list[BatchOutput] = await asyncio.gather(
-                *(loop.run_in_executor(pool, decode_batch, b) for b in batches)
+                *(loop.run_in_executor(pool, decode_with_policy, b) for b in batches)
             )
             seconds = time.perf_counter() - began
             events = sum(o.event_count for o in outputs)

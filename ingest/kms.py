@@ -171,19 +171,23 @@ class DataKeyCache:
                 h.update(encoded)
         return h.digest()
 
-    async def get(self, blob: bytes, context: Mapping[str, str]) -> bytes:
-        """The plaintext data key. Raises KmsError (permanent) or KmsUnavailableError."""
+    async def get(self, blob: bytes, context: Mapping[str, str], *, uses: int = 1) -> bytes:
+        """The plaintext data key. Raises KmsError (permanent) or KmsUnavailableError.
+
+        ``uses``: how many records the answer serves (the consumer looks a key up once for all
+        of a chunk's records under it); the statistics count per record, as if each had asked:
+        at most one of them is a miss, the others are hits (or refusals from memory)."""
         digest = self.digest(blob, context)
         now = self._clock()
         cached = self._keys.get(digest)
         if cached is not None and cached[1] > now:
             self._keys.move_to_end(digest)
-            self.stats.hits += 1
+            self.stats.hits += uses
             return cached[0]
         refused = self._refused.get(digest)
         if refused is not None and refused[1] > now:
             self._refused.move_to_end(digest)
-            self.stats.refused_cached += 1
+            self.stats.refused_cached += uses
             raise _copy(refused[0])
         pending = self._inflight.get(digest)
         if pending is not None:
@@ -191,9 +195,9 @@ class DataKeyCache:
                 plaintext = await asyncio.shield(pending)
             except KmsError as exc:
                 if not exc.retriable:  # refused for this waiter too, without a call of its own
-                    self.stats.refused_cached += 1
+                    self.stats.refused_cached += uses
                 raise
-            self.stats.hits += 1
+            self.stats.hits += uses
             return plaintext
         self.stats.misses += 1
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -208,9 +212,12 @@ class DataKeyCache:
         except KmsError as exc:
             future.set_exception(_copy(exc))
             future.exception()
+            if not exc.retriable:
+                self.stats.refused_cached += uses - 1
             raise
         else:
             future.set_result(plaintext)
+            self.stats.hits += uses - 1
             return plaintext
         finally:
             del self._inflight[digest]

@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench import e2e
 from bench.encoder import SIGNATURE_LENGTH, UNSIGNED_SUITE_ID, FastEncryptor
 from ingest.decode import decode_record
 from ingest.decode.esdk import EsdkDecryptor
@@ -263,3 +264,15 @@ def test_the_policy_pack_cost_check_compares_median_rates() -> None:
     dear = policy_overhead(10, {"das-ingest": [run(800), run(880), run(990)], off: [run(1000)]})
     assert dear is not None
     assert dear[1] is False  # the median, 880: 12%
+
+
+def test_steady_is_start_to_start_over_the_commits() -> None:
+    """B events every T seconds is B/T; the last commit's events are not counted (the clock
+    stops at its start), so a big last batch cannot inflate a short run."""
+    every_half_second = [(100.0 + 0.5 * i, 50) for i in range(5)]
+    assert e2e.steady_rate(every_half_second) == pytest.approx(100.0)
+    big_last = [*every_half_second[:-1], (102.0, 5_000)]
+    assert e2e.steady_rate(big_last) == pytest.approx(100.0)
+    small_first = [(100.0, 5), *every_half_second[1:]]
+    assert e2e.steady_rate(small_first) < 100.0
+    assert e2e.steady_rate([(100.0, 50)]) == 0.0

@@ -73,6 +73,28 @@ async def test_concurrent_misses_make_a_single_call(kms: Any) -> None:
     assert cache.stats.calls == 1
 
 
+async def test_one_lookup_for_many_records_counts_each_record(kms: Any) -> None:
+    """The consumer looks a data key up once for all of a chunk's records under it (uses=n):
+    the statistics (das_kms_cache_hits_total, das_kms_refused_total) still count records."""
+    plaintext, blob = await data_key(kms)
+    cache = DataKeyCache(kms)
+    assert await cache.get(blob, CONTEXT, uses=5) == plaintext
+    assert (cache.stats.calls, cache.stats.misses, cache.stats.hits) == (1, 1, 4)
+    assert await cache.get(blob, CONTEXT, uses=3) == plaintext
+    assert (cache.stats.calls, cache.stats.misses, cache.stats.hits) == (1, 1, 7)
+    together = await asyncio.gather(
+        cache.get(blob, encryption_context("cluster-OTHER"), uses=4),
+        cache.get(blob, encryption_context("cluster-OTHER"), uses=2),
+        return_exceptions=True,
+    )
+    assert all(isinstance(e, KmsError) and not e.retriable for e in together)
+    # one refusal from KMS (shared by both lookups), five records refused from memory
+    assert (cache.stats.calls, cache.stats.refused, cache.stats.refused_cached) == (2, 1, 5)
+    with pytest.raises(KmsError):
+        await cache.get(blob, encryption_context("cluster-OTHER"), uses=3)
+    assert (cache.stats.calls, cache.stats.refused, cache.stats.refused_cached) == (2, 1, 8)
+
+
 async def test_wrong_context_is_permanent_and_remembered_briefly(kms: Any) -> None:
     _, blob = await data_key(kms)
     clock = Clock()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,38 @@ async def test_a_poison_record_is_isolated_and_the_pool_recovers() -> None:
         assert (await pool.decode(good, 10)).event_count == 2
     finally:
         await asyncio.to_thread(pool.close)
+
+
+def warm_logging_decode(batch: BatchInput) -> BatchOutput:
+    """decode_batch, noting each warm-up call (an empty batch) in $DAS_TEST_WARM_LOG."""
+    if batch.shard_id == "warm":
+        with open(os.environ["DAS_TEST_WARM_LOG"], "a", encoding="utf-8") as log:
+            log.write(f"{os.getpid()} {len(batch.records)}\n")
+    return decode_batch(batch)
+
+
+def test_prestart_warms_the_processes_before_any_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run starts its pool before its event loop; warm() then waits for that warm-up instead
+    of running another."""
+    log = tmp_path / "warm.log"
+    monkeypatch.setenv("DAS_TEST_WARM_LOG", str(log))
+    pool = DecodePool(2, WorkBudget(max_batches=2, max_bytes=1 << 20), decode=warm_logging_decode)
+    try:
+        lean = DecoderConfig()
+        pool.prestart(lean)  # no event loop in this thread
+
+        async def use() -> BatchOutput:
+            await pool.warm(lean)
+            assert len(log.read_text().splitlines()) == 2  # both warm-ups are done
+            batch = BatchInput("s", [record(0, "a")], lean, stream_name="s")
+            return await pool.decode(batch, 10)
+
+        assert asyncio.run(use()).event_count == 1
+        assert [line.split()[1] for line in log.read_text().splitlines()] == ["0", "0"]
+    finally:
+        pool.close()
 
 
 async def test_in_process_decoding_when_processes_is_zero() -> None:

@@ -42,7 +42,7 @@ from ingest.decode.batch import (
 )
 from ingest.decode.correlate import StatementRange
 from ingest.decode.envelope import Envelope
-from ingest.errors import KmsUnavailableError
+from ingest.errors import KmsError, KmsUnavailableError
 from ingest.kinesis import (
     IteratorExpiredError,
     KinesisRecord,
@@ -62,15 +62,16 @@ DAY = "2026-01-01"
 # -- records ------------------------------------------------------------------------------------
 
 
-def record(seq: int, payload: str = "ok") -> KinesisRecord:
+def record(seq: int, payload: str = "ok", key: bytes = b"blob") -> KinesisRecord:
     """A DAS-shaped record whose 'ciphertext' the fake pool reads as ``payload``:
     ``ok`` decodes to one event, ``bad`` fails to decode (stage decrypt), ``evil`` decodes to a
-    row the fake warehouse refuses, ``crash`` kills decode processes."""
+    row the fake warehouse refuses, ``crash`` kills decode processes. ``key``: its encrypted
+    data key (FakeKeys knows ``blob`` and ``blob2`` and refuses ``refused``)."""
     doc = {
         "type": "DatabaseActivityMonitoringRecords",
         "version": "1.1",
         "databaseActivityEvents": base64.b64encode(f"{payload}:{seq}".encode()).decode(),
-        "key": base64.b64encode(b"blob").decode(),
+        "key": base64.b64encode(key).decode(),
     }
     return KinesisRecord(str(seq), orjson.dumps(doc), f"pk-{seq}", None)
 
@@ -191,15 +192,20 @@ def _kind(data: bytes | Envelope) -> str:
 class FakeKeys:
     unavailable: int = 0
     calls: int = 0
+    #: (blob, uses) of every lookup
+    lookups: list[tuple[bytes, int]] = field(default_factory=list)
 
-    async def get(self, blob: bytes, context: Mapping[str, str]) -> bytes:
+    async def get(self, blob: bytes, context: Mapping[str, str], *, uses: int = 1) -> bytes:
         self.calls += 1
-        assert blob == b"blob"
+        self.lookups.append((blob, uses))
+        assert blob in (b"blob", b"blob2", b"refused")
         assert context == {"aws:rds:dbc-id": "cluster-TEST"}
         if self.unavailable:
             self.unavailable -= 1
             raise KmsUnavailableError("KMS ThrottlingException")
-        return b"k" * 32
+        if blob == b"refused":
+            raise KmsError("KMS Decrypt refused: InvalidCiphertextException")
+        return (b"k" if blob == b"blob" else b"j") * 32
 
 
 @dataclass
@@ -643,6 +649,27 @@ async def test_a_poison_record_is_dead_lettered_and_the_shard_moves_on() -> None
     stages = {d.sequence_number: d.stage for d in h.sink.letters}
     assert stages == {"2": "json", "3": "decrypt"}
     assert [d.raw for d in h.sink.letters if d.sequence_number == "2"] == [b"\x00not json"]
+    assert h.leases.checkpoints[SHARD] == SHARD_END
+
+
+async def test_a_chunk_looks_each_data_key_up_once_and_a_refused_key_letters_its_records() -> None:
+    settings = ShardSettings(fetch=FAST.fetch, commit=CommitSettings(chunk_records=10))
+    keys = [b"blob", b"blob2", b"blob", b"refused", b"blob2", b"refused", b"blob"]
+    records = [record(i + 1, key=key) for i, key in enumerate(keys)]
+    h = harness({"it-0": page([*records[:3], poison(8), *records[3:]], None)}, settings=settings)
+    assert await h.run() is State.SHARD_END
+    # one lookup per distinct key blob of the chunk, for as many records as it serves
+    assert sorted(h.keys.lookups) == [(b"blob", 3), (b"blob2", 2), (b"refused", 2)]
+    assert events_of(h) == ["1", "2", "3", "5", "7"]
+    (decoded,) = h.pool.decoded
+    assert decoded == ["1", "2", "3", "5", "7"]
+    (commit,) = h.sink.commits
+    assert [(d.sequence_number, d.stage) for d in commit.letters] == [
+        ("8", "json"),
+        ("4", "kms"),
+        ("6", "kms"),
+    ]
+    assert all("InvalidCiphertextException" in d.error for d in commit.letters[1:])
     assert h.leases.checkpoints[SHARD] == SHARD_END
 
 

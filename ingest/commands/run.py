@@ -24,7 +24,9 @@ from ingest.commands.options import (
 from ingest.commands.rules import add_rules_argument
 
 if TYPE_CHECKING:
+    from ingest.consumer.pool import DecodePool
     from ingest.consumer.service import ServeSettings
+    from ingest.decode.batch import DecoderConfig
 
 EPILOG = """\
 Every option can also be set by the environment variable in brackets; AWS settings come from
@@ -277,9 +279,47 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--db-command-timeout-seconds must be >= 0, --unready-after-seconds > 0")
     args.rules_text = _rules_text(args)
     _check_notifiers(args)
-    from ingest.consumer.service import serve
+    # The decode processes start first: each imports the decode stack and compiles the rules
+    # on the other core while this process imports the AWS SDK, connects to the warehouse and
+    # Kinesis and takes its leases (serve closes the pool, as does the worker's shutdown).
+    pool = _decode_pool(args)
+    try:
+        from ingest.consumer.service import serve
 
-    return run_async(serve(serve_settings(args)))
+        return run_async(serve(serve_settings(args), pool=pool))
+    finally:
+        pool.close()
+
+
+def _decode_pool(args: argparse.Namespace) -> DecodePool:
+    """The worker's decode pool (--processes), started (DecodePool.prestart)."""
+    from ingest.consumer.budget import WorkBudget
+    from ingest.consumer.pool import DecodePool
+
+    budget = WorkBudget(max_batches=_queue_batches(args), max_bytes=args.queue_mib * 1024 * 1024)
+    pool = DecodePool(args.processes, budget)
+    pool.prestart(decoder_config(args))
+    return pool
+
+
+def _queue_batches(args: argparse.Namespace) -> int:
+    return int(args.queue_batches or max(2, 2 * args.processes))
+
+
+def decoder_config(args: argparse.Namespace) -> DecoderConfig:
+    """What the decode processes decode with (--decryptor, --skip-signature-verification,
+    --max-decompressed-mb, --no-integrity-chain, the policy options)."""
+    from ingest.decode.batch import DecoderConfig
+
+    return DecoderConfig(
+        decryptor=args.decryptor,
+        verify_signatures=not args.skip_signature_verification,
+        max_decompressed=args.max_decompressed_mb * 1024 * 1024,
+        chain=not args.no_integrity_chain,
+        policy=not args.no_policies,
+        rules=getattr(args, "rules_text", None),
+        builtin_rules=not args.no_builtin_rules,
+    )
 
 
 def _rules_text(args: argparse.Namespace) -> str | None:
@@ -328,7 +368,6 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
     from ingest.consumer.service import ServeSettings
     from ingest.consumer.shard import ShardSettings
     from ingest.consumer.worker import WorkerSettings
-    from ingest.decode.batch import DecoderConfig
 
     processes = args.processes
     chain = not args.no_integrity_chain
@@ -346,21 +385,11 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         unready_after=args.unready_after,
         shutdown_deadline=args.shutdown_deadline,
         processes=processes,
-        queue_batches=args.queue_batches or max(2, 2 * processes),
+        queue_batches=_queue_batches(args),
         queue_bytes=args.queue_mib * 1024 * 1024,
         shard=ShardSettings(
             fetch=FetchSettings(max_records=args.max_records),
-            commit=CommitSettings(
-                decoder=DecoderConfig(
-                    decryptor=args.decryptor,
-                    verify_signatures=not args.skip_signature_verification,
-                    max_decompressed=args.max_decompressed_mb * 1024 * 1024,
-                    chain=chain,
-                    policy=not args.no_policies,
-                    rules=getattr(args, "rules_text", None),
-                    builtin_rules=not args.no_builtin_rules,
-                ),
-            ),
+            commit=CommitSettings(decoder=decoder_config(args)),
         ),
     )
     worker = dataclasses.replace(

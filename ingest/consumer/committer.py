@@ -39,7 +39,7 @@ from ingest.decode.batch import (
     HeartbeatRow,
     KeyedRecord,
 )
-from ingest.decode.envelope import read_envelope
+from ingest.decode.envelope import Envelope, read_envelope
 from ingest.errors import DecodeError
 from ingest.kinesis import KinesisRecord
 from ingest.lease import LeaseToken
@@ -76,9 +76,10 @@ class Decoder(Protocol):
 
 
 class KeySource(Protocol):
-    """Plaintext data keys (kms.DataKeyCache)."""
+    """Plaintext data keys (kms.DataKeyCache). ``uses``: how many records need the key (one
+    lookup serves all of a chunk's records under one data key; the cache counts each)."""
 
-    async def get(self, blob: bytes, context: Mapping[str, str]) -> bytes: ...
+    async def get(self, blob: bytes, context: Mapping[str, str], *, uses: int = 1) -> bytes: ...
 
 
 class CommitSink(Protocol):
@@ -143,20 +144,37 @@ class ChunkPreparer:
 
     async def prepare(self, records: list[KinesisRecord]) -> Chunk:
         """Data keys (KMS, cached) and decoding (the pool) for one chunk. The envelope is
-        parsed here, once: the pool gets it parsed."""
+        parsed here, once: the pool gets it parsed. The data key of each distinct key blob is
+        looked up once for the chunk (Aurora reuses a data key across many records), the
+        lookups of different blobs concurrently."""
         chunk = Chunk(records)
-        for index, record in enumerate(records):
+        parsed: list[tuple[Envelope, bytes] | DecodeError] = []
+        uses: dict[bytes, int] = {}
+        for record in records:
             try:
                 envelope = read_envelope(record.data)
                 blob = envelope.key_blob()
-                data_key = await self._transient(
-                    lambda blob=blob: self._keys.get(blob, self._context),  # type: ignore[misc]
-                    "kms",
-                )
             except DecodeError as exc:
-                chunk.letters.append(letter(record, exc.stage.value, str(exc)))
+                parsed.append(exc)
                 continue
-            chunk.ready.append(KeyedRecord(index, record.sequence_number, envelope, data_key))
+            parsed.append((envelope, blob))
+            uses[blob] = uses.get(blob, 0) + 1
+        if len(uses) == 1:
+            ((blob, count),) = uses.items()
+            found = {blob: await self._data_key(blob, count)}
+        else:
+            keys = await asyncio.gather(*(self._data_key(b, n) for b, n in uses.items()))
+            found = dict(zip(uses, keys, strict=True))
+        ready = chunk.ready
+        for index, (record, item) in enumerate(zip(records, parsed, strict=True)):
+            if isinstance(item, DecodeError):
+                chunk.letters.append(letter(record, item.stage.value, str(item)))
+                continue
+            data_key = found[item[1]]
+            if isinstance(data_key, DecodeError):
+                chunk.letters.append(letter(record, data_key.stage.value, str(data_key)))
+                continue
+            ready.append(KeyedRecord(index, record.sequence_number, item[0], data_key))
         if chunk.ready:
             size = sum(len(r.data) for r in records)
             try:
@@ -169,6 +187,16 @@ class ChunkPreparer:
             )
             chunk.units.append(CopyUnit(output.events, output.statements, chain=output.chain))
         return chunk
+
+    async def _data_key(self, blob: bytes, uses: int) -> bytes | DecodeError:
+        """The plaintext key for ``uses`` records under ``blob``, or why KMS refused it (each
+        of those records is dead-lettered with it). Transient faults are retried."""
+        try:
+            return await self._transient(
+                lambda: self._keys.get(blob, self._context, uses=uses), "kms"
+            )
+        except DecodeError as exc:
+            return exc
 
     def _batch(self, ready: list[KeyedRecord]) -> BatchInput:
         return BatchInput(self.shard_id, ready, self._decoder, stream_name=self.stream_name)

@@ -15,16 +15,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from ingest.consumer.budget import WorkBudget
-from ingest.decode.batch import (
-    BatchInput,
-    BatchOutput,
-    DecoderConfig,
-    decryptor_for,
-)
+from ingest.decode.batch import BatchInput, BatchOutput, DecoderConfig
 from ingest.errors import IngestError
 from ingest.policy.hook import decode_with_policy
 
@@ -40,10 +35,6 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
-
-
-def _warm(config: DecoderConfig) -> None:
-    decryptor_for(config)
 
 
 class DecoderCrashedError(IngestError):
@@ -68,6 +59,8 @@ class DecodePool:
         self._decode = decode
         self._executor: Executor | None = None
         self._quarantine: Executor | None = None
+        #: the warm-up calls :meth:`prestart` submitted (awaited by :meth:`warm`)
+        self._warming: list[Future[BatchOutput]] = []
 
     @staticmethod
     def _new_executor(processes: int) -> Executor:
@@ -89,15 +82,26 @@ class DecodePool:
     def start(self) -> None:
         self._ensure()
 
+    def prestart(self, config: DecoderConfig) -> None:
+        """Spawn the pool processes and have each load the decode stack now, without waiting
+        (no event loop needed): ``das-ingest run`` calls this before it imports the AWS SDK,
+        connects and takes leases, so the processes start on the other core meanwhile."""
+        executor = self._ensure()
+        if executor is None or self._warming:
+            return
+        empty = BatchInput("warm", [], config, stream_name="warm")
+        self._warming = [executor.submit(self._decode, empty) for _ in range(self.processes)]
+
     async def warm(self, config: DecoderConfig) -> None:
         """Start every pool process and load the decode stack in it now, while the first
-        GetRecords calls are in flight, instead of on the first batch."""
-        executor = self._ensure()
-        if executor is None:
-            return
-        loop = asyncio.get_running_loop()
-        calls = [loop.run_in_executor(executor, _warm, config) for _ in range(self.processes)]
-        await asyncio.gather(*calls, return_exceptions=True)
+        GetRecords calls are in flight, instead of on the first batch (or wait for what
+        :meth:`prestart` began)."""
+        # An empty batch: imports the decode stack, builds the decryptor and compiles the
+        # policy rules, which the first real batch would otherwise wait for.
+        self.prestart(config)
+        warming, self._warming = self._warming, []
+        if warming:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in warming), return_exceptions=True)
 
     async def decode(self, batch: BatchInput, size: int) -> BatchOutput:
         """Decode in the pool. A dead pool process (OOM killer, a crash) is a transient fault:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from ingest.aws import aws_client
+from ingest.aws import session as aws_session
+from ingest.consumer.pool import DecodePool
 from ingest.consumer.worker import Worker, WorkerSettings
 from ingest.discovery import discover_cluster, discover_instance
 from ingest.errors import ConfigError
@@ -76,7 +78,17 @@ class _Startup:
             self.worker.request_stop(reason)
 
 
-async def serve(serve_settings: ServeSettings) -> int:
+async def serve(serve_settings: ServeSettings, *, pool: DecodePool | None = None) -> int:
+    """Run the worker until stopped. ``pool``: the decode pool, already started (see
+    ``ingest.commands.run``); closed here in any case."""
+    try:
+        return await _serve(serve_settings, pool)
+    finally:
+        if pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, pool.close)
+
+
+async def _serve(serve_settings: ServeSettings, pool: DecodePool | None) -> int:
     if serve_settings.cluster:
         stream, discovered_id = await discover_cluster(serve_settings.cluster)
     elif serve_settings.instance:
@@ -86,10 +98,12 @@ async def serve(serve_settings: ServeSettings) -> int:
         discovered_id = resource_id_from_stream(stream)
     resource_id = serve_settings.resource_id or discovered_id
     settings = replace(serve_settings.worker, stream_name=stream, resource_id=resource_id)
-    # Fail fast on a bad decryptor choice, before touching anything.
-    from ingest.decode.batch import decryptor_for
+    # Fail fast on a bad decryptor choice, before touching anything (without loading one
+    # here: the decode processes do).
+    from ingest.decode.decryptors import check_decryptor
 
-    decryptor_for(settings.shard.commit.decoder)
+    decoder = settings.shard.commit.decoder
+    check_decryptor(decoder.decryptor, verify_signatures=decoder.verify_signatures)
     dsn = resolve_dsn(serve_settings.dsn)
     metrics = Metrics(stream)
     startup = _Startup(settings.lease_seconds)
@@ -126,12 +140,19 @@ async def serve(serve_settings: ServeSettings) -> int:
             async with db.acquire() as conn:
                 await require_current_schema(conn)
             pool_size = 8 + 2 * serve_settings.db_pool_size
+            shared = aws_session()
             async with (
-                aws_client("kinesis") as kinesis,
+                aws_client("kinesis", session=shared) as kinesis,
                 # The shard consumers' client: botocore's own retries would bypass the pacing of
                 # GetRecords (5 calls per second per shard); the consumers retry every attempt.
-                aws_client("kinesis", max_pool_connections=pool_size, retries=False) as records,
-                aws_client("kms") as kms,
+                aws_client(
+                    "kinesis",
+                    max_pool_connections=pool_size,
+                    retries=False,
+                    fast_records=True,
+                    session=shared,
+                ) as records,
+                aws_client("kms", session=shared) as kms,
             ):
                 if not await _until_reachable(
                     startup, "kinesis", lambda: check_stream(kinesis, stream)
@@ -144,6 +165,7 @@ async def serve(serve_settings: ServeSettings) -> int:
                     records_client=records,
                     kms_client=kms,
                     metrics=metrics,
+                    pool=pool,
                 )
                 # A key that cannot anchor (unknown, refused, not an HMAC or signing key) is a
                 # configuration error now, not a warning every --anchor-seconds. The key keeps

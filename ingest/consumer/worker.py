@@ -129,10 +129,13 @@ class Worker:
         kms_client: Any,
         records_client: Any | None = None,
         metrics: Metrics | None = None,
+        pool: DecodePool | None = None,
     ) -> None:
         """``records_client`` is the Kinesis client of the shard consumers (GetShardIterator,
         GetRecords): it should make no retries of its own, so that every GetRecords attempt is
-        paced (see ShardConsumer); by default ``kinesis_client``."""
+        paced (see ShardConsumer); by default ``kinesis_client``. ``pool``: the decode pool,
+        started early (DecodePool.prestart) with ``settings.processes`` processes and its own
+        budget; by default the worker makes one."""
         self.settings = settings
         self.metrics = metrics or Metrics(settings.stream_name)
         self.leases = LeaseStore(db, settings.stream_name, lease_seconds=settings.lease_seconds)
@@ -160,8 +163,11 @@ class Worker:
         self.reader = KinesisReader(kinesis_client, settings.stream_name)
         self.records = KinesisReader(records_client or kinesis_client, settings.stream_name)
         self.keys = DataKeyCache(kms_client)
-        self.budget = WorkBudget(max_batches=settings.queue_batches, max_bytes=settings.queue_bytes)
-        self.pool = DecodePool(settings.processes, self.budget)
+        if pool is None:
+            budget = WorkBudget(max_batches=settings.queue_batches, max_bytes=settings.queue_bytes)
+            pool = DecodePool(settings.processes, budget)
+        self.budget = pool.budget
+        self.pool = pool
         self.health = DependencyHealth(unready_after=settings.unready_after)
         self.readiness = Readiness(self.health, self.metrics, unready_after=settings.unready_after)
         # das_ready is /readyz, computed when scraped, so the two never disagree.
