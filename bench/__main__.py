@@ -6,6 +6,7 @@ reference consumer, KMS calls, memory, latency; ``--quick`` is a smoke run (< 60
     python -m bench --backlog 1000000    # also: peak RSS while 1M events drain (< 400 MB)
     python -m bench --archive-events 1000000   # also: archive a day of 1M events to S3
     python -m bench --worker-arg=--some-flag   # also: das-ingest run with extra flags
+    python -m bench --policy-pair --e2e-repeat 7   # only the pack's cost, pack on vs off
 
 See README "Performance" for what each number means.
 """
@@ -126,8 +127,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"skip the {NO_POLICIES} runs (the built-in rule pack's cost; skipped by --quick)",
     )
+    parser.add_argument(
+        "--policy-pair",
+        action="store_true",
+        help=f"run only the end-to-end pair das-ingest and das-ingest {NO_POLICIES} (the "
+        "built-in rule pack's cost) at --events-per-record (here default 10), --e2e-repeat "
+        "rounds, the order alternating each round; no decode tables, reference, ceiling or "
+        "latency",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.policy_pair:
+        if args.quick:
+            parser.error("--policy-pair and --quick do not go together")
+        if args.events_per_record == parser.get_default("events_per_record"):
+            args.events_per_record = "10"
+        args.no_reference = True
     args.sizes = [int(x) for x in str(args.events_per_record).split(",") if x.strip()]
     args.records = args.records or (60 if quick else 3000)
     args.decode_records = args.decode_records or (20 if quick else 200)
@@ -166,6 +181,8 @@ class Results:
 
 def variants(args: argparse.Namespace) -> list[Variant]:
     found = [Variant("das-ingest", [])]
+    if args.policy_pair:
+        return [*found, Variant(f"das-ingest {NO_POLICIES}", [NO_POLICIES])]
     if not args.no_skip_sig:
         found.append(Variant(f"das-ingest {SKIP_SIGNATURES}", [SKIP_SIGNATURES]))
     if not (args.quick or args.no_chain_off) and NO_CHAIN in _run_help():
@@ -209,7 +226,9 @@ POLICY_OVERHEAD_LIMIT = 0.10
 
 def policy_overhead(size: int, runs: dict[str, list[e2e.WorkerRun]]) -> tuple[str, bool] | None:
     """The Checks line for the policy pack's cost: (off - on) / off of the median end-to-end
-    events/s, ok under 10%; None without both rows."""
+    events/s, ok under 10%; None without both rows. The medians of the worker's and
+    PostgreSQL's CPU seconds per run follow, for information (less disturbed by other work
+    on the machine than the rates)."""
     with_pack = runs.get("das-ingest")
     without_pack = runs.get(f"das-ingest {NO_POLICIES}")
     if not with_pack or not without_pack:
@@ -220,10 +239,18 @@ def policy_overhead(size: int, runs: dict[str, list[e2e.WorkerRun]]) -> tuple[st
         return f"- Policy pack cost, {size}/record: {NO_POLICIES} rate: FAILED", False
     cost = (off - on) / off
     good = cost < POLICY_OVERHEAD_LIMIT
+
+    def cpu(found: list[e2e.WorkerRun]) -> str:
+        worker = statistics.median(r.worker_cpu_seconds for r in found)
+        postgres = statistics.median(r.postgres_cpu_seconds for r in found)
+        return f"{worker:.2f} s worker + {postgres:.2f} s PostgreSQL"
+
     return (
         f"- Policy pack cost, {size}/record: (off - on) / off end-to-end events/s = "
-        f"{cost:.1%} ({on:,.0f} with the built-in pack, {off:,.0f} with {NO_POLICIES}), "
-        f"limit {POLICY_OVERHEAD_LIMIT:.0%}: {'ok' if good else 'FAILED'}"
+        f"{cost:.1%} ({on:,.0f} with the built-in pack, {off:,.0f} with {NO_POLICIES}; "
+        f"median of {len(with_pack)} and {len(without_pack)} runs), limit "
+        f"{POLICY_OVERHEAD_LIMIT:.0%}: {'ok' if good else 'FAILED'}; CPU per run "
+        f"{cpu(with_pack)} with the pack, {cpu(without_pack)} without"
     ), good
 
 
@@ -287,7 +314,9 @@ async def measure_e2e(
             runs.setdefault(variant.label, []).append(run)
             print(
                 f"  {variant.label}: {run.events} events in {run.seconds:.2f}s "
-                f"({run.events_per_second:,.0f}/s)",
+                f"({run.events_per_second:,.0f}/s; CPU {run.worker_cpu_seconds:.2f}s worker, "
+                f"{run.postgres_cpu_seconds:.2f}s PostgreSQL; load "
+                f"{os.getloadavg()[0]:.1f})",
                 file=sys.stderr,
             )
     return runs
@@ -339,9 +368,12 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
             # Rounds interleave every consumer, so a round's numbers share the machine's load.
             runs: dict[str, list[e2e.WorkerRun]] = {}
             reference: list[ReferenceResult] = []
-            for _ in range(args.e2e_repeat):
+            for round_no in range(args.e2e_repeat):
+                # With --policy-pair, every other round runs the pair in the other order, so
+                # a drift in the machine's load does not favour one side.
+                order = variant_list[::-1] if args.policy_pair and round_no % 2 else variant_list
                 found_runs = await measure_e2e(
-                    stack, work, variant_list, repeat=1, processes=args.processes
+                    stack, work, order, repeat=1, processes=args.processes
                 )
                 for label, found in found_runs.items():
                     runs.setdefault(label, []).extend(found)
@@ -380,7 +412,7 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
                     f"- KMS, {size}/record, {label}: at most one Decrypt per distinct data key: "
                     f"{'ok' if good else 'FAILED'} ({worst} calls, {work.data_keys} data keys)"
                 )
-            if size in CEILING_SIZES and "das-ingest" in runs:
+            if size in CEILING_SIZES and "das-ingest" in runs and not args.policy_pair:
                 await _ceiling_rows(
                     stack, args, results, kinesis, kms, key_id, size, work, runs["das-ingest"]
                 )
@@ -405,6 +437,8 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
                     "-",
                 )
 
+        if args.policy_pair:
+            return results
         lat_events = int(args.latency_rate * args.latency_seconds)
         stream = "aws-rds-das-cluster-BENCHLAT"
         await workload.create_stream(kinesis, stream)
@@ -505,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("### Checks\n")
         print("\n".join(archived.checks))
         return 0 if archived.ok else 1
-    tables = decode_tables(args)
+    tables = [] if args.policy_pair else decode_tables(args)
     for t in tables:
         print(t.render() + "\n", flush=True)
     with LocalStack() as stack:
@@ -516,8 +550,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.checks += archived.checks
             results.ok &= archived.ok
     print(results.e2e.render() + "\n")
-    print(results.latency.render() + "\n")
-    print(results.ceiling.render() + "\n")
+    if not args.policy_pair:
+        print(results.latency.render() + "\n")
+        print(results.ceiling.render() + "\n")
     if args.archive_events:
         print(archived.table.render() + "\n")
     print("### Checks\n")

@@ -61,6 +61,11 @@ class WorkerRun:
     kms_calls: int | None
     exit_code: int
     log_tail: list[str] = field(default_factory=list)
+    #: CPU seconds of the worker and its decode processes, from spawn to exit (idle polling
+    #: after the last commit included), and of the stack's PostgreSQL meanwhile: less
+    #: disturbed by other work on the machine than the rates
+    worker_cpu_seconds: float = 0.0
+    postgres_cpu_seconds: float = 0.0
 
     @property
     def events_per_second(self) -> float:
@@ -238,7 +243,10 @@ async def run_worker(
     last_put = _last_sequence_numbers(workload)
     keep = dsn is not None
     dsn = dsn or await fresh_database(stack)
+    postgres_pids = stack.postgres.pids() if stack.postgres is not None else []
     try:
+        cpu_before = _children_cpu()
+        postgres_before = procs.tree_cpu_seconds(postgres_pids)
         started = time.time()
         worker = await _Worker.start(workload.stream, dsn, list(worker_args), processes)
         try:
@@ -249,6 +257,8 @@ async def run_worker(
         finally:
             worker.terminate()
         code = await worker.wait(60)
+        worker_cpu = _children_cpu() - cpu_before
+        postgres_cpu = procs.tree_cpu_seconds(postgres_pids) - postgres_before
         conn = await asyncpg.connect(dsn)
         try:
             row = await conn.fetchrow(
@@ -280,6 +290,8 @@ async def run_worker(
         kms_calls=worker.kms_calls,
         exit_code=code,
         log_tail=worker.lines[-5:],
+        worker_cpu_seconds=worker_cpu,
+        postgres_cpu_seconds=postgres_cpu,
     )
 
 
@@ -307,6 +319,13 @@ def steady_rate(commits: Sequence[tuple[float, int]]) -> float:
         return 0.0
     span = commits[-1][0] - commits[0][0]
     return sum(n for _, n in commits[:-1]) / span if span > 0 else 0.0
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's exited and reaped children (and theirs: the worker reaps
+    its decode processes)."""
+    used = os.times()
+    return used.children_user + used.children_system
 
 
 def _last_sequence_numbers(workload: Workload) -> dict[str, int]:

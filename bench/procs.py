@@ -71,3 +71,22 @@ def machine() -> str:
         f"{os.cpu_count()} CPUs ({cpu}){memory}, {platform.system()} {platform.release()}, "
         f"Python {sys.version.split()[0]}{load}"
     )
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime of one process (its own and its reaped children's), 0 if
+    it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    # After the command: state is field 3; utime, stime, cutime, cstime are fields 14-17.
+    return sum(int(f) for f in fields[11:15])
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """CPU time used so far by these processes, their live descendants and the descendants they
+    reaped (a server's exited connections count in its cutime)."""
+    ticks = sum(_cpu_ticks(p) for pid in pids for p in descendants(pid))
+    return ticks / os.sysconf("SC_CLK_TCK")

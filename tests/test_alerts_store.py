@@ -353,3 +353,48 @@ async def test_counters_no_window_reaches_are_pruned(warehouse: str) -> None:
         assert await prune_counters(conn) == 0
     finally:
         await conn.close()
+
+
+async def test_an_alert_committed_while_a_batch_waits_for_the_chain_lock_is_not_raised_twice(
+    warehouse: str,
+) -> None:
+    """A batch checks which identities exist before taking the chain's lock; one committed by
+    another transaction meanwhile is found again under the lock: the batch inserts only the
+    rest, linked after it (one multi-row insert must not break the chain)."""
+    from ingest.alerts.store import Candidate, insert_alerts
+
+    rule = BRUTE.rules.by_name("brute_force_login")
+
+    def candidate(group: str) -> Candidate:
+        return Candidate(rule, group, NOON, NOON, NOON, 5, {"user": group}, [("1", 0)])
+
+    first = await asyncpg.connect(warehouse)
+    second = await asyncpg.connect(warehouse)
+    try:
+        holder = first.transaction()
+        await holder.start()
+        assert len(await insert_alerts(first, [candidate("user=x")], "stream-A", "s-1")) == 1
+
+        async def other_batch() -> list[int]:
+            async with second.transaction():
+                return await insert_alerts(
+                    second, [candidate("user=x"), candidate("user=y")], "stream-A", "s-2"
+                )
+
+        waiting = asyncio.ensure_future(other_batch())
+        for _ in range(100):  # until it waits for the lock (its existence check saw no x)
+            if await first.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the second batch never waited for the chain's lock")
+        await holder.commit()
+        assert len(await asyncio.wait_for(waiting, 30)) == 1
+    finally:
+        await first.close()
+        await second.close()
+    rows = await alerts(warehouse)
+    assert [(r["group_key"], r["shard_id"]) for r in rows] == [("user=x", "s-1"), ("user=y", "s-2")]
+    assert bytes(rows[1]["prev_hash"]) == bytes(rows[0]["alert_hash"])

@@ -7,13 +7,18 @@ sightings). Here, in the batch's commit transaction:
 1. the tallies are added to ``das.policy_counters`` (sorted, so two workers updating the same
    groups never deadlock), and each touched group's sum over the last window is read back: a
    threshold reached makes an alert candidate (a match rule is a threshold of 1). A lock per
-   group (``GROUP_LOCKS``) makes a concurrent batch of the same group wait for this one, so
-   its sum counts both;
+   group, taken first, makes a concurrent batch of the same group wait for this one, so its
+   sum counts both;
 2. sightings are inserted into ``das.policy_seen``; a value the fleet had not seen, after the
    rule's learning period, makes a candidate;
 3. candidates are inserted into ``das.alerts`` with their identity (rule, group key, window)
    unique: a batch evaluated again after a crash or a lease takeover finds its alerts there
    and adds none. Each new alert extends the alert chain (ingest.integrity.alerts).
+
+Round trips are what a commit waits for (the machine is shared; every statement waits for
+the worker's event loop and PostgreSQL to be scheduled), so steps 1 and 2 are one call of
+das.record_policy_state (migration 0040) and step 3 is, per batch, one existence check and,
+only when an identity is new, the chain's lock, its head and one multi-row insert.
 
 Because all of it commits or rolls back with the batch's events, counters count every stored
 batch exactly once and an alert exists iff its events were stored.
@@ -32,12 +37,14 @@ from typing import Any
 import orjson
 
 from ingest.conn import Conn
+from ingest.errors import IngestError
 from ingest.integrity.alerts import LOCK_KEY, AlertFields, alert_hash
 from ingest.integrity.canonical import ZERO_HASH
 from ingest.policy.evaluate import (
     BUCKETS,
     EventRef,
     PolicyOutput,
+    Sighting,
     Tally,
     bucket_start,
     window_start,
@@ -49,61 +56,60 @@ log = logging.getLogger(__name__)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_REFS = 20
 
-UPSERT_COUNTERS = """
-INSERT INTO das.policy_counters AS c (rule, group_key, bucket, amount, events, first_time,
-                                      last_time)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
-                     $6::timestamptz[], $7::timestamptz[])
-ON CONFLICT (rule, group_key, bucket) DO UPDATE SET
-    amount = c.amount + EXCLUDED.amount,
-    events = c.events + EXCLUDED.events,
-    first_time = least(c.first_time, EXCLUDED.first_time),
-    last_time = greatest(c.last_time, EXCLUDED.last_time)
+#: The counters upsert, their window sums, the first seen rules' starts and the first
+#: sightings: one call, one round trip (migrations/0040_policy_state_function.sql).
+RECORD_STATE = """
+SELECT o_kind, o_rule, o_group_key, o_bucket, o_value, o_amount, o_first_time, o_last_time
+FROM das.record_policy_state($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                             $6::timestamptz[], $7::timestamptz[], $8::bigint,
+                             $9::text[], $10::timestamptz[],
+                             $11::text[], $12::text[], $13::text[], $14::timestamptz[])
 """
 
-# One transaction-scoped lock per (rule, group) a batch counts for, taken in one order (by
-# the lock's number) before its counters: a second worker's batch for the same group waits
-# for the first to commit, then its window sum sees both. Without it two batches adding to
-# different buckets of one window at the same moment each see only their own part, and an
-# incident split between two shards may never reach its threshold.
-GROUP_LOCKS = """
-SELECT pg_advisory_xact_lock(k) FROM (
-    SELECT DISTINCT hashtextextended(rule || chr(31) || group_key, 31) AS k
-    FROM unnest($1::text[], $2::text[]) AS t(rule, group_key)
-    ORDER BY 1
-) AS s
+#: Which of a batch's alert identities exist (before the chain's lock: most do).
+EXISTING = """
+SELECT rule, group_key, window_start FROM das.alerts
+WHERE (rule, group_key, window_start) IN
+      (SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]))
 """
 
-WINDOW_SUMS = """
-SELECT t.rule, t.group_key, t.bucket, sum(c.amount)::bigint AS amount,
-       min(c.first_time) AS first_time, max(c.last_time) AS last_time
-FROM unnest($1::text[], $2::text[], $3::bigint[]) AS t(rule, group_key, bucket)
-JOIN das.policy_counters c
-  ON c.rule = t.rule AND c.group_key = t.group_key
- AND c.bucket BETWEEN t.bucket - $4::bigint + 1 AND t.bucket
-GROUP BY t.rule, t.group_key, t.bucket
-"""
-
-INSERT_SEEN = """
-INSERT INTO das.policy_seen (rule, group_key, value, first_seen)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
-ON CONFLICT DO NOTHING
-RETURNING rule, group_key, value
-"""
-
+#: Under the chain's lock: the time, the chain's head, and which of the candidates (by
+#: position) an alert committed since the check before the lock holds already.
 HEAD = """
 SELECT clock_timestamp() AS now,
-       (SELECT alert_hash FROM das.alerts ORDER BY id DESC LIMIT 1) AS head
+       (SELECT alert_hash FROM das.alerts ORDER BY id DESC LIMIT 1) AS head,
+       ARRAY(SELECT c.n FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+                             WITH ORDINALITY AS c(rule, group_key, window_start, n)
+             WHERE EXISTS (SELECT 1 FROM das.alerts a
+                           WHERE a.rule = c.rule AND a.group_key = c.group_key
+                             AND a.window_start = c.window_start)) AS taken
 """
 
-INSERT_ALERT = """
+#: The new alerts of a batch in chain order (ids follow it), one statement.
+INSERT_ALERTS = """
 INSERT INTO das.alerts (rule, severity, title, group_key, window_start, first_event_time,
                         last_event_time, event_count, created_at, stream_name, shard_id,
                         cluster_id, instance_id, events, prev_hash, alert_hash)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::jsonb, $15, $16)
+SELECT rule, severity, title, group_key, window_start, first_event_time, last_event_time,
+       event_count, $9, $10, $11, cluster_id, instance_id, events::jsonb, prev_hash,
+       alert_hash
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+            $6::timestamptz[], $7::timestamptz[], $8::bigint[], $12::text[], $13::text[],
+            $14::text[], $15::bytea[], $16::bytea[])
+     WITH ORDINALITY AS a(rule, severity, title, group_key, window_start, first_event_time,
+                          last_event_time, event_count, cluster_id, instance_id, events,
+                          prev_hash, alert_hash, n)
+ORDER BY n
 ON CONFLICT (rule, group_key, window_start) DO NOTHING
 RETURNING id
 """
+
+
+class AlertChainConflict(IngestError):
+    """An alert identity was taken by another transaction although every insert holds the
+    chain's lock: the batch's transaction rolls back and is retried."""
+
+    retriable = True
 
 
 @dataclass
@@ -151,9 +157,12 @@ class PolicyRecorder:
     async def record(
         self, conn: Conn, outputs: Sequence[PolicyOutput], stream: str, shard: str
     ) -> dict[str, int]:
-        merged = PolicyOutput()
-        for output in outputs:
-            merged.merge(output)
+        if len(outputs) == 1:
+            merged = outputs[0]  # record_policy only reads it (a retried commit reads it again)
+        else:
+            merged = PolicyOutput()
+            for output in outputs:
+                merged.merge(output)
         await record_policy(conn, merged, self.rules, stream, shard)
         return dict(merged.dropped)
 
@@ -165,29 +174,26 @@ async def record_policy(
     stream: str,
     shard: str,
 ) -> list[int]:
-    """Add a batch's tallies and sightings to the shared state; raise the alerts they make.
-    Returns the ids of the alerts created (none for identities that existed)."""
+    """Add a batch's tallies and sightings to the shared state (one round trip:
+    das.record_policy_state); raise the alerts they make. Returns the ids of the alerts
+    created (none for identities that existed). ``output`` is not changed."""
     by_name = {r.name: r for r in rules.rules}
-    candidates: list[Candidate] = []
-    if output.tallies:
-        candidates.extend(await _thresholds(conn, output.tallies, by_name))
-    if output.sightings:
-        candidates.extend(await _first_seen(conn, output, by_name))
-    if not candidates:
-        return []
-    return await insert_alerts(conn, candidates, stream, shard)
-
-
-async def _thresholds(
-    conn: Conn, tallies: Mapping[tuple[str, str, int], Tally], by_name: Mapping[str, Rule]
-) -> list[Candidate]:
+    tallies = output.tallies
+    sightings = output.sightings
+    # Sorted, so two workers updating the same groups never deadlock.
     keys = sorted(k for k in tallies if k[0] in by_name)
-    if not keys:
+    seen_keys = sorted(k for k in sightings if k[0] in by_name)
+    if not keys and not seen_keys:
         return []
+    first: dict[str, datetime] = {}
+    for key in seen_keys:
+        stamp = sightings[key].time
+        if key[0] not in first or stamp < first[key[0]]:
+            first[key[0]] = stamp
+    started = sorted(first)
     rows = [tallies[k] for k in keys]
-    await conn.execute(GROUP_LOCKS, [k[0] for k in keys], [k[1] for k in keys])
-    await conn.execute(
-        UPSERT_COUNTERS,
+    found = await conn.fetch(
+        RECORD_STATE,
         [k[0] for k in keys],
         [k[1] for k in keys],
         [k[2] for k in keys],
@@ -195,38 +201,65 @@ async def _thresholds(
         [t.events for t in rows],
         [t.first_time for t in rows],
         [t.last_time for t in rows],
+        BUCKETS,
+        started,
+        [first[name] for name in started],
+        [k[0] for k in seen_keys],
+        [k[1] for k in seen_keys],
+        [k[2] for k in seen_keys],
+        [sightings[k].time for k in seen_keys],
     )
-    sums = await conn.fetch(
-        WINDOW_SUMS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], BUCKETS
-    )
+    sums = [r for r in found if r["o_kind"] == "sum"]
+    starts: dict[str, datetime] = {}
+    for row in found:
+        if row["o_kind"] == "start":
+            starts.setdefault(row["o_rule"], row["o_first_time"])
+    new = [r for r in found if r["o_kind"] == "seen"]
+    candidates = _thresholds(sums, tallies, by_name) if keys else []
+    candidates.extend(_first_seen(new, starts, sightings, by_name))
+    if not candidates:
+        return []
+    return await insert_alerts(conn, candidates, stream, shard)
+
+
+def _thresholds(
+    sums: Sequence[Any],
+    tallies: Mapping[tuple[str, str, int], Tally],
+    by_name: Mapping[str, Rule],
+) -> list[Candidate]:
+    """Candidates from the window sums of the batch's groups (and single-event limits)."""
     # An alert's window is the one holding the first event its sliding sum counts: a burst
     # across a window boundary is one alert however it was batched (a crash or a takeover
     # re-reads records in batches of their own), while an attack going on for longer raises
     # one per window it fills on its own. Per identity, the earliest bucket that reaches it.
     fired: dict[tuple[str, str, datetime], Any] = {}
-    for row in sorted(sums, key=lambda r: (r["rule"], r["group_key"], r["bucket"])):
-        rule = by_name[row["rule"]]
-        if row["amount"] < rule.count:
+    for row in sorted(sums, key=lambda r: (r["o_rule"], r["o_group_key"], r["o_bucket"])):
+        rule = by_name[row["o_rule"]]
+        if row["o_amount"] < rule.count:
             continue
-        trigger = row["first_time"] or bucket_start(row["bucket"] - BUCKETS + 1, rule.window)
-        fired.setdefault((row["rule"], row["group_key"], window_start(trigger, rule.window)), row)
+        trigger = row["o_first_time"] or bucket_start(row["o_bucket"] - BUCKETS + 1, rule.window)
+        fired.setdefault(
+            (row["o_rule"], row["o_group_key"], window_start(trigger, rule.window)), row
+        )
     refs: dict[tuple[str, str], list[EventRef]] = defaultdict(list)
     fields: dict[tuple[str, str], dict[str, Any]] = {}
-    for (name, key, _bucket), tally in sorted(tallies.items()):
-        refs[(name, key)].extend(tally.refs)
-        fields.setdefault((name, key), tally.fields)
+    ordered = sorted(tallies.items())
+    if fired:
+        for (name, key, _bucket), tally in ordered:
+            refs[(name, key)].extend(tally.refs)
+            fields.setdefault((name, key), tally.fields)
     out: list[Candidate] = []
     for (name, key, start), row in fired.items():
         rule = by_name[name]
         out.append(
             Candidate(
-                rule, key, start, row["first_time"], row["last_time"], int(row["amount"]),
+                rule, key, start, row["o_first_time"], row["o_last_time"], int(row["o_amount"]),
                 fields[(name, key)], refs[(name, key)][:MAX_REFS],
             )
         )  # fmt: skip
     # One statement over a rule's single-event limit alerts on its own (mass_read: >= 10,000
     # rows in one statement), whatever the window's sum.
-    for (name, key, _bucket), tally in sorted(tallies.items()):
+    for (name, key, _bucket), tally in ordered:
         limited = by_name.get(name)
         if limited is None or limited.single is None or tally.largest < limited.single:
             continue
@@ -242,36 +275,18 @@ async def _thresholds(
     return out
 
 
-async def _first_seen(
-    conn: Conn, output: PolicyOutput, by_name: Mapping[str, Rule]
+def _first_seen(
+    new: Sequence[Any],
+    starts: Mapping[str, datetime],
+    sightings: Mapping[tuple[str, str, str], Sighting],
+    by_name: Mapping[str, Rule],
 ) -> list[Candidate]:
-    keys = sorted(k for k in output.sightings if k[0] in by_name)
-    if not keys:
-        return []
-    starts: dict[str, datetime] = {}
-    for name in sorted({k[0] for k in keys}):
-        first = min(output.sightings[k].time for k in keys if k[0] == name)
-        started = await conn.fetchval(
-            "WITH ins AS (INSERT INTO das.policy_rule_start (rule, started_at) VALUES ($1, $2) "
-            "ON CONFLICT DO NOTHING RETURNING started_at) "
-            "SELECT started_at FROM ins UNION ALL "
-            "SELECT started_at FROM das.policy_rule_start WHERE rule = $1 LIMIT 1",
-            name,
-            first,
-        )
-        starts[name] = started
-    new = await conn.fetch(
-        INSERT_SEEN,
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-        [k[2] for k in keys],
-        [output.sightings[k].time for k in keys],
-    )
+    """Candidates from the values the fleet had not seen, after each rule's learning."""
     out: list[Candidate] = []
-    for row in new:
-        key = (row["rule"], row["group_key"], row["value"])
+    for row in sorted(new, key=lambda r: (r["o_rule"], r["o_group_key"], r["o_value"])):
+        key = (row["o_rule"], row["o_group_key"], row["o_value"])
         rule = by_name[key[0]]
-        seen = output.sightings[key]
+        seen = sightings[key]
         if seen.time < starts[key[0]] + rule.learning:
             continue  # still learning what is normal
         assert rule.value is not None
@@ -293,24 +308,38 @@ async def insert_alerts(
     # for the rest of its window): leave those out before taking the chain's lock, which
     # every alert-raising commit of the fleet waits for.
     existing = await conn.fetch(
-        "SELECT rule, group_key, window_start FROM das.alerts "
-        "WHERE (rule, group_key, window_start) IN "
-        "(SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]))",
+        EXISTING,
         [c.rule.name for c in candidates],
         [c.group_key for c in candidates],
         [c.window_start for c in candidates],
     )
     known = {(r["rule"], r["group_key"], r["window_start"]) for r in existing}
-    candidates = [c for c in candidates if (c.rule.name, c.group_key, c.window_start) not in known]
-    if not candidates:
+    fresh: list[Candidate] = []
+    for c in sorted(candidates, key=lambda c: (c.rule.name, c.group_key, c.window_start)):
+        identity = (c.rule.name, c.group_key, c.window_start)
+        if identity not in known:
+            known.add(identity)  # the first of equal identities is the one inserted
+            fresh.append(c)
+    if not fresh:
         return []
+    # Every insert into das.alerts holds this lock: under it, the identities found taken
+    # below stay taken and the rest stay free until this transaction ends.
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", LOCK_KEY)
-    head = await conn.fetchrow(HEAD)
+    head = await conn.fetchrow(
+        HEAD,
+        [c.rule.name for c in fresh],
+        [c.group_key for c in fresh],
+        [c.window_start for c in fresh],
+    )
     assert head is not None
+    taken = set(head["taken"])  # committed since the check before the lock
+    fresh = [c for n, c in enumerate(fresh, 1) if n not in taken]
+    if not fresh:
+        return []
     prev = ZERO_HASH if head["head"] is None else bytes(head["head"])
     created_at: datetime = head["now"]
-    ids: list[int] = []
-    for c in sorted(candidates, key=lambda c: (c.rule.name, c.group_key, c.window_start)):
+    rows: list[tuple[AlertFields, str, bytes, bytes]] = []
+    for c in fresh:
         values = {
             **c.fields,
             "rule": c.rule.name,
@@ -341,32 +370,39 @@ async def insert_alerts(
             events=events,
         )
         digest = alert_hash(prev, fields)
-        new_id = await conn.fetchval(
-            INSERT_ALERT,
-            fields.rule,
-            fields.severity,
-            fields.title,
-            fields.group_key,
-            fields.window_start,
-            fields.first_event_time,
-            fields.last_event_time,
-            fields.event_count,
-            fields.created_at,
-            fields.stream_name,
-            fields.shard_id,
-            fields.cluster_id,
-            fields.instance_id,
-            orjson.dumps(events).decode(),
-            prev,
-            digest,
+        rows.append((fields, orjson.dumps(events).decode(), prev, digest))
+        prev = digest
+    found = await conn.fetch(
+        INSERT_ALERTS,
+        [f.rule for f, *_ in rows],
+        [f.severity for f, *_ in rows],
+        [f.title for f, *_ in rows],
+        [f.group_key for f, *_ in rows],
+        [f.window_start for f, *_ in rows],
+        [f.first_event_time for f, *_ in rows],
+        [f.last_event_time for f, *_ in rows],
+        [f.event_count for f, *_ in rows],
+        created_at,
+        stream,
+        shard,
+        [f.cluster_id for f, *_ in rows],
+        [f.instance_id for f, *_ in rows],
+        [events for _, events, _, _ in rows],
+        [p for _, _, p, _ in rows],
+        [d for *_, d in rows],
+    )
+    if len(found) != len(rows):
+        # Cannot happen while every insert holds the lock; the chain computed above would
+        # skip a row, so nothing of this batch may commit (the commit is retried).
+        raise AlertChainConflict(
+            f"{len(rows) - len(found)} of {len(rows)} alert identities taken under the lock"
         )
-        if new_id is not None:
-            prev = digest
-            ids.append(int(new_id))
-            log.info(
-                "alert raised",
-                extra={"rule": fields.rule, "severity": fields.severity, "alert_id": new_id},
-            )
+    ids = sorted(int(r["id"]) for r in found)
+    for (fields, *_), new_id in zip(rows, ids, strict=True):
+        log.info(
+            "alert raised",
+            extra={"rule": fields.rule, "severity": fields.severity, "alert_id": new_id},
+        )
     return ids
 
 

@@ -172,15 +172,16 @@ class Policy:
         store (redacted if a redact rule matched) or None if a drop rule removes it."""
         s = subject(event, record, fingerprint)
         stamp = event.log_time
-        for rule in self.alerting:
-            if not rule.where(s):
-                continue
-            if stamp is None:
-                continue  # windows are in event time: an undated event cannot be placed
-            if rule.kind == "first_seen":
-                self._sighting(rule, s, stamp, ref, out)
-            else:
-                self._tally(rule, s, stamp, ref, out)
+        # Windows are in event time: an undated event cannot be placed (the predicates are
+        # pure, so not testing them changes nothing).
+        if stamp is not None:
+            for rule in self.alerting:
+                if not rule.where(s):
+                    continue
+                if rule.kind == "first_seen":
+                    self._sighting(rule, s, stamp, ref, out)
+                else:
+                    self._tally(rule, s, stamp, ref, out)
         for rule in self.dropping:
             if rule.where(s):
                 out.dropped[rule.name] = out.dropped.get(rule.name, 0) + 1

@@ -250,20 +250,23 @@ class _Compiler:
             if not values or not all(isinstance(v, str | int) for v in values):
                 self.error(path, f"{key}: a value or a list of values")
                 return None
-            test = (
-                self.host_test(values, path)
-                if key == "remote_host"
-                else _in_test(values, key == "engine")
-            )
-            if test is None:
-                return None
+            if key == "remote_host":
+                test = self.host_test(values, path)
+                if test is None:
+                    return None
+            elif key == "engine":
+                test = _in_test(values, True)
+            else:
+                # The commonest predicate (command: [...]): the field read, lower-cased and
+                # looked up in one closure.
+                return _in_lower(get, frozenset(str(v).lower() for v in values), op == "not_in")
         elif op in ("regex", "not_regex"):
             try:
                 pattern = re.compile(str(arg), re.IGNORECASE)
             except re.error as exc:
                 self.error(path, f"{key}: bad regular expression: {exc}")
                 return None
-            test = _memo(pattern.search)
+            return _regex(get, pattern.search, op == "not_regex")
 
         elif op == "prefix":
             prefix = str(arg).lower()
@@ -377,19 +380,49 @@ class _Compiler:
 MEMO_SIZE = 4096
 
 
-def _memo(search: Callable[[str], Any]) -> Callable[[str], bool]:
+def _regex(
+    get: Callable[[Subject], str | None], search: Callable[[str], Any], negate: bool
+) -> Predicate:
+    """A field's value searched with a regular expression (``negate``: not found, or no
+    value); the answers are remembered per value (MEMO_SIZE at most)."""
     seen: dict[str, bool] = {}
 
-    def test(value: str) -> bool:
+    def pred(s: Subject) -> bool:
+        value = get(s)
+        if value is None or value == "":
+            return negate
         found = seen.get(value)
         if found is None:
             found = search(value) is not None
             if len(seen) >= MEMO_SIZE:
                 seen.clear()
             seen[value] = found
-        return found
+        return found != negate
 
-    return test
+    return pred
+
+
+def _in_lower(
+    get: Callable[[Subject], str | None], wanted: frozenset[str], negate: bool
+) -> Predicate:
+    """A field's value, lower-cased, in a set (``negate``: not in it, or no value)."""
+    if negate:
+
+        def pred(s: Subject) -> bool:
+            value = get(s)
+            if value is None or value == "":
+                return True
+            return value.lower() not in wanted
+
+    else:
+
+        def pred(s: Subject) -> bool:
+            value = get(s)
+            if value is None or value == "":
+                return False
+            return value.lower() in wanted
+
+    return pred
 
 
 def _within(t: time, start: time, end: time) -> bool:
