@@ -48,7 +48,13 @@ def test_the_startup_sequence_is_documented_as_run_does_it() -> None:
     sequence = re.search(r"Startup sequence: (.*?)\n\n", doc, re.S)
     assert sequence, "docs/operations.md has no startup sequence"
     text = " ".join(sequence[1].split())
-    assert "serves `/metrics`, `/healthz` and `/readyz` first" in text
+    # the order run keeps: the decode processes, the endpoints, then the warehouse
+    assert text.index("starts its decode processes") < text.index(
+        "serves `/metrics`, `/healthz` and `/readyz`"
+    )
+    assert text.index("serves `/metrics`, `/healthz` and `/readyz`") < text.index(
+        "then connects to the warehouse"
+    )
     assert "retrying with backoff while it is unreachable" in text
     # and the test that holds run to it exists
     assert (
