@@ -154,6 +154,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run nothing: write the report from a run's results file (the .json beside its "
         "--output, rewritten after each measurement)",
     )
+    parser.add_argument(
+        "--queries-only",
+        metavar="DSN",
+        help="run nothing else: measure the queries on the warehouse at DSN (one a run kept "
+        "with --keep-warehouse) and print their table",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, no files")
     args = parser.parse_args(argv)
     if args.quick:
@@ -360,6 +366,60 @@ def _plan_result(
     return QueryResult(name, seconds, rows, len(scanned), partitions, seq, indexes)
 
 
+async def measure_queries(dsn: str, args: argparse.Namespace) -> tuple[list[QueryResult], datetime]:
+    """Every README query and TYPICAL filter on the warehouse at ``dsn``; and the day they
+    call 'one day' (the day before the newest fill event's)."""
+    found: list[QueryResult] = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ANALYZE das.activity_events")
+        newest = await conn.fetchval(
+            "SELECT max(log_time) FROM das.activity_events WHERE stream_name = $1", FILL_STREAM
+        )
+        partitions = int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'das.activity_events'::regclass"
+            )
+        )
+        now = newest or datetime.now(UTC)
+        day = datetime.combine(now.date(), datetime.min.time(), tzinfo=UTC) - timedelta(days=1)
+        session = await conn.fetchrow(
+            "SELECT instance_id, session_id FROM das.activity_events WHERE stream_name = $1 "
+            "AND session_id IS NOT NULL AND log_time >= $2 AND log_time < $3 LIMIT 1",
+            FILL_STREAM,
+            day + timedelta(hours=12),
+            day + timedelta(days=1),
+        )
+        values = {
+            ":day_end": f"'{(day + timedelta(days=1)).isoformat()}'::timestamptz",
+            ":day": f"'{day.isoformat()}'::timestamptz",
+            ":instance": f"'{session['instance_id']}'" if session else "''",
+            ":session": f"'{session['session_id']}'" if session else "''",
+            "now()": f"'{now.isoformat()}'::timestamptz",
+        }
+        # Partition indexes by the index of das.activity_events they belong to.
+        parents = {
+            r["child"]: r["parent"]
+            for r in await conn.fetch(
+                "SELECT c.relname AS child, p.relname AS parent FROM pg_inherits h "
+                "JOIN pg_class c ON c.oid = h.inhrelid JOIN pg_class p ON p.oid = h.inhparent "
+                "WHERE p.relkind = 'I'"
+            )
+        }
+        for name, sql in [*readme_queries(), *TYPICAL]:
+            for key, value in values.items():
+                sql = sql.replace(key, value)
+            found.append(
+                await run_query(
+                    conn, name, sql, args.repeat, partitions, parents, args.query_timeout
+                )
+            )
+            print(f"    {name}: {found[-1].shown} ms", flush=True)
+    finally:
+        await conn.close()
+    return found, day
+
+
 # -- one size -------------------------------------------------------------------------------
 
 
@@ -506,53 +566,7 @@ async def measure_size(
     print(f"  ingest {run.events_per_second:,.0f} events/s, p99 {latency.p99:.3f}s", flush=True)
 
     # Queries.
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("ANALYZE das.activity_events")
-        newest = await conn.fetchval(
-            "SELECT max(log_time) FROM das.activity_events WHERE stream_name = $1", FILL_STREAM
-        )
-        partitions = int(
-            await conn.fetchval(
-                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'das.activity_events'::regclass"
-            )
-        )
-        now = newest or datetime.now(UTC)
-        day = datetime.combine(now.date(), datetime.min.time(), tzinfo=UTC) - timedelta(days=1)
-        session = await conn.fetchrow(
-            "SELECT instance_id, session_id FROM das.activity_events WHERE stream_name = $1 "
-            "AND session_id IS NOT NULL AND log_time >= $2 AND log_time < $3 LIMIT 1",
-            FILL_STREAM,
-            day + timedelta(hours=12),
-            day + timedelta(days=1),
-        )
-        values = {
-            ":day_end": f"'{(day + timedelta(days=1)).isoformat()}'::timestamptz",
-            ":day": f"'{day.isoformat()}'::timestamptz",
-            ":instance": f"'{session['instance_id']}'" if session else "''",
-            ":session": f"'{session['session_id']}'" if session else "''",
-            "now()": f"'{now.isoformat()}'::timestamptz",
-        }
-        # Partition indexes by the index of das.activity_events they belong to.
-        parents = {
-            r["child"]: r["parent"]
-            for r in await conn.fetch(
-                "SELECT c.relname AS child, p.relname AS parent FROM pg_inherits h "
-                "JOIN pg_class c ON c.oid = h.inhrelid JOIN pg_class p ON p.oid = h.inhparent "
-                "WHERE p.relkind = 'I'"
-            )
-        }
-        for name, sql in [*readme_queries(), *TYPICAL]:
-            for key, value in values.items():
-                sql = sql.replace(key, value)
-            result.queries.append(
-                await run_query(
-                    conn, name, sql, args.repeat, partitions, parents, args.query_timeout
-                )
-            )
-            print(f"    {name}: {result.queries[-1].shown} ms", flush=True)
-    finally:
-        await conn.close()
+    result.queries, day = await measure_queries(dsn, args)
     slow = [q for q in result.queries if q.seconds > 1.0 or q.seq_scans]
     print(f"  {len(result.queries)} queries, {len(slow)} slow or scanning", flush=True)
     save_results(args, results)
@@ -940,6 +954,32 @@ async def run_all(
     return results, costs, dsn
 
 
+async def queries_table(dsn: str, args: argparse.Namespace) -> Table:
+    conn = await asyncpg.connect(dsn)
+    try:
+        events = int(await conn.fetchval("SELECT count(*) FROM das.activity_events"))
+    finally:
+        await conn.close()
+    found, day = await measure_queries(dsn, args)
+    load = "load avg {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    table = Table(
+        f"Queries on a kept warehouse of {events:,} events: median ms of {args.repeat} runs",
+        ["query", "ms", "rows", "plan"],
+    )
+    for q in found:
+        table.add(
+            q.name,
+            q.shown,
+            "-" if q.timed_out else f"{q.rows:,}",
+            q.plan + (" (planned)" if q.timed_out else ""),
+        )
+    table.notes.append(
+        f"'one day': {day:%Y-%m-%d}; now() is the newest fill event's log_time; measured "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {load}."
+    )
+    return table
+
+
 def keep_warehouse(stack: LocalStack, dsn: str, directory: Path, settings: dict[str, str]) -> None:
     """Stop the cluster cleanly (a fast shutdown: SIGINT) and move its data directory to
     ``directory``, with the run's settings in its postgresql.conf and how to start it."""
@@ -974,6 +1014,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stray in _STRAY_AWS_VARIABLES:
         os.environ.pop(stray, None)
     began = time.monotonic()
+    if args.queries_only:
+        print(asyncio.run(queries_table(args.queries_only, args)).render())
+        return 0
     if args.render_from:
         meta, results = load_results(Path(args.render_from))
         costs = None
