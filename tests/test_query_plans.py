@@ -222,3 +222,42 @@ async def test_sqlserver_statements_between_agrees_with_the_view(pg_dsn: str) ->
         assert scanned == {"activity_events_p20240301"}, scanned
     finally:
         await pool.close()
+
+
+async def test_the_rebuild_finds_each_batch_end_in_index_order(pg_dsn: str) -> None:
+    """rebuild-statements finds where each batch of statement events ends in the provenance
+    index's order (a merge of the partitions' index scans), not by sorting every statement
+    event of the shard for each batch (which made a rebuild quadratic in the events)."""
+    from ingest.warehouse.statements import BATCH_END, BATCH_END_BETWEEN
+
+    today = await filled(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        # Whether the planner *can* avoid the sort: forbid sorts and sequential scans.
+        await conn.execute("SET enable_sort = off")
+        await conn.execute("SET enable_seqscan = off")
+        stream, shard, first = await conn.fetchrow(
+            "SELECT stream_name, shard_id, min(sequence_number)::text FROM das.activity_events "
+            "WHERE das.is_statement_event(class, command, statement_id) "
+            "GROUP BY 1, 2 ORDER BY count(*) DESC LIMIT 1"
+        )
+        since = today - timedelta(days=1)
+        for sql, args in (
+            (BATCH_END, (stream, shard, first, 5)),
+            (BATCH_END_BETWEEN, (stream, shard, first, 5, since, today)),
+        ):
+            # $n as literals: EXPLAIN of the statement with its parameters bound.
+            bound = sql
+            for n, value in reversed(list(enumerate(args, start=1))):
+                literal = (
+                    f"'{value.isoformat()}'::timestamptz"
+                    if isinstance(value, datetime)
+                    else (str(value) if isinstance(value, int) else f"'{value}'")
+                )
+                bound = bound.replace(f"${n}", literal)
+            nodes = await plan_of(conn, bound)
+            assert not [n for n in nodes if n["Node Type"] == "Sort"], bound
+            assert any(n["Node Type"] == "Index Scan" for n in nodes), bound
+            assert await conn.fetchval(sql, *args) is not None, (sql, args)
+    finally:
+        await conn.close()

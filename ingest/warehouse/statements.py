@@ -50,8 +50,11 @@ WHERE ctid = ANY(ARRAY(SELECT ctid FROM das.statements LIMIT $1))
 """
 
 #: The sequence number at which a batch of ``$4`` statement events starting at ``$3`` ends.
+#: (Its output is not named sequence_number: ORDER BY would sort by that text, which no index
+#: serves, so each batch sorted every statement event of the shard: a rebuild quadratic in the
+#: events. Ordered by the column, the provenance index's partitions are merged in order.)
 BATCH_END = """
-SELECT sequence_number::text FROM das.activity_events
+SELECT sequence_number::text AS batch_end FROM das.activity_events
 WHERE stream_name = $1 AND shard_id = $2 AND sequence_number >= $3::text::numeric
   AND das.is_statement_event(class, command, statement_id)
 ORDER BY sequence_number OFFSET $4 - 1 LIMIT 1
@@ -75,7 +78,7 @@ WHERE ctid = ANY(ARRAY(SELECT ctid FROM das.statements
 """
 
 BATCH_END_BETWEEN = """
-SELECT sequence_number::text FROM das.activity_events
+SELECT sequence_number::text AS batch_end FROM das.activity_events
 WHERE stream_name = $1 AND shard_id = $2 AND sequence_number >= $3::text::numeric
   AND das.is_statement_event(class, command, statement_id)
   AND log_time >= $5 AND log_time < $6
