@@ -664,6 +664,8 @@ def load_results(path: Path) -> tuple[dict[str, Any], list[SizeResult]]:
     results = []
     for found in data["results"]:
         queries = [QueryResult(**q) for q in found.pop("queries")]
+        # Sizes from the database are Decimals, saved as text.
+        found = {k: float(v) if isinstance(v, str) else v for k, v in found.items()}
         results.append(SizeResult(**found, queries=queries))
     return data["meta"], results
 
@@ -775,17 +777,17 @@ def tables(results: list[SizeResult]) -> list[Table]:
             num(r.index_mb),
             num(r.fill_events_per_second),
             num(r.commit_ms, 1),
-            num(r.ingest_events_per_second),
-            num(r.ingest_steady),
-            num(r.first_commit_seconds, 2),
-            f"{r.p50:.3f}",
-            f"{r.p99:.3f}",
-            num(r.verify_full_seconds, 1),
-            num(r.verify_full_events / r.verify_full_seconds if r.verify_full_seconds else 0),
-            num(r.verify_full_rss_mb),
-            num(r.verify_routine_seconds, 1),
-            f"{r.verify_routine_events:,}",
-            num(r.retention_seconds, 2),
+            measured(r.ingest_events_per_second),
+            measured(r.ingest_steady),
+            measured(r.first_commit_seconds, 2),
+            measured(r.p50, 3),
+            measured(r.p99, 3),
+            measured(r.verify_full_seconds, 1),
+            measured(r.verify_full_events / r.verify_full_seconds if r.verify_full_seconds else 0),
+            measured(r.verify_full_rss_mb),
+            measured(r.verify_routine_seconds, 1),
+            measured(r.verify_routine_events),
+            measured(r.retention_seconds, 2),
         )
     main.notes.append(
         "CLI times (verify, retention) include starting the interpreter (see the commands "
@@ -806,7 +808,7 @@ def tables(results: list[SizeResult]) -> list[Table]:
         "Queries: median ms, and the plan at the largest size",
         ["query", *sizes, "rows", "plan (largest)"],
     )
-    largest = max(results, key=lambda r: len(r.queries))
+    largest = [r for r in results if r.queries][-1]  # the largest size measured that far
     for i, q in enumerate(largest.queries):
         queries.add(
             q.name,
@@ -821,6 +823,11 @@ def tables(results: list[SizeResult]) -> list[Table]:
         "EXPLAIN gives without running it."
     )
     return [main, commands, queries]
+
+
+def measured(value: float, digits: int = 0) -> str:
+    """A figure, or '-' for one the run did not get to (they are never exactly 0)."""
+    return num(value, digits) if value else "-"
 
 
 def command_labels(results: list[SizeResult]) -> list[str]:
@@ -856,7 +863,7 @@ def charts(results: list[SizeResult], directory: Path) -> list[str]:
             ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        fig.savefig(directory / name, dpi=100)
+        fig.savefig(directory / name, dpi=75 if many else 100)  # under 200 KB each
         plt.close(fig)
         made.append(name)
 
