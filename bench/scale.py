@@ -852,7 +852,8 @@ def charts(results: list[SizeResult], directory: Path) -> list[str]:
         many = len(series) > 6
         fig, ax = plt.subplots(figsize=(12, 6) if many else (7, 4))
         for label, ys in series.items():
-            ax.plot(xs, ys, marker="o", label=label)
+            # 0: not measured (a size the run did not finish, no fill at size 0): no point
+            ax.plot(xs, [y if y else math.nan for y in ys], marker="o", label=label)
         ax.set_xlabel("events stored (millions)")
         ax.set_ylabel(unit)
         ax.set_title(title)
