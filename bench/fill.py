@@ -52,6 +52,8 @@ class Task:
     events: int
     #: per shard, the first sequence number this task may use (a block of its own)
     first_sequence: int
+    #: records per chain link (one Kinesis batch)
+    records_per_batch: int = RECORDS_PER_BATCH
 
 
 @dataclass
@@ -89,8 +91,8 @@ def encode_task(task: Task) -> list[Batch]:
     ingested_at = datetime.now(UTC)
     for shard, items in per_shard.items():
         batches.extend(
-            _encode(shard, items[i : i + RECORDS_PER_BATCH], ingested_at)
-            for i in range(0, len(items), RECORDS_PER_BATCH)
+            _encode(shard, items[i : i + task.records_per_batch], ingested_at)
+            for i in range(0, len(items), task.records_per_batch)
         )
     return batches
 
@@ -151,8 +153,17 @@ class FillStats:
 class Filler:
     """Grows one warehouse step by step to the sizes asked for."""
 
-    def __init__(self, dsn: str, *, days: int, last_day: date, processes: int) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        days: int,
+        last_day: date,
+        processes: int,
+        records_per_batch: int = RECORDS_PER_BATCH,
+    ) -> None:
         self.dsn = dsn
+        self.records_per_batch = records_per_batch
         self.days = [last_day - timedelta(days=days - 1 - i) for i in range(days)]
         self.processes = processes
         self.stats = FillStats()
@@ -184,8 +195,12 @@ class Filler:
         if self._pool is not None:
             await self._pool.close()
 
-    async def fill_to(self, total: int, progress: bool = True) -> None:
-        """Add events until the warehouse holds about ``total`` of this filler's events."""
+    async def fill_to(
+        self, total: int, progress: bool = True, records_per_batch: int | None = None
+    ) -> None:
+        """Add events until the warehouse holds about ``total`` of this filler's events, in
+        links of ``records_per_batch`` records (default: the filler's)."""
+        per_batch = records_per_batch or self.records_per_batch
         missing = total - self.stats.events
         if missing <= 0:
             return
@@ -196,7 +211,7 @@ class Filler:
         per_day = max(1, missing // len(self.days))
         tasks = []
         for i, day in enumerate(self.days):
-            tasks.append(Task(day, self._step * 1000 + i, per_day, self._next_sequence))
+            tasks.append(Task(day, self._step * 1000 + i, per_day, self._next_sequence, per_batch))
             self._next_sequence += per_day * 2 + 10  # room for every record and dead letter
         # A warehouse filled over time created each day's partition on that day.
         sink = Sink(self._pool, partition_window=(len(self.days) + 2, 2))

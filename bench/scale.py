@@ -20,10 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import re
+import shutil
+import signal
 import statistics
 import sys
 import time
@@ -36,8 +39,8 @@ from typing import Any
 import asyncpg
 
 from bench import e2e, procs, workload
+from bench.fill import RECORDS_PER_BATCH, Filler, Task, encode_task
 from bench.fill import STREAM as FILL_STREAM
-from bench.fill import Filler, Task, encode_task
 from bench.report import Table, num
 from das_dev.devstack import LocalStack, install_signal_handlers
 from ingest.aws import aws_client
@@ -47,6 +50,17 @@ from ingest.integrity.anchor import AnchorKey, anchor_heads
 from ingest.integrity.canonical import EVENT_COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The bench cluster's settings beyond the devstack's (fsync, synchronous_commit and
+#: full_page_writes are off there: a throwaway cluster). Fewer checkpoints while filling tens
+#: of GB, and memory a warehouse server of this size would be given; each is named in the report.
+#: What the devstack's PostgresCluster sets (das_dev/devstack.py), named in the report.
+BASE_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+PG_SETTINGS = {
+    "shared_buffers": "2GB",
+    "max_wal_size": "16GB",
+    "checkpoint_timeout": "30min",
+    "maintenance_work_mem": "512MB",
+}
 _STRAY_AWS_VARIABLES = (
     "AWS_PROFILE",
     "AWS_DEFAULT_PROFILE",
@@ -93,6 +107,59 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=str(ROOT / "docs" / "performance.md"),
         help="the Markdown report (charts beside it, in performance/); '-' for stdout only",
     )
+    parser.add_argument(
+        "--query-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a query may run (statement_timeout); a query that takes longer is "
+        "reported as '> N s (timeout)' with its planned (not executed) plan (60)",
+    )
+    parser.add_argument(
+        "--fill-batch-records",
+        type=int,
+        default=RECORDS_PER_BATCH,
+        help=f"records per chain link while filling ({RECORDS_PER_BATCH}, as a Kinesis batch "
+        "of 100 records); the commit per batch is measured on links of "
+        f"{RECORDS_PER_BATCH} records whatever this is",
+    )
+    parser.add_argument(
+        "--rebuild-all-up-to",
+        type=parse_size,
+        default=parse_size("5M"),
+        help="measure rebuild-statements of the whole table only up to this size (5M); "
+        "rebuild-statements --day is measured at every size",
+    )
+    parser.add_argument(
+        "--pg-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the throwaway PostgreSQL cluster, beside the bench's defaults "
+        f"({', '.join(f'{k}={v}' for k, v in PG_SETTINGS.items())}); named in the report",
+    )
+    parser.add_argument(
+        "--no-index-costs",
+        action="store_true",
+        help="skip the per-index COPY measurement (it does not depend on the size)",
+    )
+    parser.add_argument(
+        "--keep-warehouse",
+        metavar="DIR",
+        help="after the run, stop the cluster cleanly and move its data directory to DIR "
+        "(the filled warehouse, to query again later; how to start it is in DIR/KEPT.txt)",
+    )
+    parser.add_argument(
+        "--render-from",
+        metavar="JSON",
+        help="run nothing: write the report from a run's results file (the .json beside its "
+        "--output, rewritten after each measurement)",
+    )
+    parser.add_argument(
+        "--queries-only",
+        metavar="DSN",
+        help="run nothing else: measure the queries on the warehouse at DSN (one a run kept "
+        "with --keep-warehouse) and print their table",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, no files")
     args = parser.parse_args(argv)
     if args.quick:
@@ -108,7 +175,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--sizes must be increasing, e.g. 0,5M,20M")
     if args.days < 2:
         parser.error("--days must be at least 2 (retention drops one)")
+    try:
+        args.pg_settings = {**PG_SETTINGS, **dict(_setting(s) for s in args.pg_setting)}
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.keep_warehouse and Path(args.keep_warehouse).exists():
+        parser.error(f"--keep-warehouse {args.keep_warehouse}: already exists")
     return args
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"--pg-setting {text!r}: not NAME=VALUE")
+    return name.strip(), value.strip()
 
 
 # -- queries ----------------------------------------------------------------------------------
@@ -198,6 +278,14 @@ class QueryResult:
     of_partitions: int
     seq_scans: list[str]
     indexes: list[str]
+    #: ran longer than the timeout (``seconds`` is the timeout; the plan is EXPLAIN's)
+    timed_out: bool = False
+
+    @property
+    def shown(self) -> str:
+        if self.timed_out:
+            return f"> {self.seconds:,.0f} s (timeout)"
+        return num(self.seconds * 1000, 1)
 
     @property
     def plan(self) -> str:
@@ -223,9 +311,44 @@ async def run_query(
     repeat: int,
     partitions: int,
     parents: dict[str, str],
+    limit: float = 0.0,
 ) -> QueryResult:
-    explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
-    plan = json.loads(explained)[0]["Plan"]
+    """Median of ``repeat`` runs (one when EXPLAIN ANALYZE took over 5 s), under a
+    statement_timeout of ``limit`` seconds (0: none)."""
+    timeout = limit
+    await conn.execute(f"SET statement_timeout = {int(limit * 1000)}")
+    began = time.perf_counter()
+    try:
+        explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+    except asyncpg.QueryCanceledError:
+        explained = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}")
+        found = _plan_result(name, json.loads(explained)[0]["Plan"], 0, timeout, partitions)
+        found.indexes = [parents.get(i, i) for i in found.indexes]
+        found.timed_out = True
+        return found
+    if time.perf_counter() - began > 5.0:
+        repeat = 1
+    times, rows = [], 0
+    for _ in range(repeat):
+        began = time.perf_counter()
+        try:
+            rows = len(await conn.fetch(sql))
+        except asyncpg.QueryCanceledError:
+            found = _plan_result(name, json.loads(explained)[0]["Plan"], 0, timeout, partitions)
+            found.indexes = [parents.get(i, i) for i in found.indexes]
+            found.timed_out = True
+            return found
+        times.append(time.perf_counter() - began)
+    found = _plan_result(
+        name, json.loads(explained)[0]["Plan"], rows, statistics.median(times), partitions
+    )
+    found.indexes = [parents.get(i, i) for i in found.indexes]
+    return found
+
+
+def _plan_result(
+    name: str, plan: dict[str, Any], rows: int, seconds: float, partitions: int
+) -> QueryResult:
     nodes = _walk(plan)
     scanned = {
         n["Relation Name"]
@@ -239,13 +362,62 @@ async def run_query(
         if n.get("Node Type") == "Seq Scan"
         and str(n.get("Relation Name", "")).startswith(("activity_events_p", "statements"))
     ]
-    indexes = [parents.get(n["Index Name"], n["Index Name"]) for n in nodes if "Index Name" in n]
-    times, rows = [], 0
-    for _ in range(repeat):
-        began = time.perf_counter()
-        rows = len(await conn.fetch(sql))
-        times.append(time.perf_counter() - began)
-    return QueryResult(name, statistics.median(times), rows, len(scanned), partitions, seq, indexes)
+    indexes = [n["Index Name"] for n in nodes if "Index Name" in n]
+    return QueryResult(name, seconds, rows, len(scanned), partitions, seq, indexes)
+
+
+async def measure_queries(dsn: str, args: argparse.Namespace) -> tuple[list[QueryResult], datetime]:
+    """Every README query and TYPICAL filter on the warehouse at ``dsn``; and the day they
+    call 'one day' (the day before the newest fill event's)."""
+    found: list[QueryResult] = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ANALYZE das.activity_events")
+        newest = await conn.fetchval(
+            "SELECT max(log_time) FROM das.activity_events WHERE stream_name = $1", FILL_STREAM
+        )
+        partitions = int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'das.activity_events'::regclass"
+            )
+        )
+        now = newest or datetime.now(UTC)
+        day = datetime.combine(now.date(), datetime.min.time(), tzinfo=UTC) - timedelta(days=1)
+        session = await conn.fetchrow(
+            "SELECT instance_id, session_id FROM das.activity_events WHERE stream_name = $1 "
+            "AND session_id IS NOT NULL AND log_time >= $2 AND log_time < $3 LIMIT 1",
+            FILL_STREAM,
+            day + timedelta(hours=12),
+            day + timedelta(days=1),
+        )
+        values = {
+            ":day_end": f"'{(day + timedelta(days=1)).isoformat()}'::timestamptz",
+            ":day": f"'{day.isoformat()}'::timestamptz",
+            ":instance": f"'{session['instance_id']}'" if session else "''",
+            ":session": f"'{session['session_id']}'" if session else "''",
+            "now()": f"'{now.isoformat()}'::timestamptz",
+        }
+        # Partition indexes by the index of das.activity_events they belong to.
+        parents = {
+            r["child"]: r["parent"]
+            for r in await conn.fetch(
+                "SELECT c.relname AS child, p.relname AS parent FROM pg_inherits h "
+                "JOIN pg_class c ON c.oid = h.inhrelid JOIN pg_class p ON p.oid = h.inhparent "
+                "WHERE p.relkind = 'I'"
+            )
+        }
+        for name, sql in [*readme_queries(), *TYPICAL]:
+            for key, value in values.items():
+                sql = sql.replace(key, value)
+            found.append(
+                await run_query(
+                    conn, name, sql, args.repeat, partitions, parents, args.query_timeout
+                )
+            )
+            print(f"    {name}: {found[-1].shown} ms", flush=True)
+    finally:
+        await conn.close()
+    return found, day
 
 
 # -- one size -------------------------------------------------------------------------------
@@ -317,11 +489,22 @@ async def measure_size(
     keys: tuple[str, str],
     work: workload.Workload,
     latency_work: workload.Workload,
+    results: list[SizeResult],
 ) -> SizeResult:
+    """Fill to ``size`` and measure; ``results`` gets this size's result at once, and the
+    results file (``--output`` beside it, .json) is rewritten after each measurement, so what
+    a run that is stopped half way measured is kept."""
     anchor_key, verify_key = keys
     env = {"DAS_DSN": dsn}
     began = time.perf_counter()
     await filler.fill_to(size)
+    if size:
+        # The commit per batch, on links of a Kinesis batch's 100 records (~1000 events) each
+        # whatever the fill's links are: a few per day and shard.
+        probe = len(filler.days) * 4 * RECORDS_PER_BATCH * 10
+        await filler.fill_to(
+            filler.stats.events + probe, progress=False, records_per_batch=RECORDS_PER_BATCH
+        )
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("ANALYZE das.activity_events")
@@ -347,6 +530,8 @@ async def measure_size(
         fill_events_per_second=stats.events / stats.seconds if stats.seconds else 0.0,
         commit_ms=1000 * statistics.median(stats.commit_seconds) if stats.commit_seconds else 0.0,
     )
+    results.append(result)
+    save_results(args, results)
     print(f"  size {size:,}: {events:,} events ({time.perf_counter() - began:.0f}s)", flush=True)
 
     # Ingest end to end, a new stream each size (the same sealed records).
@@ -377,66 +562,30 @@ async def measure_size(
         dsn=dsn,
     )
     result.p50, result.p99 = latency.p50, latency.p99
+    save_results(args, results)
     print(f"  ingest {run.events_per_second:,.0f} events/s, p99 {latency.p99:.3f}s", flush=True)
 
     # Queries.
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("ANALYZE das.activity_events")
-        newest = await conn.fetchval(
-            "SELECT max(log_time) FROM das.activity_events WHERE stream_name = $1", FILL_STREAM
-        )
-        partitions = int(
-            await conn.fetchval(
-                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'das.activity_events'::regclass"
-            )
-        )
-        now = newest or datetime.now(UTC)
-        day = datetime.combine(now.date(), datetime.min.time(), tzinfo=UTC) - timedelta(days=1)
-        session = await conn.fetchrow(
-            "SELECT instance_id, session_id FROM das.activity_events WHERE stream_name = $1 "
-            "AND session_id IS NOT NULL AND log_time >= $2 AND log_time < $3 LIMIT 1",
-            FILL_STREAM,
-            day + timedelta(hours=12),
-            day + timedelta(days=1),
-        )
-        values = {
-            ":day_end": f"'{(day + timedelta(days=1)).isoformat()}'::timestamptz",
-            ":day": f"'{day.isoformat()}'::timestamptz",
-            ":instance": f"'{session['instance_id']}'" if session else "''",
-            ":session": f"'{session['session_id']}'" if session else "''",
-            "now()": f"'{now.isoformat()}'::timestamptz",
-        }
-        # Partition indexes by the index of das.activity_events they belong to.
-        parents = {
-            r["child"]: r["parent"]
-            for r in await conn.fetch(
-                "SELECT c.relname AS child, p.relname AS parent FROM pg_inherits h "
-                "JOIN pg_class c ON c.oid = h.inhrelid JOIN pg_class p ON p.oid = h.inhparent "
-                "WHERE p.relkind = 'I'"
-            )
-        }
-        for name, sql in [*readme_queries(), *TYPICAL]:
-            for key, value in values.items():
-                sql = sql.replace(key, value)
-            result.queries.append(
-                await run_query(conn, name, sql, args.repeat, partitions, parents)
-            )
-    finally:
-        await conn.close()
+    result.queries, day = await measure_queries(dsn, args)
     slow = [q for q in result.queries if q.seconds > 1.0 or q.seq_scans]
     print(f"  {len(result.queries)} queries, {len(slow)} slow or scanning", flush=True)
+    save_results(args, results)
 
     # Commands.
     baseline, *_ = await _cli("--version", env=env, check=False)
     result.commands["interpreter start"] = baseline
-    for label, command in (
+    commands: list[tuple[str, tuple[str, ...]]] = [
         ("status", ("status", "--json", "--no-lag")),
         ("dead-letters list", ("dead-letters", "list", "--limit", "100")),
-        ("rebuild-statements (all)", ("rebuild-statements",)),
-    ):
+        ("rebuild-statements --day (one day)", ("rebuild-statements", "--day", f"{day:%Y-%m-%d}")),
+    ]
+    if size <= args.rebuild_all_up_to:
+        commands.append(("rebuild-statements (all)", ("rebuild-statements",)))
+    for label, command in commands:
         seconds, *_ = await _cli(*command, env=env)
         result.commands[label] = seconds
+        print(f"    {label}: {seconds:.2f}s", flush=True)
+    save_results(args, results)
 
     # Verify: full, then routine after a small addition.
     async with aws_client("kms") as kms_client:
@@ -453,6 +602,7 @@ async def measure_size(
         raise RuntimeError(f"verify --full found something: {report['findings'][:3]}")
     result.verify_full_seconds, result.verify_full_rss_mb = seconds, peak / 2**20
     result.verify_full_events = int(report["events"])
+    save_results(args, results)
     await filler.fill_to(filler.stats.events + max(1000, args.ingest_events // 3), progress=False)
     async with aws_client("kms") as kms_client:
         conn = await asyncpg.connect(dsn)
@@ -494,7 +644,30 @@ async def measure_size(
     )
     result.retention_seconds = seconds
     filler.drop_day(oldest)
+    save_results(args, results)
     return result
+
+
+def save_results(args: argparse.Namespace, results: list[SizeResult]) -> None:
+    """The results so far, as JSON beside the report (``--render-from`` makes the report)."""
+    if args.output == "-":
+        return
+    path = Path(args.output).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"sizes": args.sizes, "days": args.days, "pg_settings": args.pg_settings}
+    data = {"meta": meta, "results": [dataclasses.asdict(r) for r in results]}
+    path.write_text(json.dumps(data, indent=1, default=str))
+
+
+def load_results(path: Path) -> tuple[dict[str, Any], list[SizeResult]]:
+    data = json.loads(path.read_text())
+    results = []
+    for found in data["results"]:
+        queries = [QueryResult(**q) for q in found.pop("queries")]
+        # Sizes from the database are Decimals, saved as text.
+        found = {k: float(v) if isinstance(v, str) else v for k, v in found.items()}
+        results.append(SizeResult(**found, queries=queries))
+    return data["meta"], results
 
 
 # -- what each index costs the COPY ----------------------------------------------------------
@@ -604,42 +777,64 @@ def tables(results: list[SizeResult]) -> list[Table]:
             num(r.index_mb),
             num(r.fill_events_per_second),
             num(r.commit_ms, 1),
-            num(r.ingest_events_per_second),
-            num(r.ingest_steady),
-            num(r.first_commit_seconds, 2),
-            f"{r.p50:.3f}",
-            f"{r.p99:.3f}",
-            num(r.verify_full_seconds, 1),
-            num(r.verify_full_events / r.verify_full_seconds if r.verify_full_seconds else 0),
-            num(r.verify_full_rss_mb),
-            num(r.verify_routine_seconds, 1),
-            f"{r.verify_routine_events:,}",
-            num(r.retention_seconds, 2),
+            measured(r.ingest_events_per_second),
+            measured(r.ingest_steady),
+            measured(r.first_commit_seconds, 2),
+            measured(r.p50, 3),
+            measured(r.p99, 3),
+            measured(r.verify_full_seconds, 1),
+            measured(r.verify_full_events / r.verify_full_seconds if r.verify_full_seconds else 0),
+            measured(r.verify_full_rss_mb),
+            measured(r.verify_routine_seconds, 1),
+            measured(r.verify_routine_events),
+            measured(r.retention_seconds, 2),
         )
     main.notes.append(
         "CLI times (verify, retention) include starting the interpreter (see the commands "
         "table). commit ms/batch: the fill's Sink.commit of one link (COPY of ~1000 events, the "
-        "statements merge, the chain link), median of the last fill step."
+        "statements merge, the chain link), median of a step of such links after the fill "
+        "(whatever --fill-batch-records the fill used)."
     )
     commands = Table("Commands, seconds (wall, CLI)", ["command", *sizes])
-    for label in results[0].commands:
-        commands.add(label, *(num(r.commands.get(label, 0.0), 2) for r in results))
+    for label in command_labels(results):
+        commands.add(
+            label, *(num(r.commands[label], 2) if label in r.commands else "-" for r in results)
+        )
+    commands.notes.append(
+        "rebuild-statements --day: the day before the newest event's. '-': not measured "
+        "(rebuild of the whole table above --rebuild-all-up-to; a size the run did not finish)."
+    )
     queries = Table(
         "Queries: median ms, and the plan at the largest size",
         ["query", *sizes, "rows", "plan (largest)"],
     )
-    for i, q in enumerate(results[-1].queries):
+    largest = [r for r in results if r.queries][-1]  # the largest size measured that far
+    for i, q in enumerate(largest.queries):
         queries.add(
             q.name,
-            *(num(r.queries[i].seconds * 1000, 1) for r in results),
-            f"{q.rows:,}",
-            q.plan,
+            *(r.queries[i].shown if i < len(r.queries) else "-" for r in results),
+            "-" if q.timed_out else f"{q.rows:,}",
+            q.plan + (" (planned)" if q.timed_out else ""),
         )
     queries.notes.append(
         "now() in the README's queries is the newest fill event's log_time; 'one day' is the "
-        "day before it. partitions: day partitions of das.activity_events the plan touched."
+        "day before it. partitions: day partitions of das.activity_events the plan touched. "
+        "A query that ran longer than --query-timeout shows '> N s (timeout)' and the plan "
+        "EXPLAIN gives without running it."
     )
     return [main, commands, queries]
+
+
+def measured(value: float, digits: int = 0) -> str:
+    """A figure, or '-' for one the run did not get to (they are never exactly 0)."""
+    return num(value, digits) if value else "-"
+
+
+def command_labels(results: list[SizeResult]) -> list[str]:
+    labels: list[str] = []
+    for r in results:
+        labels += [label for label in r.commands if label not in labels]
+    return labels
 
 
 def charts(results: list[SizeResult], directory: Path) -> list[str]:
@@ -649,6 +844,7 @@ def charts(results: list[SizeResult], directory: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
+    results = [r for r in results if r.queries]  # sizes measured at least that far
     xs = [r.events / 1e6 for r in results]
     made = []
 
@@ -656,7 +852,8 @@ def charts(results: list[SizeResult], directory: Path) -> list[str]:
         many = len(series) > 6
         fig, ax = plt.subplots(figsize=(12, 6) if many else (7, 4))
         for label, ys in series.items():
-            ax.plot(xs, ys, marker="o", label=label)
+            # 0: not measured (a size the run did not finish, no fill at size 0): no point
+            ax.plot(xs, [y if y else math.nan for y in ys], marker="o", label=label)
         ax.set_xlabel("events stored (millions)")
         ax.set_ylabel(unit)
         ax.set_title(title)
@@ -667,7 +864,7 @@ def charts(results: list[SizeResult], directory: Path) -> list[str]:
             ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        fig.savefig(directory / name, dpi=100)
+        fig.savefig(directory / name, dpi=75 if many else 100)  # under 200 KB each
         plt.close(fig)
         made.append(name)
 
@@ -693,7 +890,7 @@ def charts(results: list[SizeResult], directory: Path) -> list[str]:
     )
     save(
         "queries.png",
-        "README queries and auditor views",
+        "README queries and auditor views (a timeout: its limit)",
         {
             q.name: [r.queries[i].seconds * 1000 for r in results]
             for i, q in enumerate(results[-1].queries)
@@ -708,8 +905,8 @@ def charts(results: list[SizeResult], directory: Path) -> list[str]:
             "routine verify s": [r.verify_routine_seconds for r in results],
             "retention 1 day s": [r.retention_seconds for r in results],
             **{
-                f"{label} s": [r.commands.get(label, 0.0) for r in results]
-                for label in results[0].commands
+                f"{label} s": [r.commands.get(label, math.nan) for r in results]
+                for label in command_labels(results)
             },
         },
         "seconds",
@@ -717,7 +914,9 @@ def charts(results: list[SizeResult], directory: Path) -> list[str]:
     return made
 
 
-async def run_all(stack: LocalStack, args: argparse.Namespace) -> tuple[list[SizeResult], Table]:
+async def run_all(
+    stack: LocalStack, args: argparse.Namespace
+) -> tuple[list[SizeResult], Table | None, str]:
     # Today is the newest day partition; the ingest runs' traffic is today's too, so their rows
     # land in it (as a live stream's do), not in the default partition.
     today = datetime.now(UTC).date()
@@ -725,8 +924,15 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> tuple[list[Siz
         datetime(today.year, today.month, today.day, tzinfo=UTC).timestamp() * 1e6
     )
     dsn = await e2e.fresh_database(stack)
-    filler = Filler(dsn, days=args.days, last_day=today, processes=args.processes)
-    results = []
+    filler = Filler(
+        dsn,
+        days=args.days,
+        last_day=today,
+        processes=args.processes,
+        records_per_batch=args.fill_batch_records,
+    )
+    results: list[SizeResult] = []
+    costs = None
     try:
         async with aws_client("kinesis") as kinesis, aws_client("kms") as kms:
             key_id = await create_kms_key(kms)
@@ -744,15 +950,70 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> tuple[list[Siz
             )
             keys = (anchor_key, verify_key)
             for size in args.size_list:
-                found = await measure_size(
-                    stack, args, dsn, filler, size, kinesis, kms, keys, work, latency_work
+                await measure_size(
+                    stack, args, dsn, filler, size, kinesis, kms, keys, work, latency_work, results
                 )
-                results.append(found)
-            costs = await index_costs(dsn, 5_000 if args.quick else 100_000, args.repeat)
+            if not args.no_index_costs:
+                costs = await index_costs(dsn, 5_000 if args.quick else 100_000, args.repeat)
     finally:
         await filler.close()
-        await e2e.drop_database(stack, dsn)
-    return results, costs
+        if not args.keep_warehouse:
+            await e2e.drop_database(stack, dsn)
+    return results, costs, dsn
+
+
+async def queries_table(dsn: str, args: argparse.Namespace) -> Table:
+    conn = await asyncpg.connect(dsn)
+    try:
+        events = int(await conn.fetchval("SELECT count(*) FROM das.activity_events"))
+    finally:
+        await conn.close()
+    found, day = await measure_queries(dsn, args)
+    load = "load avg {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    table = Table(
+        f"Queries on a kept warehouse of {events:,} events: median ms of {args.repeat} runs",
+        ["query", "ms", "rows", "plan"],
+    )
+    for q in found:
+        table.add(
+            q.name,
+            q.shown,
+            "-" if q.timed_out else f"{q.rows:,}",
+            q.plan + (" (planned)" if q.timed_out else ""),
+        )
+    table.notes.append(
+        f"'one day': {day:%Y-%m-%d}; now() is the newest fill event's log_time; measured "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {load}."
+    )
+    return table
+
+
+def keep_warehouse(stack: LocalStack, dsn: str, directory: Path, settings: dict[str, str]) -> None:
+    """Stop the cluster cleanly (a fast shutdown: SIGINT) and move its data directory to
+    ``directory``, with the run's settings in its postgresql.conf and how to start it."""
+    cluster = stack.postgres
+    assert cluster is not None
+    datadir = cluster.datadir
+    pid = int((datadir / "postmaster.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + 600
+    while (datadir / "postmaster.pid").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the cluster in {datadir} did not stop in 600 s")
+        time.sleep(0.5)
+    shutil.move(str(datadir), str(directory))
+    with (directory / "postgresql.conf").open("a") as conf:
+        conf.write("\n# das-ingest bench.scale run\n")
+        for name, value in {**BASE_SETTINGS, **settings}.items():
+            conf.write(f"{name} = '{value}'\n")
+    database = dsn.rsplit("/", 1)[1]
+    (directory / "KEPT.txt").write_text(
+        f"das-ingest bench.scale warehouse: database {database}, was at {dsn}\n"
+        f"start: su {cluster.user} -c '{cluster.bindir}/pg_ctl -D {directory} -l "
+        f'{directory}/log.txt -o "-p PORT -k {directory}" start\'\n'
+        f"stop:  su {cluster.user} -c '{cluster.bindir}/pg_ctl -D {directory} stop -m fast'\n"
+    )
+    print(f"warehouse kept in {directory} (database {database}; see KEPT.txt)", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -761,20 +1022,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stray in _STRAY_AWS_VARIABLES:
         os.environ.pop(stray, None)
     began = time.monotonic()
-    with LocalStack() as stack:
-        os.environ.update(stack.env())
-        results, costs = asyncio.run(run_all(stack, args))
+    if args.queries_only:
+        print(asyncio.run(queries_table(args.queries_only, args)).render())
+        return 0
+    if args.render_from:
+        meta, results = load_results(Path(args.render_from))
+        costs = None
+        args.sizes, args.days, args.pg_settings = meta["sizes"], meta["days"], meta["pg_settings"]
+        finished = "rendered from " + args.render_from
+    else:
+        with LocalStack(pg_settings=args.pg_settings) as stack:
+            os.environ.update(stack.env())
+            results, costs, dsn = asyncio.run(run_all(stack, args))
+            if args.keep_warehouse:
+                keep_warehouse(stack, dsn, Path(args.keep_warehouse), args.pg_settings)
+        finished = f"finished in {time.monotonic() - began:.0f}s"
     load = "load avg {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    settings = ", ".join(f"{k}={v}" for k, v in {**BASE_SETTINGS, **args.pg_settings}.items())
     lines = [
         "# Performance as the warehouse grows",
         "",
         f"`python -m bench.scale --sizes {args.sizes} --days {args.days}` "
         f"(`make bench-scale`), {datetime.now(UTC):%Y-%m-%d}.",
         "",
-        f"Machine: {procs.machine()}; finished in {time.monotonic() - began:.0f}s ({load}).",
+        f"Machine: {procs.machine()}; {finished} ({load}).",
+        "",
+        f"PostgreSQL (a throwaway cluster): {settings}.",
         "",
     ]
-    rendered = [t.render() for t in [*tables(results), costs]]
+    rendered = [t.render() for t in [*tables(results), *([costs] if costs else [])]]
     if args.output != "-":
         output = Path(args.output)
         names = charts(results, output.parent / "performance")

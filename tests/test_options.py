@@ -90,6 +90,8 @@ def sample(action: argparse.Action) -> tuple[str, object]:
         return "7", 7
     if action.type is float:
         return "7.5", 7.5
+    if action.metavar == "YYYY-MM-DD" and callable(action.type):
+        return "2026-12-01", action.type("2026-12-01")  # a day (rebuild-statements --day)
     if callable(action.type) and action.type is not str:
         # a converter of the command's own (a count, a size): a whole number it accepts
         return "7", action.type("7")

@@ -132,3 +132,132 @@ async def test_sessions_between_reads_only_its_window_and_agrees_with_the_view(
             assert keyed[tuple(row.values())[:4]] == dict(row)
     finally:
         await conn.close()
+
+
+#: The README's per-engine questions, by a phrase of each, and the days back its bound reaches.
+BOUNDED_README_QUERIES = {
+    "engine = 'oracle' AND exit_code = '1017'": 7,
+    "'GRANT', 'REVOKE', 'CREATE USER', 'ALTER USER'": 7,
+    "FROM das.failed_logins\nWHERE engine = 'sqlserver'": 7,
+    "'ADD MEMBER', 'DROP MEMBER', 'GRANT', 'DENY'": 7,
+    "FROM das.sqlserver_statements_between(now() - interval '1 day', now())": 1,
+    "FROM das.sessions_between(now() - interval '1 hour', now())": 1,
+}
+
+
+async def test_the_readme_engine_queries_read_only_their_window(pg_dsn: str) -> None:
+    """Over twelve day partitions, the README's per-engine questions (Oracle and SQL Server
+    failed logins and permission changes, split SQL Server statements, sessions of the last
+    hour) read only the partitions of their time bound: none older than it."""
+    from tests.test_readme_queries import readme_queries
+
+    today = await filled(pg_dsn, days=12)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        partitions = {
+            r["relname"]
+            for r in await conn.fetch(
+                "SELECT c.relname FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid "
+                "WHERE h.inhparent = 'das.activity_events'::regclass "
+                "AND c.relname ~ '^activity_events_p'"
+            )
+        }
+        assert len(partitions) >= 12
+        queries = readme_queries()
+        for phrase, days in BOUNDED_README_QUERIES.items():
+            (query,) = [q for q in queries if phrase in q]
+            nodes = await plan_of(conn, query)
+            scanned = {
+                str(n["Relation Name"])
+                for n in nodes
+                if str(n.get("Relation Name", "")).startswith("activity_events_p")
+            }
+            window = {
+                f"activity_events_p{today - timedelta(days=d):%Y%m%d}" for d in range(days + 1)
+            }
+            assert scanned, (phrase, "reads no day partition at all?")
+            assert scanned <= window, (phrase, sorted(scanned - window))
+            assert len(partitions - scanned) >= 12 - (days + 1), phrase
+    finally:
+        await conn.close()
+
+
+async def test_sqlserver_statements_between_agrees_with_the_view(pg_dsn: str) -> None:
+    """das.sqlserver_statements_between over a window gives the view's rows for the statements
+    logged in it, and reads only the window's partitions."""
+    from tests.rds_examples import SQLSERVER_INSTANCE, inner_document, sqlserver_events
+    from tests.warehouse_helpers import batch, hold_lease, store
+
+    pool = await migrated_pool(pg_dsn)
+    try:
+        # Day partitions around the examples' day (2024-03-01), as ingestion would have made.
+        await pool.execute("SELECT das.ensure_partitions('2024-02-28', '2024-03-03')")
+        token, _ = await hold_lease(pool, "s", "w")
+        events = [(str(n + 1), inner_document(SQLSERVER_INSTANCE, e)) for n, e in
+                  enumerate(sqlserver_events())]  # fmt: skip
+        await store(pool, token, batch("s", events, "1.4"), "TRIM_HORIZON", events[-1][0])
+        columns = "instance_id, session_id, statement_id, log_time, command_text, parts, failed"
+        view = await pool.fetch(
+            f"SELECT {columns} FROM das.sqlserver_statements ORDER BY statement_id"
+        )
+        between = await pool.fetch(
+            f"SELECT {columns} FROM das.sqlserver_statements_between("
+            "'2024-03-01', '2024-03-02') ORDER BY statement_id"
+        )
+        assert [r["parts"] for r in view if r["parts"] > 1] == [3]
+        assert [tuple(r) for r in between] == [tuple(r) for r in view]
+        assert not await pool.fetch(
+            "SELECT 1 FROM das.sqlserver_statements_between('2024-03-02', '2024-03-03')"
+        )
+        async with pool.acquire() as conn:
+            nodes = await plan_of(
+                conn,
+                "SELECT * FROM das.sqlserver_statements_between('2024-03-01', '2024-03-02')",
+            )
+        scanned = {
+            str(n["Relation Name"])
+            for n in nodes
+            if str(n.get("Relation Name", "")).startswith("activity_events")
+        }
+        assert scanned == {"activity_events_p20240301"}, scanned
+    finally:
+        await pool.close()
+
+
+async def test_the_rebuild_finds_each_batch_end_in_index_order(pg_dsn: str) -> None:
+    """rebuild-statements finds where each batch of statement events ends in the provenance
+    index's order (a merge of the partitions' index scans), not by sorting every statement
+    event of the shard for each batch (which made a rebuild quadratic in the events)."""
+    from ingest.warehouse.statements import BATCH_END, BATCH_END_BETWEEN
+
+    today = await filled(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        # Whether the planner *can* avoid the sort: forbid sorts and sequential scans.
+        await conn.execute("SET enable_sort = off")
+        await conn.execute("SET enable_seqscan = off")
+        stream, shard, first = await conn.fetchrow(
+            "SELECT stream_name, shard_id, min(sequence_number)::text FROM das.activity_events "
+            "WHERE das.is_statement_event(class, command, statement_id) "
+            "GROUP BY 1, 2 ORDER BY count(*) DESC LIMIT 1"
+        )
+        since = today - timedelta(days=1)
+        for sql, args in (
+            (BATCH_END, (stream, shard, first, 5)),
+            (BATCH_END_BETWEEN, (stream, shard, first, 5, since, today)),
+        ):
+            # $n as literals: EXPLAIN of the statement with its parameters bound.
+            bound = sql
+            for n, value in reversed(list(enumerate(args, start=1))):
+                literal = (
+                    f"'{value.isoformat()}'::timestamptz"
+                    if isinstance(value, datetime)
+                    else (str(value) if isinstance(value, int) else f"'{value}'")
+                )
+                bound = bound.replace(f"${n}", literal)
+            nodes = await plan_of(conn, bound)
+            assert not [n for n in nodes if n["Node Type"] == "Sort"], bound
+            assert any(n["Node Type"] == "Index Scan" for n in nodes), bound
+            assert await conn.fetchval(sql, *args) is not None, (sql, args)
+    finally:
+        await conn.close()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import re
 import secrets
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -159,9 +161,21 @@ async def test_views_classify_failures_sessions_and_logins(pg_dsn: str) -> None:
         await pool.close()
 
 
+def recent(*activities: list[dict[str, Any]]) -> None:
+    """Move the events in time, their spacing kept, so the earliest was logged 40 minutes ago:
+    the README's questions are bounded by time (the last hour, day or week)."""
+    events = [e for activity in activities for e in activity]
+    first = min(datetime.fromisoformat(e["logTime"][:19]) for e in events)
+    base = datetime.now(UTC).replace(tzinfo=None, microsecond=0) - timedelta(minutes=40)
+    for event in events:
+        moved = base + (datetime.fromisoformat(event["logTime"][:19]) - first)
+        event["logTime"] = f"{moved:%Y-%m-%d %H:%M:%S}{event['logTime'][19:]}"
+
+
 async def test_readme_queries_answer_for_oracle_and_sqlserver(pg_dsn: str) -> None:
     """The README's per-engine examples, as the analyst, on RDS for Oracle and RDS for SQL
-    Server activity built from the field tables: each finds what it promises."""
+    Server activity built from the field tables (logged in the last hour: the examples are
+    bounded by time): each finds what it promises."""
     from tests.rds_examples import (
         ORACLE_INSTANCE,
         SQLSERVER_INSTANCE,
@@ -170,14 +184,16 @@ async def test_readme_queries_answer_for_oracle_and_sqlserver(pg_dsn: str) -> No
         sqlserver_events,
     )
 
+    oracle_activity, sqlserver_activity = oracle_events(), sqlserver_events()
+    recent(oracle_activity, sqlserver_activity)
     pool = await migrated_pool(pg_dsn)
     try:
         token, _ = await hold_lease(pool, "s", "w")
         oracle = [(str(n + 1), inner_document(ORACLE_INSTANCE, e)) for n, e in
-                  enumerate(oracle_events())]  # fmt: skip
+                  enumerate(oracle_activity)]  # fmt: skip
         await store(pool, token, batch("s", oracle, "1.3"), "TRIM_HORIZON", oracle[-1][0])
         sqlserver = [(str(n + 100), inner_document(SQLSERVER_INSTANCE, e)) for n, e in
-                     enumerate(sqlserver_events())]  # fmt: skip
+                     enumerate(sqlserver_activity)]  # fmt: skip
         await store(pool, token, batch("s", sqlserver, "1.4"), oracle[-1][0], sqlserver[-1][0])
         analyst = f"a_{secrets.token_hex(4)}"
         await pool.execute(f"CREATE ROLE {analyst} LOGIN IN ROLE das_analyst")
@@ -188,8 +204,13 @@ async def test_readme_queries_answer_for_oracle_and_sqlserver(pg_dsn: str) -> No
     )
     try:
         answers: dict[str, int] = {}
+        sessions: list[asyncpg.Record] = []
         for query in readme_queries():
             rows = await conn.fetch(query)
+            if "sessions of the last hour" in query or (
+                "das.sessions_between(now() - interval '1 hour'" in query
+            ):
+                sessions = rows
             if any(f"engine = '{e}'" in query for e in ("oracle", "sqlserver")) or (
                 "das.sqlserver_statements" in query
             ):
@@ -205,5 +226,11 @@ async def test_readme_queries_answer_for_oracle_and_sqlserver(pg_dsn: str) -> No
         for needle, count in expected.items():
             (query,) = [q for q in answers if needle in q]
             assert answers[query] == count, query
+        # Sessions of the last hour, side by side: APP's Oracle session (MALLORY's ORA-01017
+        # opened none) and app's SQL Server session (55), each with its failed statement.
+        assert [(r["engine"], r["db_user_name"], r["failed_statements"]) for r in sessions] == [
+            ("oracle", "APP", 1),
+            ("sqlserver", "app", 1),
+        ]
     finally:
         await conn.close()

@@ -5,6 +5,7 @@ rebuild gives."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -90,3 +91,87 @@ async def test_a_workers_merge_is_not_blocked_while_the_rebuild_runs(pg_dsn: str
     finally:
         await rebuilder.close()
         await worker.close()
+
+
+async def test_rebuild_of_one_day_rebuilds_that_day_and_reads_only_its_partitions(
+    pg_dsn: str,
+) -> None:
+    """`rebuild-statements --day D` over five days of the scale bench's fill (MySQL MAIN/AUX
+    statements every day): D's statements, some deleted, some altered and one that no event
+    backs, are exactly what the incremental merges built again; an altered statement of another
+    day stays as it was (not rebuilt); and the days two away from D were not read at all."""
+    from bench.fill import Filler
+
+    await migrated(pg_dsn)
+    today = datetime.now(UTC).date()
+    filler = Filler(pg_dsn, days=5, last_day=today, processes=1)
+    try:
+        await filler.fill_to(6000, progress=False)
+    finally:
+        await filler.close()
+    day = today - timedelta(days=2)
+    since = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    until = since + timedelta(days=1)
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+    try:
+        built = await statements_table(pool)
+        of_day = [r for r in built if r[6] is not None and since <= r[6] < until]
+        assert len(of_day) > 20, "the fill stored MySQL statements on the day"
+        other = next(r for r in built if r[6] is not None and r[6] < since)
+        key = (
+            "cluster_id = $1 AND instance_id = $2 AND pid = $3 AND session_id = $4 "
+            "AND statement_id = $5"
+        )
+        await pool.execute(
+            "DELETE FROM das.statements WHERE ctid IN (SELECT ctid FROM das.statements "
+            "WHERE log_time >= $1 AND log_time < $2 ORDER BY log_time LIMIT 10)",
+            since,
+            until,
+        )
+        await pool.execute(
+            "UPDATE das.statements SET command_text = 'altered', aux = '[]' WHERE ctid IN "
+            "(SELECT ctid FROM das.statements WHERE log_time >= $1 AND log_time < $2 "
+            "ORDER BY log_time DESC LIMIT 10)",
+            since,
+            until,
+        )
+        await pool.execute(
+            "INSERT INTO das.statements (cluster_id, instance_id, pid, session_id, statement_id, "
+            "has_main, log_time, command_text, aux) "
+            "VALUES ('no-such-cluster', 'i', 1, 1, 1, true, $1, 'no event backs this', '[]')",
+            since + timedelta(hours=3),
+        )
+        await pool.execute(
+            f"UPDATE das.statements SET command_text = 'altered elsewhere' WHERE {key}", *other[:5]
+        )
+        assert await statements_table(pool) != built
+        far = [today - timedelta(days=4), today]  # two days away from D on each side
+        scans = (
+            "SELECT coalesce(sum(coalesce(seq_scan, 0) + coalesce(idx_scan, 0)), 0) "
+            "FROM pg_stat_user_tables WHERE relname = ANY($1::text[])"
+        )
+        names = [f"activity_events_p{d:%Y%m%d}" for d in far]
+        async with pool.acquire() as conn:
+            assert await conn.fetchval(
+                "SELECT count(*) FROM pg_class WHERE relname = ANY($1::text[])", names
+            ) == len(names)
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            before = await conn.fetchval(scans, names)
+
+        rebuilt = await das_ingest(
+            "rebuild-statements", "--day", day.isoformat(), env={"DAS_DSN": pg_dsn}
+        )
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        assert f"das.statements rebuilt: {len(of_day)} statements of {day}" in rebuilt.stdout
+
+        after = await statements_table(pool)
+        expected = [
+            (*r[:13], "altered elsewhere", *r[14:]) if r[:5] == other[:5] else r for r in built
+        ]
+        assert after == expected
+        async with pool.acquire() as conn:
+            await asyncio.sleep(0.5)  # the command's backend flushed its counters as it ended
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            assert await conn.fetchval(scans, names) == before
+    finally:
+        await pool.close()

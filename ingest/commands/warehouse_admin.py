@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,14 @@ def add_parser(subparsers: Any) -> None:
         default=env_default("DAS_BATCH_EVENTS", 10_000),
         metavar="N",
         help="events merged (and rows emptied) per transaction (default: 10000) [DAS_BATCH_EVENTS]",
+    )
+    rebuild.add_argument(
+        "--day",
+        type=_utc_day,
+        default=env_default("DAS_REBUILD_DAY"),
+        metavar="YYYY-MM-DD",
+        help="only the statements of this UTC day (its partitions); other days are left as "
+        "they are (default: the whole table) [DAS_REBUILD_DAY]",
     )
     add_dsn_argument(rebuild)
     add_log_argument(rebuild)
@@ -263,6 +272,13 @@ async def _do_retry(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _utc_day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day: {text!r} (YYYY-MM-DD)") from None
+
+
 def _rebuild(args: argparse.Namespace) -> int:
     from ingest.exitcodes import UsageError
 
@@ -288,13 +304,20 @@ async def _do_rebuild(args: argparse.Namespace) -> int:
             bar = bars[phase] = Progress(f"rebuild-statements: {label}", total=total, unit="")
         bar.update(done)
 
+    window = None
+    if args.day is not None:
+        since = datetime(args.day.year, args.day.month, args.day.day, tzinfo=UTC)
+        window = (since, since + timedelta(days=1))
     try:
-        rows = await rebuild_statements(conn, batch=args.batch_events, progress=progress)
+        rows = await rebuild_statements(
+            conn, batch=args.batch_events, progress=progress, window=window
+        )
     finally:
         await conn.close()
     for bar in bars.values():
         bar.close()
-    print(f"das.statements rebuilt: {rows} statements")
+    of = f" of {args.day.isoformat()}" if args.day is not None else ""
+    print(f"das.statements rebuilt: {rows} statements{of}")
     return 0
 
 

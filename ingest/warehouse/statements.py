@@ -16,11 +16,20 @@ transaction taking only row locks:
 So the result is exactly what an idle rebuild gives. While it runs, das.statements is
 incomplete (readers see fewer statements than there are); it was consistent but stalled every
 ingest commit when the rebuild held an EXCLUSIVE lock for its whole run.
+
+With a ``window`` (``rebuild-statements --day``) only the statements whose ``log_time`` lies in
+it are emptied, and the statement events of the window widened by :data:`MARGIN` on each side
+are merged again (``das.merge_statements_between``, migration 0045): every step reads only the
+window's partitions, so its cost is the day's, not the warehouse's. A statement's MAIN and AUX
+events lie within seconds of each other; those of a statement of the day that lie within the
+margin outside it are merged back with it, and merging the neighbours' events again changes
+nothing. Statements outside the window are left as they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from ingest.warehouse.db import Conn
 from ingest.warehouse.sink import MERGE_STATEMENTS
@@ -41,12 +50,47 @@ WHERE ctid = ANY(ARRAY(SELECT ctid FROM das.statements LIMIT $1))
 """
 
 #: The sequence number at which a batch of ``$4`` statement events starting at ``$3`` ends.
+#: (Its output is not named sequence_number: ORDER BY would sort by that text, which no index
+#: serves, so each batch sorted every statement event of the shard: a rebuild quadratic in the
+#: events. Ordered by the column, the provenance index's partitions are merged in order.)
 BATCH_END = """
-SELECT sequence_number::text FROM das.activity_events
+SELECT sequence_number::text AS batch_end FROM das.activity_events
 WHERE stream_name = $1 AND shard_id = $2 AND sequence_number >= $3::text::numeric
   AND das.is_statement_event(class, command, statement_id)
 ORDER BY sequence_number OFFSET $4 - 1 LIMIT 1
 """
+
+#: The same three steps restricted to a time window ($3/$4, or $2/$3 for the delete).
+SHARD_RANGES_BETWEEN = """
+SELECT stream_name, shard_id, count(*) AS events,
+       min(sequence_number)::text AS first, max(sequence_number)::text AS last
+FROM das.activity_events
+WHERE das.is_statement_event(class, command, statement_id)
+  AND log_time >= $1 AND log_time < $2
+GROUP BY stream_name, shard_id
+ORDER BY stream_name, shard_id
+"""
+
+DELETE_BATCH_BETWEEN = """
+DELETE FROM das.statements
+WHERE ctid = ANY(ARRAY(SELECT ctid FROM das.statements
+                       WHERE log_time >= $2 AND log_time < $3 LIMIT $1))
+"""
+
+BATCH_END_BETWEEN = """
+SELECT sequence_number::text AS batch_end FROM das.activity_events
+WHERE stream_name = $1 AND shard_id = $2 AND sequence_number >= $3::text::numeric
+  AND das.is_statement_event(class, command, statement_id)
+  AND log_time >= $5 AND log_time < $6
+ORDER BY sequence_number OFFSET $4 - 1 LIMIT 1
+"""
+
+MERGE_STATEMENTS_BETWEEN = (
+    "SELECT das.merge_statements_between($1, $2, $3::text::numeric, $4::text::numeric, $5, $6)"
+)
+
+#: How far outside a window its statements' events are looked for (see the module's text).
+MARGIN = timedelta(hours=1)
 
 #: Default events (and rows) per transaction.
 BATCH = 10_000
@@ -56,10 +100,17 @@ ProgressCallback = Callable[[str, int, int | None], None]
 
 
 async def rebuild_statements(
-    conn: Conn, *, batch: int = BATCH, progress: ProgressCallback | None = None
+    conn: Conn,
+    *,
+    batch: int = BATCH,
+    progress: ProgressCallback | None = None,
+    window: tuple[datetime, datetime] | None = None,
 ) -> int:
-    """Recompute das.statements from das.activity_events; returns its rows at the end."""
+    """Recompute das.statements from das.activity_events; returns its rows at the end (with a
+    ``window`` [since, until): only its statements, and returns their rows)."""
     report = progress or (lambda phase, done, total: None)
+    if window is not None:
+        return await _rebuild_window(conn, batch, report, *window)
     while True:
         status = await conn.execute(DELETE_BATCH, batch)
         deleted = int(status.split()[-1])
@@ -84,3 +135,39 @@ async def rebuild_statements(
                 break
             first = str(int(end) + 1)
     return int(await conn.fetchval("SELECT count(*) FROM das.statements"))
+
+
+async def _rebuild_window(
+    conn: Conn, batch: int, report: ProgressCallback, since: datetime, until: datetime
+) -> int:
+    while True:
+        status = await conn.execute(DELETE_BATCH_BETWEEN, batch, since, until)
+        deleted = int(status.split()[-1])
+        report("emptied", deleted, None)
+        if deleted < batch:
+            break
+    low, high = since - MARGIN, until + MARGIN
+    shards = await conn.fetch(SHARD_RANGES_BETWEEN, low, high)
+    total = sum(int(s["events"]) for s in shards)
+    for shard in shards:
+        stream, shard_id, last = shard["stream_name"], shard["shard_id"], shard["last"]
+        first = shard["first"]
+        left = int(shard["events"])
+        while True:
+            end = await conn.fetchval(BATCH_END_BETWEEN, stream, shard_id, first, batch, low, high)
+            if end is None or int(end) >= int(last):
+                end = last
+            await conn.execute(MERGE_STATEMENTS_BETWEEN, stream, shard_id, first, end, low, high)
+            step = left if end == last else min(batch, left)
+            left -= step
+            report("merged", step, total)
+            if end == last:
+                break
+            first = str(int(end) + 1)
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM das.statements WHERE log_time >= $1 AND log_time < $2",
+            since,
+            until,
+        )
+    )
