@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from bench.fill import Filler
+from ingest.conn import Conn
 from tests.warehouse_helpers import migrated_pool
 
 
@@ -20,7 +21,7 @@ def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-async def plan_of(conn: asyncpg.Connection, sql: str) -> list[dict[str, Any]]:
+async def plan_of(conn: Conn, sql: str) -> list[dict[str, Any]]:
     return _nodes(json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}"))[0]["Plan"])
 
 
@@ -236,11 +237,13 @@ async def test_the_rebuild_finds_each_batch_end_in_index_order(pg_dsn: str) -> N
         # Whether the planner *can* avoid the sort: forbid sorts and sequential scans.
         await conn.execute("SET enable_sort = off")
         await conn.execute("SET enable_seqscan = off")
-        stream, shard, first = await conn.fetchrow(
+        busiest = await conn.fetchrow(
             "SELECT stream_name, shard_id, min(sequence_number)::text FROM das.activity_events "
             "WHERE das.is_statement_event(class, command, statement_id) "
             "GROUP BY 1, 2 ORDER BY count(*) DESC LIMIT 1"
         )
+        assert busiest is not None
+        stream, shard, first = busiest
         since = today - timedelta(days=1)
         for sql, args in (
             (BATCH_END, (stream, shard, first, 5)),
