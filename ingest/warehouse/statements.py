@@ -99,6 +99,11 @@ BATCH = 10_000
 ProgressCallback = Callable[[str, int, int | None], None]
 
 
+#: (empty, shard ranges, batch end, merge): of the whole table, and of a window (with bounds).
+WHOLE = (DELETE_BATCH, SHARD_RANGES, BATCH_END, MERGE_STATEMENTS)
+WINDOW = (DELETE_BATCH_BETWEEN, SHARD_RANGES_BETWEEN, BATCH_END_BETWEEN, MERGE_STATEMENTS_BETWEEN)
+
+
 async def rebuild_statements(
     conn: Conn,
     *,
@@ -109,61 +114,14 @@ async def rebuild_statements(
     """Recompute das.statements from das.activity_events; returns its rows at the end (with a
     ``window`` [since, until): only its statements, and returns their rows)."""
     report = progress or (lambda phase, done, total: None)
-    if window is not None:
-        return await _rebuild_window(conn, batch, report, *window)
-    while True:
-        status = await conn.execute(DELETE_BATCH, batch)
-        deleted = int(status.split()[-1])
-        report("emptied", deleted, None)
-        if deleted < batch:
-            break
-    shards = await conn.fetch(SHARD_RANGES)
-    total = sum(int(s["events"]) for s in shards)
-    for shard in shards:
-        stream, shard_id, last = shard["stream_name"], shard["shard_id"], shard["last"]
-        first = shard["first"]
-        left = int(shard["events"])
-        while True:
-            end = await conn.fetchval(BATCH_END, stream, shard_id, first, batch)
-            if end is None or int(end) >= int(last):
-                end = last
-            await conn.execute(MERGE_STATEMENTS, stream, shard_id, first, end)
-            step = left if end == last else min(batch, left)
-            left -= step
-            report("merged", step, total)
-            if end == last:
-                break
-            first = str(int(end) + 1)
-    return int(await conn.fetchval("SELECT count(*) FROM das.statements"))
-
-
-async def _rebuild_window(
-    conn: Conn, batch: int, report: ProgressCallback, since: datetime, until: datetime
-) -> int:
-    while True:
-        status = await conn.execute(DELETE_BATCH_BETWEEN, batch, since, until)
-        deleted = int(status.split()[-1])
-        report("emptied", deleted, None)
-        if deleted < batch:
-            break
-    low, high = since - MARGIN, until + MARGIN
-    shards = await conn.fetch(SHARD_RANGES_BETWEEN, low, high)
-    total = sum(int(s["events"]) for s in shards)
-    for shard in shards:
-        stream, shard_id, last = shard["stream_name"], shard["shard_id"], shard["last"]
-        first = shard["first"]
-        left = int(shard["events"])
-        while True:
-            end = await conn.fetchval(BATCH_END_BETWEEN, stream, shard_id, first, batch, low, high)
-            if end is None or int(end) >= int(last):
-                end = last
-            await conn.execute(MERGE_STATEMENTS_BETWEEN, stream, shard_id, first, end, low, high)
-            step = left if end == last else min(batch, left)
-            left -= step
-            report("merged", step, total)
-            if end == last:
-                break
-            first = str(int(end) + 1)
+    if window is None:
+        await _empty_and_merge(conn, batch, report, WHOLE, (), ())
+        return int(await conn.fetchval("SELECT count(*) FROM das.statements"))
+    since, until = window
+    # The events of the window and a margin around it (a statement's parts straddle it).
+    await _empty_and_merge(
+        conn, batch, report, WINDOW, (since, until), (since - MARGIN, until + MARGIN)
+    )
     return int(
         await conn.fetchval(
             "SELECT count(*) FROM das.statements WHERE log_time >= $1 AND log_time < $2",
@@ -171,3 +129,39 @@ async def _rebuild_window(
             until,
         )
     )
+
+
+async def _empty_and_merge(
+    conn: Conn,
+    batch: int,
+    report: ProgressCallback,
+    queries: tuple[str, str, str, str],
+    delete_args: tuple[datetime, ...],
+    bounds: tuple[datetime, ...],
+) -> None:
+    """Empty das.statements (all of it, or the window's) ``batch`` rows a transaction, then
+    merge every shard's events again (all, or those within ``bounds``) ``batch`` at a time."""
+    delete, shard_ranges, batch_end, merge = queries
+    while True:
+        status = await conn.execute(delete, batch, *delete_args)
+        deleted = int(status.split()[-1])
+        report("emptied", deleted, None)
+        if deleted < batch:
+            break
+    shards = await conn.fetch(shard_ranges, *bounds)
+    total = sum(int(s["events"]) for s in shards)
+    for shard in shards:
+        stream, shard_id, last = shard["stream_name"], shard["shard_id"], shard["last"]
+        first = shard["first"]
+        left = int(shard["events"])
+        while True:
+            end = await conn.fetchval(batch_end, stream, shard_id, first, batch, *bounds)
+            if end is None or int(end) >= int(last):
+                end = last
+            await conn.execute(merge, stream, shard_id, first, end, *bounds)
+            step = left if end == last else min(batch, left)
+            left -= step
+            report("merged", step, total)
+            if end == last:
+                break
+            first = str(int(end) + 1)
