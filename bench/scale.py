@@ -143,6 +143,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="skip the per-index COPY measurement (it does not depend on the size)",
     )
     parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip verify --full and the routine verify (they take ~1 minute per million "
+        "events; for runs that measure something else on a large warehouse)",
+    )
+    parser.add_argument(
         "--keep-warehouse",
         metavar="DIR",
         help="after the run, stop the cluster cleanly and move its data directory to DIR "
@@ -478,6 +484,54 @@ async def _cli(*args: str, env: dict[str, str], check: bool = True) -> tuple[flo
     return seconds, peak, out.decode(), code
 
 
+async def _measure_verify(
+    args: argparse.Namespace,
+    dsn: str,
+    filler: Filler,
+    keys: tuple[str, str],
+    result: SizeResult,
+    results: list[SizeResult],
+) -> None:
+    """verify --full, then a routine verify after a small addition."""
+    anchor_key, verify_key = keys
+    env = {"DAS_DSN": dsn}
+    async with aws_client("kms") as kms_client:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for (stream,) in await conn.fetch("SELECT DISTINCT stream_name FROM das.chain_links"):
+                await anchor_heads(conn, AnchorKey(kms_client, anchor_key), stream)
+        finally:
+            await conn.close()
+    flags = ("--anchor-key-id", anchor_key, "--verify-key-id", verify_key, "--json")
+    seconds, peak, out, _ = await _cli("verify", "--full", *flags, env=env, check=False)
+    report = json.loads(out)
+    if not report["clean"]:
+        raise RuntimeError(f"verify --full found something: {report['findings'][:3]}")
+    result.verify_full_seconds, result.verify_full_rss_mb = seconds, peak / 2**20
+    result.verify_full_events = int(report["events"])
+    save_results(args, results)
+    await filler.fill_to(filler.stats.events + max(1000, args.ingest_events // 3), progress=False)
+    async with aws_client("kms") as kms_client:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await anchor_heads(conn, AnchorKey(kms_client, anchor_key), FILL_STREAM)
+        finally:
+            await conn.close()
+    seconds, _, out, _ = await _cli(
+        "verify", "--sample", str(args.sample), *flags, env=env, check=False
+    )
+    report = json.loads(out)
+    if not report["clean"] or report["mode"] != "routine":
+        raise RuntimeError(f"routine verify: {report['mode']} {report['findings'][:3]}")
+    result.verify_routine_seconds = seconds
+    result.verify_routine_events = int(report["events"])
+    print(
+        f"  verify full {result.verify_full_seconds:.1f}s, routine "
+        f"{result.verify_routine_seconds:.1f}s",
+        flush=True,
+    )
+
+
 async def measure_size(
     stack: LocalStack,
     args: argparse.Namespace,
@@ -494,7 +548,6 @@ async def measure_size(
     """Fill to ``size`` and measure; ``results`` gets this size's result at once, and the
     results file (``--output`` beside it, .json) is rewritten after each measurement, so what
     a run that is stopped half way measured is kept."""
-    anchor_key, verify_key = keys
     env = {"DAS_DSN": dsn}
     began = time.perf_counter()
     await filler.fill_to(size)
@@ -588,41 +641,8 @@ async def measure_size(
     save_results(args, results)
 
     # Verify: full, then routine after a small addition.
-    async with aws_client("kms") as kms_client:
-        conn = await asyncpg.connect(dsn)
-        try:
-            for (stream,) in await conn.fetch("SELECT DISTINCT stream_name FROM das.chain_links"):
-                await anchor_heads(conn, AnchorKey(kms_client, anchor_key), stream)
-        finally:
-            await conn.close()
-    flags = ("--anchor-key-id", anchor_key, "--verify-key-id", verify_key, "--json")
-    seconds, peak, out, _ = await _cli("verify", "--full", *flags, env=env, check=False)
-    report = json.loads(out)
-    if not report["clean"]:
-        raise RuntimeError(f"verify --full found something: {report['findings'][:3]}")
-    result.verify_full_seconds, result.verify_full_rss_mb = seconds, peak / 2**20
-    result.verify_full_events = int(report["events"])
-    save_results(args, results)
-    await filler.fill_to(filler.stats.events + max(1000, args.ingest_events // 3), progress=False)
-    async with aws_client("kms") as kms_client:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await anchor_heads(conn, AnchorKey(kms_client, anchor_key), FILL_STREAM)
-        finally:
-            await conn.close()
-    seconds, _, out, _ = await _cli(
-        "verify", "--sample", str(args.sample), *flags, env=env, check=False
-    )
-    report = json.loads(out)
-    if not report["clean"] or report["mode"] != "routine":
-        raise RuntimeError(f"routine verify: {report['mode']} {report['findings'][:3]}")
-    result.verify_routine_seconds = seconds
-    result.verify_routine_events = int(report["events"])
-    print(
-        f"  verify full {result.verify_full_seconds:.1f}s, routine "
-        f"{result.verify_routine_seconds:.1f}s",
-        flush=True,
-    )
+    if not args.no_verify:
+        await _measure_verify(args, dsn, filler, keys, result, results)
 
     # Retention: drop exactly the oldest day.
     conn = await asyncpg.connect(dsn)
@@ -639,7 +659,7 @@ async def measure_size(
     cutoff = datetime.combine(oldest + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
     keep_hours = max(1, math.floor((now_db - cutoff).total_seconds() / 3600))
     # --no-archive: the archive (and its cost) is not what this measures (see docs/archive.md).
-    seconds, _, out, _ = await _cli(
+    seconds, *_ = await _cli(
         "retention", "--retention-keep", f"{keep_hours}h", "--no-archive", env=env
     )
     result.retention_seconds = seconds
