@@ -947,7 +947,38 @@ class PostgresCluster(Server):
         super().wait_ready(deadline)
 
     def _probe(self) -> bool:
+        # The port alone could be another cluster's (a free port taken by someone else before
+        # our postmaster bound it, then failing): our data directory's postmaster.pid must name
+        # the port and say "ready", which the postmaster writes only once it accepts connections.
+        try:
+            lines = (self.datadir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        if len(lines) < 8 or lines[3].strip() != str(self.port) or lines[7].strip() != "ready":
+            return False
         return _pg_accepts(self.port, self.user)
+
+
+class KeptPostgresCluster(PostgresCluster):
+    """A cluster kept from an earlier run (``python -m bench.scale --keep-warehouse``): its data
+    directory is started as it is, not initialised, and shut down with a fast (clean) shutdown,
+    so it can be started again."""
+
+    polite = signal.SIGINT
+
+    def __init__(self, existing: Path, **kwargs: Any) -> None:
+        if not (existing / "PG_VERSION").is_file():
+            raise StackError(f"{existing} is not a PostgreSQL data directory")
+        super().__init__(**kwargs)
+        self.existing = existing
+
+    @property
+    def datadir(self) -> Path:
+        return self.existing
+
+    def _begin(self) -> None:
+        self.bindir = self._reachable_bindir()
+        self._start_server()
 
 
 # --------------------------------------------------------------------------------------------
@@ -963,7 +994,8 @@ class LocalStack:
     ``services`` picks a subset of ``{"kinesis", "kms", "postgres"}``. ``env()`` gives a child
     process everything it needs to find them through the standard AWS and DAS variables.
     ``pg_settings`` become ``-c`` options of the postmaster; ``pg_bindir`` overrides
-    :func:`find_pg_bindir`. Objects are one-shot: start, stop, done.
+    :func:`find_pg_bindir`; ``pg_existing`` starts a kept data directory instead of a new one.
+    Objects are one-shot: start, stop, done.
     """
 
     def __init__(
@@ -972,6 +1004,7 @@ class LocalStack:
         *,
         pg_settings: Mapping[str, str] | None = None,
         pg_bindir: Path | None = None,
+        pg_existing: Path | None = None,
         startup_timeout: float = 60.0,
     ) -> None:
         wanted = frozenset(services)
@@ -980,6 +1013,7 @@ class LocalStack:
         self.services = wanted
         self.pg_settings = dict(pg_settings or {})
         self.pg_bindir = pg_bindir
+        self.pg_existing = pg_existing
         self.startup_timeout = startup_timeout
         self.workdir: Path | None = None
         self.kinesis: Kinesalite | None = None
@@ -1003,7 +1037,14 @@ class LocalStack:
             run_as = unprivileged_user() if "postgres" in self.services else None
             self.workdir = _make_dir("das-stack-", run_as)
             _reaper.add_dir(self.workdir)
-            if "postgres" in self.services:
+            if "postgres" in self.services and self.pg_existing is not None:
+                self.postgres = KeptPostgresCluster(
+                    self.pg_existing,
+                    workdir=self.workdir / "postgres",
+                    settings=self.pg_settings,
+                    bindir=self.pg_bindir,
+                )
+            elif "postgres" in self.services:
                 self.postgres = PostgresCluster(
                     workdir=self.workdir / "postgres",
                     settings=self.pg_settings,
