@@ -149,6 +149,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "events; for runs that measure something else on a large warehouse)",
     )
     parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="fill nothing: start the warehouse a run kept in DIR (--keep-warehouse), migrate "
+        "it with this checkout's migrations (timed) and measure it as the last size: ingest "
+        "(interleaved with an empty database), queries, commands, retention; the directory is "
+        "shut down cleanly afterwards and can be resumed again (retention drops its oldest day)",
+    )
+    parser.add_argument(
         "--keep-warehouse",
         metavar="DIR",
         help="after the run, stop the cluster cleanly and move its data directory to DIR "
@@ -439,6 +447,10 @@ class SizeResult:
     commit_ms: float
     ingest_events_per_second: float = 0.0
     ingest_steady: float = 0.0
+    #: The same ingest runs into an empty database of the same cluster, interleaved with the
+    #: runs into this warehouse (so both see the same load): events/s and steady events/s.
+    empty_events_per_second: float = 0.0
+    empty_steady: float = 0.0
     first_commit_seconds: float = 0.0
     p99: float = 0.0
     p50: float = 0.0
@@ -536,7 +548,7 @@ async def measure_size(
     stack: LocalStack,
     args: argparse.Namespace,
     dsn: str,
-    filler: Filler,
+    filler: Filler | None,
     size: int,
     kinesis: Any,
     kms: Any,
@@ -550,8 +562,9 @@ async def measure_size(
     a run that is stopped half way measured is kept."""
     env = {"DAS_DSN": dsn}
     began = time.perf_counter()
-    await filler.fill_to(size)
-    if size:
+    if filler is not None:
+        await filler.fill_to(size)
+    if size and filler is not None:
         # The commit per batch, on links of a Kinesis batch's 100 records (~1000 events) each
         # whatever the fill's links are: a few per day and shard.
         probe = len(filler.days) * 4 * RECORDS_PER_BATCH * 10
@@ -574,37 +587,57 @@ async def measure_size(
     finally:
         await conn.close()
     assert sizes is not None
-    stats = filler.stats
+    stats = filler.stats if filler is not None else None
     result = SizeResult(
         size=size,
         events=events,
         table_mb=sizes["t"] / 2**20,
         index_mb=sizes["i"] / 2**20,
-        fill_events_per_second=stats.events / stats.seconds if stats.seconds else 0.0,
-        commit_ms=1000 * statistics.median(stats.commit_seconds) if stats.commit_seconds else 0.0,
+        fill_events_per_second=stats.events / stats.seconds if stats and stats.seconds else 0.0,
+        commit_ms=1000 * statistics.median(stats.commit_seconds)
+        if stats and stats.commit_seconds
+        else 0.0,
     )
     results.append(result)
     save_results(args, results)
     print(f"  size {size:,}: {events:,} events ({time.perf_counter() - began:.0f}s)", flush=True)
 
-    # Ingest end to end, a new stream each size (the same sealed records).
+    # Ingest end to end, new streams each size (the same sealed records). Each stream is read
+    # twice, into this warehouse and into an empty database of the same cluster, in turns
+    # (warehouse first, then empty first), so the ratio of the two is measured under one load.
     suffix = f"S{size}"
-    for job in (work, latency_work):
-        job.stream = f"{job.stream.rsplit('-', 1)[0]}-{suffix}{'L' if job is latency_work else ''}"
-        job.put_times.clear()
-        await workload.create_stream(kinesis, job.stream)
-    await workload.put(kinesis, work)
-    # The records' data keys name the cluster they were built for, not this size's stream.
-    run = await e2e.run_worker(
-        stack,
-        work,
-        worker_args=["--resource-id", work.resource_id],
-        processes=args.processes,
-        dsn=dsn,
-    )
-    result.ingest_events_per_second = run.events_per_second
-    result.ingest_steady = run.steady_events_per_second
-    result.first_commit_seconds = run.first_commit_seconds
+    base = work.stream.rsplit("-", 1)[0]
+    runs: dict[bool, list[e2e.WorkerRun]] = {True: [], False: []}
+    for turn, full_first in enumerate((True, False)):
+        work.stream = f"{base}-{suffix}{'ab'[turn]}"
+        work.put_times.clear()
+        await workload.create_stream(kinesis, work.stream)
+        await workload.put(kinesis, work)
+        for full in (full_first, not full_first):
+            target = dsn if full else await e2e.fresh_database(stack)
+            try:
+                # The records' data keys name the cluster they were built for, not the stream.
+                runs[full].append(
+                    await e2e.run_worker(
+                        stack,
+                        work,
+                        worker_args=["--resource-id", work.resource_id],
+                        processes=args.processes,
+                        dsn=target,
+                    )
+                )
+            finally:
+                if not full:
+                    await e2e.drop_database(stack, target)
+    full_runs, empty_runs = runs[True], runs[False]
+    result.ingest_events_per_second = statistics.median(r.events_per_second for r in full_runs)
+    result.ingest_steady = statistics.median(r.steady_events_per_second for r in full_runs)
+    result.first_commit_seconds = statistics.median(r.first_commit_seconds for r in full_runs)
+    result.empty_events_per_second = statistics.median(r.events_per_second for r in empty_runs)
+    result.empty_steady = statistics.median(r.steady_events_per_second for r in empty_runs)
+    latency_work.stream = f"{latency_work.stream.rsplit('-', 1)[0]}-{suffix}L"
+    latency_work.put_times.clear()
+    await workload.create_stream(kinesis, latency_work.stream)
     latency = await e2e.run_latency(
         stack,
         kinesis,
@@ -616,7 +649,11 @@ async def measure_size(
     )
     result.p50, result.p99 = latency.p50, latency.p99
     save_results(args, results)
-    print(f"  ingest {run.events_per_second:,.0f} events/s, p99 {latency.p99:.3f}s", flush=True)
+    print(
+        f"  ingest {result.ingest_events_per_second:,.0f} events/s (empty database "
+        f"{result.empty_events_per_second:,.0f}), p99 {latency.p99:.3f}s",
+        flush=True,
+    )
 
     # Queries.
     result.queries, day = await measure_queries(dsn, args)
@@ -641,7 +678,7 @@ async def measure_size(
     save_results(args, results)
 
     # Verify: full, then routine after a small addition.
-    if not args.no_verify:
+    if not args.no_verify and filler is not None:
         await _measure_verify(args, dsn, filler, keys, result, results)
 
     # Retention: drop exactly the oldest day.
@@ -663,7 +700,8 @@ async def measure_size(
         "retention", "--retention-keep", f"{keep_hours}h", "--no-archive", env=env
     )
     result.retention_seconds = seconds
-    filler.drop_day(oldest)
+    if filler is not None:
+        filler.drop_day(oldest)
     save_results(args, results)
     return result
 
@@ -786,7 +824,8 @@ def tables(results: list[SizeResult]) -> list[Table]:
     main = Table(
         "Cost against warehouse size",
         ["events stored", "table MB", "indexes MB", "fill events/s", "commit ms/batch",
-         "ingest events/s", "steady events/s", "spawn -> 1st commit s", "p50 s", "p99 s",
+         "ingest events/s", "steady events/s", "empty DB events/s", "empty DB steady",
+         "steady vs empty", "spawn -> 1st commit s", "p50 s", "p99 s",
          "verify --full s", "verify events/s", "verify RSS MB", "routine verify s",
          "routine events", "retention 1 day s"],
     )  # fmt: skip
@@ -799,6 +838,9 @@ def tables(results: list[SizeResult]) -> list[Table]:
             num(r.commit_ms, 1),
             measured(r.ingest_events_per_second),
             measured(r.ingest_steady),
+            measured(r.empty_events_per_second),
+            measured(r.empty_steady),
+            f"{r.ingest_steady / r.empty_steady - 1:+.0%}" if r.empty_steady else "-",
             measured(r.first_commit_seconds, 2),
             measured(r.p50, 3),
             measured(r.p99, 3),
@@ -810,6 +852,10 @@ def tables(results: list[SizeResult]) -> list[Table]:
             measured(r.retention_seconds, 2),
         )
     main.notes.append(
+        "ingest: median of two runs of the same records into the warehouse, each beside a run "
+        "into an empty database of the same cluster (in turns: warehouse first, then empty "
+        "first), whose figures are the 'empty DB' columns; 'steady vs empty' compares the two "
+        "steady rates, measured under the same load. "
         "CLI times (verify, retention) include starting the interpreter (see the commands "
         "table). commit ms/batch: the fill's Sink.commit of one link (COPY of ~1000 events, the "
         "statements merge, the chain link), median of a step of such links after the fill "
@@ -982,6 +1028,59 @@ async def run_all(
     return results, costs, dsn
 
 
+def kept_database(directory: Path) -> str:
+    """The database a kept warehouse holds (named in its KEPT.txt)."""
+    try:
+        text = (directory / "KEPT.txt").read_text()
+    except OSError as e:
+        raise SystemExit(f"--resume: {directory} is no kept warehouse ({e.strerror})") from None
+    match = re.search(r"database (\w+)", text)
+    if not match:
+        raise SystemExit(f"--resume: {directory}/KEPT.txt names no database")
+    return match.group(1)
+
+
+async def run_resumed(
+    stack: LocalStack, args: argparse.Namespace, directory: Path
+) -> list[SizeResult]:
+    """Migrate the kept warehouse with this checkout's migrations, then measure it as one
+    size (no fill: its commit per batch and fill rate are not measured)."""
+    assert stack.postgres is not None
+    dsn = stack.postgres.dsn_for(kept_database(directory))
+    today = datetime.now(UTC).date()
+    traffic._BASE_EPOCH_US = int(
+        datetime(today.year, today.month, today.day, tzinfo=UTC).timestamp() * 1e6
+    )
+    began = time.perf_counter()
+    seconds, *_ = await _cli("migrate", env={"DAS_DSN": dsn})
+    print(f"  migrate {seconds:.1f}s ({time.perf_counter() - began:.1f}s)", flush=True)
+    conn = await asyncpg.connect(dsn)
+    try:
+        size = int(await conn.fetchval("SELECT count(*) FROM das.activity_events"))
+    finally:
+        await conn.close()
+    results: list[SizeResult] = []
+    async with aws_client("kinesis") as kinesis, aws_client("kms") as kms:
+        key_id = await create_kms_key(kms)
+        stream = "aws-rds-das-cluster-SCALEINGEST"
+        work = await workload.build(kms, key_id, stream, 10, args.ingest_events, seed=10)
+        latency_events = int(args.latency_rate * args.latency_seconds)
+        latency_work = await workload.build(
+            kms, key_id, "aws-rds-das-cluster-SCALELAT", 10, latency_events, seed=11
+        )
+        result = await measure_size(
+            stack, args, dsn, None, size, kinesis, kms, ("", ""), work, latency_work, results
+        )
+    result.commands["migrate (this checkout's migrations)"] = seconds
+    save_results(args, results)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CHECKPOINT")  # a quick clean shutdown after
+    finally:
+        await conn.close()
+    return results
+
+
 async def queries_table(dsn: str, args: argparse.Namespace) -> Table:
     conn = await asyncpg.connect(dsn)
     try:
@@ -1050,6 +1149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         costs = None
         args.sizes, args.days, args.pg_settings = meta["sizes"], meta["days"], meta["pg_settings"]
         finished = "rendered from " + args.render_from
+    elif args.resume:
+        costs = None
+        with LocalStack(pg_settings=args.pg_settings, pg_existing=Path(args.resume)) as stack:
+            os.environ.update(stack.env())
+            results = asyncio.run(run_resumed(stack, args, Path(args.resume)))
+        args.sizes = f"{results[0].events:,} (resumed from {args.resume})"
+        finished = f"finished in {time.monotonic() - began:.0f}s"
     else:
         with LocalStack(pg_settings=args.pg_settings) as stack:
             os.environ.update(stack.env())

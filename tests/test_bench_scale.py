@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,8 +79,20 @@ async def test_the_fill_is_what_the_decode_path_stores(pg_dsn: str) -> None:
 def test_quick_scale_bench_prints_every_table() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DAS_"))}
     started = time.monotonic()
+    # Kept where the cluster's unprivileged user can reach it (pytest's tmp_path is 0700).
+    parent = Path(tempfile.mkdtemp(prefix="das-kept-"))
+    parent.chmod(0o755)
+    kept = parent / "warehouse"
+    try:
+        _quick_run_then_resume(env, kept)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+    assert time.monotonic() - started < 600
+
+
+def _quick_run_then_resume(env: dict[str, str], kept: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "bench.scale", "--quick"],
+        [sys.executable, "-m", "bench.scale", "--quick", "--keep-warehouse", str(kept)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -107,4 +121,31 @@ def test_quick_scale_bench_prints_every_table() -> None:
     assert labels[0] == "no index"
     assert labels[-1] == "all indexes"
     assert "activity_events_provenance" in labels
-    assert time.monotonic() - started < 400
+    for row in main:
+        assert _number(row["empty DB events/s"]) > 0
+        assert _number(row["empty DB steady"]) > 0
+    assert (kept / "KEPT.txt").is_file()
+    assert not (kept / "postmaster.pid").exists()
+
+    # The kept warehouse resumes: migrated with this checkout's migrations and measured as it
+    # is (nothing filled), then shut down cleanly again.
+    resumed = subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--quick", "--resume", str(kept)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    again = _tables(resumed.stdout)
+    (row,) = _table(again, "Cost against warehouse size")
+    assert _number(row["events stored"]) > 0
+    assert _number(row["ingest events/s"]) > 0
+    assert _number(row["empty DB events/s"]) > 0
+    assert _number(row["fill events/s"]) == 0  # nothing was filled
+    commands = {r["command"]: r for r in _table(again, "Commands")}
+    assert "migrate (this checkout's migrations)" in commands
+    assert len(_table(again, "Queries")) == len(readme_queries()) + len(TYPICAL)
+    assert not (kept / "postmaster.pid").exists()
