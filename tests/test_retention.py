@@ -32,7 +32,7 @@ async def _fill(pool: asyncpg.Pool) -> None:
         await pool.execute("SELECT das.ensure_partition($1)", day)
     for stream in (STREAM_A, STREAM_B):
         token, _ = await hold_lease(pool, "shardId-0", "w", stream=stream)
-        records = []
+        records: list[tuple[str, bytes]] = []
         for day in (DAY1, DAY2):
             events = [
                 {"type": "record", "command": "QUERY", "logTime": _at(day, n)}
