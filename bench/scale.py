@@ -390,12 +390,14 @@ def _plan_result(
         for n in nodes
         if str(n.get("Relation Name", "")).startswith("activity_events_p")
     }
-    # A sequential scan of a whole day partition (not of a tiny table, nor a one-row default).
+    # A sequential scan of a whole day partition (not of a tiny table, nor a one-row default,
+    # nor an empty partition made ahead for days to come: analyzed, it costs nothing to scan).
     seq = [
         n["Relation Name"]
         for n in nodes
         if n.get("Node Type") == "Seq Scan"
         and str(n.get("Relation Name", "")).startswith(("activity_events_p", "statements"))
+        and float(n.get("Total Cost", 1.0)) > 0
     ]
     indexes = [n["Index Name"] for n in nodes if "Index Name" in n]
     return QueryResult(name, seconds, rows, len(scanned), partitions, seq, indexes)

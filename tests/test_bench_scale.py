@@ -16,7 +16,14 @@ import asyncpg
 import pytest
 
 from bench.fill import Filler
-from bench.scale import TYPICAL, QueryResult, parse_size, readme_queries, run_query
+from bench.scale import (
+    TYPICAL,
+    QueryResult,
+    _plan_result,
+    parse_size,
+    readme_queries,
+    run_query,
+)
 from ingest.integrity.verify import verify_warehouse
 from tests.test_bench import _number, _table, _tables
 from tests.test_readme_queries import readme_queries as all_readme_queries
@@ -52,6 +59,23 @@ def test_the_slow_verdict_names_where_the_time_goes() -> None:
     timed_out = QueryResult("q", 60.0, 0, 30, 30, [], [], timed_out=True)
     assert timed_out.slow == "server"
     assert timed_out.server_shown == "-"
+
+
+def test_an_empty_partition_made_ahead_is_no_seq_scan() -> None:
+    def scan(relation: str, cost: float) -> dict[str, object]:
+        return {"Node Type": "Seq Scan", "Relation Name": relation, "Total Cost": cost}
+
+    plan = {
+        "Node Type": "Append",
+        "Plans": [
+            scan("activity_events_p20240301", 2951.14),  # a day of events, read whole
+            scan("activity_events_p20240305", 0.0),  # tomorrow's, empty and analyzed
+            scan("activity_events_default", 0.0),
+        ],
+    }
+    found = _plan_result("q", plan, 0, 0.1, 30)
+    assert found.seq_scans == ["activity_events_p20240301"]
+    assert found.partitions == 2
 
 
 async def test_a_query_is_timed_by_the_client_and_by_the_server(pg_dsn: str) -> None:
