@@ -14,6 +14,12 @@
 -- each statement merged (~5 us a row, against ~11 us for a function the planner must call).
 -- Same rule, same rows (tests/test_query_plans.py holds them equal): an IMMUTABLE expression
 -- of the row's own columns.
+--
+-- The view and the index say "IS TRUE" (the same rows: NULL was no DDL either), and the
+-- expression has statistics: the planner estimates a bare function call at a third of the
+-- rows (27,000 of a week's 80,750 statements for 615 DDL ones at 1M events), a cost that
+-- crossed jit_above_cost and made every run compile the query (0.3-0.45 s of a query that
+-- runs in 7-14 ms without); "IS TRUE" is estimated from the expression's statistics.
 
 CREATE FUNCTION das.is_ddl_statement(command_text text, aux jsonb) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -25,7 +31,11 @@ COMMENT ON FUNCTION das.is_ddl_statement(text, jsonb) IS
     'Whether a das.statements row is a schema or permission change (its text, or an AUX event''s command): das.ddl_changes'' MySQL rows.';
 
 CREATE INDEX statements_ddl ON das.statements (log_time)
-    WHERE das.is_ddl_statement(command_text, aux);
+    WHERE das.is_ddl_statement(command_text, aux) IS TRUE;
+
+CREATE STATISTICS das.statements_ddl_stats ON (das.is_ddl_statement(command_text, aux))
+    FROM das.statements;
+ANALYZE das.statements;
 
 CREATE OR REPLACE VIEW das.ddl_changes AS
 SELECT
@@ -51,4 +61,4 @@ SELECT
     s.session_id, 'MySQL', s.main_shard_id, s.main_sequence_number, s.main_event_index,
     'mysql', 'MAIN', s.stream_name
 FROM das.statements s
-WHERE das.is_ddl_statement(s.command_text, s.aux);
+WHERE das.is_ddl_statement(s.command_text, s.aux) IS TRUE;
