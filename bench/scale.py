@@ -294,6 +294,28 @@ class QueryResult:
     indexes: list[str]
     #: ran longer than the timeout (``seconds`` is the timeout; the plan is EXPLAIN's)
     timed_out: bool = False
+    #: the server's own execution time (EXPLAIN ANALYZE's "Execution Time", without planning,
+    #: sending and decoding the rows); ``seconds`` is the client's (all rows fetched and decoded
+    #: into Python), the time an auditor waits. 0: not measured (a timeout, an older run).
+    server_seconds: float = 0.0
+
+    @property
+    def server_shown(self) -> str:
+        return num(self.server_seconds * 1000, 1) if self.server_seconds else "-"
+
+    @property
+    def slow(self) -> str:
+        """Why the query is slow ('': it is not): over 1 s on the server ("server"), or over
+        1 s only once its rows reach the client ("client: N rows"); a sequential scan of a day
+        partition is named too."""
+        why = []
+        if self.timed_out or self.server_seconds > 1.0:
+            why.append("server")
+        elif self.seconds > 1.0:
+            why.append(f"client: {self.rows:,} rows")
+        if self.seq_scans:
+            why.append("seq scan")
+        return ", ".join(why)
 
     @property
     def shown(self) -> str:
@@ -332,8 +354,10 @@ async def run_query(
     timeout = limit
     await conn.execute(f"SET statement_timeout = {int(limit * 1000)}")
     began = time.perf_counter()
+    # TIMING OFF: no clock read per row and node (its overhead would inflate the server's
+    # figure); the plan and the total execution time are what is read.
     try:
-        explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+        explained = await conn.fetchval(f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) {sql}")
     except asyncpg.QueryCanceledError:
         explained = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}")
         found = _plan_result(name, json.loads(explained)[0]["Plan"], 0, timeout, partitions)
@@ -357,6 +381,11 @@ async def run_query(
         name, json.loads(explained)[0]["Plan"], rows, statistics.median(times), partitions
     )
     found.indexes = [parents.get(i, i) for i in found.indexes]
+    if repeat > 1:
+        # The first EXPLAIN ANALYZE ran cold (it warmed the cache for the timed runs): the
+        # server's figure is taken warm too, as the client's are.
+        explained = await conn.fetchval(f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) {sql}")
+    found.server_seconds = float(json.loads(explained)[0]["Execution Time"]) / 1000
     return found
 
 
@@ -369,12 +398,14 @@ def _plan_result(
         for n in nodes
         if str(n.get("Relation Name", "")).startswith("activity_events_p")
     }
-    # A sequential scan of a whole day partition (not of a tiny table, nor a one-row default).
+    # A sequential scan of a whole day partition (not of a tiny table, nor a one-row default,
+    # nor an empty partition made ahead for days to come: analyzed, it costs nothing to scan).
     seq = [
         n["Relation Name"]
         for n in nodes
         if n.get("Node Type") == "Seq Scan"
         and str(n.get("Relation Name", "")).startswith(("activity_events_p", "statements"))
+        and float(n.get("Total Cost", 1.0)) > 0
     ]
     indexes = [n["Index Name"] for n in nodes if "Index Name" in n]
     return QueryResult(name, seconds, rows, len(scanned), partitions, seq, indexes)
@@ -428,7 +459,12 @@ async def measure_queries(dsn: str, args: argparse.Namespace) -> tuple[list[Quer
                     conn, name, sql, args.repeat, partitions, parents, args.query_timeout
                 )
             )
-            print(f"    {name}: {found[-1].shown} ms", flush=True)
+            q = found[-1]
+            print(
+                f"    {name}: {q.shown} ms (server {q.server_shown} ms, {q.rows:,} rows)"
+                + (f" SLOW: {q.slow}" if q.slow else ""),
+                flush=True,
+            )
     finally:
         await conn.close()
     return found, day
@@ -657,8 +693,10 @@ async def measure_size(
 
     # Queries.
     result.queries, day = await measure_queries(dsn, args)
-    slow = [q for q in result.queries if q.seconds > 1.0 or q.seq_scans]
+    slow = [q for q in result.queries if q.slow]
     print(f"  {len(result.queries)} queries, {len(slow)} slow or scanning", flush=True)
+    for q in slow:
+        print(f"    {q.name}: {q.slow}", flush=True)
     save_results(args, results)
 
     # Commands.
@@ -872,21 +910,27 @@ def tables(results: list[SizeResult]) -> list[Table]:
     )
     queries = Table(
         "Queries: median ms, and the plan at the largest size",
-        ["query", *sizes, "rows", "plan (largest)"],
+        ["query", *sizes, "server ms (largest)", "rows", "plan (largest)", "slow (largest)"],
     )
     largest = [r for r in results if r.queries][-1]  # the largest size measured that far
     for i, q in enumerate(largest.queries):
         queries.add(
             q.name,
             *(r.queries[i].shown if i < len(r.queries) else "-" for r in results),
+            q.server_shown,
             "-" if q.timed_out else f"{q.rows:,}",
             q.plan + (" (planned)" if q.timed_out else ""),
+            q.slow or "-",
         )
     queries.notes.append(
         "now() in the README's queries is the newest fill event's log_time; 'one day' is the "
         "day before it. partitions: day partitions of das.activity_events the plan touched. "
         "A query that ran longer than --query-timeout shows '> N s (timeout)' and the plan "
-        "EXPLAIN gives without running it."
+        "EXPLAIN gives without running it. ms: the client's time, every row fetched and "
+        "decoded (what an auditor waits); server ms: EXPLAIN ANALYZE's execution time (the "
+        "server's part, TIMING OFF). slow: over 1 s on the server ('server'), or only with "
+        "the rows' transfer and decoding ('client: N rows'); 'seq scan': a day partition "
+        "read whole."
     )
     return [main, commands, queries]
 
@@ -1091,16 +1135,20 @@ async def queries_table(dsn: str, args: argparse.Namespace) -> Table:
     load = "load avg {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     table = Table(
         f"Queries on a kept warehouse of {events:,} events: median ms of {args.repeat} runs",
-        ["query", "ms", "rows", "plan"],
+        ["query", "ms", "server ms", "rows", "plan", "slow"],
     )
     for q in found:
         table.add(
             q.name,
             q.shown,
+            q.server_shown,
             "-" if q.timed_out else f"{q.rows:,}",
             q.plan + (" (planned)" if q.timed_out else ""),
+            q.slow or "-",
         )
     table.notes.append(
+        "ms: the client's time (every row fetched and decoded); server ms: EXPLAIN ANALYZE's "
+        "execution time. "
         f"'one day': {day:%Y-%m-%d}; now() is the newest fill event's log_time; measured "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {load}."
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,14 @@ import asyncpg
 import pytest
 
 from bench.fill import Filler
-from bench.scale import TYPICAL, parse_size, readme_queries
+from bench.scale import (
+    TYPICAL,
+    QueryResult,
+    _plan_result,
+    parse_size,
+    readme_queries,
+    run_query,
+)
 from ingest.integrity.verify import verify_warehouse
 from tests.test_bench import _number, _table, _tables
 from tests.test_readme_queries import readme_queries as all_readme_queries
@@ -38,6 +46,57 @@ def test_every_readme_query_is_measured() -> None:
     measured = readme_queries()
     assert [sql for _, sql in measured] == all_readme_queries()
     assert len({name for name, _ in measured}) == len(measured)
+
+
+def test_the_slow_verdict_names_where_the_time_goes() -> None:
+    def result(client: float, server: float, rows: int, seq: list[str]) -> QueryResult:
+        return QueryResult("q", client, rows, 1, 30, seq, [], server_seconds=server)
+
+    assert result(0.2, 0.1, 10, []).slow == ""
+    assert result(1.5, 1.2, 10, []).slow == "server"
+    # Fast on the server, slow once 300,000 rows are sent and decoded: the client's time.
+    assert result(2.5, 0.4, 300_000, []).slow == "client: 300,000 rows"
+    assert result(0.3, 0.2, 5, ["activity_events_p20240301"]).slow == "seq scan"
+    assert result(3.0, 2.0, 5, ["activity_events_p20240301"]).slow == "server, seq scan"
+    timed_out = QueryResult("q", 60.0, 0, 30, 30, [], [], timed_out=True)
+    assert timed_out.slow == "server"
+    assert timed_out.server_shown == "-"
+
+
+def test_an_empty_partition_made_ahead_is_no_seq_scan() -> None:
+    def scan(relation: str, cost: float) -> dict[str, object]:
+        return {"Node Type": "Seq Scan", "Relation Name": relation, "Total Cost": cost}
+
+    plan = {
+        "Node Type": "Append",
+        "Plans": [
+            scan("activity_events_p20240301", 2951.14),  # a day of events, read whole
+            scan("activity_events_p20240305", 0.0),  # tomorrow's, empty and analyzed
+            scan("activity_events_default", 0.0),
+        ],
+    }
+    found = _plan_result("q", plan, 0, 0.1, 30)
+    assert found.seq_scans == ["activity_events_p20240301"]
+    assert found.partitions == 2
+
+
+async def test_a_query_is_timed_by_the_client_and_by_the_server(pg_dsn: str) -> None:
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        # The server's share is small beside decoding 200,000 rows in Python; both are told.
+        found = await run_query(
+            conn, "rows", "SELECT g, md5(g::text) FROM generate_series(1, 200000) g", 3, 0, {}
+        )
+        # A query whose time is all the server's: one row, a sleep.
+        sleeping = await run_query(conn, "sleep", "SELECT pg_sleep(0.3)", 1, 0, {})
+    finally:
+        await conn.close()
+    assert found.rows == 200_000
+    assert 0 < found.server_seconds < found.seconds
+    assert found.server_shown != "-"
+    assert sleeping.rows == 1
+    assert 0.3 <= sleeping.server_seconds < 1.0
+    assert sleeping.seconds >= 0.3
 
 
 async def test_the_fill_is_what_the_decode_path_stores(pg_dsn: str) -> None:
@@ -116,6 +175,12 @@ def _quick_run_then_resume(env: dict[str, str], kept: Path) -> None:
     queries = _table(tables, "Queries")
     assert len(queries) == len(readme_queries()) + len(TYPICAL)
     assert all("partitions" in row["plan (largest)"] for row in queries)
+    # The server's execution time beside the client's, and a verdict naming which is slow.
+    assert all(_number(row["server ms (largest)"]) >= 0 for row in queries)
+    verdict = re.compile(
+        r"-|server|client: [\d,]+ rows|seq scan|(server|client: [\d,]+ rows), seq scan"
+    )
+    assert all(verdict.fullmatch(row["slow (largest)"]) for row in queries)
     costs = _table(tables, "COPY of")
     labels = [row["indexes"] for row in costs]
     assert labels[0] == "no index"

@@ -143,6 +143,9 @@ BOUNDED_README_QUERIES = {
     "'ADD MEMBER', 'DROP MEMBER', 'GRANT', 'DENY'": 7,
     "FROM das.sqlserver_statements_between(now() - interval '1 day', now())": 1,
     "FROM das.sessions_between(now() - interval '1 hour', now())": 1,
+    # who touched a table: per user and command over a week, row by row over a day
+    "min(log_time) AS first_seen": 7,
+    "'test1')\n  AND log_time > now() - interval '1 day'": 1,
 }
 
 
@@ -262,5 +265,81 @@ async def test_the_rebuild_finds_each_batch_end_in_index_order(pg_dsn: str) -> N
             assert not [n for n in nodes if n["Node Type"] == "Sort"], bound
             assert any(n["Node Type"] == "Index Scan" for n in nodes), bound
             assert await conn.fetchval(sql, *args) is not None, (sql, args)
+    finally:
+        await conn.close()
+
+
+#: README queries (a phrase of each) and the index that serves them (migrations 0047-0049).
+README_INDEXES = {
+    # das.ddl_changes' MySQL half: only the DDL statements of the window
+    "FROM das.ddl_changes\nWHERE log_time > now() - interval '7 days'": "statements_ddl",
+    # Oracle's grants and user changes: the privilege-change events of the week
+    "'GRANT', 'REVOKE', 'CREATE USER', 'ALTER USER'": "activity_events_privilege_changes",
+    # fields with no column yet: only the events whose extra is not empty
+    "jsonb_object_keys(extra)": "activity_events_extra",
+    # who touched a table: that table's events of the week, and of the day
+    "min(log_time) AS first_seen": "activity_events_object",
+}
+
+
+async def test_the_readme_queries_can_use_their_indexes(pg_dsn: str) -> None:
+    """The README's DDL, Oracle grant, new-field and who-touched-a-table questions can be served
+    by their indexes (their WHERE implies each partial index's predicate), not by reading the
+    whole window."""
+    from tests.test_readme_queries import readme_queries
+
+    await filled(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        # Whether the planner *can* use each index, not whether it is cheaper on a table this
+        # small: no sequential scans, and without the plain time indexes (on a few thousand
+        # events one of them costs the same as a partial index; dropped in a transaction that
+        # is rolled back).
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        await conn.execute("DROP INDEX das.activity_events_time, das.statements_time")
+        queries = readme_queries()
+        for phrase, index in README_INDEXES.items():
+            (query,) = [q for q in queries if phrase in q]
+            nodes = await plan_of(conn, query)
+            used = {await parent_index(conn, name) for name in indexes(nodes)}
+            assert index in used, (phrase, used)
+            scans = [
+                n["Relation Name"]
+                for n in nodes
+                if n.get("Node Type") == "Seq Scan"
+                and str(n.get("Relation Name", "")).startswith(("activity_events_p", "statements"))
+            ]
+            assert not scans, (phrase, scans)
+        await transaction.rollback()
+    finally:
+        await conn.close()
+
+
+async def test_the_ddl_statements_rule_is_the_views_old_rule(pg_dsn: str) -> None:
+    """das.is_ddl_statement (0047) is the test das.ddl_changes spelled out before (0026), row
+    for row, on the fill's MySQL statements (DDL, AUX-only DDL and plain ones)."""
+    await filled(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        old = (
+            "(command_text ~* '^\\s*(CREATE|ALTER|DROP|RENAME|TRUNCATE|GRANT|REVOKE)\\M' "
+            "OR EXISTS (SELECT 1 FROM jsonb_array_elements(aux) a "
+            "WHERE a->>'command' ~* '^(CREATE|ALTER|DROP|RENAME|TRUNCATE|GRANT|REVOKE)'))"
+        )
+        counts = await conn.fetchrow(
+            f"SELECT count(*) FILTER (WHERE {old}) AS ddl, "
+            f"count(*) FILTER (WHERE NOT {old}) AS other, "
+            f"count(*) FILTER (WHERE {old} IS DISTINCT FROM "
+            "das.is_ddl_statement(command_text, aux)) AS differ FROM das.statements"
+        )
+        assert counts is not None
+        assert counts["ddl"] > 0, dict(counts)
+        assert counts["other"] > 0, dict(counts)
+        assert counts["differ"] == 0, dict(counts)
+        # The view's MySQL rows are those statements.
+        mysql = await conn.fetchval("SELECT count(*) FROM das.ddl_changes WHERE engine = 'mysql'")
+        assert mysql == counts["ddl"]
     finally:
         await conn.close()

@@ -97,26 +97,43 @@ async def apply_retention(
     partitions = [p for p in await day_partitions(conn) if p.end <= cutoff]
     actions: list[RetentionAction] = []
     archived: dict[date, list[dict[str, Any]]] = {}
+    # The default partition's old rows, per stream and day (only where archives are checked;
+    # without, its DELETE says how many rows it removed).
+    elsewhere: dict[date, list[tuple[str, date, int]]] = {}
     if require_archive:
-        cutoff, refusal = await _plan_archived(conn, partitions, cutoff, archived)
-        if refusal is not None:
-            actions.append(refusal)
-    due = [part for part in partitions if part.end <= cutoff]
+        elsewhere = await _default_held(conn, cutoff)
     if progress is not None:
-        progress.set_total(len(due) + 1)  # the day partitions, then the default partition
-    for part in due:
-        archive = archived.get(part.day) if require_archive else None
-        async with conn.transaction():
-            rows = int(await conn.fetchval(f'SELECT count(*) FROM das."{part.name}"'))
-            if not dry_run:
-                await conn.execute(
-                    f'ALTER TABLE das.activity_events DETACH PARTITION das."{part.name}"'
-                )
-                await conn.execute(f'DROP TABLE das."{part.name}"')
-                await _log(conn, part.name, part.start, part.end, rows, basis, keep, archive)
-        actions.append(RetentionAction(part.name, part.start, part.end, rows, archive))
+        progress.set_total(len(partitions) + 1)  # the day partitions, then the default partition
+    for part in partitions:
+        if require_archive:
+            # Days of the default partition older than this one go first (oldest first).
+            refusal = await _check_days(
+                conn, {d: e for d, e in elsewhere.items() if d < part.day}, archived
+            )
+            if refusal is not None:
+                cutoff = refusal.range_start or cutoff
+                actions.append(refusal)
+                break
+        action = await _drop_day(
+            conn, part, dry_run=dry_run, require_archive=require_archive, log=(basis, keep)
+        )
+        actions.append(action)
+        if action.refused is not None:
+            cutoff = part.start
+            break
+        if action.archive is not None:
+            archived[part.day] = action.archive
         if progress is not None:
             progress.update()
+    if progress is not None:
+        progress.set_total(progress.done + 1)  # fewer days when retention stopped at a refusal
+    if require_archive and not any(a.refused for a in actions):
+        refusal = await _check_days(
+            conn, {d: e for d, e in elsewhere.items() if d < cutoff.date()}, archived
+        )
+        if refusal is not None:
+            cutoff = refusal.range_start or cutoff
+            actions.append(refusal)
     async with conn.transaction():
         archive = None
         if require_archive:
@@ -152,24 +169,66 @@ async def apply_retention(
     return sorted(actions, key=lambda a: a.refused is not None)
 
 
-async def _plan_archived(
+async def _drop_day(
     conn: Conn,
-    partitions: list[Partition],
-    cutoff: datetime,
-    archived: dict[date, list[dict[str, Any]]],
-) -> tuple[datetime, RetentionAction | None]:
-    """Check the days retention would remove, oldest first, against das.archived_days; fill
-    ``archived`` with the entries of the days that may go. Returns the cutoff lowered to the
-    first day that may not (retention keeps the oldest-first order ``verify`` holds it to) and
-    the refusal for that day."""
+    part: Partition,
+    *,
+    dry_run: bool,
+    require_archive: bool,
+    log: tuple[datetime, timedelta],
+) -> RetentionAction:
+    """Remove one day partition and log it, or say why not. The day is read once.
+
+    The partition is detached first, then counted, then dropped, in one transaction: the
+    detach locks it (and the parent, briefly: the count is an index-only scan), so no event can
+    arrive between the count and the drop, and das.retention_log's count is exactly what left.
+    (Locking only the day before detaching could deadlock with an ingest transaction that
+    holds the parent and writes a late event into the day.)"""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        if not dry_run:
+            await conn.execute(
+                f'ALTER TABLE das.activity_events DETACH PARTITION das."{part.name}"'
+            )
+        archive = None
+        if require_archive:
+            held = await _partition_held(conn, part)
+            rows = sum(n for _, _, n in held)
+            archive, refused = await _archived(conn, held)
+            if refused is not None:
+                await transaction.rollback()  # the day stays attached
+                return RetentionAction(part.name, part.start, part.end, rows, refused=refused)
+        else:
+            # Only the total is logged: an index-only scan of the smallest full index (the
+            # planner's choice once the day's visibility map is set, as autovacuum sets it for
+            # a day this old), ~0.15-0.27 s for a day of 670,000 events.
+            rows = int(await conn.fetchval(f'SELECT count(*) FROM das."{part.name}"'))
+        if not dry_run:
+            await conn.execute(f'DROP TABLE das."{part.name}"')
+            await _log(conn, part.name, part.start, part.end, rows, *log, archive)
+    except BaseException:
+        await transaction.rollback()
+        raise
+    await transaction.commit()
+    return RetentionAction(part.name, part.start, part.end, rows, archive)
+
+
+async def _partition_held(conn: Conn, part: Partition) -> list[tuple[str, date, int]]:
+    """(stream, day, events) of a day partition, counted exactly in one pass.
+
+    One read of the day: an index-only scan of the provenance index (it leads with the stream;
+    the visibility map of a day this old is set: ~0.23-0.37 s for 670,000 events) or a
+    sequential scan, as the planner finds cheaper. A count is exact whichever it reads."""
+    counts = await conn.fetch(
+        f'SELECT stream_name, count(*) AS n FROM das."{part.name}" GROUP BY 1'
+    )
+    return [(r["stream_name"], part.day, int(r["n"])) for r in counts]
+
+
+async def _default_held(conn: Conn, cutoff: datetime) -> dict[date, list[tuple[str, date, int]]]:
+    """(stream, day, events) of the default partition's rows older than ``cutoff``, by day."""
     held: dict[date, list[tuple[str, date, int]]] = {}
-    source: dict[date, str] = {}
-    for part in partitions:
-        counts = await conn.fetch(
-            f'SELECT stream_name, count(*) AS n FROM das."{part.name}" GROUP BY 1'
-        )
-        held[part.day] = [(r["stream_name"], part.day, r["n"]) for r in counts]
-        source[part.day] = part.name
     for r in await conn.fetch(
         """
         SELECT stream_name, (log_time AT TIME ZONE 'UTC')::date AS day, count(*) AS n
@@ -177,19 +236,31 @@ async def _plan_archived(
         """,
         cutoff,
     ):
-        held.setdefault(r["day"], []).append((r["stream_name"], r["day"], r["n"]))
-        source.setdefault(r["day"], "activity_events_default")
+        held.setdefault(r["day"], []).append((r["stream_name"], r["day"], int(r["n"])))
+    return held
+
+
+async def _check_days(
+    conn: Conn,
+    held: dict[date, list[tuple[str, date, int]]],
+    archived: dict[date, list[dict[str, Any]]],
+) -> RetentionAction | None:
+    """Check days of the default partition against das.archived_days, oldest first, filling
+    ``archived`` with the entries of those that may go (each day once). Returns the refusal of
+    the first day that may not (retention stops there: the oldest-first order ``verify``
+    holds it to)."""
     for day in sorted(held):
+        if day in archived:
+            continue
         entries, refused = await _archived(conn, held[day])
         if refused is not None:
             start = datetime.combine(day, time(), tzinfo=UTC)
             rows = sum(n for _, _, n in held[day])
-            refusal = RetentionAction(
-                source[day], start, start + timedelta(days=1), rows, refused=refused
+            return RetentionAction(
+                "activity_events_default", start, start + timedelta(days=1), rows, refused=refused
             )
-            return start, refusal
         archived[day] = entries
-    return cutoff, None
+    return None
 
 
 async def _archived(
