@@ -114,6 +114,7 @@ async def apply_retention(
                 )
                 await conn.execute(f'DROP TABLE das."{part.name}"')
                 await _log(conn, part.name, part.start, part.end, rows, basis, keep, archive)
+                await drop_sessions_before(conn, part.end)
         actions.append(RetentionAction(part.name, part.start, part.end, rows, archive))
         if progress is not None:
             progress.update()
@@ -147,6 +148,7 @@ async def apply_retention(
         if not dry_run:
             # The derived statements table follows its events.
             await conn.execute("DELETE FROM das.statements WHERE log_time < $1", cutoff)
+            await drop_sessions_before(conn, cutoff)
     if progress is not None:
         progress.update()
     return sorted(actions, key=lambda a: a.refused is not None)
@@ -260,3 +262,10 @@ async def _log(
         "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
         name, start, end, rows, removed_at, keep, orjson.dumps(archive).decode(),
     )  # fmt: skip
+
+
+async def drop_sessions_before(conn: Conn, end: datetime) -> None:
+    """The derived sessions (das.session_summaries) follow their events: those whose every
+    event lies before ``end`` (days dropped oldest first: all of theirs are gone) go in the
+    same transaction as their last day."""
+    await conn.execute("DELETE FROM das.session_summaries WHERE last_event_at < $1", end)
