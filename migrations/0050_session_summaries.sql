@@ -168,7 +168,9 @@ REVOKE ALL ON FUNCTION das.merge_redriven_sessions(text, text, numeric) FROM PUB
 -- saw of its shard, below its batch (those events were not committed, so not seen): it merges
 -- them, once.
 CREATE FUNCTION das.rebuild_sessions() RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+-- work_mem: the aggregate of every event keeps one group per session (~80k sessions a million
+-- events); with the default 4MB it spills to disk.
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET work_mem = '256MB' AS $$
 DECLARE
     sessions bigint;
 BEGIN

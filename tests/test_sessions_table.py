@@ -68,6 +68,11 @@ async def assert_as_the_old_view(conn: Reader) -> list[dict[str, Any]]:
     return merged
 
 
+async def guards_of(conn: asyncpg.Connection) -> dict[str, str]:
+    rows = await conn.fetch("SELECT shard_id, merged_through::text AS m FROM das.session_merges")
+    return {r["shard_id"]: r["m"] for r in rows}
+
+
 @pytest.mark.usefixtures("aws_env")
 async def test_a_fleet_of_all_engines_merges_the_old_views_sessions(
     fleet: Fleet, pg_dsn: str
@@ -80,7 +85,9 @@ async def test_a_fleet_of_all_engines_merges_the_old_views_sessions(
     opts = options(stream, engine="all", count=1600, shards=2, instances=4)
     await produce(opts)
     workers = [
-        await fleet.start(name, stream, pg_dsn, "--processes", "0", "--stop-when-idle", "2")
+        await fleet.start(
+            name, stream, pg_dsn, "--processes", "0", "--max-records", "7", "--stop-when-idle", "2"
+        )
         for name in ("w1", "w2")
     ]
     for worker in workers:
@@ -92,21 +99,32 @@ async def test_a_fleet_of_all_engines_merges_the_old_views_sessions(
         assert {r["engine"] for r in merged} == {"postgresql", "mysql", "oracle", "sqlserver"}
         assert any(r["duration"] is not None for r in merged)
         assert any(r["failed_statements"] > 0 for r in merged)
-        # Each shard was merged in several batches (the guard moved to its last event).
+        # Each shard was committed, so merged, in several batches (a chain link each).
+        commits = await conn.fetchval(
+            "SELECT min(n) FROM (SELECT count(*) AS n FROM das.chain_links "
+            "WHERE stream_name = $1 GROUP BY shard_id) AS c",
+            stream,
+        )
+        assert commits > 1
+        # ... and sessions have events in several of them: their rows were merged, not just
+        # inserted.
+        spanning = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM das.activity_events e JOIN das.chain_links l "
+            "ON l.stream_name = e.stream_name AND l.shard_id = e.shard_id "
+            "AND e.sequence_number BETWEEN l.first_sequence AND l.last_sequence "
+            "WHERE e.session_id IS NOT NULL "
+            "GROUP BY e.cluster_id, e.instance_id, e.session_id, e.pid "
+            "HAVING count(DISTINCT (l.shard_id, l.link_no)) > 1) AS s"
+        )
+        assert spanning > 0
         shards = await conn.fetch(
             "SELECT shard_id, min(sequence_number)::text AS first, "
-            "max(sequence_number)::text AS last, count(DISTINCT sequence_number) AS records "
+            "max(sequence_number)::text AS last "
             "FROM das.activity_events GROUP BY shard_id ORDER BY shard_id"
         )
         assert len(shards) == 2
-        guards = dict(
-            await conn.fetch(
-                "SELECT shard_id, merged_through::text FROM das.session_merges "
-                "WHERE stream_name = $1",
-                stream,
-            )
-        )
-        assert guards == {s["shard_id"]: s["last"] for s in shards}
+        # The guard of each shard is at its last event.
+        assert await guards_of(conn) == {s["shard_id"]: s["last"] for s in shards}
         for shard in shards:
             skipped = await conn.fetchval(
                 MERGE_SESSIONS, stream, shard["shard_id"], shard["first"], shard["last"]
@@ -115,9 +133,7 @@ async def test_a_fleet_of_all_engines_merges_the_old_views_sessions(
         assert await sessions_of(conn) == merged
         assert await rebuild_sessions(conn) == len(merged)
         assert await sessions_of(conn) == merged
-        assert dict(
-            await conn.fetch("SELECT shard_id, merged_through::text FROM das.session_merges")
-        ) == {s["shard_id"]: s["last"] for s in shards}
+        assert await guards_of(conn) == {s["shard_id"]: s["last"] for s in shards}
     finally:
         await conn.close()
 
