@@ -271,3 +271,41 @@ async def test_the_sessions_questions_use_an_index_and_no_event_partition(pg_dsn
             assert indexes(nodes), sql
     finally:
         await conn.close()
+
+
+async def test_the_ingest_role_merges_only_through_the_function(pg_dsn: str) -> None:
+    """The ingest role has no privilege on the session tables and may call das.merge_sessions
+    only (not the unguarded add, the re-drive's merge or the rebuild); analysts read."""
+    from tests.test_security import login_role
+
+    await migrated(pg_dsn)
+    ingest = await asyncpg.connect(await login_role(pg_dsn, "das_ingest", secrets.token_hex(8)))
+    analyst = await asyncpg.connect(await login_role(pg_dsn, "das_analyst", secrets.token_hex(8)))
+    try:
+        assert await ingest.fetchval(MERGE_SESSIONS, STREAM, "s", "1", "9") == 0
+        for statement in (
+            "SELECT count(*) FROM das.sessions",
+            "INSERT INTO das.session_summaries (session_id, statements, failed_statements) "
+            "VALUES ('x', 1, 0)",
+            "UPDATE das.session_summaries SET statements = 0",
+            "DELETE FROM das.session_summaries",
+            "UPDATE das.session_merges SET merged_through = 0",
+            "DELETE FROM das.session_merges",
+            "SELECT das.add_session_events('s', 's', 1, 9)",
+            "SELECT das.merge_redriven_sessions('s', 's', 1)",
+            "SELECT das.rebuild_sessions()",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await ingest.execute(statement)
+        assert await analyst.fetchval("SELECT count(*) FROM das.sessions") == 0
+        assert (
+            await analyst.fetchval(
+                "SELECT count(*) FROM das.sessions_between('-infinity', 'infinity')"
+            )
+            == 0
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await analyst.execute(MERGE_SESSIONS, STREAM, "s", "10", "19")
+    finally:
+        await ingest.close()
+        await analyst.close()
