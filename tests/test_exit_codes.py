@@ -52,6 +52,7 @@ USAGE_ERRORS: list[tuple[list[str], dict[str, str], str]] = [
     (["dead-letters", "retry"], {}, "one of the arguments --id --stage --all is required"),
     (["dead-letters", "list", "--limit", "many"], {}, "invalid int value"),
     (["rebuild-statements", "--dsn", "notadsn"], {}, "invalid warehouse DSN"),
+    (["rebuild-sessions", "--dsn", "notadsn"], {}, "invalid warehouse DSN"),
     (["decrypt"], {}, "one of the arguments --resource-id --stream is required"),
     (["emulate"], {}, "--stream"),
     (["status", "--log-level", "loud"], {}, "invalid choice"),
@@ -114,6 +115,7 @@ def test_the_contract_is_in_the_top_level_help(capsys: pytest.CaptureFixture[str
         ["anchor", "--export", "-"],
         ["dead-letters", "list"],
         ["rebuild-statements"],
+        ["rebuild-sessions"],
         ["retention", "--retention-keep", "90d", "--dry-run"],
         ["archive", "--to", "s3://bucket/p", "--before", "2024-03-01"],
     ],
@@ -133,6 +135,7 @@ async def test_an_unreachable_warehouse_exits_3(argv: list[str]) -> None:
         ["anchor", "--export", "-"],
         ["dead-letters", "list"],
         ["rebuild-statements"],
+        ["rebuild-sessions"],
     ],
     ids=lambda argv: " ".join(argv),
 )

@@ -1,5 +1,5 @@
 """The auditor views can use their indexes (their predicates imply the partial indexes'), and
-das.sessions_between reads only its window's partitions and agrees with das.sessions."""
+das.sessions_between reads no event partition and agrees with das.sessions."""
 
 from __future__ import annotations
 
@@ -103,34 +103,33 @@ async def test_the_views_can_use_their_partial_indexes(pg_dsn: str) -> None:
 async def test_sessions_between_reads_only_its_window_and_agrees_with_the_view(
     pg_dsn: str,
 ) -> None:
+    """das.sessions_between reads the session table (migrations/0050), no event partition, and
+    gives the view's rows of the sessions with an event in its window."""
     today = await filled(pg_dsn)
     conn = await asyncpg.connect(pg_dsn)
     try:
         day = today - timedelta(days=1)
         window = f"'{day.isoformat()}'::timestamptz, '{today.isoformat()}'::timestamptz"
         nodes = await plan_of(conn, f"SELECT * FROM das.sessions_between({window})")
-        scanned = {
-            n["Relation Name"]
-            for n in nodes
-            if str(n.get("Relation Name", "")).startswith("activity_events")
-        }
-        assert scanned == {f"activity_events_p{day:%Y%m%d}"}, scanned
+        scanned = {str(n.get("Relation Name")) for n in nodes if "Relation Name" in n}
+        assert scanned == {"session_summaries"}, scanned
+        columns = "engine, cluster_id, instance_id, session_id, pid"
         between = await conn.fetch(
-            f"SELECT * FROM das.sessions_between({window}) WHERE connected_at IS NOT NULL "
-            "ORDER BY cluster_id, instance_id, session_id, pid"
+            f"SELECT * FROM das.sessions_between({window}) ORDER BY {columns}"
         )
-        # The view's answer for the sessions that connected that day and had no event outside it.
-        whole = await conn.fetch(
+        bounds = window.split(",")
+        overlapping = await conn.fetch(
             f"""
-            SELECT * FROM das.sessions
-            WHERE connected_at >= {window.split(",")[0]} AND last_event_at < {window.split(",")[1]}
-            ORDER BY cluster_id, instance_id, session_id, pid
+            SELECT * FROM das.sessions s
+            WHERE EXISTS (SELECT 1 FROM das.activity_events e
+                          WHERE e.cluster_id = s.cluster_id AND e.instance_id = s.instance_id
+                            AND e.session_id = s.session_id AND e.pid IS NOT DISTINCT FROM s.pid
+                            AND e.log_time >= {bounds[0]} AND e.log_time < {bounds[1]})
+            ORDER BY {columns}
             """
         )
-        assert whole, "the fill has sessions that connected and ended that day"
-        keyed = {tuple(r.values())[:4]: dict(r) for r in between}
-        for row in whole:
-            assert keyed[tuple(row.values())[:4]] == dict(row)
+        assert overlapping, "the fill has sessions with events that day"
+        assert [dict(r) for r in between] == [dict(r) for r in overlapping]
     finally:
         await conn.close()
 
@@ -142,7 +141,6 @@ BOUNDED_README_QUERIES = {
     "FROM das.failed_logins\nWHERE engine = 'sqlserver'": 7,
     "'ADD MEMBER', 'DROP MEMBER', 'GRANT', 'DENY'": 7,
     "FROM das.sqlserver_statements_between(now() - interval '1 day', now())": 1,
-    "FROM das.sessions_between(now() - interval '1 hour', now())": 1,
     # who touched a table: per user and command over a week, row by row over a day
     "min(log_time) AS first_seen": 7,
     "'test1')\n  AND log_time > now() - interval '1 day'": 1,
@@ -151,8 +149,9 @@ BOUNDED_README_QUERIES = {
 
 async def test_the_readme_engine_queries_read_only_their_window(pg_dsn: str) -> None:
     """Over twelve day partitions, the README's per-engine questions (Oracle and SQL Server
-    failed logins and permission changes, split SQL Server statements, sessions of the last
-    hour) read only the partitions of their time bound: none older than it."""
+    failed logins and permission changes, split SQL Server statements) read only the
+    partitions of their time bound: none older than it. (The sessions of the last hour read
+    das.session_summaries: tests/test_sessions_table.py.)"""
     from tests.test_readme_queries import readme_queries
 
     today = await filled(pg_dsn, days=12)

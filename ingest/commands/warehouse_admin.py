@@ -1,4 +1,5 @@
-"""Warehouse administration: ``retention``, ``dead-letters``, ``rebuild-statements``.
+"""Warehouse administration: ``retention``, ``dead-letters``, ``rebuild-statements``,
+``rebuild-sessions``.
 
 These run as the schema owner (the role that ran ``migrate``), not as the ingest role.
 """
@@ -116,6 +117,17 @@ def add_parser(subparsers: Any) -> None:
     add_dsn_argument(rebuild)
     add_log_argument(rebuild)
     rebuild.set_defaults(func=_rebuild)
+
+    sessions = subparsers.add_parser(
+        "rebuild-sessions",
+        help="recompute das.session_summaries (the das.sessions view) from the stored events",
+        description="das.session_summaries is derived from das.activity_events; this "
+        "recomputes it (for example after restoring events from a backup) in one transaction. "
+        "Readers see the old rows until it commits; workers' commits wait for it.",
+    )
+    add_dsn_argument(sessions)
+    add_log_argument(sessions)
+    sessions.set_defaults(func=_rebuild_sessions)
 
 
 def _retention(args: argparse.Namespace) -> int:
@@ -318,6 +330,23 @@ async def _do_rebuild(args: argparse.Namespace) -> int:
         bar.close()
     of = f" of {args.day.isoformat()}" if args.day is not None else ""
     print(f"das.statements rebuilt: {rows} statements{of}")
+    return 0
+
+
+def _rebuild_sessions(args: argparse.Namespace) -> int:
+    return _run(_do_rebuild_sessions(args))
+
+
+async def _do_rebuild_sessions(args: argparse.Namespace) -> int:
+    from ingest.warehouse.db import connect, resolve_dsn
+    from ingest.warehouse.sessions import rebuild_sessions
+
+    conn = await connect(resolve_dsn(args.dsn))
+    try:
+        rows = await rebuild_sessions(conn)
+    finally:
+        await conn.close()
+    print(f"das.session_summaries rebuilt: {rows} sessions")
     return 0
 
 

@@ -164,6 +164,7 @@ async def apply_retention(
         if not dry_run:
             # The derived statements table follows its events.
             await conn.execute("DELETE FROM das.statements WHERE log_time < $1", cutoff)
+            await drop_sessions_before(conn, cutoff)
     if progress is not None:
         progress.update()
     return sorted(actions, key=lambda a: a.refused is not None)
@@ -207,6 +208,7 @@ async def _drop_day(
         if not dry_run:
             await conn.execute(f'DROP TABLE das."{part.name}"')
             await _log(conn, part.name, part.start, part.end, rows, *log, archive)
+            await drop_sessions_before(conn, part.end)
     except BaseException:
         await transaction.rollback()
         raise
@@ -331,3 +333,10 @@ async def _log(
         "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
         name, start, end, rows, removed_at, keep, orjson.dumps(archive).decode(),
     )  # fmt: skip
+
+
+async def drop_sessions_before(conn: Conn, end: datetime) -> None:
+    """The derived sessions (das.session_summaries) follow their events: those whose every
+    event lies before ``end`` (days dropped oldest first: all of theirs are gone) go in the
+    same transaction as their last day."""
+    await conn.execute("DELETE FROM das.session_summaries WHERE last_event_at < $1", end)

@@ -40,6 +40,7 @@ FUNCTIONS = (
     "das.ensure_partition(date)",
     "das.ensure_partitions(date, date)",
     "das.merge_statements(text, text, numeric, numeric)",
+    "das.merge_sessions(text, text, numeric, numeric)",
 )
 
 

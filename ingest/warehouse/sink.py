@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 #: DEFINER function (migrations/0005): the ingest role has no privilege on das.statements.
 MERGE_STATEMENTS = "SELECT das.merge_statements($1, $2, $3::text::numeric, $4::text::numeric)"
 
+#: Merges the sessions of the records a batch just stored into das.session_summaries (a
+#: SECURITY DEFINER function, migrations/0050): once per commit, over the batch's range, after
+#: its COPY. A range merged already is skipped, so the counts never double.
+MERGE_SESSIONS = "SELECT das.merge_sessions($1, $2, $3::text::numeric, $4::text::numeric)"
+
 ADVANCE_CHECKPOINT = """
 UPDATE das.leases SET checkpoint = $1, checkpoint_at = now()
 WHERE stream_name = $2 AND shard_id = $3 AND owner = $4 AND lease_counter = $5
@@ -191,6 +196,9 @@ class Sink:
                 heartbeats=heartbeats,
                 per_record=per_record,
             )
+            span = sequence_range or checkpoint_span(previous_checkpoint, new_checkpoint)
+            if span is not None and stored:
+                await conn.execute(MERGE_SESSIONS, lease.stream_name, lease.shard_id, *span)
             letters = [*dead_letters, *failed]
             if letters:
                 await insert_dead_letters(conn, lease.stream_name, lease.shard_id, letters)
@@ -259,6 +267,15 @@ async def store_units(
     if heartbeats:
         await upsert_heartbeats(conn, stream_name, shard_id, heartbeats)
     return stored, failed
+
+
+def checkpoint_span(previous: str, new: str) -> tuple[str, str] | None:
+    """The sequence numbers a commit from checkpoint ``previous`` to ``new`` stores records of,
+    for a caller that names no range: after ``previous`` (from 0 after a sentinel such as
+    TRIM_HORIZON) up to ``new``. None when ``new`` is a sentinel (SHARD_END): unknown."""
+    if not new.isdigit():
+        return None
+    return (str(int(previous) + 1) if previous.isdigit() else "0", new)
 
 
 async def record_end(
