@@ -175,6 +175,7 @@ class Results:
     e2e: Table
     latency: Table
     ceiling: Table
+    cpu: Table
     checks: list[str] = field(default_factory=list)
     ok: bool = True
 
@@ -351,7 +352,38 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
         "Kinesis, no warehouse) and das-ingest run end to end",
         ["events/record", "suite", "ceiling events/s", "steady events/s", "% of ceiling"],
     )
-    results = Results(table, latency_table, ceiling_table)
+    cores = os.cpu_count() or 1
+    cpu_table = Table(
+        f"CPU in the steady window: each party's share of the machine's {cores} cores, and "
+        "the decode processes' CPU per event against the ceiling's"
+        + (f" (median of {args.e2e_repeat} runs)" if args.e2e_repeat > 1 else ""),
+        [
+            "events/record",
+            "suite",
+            "window s",
+            *(f"{p} %" for p in (*e2e.PARTIES, procs.REST, procs.IDLE)),
+            "decode µs/event",
+            "ceiling: decode µs/event",
+            "ceiling: decode %",
+            "% of ceiling",
+            "% of ceiling given its CPU",
+            "load 1m",
+        ],
+    )
+    cpu_table.notes += [
+        "Shares: CPU seconds (utime + stime from /proc/<pid>/stat, sampled every "
+        f"{e2e.RSS_INTERVAL:g} s, each process charged to the nearest party above it, exited "
+        "children through their parent's cutime) over the window's wall time x cores; "
+        "window: from the first commit to the last (the steady rate's span). 'rest of the "
+        "machine': /proc/stat's busy time minus the parties (other work on the machine, the "
+        "kernel's threads). The stream is filled before the worker starts: no producer runs "
+        "in the window.",
+        "ceiling: the decode pool alone (its best pass); 'ceiling: decode %' = its processes' "
+        "share of the cores meanwhile. '% of ceiling given its CPU' = steady rate / (ceiling "
+        "rate x decode % / ceiling: decode %) = ceiling µs/event / decode µs/event: how well "
+        "the decode processes used the CPU they got.",
+    ]
+    results = Results(table, latency_table, ceiling_table, cpu_table)
     variant_list = variants(args)
     async with aws_client("kinesis") as kinesis, aws_client("kms") as kms:
         key_id = await create_kms_key(kms)
@@ -506,16 +538,47 @@ async def _ceiling_rows(
         for _ in range(args.e2e_repeat)
     ]
     for work, runs in ((signed, signed_runs), (unsigned, unsigned_runs)):
-        top = await ceiling.decode_pool_rate(work, args.processes)
+        found = await ceiling.decode_pool_rate(work, args.processes)
+        top = found.events_per_second
         steady = statistics.median(r.steady_events_per_second for r in runs)
         share = steady / top if top else 0.0
         results.ceiling.add(size, f"{work.suite:#06x}", num(top), num(steady), f"{share:.0%}")
+        results.cpu.rows.append(cpu_row(size, work.suite, found, runs))
         results.checks.append(
             f"- Steady state, {size}/record, suite {work.suite:#06x}: {share:.0%} of the "
             f"decode-pool ceiling ({steady:,.0f} of {top:,.0f} events/s), target "
             f"{CEILING_TARGET:.0%}: {'ok' if share >= CEILING_TARGET else 'below target'}"
         )
     assert signed.suite == SUITE_ID
+
+
+def cpu_row(
+    size: int, suite: int, found: ceiling.Ceiling, runs: Sequence[e2e.WorkerRun]
+) -> list[str]:
+    """One row of the steady window's CPU table (medians over ``runs``)."""
+    windows = [r.steady_cpu for r in runs if r.steady_cpu is not None]
+    if not windows:
+        return [str(size), f"{suite:#06x}", *["-"] * 15]
+    shares = [w.shares() for w in windows]
+
+    def pct(values: Sequence[float]) -> str:
+        return f"{statistics.median(values):.0%}"
+
+    decode_us = statistics.median(w.per_event_us(e2e.DECODE) for w in windows)
+    ceiling_us = found.decode_us_per_event
+    steady = statistics.median(r.steady_events_per_second for r in runs)
+    return [
+        str(size),
+        f"{suite:#06x}",
+        num(statistics.median(w.seconds for w in windows), 1),
+        *(pct([s.get(p, 0.0) for s in shares]) for p in (*e2e.PARTIES, procs.REST, procs.IDLE)),
+        num(decode_us),
+        num(ceiling_us),
+        f"{found.decode_share:.0%}",
+        f"{steady / found.events_per_second:.0%}" if found.events_per_second else "-",
+        f"{ceiling_us / decode_us:.0%}" if decode_us else "-",
+        f"{statistics.median(r.load_average for r in runs):.1f}",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -553,6 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.policy_pair:
         print(results.latency.render() + "\n")
         print(results.ceiling.render() + "\n")
+        print(results.cpu.render() + "\n")
     if args.archive_events:
         print(archived.table.render() + "\n")
     print("### Checks\n")

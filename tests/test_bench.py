@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench import e2e
+from bench import e2e, procs
 from bench.encoder import SIGNATURE_LENGTH, UNSIGNED_SUITE_ID, FastEncryptor
 from ingest.decode import decode_record
 from ingest.decode.esdk import EsdkDecryptor
@@ -296,3 +296,87 @@ def test_the_policy_pair_runs_only_the_pack_on_and_off() -> None:
     assert parse_args(["--policy-pair", "--events-per-record", "100"]).sizes == [100]
     with pytest.raises(SystemExit):
         parse_args(["--policy-pair", "--quick"])
+
+
+_BUSY_PARENT = """
+import os, subprocess, sys, time
+def spin(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+spin(0.4)
+# a grandchild that spins and exits: its CPU reaches this process's cutime once reaped
+subprocess.run([sys.executable, "-c", sys.argv[1]], check=True)
+spin(0.2)
+t = os.times()
+print(t.user + t.system + t.children_user + t.children_system, flush=True)
+sys.stdin.readline()
+"""
+_SPIN = """
+import time
+end = time.process_time() + 0.4
+while time.process_time() < end:
+    pass
+"""
+_IDLE = "import sys; sys.stdin.readline()"
+
+
+def test_a_busy_process_tree_is_charged_its_cpu_and_the_parties_fit_in_the_machine() -> None:
+    """Real processes: a child that spins, runs a grandchild that spins and exits, spins again
+    and reports its own CPU seconds (os.times: its own and its reaped child's); an idle child
+    beside it. The samples charge the busy tree's CPU to its party, nothing to the idle one's,
+    and no more to all of them than the machine was busy."""
+    me = os.getpid()
+    parties = ("busy", "idle", "test")
+    samples: list[procs.CpuSample] = []
+
+    def sample(roots: dict[int, str]) -> None:
+        snap = procs.snapshot()
+        samples.append(procs.cpu_sample(snap, roots, own_only=(me,), parties=parties))
+
+    sample({me: "test"})
+    idle = subprocess.Popen([sys.executable, "-c", _IDLE], stdin=subprocess.PIPE, text=True)
+    busy = subprocess.Popen(
+        [sys.executable, "-c", _BUSY_PARENT, _SPIN],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    roots = {me: "test", busy.pid: "busy", idle.pid: "idle"}
+    try:
+        assert busy.stdout is not None
+        sample(roots)
+        reported = float(busy.stdout.readline())
+        time.sleep(0.05)
+        sample(roots)
+    finally:
+        for child in (busy, idle):
+            child.communicate("\n", timeout=30)
+    window = procs.cpu_window(samples, samples[0].at, samples[-1].at)
+    assert reported > 0.9  # 0.4 + 0.4 (grandchild) + 0.2 s spun, and interpreter start-ups
+    # 10 ms ticks: a few of them either way (the interpreters' last instructions)
+    assert window.parties["busy"] == pytest.approx(reported, abs=0.05)
+    assert window.parties["idle"] < 0.1
+    assert sum(window.parties.values()) <= window.machine + 0.05
+    shares = window.shares()
+    assert set(shares) == {*parties, procs.REST, procs.IDLE}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=0.02)
+    assert shares["busy"] == pytest.approx(reported / (window.seconds * window.cores), abs=0.05)
+
+
+def test_a_window_takes_the_cpu_between_its_ends_from_the_samples_around_them() -> None:
+    samples = [
+        procs.CpuSample(10.0, {"a": 0.0, "b": 5.0}, 100.0),
+        procs.CpuSample(11.0, {"a": 1.0, "b": 5.0}, 102.0),
+        procs.CpuSample(12.0, {"a": 3.0, "b": 5.5}, 104.0),
+    ]
+    window = procs.cpu_window(samples, 10.5, 11.5, events=300)
+    assert window.seconds == pytest.approx(1.0)
+    assert window.parties["a"] == pytest.approx(2.0 - 0.5)  # 0.5 at 10.5, 2.0 at 11.5
+    assert window.parties["b"] == pytest.approx(0.25)
+    assert window.machine == pytest.approx(2.0)
+    assert window.per_event_us("a") == pytest.approx(1.5 / 300 * 1e6)
+    # ends outside the samples take the first or the last sample
+    assert procs.cpu_window(samples, 0.0, 99.0).parties["a"] == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        procs.cpu_window(samples, 11.0, 11.0)
