@@ -47,6 +47,8 @@ from ingest.warehouse.migrate import migrate
 #: Every worker run: what tests/fleet.py uses, so leases are taken within a second or two.
 WORKER_ARGS = ("--lease-seconds", "3", "--shard-sync-seconds", "2", "--shutdown-deadline", "10")
 RSS_INTERVAL = 0.1
+#: a walk of all of /proc every this many samples (1 s), the known processes only in between
+WALK_EVERY = 10
 
 
 @dataclass
@@ -178,12 +180,23 @@ class _Worker:
                 sys.stderr.write(line.decode(errors="replace"))
 
     async def _sample(self) -> None:
-        """Every RSS_INTERVAL, one walk of /proc: the tree's resident memory, and the CPU
-        seconds of every party (see :func:`party_roots`)."""
+        """Every RSS_INTERVAL: the tree's resident memory, and the CPU seconds of every party
+        (see :func:`party_roots`). The processes of the parties are found by a walk of all of
+        /proc every WALK_EVERY samples; in between only theirs are read (the walk costs the
+        bench a few ms, on the cores the worker needs). A process started in between is
+        counted from the next walk on (its CPU so far included); one that exits in between
+        moves into its parent's reaped children's time."""
         page = os.sysconf("SC_PAGE_SIZE")
         me = os.getpid()
+        known: list[int] | None = None
+        count = 0
         while self.process.returncode is None:
-            snap = procs.snapshot()
+            walk = known is None or count % WALK_EVERY == 0
+            snap = procs.snapshot(None if walk else known)
+            count += 1
+            if walk:
+                snap = {p: snap[p] for p in self._parties_pids(snap, me)}
+                known = list(snap)
             pids = procs.tree(snap, self.process.pid)
             self.peak_rss = max(self.peak_rss, sum(snap[p].rss_pages for p in pids) * page)
             roots = party_roots(snap, self.process.pid, me, self.servers)
@@ -191,6 +204,14 @@ class _Worker:
                 procs.cpu_sample(snap, roots, own_only=(me, self.process.pid), parties=PARTIES)
             )
             await asyncio.sleep(RSS_INTERVAL)
+
+    def _parties_pids(self, snap: Mapping[int, procs.ProcStat], me: int) -> set[int]:
+        """The processes of every party in a snapshot of all of them: this one, and the trees
+        of the worker and of the servers."""
+        found = {me}
+        for root in (self.process.pid, *self.servers):
+            found.update(procs.tree(snap, root))
+        return found
 
     async def scrape(self, session: aiohttp.ClientSession | None = None) -> None:
         """Read das_kms_calls_total from the worker's /metrics (the coordinator refreshes it
