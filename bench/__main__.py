@@ -7,6 +7,7 @@ reference consumer, KMS calls, memory, latency; ``--quick`` is a smoke run (< 60
     python -m bench --archive-events 1000000   # also: archive a day of 1M events to S3
     python -m bench --worker-arg=--some-flag   # also: das-ingest run with extra flags
     python -m bench --policy-pair --e2e-repeat 7   # only the pack's cost, pack on vs off
+    python -m bench --ceiling-only --records 6000  # only steady state vs the ceiling, with CPU
 
 See README "Performance" for what each number means.
 """
@@ -135,8 +136,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "rounds, the order alternating each round; no decode tables, reference, ceiling or "
         "latency",
     )
+    parser.add_argument(
+        "--ceiling-only",
+        action="store_true",
+        help="run only the steady-state comparison: das-ingest end to end and the decode-pool "
+        "ceiling, both suites, at --events-per-record (here default 1,10), with the CPU of "
+        "every party in the steady window; no decode tables, reference, option rows, latency, "
+        "backlog or archive",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.ceiling_only:
+        if args.quick or args.policy_pair:
+            parser.error("--ceiling-only goes with neither --quick nor --policy-pair")
+        if args.events_per_record == parser.get_default("events_per_record"):
+            args.events_per_record = ",".join(map(str, CEILING_SIZES))
+        args.no_reference = args.no_skip_sig = args.no_chain_off = args.no_policies_off = True
+        args.worker_arg = []
+        args.backlog = args.archive_events = 0
     if args.policy_pair:
         if args.quick:
             parser.error("--policy-pair and --quick do not go together")
@@ -469,7 +486,7 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
                     "-",
                 )
 
-        if args.policy_pair:
+        if args.policy_pair or args.ceiling_only:
             return results
         lat_events = int(args.latency_rate * args.latency_seconds)
         stream = "aws-rds-das-cluster-BENCHLAT"
@@ -602,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("### Checks\n")
         print("\n".join(archived.checks))
         return 0 if archived.ok else 1
-    tables = [] if args.policy_pair else decode_tables(args)
+    tables = [] if args.policy_pair or args.ceiling_only else decode_tables(args)
     for t in tables:
         print(t.render() + "\n", flush=True)
     with LocalStack() as stack:
@@ -613,8 +630,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.checks += archived.checks
             results.ok &= archived.ok
     print(results.e2e.render() + "\n")
-    if not args.policy_pair:
+    if not (args.policy_pair or args.ceiling_only):
         print(results.latency.render() + "\n")
+    if not args.policy_pair:
         print(results.ceiling.render() + "\n")
         print(results.cpu.render() + "\n")
     if args.archive_events:

@@ -137,6 +137,23 @@ def test_quick_bench_prints_every_row() -> None:
         assert _number(row["ceiling events/s"]) > 0
         assert _number(row["steady events/s"]) > 0
         assert row["% of ceiling"].endswith("%")
+    cpu = _table(tables, "CPU in the steady window")
+    assert [(r["events/record"], r["suite"]) for r in cpu] == [
+        (r["events/record"], r["suite"]) for r in ceiling
+    ]
+    # a quick run's 1-event stream may commit too few times for a steady window
+    measured = [r for r in cpu if r["window s"] != "-"]
+    assert measured, cpu
+    for row in measured:
+        shares = {h: _number(c) for h, c in row.items() if h.endswith(" %")}
+        assert len(shares) == 9  # six parties, the rest of the machine, idle; the ceiling's
+        # the parties, the rest of the machine and idle are the whole machine (8 roundings)
+        assert 92 <= sum(v for h, v in shares.items() if not h.startswith("ceiling")) <= 108
+        assert 0 < shares["ceiling: decode %"] <= 100
+        assert _number(row["ceiling: decode µs/event"]) > 0
+        if _number(row["window s"]) >= 1.0:  # 10 ms ticks: a shorter one may read 0
+            assert _number(row["decode µs/event"]) > 0
+            assert row["% of ceiling given its CPU"].endswith("%")
     archived = _table(tables, "Archive: one UTC day of 2,000 events")
     assert [r["step"] for r in archived] == [
         "fill the warehouse (decode + COPY + chain)",
@@ -380,3 +397,17 @@ def test_a_window_takes_the_cpu_between_its_ends_from_the_samples_around_them() 
     assert procs.cpu_window(samples, 0.0, 99.0).parties["a"] == pytest.approx(3.0)
     with pytest.raises(ValueError):
         procs.cpu_window(samples, 11.0, 11.0)
+
+
+def test_the_ceiling_only_run_measures_just_das_ingest_at_1_and_10_per_record() -> None:
+    from bench.__main__ import parse_args, variants
+
+    args = parse_args(["--ceiling-only", "--records", "500"])
+    assert args.sizes == [1, 10]
+    assert args.no_reference
+    assert (args.backlog, args.archive_events) == (0, 0)
+    assert [(v.label, v.flags) for v in variants(args)] == [("das-ingest", [])]
+    assert parse_args(["--ceiling-only", "--events-per-record", "10"]).sizes == [10]
+    for other in ("--quick", "--policy-pair"):
+        with pytest.raises(SystemExit):
+            parse_args(["--ceiling-only", other])
