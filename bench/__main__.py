@@ -384,6 +384,9 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
             "ceiling: decode %",
             "% of ceiling",
             "% of ceiling given its CPU",
+            "others µs/event",
+            "bound: stack on free cores",
+            "bound: worker alone",
             "load 1m",
         ],
     )
@@ -399,6 +402,12 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
         "share of the cores meanwhile. '% of ceiling given its CPU' = steady rate / (ceiling "
         "rate x decode % / ceiling: decode %) = ceiling µs/event / decode µs/event: how well "
         "the decode processes used the CPU they got.",
+        "others µs/event: the worker's main process, kinesalite, PostgreSQL and moto per event "
+        "(not the bench). The bounds are the most % of ceiling the steady rate could reach if "
+        "nothing else ran, decoding at the ceiling's µs/event: 'stack on free cores' = ceiling "
+        "µs/event / (ceiling µs/event + others µs/event), everything on these cores; 'worker "
+        "alone' the same with the worker's main process alone as the other (Kinesis, KMS and "
+        "the warehouse elsewhere, as in production).",
     ]
     results = Results(table, latency_table, ceiling_table, cpu_table)
     variant_list = variants(args)
@@ -575,13 +584,17 @@ def cpu_row(
     """One row of the steady window's CPU table (medians over ``runs``)."""
     windows = [r.steady_cpu for r in runs if r.steady_cpu is not None]
     if not windows:
-        return [str(size), f"{suite:#06x}", *["-"] * 15]
+        return [str(size), f"{suite:#06x}", *["-"] * 18]
     shares = [w.shares() for w in windows]
 
     def pct(values: Sequence[float]) -> str:
         return f"{statistics.median(values):.0%}"
 
     decode_us = statistics.median(w.per_event_us(e2e.DECODE) for w in windows)
+    main = statistics.median(w.per_event_us(e2e.WORKER_MAIN) for w in windows)
+    others = statistics.median(
+        sum(w.per_event_us(p) for p in (e2e.WORKER_MAIN, *e2e.SERVERS)) for w in windows
+    )
     ceiling_us = found.decode_us_per_event
     steady = statistics.median(r.steady_events_per_second for r in runs)
     return [
@@ -594,6 +607,9 @@ def cpu_row(
         f"{found.decode_share:.0%}",
         f"{steady / found.events_per_second:.0%}" if found.events_per_second else "-",
         f"{ceiling_us / decode_us:.0%}" if decode_us else "-",
+        num(others),
+        f"{ceiling_us / (ceiling_us + others):.0%}" if ceiling_us else "-",
+        f"{ceiling_us / (ceiling_us + main):.0%}" if ceiling_us else "-",
         f"{statistics.median(r.load_average for r in runs):.1f}",
     ]
 

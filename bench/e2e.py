@@ -268,6 +268,8 @@ MOTO = "moto (KMS)"
 BENCH = "bench process"
 #: The parties of a worker run's CPU accounting, in the table's order.
 PARTIES = (WORKER_MAIN, DECODE, KINESALITE, POSTGRES, MOTO, BENCH)
+#: the parties that stand for services (Kinesis, the warehouse, KMS)
+SERVERS = (KINESALITE, POSTGRES, MOTO)
 
 
 def stack_roots(stack: LocalStack) -> dict[int, str]:

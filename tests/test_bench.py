@@ -411,3 +411,42 @@ def test_the_ceiling_only_run_measures_just_das_ingest_at_1_and_10_per_record() 
     for other in ("--quick", "--policy-pair"):
         with pytest.raises(SystemExit):
             parse_args(["--ceiling-only", other])
+
+
+def test_the_cpu_row_compares_cpu_per_event_with_the_ceiling() -> None:
+    """A 10 s window of 2 cores and 20,000 events: the decode processes used 2 s (100 µs per
+    event) where the ceiling used 80; PostgreSQL 0.6 s (30), the main process 0.4 s (20)."""
+    from bench.__main__ import cpu_row
+    from bench.ceiling import DECODE, Ceiling
+
+    used = {e2e.WORKER_MAIN: 0.4, e2e.DECODE: 2.0, e2e.POSTGRES: 0.6, e2e.BENCH: 0.2}
+    window = procs.CpuWindow(10.0, 2, {p: used.get(p, 0.0) for p in e2e.PARTIES}, 16.0, 20_000)
+    run = e2e.WorkerRun(
+        events=20_000,
+        records=2_000,
+        seconds=12.0,
+        first_commit_seconds=2.0,
+        steady_events_per_second=2_000.0,
+        peak_rss_bytes=0,
+        kms_calls=20,
+        exit_code=0,
+        steady_cpu=window,
+        load_average=3.0,
+    )
+    # the ceiling: 10,000 events in 1 s on 0.8 s of decode CPU (80 µs per event, 40% of 2 cores)
+    top = Ceiling(10_000.0, procs.CpuWindow(1.0, 2, {DECODE: 0.8}, 1.0, 10_000))
+    row = cpu_row(10, 0x0178, top, [run])
+    assert row[:3] == ["10", "0x0178", "10.0"]
+    # worker main, decode, kinesalite, PostgreSQL, moto, bench, the rest, idle
+    assert row[3:11] == ["2%", "10%", "0%", "3%", "0%", "1%", "64%", "20%"]
+    assert row[11:] == [
+        "100",  # decode µs/event
+        "80",  # the ceiling's
+        "40%",  # the ceiling's decode processes' share of the cores
+        "20%",  # 2,000 of 10,000 events/s
+        "80%",  # 80 / 100 µs: given its CPU
+        "50",  # main 20 + PostgreSQL 30 µs/event
+        "62%",  # 80 / (80 + 50)
+        "80%",  # 80 / (80 + 20)
+        "3.0",
+    ]
