@@ -7,6 +7,7 @@ reference consumer, KMS calls, memory, latency; ``--quick`` is a smoke run (< 60
     python -m bench --archive-events 1000000   # also: archive a day of 1M events to S3
     python -m bench --worker-arg=--some-flag   # also: das-ingest run with extra flags
     python -m bench --policy-pair --e2e-repeat 7   # only the pack's cost, pack on vs off
+    python -m bench --ceiling-only --records 6000  # only steady state vs the ceiling, with CPU
 
 See README "Performance" for what each number means.
 """
@@ -135,8 +136,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "rounds, the order alternating each round; no decode tables, reference, ceiling or "
         "latency",
     )
+    parser.add_argument(
+        "--ceiling-only",
+        action="store_true",
+        help="run only the steady-state comparison: das-ingest end to end and the decode-pool "
+        "ceiling, both suites, at --events-per-record (here default 1,10), with the CPU of "
+        "every party in the steady window; no decode tables, reference, option rows, latency, "
+        "backlog or archive",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.ceiling_only:
+        if args.quick or args.policy_pair:
+            parser.error("--ceiling-only goes with neither --quick nor --policy-pair")
+        if args.events_per_record == parser.get_default("events_per_record"):
+            args.events_per_record = ",".join(map(str, CEILING_SIZES))
+        args.no_reference = args.no_skip_sig = args.no_chain_off = args.no_policies_off = True
+        args.worker_arg = []
+        args.backlog = args.archive_events = 0
     if args.policy_pair:
         if args.quick:
             parser.error("--policy-pair and --quick do not go together")
@@ -175,6 +192,7 @@ class Results:
     e2e: Table
     latency: Table
     ceiling: Table
+    cpu: Table
     checks: list[str] = field(default_factory=list)
     ok: bool = True
 
@@ -351,7 +369,47 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
         "Kinesis, no warehouse) and das-ingest run end to end",
         ["events/record", "suite", "ceiling events/s", "steady events/s", "% of ceiling"],
     )
-    results = Results(table, latency_table, ceiling_table)
+    cores = os.cpu_count() or 1
+    cpu_table = Table(
+        f"CPU in the steady window: each party's share of the machine's {cores} cores, and "
+        "the decode processes' CPU per event against the ceiling's"
+        + (f" (median of {args.e2e_repeat} runs)" if args.e2e_repeat > 1 else ""),
+        [
+            "events/record",
+            "suite",
+            "window s",
+            *(f"{p} %" for p in (*e2e.PARTIES, procs.REST, procs.IDLE)),
+            "decode µs/event",
+            "ceiling: decode µs/event",
+            "ceiling: decode %",
+            "% of ceiling",
+            "% of ceiling given its CPU",
+            "others µs/event",
+            "bound: stack on free cores",
+            "bound: worker alone",
+            "load 1m",
+        ],
+    )
+    cpu_table.notes += [
+        "Shares: CPU seconds (utime + stime from /proc/<pid>/stat, sampled every "
+        f"{e2e.RSS_INTERVAL:g} s, each process charged to the nearest party above it, exited "
+        "children through their parent's cutime) over the window's wall time x cores; "
+        "window: from the first commit to the last (the steady rate's span). 'rest of the "
+        "machine': /proc/stat's busy time minus the parties (other work on the machine, the "
+        "kernel's threads). The stream is filled before the worker starts: no producer runs "
+        "in the window.",
+        "ceiling: the decode pool alone (its best pass); 'ceiling: decode %' = its processes' "
+        "share of the cores meanwhile. '% of ceiling given its CPU' = steady rate / (ceiling "
+        "rate x decode % / ceiling: decode %) = ceiling µs/event / decode µs/event: how well "
+        "the decode processes used the CPU they got.",
+        "others µs/event: the worker's main process, kinesalite, PostgreSQL and moto per event "
+        "(not the bench). The bounds are the most % of ceiling the steady rate could reach if "
+        "nothing else ran, decoding at the ceiling's µs/event: 'stack on free cores' = ceiling "
+        "µs/event / (ceiling µs/event + others µs/event), everything on these cores; 'worker "
+        "alone' the same with the worker's main process alone as the other (Kinesis, KMS and "
+        "the warehouse elsewhere, as in production).",
+    ]
+    results = Results(table, latency_table, ceiling_table, cpu_table)
     variant_list = variants(args)
     async with aws_client("kinesis") as kinesis, aws_client("kms") as kms:
         key_id = await create_kms_key(kms)
@@ -437,7 +495,7 @@ async def run_all(stack: LocalStack, args: argparse.Namespace) -> Results:
                     "-",
                 )
 
-        if args.policy_pair:
+        if args.policy_pair or args.ceiling_only:
             return results
         lat_events = int(args.latency_rate * args.latency_seconds)
         stream = "aws-rds-das-cluster-BENCHLAT"
@@ -506,16 +564,54 @@ async def _ceiling_rows(
         for _ in range(args.e2e_repeat)
     ]
     for work, runs in ((signed, signed_runs), (unsigned, unsigned_runs)):
-        top = await ceiling.decode_pool_rate(work, args.processes)
+        found = await ceiling.decode_pool_rate(work, args.processes)
+        top = found.events_per_second
         steady = statistics.median(r.steady_events_per_second for r in runs)
         share = steady / top if top else 0.0
         results.ceiling.add(size, f"{work.suite:#06x}", num(top), num(steady), f"{share:.0%}")
+        results.cpu.rows.append(cpu_row(size, work.suite, found, runs))
         results.checks.append(
             f"- Steady state, {size}/record, suite {work.suite:#06x}: {share:.0%} of the "
             f"decode-pool ceiling ({steady:,.0f} of {top:,.0f} events/s), target "
             f"{CEILING_TARGET:.0%}: {'ok' if share >= CEILING_TARGET else 'below target'}"
         )
     assert signed.suite == SUITE_ID
+
+
+def cpu_row(
+    size: int, suite: int, found: ceiling.Ceiling, runs: Sequence[e2e.WorkerRun]
+) -> list[str]:
+    """One row of the steady window's CPU table (medians over ``runs``)."""
+    windows = [r.steady_cpu for r in runs if r.steady_cpu is not None]
+    if not windows:
+        return [str(size), f"{suite:#06x}", *["-"] * 18]
+    shares = [w.shares() for w in windows]
+
+    def pct(values: Sequence[float]) -> str:
+        return f"{statistics.median(values):.0%}"
+
+    decode_us = statistics.median(w.per_event_us(e2e.DECODE) for w in windows)
+    main = statistics.median(w.per_event_us(e2e.WORKER_MAIN) for w in windows)
+    others = statistics.median(
+        sum(w.per_event_us(p) for p in (e2e.WORKER_MAIN, *e2e.SERVERS)) for w in windows
+    )
+    ceiling_us = found.decode_us_per_event
+    steady = statistics.median(r.steady_events_per_second for r in runs)
+    return [
+        str(size),
+        f"{suite:#06x}",
+        num(statistics.median(w.seconds for w in windows), 1),
+        *(pct([s.get(p, 0.0) for s in shares]) for p in (*e2e.PARTIES, procs.REST, procs.IDLE)),
+        num(decode_us),
+        num(ceiling_us),
+        f"{found.decode_share:.0%}",
+        f"{steady / found.events_per_second:.0%}" if found.events_per_second else "-",
+        f"{ceiling_us / decode_us:.0%}" if decode_us else "-",
+        num(others),
+        f"{ceiling_us / (ceiling_us + others):.0%}" if ceiling_us else "-",
+        f"{ceiling_us / (ceiling_us + main):.0%}" if ceiling_us else "-",
+        f"{statistics.median(r.load_average for r in runs):.1f}",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -539,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("### Checks\n")
         print("\n".join(archived.checks))
         return 0 if archived.ok else 1
-    tables = [] if args.policy_pair else decode_tables(args)
+    tables = [] if args.policy_pair or args.ceiling_only else decode_tables(args)
     for t in tables:
         print(t.render() + "\n", flush=True)
     with LocalStack() as stack:
@@ -550,9 +646,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.checks += archived.checks
             results.ok &= archived.ok
     print(results.e2e.render() + "\n")
-    if not args.policy_pair:
+    if not (args.policy_pair or args.ceiling_only):
         print(results.latency.render() + "\n")
+    if not args.policy_pair:
         print(results.ceiling.render() + "\n")
+        print(results.cpu.render() + "\n")
     if args.archive_events:
         print(archived.table.render() + "\n")
     print("### Checks\n")

@@ -30,7 +30,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,8 @@ from ingest.warehouse.migrate import migrate
 #: Every worker run: what tests/fleet.py uses, so leases are taken within a second or two.
 WORKER_ARGS = ("--lease-seconds", "3", "--shard-sync-seconds", "2", "--shutdown-deadline", "10")
 RSS_INTERVAL = 0.1
+#: a walk of all of /proc every this many samples (1 s), the known processes only in between
+WALK_EVERY = 10
 
 
 @dataclass
@@ -66,6 +68,11 @@ class WorkerRun:
     #: disturbed by other work on the machine than the rates
     worker_cpu_seconds: float = 0.0
     postgres_cpu_seconds: float = 0.0
+    #: CPU of every party (PARTIES) in the steady window: from the first commit to the last,
+    #: with the events of ``steady_events_per_second``
+    steady_cpu: procs.CpuWindow | None = None
+    #: the machine's 1-minute load average when the run ended
+    load_average: float = 0.0
 
     @property
     def events_per_second(self) -> float:
@@ -107,13 +114,20 @@ class _Worker:
     once, at the end."""
 
     def __init__(
-        self, process: asyncio.subprocess.Process, metrics_port: int, stream: str = ""
+        self,
+        process: asyncio.subprocess.Process,
+        metrics_port: int,
+        stream: str = "",
+        servers: Mapping[int, str] | None = None,
     ) -> None:
         self.process = process
         self.stream = stream
         self.metrics_port = metrics_port
         self.lines: list[str] = []
         self.peak_rss = 0
+        #: the roots of the parties whose CPU is sampled besides the worker (pid -> party)
+        self.servers = dict(servers or {})
+        self.cpu_samples: list[procs.CpuSample] = []
         self.kms_calls: int | None = None
         # /metrics is scraped once, at the end (run_worker): rendering it costs the worker's
         # event loop a few ms each time, which a scrape every 0.5 s took from the measurement.
@@ -123,7 +137,14 @@ class _Worker:
         ]
 
     @classmethod
-    async def start(cls, stream: str, dsn: str, extra: Sequence[str], processes: int) -> _Worker:
+    async def start(
+        cls,
+        stream: str,
+        dsn: str,
+        extra: Sequence[str],
+        processes: int,
+        servers: Mapping[int, str] | None = None,
+    ) -> _Worker:
         port = free_port()
         args = [
             "run",
@@ -149,7 +170,7 @@ class _Worker:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        return cls(process, port, stream)
+        return cls(process, port, stream, servers)
 
     async def _read(self) -> None:
         assert self.process.stderr is not None
@@ -159,9 +180,38 @@ class _Worker:
                 sys.stderr.write(line.decode(errors="replace"))
 
     async def _sample(self) -> None:
+        """Every RSS_INTERVAL: the tree's resident memory, and the CPU seconds of every party
+        (see :func:`party_roots`). The processes of the parties are found by a walk of all of
+        /proc every WALK_EVERY samples; in between only theirs are read (the walk costs the
+        bench a few ms, on the cores the worker needs). A process started in between is
+        counted from the next walk on (its CPU so far included); one that exits in between
+        moves into its parent's reaped children's time."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        me = os.getpid()
+        known: list[int] | None = None
+        count = 0
         while self.process.returncode is None:
-            self.peak_rss = max(self.peak_rss, procs.tree_rss_bytes(self.process.pid))
+            walk = known is None or count % WALK_EVERY == 0
+            snap = procs.snapshot(None if walk else known)
+            count += 1
+            if walk:
+                snap = {p: snap[p] for p in self._parties_pids(snap, me)}
+                known = list(snap)
+            pids = procs.tree(snap, self.process.pid)
+            self.peak_rss = max(self.peak_rss, sum(snap[p].rss_pages for p in pids) * page)
+            roots = party_roots(snap, self.process.pid, me, self.servers)
+            self.cpu_samples.append(
+                procs.cpu_sample(snap, roots, own_only=(me, self.process.pid), parties=PARTIES)
+            )
             await asyncio.sleep(RSS_INTERVAL)
+
+    def _parties_pids(self, snap: Mapping[int, procs.ProcStat], me: int) -> set[int]:
+        """The processes of every party in a snapshot of all of them: this one, and the trees
+        of the worker and of the servers."""
+        found = {me}
+        for root in (self.process.pid, *self.servers):
+            found.update(procs.tree(snap, root))
+        return found
 
     async def scrape(self, session: aiohttp.ClientSession | None = None) -> None:
         """Read das_kms_calls_total from the worker's /metrics (the coordinator refreshes it
@@ -210,6 +260,40 @@ class _Worker:
             self.process.send_signal(signal.SIGKILL)
 
 
+WORKER_MAIN = "worker main process"
+DECODE = "decode processes"
+KINESALITE = "kinesalite"
+POSTGRES = "PostgreSQL"
+MOTO = "moto (KMS)"
+BENCH = "bench process"
+#: The parties of a worker run's CPU accounting, in the table's order.
+PARTIES = (WORKER_MAIN, DECODE, KINESALITE, POSTGRES, MOTO, BENCH)
+#: the parties that stand for services (Kinesis, the warehouse, KMS)
+SERVERS = (KINESALITE, POSTGRES, MOTO)
+
+
+def stack_roots(stack: LocalStack) -> dict[int, str]:
+    """The local stack's server processes by party (their children follow them)."""
+    roots: dict[int, str] = {}
+    for server, party in ((stack.kinesis, KINESALITE), (stack.postgres, POSTGRES)):
+        if server is not None:
+            roots.update(dict.fromkeys(server.pids(), party))
+    if stack.kms is not None:
+        roots.update(dict.fromkeys(stack.kms.pids(), MOTO))
+    return roots
+
+
+def party_roots(
+    snap: Mapping[int, procs.ProcStat], worker: int, bench: int, servers: Mapping[int, str]
+) -> dict[int, str]:
+    """pid -> party for one snapshot: the worker's process itself, each of its children (the
+    decode processes; the pool's resource tracker, idle, with them), the servers, and this
+    process (the bench: polling the lease table, sampling)."""
+    roots = {bench: BENCH, **servers, worker: WORKER_MAIN}
+    roots.update({pid: DECODE for pid, stat in snap.items() if stat.ppid == worker})
+    return roots
+
+
 def _sample_value(text: str, name: str) -> int | None:
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -248,7 +332,9 @@ async def run_worker(
         cpu_before = _children_cpu()
         postgres_before = procs.tree_cpu_seconds(postgres_pids)
         started = time.time()
-        worker = await _Worker.start(workload.stream, dsn, list(worker_args), processes)
+        worker = await _Worker.start(
+            workload.stream, dsn, list(worker_args), processes, stack_roots(stack)
+        )
         try:
             await _until_checkpointed(dsn, worker, last_put, limit_seconds)
             # Let one coordinator cycle (1 s with --lease-seconds 3) publish the KMS counter.
@@ -292,7 +378,19 @@ async def run_worker(
         log_tail=worker.lines[-5:],
         worker_cpu_seconds=worker_cpu,
         postgres_cpu_seconds=postgres_cpu,
+        steady_cpu=steady_cpu(worker.cpu_samples, commits),
+        load_average=os.getloadavg()[0],
     )
+
+
+def steady_cpu(
+    samples: Sequence[procs.CpuSample], commits: Sequence[tuple[float, int]]
+) -> procs.CpuWindow | None:
+    """The parties' CPU over the steady window (:func:`steady_rate`'s span and events)."""
+    if len(commits) < 2 or len(samples) < 2 or commits[-1][0] <= commits[0][0]:
+        return None
+    events = sum(n for _, n in commits[:-1])
+    return procs.cpu_window(samples, commits[0][0], commits[-1][0], events)
 
 
 async def commit_times(conn: asyncpg.Connection, stream: str) -> list[tuple[float, int]]:

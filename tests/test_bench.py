@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench import e2e
+from bench import e2e, procs
 from bench.encoder import SIGNATURE_LENGTH, UNSIGNED_SUITE_ID, FastEncryptor
 from ingest.decode import decode_record
 from ingest.decode.esdk import EsdkDecryptor
@@ -137,6 +137,23 @@ def test_quick_bench_prints_every_row() -> None:
         assert _number(row["ceiling events/s"]) > 0
         assert _number(row["steady events/s"]) > 0
         assert row["% of ceiling"].endswith("%")
+    cpu = _table(tables, "CPU in the steady window")
+    assert [(r["events/record"], r["suite"]) for r in cpu] == [
+        (r["events/record"], r["suite"]) for r in ceiling
+    ]
+    # a quick run's 1-event stream may commit too few times for a steady window
+    measured = [r for r in cpu if r["window s"] != "-"]
+    assert measured, cpu
+    for row in measured:
+        shares = {h: _number(c) for h, c in row.items() if h.endswith(" %")}
+        assert len(shares) == 9  # six parties, the rest of the machine, idle; the ceiling's
+        # the parties, the rest of the machine and idle are the whole machine (8 roundings)
+        assert 92 <= sum(v for h, v in shares.items() if not h.startswith("ceiling")) <= 108
+        assert 0 < shares["ceiling: decode %"] <= 100
+        assert _number(row["ceiling: decode µs/event"]) > 0
+        if _number(row["window s"]) >= 1.0:  # 10 ms ticks: a shorter one may read 0
+            assert _number(row["decode µs/event"]) > 0
+            assert row["% of ceiling given its CPU"].endswith("%")
     archived = _table(tables, "Archive: one UTC day of 2,000 events")
     assert [r["step"] for r in archived] == [
         "fill the warehouse (decode + COPY + chain)",
@@ -296,3 +313,140 @@ def test_the_policy_pair_runs_only_the_pack_on_and_off() -> None:
     assert parse_args(["--policy-pair", "--events-per-record", "100"]).sizes == [100]
     with pytest.raises(SystemExit):
         parse_args(["--policy-pair", "--quick"])
+
+
+_BUSY_PARENT = """
+import os, subprocess, sys, time
+def spin(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+spin(0.4)
+# a grandchild that spins and exits: its CPU reaches this process's cutime once reaped
+subprocess.run([sys.executable, "-c", sys.argv[1]], check=True)
+spin(0.2)
+t = os.times()
+print(t.user + t.system + t.children_user + t.children_system, flush=True)
+sys.stdin.readline()
+"""
+_SPIN = """
+import time
+end = time.process_time() + 0.4
+while time.process_time() < end:
+    pass
+"""
+_IDLE = "import sys; sys.stdin.readline()"
+
+
+def test_a_busy_process_tree_is_charged_its_cpu_and_the_parties_fit_in_the_machine() -> None:
+    """Real processes: a child that spins, runs a grandchild that spins and exits, spins again
+    and reports its own CPU seconds (os.times: its own and its reaped child's); an idle child
+    beside it. The samples charge the busy tree's CPU to its party, nothing to the idle one's,
+    and no more to all of them than the machine was busy."""
+    me = os.getpid()
+    parties = ("busy", "idle", "test")
+    samples: list[procs.CpuSample] = []
+
+    def sample(roots: dict[int, str]) -> None:
+        snap = procs.snapshot()
+        samples.append(procs.cpu_sample(snap, roots, own_only=(me,), parties=parties))
+
+    sample({me: "test"})
+    idle = subprocess.Popen([sys.executable, "-c", _IDLE], stdin=subprocess.PIPE, text=True)
+    busy = subprocess.Popen(
+        [sys.executable, "-c", _BUSY_PARENT, _SPIN],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    roots = {me: "test", busy.pid: "busy", idle.pid: "idle"}
+    try:
+        assert busy.stdout is not None
+        sample(roots)
+        reported = float(busy.stdout.readline())
+        time.sleep(0.05)
+        sample(roots)
+    finally:
+        for child in (busy, idle):
+            child.communicate("\n", timeout=30)
+    window = procs.cpu_window(samples, samples[0].at, samples[-1].at)
+    assert reported > 0.9  # 0.4 + 0.4 (grandchild) + 0.2 s spun, and interpreter start-ups
+    # 10 ms ticks: a few of them either way (the interpreters' last instructions)
+    assert window.parties["busy"] == pytest.approx(reported, abs=0.05)
+    assert window.parties["idle"] < 0.1
+    assert sum(window.parties.values()) <= window.machine + 0.05
+    shares = window.shares()
+    assert set(shares) == {*parties, procs.REST, procs.IDLE}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=0.02)
+    assert shares["busy"] == pytest.approx(reported / (window.seconds * window.cores), abs=0.05)
+
+
+def test_a_window_takes_the_cpu_between_its_ends_from_the_samples_around_them() -> None:
+    samples = [
+        procs.CpuSample(10.0, {"a": 0.0, "b": 5.0}, 100.0),
+        procs.CpuSample(11.0, {"a": 1.0, "b": 5.0}, 102.0),
+        procs.CpuSample(12.0, {"a": 3.0, "b": 5.5}, 104.0),
+    ]
+    window = procs.cpu_window(samples, 10.5, 11.5, events=300)
+    assert window.seconds == pytest.approx(1.0)
+    assert window.parties["a"] == pytest.approx(2.0 - 0.5)  # 0.5 at 10.5, 2.0 at 11.5
+    assert window.parties["b"] == pytest.approx(0.25)
+    assert window.machine == pytest.approx(2.0)
+    assert window.per_event_us("a") == pytest.approx(1.5 / 300 * 1e6)
+    # ends outside the samples take the first or the last sample
+    assert procs.cpu_window(samples, 0.0, 99.0).parties["a"] == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        procs.cpu_window(samples, 11.0, 11.0)
+
+
+def test_the_ceiling_only_run_measures_just_das_ingest_at_1_and_10_per_record() -> None:
+    from bench.__main__ import parse_args, variants
+
+    args = parse_args(["--ceiling-only", "--records", "500"])
+    assert args.sizes == [1, 10]
+    assert args.no_reference
+    assert (args.backlog, args.archive_events) == (0, 0)
+    assert [(v.label, v.flags) for v in variants(args)] == [("das-ingest", [])]
+    assert parse_args(["--ceiling-only", "--events-per-record", "10"]).sizes == [10]
+    for other in ("--quick", "--policy-pair"):
+        with pytest.raises(SystemExit):
+            parse_args(["--ceiling-only", other])
+
+
+def test_the_cpu_row_compares_cpu_per_event_with_the_ceiling() -> None:
+    """A 10 s window of 2 cores and 20,000 events: the decode processes used 2 s (100 µs per
+    event) where the ceiling used 80; PostgreSQL 0.6 s (30), the main process 0.4 s (20)."""
+    from bench.__main__ import cpu_row
+    from bench.ceiling import DECODE, Ceiling
+
+    used = {e2e.WORKER_MAIN: 0.4, e2e.DECODE: 2.0, e2e.POSTGRES: 0.6, e2e.BENCH: 0.2}
+    window = procs.CpuWindow(10.0, 2, {p: used.get(p, 0.0) for p in e2e.PARTIES}, 16.0, 20_000)
+    run = e2e.WorkerRun(
+        events=20_000,
+        records=2_000,
+        seconds=12.0,
+        first_commit_seconds=2.0,
+        steady_events_per_second=2_000.0,
+        peak_rss_bytes=0,
+        kms_calls=20,
+        exit_code=0,
+        steady_cpu=window,
+        load_average=3.0,
+    )
+    # the ceiling: 10,000 events in 1 s on 0.8 s of decode CPU (80 µs per event, 40% of 2 cores)
+    top = Ceiling(10_000.0, procs.CpuWindow(1.0, 2, {DECODE: 0.8}, 1.0, 10_000))
+    row = cpu_row(10, 0x0178, top, [run])
+    assert row[:3] == ["10", "0x0178", "10.0"]
+    # worker main, decode, kinesalite, PostgreSQL, moto, bench, the rest, idle
+    assert row[3:11] == ["2%", "10%", "0%", "3%", "0%", "1%", "64%", "20%"]
+    assert row[11:] == [
+        "100",  # decode µs/event
+        "80",  # the ceiling's
+        "40%",  # the ceiling's decode processes' share of the cores
+        "20%",  # 2,000 of 10,000 events/s
+        "80%",  # 80 / 100 µs: given its CPU
+        "50",  # main 20 + PostgreSQL 30 µs/event
+        "62%",  # 80 / (80 + 50)
+        "80%",  # 80 / (80 + 20)
+        "3.0",
+    ]
