@@ -149,9 +149,10 @@ def test_quick_scale_bench_prints_every_table() -> None:
     assert time.monotonic() - started < 600
 
 
-def _quick_run_then_resume(env: dict[str, str], kept: Path) -> None:
+def _scale(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench.scale ARGS``, which must succeed."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.scale", "--quick", "--keep-warehouse", str(kept)],
+        [sys.executable, "-m", "bench.scale", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -160,6 +161,11 @@ def _quick_run_then_resume(env: dict[str, str], kept: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _quick_run_then_resume(env: dict[str, str], kept: Path) -> None:
+    done = _scale(env, "--quick", "--keep-warehouse", str(kept))
     assert "Machine: " in done.stdout
     tables = _tables(done.stdout)
     main = _table(tables, "Cost against warehouse size")
@@ -194,16 +200,7 @@ def _quick_run_then_resume(env: dict[str, str], kept: Path) -> None:
 
     # The kept warehouse resumes: migrated with this checkout's migrations and measured as it
     # is (nothing filled), then shut down cleanly again.
-    resumed = subprocess.run(
-        [sys.executable, "-m", "bench.scale", "--quick", "--resume", str(kept)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    resumed = _scale(env, "--quick", "--resume", str(kept))
     again = _tables(resumed.stdout)
     (row,) = _table(again, "Cost against warehouse size")
     assert _number(row["events stored"]) > 0
