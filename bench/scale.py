@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1024,15 +1024,35 @@ def charts(results: list[SizeResult], directory: Path) -> list[str]:
     return made
 
 
-async def run_all(
-    stack: LocalStack, args: argparse.Namespace
-) -> tuple[list[SizeResult], Table | None, str]:
-    # Today is the newest day partition; the ingest runs' traffic is today's too, so their rows
-    # land in it (as a live stream's do), not in the default partition.
+def _traffic_today() -> date:
+    """Today, made the emulated traffic's base day: today is the newest day partition, and the
+    ingest runs' traffic is today's too, so their rows land in it (as a live stream's do), not
+    in the default partition."""
     today = datetime.now(UTC).date()
     traffic._BASE_EPOCH_US = int(
         datetime(today.year, today.month, today.day, tzinfo=UTC).timestamp() * 1e6
     )
+    return today
+
+
+async def _ingest_workloads(
+    kms: Any, key_id: str, args: argparse.Namespace
+) -> tuple[workload.Workload, workload.Workload]:
+    """The sealed records of each size's ingest runs and of its latency run."""
+    work = await workload.build(
+        kms, key_id, "aws-rds-das-cluster-SCALEINGEST", 10, args.ingest_events, seed=10
+    )
+    latency_events = int(args.latency_rate * args.latency_seconds)
+    latency_work = await workload.build(
+        kms, key_id, "aws-rds-das-cluster-SCALELAT", 10, latency_events, seed=11
+    )
+    return work, latency_work
+
+
+async def run_all(
+    stack: LocalStack, args: argparse.Namespace
+) -> tuple[list[SizeResult], Table | None, str]:
+    today = _traffic_today()
     dsn = await e2e.fresh_database(stack)
     filler = Filler(
         dsn,
@@ -1052,12 +1072,7 @@ async def run_all(
             verify_key = (await kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC"))[
                 "KeyMetadata"
             ]["KeyId"]
-            stream = "aws-rds-das-cluster-SCALEINGEST"
-            work = await workload.build(kms, key_id, stream, 10, args.ingest_events, seed=10)
-            latency_events = int(args.latency_rate * args.latency_seconds)
-            latency_work = await workload.build(
-                kms, key_id, "aws-rds-das-cluster-SCALELAT", 10, latency_events, seed=11
-            )
+            work, latency_work = await _ingest_workloads(kms, key_id, args)
             keys = (anchor_key, verify_key)
             for size in args.size_list:
                 await measure_size(
@@ -1091,13 +1106,9 @@ async def run_resumed(
     size (no fill: its commit per batch and fill rate are not measured)."""
     assert stack.postgres is not None
     dsn = stack.postgres.dsn_for(kept_database(directory))
-    today = datetime.now(UTC).date()
-    traffic._BASE_EPOCH_US = int(
-        datetime(today.year, today.month, today.day, tzinfo=UTC).timestamp() * 1e6
-    )
-    began = time.perf_counter()
+    _traffic_today()
     seconds, *_ = await _cli("migrate", env={"DAS_DSN": dsn})
-    print(f"  migrate {seconds:.1f}s ({time.perf_counter() - began:.1f}s)", flush=True)
+    print(f"  migrate {seconds:.1f}s", flush=True)
     conn = await asyncpg.connect(dsn)
     try:
         size = int(await conn.fetchval("SELECT count(*) FROM das.activity_events"))
@@ -1105,13 +1116,7 @@ async def run_resumed(
         await conn.close()
     results: list[SizeResult] = []
     async with aws_client("kinesis") as kinesis, aws_client("kms") as kms:
-        key_id = await create_kms_key(kms)
-        stream = "aws-rds-das-cluster-SCALEINGEST"
-        work = await workload.build(kms, key_id, stream, 10, args.ingest_events, seed=10)
-        latency_events = int(args.latency_rate * args.latency_seconds)
-        latency_work = await workload.build(
-            kms, key_id, "aws-rds-das-cluster-SCALELAT", 10, latency_events, seed=11
-        )
+        work, latency_work = await _ingest_workloads(kms, await create_kms_key(kms), args)
         result = await measure_size(
             stack, args, dsn, None, size, kinesis, kms, ("", ""), work, latency_work, results
         )
