@@ -117,12 +117,10 @@ class ProcStat:
     rss_pages: int
 
 
-def snapshot(pids: Iterable[int] | None = None) -> dict[int, ProcStat]:
-    """Every process's /proc/<pid>/stat, read once (``pids``: only these, the ones still
-    there; much cheaper than the walk of every process)."""
+def snapshot() -> dict[int, ProcStat]:
+    """Every process's /proc/<pid>/stat, read once."""
     found: dict[int, ProcStat] = {}
-    names = (e.name for e in os.scandir("/proc")) if pids is None else map(str, pids)
-    for name in names:
+    for name in (e.name for e in os.scandir("/proc")):
         if not name.isdigit():
             continue
         try:
