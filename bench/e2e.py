@@ -376,11 +376,21 @@ async def run_worker(
     )
 
 
+#: The shortest steady window whose CPU is accounted (200 ticks of 2 cores: about 3% for the
+#: six parties' rounding together).
+MIN_CPU_WINDOW_SECONDS = 1.0
+
+
 def steady_cpu(
     samples: Sequence[procs.CpuSample], commits: Sequence[tuple[float, int]]
 ) -> procs.CpuWindow | None:
-    """The parties' CPU over the steady window (:func:`steady_rate`'s span and events)."""
-    if len(commits) < 2 or len(samples) < 2 or commits[-1][0] <= commits[0][0]:
+    """The parties' CPU over the steady window (:func:`steady_rate`'s span and events); None
+    when the window is shorter than MIN_CPU_WINDOW_SECONDS: /proc counts CPU in 10 ms ticks,
+    and over a window of a few of them six parties' shares are noise (a quick run's windows of
+    ~0.0 s summed to 111-256% of the machine)."""
+    if len(commits) < 2 or len(samples) < 2:
+        return None
+    if commits[-1][0] - commits[0][0] < MIN_CPU_WINDOW_SECONDS:
         return None
     events = sum(n for _, n in commits[:-1])
     return procs.cpu_window(samples, commits[0][0], commits[-1][0], events)

@@ -381,6 +381,18 @@ def test_a_busy_process_tree_is_charged_its_cpu_and_the_parties_fit_in_the_machi
     assert shares["busy"] == pytest.approx(reported / (window.seconds * window.cores), abs=0.05)
 
 
+def test_a_steady_window_too_short_for_the_ticks_is_not_accounted() -> None:
+    samples = [procs.CpuSample(float(t), {"a": t / 2}, 10.0 + t) for t in range(10)]
+    short = [(2.0, 100), (2.0 + e2e.MIN_CPU_WINDOW_SECONDS / 2, 100)]
+    assert e2e.steady_cpu(samples, short) is None
+    long = [(2.0, 100), (3.0, 100), (2.0 + 2 * e2e.MIN_CPU_WINDOW_SECONDS, 100)]
+    window = e2e.steady_cpu(samples, long)
+    assert window is not None
+    assert window.seconds == pytest.approx(2 * e2e.MIN_CPU_WINDOW_SECONDS)
+    assert window.events == 200  # the last commit's events end the window, outside it
+    assert window.parties["a"] == pytest.approx(e2e.MIN_CPU_WINDOW_SECONDS)
+
+
 def test_a_window_takes_the_cpu_between_its_ends_from_the_samples_around_them() -> None:
     samples = [
         procs.CpuSample(10.0, {"a": 0.0, "b": 5.0}, 100.0),
