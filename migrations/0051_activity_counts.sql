@@ -3,10 +3,10 @@
 -- the only README question over 1 s). das.activity_counts holds, per day, stream, shard, user
 -- and command, how many events there were and the last one's time, merged in the transaction
 -- that stores the events, in the same guarded calls as das.session_summaries (0050). The
--- question, das.privileged_activity_since below, reads the rollup's whole days and the raw
--- events of the window's first, partial, day only: its cost is that of one day's privileged
--- events at most, whatever the warehouse's size, and grows with the window's length by a few
--- hundred rollup rows a day.
+-- question, das.privileged_activity_since below, reads the rollup and the raw events of at most
+-- half of the window's first, partial, day: its cost is that of half a day's privileged events
+-- at most, whatever the warehouse's size, and grows with the window's length by a few hundred
+-- rollup rows a day.
 --
 -- Like das.statements (0005) and das.session_summaries (0050) the table is derived from
 -- das.activity_events, not chained: it is exactly as trustworthy as the events, and
@@ -178,9 +178,13 @@ $$;
 
 -- What the users of das.privileged_users (as listed now) did after `since`: per user and
 -- command, the events and the last one's time; exactly the aggregate of das.privileged_activity
--- WHERE log_time > since. The whole UTC days after since's day come from das.activity_counts,
--- since's own day (after since) from the events. Inlined (LANGUAGE sql, STABLE), so the planner
--- sees the bounds: the events' partitions of other days are pruned.
+-- WHERE log_time > since. The whole UTC days after since's day come from das.activity_counts.
+-- Since's own day is read on its smaller side: since in the day's second half, its events after
+-- since; in its first half, the day's counts less its events up to since (a group whose events
+-- all came before since nets to 0 and is left out; the day's last_seen, when after since, is
+-- the window's). So at most half a day of events is read, whatever the window's length. The
+-- side not taken is a one-time filter: never executed. Inlined (LANGUAGE sql, STABLE), so the
+-- planner sees the bounds: the events' partitions of other days are pruned.
 CREATE FUNCTION das.privileged_activity_since(since timestamptz)
 RETURNS TABLE (db_user_name text, command text, events bigint, last_seen timestamptz)
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
@@ -189,22 +193,33 @@ FROM (
     SELECT c.db_user_name, c.command, c.events, c.last_seen
     FROM das.activity_counts c
     JOIN das.privileged_users p ON p.db_user_name = c.db_user_name
-    WHERE c.day > (since AT TIME ZONE 'UTC')::date
+    WHERE c.day >= (since AT TIME ZONE 'UTC')::date
+        + CASE WHEN since < date_trunc('day', since, 'UTC') + interval '12 hours' THEN 0
+               ELSE 1 END
     UNION ALL
     SELECT e.db_user_name, e.command, count(*), max(e.log_time)
     FROM das.privileged_activity e
-    WHERE e.log_time > since
-      -- the start of the next UTC day (24 hours: interval days follow the session's time zone)
+    WHERE since >= date_trunc('day', since, 'UTC') + interval '12 hours'
+      AND e.log_time > since
+      -- the next UTC midnight (hours: interval days follow the session's time zone)
       AND e.log_time < date_trunc('day', since, 'UTC') + interval '24 hours'
+    GROUP BY 1, 2
+    UNION ALL
+    SELECT e.db_user_name, e.command, -count(*), NULL
+    FROM das.privileged_activity e
+    WHERE since < date_trunc('day', since, 'UTC') + interval '12 hours'
+      AND e.log_time >= date_trunc('day', since, 'UTC')
+      AND e.log_time <= since
     GROUP BY 1, 2
 ) a
 GROUP BY 1, 2
+HAVING sum(a.events) > 0
 $$;
 
 COMMENT ON TABLE das.activity_counts IS
     'Events (not MySQL AUX) per UTC day, stream, shard, user and command (das.privileged_activity_since reads it): derived from das.activity_events by das.merge_sessions in each batch''s transaction, not chained; das.rebuild_sessions() (das-ingest rebuild-sessions) recomputes it.';
 COMMENT ON FUNCTION das.privileged_activity_since(timestamptz) IS
-    'Per user of das.privileged_users and command, the events after since and the last one''s time: das.privileged_activity''s aggregate, from das.activity_counts'' whole days and the first day''s events.';
+    'Per user of das.privileged_users and command, the events after since and the last one''s time: das.privileged_activity''s aggregate, from das.activity_counts and at most half a day of events (since''s day, on its smaller side).';
 
 -- Every stored event, once.
 SELECT das.rebuild_activity_counts();

@@ -5,6 +5,7 @@ retention; the ingest role merges only through das.merge_sessions, auditors call
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from ingest.warehouse.retention import apply_retention
 from ingest.warehouse.sessions import rebuild_sessions
 from ingest.warehouse.sink import MERGE_SESSIONS, CopyUnit, DeadLetter, Sink
 from tests.fleet import migrated
-from tests.test_query_plans import filled, plan_of
+from tests.test_query_plans import _nodes, filled, plan_of
 from tests.warehouse_helpers import STREAM, batch, hold_lease, inner, migrated_pool
 
 #: The README's question before 0051, over the raw events: the function must give exactly this.
@@ -59,14 +60,18 @@ async def rows_of(conn: Reader, sql: str, *args: object) -> list[dict[str, Any]]
 
 async def sinces(conn: Reader) -> list[datetime]:
     """Every event's own time (an event exactly at since is not after it), each UTC midnight and
-    noon of the events' days, and times between."""
+    noon of the events' days (the function reads a day's events after since from noon on, the
+    day's counts less its events up to since before), and times beside them."""
     times = [r["log_time"] for r in await conn.fetch("SELECT log_time FROM das.activity_events")]
     first, last = min(times), max(times)
     midnight = datetime.combine(first.date(), datetime.min.time(), tzinfo=UTC)
     found = set(times)
     while midnight <= last + timedelta(days=1):
-        for offset in (0, 1, 12 * 60, 24 * 60 - 1):
-            found.add(midnight - timedelta(days=1) + timedelta(minutes=offset))
+        day = midnight - timedelta(days=1)
+        for offset in (0, 1, 12 * 60 - 1, 12 * 60, 12 * 60 + 1, 24 * 60 - 1):
+            found.add(day + timedelta(minutes=offset))
+        for moment in (day, day + timedelta(hours=12)):
+            found.update((moment - timedelta(microseconds=1), moment + timedelta(microseconds=1)))
         midnight += timedelta(days=1)
     found.add(first - timedelta(microseconds=1))
     return sorted(found)
@@ -270,20 +275,30 @@ async def test_retention_drops_the_counts_of_the_days_it_drops(pg_dsn: str) -> N
         await conn.close()
 
 
-async def test_the_question_reads_the_counts_and_the_first_days_partition_only(
-    pg_dsn: str,
-) -> None:
-    """Asked from noon three days ago: the counts and the events of that day's partition."""
+async def test_the_question_reads_the_counts_and_half_of_the_first_day(pg_dsn: str) -> None:
+    """Asked from three days ago: the counts and the events of that day's partition, and of
+    those only one side of since (after it from noon on, up to it before noon) is executed."""
     today = await filled(pg_dsn, days=4)
     conn = await asyncpg.connect(pg_dsn)
     try:
-        since = today - timedelta(days=3) + timedelta(hours=12)
-        nodes = await plan_of(
-            conn, f"SELECT * FROM das.privileged_activity_since('{since.isoformat()}')"
-        )
-        read = {n.get("Relation Name") for n in nodes} - {None}
-        first_day = f"activity_events_p{since:%Y%m%d}"
-        assert read == {"activity_counts", "privileged_users", first_day}, read
+        for hour in (3, 12, 21):
+            since = today - timedelta(days=3) + timedelta(hours=hour)
+            sql = f"SELECT * FROM das.privileged_activity_since('{since.isoformat()}')"
+            nodes = await plan_of(conn, sql)
+            read = {n.get("Relation Name") for n in nodes} - {None}
+            first_day = f"activity_events_p{since:%Y%m%d}"
+            assert read == {"activity_counts", "privileged_users", first_day}, read
+            plan = json.loads(
+                await conn.fetchval(f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) {sql}")
+            )
+            executed = [
+                n
+                for n in _nodes(plan[0]["Plan"])
+                if n.get("Relation Name") == first_day and n.get("Actual Loops", 0) > 0
+            ]
+            assert len(executed) == 1, (hour, executed)
+            # log_time <= since: the events up to since (the other side: log_time > since)
+            assert ("log_time <= " in json.dumps(executed[0])) == (hour < 12), executed[0]
     finally:
         await conn.close()
 
