@@ -45,36 +45,84 @@ CREATE TABLE das.activity_counts (
 );
 
 -- The events of shard p_shard_id of stream p_stream_name with sequence numbers
--- p_first..p_last, added to das.activity_counts (no guard: das.merge_sessions and
--- das.merge_redriven_sessions decide whether the events are new). Rows are upserted in key
--- order (each key is one shard's, so only a re-drive beside its shard's worker could meet it).
-CREATE FUNCTION das.add_activity_counts(
+-- p_first..p_last, added to das.session_summaries (as 0050's das.add_session_events did) and to
+-- das.activity_counts (no guard: das.merge_sessions and das.merge_redriven_sessions decide
+-- whether the events are new); returns the sessions merged. The batch's rows are read once
+-- (a MATERIALIZED CTE) for both tables: measured on 200 batches of ~1,700 events at 1M events,
+-- 18.4 ms a batch, where 0050's sessions alone took 23.4 ms and sessions and counts read
+-- separately 39.9 ms. Rows are upserted in key order (sessions: workers of different shards
+-- merging the same session lock it in the same order; counts: each key is one shard's).
+CREATE FUNCTION das.add_derived_events(
     p_stream_name text, p_shard_id text, p_first numeric, p_last numeric)
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     merged bigint;
 BEGIN
-    INSERT INTO das.activity_counts AS c (
-        day, stream_name, shard_id, db_user_name, command, events, last_seen)
-    SELECT (log_time AT TIME ZONE 'UTC')::date, p_stream_name, p_shard_id, db_user_name,
-           command, count(*), max(log_time)
-    FROM das.activity_events
-    WHERE stream_name = p_stream_name
-      AND shard_id = p_shard_id
-      AND sequence_number BETWEEN p_first AND p_last
-      AND log_time IS NOT NULL
-      AND class IS DISTINCT FROM 'AUX'
-    GROUP BY 1, 4, 5
-    ORDER BY 1, 4, 5
-    ON CONFLICT ON CONSTRAINT activity_counts_key DO UPDATE SET
-        events = c.events + EXCLUDED.events,
-        last_seen = greatest(c.last_seen, EXCLUDED.last_seen);
+    WITH batch AS MATERIALIZED (
+        SELECT log_time, db_user_name, command, class, record_version, server_type, cluster_id,
+               instance_id, session_id, pid, database_name, remote_host, client_application,
+               error_message, exit_code
+        FROM das.activity_events
+        WHERE stream_name = p_stream_name
+          AND shard_id = p_shard_id
+          AND sequence_number BETWEEN p_first AND p_last
+    ), counted AS (
+        -- (a data-modifying CTE runs whether or not the statement reads what it returns)
+        INSERT INTO das.activity_counts AS c (
+            day, stream_name, shard_id, db_user_name, command, events, last_seen)
+        SELECT (log_time AT TIME ZONE 'UTC')::date, p_stream_name, p_shard_id, db_user_name,
+               command, count(*), max(log_time)
+        FROM batch
+        WHERE log_time IS NOT NULL
+          AND class IS DISTINCT FROM 'AUX'
+        GROUP BY 1, 4, 5
+        ORDER BY 1, 4, 5
+        ON CONFLICT ON CONSTRAINT activity_counts_key DO UPDATE SET
+            events = c.events + EXCLUDED.events,
+            last_seen = greatest(c.last_seen, EXCLUDED.last_seen)
+        RETURNING 1
+    )
+    INSERT INTO das.session_summaries AS s (
+        engine, cluster_id, instance_id, session_id, pid, db_user_name, database_name,
+        remote_host, client_application, server_type, connected_at, disconnected_at,
+        first_event_at, last_event_at, statements, failed_statements)
+    SELECT
+        das.engine(record_version, server_type), cluster_id, instance_id, session_id, pid,
+        max(db_user_name), max(database_name), max(remote_host), max(client_application),
+        max(server_type),
+        min(log_time) FILTER (WHERE das.is_session_start(command)
+            AND NOT das.event_failed(record_version, error_message, exit_code)),
+        max(log_time) FILTER (WHERE das.is_session_end(command)),
+        min(log_time),
+        max(log_time),
+        count(*) FILTER (WHERE class IS DISTINCT FROM 'AUX'),
+        count(*) FILTER (WHERE class IS DISTINCT FROM 'AUX'
+                           AND das.event_failed(record_version, error_message, exit_code))
+    FROM batch
+    WHERE session_id IS NOT NULL
+      -- SQL Server reports a failed login in session 0: no session (das.failed_logins has it)
+      AND NOT (record_version = '1.4' AND session_id = '0')
+    GROUP BY 1, 2, 3, 4, 5
+    ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT ON CONSTRAINT session_summaries_key DO UPDATE SET
+        -- greatest and least skip NULLs, as max and min do
+        db_user_name = greatest(s.db_user_name, EXCLUDED.db_user_name),
+        database_name = greatest(s.database_name, EXCLUDED.database_name),
+        remote_host = greatest(s.remote_host, EXCLUDED.remote_host),
+        client_application = greatest(s.client_application, EXCLUDED.client_application),
+        server_type = greatest(s.server_type, EXCLUDED.server_type),
+        connected_at = least(s.connected_at, EXCLUDED.connected_at),
+        disconnected_at = greatest(s.disconnected_at, EXCLUDED.disconnected_at),
+        first_event_at = least(s.first_event_at, EXCLUDED.first_event_at),
+        last_event_at = greatest(s.last_event_at, EXCLUDED.last_event_at),
+        statements = s.statements + EXCLUDED.statements,
+        failed_statements = s.failed_statements + EXCLUDED.failed_statements;
     GET DIAGNOSTICS merged = ROW_COUNT;
     RETURN merged;
 END
 $$;
-REVOKE ALL ON FUNCTION das.add_activity_counts(text, text, numeric, numeric) FROM PUBLIC;
+REVOKE ALL ON FUNCTION das.add_derived_events(text, text, numeric, numeric) FROM PUBLIC;
 
 -- 0050's functions, adding to both derived tables (same signatures: the grants and the sink's
 -- and re-drive's SQL stay). One guard row covers both: a range is merged into both or neither.
@@ -94,8 +142,7 @@ BEGIN
     IF advanced = 0 THEN
         RETURN -1;
     END IF;
-    PERFORM das.add_activity_counts(p_stream_name, p_shard_id, p_first, p_last);
-    RETURN das.add_session_events(p_stream_name, p_shard_id, p_first, p_last);
+    RETURN das.add_derived_events(p_stream_name, p_shard_id, p_first, p_last);
 END
 $$;
 
@@ -106,12 +153,13 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM 1 FROM das.session_merges
     WHERE stream_name = p_stream_name AND shard_id = p_shard_id FOR UPDATE;
-    PERFORM das.add_activity_counts(
-        p_stream_name, p_shard_id, p_sequence_number, p_sequence_number);
-    RETURN das.add_session_events(
+    RETURN das.add_derived_events(
         p_stream_name, p_shard_id, p_sequence_number, p_sequence_number);
 END
 $$;
+
+-- Replaced by das.add_derived_events (nothing else called it).
+DROP FUNCTION das.add_session_events(text, text, numeric, numeric);
 
 -- Recompute das.activity_counts from every stored event (das.rebuild_sessions and this
 -- migration, as the schema owner, holding the guards).

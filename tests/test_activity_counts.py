@@ -322,7 +322,7 @@ async def test_the_ingest_role_cannot_write_the_counts_and_auditors_ask(pg_dsn: 
             "('2024-01-01', 's', 's', 'rdsadmin', 'QUERY', 1000, now())",
             "UPDATE das.activity_counts SET events = 0",
             "DELETE FROM das.activity_counts",
-            "SELECT das.add_activity_counts('s', 's', 1, 9)",
+            "SELECT das.add_derived_events('s', 's', 1, 9)",
             "SELECT das.rebuild_activity_counts()",
         ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
