@@ -291,7 +291,7 @@ async def test_the_ingest_role_merges_only_through_the_function(pg_dsn: str) -> 
             "DELETE FROM das.session_summaries",
             "UPDATE das.session_merges SET merged_through = 0",
             "DELETE FROM das.session_merges",
-            "SELECT das.add_session_events('s', 's', 1, 9)",
+            "SELECT das.add_derived_events('s', 's', 1, 9)",
             "SELECT das.merge_redriven_sessions('s', 's', 1)",
             "SELECT das.rebuild_sessions()",
         ):

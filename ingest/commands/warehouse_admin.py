@@ -120,9 +120,11 @@ def add_parser(subparsers: Any) -> None:
 
     sessions = subparsers.add_parser(
         "rebuild-sessions",
-        help="recompute das.session_summaries (the das.sessions view) from the stored events",
-        description="das.session_summaries is derived from das.activity_events; this "
-        "recomputes it (for example after restoring events from a backup) in one transaction. "
+        help="recompute das.session_summaries (the das.sessions view) and das.activity_counts "
+        "(das.privileged_activity_since) from the stored events",
+        description="das.session_summaries and das.activity_counts are derived from "
+        "das.activity_events; this recomputes both (for example after restoring events from a "
+        "backup) in one transaction. "
         "Readers see the old rows until it commits; workers' commits wait for it.",
     )
     add_dsn_argument(sessions)
@@ -346,7 +348,7 @@ async def _do_rebuild_sessions(args: argparse.Namespace) -> int:
         rows = await rebuild_sessions(conn)
     finally:
         await conn.close()
-    print(f"das.session_summaries rebuilt: {rows} sessions")
+    print(f"das.session_summaries rebuilt: {rows} sessions (and das.activity_counts)")
     return 0
 
 

@@ -121,8 +121,9 @@ async def store_redriven(
     shard's chain with a ``redrive`` link, and delete the dead letter: one transaction."""
     async with conn.transaction():
         await store_units(conn, kept.stream_name, kept.shard_id, units, heartbeats=heartbeats)
-        # Its shard's guard is past this record: its sessions are added unguarded (this
-        # transaction deletes the dead letter, so the record is stored once; migrations/0050).
+        # Its shard's guard is past this record: its sessions and activity counts are added
+        # unguarded (this transaction deletes the dead letter, so the record is stored once;
+        # migrations/0050, 0051).
         await conn.execute(
             "SELECT das.merge_redriven_sessions($1, $2, $3::text::numeric)",
             kept.stream_name,

@@ -165,6 +165,7 @@ async def apply_retention(
             # The derived statements table follows its events.
             await conn.execute("DELETE FROM das.statements WHERE log_time < $1", cutoff)
             await drop_sessions_before(conn, cutoff)
+            await drop_counts_between(conn, None, cutoff)
     if progress is not None:
         progress.update()
     return sorted(actions, key=lambda a: a.refused is not None)
@@ -209,6 +210,7 @@ async def _drop_day(
             await conn.execute(f'DROP TABLE das."{part.name}"')
             await _log(conn, part.name, part.start, part.end, rows, *log, archive)
             await drop_sessions_before(conn, part.end)
+            await drop_counts_between(conn, part.start, part.end)
     except BaseException:
         await transaction.rollback()
         raise
@@ -340,3 +342,16 @@ async def drop_sessions_before(conn: Conn, end: datetime) -> None:
     event lies before ``end`` (days dropped oldest first: all of theirs are gone) go in the
     same transaction as their last day."""
     await conn.execute("DELETE FROM das.session_summaries WHERE last_event_at < $1", end)
+
+
+async def drop_counts_between(conn: Conn, start: datetime | None, end: datetime) -> None:
+    """The derived per-day counts (das.activity_counts) follow their events: the rows of the
+    UTC days in [start, end) go in the same transaction as the days' events (a day partition's
+    own day when it is dropped; the default partition's old days with its rows, in the run's
+    last transaction)."""
+    await conn.execute(
+        "DELETE FROM das.activity_counts WHERE day < ($2::timestamptz AT TIME ZONE 'UTC')::date "
+        "AND ($1::timestamptz IS NULL OR day >= ($1::timestamptz AT TIME ZONE 'UTC')::date)",
+        start,
+        end,
+    )

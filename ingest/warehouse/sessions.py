@@ -1,10 +1,13 @@
 """``das.session_summaries``: one row per session, derived from the stored events (not chained,
-as ``das.statements``), read through the ``das.sessions`` view (migrations/0050).
+as ``das.statements``), read through the ``das.sessions`` view (migrations/0050); and
+``das.activity_counts``, events per UTC day, shard, user and command, read by
+``das.privileged_activity_since`` (migrations/0051), merged and rebuilt with them.
 
 Each consumer commit merges the sessions of the records it stored, in its own transaction
-(``das.merge_sessions``, called by :class:`ingest.warehouse.sink.Sink`); a shard's guard row
-(``das.session_merges``) makes a range merged twice count once. A re-driven dead letter's
-record is added by ``das.merge_redriven_sessions`` (ingest.warehouse.deadletters).
+(``das.merge_sessions``, called by :class:`ingest.warehouse.sink.Sink`, adds them to both
+tables); a shard's guard row (``das.session_merges``) makes a range merged twice count once.
+A re-driven dead letter's record is added by ``das.merge_redriven_sessions``
+(ingest.warehouse.deadletters).
 
 :func:`rebuild_sessions` recomputes the table from every stored event in ONE transaction that
 holds the guards' table in EXCLUSIVE mode: readers still read the old rows, but every worker's
@@ -20,6 +23,7 @@ REBUILD_SESSIONS = "SELECT das.rebuild_sessions()"
 
 
 async def rebuild_sessions(conn: Conn) -> int:
-    """Recompute das.session_summaries from das.activity_events; returns its rows."""
+    """Recompute das.session_summaries and das.activity_counts from das.activity_events;
+    returns the sessions."""
     async with conn.transaction():
         return int(await conn.fetchval(REBUILD_SESSIONS))
