@@ -227,7 +227,8 @@ async def test_log_format_before_the_command_on_a_real_run() -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "chunk_bytes", "chunk_records"),
     [
-        ([], None, 256 * 1024, 200),
+        ([], None, 512 * 1024, 400),
+        (["--chunk-kib", "256"], None, 256 * 1024, 200),
         (["--chunk-kib", "512"], None, 512 * 1024, 400),
         ([], "384", 384 * 1024, 300),
         (["--chunk-kib", "16"], "4096", 16 * 1024, 12),

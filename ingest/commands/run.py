@@ -45,13 +45,13 @@ example:
 
 #: --chunk-kib: pages are decoded and committed in chunks of at most this many KiB (the default
 #: is CommitSettings', which a test checks) and chunk_records() records.
-DEFAULT_CHUNK_KIB = 256
+DEFAULT_CHUNK_KIB = 512
 MIN_CHUNK_KIB = 16
 MAX_CHUNK_KIB = 4096
 
 
 def chunk_records(kib: int) -> int:
-    """The record limit of a chunk of ``kib`` KiB: 200 per 256 KiB (25 per 32 KiB)."""
+    """The record limit of a chunk of ``kib`` KiB: 400 per 512 KiB (25 per 32 KiB)."""
     return kib * 25 // 32
 
 
