@@ -40,6 +40,8 @@ USAGE_ERRORS: list[tuple[list[str], dict[str, str], str]] = [
     (["run", "--stream", "s", "--initial-position", "nowhere"], {}, "--initial-position"),
     (["run", "--stream", "s", "--db-pool-size", "1"], {}, "--db-pool-size must be at least 2"),
     (["run", "--stream", "s", "--lease-seconds", "0"], {}, "--lease-seconds"),
+    (["run", "--stream", "s", "--chunk-kib", "8"], {}, "--chunk-kib must be from 16 to 4096"),
+    (["run", "--stream", "s"], {"DAS_CHUNK_KIB": "5000"}, "--chunk-kib must be from 16 to 4096"),
     (["status", "--dsn", "notadsn"], {}, "invalid warehouse DSN"),
     (["migrate", "--dsn", "postgresql://u@h:notaport/db"], {}, "invalid warehouse DSN"),
     (["verify", "--since", "bogus"], {}, "--since 'bogus' is not ISO 8601"),

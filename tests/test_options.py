@@ -222,3 +222,40 @@ async def test_log_format_before_the_command_on_a_real_run() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "das-ingest run: error: --processes must be 0 or more"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "chunk_bytes", "chunk_records"),
+    [
+        ([], None, 512 * 1024, 400),
+        (["--chunk-kib", "256"], None, 256 * 1024, 200),
+        (["--chunk-kib", "512"], None, 512 * 1024, 400),
+        ([], "384", 384 * 1024, 300),
+        (["--chunk-kib", "16"], "4096", 16 * 1024, 12),
+    ],
+)
+def test_chunk_kib_sets_both_limits_of_a_chunk(
+    argv: list[str],
+    env: str | None,
+    chunk_bytes: int,
+    chunk_records: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ingest.commands.run import serve_settings
+
+    monkeypatch.delenv("DAS_CHUNK_KIB", raising=False)
+    if env is not None:
+        monkeypatch.setenv("DAS_CHUNK_KIB", env)
+    args = build_parser().parse_args(["run", "--stream", "s", *argv])
+    args.initial_checkpoint = "TRIM_HORIZON"  # run() derives it from --initial-position
+    commit = serve_settings(args).worker.shard.commit
+    assert (commit.chunk_bytes, commit.chunk_records) == (chunk_bytes, chunk_records)
+
+
+def test_chunk_kib_default_is_the_commit_settings_default() -> None:
+    from ingest.commands.run import DEFAULT_CHUNK_KIB, chunk_records
+    from ingest.consumer.committer import CommitSettings
+
+    default = CommitSettings()
+    assert default.chunk_bytes == DEFAULT_CHUNK_KIB * 1024
+    assert default.chunk_records == chunk_records(DEFAULT_CHUNK_KIB)

@@ -43,6 +43,17 @@ example:
   das-ingest run --instance my-oracle-instance --dsn postgresql://ingester@db/audit
 """
 
+#: --chunk-kib: pages are decoded and committed in chunks of at most this many KiB (the default
+#: is CommitSettings', which a test checks) and chunk_records() records.
+DEFAULT_CHUNK_KIB = 512
+MIN_CHUNK_KIB = 16
+MAX_CHUNK_KIB = 4096
+
+
+def chunk_records(kib: int) -> int:
+    """The record limit of a chunk of ``kib`` KiB: 400 per 512 KiB (25 per 32 KiB)."""
+    return kib * 25 // 32
+
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -151,6 +162,17 @@ def add_parser(subparsers: Any) -> None:
         help="MiB of records in or waiting for the decode pool (default: 64) [DAS_QUEUE_MIB]",
     )
     add_hidden_alias(tuning, "--queue-mb", dest="queue_mib", type=int)
+    tuning.add_argument(
+        "--chunk-kib",
+        dest="chunk_kib",
+        type=int,
+        default=env_default("DAS_CHUNK_KIB", DEFAULT_CHUNK_KIB),
+        metavar="KIB",
+        help="each page is decoded and committed in chunks of at most KIB KiB and KIB x 25/32 "
+        f"records, {MIN_CHUNK_KIB} to {MAX_CHUNK_KIB}: bigger chunks cost less CPU per event "
+        f"and more memory (default: {DEFAULT_CHUNK_KIB}, "
+        f"{chunk_records(DEFAULT_CHUNK_KIB)} records) [DAS_CHUNK_KIB]",
+    )
     tuning.add_argument(
         "--db-pool-size",
         type=int,
@@ -277,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--lease-seconds must be > 0, --shutdown-deadline-seconds >= 0")
     if args.db_command_timeout < 0 or args.unready_after <= 0:
         raise UsageError("--db-command-timeout-seconds must be >= 0, --unready-after-seconds > 0")
+    if not MIN_CHUNK_KIB <= args.chunk_kib <= MAX_CHUNK_KIB:
+        raise UsageError(f"--chunk-kib must be from {MIN_CHUNK_KIB} to {MAX_CHUNK_KIB}")
     args.rules_text = _rules_text(args)
     _check_notifiers(args)
     # The decode processes start first: each imports the decode stack and compiles the rules
@@ -389,7 +413,11 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         queue_bytes=args.queue_mib * 1024 * 1024,
         shard=ShardSettings(
             fetch=FetchSettings(max_records=args.max_records),
-            commit=CommitSettings(decoder=decoder_config(args)),
+            commit=CommitSettings(
+                chunk_bytes=args.chunk_kib * 1024,
+                chunk_records=chunk_records(args.chunk_kib),
+                decoder=decoder_config(args),
+            ),
         ),
     )
     worker = dataclasses.replace(
