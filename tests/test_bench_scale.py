@@ -22,6 +22,8 @@ from bench.scale import (
     TYPICAL,
     QueryResult,
     _plan_result,
+    measure_queries,
+    parse_args,
     parse_size,
     readme_queries,
     run_query,
@@ -97,6 +99,28 @@ async def test_a_query_is_timed_by_the_client_and_by_the_server(pg_dsn: str) -> 
     assert sleeping.rows == 1
     assert 0.3 <= sleeping.server_seconds < 1.0
     assert sleeping.seconds >= 0.3
+
+
+async def test_a_failing_query_is_reported_and_the_run_goes_on(pg_dsn: str) -> None:
+    pool = await migrated_pool(pg_dsn)
+    await pool.close()
+    args = parse_args(["--queries-only", pg_dsn, "--repeat", "1"])
+    # The README is read when the run starts, not again when the queries run (hours later).
+    assert args.readme_queries == readme_queries()
+    args.readme_queries = [
+        ("README: a function this warehouse lacks", "SELECT * FROM das.no_such_function(now())"),
+        ("README: a fine one", "SELECT count(*) FROM das.activity_events"),
+    ]
+    found, _ = await measure_queries(pg_dsn, args)
+    names = [n for n, _ in args.readme_queries] + [n for n, _ in TYPICAL]
+    assert [q.name for q in found] == names
+    broken, fine, *typical = found
+    assert "no_such_function" in broken.error
+    assert broken.shown.startswith("error: ")
+    assert broken.slow == "error"
+    assert not fine.error
+    assert fine.rows == 1
+    assert not any(q.error for q in typical)
 
 
 async def test_the_fill_is_what_the_decode_path_stores(pg_dsn: str) -> None:
