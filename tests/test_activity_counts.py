@@ -1,7 +1,9 @@
-"""das.activity_counts (migrations/0051): the per-day counts merged per batch equal the stored
-events' aggregate, and das.privileged_activity_since equals the README's old aggregate of
-das.privileged_activity, whatever the batches, shards, re-merges, re-drives, rebuilds and
-retention; the ingest role merges only through das.merge_sessions, auditors call the function."""
+"""das.activity_counts and das.object_counts (migrations/0051, 0052): the per-day counts merged
+per batch equal the stored events' aggregate, and das.privileged_activity_since and
+das.object_activity_since equal the README's old aggregates (of das.privileged_activity, and of
+das.activity_events by object), whatever the batches, shards, re-merges, re-drives, rebuilds and
+retention; the ingest role merges only through das.merge_sessions, auditors call the
+functions."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from ingest.warehouse.retention import apply_retention
 from ingest.warehouse.sessions import rebuild_sessions
 from ingest.warehouse.sink import MERGE_SESSIONS, CopyUnit, DeadLetter, Sink
 from tests.fleet import migrated
-from tests.test_query_plans import _nodes, filled, plan_of
+from tests.test_query_plans import _nodes, filled, indexes, parent_index, plan_of
 from tests.warehouse_helpers import STREAM, batch, hold_lease, inner, migrated_pool
 
 #: The README's question before 0051, over the raw events: the function must give exactly this.
@@ -44,6 +46,30 @@ GROUP BY 1, 2, 3, 4, 5
 ORDER BY 1, 2, 3, 4, 5
 """
 TABLE = "SELECT * FROM das.activity_counts ORDER BY 1, 2, 3, 4, 5"
+
+#: The README's "Who touched a table" before 0052, over the raw events (AUX events included).
+OBJECT_RAW = """
+SELECT db_user_name, command, count(*) AS events,
+       min(log_time) AS first_seen, max(log_time) AS last_seen
+FROM das.activity_events
+WHERE object_name = ANY ($1::text[]) AND log_time > $2
+GROUP BY db_user_name, command
+ORDER BY 1, 2
+"""
+OBJECT_SINCE = "SELECT * FROM das.object_activity_since($1, $2) ORDER BY 1, 2"
+#: What das.object_counts must hold.
+OBJECT_COUNTED = """
+SELECT object_name, (log_time AT TIME ZONE 'UTC')::date AS day, stream_name, shard_id,
+       db_user_name, command, count(*) AS events, min(log_time) AS first_seen,
+       max(log_time) AS last_seen
+FROM das.activity_events
+WHERE log_time IS NOT NULL AND object_name IS NOT NULL
+GROUP BY 1, 2, 3, 4, 5, 6
+ORDER BY 1, 2, 3, 4, 5, 6
+"""
+OBJECT_TABLE = "SELECT * FROM das.object_counts ORDER BY 1, 2, 3, 4, 5, 6"
+#: The objects asked about: the AUX events' table, it with the MAIN events' one, none stored.
+OBJECTS = (["t1"], ["public.my_table", "t1"], ["public.my_table"], ["no_such_table"])
 
 Reader = asyncpg.Connection | asyncpg.Pool
 
@@ -81,11 +107,16 @@ async def assert_exact(conn: Reader) -> int:
     """The counts are the events' aggregate, and the function is the raw question for every
     since; returns how many answers had rows (so a test knows it asked something)."""
     assert await rows_of(conn, TABLE) == await rows_of(conn, COUNTED)
+    assert await rows_of(conn, OBJECT_TABLE) == await rows_of(conn, OBJECT_COUNTED)
     answered = 0
     for since in await sinces(conn):
         raw = await rows_of(conn, RAW, since)
         assert await rows_of(conn, SINCE, since) == raw, since
         answered += bool(raw)
+        for objects in OBJECTS:
+            raw = await rows_of(conn, OBJECT_RAW, objects, since)
+            assert await rows_of(conn, OBJECT_SINCE, objects, since) == raw, (objects, since)
+            answered += bool(raw)
     return answered
 
 
@@ -111,7 +142,8 @@ def _event(n: int, user: str | None, command: str | None, **fields: object) -> d
 
 def _record(n: int) -> bytes:
     user, command = USERS[n % len(USERS)], COMMANDS[n % len(COMMANDS)]
-    main = _event(n, user, command)
+    # Every third statement names its table in the MAIN event (as Aurora PostgreSQL's do).
+    main = _event(n, user, command, **({"objectName": "public.my_table"} if n % 3 == 0 else {}))
     if n % 2:
         # The statement's AUX event (the table it read): not counted, as the view does not
         # list it (it logs a second earlier, as Aurora's can).
@@ -202,12 +234,17 @@ async def test_counts_merged_per_batch_answer_the_raw_question_exactly(pg_dsn: s
         after = await rows_of(pool, SINCE, BASE)
         assert sum(r["events"] for r in after) == sum(r["events"] for r in before) + 1
 
-        # A rebuild recomputes the counts (here from a table an accident emptied).
+        # A rebuild recomputes the counts (here from tables an accident emptied).
         counted = await rows_of(pool, TABLE)
+        by_object = await rows_of(pool, OBJECT_TABLE)
+        assert {r["object_name"] for r in by_object} == {"t1", "public.my_table"}
+        assert any(r["events"] > 1 for r in by_object)
         await pool.execute("DELETE FROM das.activity_counts")
+        await pool.execute("DELETE FROM das.object_counts")
         async with pool.acquire() as conn:
             await rebuild_sessions(conn)
         assert await rows_of(pool, TABLE) == counted
+        assert await rows_of(pool, OBJECT_TABLE) == by_object
         await assert_exact(pool)
 
         # The privileged users as listed when asked: no rebuild needed.
@@ -263,6 +300,7 @@ async def test_retention_drops_the_counts_of_the_days_it_drops(pg_dsn: str) -> N
     try:
         assert await assert_exact(conn) > 0
         before = await rows_of(conn, TABLE)
+        by_object = await rows_of(conn, OBJECT_TABLE)
         keep = timedelta(days=2)
         cutoff = today - keep
         actions = await apply_retention(conn, keep, now=today + timedelta(hours=12))
@@ -270,6 +308,10 @@ async def test_retention_drops_the_counts_of_the_days_it_drops(pg_dsn: str) -> N
         after = await rows_of(conn, TABLE)
         assert [r for r in before if r["day"] < cutoff.date()], "the fill has days dropped"
         assert after == [r for r in before if r["day"] >= cutoff.date()]
+        assert [r for r in by_object if r["day"] < cutoff.date()], "the fill names objects"
+        assert await rows_of(conn, OBJECT_TABLE) == [
+            r for r in by_object if r["day"] >= cutoff.date()
+        ]
         assert await assert_exact(conn) > 0
     finally:
         await conn.close()
@@ -303,6 +345,34 @@ async def test_the_question_reads_the_counts_and_half_of_the_first_day(pg_dsn: s
         await conn.close()
 
 
+async def test_who_touched_a_table_reads_the_counts_and_the_first_day(pg_dsn: str) -> None:
+    """das.object_activity_since reads das.object_counts and the first day's partition only,
+    the events of the objects through an index (never a scan of the day)."""
+    today = await filled(pg_dsn, days=4)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        busiest = await conn.fetchval(
+            "SELECT object_name FROM das.object_counts GROUP BY 1 ORDER BY sum(events) DESC"
+        )
+        assert busiest
+        since = today - timedelta(days=3) + timedelta(hours=5)
+        sql = f"SELECT * FROM das.object_activity_since(ARRAY['{busiest}'], '{since.isoformat()}')"
+        nodes = await plan_of(conn, sql)
+        read = {n.get("Relation Name") for n in nodes} - {None}
+        assert read == {"object_counts", f"activity_events_p{since:%Y%m%d}"}, read
+        # (the counts are a few hundred rows here: scanning them is the planner's right choice)
+        scans = {n.get("Relation Name") for n in nodes if n.get("Node Type") == "Seq Scan"}
+        assert not scans - {"object_counts"}, scans
+        # the first day's events of the object, through the index on (object_name, log_time)
+        used = {await parent_index(conn, name) for name in indexes(nodes)}
+        assert "activity_events_object" in used, used
+        assert await rows_of(conn, OBJECT_SINCE, [busiest], since) == await rows_of(
+            conn, OBJECT_RAW, [busiest], since
+        )
+    finally:
+        await conn.close()
+
+
 async def test_the_ingest_role_cannot_write_the_counts_and_auditors_ask(pg_dsn: str) -> None:
     """The ingest role has no privilege on das.activity_counts and may not call the unguarded
     add or the rebuild; analysts and verifiers call das.privileged_activity_since."""
@@ -324,13 +394,17 @@ async def test_the_ingest_role_cannot_write_the_counts_and_auditors_ask(pg_dsn: 
             "DELETE FROM das.activity_counts",
             "SELECT das.add_derived_events('s', 's', 1, 9)",
             "SELECT das.rebuild_activity_counts()",
+            "SELECT count(*) FROM das.object_counts",
+            "DELETE FROM das.object_counts",
         ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await ingest.execute(statement)
         for reader in readers:
             assert await reader.fetch(SINCE, BASE) == []
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await reader.execute("DELETE FROM das.activity_counts")
+            assert await reader.fetch(OBJECT_SINCE, ["t1"], BASE) == []
+            for table in ("das.activity_counts", "das.object_counts"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await reader.execute(f"DELETE FROM {table}")
     finally:
         await ingest.close()
         for reader in readers:

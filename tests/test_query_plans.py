@@ -141,8 +141,9 @@ BOUNDED_README_QUERIES = {
     "FROM das.failed_logins\nWHERE engine = 'sqlserver'": 7,
     "'ADD MEMBER', 'DROP MEMBER', 'GRANT', 'DENY'": 7,
     "FROM das.sqlserver_statements_between(now() - interval '1 day', now())": 1,
-    # who touched a table: per user and command over a week, row by row over a day
-    "min(log_time) AS first_seen": 7,
+    # who touched a table: per user and command over a week (das.object_counts, and the
+    # events of the week's first day), row by row over a day
+    "das.object_activity_since(": 7,
     "'test1')\n  AND log_time > now() - interval '1 day'": 1,
 }
 
@@ -276,8 +277,9 @@ README_INDEXES = {
     "'GRANT', 'REVOKE', 'CREATE USER', 'ALTER USER'": "activity_events_privilege_changes",
     # fields with no column yet: only the events whose extra is not empty
     "jsonb_object_keys(extra)": "activity_events_extra",
-    # who touched a table: that table's events of the week, and of the day
-    "min(log_time) AS first_seen": "activity_events_object",
+    # who touched a table over a day, row by row (the week's question, das.object_activity_since,
+    # is tested in test_activity_counts on an object the fill names)
+    "'test1')\n  AND log_time > now() - interval '1 day'": "activity_events_object",
 }
 
 

@@ -120,11 +120,12 @@ def add_parser(subparsers: Any) -> None:
 
     sessions = subparsers.add_parser(
         "rebuild-sessions",
-        help="recompute das.session_summaries (the das.sessions view) and das.activity_counts "
-        "(das.privileged_activity_since) from the stored events",
-        description="das.session_summaries and das.activity_counts are derived from "
-        "das.activity_events; this recomputes both (for example after restoring events from a "
-        "backup) in one transaction. "
+        help="recompute das.session_summaries (the das.sessions view), das.activity_counts "
+        "(das.privileged_activity_since) and das.object_counts (das.object_activity_since) "
+        "from the stored events",
+        description="das.session_summaries, das.activity_counts and das.object_counts are "
+        "derived from das.activity_events; this recomputes them (for example after restoring "
+        "events from a backup) in one transaction. "
         "Readers see the old rows until it commits; workers' commits wait for it.",
     )
     add_dsn_argument(sessions)
@@ -348,7 +349,10 @@ async def _do_rebuild_sessions(args: argparse.Namespace) -> int:
         rows = await rebuild_sessions(conn)
     finally:
         await conn.close()
-    print(f"das.session_summaries rebuilt: {rows} sessions (and das.activity_counts)")
+    print(
+        f"das.session_summaries rebuilt: {rows} sessions "
+        "(and das.activity_counts, das.object_counts)"
+    )
     return 0
 
 

@@ -345,13 +345,14 @@ async def drop_sessions_before(conn: Conn, end: datetime) -> None:
 
 
 async def drop_counts_between(conn: Conn, start: datetime | None, end: datetime) -> None:
-    """The derived per-day counts (das.activity_counts) follow their events: the rows of the
-    UTC days in [start, end) go in the same transaction as the days' events (a day partition's
-    own day when it is dropped; the default partition's old days with its rows, in the run's
-    last transaction)."""
-    await conn.execute(
-        "DELETE FROM das.activity_counts WHERE day < ($2::timestamptz AT TIME ZONE 'UTC')::date "
-        "AND ($1::timestamptz IS NULL OR day >= ($1::timestamptz AT TIME ZONE 'UTC')::date)",
-        start,
-        end,
-    )
+    """The derived per-day counts (das.activity_counts, das.object_counts) follow their events:
+    the rows of the UTC days in [start, end) go in the same transaction as the days' events (a
+    day partition's own day when it is dropped; the default partition's old days with its rows,
+    in the run's last transaction)."""
+    for table in ("das.activity_counts", "das.object_counts"):
+        await conn.execute(
+            f"DELETE FROM {table} WHERE day < ($2::timestamptz AT TIME ZONE 'UTC')::date "
+            "AND ($1::timestamptz IS NULL OR day >= ($1::timestamptz AT TIME ZONE 'UTC')::date)",
+            start,
+            end,
+        )
