@@ -123,6 +123,31 @@ BEGIN
 END
 $$;
 
+-- Recompute das.object_counts from every stored event (0051's das.rebuild_activity_counts
+-- below, so das.rebuild_sessions, and this migration's backfill; as the schema owner, holding
+-- the guards).
+CREATE FUNCTION das.rebuild_object_counts() RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET work_mem = '256MB' AS $$
+DECLARE
+    counted bigint;
+BEGIN
+    LOCK TABLE das.session_merges IN EXCLUSIVE MODE;
+    DELETE FROM das.object_counts;
+    INSERT INTO das.object_counts (
+        object_name, day, stream_name, shard_id, db_user_name, command, events, first_seen,
+        last_seen)
+    SELECT object_name, (log_time AT TIME ZONE 'UTC')::date, stream_name, shard_id,
+           db_user_name, command, count(*), min(log_time), max(log_time)
+    FROM das.activity_events
+    WHERE log_time IS NOT NULL
+      AND object_name IS NOT NULL
+    GROUP BY 1, 2, 3, 4, 5, 6;
+    GET DIAGNOSTICS counted = ROW_COUNT;
+    RETURN counted;
+END
+$$;
+REVOKE ALL ON FUNCTION das.rebuild_object_counts() FROM PUBLIC;
+
 -- 0051's rebuild of the counts, recomputing das.object_counts too (das.rebuild_sessions calls
 -- it in its transaction, holding the guards).
 CREATE OR REPLACE FUNCTION das.rebuild_activity_counts() RETURNS bigint
@@ -141,16 +166,7 @@ BEGIN
       AND class IS DISTINCT FROM 'AUX'
     GROUP BY 1, 2, 3, 4, 5;
     GET DIAGNOSTICS counted = ROW_COUNT;
-    DELETE FROM das.object_counts;
-    INSERT INTO das.object_counts (
-        object_name, day, stream_name, shard_id, db_user_name, command, events, first_seen,
-        last_seen)
-    SELECT object_name, (log_time AT TIME ZONE 'UTC')::date, stream_name, shard_id,
-           db_user_name, command, count(*), min(log_time), max(log_time)
-    FROM das.activity_events
-    WHERE log_time IS NOT NULL
-      AND object_name IS NOT NULL
-    GROUP BY 1, 2, 3, 4, 5, 6;
+    PERFORM das.rebuild_object_counts();
     RETURN counted;
 END
 $$;
@@ -190,15 +206,5 @@ COMMENT ON TABLE das.object_counts IS
 COMMENT ON FUNCTION das.object_activity_since(text[], timestamptz) IS
     'Per user and command, the events naming one of objects after since, with the first and last one''s time: from das.object_counts and at most one day of events.';
 
--- Every stored event that names an object, once (holding the guards, as a rebuild does; 0051's
--- counts are left as they are).
-LOCK TABLE das.session_merges IN EXCLUSIVE MODE;
-INSERT INTO das.object_counts (
-    object_name, day, stream_name, shard_id, db_user_name, command, events, first_seen,
-    last_seen)
-SELECT object_name, (log_time AT TIME ZONE 'UTC')::date, stream_name, shard_id, db_user_name,
-       command, count(*), min(log_time), max(log_time)
-FROM das.activity_events
-WHERE log_time IS NOT NULL
-  AND object_name IS NOT NULL
-GROUP BY 1, 2, 3, 4, 5, 6;
+-- Every stored event that names an object, once (0051's counts are left as they are).
+SELECT das.rebuild_object_counts();

@@ -394,6 +394,7 @@ async def test_the_ingest_role_cannot_write_the_counts_and_auditors_ask(pg_dsn: 
             "DELETE FROM das.activity_counts",
             "SELECT das.add_derived_events('s', 's', 1, 9)",
             "SELECT das.rebuild_activity_counts()",
+            "SELECT das.rebuild_object_counts()",
             "SELECT count(*) FROM das.object_counts",
             "DELETE FROM das.object_counts",
         ):
