@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 MERGE_STATEMENTS = "SELECT das.merge_statements($1, $2, $3::text::numeric, $4::text::numeric)"
 
 #: Merges the sessions of the records a batch just stored into das.session_summaries, and their
-#: events into the per-day das.activity_counts (a SECURITY DEFINER function, migrations/0050
-#: and 0051): once per commit, over the batch's range, after its COPY. A range merged already is
-#: skipped, so the counts never double.
+#: events into the per-day das.activity_counts and das.object_counts (a SECURITY DEFINER
+#: function, migrations/0050-0052): once per commit, over the batch's range, after its COPY.
+#: A range merged already is skipped, so the counts never double.
 MERGE_SESSIONS = "SELECT das.merge_sessions($1, $2, $3::text::numeric, $4::text::numeric)"
 
 ADVANCE_CHECKPOINT = """
