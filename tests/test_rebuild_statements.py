@@ -22,9 +22,19 @@ async def test_rebuild_under_a_live_worker_equals_an_idle_rebuild(
 ) -> None:
     await migrated(pg_dsn)
     stream = new_stream()
-    opts = options(stream, engine="mysql", shards=2, instances=2, count=3000, rate=300)
-    producing = asyncio.ensure_future(produce(opts))
-    worker = await fleet.start("w1", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "3")
+    # The stream and its first records exist before the worker starts, and the rest keeps
+    # arriving while it runs: a worker started beside a producer that was still setting up
+    # could find the new stream empty for --stop-when-idle seconds on a loaded machine and stop
+    # before the first record (it did in a full CI run).
+    first = options(stream, engine="mysql", shards=2, instances=2, count=400, rate=0)
+    await produce(first)
+    rest = options(
+        stream, engine="mysql", shards=2, instances=2, count=2600, rate=300, seed=8,
+        create_stream=False,
+    )  # fmt: skip
+    total = first.count + rest.count
+    producing = asyncio.ensure_future(produce(rest))
+    worker = await fleet.start("w1", stream, pg_dsn, "--processes", "0", "--stop-when-idle", "5")
 
     async def some() -> bool:
         return await committed_events(pg_dsn) >= 300
@@ -40,11 +50,11 @@ async def test_rebuild_under_a_live_worker_equals_an_idle_rebuild(
     # Not a terminal: plain progress lines on stderr, the last of each phase says done.
     assert "rebuild-statements: events merged:" in rebuilt.stderr
     assert "(done," in rebuilt.stderr
-    assert before < opts.count, "the rebuild ran while events were still arriving"
+    assert before < total, "the rebuild ran while events were still arriving"
     await producing
     assert await worker.wait(180) == 0, worker.output
-    assert await committed_events(pg_dsn) == opts.count
-    assert during <= opts.count
+    assert await committed_events(pg_dsn) == total
+    assert during <= total
 
     pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
     try:
