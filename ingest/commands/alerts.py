@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
+from ingest.moments import parse_utc
 
 LIST_KEYS = (
     "id", "rule", "severity", "title", "group_key", "first_event_time", "last_event_time",
@@ -108,10 +109,9 @@ def parse_since(text: str, now: datetime) -> datetime:
     if text[-1:] in units and text[:-1].isdigit():
         return now - timedelta(seconds=int(text[:-1]) * units[text[-1]])
     try:
-        stamp = datetime.fromisoformat(text)
+        return parse_utc(text)
     except ValueError:
         raise ValueError(f"--since {text!r} is neither an ISO time nor an age (2h, 7d)") from None
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
 def _run(coro: Any) -> int:

@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from ingest.commands.options import add_dsn_argument, add_log_argument, env_default
+from ingest.moments import parse_utc
 
 EPILOG = """\
 Every whole UTC day before the bound (--before DAY, or --older-than PERIOD from now) is written,
@@ -121,10 +122,9 @@ def _usage(message: str) -> SystemExit:
 
 def parse_moment(text: str, option: str) -> datetime:
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_utc(text)
     except ValueError:
         raise _usage(f"{option} {text!r} is not an ISO 8601 date or time") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _archive(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from ingest.commands.options import (
@@ -14,6 +14,7 @@ from ingest.commands.options import (
     env_default,
     env_flag,
 )
+from ingest.moments import parse_utc
 
 VERIFY_EPILOG = """\
 verify recomputes every event's digest from the stored rows (trusting no function or digest
@@ -201,11 +202,9 @@ def _verify(args: argparse.Namespace) -> int:
     since = None
     if args.since:
         try:
-            since = datetime.fromisoformat(args.since.replace("Z", "+00:00"))
+            since = parse_utc(args.since)
         except ValueError:
             raise UsageError(f"--since {args.since!r} is not ISO 8601") from None
-        if since.tzinfo is None:
-            since = since.replace(tzinfo=UTC)
     keep = None
     if args.retention_keep:
         try:

@@ -22,6 +22,7 @@ from ingest.commands.options import (
     env_flag,
 )
 from ingest.commands.rules import add_rules_argument
+from ingest.moments import parse_utc
 
 if TYPE_CHECKING:
     from ingest.consumer.pool import DecodePool
@@ -268,11 +269,9 @@ def initial_checkpoint(position: str, now: datetime | None = None) -> str:
     if lowered.startswith("at_timestamp:"):
         value = text.split(":", 1)[1]
         try:
-            stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            stamp = parse_utc(value)
         except ValueError:
             raise ValueError(f"--initial-position: {value!r} is not an ISO 8601 time") from None
-        if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=UTC)
         return f"AT_TIMESTAMP:{stamp.isoformat()}"
     raise ValueError(
         f"--initial-position must be trim_horizon, latest or at_timestamp:<ISO 8601>, not {text!r}"
