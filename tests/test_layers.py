@@ -40,6 +40,7 @@ PURE_LEAVES = frozenset(
         "ingest.lease",  # Lease, LeaseToken, ShardInfo
         "ingest.copytext",  # COPY text primitives and the one EVENT_COLUMNS
         "ingest.digests",  # event digests by UTC day (the chain's input)
+        "ingest.moments",  # the commands' ISO 8601 times
     }
 )
 #: Leaves that are not pure: shared types of an I/O library.
