@@ -37,12 +37,6 @@ RSS_LIMIT = 400 * 1024 * 1024
 SKIP_SIGNATURES = "--skip-signature-verification"
 NO_CHAIN = "--no-integrity-chain"
 NO_POLICIES = "--no-policies"
-_STRAY_AWS_VARIABLES = (
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_ENDPOINT_URL",
-)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -624,7 +618,7 @@ def cpu_row(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     install_signal_handlers()
-    for stray in _STRAY_AWS_VARIABLES:  # a developer's real AWS profile must not leak in
+    for stray in e2e.STRAY_AWS_VARIABLES:  # a developer's real AWS profile must not leak in
         os.environ.pop(stray, None)
     began = time.monotonic()
     header = [

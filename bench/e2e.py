@@ -107,6 +107,16 @@ async def drop_database(stack: LocalStack, dsn: str) -> None:
         await admin.close()
 
 
+#: What a bench removes from its environment before it starts the local stack: a developer's
+#: real AWS profile, session or endpoint must not leak into the runs.
+STRAY_AWS_VARIABLES = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+)
+
+
 class _Worker:
     """A `das-ingest run` subprocess with its stderr read, RSS sampled and /metrics scraped
     once, at the end."""
@@ -142,7 +152,9 @@ class _Worker:
         extra: Sequence[str],
         processes: int,
         servers: Mapping[int, str] | None = None,
+        python: str | None = None,
     ) -> _Worker:
+        """``python``: the interpreter to run ``-m ingest`` with (default: this one)."""
         port = free_port()
         args = [
             "run",
@@ -160,7 +172,7 @@ class _Worker:
             *extra,
         ]
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
+            python or sys.executable,
             "-m",
             "ingest",
             *args,
@@ -302,6 +314,7 @@ async def run_worker(
     processes: int = 2,
     limit_seconds: float = 1800.0,
     dsn: str | None = None,
+    python: str | None = None,
 ) -> WorkerRun:
     """`das-ingest run` over the filled stream into a fresh database, until every shard's
     checkpoint reached the last record put; then SIGTERM.
@@ -316,6 +329,9 @@ async def run_worker(
 
     ``dsn``: into this (migrated, possibly full) warehouse instead of a fresh database; only
     the workload's stream is counted, and the database is kept.
+
+    ``python``: run the worker with this interpreter, e.g. another checkout's virtualenv (a
+    PYTHONPATH does not override an editable install: use the other checkout's own Python).
     """
     last_put = _last_sequence_numbers(workload)
     keep = dsn is not None
@@ -326,7 +342,7 @@ async def run_worker(
         postgres_before = procs.tree_cpu_seconds(postgres_pids)
         started = time.time()
         worker = await _Worker.start(
-            workload.stream, dsn, list(worker_args), processes, stack_roots(stack)
+            workload.stream, dsn, list(worker_args), processes, stack_roots(stack), python
         )
         try:
             await _until_checkpointed(dsn, worker, last_put, limit_seconds)

@@ -61,12 +61,6 @@ PG_SETTINGS = {
     "checkpoint_timeout": "30min",
     "maintenance_work_mem": "512MB",
 }
-_STRAY_AWS_VARIABLES = (
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_ENDPOINT_URL",
-)
 
 
 def parse_size(text: str) -> int:
@@ -1204,7 +1198,7 @@ def keep_warehouse(stack: LocalStack, dsn: str, directory: Path, settings: dict[
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     install_signal_handlers()
-    for stray in _STRAY_AWS_VARIABLES:
+    for stray in e2e.STRAY_AWS_VARIABLES:
         os.environ.pop(stray, None)
     began = time.monotonic()
     if args.queries_only:
