@@ -618,8 +618,7 @@ def cpu_row(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     install_signal_handlers()
-    for stray in e2e.STRAY_AWS_VARIABLES:  # a developer's real AWS profile must not leak in
-        os.environ.pop(stray, None)
+    e2e.drop_stray_aws_variables()
     began = time.monotonic()
     header = [
         f"## das-ingest bench{' --quick' if args.quick else ''}",

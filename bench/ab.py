@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import shlex
 import statistics
@@ -110,7 +111,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
 async def measure(
     stack: LocalStack, args: argparse.Namespace, arms: list[Arm]
 ) -> tuple[float, workload.Workload]:
-    """Fill the stream, measure the ceiling, run the rounds; the ceiling's events/s."""
+    """Fill the stream, measure the ceiling, run the rounds; the ceiling's events/s and the
+    workload."""
     async with aws_client("kinesis") as kinesis, aws_client("kms") as kms:
         key_id = await create_kms_key(kms)
         stream = "aws-rds-das-cluster-BENCHAB"
@@ -142,7 +144,7 @@ async def measure(
 
 def _us(value: float) -> str:
     """µs/event, or '-' when the run had no steady window to account (NaN)."""
-    return num(value, 1) if value == value else "-"
+    return "-" if math.isnan(value) else num(value, 1)
 
 
 def table(args: argparse.Namespace, arms: list[Arm], top: float, work: workload.Workload) -> Table:
@@ -166,8 +168,7 @@ def table(args: argparse.Namespace, arms: list[Arm], top: float, work: workload.
 def main(argv: Sequence[str] | None = None) -> int:
     args, arms = parse_args(argv)
     install_signal_handlers()
-    for stray in e2e.STRAY_AWS_VARIABLES:  # a developer's real AWS profile must not leak in
-        os.environ.pop(stray, None)
+    e2e.drop_stray_aws_variables()
     with LocalStack() as stack:
         os.environ.update(stack.env())
         top, work = asyncio.run(measure(stack, args, arms))

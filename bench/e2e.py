@@ -117,6 +117,12 @@ STRAY_AWS_VARIABLES = (
 )
 
 
+def drop_stray_aws_variables() -> None:
+    """Remove STRAY_AWS_VARIABLES from this process's environment (and its children's)."""
+    for stray in STRAY_AWS_VARIABLES:
+        os.environ.pop(stray, None)
+
+
 class _Worker:
     """A `das-ingest run` subprocess with its stderr read, RSS sampled and /metrics scraped
     once, at the end."""

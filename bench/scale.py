@@ -1198,8 +1198,7 @@ def keep_warehouse(stack: LocalStack, dsn: str, directory: Path, settings: dict[
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     install_signal_handlers()
-    for stray in e2e.STRAY_AWS_VARIABLES:
-        os.environ.pop(stray, None)
+    e2e.drop_stray_aws_variables()
     began = time.monotonic()
     if args.queries_only:
         print(asyncio.run(queries_table(args.queries_only, args)).render())

@@ -462,3 +462,14 @@ def test_the_cpu_row_compares_cpu_per_event_with_the_ceiling() -> None:
         "80%",  # 80 / (80 + 20)
         "3.0",
     ]
+
+
+def test_a_bench_drops_a_developers_aws_profile_session_and_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in (*e2e.STRAY_AWS_VARIABLES, "AWS_REGION"):
+        monkeypatch.setenv(name, "from-the-developer")
+    e2e.drop_stray_aws_variables()
+    assert [n for n in e2e.STRAY_AWS_VARIABLES if n in os.environ] == []
+    assert set(e2e.STRAY_AWS_VARIABLES) >= {"AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"}
+    assert os.environ["AWS_REGION"] == "from-the-developer"  # only the stray ones go
