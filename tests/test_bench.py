@@ -459,9 +459,38 @@ def test_the_cpu_row_compares_cpu_per_event_with_the_ceiling() -> None:
         "80%",  # 80 / 100 µs: given its CPU
         "50",  # main 20 + PostgreSQL 30 µs/event
         "62%",  # 80 / (80 + 50)
+        "73%",  # 80 / (80 + 30): PostgreSQL alone
         "80%",  # 80 / (80 + 20)
         "3.0",
     ]
+
+
+def test_the_warehouse_bound_needs_a_steady_window_and_a_ceiling() -> None:
+    from bench.__main__ import warehouse_bound
+    from bench.ceiling import DECODE, Ceiling
+
+    def run(window: procs.CpuWindow | None) -> e2e.WorkerRun:
+        return e2e.WorkerRun(
+            events=20_000,
+            records=2_000,
+            seconds=12.0,
+            first_commit_seconds=2.0,
+            steady_events_per_second=2_000.0,
+            peak_rss_bytes=0,
+            kms_calls=20,
+            exit_code=0,
+            steady_cpu=window,
+            load_average=1.0,
+        )
+
+    # PostgreSQL: 1.2 s of CPU for 20,000 events = 60 µs an event; the ceiling decodes in 90
+    used = dict.fromkeys(e2e.PARTIES, 0.0) | {e2e.POSTGRES: 1.2}
+    window = procs.CpuWindow(10.0, 2, used, 16.0, 20_000)
+    top = Ceiling(10_000.0, procs.CpuWindow(1.0, 2, {DECODE: 0.9}, 1.0, 10_000))
+    assert warehouse_bound(top, [run(window)]) == pytest.approx(90 / 150)
+    assert warehouse_bound(top, [run(None)]) is None
+    idle = Ceiling(0.0, procs.CpuWindow(1.0, 2, {DECODE: 0.0}, 1.0, 0))
+    assert warehouse_bound(idle, [run(window)]) is None
 
 
 def test_a_bench_drops_a_developers_aws_profile_session_and_endpoint(
