@@ -53,6 +53,7 @@ ALLOWED_EXTRA = frozenset(
         "alert_id",
         "notifier",
         "attempts",
+        "frozen_objects",
     }
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -12,6 +13,20 @@ import asyncpg
 from ingest.errors import ConfigError, IngestError
 from ingest.exitcodes import FAILURE, UNAVAILABLE, USAGE
 from ingest.warehouse.db import WarehouseUnavailableError, is_transient
+
+
+def freeze_startup_heap() -> int:
+    """Take what a long-running process built while starting (imported modules, botocore's
+    service models, clients, compiled rules) out of the cyclic garbage collector's sight, and
+    return how many objects that was.
+
+    They live as long as the process, but every full collection walks them again: in the
+    worker's main process those walks were ~8% of its CPU at one event per record (perf).
+    Frozen objects are still freed by reference counting; only cycles among them would stay.
+    No collection first: at that point in the worker one found no garbage and took ~30 ms.
+    """
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def run_async(main: Coroutine[Any, Any, int]) -> int:

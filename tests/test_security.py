@@ -14,6 +14,7 @@ import base64
 import datetime as dt
 import ipaddress
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -160,6 +161,10 @@ async def test_logs_and_output_carry_no_sql_no_data_keys_and_no_password(
     )  # fmt: skip
     assert keep("run", ran).returncode == 0, ran.stderr
     assert '"level":"debug"' in ran.stderr  # debug logging was on
+    # the worker froze its start-up heap before consuming (ingest.runtime.freeze_startup_heap)
+    frozen = re.search(r'"msg":"startup heap frozen".*?"frozen_objects":(\d+)', ran.stderr)
+    assert frozen is not None, ran.stderr[-2000:]
+    assert int(frozen.group(1)) > 10_000
 
     records = await asyncio.to_thread(stream_records, stream)
     input_file = tmp_path / "records.jsonl"

@@ -25,6 +25,7 @@ from ingest.kinesis import check_stream
 from ingest.kms import resource_id_from_stream
 from ingest.metrics import Metrics
 from ingest.retry import Backoff, RetryStopped, retry
+from ingest.runtime import freeze_startup_heap
 from ingest.warehouse.db import close_pool, create_pool, redact, resolve_dsn
 from ingest.warehouse.gauges import WarehouseGauges
 from ingest.warehouse.migrate import require_current_schema
@@ -188,6 +189,8 @@ async def _serve(serve_settings: ServeSettings, pool: DecodePool | None) -> int:
                     },
                 )
                 log.debug("warehouse", extra={"target": redact(dsn)})
+                frozen = freeze_startup_heap()
+                log.debug("startup heap frozen", extra={"frozen_objects": frozen})
                 await worker.run()
                 log.info(
                     "worker stopped",
