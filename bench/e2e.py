@@ -123,6 +123,13 @@ def drop_stray_aws_variables() -> None:
         os.environ.pop(stray, None)
 
 
+def worker_command(python: str | None, args: Sequence[str]) -> list[str]:
+    """``das-ingest ARGS`` as ``python -P -m ingest ARGS`` (default: this interpreter). ``-P``:
+    the worker imports ``ingest`` from that interpreter's install, never from the bench's
+    working directory (a checkout's own ``ingest`` would shadow another build's)."""
+    return [python or sys.executable, "-P", "-m", "ingest", *args]
+
+
 class _Worker:
     """A `das-ingest run` subprocess with its stderr read, RSS sampled and /metrics scraped
     once, at the end."""
@@ -178,10 +185,7 @@ class _Worker:
             *extra,
         ]
         process = await asyncio.create_subprocess_exec(
-            python or sys.executable,
-            "-m",
-            "ingest",
-            *args,
+            *worker_command(python, args),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,

@@ -502,3 +502,25 @@ def test_a_bench_drops_a_developers_aws_profile_session_and_endpoint(
     assert [n for n in e2e.STRAY_AWS_VARIABLES if n in os.environ] == []
     assert set(e2e.STRAY_AWS_VARIABLES) >= {"AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"}
     assert os.environ["AWS_REGION"] == "from-the-developer"  # only the stray ones go
+
+
+def test_the_worker_runs_its_interpreters_install_not_the_working_directorys(
+    tmp_path: Path,
+) -> None:
+    # A checkout's own ``ingest`` in the working directory must not shadow the build that the
+    # given interpreter has installed (bench.ab --python compares two builds so).
+    shadow = tmp_path / "ingest"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("")
+    (shadow / "__main__.py").write_text("print('the shadow build')\n")
+    done = subprocess.run(
+        e2e.worker_command(sys.executable, ["--version"]),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "shadow" not in done.stdout
+    assert done.stdout.startswith("das-ingest ")

@@ -62,7 +62,9 @@ def test_two_arms_run_interleaved_and_their_medians_are_tabled(tmp_path: Path) -
     # the wrapper ran the small arm's worker, in both rounds, with its flags; never base's
     runs = calls.read_text().splitlines()
     assert len(runs) == 2, runs
-    assert all(r.startswith("-m ingest run ") and r.endswith(" --chunk-kib 16") for r in runs), runs
+    assert all(r.startswith("-P -m ingest run ") and r.endswith(" --chunk-kib 16") for r in runs), (
+        runs
+    )
     for row in (base, small):
         assert int(row[2].replace(",", "")) > 0
         assert row[3].endswith("%")
