@@ -425,15 +425,9 @@ def test_the_ceiling_only_run_measures_just_das_ingest_at_1_and_10_per_record() 
             parse_args(["--ceiling-only", other])
 
 
-def test_the_cpu_row_compares_cpu_per_event_with_the_ceiling() -> None:
-    """A 10 s window of 2 cores and 20,000 events: the decode processes used 2 s (100 µs per
-    event) where the ceiling used 80; PostgreSQL 0.6 s (30), the main process 0.4 s (20)."""
-    from bench.__main__ import cpu_row
-    from bench.ceiling import DECODE, Ceiling
-
-    used = {e2e.WORKER_MAIN: 0.4, e2e.DECODE: 2.0, e2e.POSTGRES: 0.6, e2e.BENCH: 0.2}
-    window = procs.CpuWindow(10.0, 2, {p: used.get(p, 0.0) for p in e2e.PARTIES}, 16.0, 20_000)
-    run = e2e.WorkerRun(
+def _steady_run(window: procs.CpuWindow | None, load_average: float = 1.0) -> e2e.WorkerRun:
+    """A worker run of 20,000 events (2,000 records) at a steady 2,000 events/s."""
+    return e2e.WorkerRun(
         events=20_000,
         records=2_000,
         seconds=12.0,
@@ -443,8 +437,19 @@ def test_the_cpu_row_compares_cpu_per_event_with_the_ceiling() -> None:
         kms_calls=20,
         exit_code=0,
         steady_cpu=window,
-        load_average=3.0,
+        load_average=load_average,
     )
+
+
+def test_the_cpu_row_compares_cpu_per_event_with_the_ceiling() -> None:
+    """A 10 s window of 2 cores and 20,000 events: the decode processes used 2 s (100 µs per
+    event) where the ceiling used 80; PostgreSQL 0.6 s (30), the main process 0.4 s (20)."""
+    from bench.__main__ import cpu_row
+    from bench.ceiling import DECODE, Ceiling
+
+    used = {e2e.WORKER_MAIN: 0.4, e2e.DECODE: 2.0, e2e.POSTGRES: 0.6, e2e.BENCH: 0.2}
+    window = procs.CpuWindow(10.0, 2, {p: used.get(p, 0.0) for p in e2e.PARTIES}, 16.0, 20_000)
+    run = _steady_run(window, load_average=3.0)
     # the ceiling: 10,000 events in 1 s on 0.8 s of decode CPU (80 µs per event, 40% of 2 cores)
     top = Ceiling(10_000.0, procs.CpuWindow(1.0, 2, {DECODE: 0.8}, 1.0, 10_000))
     row = cpu_row(10, 0x0178, top, [run])
@@ -469,28 +474,14 @@ def test_the_warehouse_bound_needs_a_steady_window_and_a_ceiling() -> None:
     from bench.__main__ import warehouse_bound
     from bench.ceiling import DECODE, Ceiling
 
-    def run(window: procs.CpuWindow | None) -> e2e.WorkerRun:
-        return e2e.WorkerRun(
-            events=20_000,
-            records=2_000,
-            seconds=12.0,
-            first_commit_seconds=2.0,
-            steady_events_per_second=2_000.0,
-            peak_rss_bytes=0,
-            kms_calls=20,
-            exit_code=0,
-            steady_cpu=window,
-            load_average=1.0,
-        )
-
     # PostgreSQL: 1.2 s of CPU for 20,000 events = 60 µs an event; the ceiling decodes in 90
     used = dict.fromkeys(e2e.PARTIES, 0.0) | {e2e.POSTGRES: 1.2}
     window = procs.CpuWindow(10.0, 2, used, 16.0, 20_000)
     top = Ceiling(10_000.0, procs.CpuWindow(1.0, 2, {DECODE: 0.9}, 1.0, 10_000))
-    assert warehouse_bound(top, [run(window)]) == pytest.approx(90 / 150)
-    assert warehouse_bound(top, [run(None)]) is None
+    assert warehouse_bound(top, [_steady_run(window)]) == pytest.approx(90 / 150)
+    assert warehouse_bound(top, [_steady_run(None)]) is None
     idle = Ceiling(0.0, procs.CpuWindow(1.0, 2, {DECODE: 0.0}, 1.0, 0))
-    assert warehouse_bound(idle, [run(window)]) is None
+    assert warehouse_bound(idle, [_steady_run(window)]) is None
 
 
 def test_a_bench_drops_a_developers_aws_profile_session_and_endpoint(
