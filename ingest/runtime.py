@@ -1,4 +1,5 @@
-"""Running a command's coroutine: uvloop, and clean one-line errors instead of tracebacks."""
+"""Running a command's process: its coroutine on uvloop, clean one-line errors instead of
+tracebacks, and a long-running process's start-up heap frozen out of the cyclic GC."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def freeze_startup_heap() -> int:
     return how many objects that was.
 
     They live as long as the process, but every full collection walks them again: in the
-    worker's main process those walks were ~8% of its CPU at one event per record (perf).
+    worker's main process those walks were ~9% of its CPU at one event per record (perf).
     Frozen objects are still freed by reference counting; only cycles among them would stay.
     No collection first: at that point in the worker one found no garbage and took ~30 ms.
     """
